@@ -1,0 +1,2 @@
+//! Compute backends. `cpu` is the f32 reference and the CPU fast path.
+pub mod cpu;

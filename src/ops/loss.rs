@@ -1,0 +1,114 @@
+//! Fused softmax cross-entropy with LM z-loss, and the router z-loss.
+
+use crate::autograd::{Backward, Tape, Var};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Target id that contributes no loss (padding).
+pub const IGNORE: u32 = u32::MAX;
+
+pub struct CrossEntropyOut {
+    /// `mean(ce) + z_coef * mean(lse^2)` over non-ignored rows, differentiable.
+    pub loss: Var,
+    /// Mean cross-entropy alone (for reporting).
+    pub ce: f32,
+    pub n_valid: usize,
+}
+
+fn logsumexp(row: &[f32]) -> f32 {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|x| (x - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Cross-entropy of `logits [N, V]` against `targets [N]` plus `z_coef * lse^2`, averaged over
+/// the rows whose target is not [`IGNORE`]. The softmax is recomputed in backward.
+pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[u32], z_coef: f32) -> CrossEntropyOut {
+    let lv = tape.value(logits);
+    let (n, v) = (lv.rows(), lv.cols());
+    assert_eq!(targets.len(), n, "cross_entropy: {} targets for {n} rows", targets.len());
+    let per_row: Vec<(f32, f32)> = lv
+        .data()
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            if t == IGNORE {
+                return (0.0, 0.0);
+            }
+            assert!((t as usize) < v, "cross_entropy: target {t} out of range (vocab {v})");
+            let lse = logsumexp(row);
+            (lse - row[t as usize], lse)
+        })
+        .collect();
+    let n_valid = targets.iter().filter(|&&t| t != IGNORE).count();
+    let denom = n_valid.max(1) as f64;
+    let ce = per_row.iter().map(|r| r.0 as f64).sum::<f64>() / denom;
+    let z = per_row.iter().map(|r| (r.1 as f64).powi(2)).sum::<f64>() / denom;
+    let total = ce + z_coef as f64 * z;
+    let lse: Vec<f32> = per_row.iter().map(|r| r.1).collect();
+    let op = CeBack { logits: lv.clone(), targets: Arc::new(targets.to_vec()), lse, z_coef, denom: denom as f32 };
+    let loss = tape.push(Tensor::scalar(total as f32), &[logits], op);
+    CrossEntropyOut { loss, ce: ce as f32, n_valid }
+}
+
+struct CeBack {
+    logits: Tensor,
+    targets: Arc<Vec<u32>>,
+    lse: Vec<f32>,
+    z_coef: f32,
+    denom: f32,
+}
+
+impl Backward for CeBack {
+    fn backward(&self, g: &Tensor, _needs: &[bool]) -> Vec<Option<Tensor>> {
+        let v = self.logits.cols();
+        let scale = g.data()[0] / self.denom;
+        let mut d = vec![0f32; self.logits.numel()];
+        d.par_chunks_mut(v).enumerate().for_each(|(i, drow)| {
+            let t = self.targets[i];
+            if t == IGNORE {
+                return;
+            }
+            let lse = self.lse[i];
+            let row = self.logits.row(i);
+            // d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
+            let f = scale * (1.0 + 2.0 * self.z_coef * lse);
+            for j in 0..v {
+                drow[j] = f * (row[j] - lse).exp();
+            }
+            drow[t as usize] -= scale;
+        });
+        vec![Some(Tensor::from_vec(d, self.logits.shape()))]
+    }
+}
+
+/// Router z-loss: `mean_n logsumexp(z_n)^2` for router logits `z [N, E]`.
+pub fn logsumexp_sq_mean(tape: &mut Tape, z: Var) -> Var {
+    let zv = tape.value(z);
+    let (n, e) = (zv.rows(), zv.cols());
+    let lse: Vec<f32> = zv.data().chunks(e).map(logsumexp).collect();
+    let mean = lse.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n.max(1) as f64;
+    let op = ZBack { z: zv.clone(), lse };
+    tape.push(Tensor::scalar(mean as f32), &[z], op)
+}
+
+struct ZBack {
+    z: Tensor,
+    lse: Vec<f32>,
+}
+
+impl Backward for ZBack {
+    fn backward(&self, g: &Tensor, _needs: &[bool]) -> Vec<Option<Tensor>> {
+        let (n, e) = (self.z.rows(), self.z.cols());
+        let scale = g.data()[0] * 2.0 / n.max(1) as f32;
+        let mut d = vec![0f32; n * e];
+        for i in 0..n {
+            let lse = self.lse[i];
+            for j in 0..e {
+                d[i * e + j] = scale * lse * (self.z.data()[i * e + j] - lse).exp();
+            }
+        }
+        vec![Some(Tensor::from_vec(d, self.z.shape()))]
+    }
+}

@@ -1,0 +1,81 @@
+//! Rotary position embedding, rotate-half (NeoX) layout, on `[B*T, heads*hd]` activations.
+//! `inv_freq_i = theta^(-2i/hd)`; angles and cos/sin in f32 like the reference implementation.
+
+use crate::autograd::{Backward, Tape, Var};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// cos/sin for positions `0..max_pos`, `[max_pos, hd/2]` each.
+pub struct RopeTable {
+    pub hd: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    max_pos: usize,
+}
+
+impl RopeTable {
+    pub fn new(hd: usize, theta: f64, max_pos: usize) -> Self {
+        let half = hd / 2;
+        let inv: Vec<f32> =
+            (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        let mut cos = vec![0f32; max_pos * half];
+        let mut sin = vec![0f32; max_pos * half];
+        for p in 0..max_pos {
+            for i in 0..half {
+                let a = p as f32 * inv[i];
+                cos[p * half + i] = a.cos();
+                sin[p * half + i] = a.sin();
+            }
+        }
+        RopeTable { hd, cos, sin, max_pos }
+    }
+
+    pub fn max_pos(&self) -> usize {
+        self.max_pos
+    }
+}
+
+/// Apply RoPE to `x` `[B*T, heads*hd]` with positions `offset + t` (t = row index within a sequence).
+pub fn rope(tape: &mut Tape, x: Var, table: &Arc<RopeTable>, t_len: usize, offset: usize) -> Var {
+    let xv = tape.value(x);
+    let y = apply(xv, table, t_len, offset, false);
+    let op = RopeBack { table: table.clone(), t_len, offset };
+    tape.push(y, &[x], op)
+}
+
+fn apply(x: &Tensor, table: &RopeTable, t_len: usize, offset: usize, inverse: bool) -> Tensor {
+    let hd = table.hd;
+    let half = hd / 2;
+    let width = x.cols();
+    assert_eq!(width % hd, 0, "rope: width {width} not a multiple of head dim {hd}");
+    assert!(offset + t_len <= table.max_pos, "rope: position {} beyond table {}", offset + t_len, table.max_pos);
+    let mut y = vec![0f32; x.numel()];
+    let sign = if inverse { -1.0 } else { 1.0 };
+    y.par_chunks_mut(width).zip(x.data().par_chunks(width)).enumerate().for_each(|(r, (y, x))| {
+        let p = offset + r % t_len;
+        let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
+        for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
+            for i in 0..half {
+                let (x1, x2) = (xh[i], xh[i + half]);
+                let si = sign * s[i];
+                yh[i] = x1 * c[i] - x2 * si;
+                yh[i + half] = x2 * c[i] + x1 * si;
+            }
+        }
+    });
+    Tensor::from_vec(y, x.shape())
+}
+
+struct RopeBack {
+    table: Arc<RopeTable>,
+    t_len: usize,
+    offset: usize,
+}
+
+impl Backward for RopeBack {
+    fn backward(&self, g: &Tensor, _needs: &[bool]) -> Vec<Option<Tensor>> {
+        // The rotation is orthogonal: its transpose is the rotation by the negated angle.
+        vec![Some(apply(g, &self.table, self.t_len, self.offset, true))]
+    }
+}
