@@ -2,10 +2,14 @@
 //! `kernels/`), the OLMo-2 / FlexOlmo transformer, training, merging and generation.
 
 pub mod error;
+pub mod fsutil;
 
 pub mod autograd;
 pub mod backend;
+pub mod generate;
+pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Context, Error, Result};

@@ -1,0 +1,111 @@
+//! Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling,
+//! seeded, streaming each token to a callback as it is produced.
+
+use crate::autograd::Tape;
+use crate::error::Result;
+use crate::ensure;
+use crate::model::{KvCache, Model};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0: all).
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// Stop after producing this token (not included in the output).
+    pub stop_token: Option<u32>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, max_new_tokens: 64, stop_token: None }
+    }
+}
+
+/// Pick the next token from one row of logits.
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
+    if cfg.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k);
+    }
+    let m = logits[idx[0]];
+    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) / cfg.temperature) as f64).exp()).collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if cfg.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= cfg.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+    }
+    let u: f64 = rng.random();
+    let mut cum = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        cum += p;
+        if u < cum {
+            return idx[i] as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for i in 1..x.len() {
+        if x[i] > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Generate a continuation of `prompt`; `on_token` is called with each new token as it is chosen.
+/// Returns the new tokens.
+pub fn generate(model: &Model, prompt: &[u32], cfg: &SamplingConfig, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let total = prompt.len() + cfg.max_new_tokens;
+    ensure!(
+        total <= model.cfg.max_position_embeddings,
+        "prompt ({}) + new tokens ({}) exceed max_position_embeddings {}",
+        prompt.len(),
+        cfg.max_new_tokens,
+        model.cfg.max_position_embeddings
+    );
+    model.check_input(prompt, prompt.len())?;
+    let mut cache = KvCache::new(&model.cfg, 1, total);
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut out = Vec::new();
+    let mut next_input = prompt.to_vec();
+    for _ in 0..cfg.max_new_tokens {
+        let mut tape = Tape::inference();
+        let t = next_input.len();
+        let f = model.forward(&mut tape, &next_input, 1, t, Some(&mut cache))?;
+        let logits = tape.value(f.logits);
+        let tok = sample(logits.row(t - 1), cfg, &mut rng);
+        if Some(tok) == cfg.stop_token {
+            break;
+        }
+        on_token(tok);
+        out.push(tok);
+        next_input = vec![tok];
+    }
+    Ok(out)
+}

@@ -1,0 +1,211 @@
+//! Model configuration, compatible with Hugging Face `config.json` for `FlexOlmoForCausalLM`
+//! (model_type "flex_olmo") and `Olmo2ForCausalLM` (model_type "olmo2").
+
+use crate::error::{Context, Result};
+use crate::{bail, ensure};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// transformers >= 5 puts the RoPE settings here (`{"rope_type": "default", "rope_theta": ..}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<Value>,
+    /// Every other key is kept so that a loaded config.json is written back unchanged.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Config {
+    /// A FlexOlmo MoE config with flexrun's defaults for the fields not given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flex_olmo(
+        vocab: usize,
+        hidden: usize,
+        inter: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        experts: usize,
+        top_k: usize,
+    ) -> Self {
+        Config {
+            architectures: vec!["FlexOlmoForCausalLM".into()],
+            model_type: "flex_olmo".into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(kv_heads),
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            rope_theta: Some(500000.0),
+            rope_parameters: None,
+            max_position_embeddings: 4096,
+            num_experts: Some(experts),
+            num_experts_per_tok: Some(top_k),
+            norm_topk_prob: false,
+            tie_word_embeddings: false,
+            eos_token_id: Some(0.into()),
+            pad_token_id: Some(1.into()),
+            bos_token_id: None,
+            extra: Default::default(),
+        }
+    }
+
+    /// A dense OLMo-2 config.
+    pub fn olmo2(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv_heads: usize) -> Self {
+        let mut c = Self::flex_olmo(vocab, hidden, inter, layers, heads, kv_heads, 1, 1);
+        c.architectures = vec!["Olmo2ForCausalLM".into()];
+        c.model_type = "olmo2".into();
+        c.num_experts = None;
+        c.num_experts_per_tok = None;
+        c
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid model config", path.display()))?;
+        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
+    }
+
+    pub fn is_moe(&self) -> bool {
+        self.model_type == "flex_olmo"
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn experts(&self) -> usize {
+        if self.is_moe() {
+            self.num_experts.unwrap_or(1)
+        } else {
+            1
+        }
+    }
+
+    pub fn top_k(&self) -> usize {
+        if self.is_moe() {
+            self.num_experts_per_tok.unwrap_or(1)
+        } else {
+            1
+        }
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        if let Some(t) = self.rope_theta {
+            return t;
+        }
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .unwrap_or(500000.0)
+    }
+
+    fn token_id(v: &Option<Value>) -> Option<u32> {
+        match v {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
+            Some(Value::Array(a)) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
+            _ => None,
+        }
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        Self::token_id(&self.eos_token_id)
+    }
+
+    pub fn pad_id(&self) -> Option<u32> {
+        Self::token_id(&self.pad_token_id)
+    }
+
+    /// Reject configs that cannot describe a working model, with the reason.
+    pub fn validate(&self) -> Result<()> {
+        match self.model_type.as_str() {
+            "flex_olmo" | "olmo2" => {}
+            other => bail!(
+                "unsupported model_type '{other}' (architectures {:?}): flexrun runs flex_olmo (FlexOlmoForCausalLM) and olmo2 (Olmo2ForCausalLM)",
+                self.architectures
+            ),
+        }
+        ensure!(self.vocab_size > 0, "vocab_size must be positive");
+        ensure!(self.hidden_size > 0, "hidden_size must be positive");
+        ensure!(self.intermediate_size > 0, "intermediate_size must be positive");
+        ensure!(self.num_hidden_layers > 0, "num_hidden_layers must be positive");
+        let h = self.num_attention_heads;
+        ensure!(h > 0, "num_attention_heads must be positive");
+        if self.head_dim.is_none() {
+            ensure!(
+                self.hidden_size % h == 0,
+                "num_attention_heads ({h}) does not divide hidden_size ({})",
+                self.hidden_size
+            );
+        }
+        let kv = self.kv_heads();
+        ensure!(kv > 0 && h % kv == 0, "num_key_value_heads ({kv}) does not divide num_attention_heads ({h})");
+        ensure!(self.head_dim() % 2 == 0, "head dim {} must be even for RoPE", self.head_dim());
+        ensure!(self.rms_norm_eps > 0.0, "rms_norm_eps must be positive");
+        ensure!(self.rope_theta() > 0.0, "rope_theta must be positive");
+        ensure!(self.max_position_embeddings > 0, "max_position_embeddings must be positive");
+        if self.is_moe() {
+            let e = self.num_experts.context("flex_olmo config lacks num_experts")?;
+            let k = self.num_experts_per_tok.context("flex_olmo config lacks num_experts_per_tok")?;
+            ensure!(e > 0, "num_experts must be positive");
+            ensure!(k >= 1 && k <= e, "num_experts_per_tok ({k}) must be between 1 and num_experts ({e})");
+        }
+        ensure!(!self.tie_word_embeddings, "tied word embeddings are not supported (OLMo-2 and FlexOlmo untie them)");
+        Ok(())
+    }
+}

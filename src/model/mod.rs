@@ -1,0 +1,462 @@
+//! The OLMo-2 / FlexOlmo transformer (see FLEXOLMO.md): post-norm blocks, full-width QK-norm,
+//! GQA attention with rotate-half RoPE, untied embeddings, no biases, and either a dense SwiGLU
+//! FFN or a mixture of SwiGLU experts with a softmax top-k router.
+
+pub mod checkpoint;
+pub mod config;
+pub mod params;
+
+pub use config::Config;
+pub use params::{Param, ParamStore, ParamVars};
+
+use crate::autograd::{Tape, Var};
+use crate::error::Result;
+use crate::ops::{self, AttnShape, RopeTable, Routing};
+use crate::tensor::Tensor;
+use crate::ensure;
+use rand::{rngs::StdRng, SeedableRng};
+use std::sync::Arc;
+
+/// Standard deviation of the normal initialisation of every weight matrix.
+pub const INIT_STD: f32 = 0.02;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertFfn {
+    pub gate: usize,
+    pub up: usize,
+    pub down: usize,
+}
+
+/// One expert slot of an MoE layer: its FFN, its router row `[1, H]` and optional bias `[1]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Expert {
+    pub ffn: ExpertFfn,
+    pub router: usize,
+    pub bias: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Ffn {
+    Dense(ExpertFfn),
+    Moe(Vec<Expert>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub o: usize,
+    pub q_norm: usize,
+    pub k_norm: usize,
+    pub post_attn_norm: usize,
+    pub post_ffn_norm: usize,
+    pub ffn: Ffn,
+}
+
+#[derive(Clone)]
+pub struct Model {
+    pub cfg: Config,
+    pub params: ParamStore,
+    pub embed: usize,
+    pub final_norm: usize,
+    pub lm_head: usize,
+    pub layers: Vec<Layer>,
+    rope: Arc<RopeTable>,
+}
+
+/// Per-layer key/value cache for incremental decoding, `[B, capacity, kv_heads*hd]` per layer.
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub len: usize,
+    pub capacity: usize,
+    pub batch: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config, batch: usize, capacity: usize) -> Self {
+        let n = batch * capacity * cfg.kv_heads() * cfg.head_dim();
+        KvCache {
+            k: vec![vec![0f32; n]; cfg.num_hidden_layers],
+            v: vec![vec![0f32; n]; cfg.num_hidden_layers],
+            len: 0,
+            capacity,
+            batch,
+        }
+    }
+}
+
+pub struct ForwardOut {
+    pub logits: Var,
+    /// Router logits `[N, E]` per MoE layer (for the router z-loss and routing analysis).
+    pub router_logits: Vec<Var>,
+    pub routings: Vec<Arc<Routing>>,
+}
+
+pub struct LossOut {
+    pub loss: Var,
+    pub ce: f32,
+    pub tokens: usize,
+}
+
+/// Loss coefficients: LM z-loss on the output logits, router z-loss on router logits.
+#[derive(Clone, Copy, Debug)]
+pub struct LossCoefs {
+    pub z_loss: f32,
+    pub router_z_loss: f32,
+}
+
+impl Default for LossCoefs {
+    fn default() -> Self {
+        LossCoefs { z_loss: 1e-5, router_z_loss: 1e-3 }
+    }
+}
+
+pub fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}.")
+}
+
+/// Internal name of expert `e`'s router row in layer `i` (stacked as `mlp.gate.weight` on save).
+pub fn router_row_name(i: usize, e: usize) -> String {
+    format!("model.layers.{i}.mlp.gate.weight[{e}]")
+}
+
+/// Internal name of expert `e`'s router bias in layer `i`.
+pub fn router_bias_name(i: usize, e: usize) -> String {
+    format!("model.layers.{i}.mlp.gate.bias[{e}]")
+}
+
+pub fn expert_prefix(i: usize, e: usize, moe: bool) -> String {
+    if moe {
+        format!("model.layers.{i}.mlp.experts.{e}.")
+    } else {
+        format!("model.layers.{i}.mlp.")
+    }
+}
+
+impl Model {
+    /// A freshly initialised model (normal(0, INIT_STD) weights, unit norms), deterministic in `seed`.
+    pub fn new_random(cfg: &Config, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qw, kvw) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let mut ps = ParamStore::default();
+        let mut mat = |ps: &mut ParamStore, name: String, r: usize, c: usize| {
+            ps.add(name, Tensor::randn(&[r, c], INIT_STD, &mut rng))
+        };
+        mat(&mut ps, "model.embed_tokens.weight".into(), v, h);
+        for l in 0..cfg.num_hidden_layers {
+            let p = layer_prefix(l);
+            mat(&mut ps, format!("{p}self_attn.q_proj.weight"), qw, h);
+            mat(&mut ps, format!("{p}self_attn.k_proj.weight"), kvw, h);
+            mat(&mut ps, format!("{p}self_attn.v_proj.weight"), kvw, h);
+            mat(&mut ps, format!("{p}self_attn.o_proj.weight"), h, qw);
+            ps.add(format!("{p}self_attn.q_norm.weight"), Tensor::full(&[qw], 1.0));
+            ps.add(format!("{p}self_attn.k_norm.weight"), Tensor::full(&[kvw], 1.0));
+            ps.add(format!("{p}post_attention_layernorm.weight"), Tensor::full(&[h], 1.0));
+            ps.add(format!("{p}post_feedforward_layernorm.weight"), Tensor::full(&[h], 1.0));
+            for e in 0..cfg.experts() {
+                let ep = expert_prefix(l, e, cfg.is_moe());
+                mat(&mut ps, format!("{ep}gate_proj.weight"), i_sz, h);
+                mat(&mut ps, format!("{ep}up_proj.weight"), i_sz, h);
+                mat(&mut ps, format!("{ep}down_proj.weight"), h, i_sz);
+                if cfg.is_moe() {
+                    mat(&mut ps, router_row_name(l, e), 1, h);
+                }
+            }
+        }
+        ps.add("model.norm.weight", Tensor::full(&[h], 1.0));
+        mat(&mut ps, "lm_head.weight".into(), v, h);
+        Self::from_params(cfg.clone(), ps)
+    }
+
+    /// Bind a parameter store to the model structure by name. Every expected tensor must be present
+    /// with the right shape (router biases are optional).
+    pub fn from_params(cfg: Config, params: ParamStore) -> Result<Self> {
+        cfg.validate()?;
+        let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qw, kvw) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let need = |name: &str, shape: &[usize]| -> Result<usize> {
+            let Some(id) = params.id(name) else { crate::bail!("checkpoint lacks tensor {name}") };
+            let got = params.value(id).shape();
+            let ok = got == shape || (shape.len() == 1 && got.iter().product::<usize>() == shape[0] && got.len() <= 2);
+            ensure!(ok, "tensor {name} has shape {got:?}, config implies {shape:?}");
+            Ok(id)
+        };
+        let embed = need("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let p = layer_prefix(l);
+            let expert_ffn = |e: usize| -> Result<ExpertFfn> {
+                let ep = expert_prefix(l, e, cfg.is_moe());
+                Ok(ExpertFfn {
+                    gate: need(&format!("{ep}gate_proj.weight"), &[i_sz, h])?,
+                    up: need(&format!("{ep}up_proj.weight"), &[i_sz, h])?,
+                    down: need(&format!("{ep}down_proj.weight"), &[h, i_sz])?,
+                })
+            };
+            let ffn = if cfg.is_moe() {
+                let mut experts = Vec::new();
+                for e in 0..cfg.experts() {
+                    let bias = params.id(&router_bias_name(l, e));
+                    if let Some(b) = bias {
+                        ensure!(params.value(b).numel() == 1, "router bias of expert {e} in layer {l} must be a scalar");
+                    }
+                    experts.push(Expert { ffn: expert_ffn(e)?, router: need(&router_row_name(l, e), &[1, h])?, bias });
+                }
+                Ffn::Moe(experts)
+            } else {
+                Ffn::Dense(expert_ffn(0)?)
+            };
+            layers.push(Layer {
+                q: need(&format!("{p}self_attn.q_proj.weight"), &[qw, h])?,
+                k: need(&format!("{p}self_attn.k_proj.weight"), &[kvw, h])?,
+                v: need(&format!("{p}self_attn.v_proj.weight"), &[kvw, h])?,
+                o: need(&format!("{p}self_attn.o_proj.weight"), &[h, qw])?,
+                q_norm: need(&format!("{p}self_attn.q_norm.weight"), &[qw])?,
+                k_norm: need(&format!("{p}self_attn.k_norm.weight"), &[kvw])?,
+                post_attn_norm: need(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                post_ffn_norm: need(&format!("{p}post_feedforward_layernorm.weight"), &[h])?,
+                ffn,
+            });
+        }
+        let final_norm = need("model.norm.weight", &[h])?;
+        let lm_head = need("lm_head.weight", &[v, h])?;
+        let rope = Arc::new(RopeTable::new(cfg.head_dim(), cfg.rope_theta(), cfg.max_position_embeddings));
+        Ok(Model { cfg, params, embed, final_norm, lm_head, layers, rope })
+    }
+
+    /// Check token ids and sequence length against the config.
+    pub fn check_input(&self, ids: &[u32], positions: usize) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            crate::bail!("token id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+        }
+        ensure!(
+            positions <= self.cfg.max_position_embeddings,
+            "sequence of {positions} positions exceeds max_position_embeddings {}",
+            self.cfg.max_position_embeddings
+        );
+        Ok(())
+    }
+
+    /// Forward `ids` (`[B, T]` row-major). With a cache, the tokens continue the cached sequences
+    /// (positions `cache.len..`), their keys/values are appended, and no gradient flows through
+    /// attention.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOut> {
+        ensure!(ids.len() == b * t, "forward: {} ids for batch {b} x seq {t}", ids.len());
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        self.check_input(ids, offset + t)?;
+        if let Some(c) = cache.as_ref() {
+            ensure!(c.batch == b, "kv cache holds {} sequences, input {b}", c.batch);
+            ensure!(offset + t <= c.capacity, "kv cache capacity {} exceeded", c.capacity);
+        }
+        let cfg = &self.cfg;
+        let eps = cfg.rms_norm_eps as f32;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let ps = &self.params;
+        let mut pv = ParamVars::new(ps);
+        let mut p = |tape: &mut Tape, id: usize| pv.get(tape, ps, id);
+        let we = p(tape, self.embed);
+        let mut x = ops::embedding(tape, we, ids);
+        let mut router_logits = Vec::new();
+        let mut routings = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (wq, wk, wv, wo) = (p(tape, layer.q), p(tape, layer.k), p(tape, layer.v), p(tape, layer.o));
+            let (qn, kn) = (p(tape, layer.q_norm), p(tape, layer.k_norm));
+            let q = ops::linear(tape, x, wq);
+            let k = ops::linear(tape, x, wk);
+            let v = ops::linear(tape, x, wv);
+            let q = ops::rmsnorm(tape, q, qn, eps);
+            let k = ops::rmsnorm(tape, k, kn, eps);
+            let q = ops::rope(tape, q, &self.rope, t, offset);
+            let k = ops::rope(tape, k, &self.rope, t, offset);
+            let a = match cache.as_deref_mut() {
+                None => ops::attention(tape, q, k, v, AttnShape::causal(b, t, nh, nkv, hd)),
+                Some(c) => {
+                    let kvw = nkv * hd;
+                    for (dst, src) in [(&mut c.k[li], tape.value(k)), (&mut c.v[li], tape.value(v))] {
+                        for bi in 0..b {
+                            let d0 = (bi * c.capacity + offset) * kvw;
+                            dst[d0..d0 + t * kvw].copy_from_slice(&src.data()[bi * t * kvw..(bi + 1) * t * kvw]);
+                        }
+                    }
+                    let s = AttnShape { b, tq: t, tk: offset + t, tk_stride: c.capacity, nh, nkv, hd };
+                    let (out, _) = ops::attention_forward(tape.value(q).data(), &c.k[li], &c.v[li], s);
+                    tape.constant(Tensor::from_vec(out, &[b * t, nh * hd]))
+                }
+            };
+            let o = ops::linear(tape, a, wo);
+            let pan = p(tape, layer.post_attn_norm);
+            let o = ops::rmsnorm(tape, o, pan, eps);
+            x = ops::add(tape, x, o);
+            let m = match &layer.ffn {
+                Ffn::Dense(f) => {
+                    let (g, u, d) = (p(tape, f.gate), p(tape, f.up), p(tape, f.down));
+                    swiglu_ffn(tape, x, g, u, d)
+                }
+                Ffn::Moe(experts) => {
+                    let rows: Vec<Var> = experts.iter().map(|e| p(tape, e.router)).collect();
+                    let wr = ops::cat_rows(tape, &rows);
+                    let z = ops::linear(tape, x, wr);
+                    let bias = if experts.iter().any(|e| e.bias.is_some()) {
+                        let parts: Vec<Var> = experts
+                            .iter()
+                            .map(|e| match e.bias {
+                                Some(bid) => p(tape, bid),
+                                None => tape.constant(Tensor::zeros(&[1])),
+                            })
+                            .collect();
+                        Some(ops::cat_rows(tape, &parts))
+                    } else {
+                        None
+                    };
+                    let (w, routing) = ops::route(tape, z, bias, cfg.top_k(), cfg.norm_topk_prob);
+                    let routing = Arc::new(routing);
+                    let mut outs = Vec::with_capacity(experts.len());
+                    for (e, ex) in experts.iter().enumerate() {
+                        let toks = &routing.expert_tokens[e];
+                        if toks.is_empty() {
+                            outs.push(None);
+                            continue;
+                        }
+                        let xe = if toks.len() == b * t && toks.iter().enumerate().all(|(i, &r)| i == r as usize) {
+                            x // every token: skip the gather
+                        } else {
+                            ops::gather_rows(tape, x, &Arc::new(toks.clone()))
+                        };
+                        let (g, u, d) = (p(tape, ex.ffn.gate), p(tape, ex.ffn.up), p(tape, ex.ffn.down));
+                        outs.push(Some(swiglu_ffn(tape, xe, g, u, d)));
+                    }
+                    let y = ops::moe_combine(tape, &outs, w, &routing);
+                    router_logits.push(z);
+                    routings.push(routing);
+                    y
+                }
+            };
+            let pfn = p(tape, layer.post_ffn_norm);
+            let m = ops::rmsnorm(tape, m, pfn, eps);
+            x = ops::add(tape, x, m);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let fnorm = p(tape, self.final_norm);
+        let x = ops::rmsnorm(tape, x, fnorm, eps);
+        let wl = p(tape, self.lm_head);
+        let logits = ops::linear(tape, x, wl);
+        Ok(ForwardOut { logits, router_logits, routings })
+    }
+
+    /// Training loss: mean next-token cross-entropy + LM z-loss + router z-loss (mean over MoE
+    /// layers of `mean(logsumexp(z)^2)`).
+    pub fn loss(
+        &self,
+        tape: &mut Tape,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        coefs: LossCoefs,
+    ) -> Result<LossOut> {
+        if let Some(&bad) = targets.iter().find(|&&x| x != ops::IGNORE && x as usize >= self.cfg.vocab_size) {
+            crate::bail!("target id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+        }
+        let out = self.forward(tape, inputs, b, t, None)?;
+        let ce = ops::cross_entropy(tape, out.logits, targets, coefs.z_loss);
+        let mut loss = ce.loss;
+        if coefs.router_z_loss > 0.0 && !out.router_logits.is_empty() {
+            let n = out.router_logits.len() as f32;
+            for z in out.router_logits {
+                let zl = ops::logsumexp_sq_mean(tape, z);
+                loss = ops::add_scaled(tape, loss, zl, coefs.router_z_loss / n);
+            }
+        }
+        Ok(LossOut { loss, ce: ce.ce, tokens: ce.n_valid })
+    }
+
+    /// Logits `[B*T, V]` of a plain forward without gradients.
+    pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        let mut tape = Tape::inference();
+        let out = self.forward(&mut tape, ids, b, t, None)?;
+        Ok(tape.value(out.logits).clone())
+    }
+
+    /// Keep only the listed experts (indices into the current expert list), in the given order:
+    /// their FFNs, router rows and biases. The result equals a model built without the others.
+    pub fn select_experts(&self, keep: &[usize]) -> Result<Model> {
+        ensure!(self.cfg.is_moe(), "expert selection needs a mixture-of-experts model");
+        ensure!(!keep.is_empty(), "at least one expert must remain");
+        let e = self.cfg.experts();
+        for &k in keep {
+            ensure!(k < e, "expert index {k} out of range ({e} experts)");
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.num_experts = Some(keep.len());
+        cfg.num_experts_per_tok = Some(self.cfg.top_k().min(keep.len()));
+        let mut ps = ParamStore::default();
+        for p in &self.params.params {
+            match parse_expert_param(&p.name) {
+                Some((l, ex, suffix)) => {
+                    if let Some(new) = keep.iter().position(|&k| k == ex) {
+                        let name = match suffix {
+                            ExpertPart::Ffn(rest) => format!("{}{rest}", expert_prefix(l, new, true)),
+                            ExpertPart::Router => router_row_name(l, new),
+                            ExpertPart::Bias => router_bias_name(l, new),
+                        };
+                        ps.add(name, p.value.clone());
+                    }
+                }
+                None => {
+                    ps.add(p.name.clone(), p.value.clone());
+                }
+            }
+        }
+        // Keep ids in a canonical order so that any two equal models have equal stores.
+        Model::from_params(cfg, ps)
+    }
+
+    pub fn rope(&self) -> &Arc<RopeTable> {
+        &self.rope
+    }
+}
+
+fn swiglu_ffn(tape: &mut Tape, x: Var, g: Var, u: Var, d: Var) -> Var {
+    let gv = ops::linear(tape, x, g);
+    let uv = ops::linear(tape, x, u);
+    let a = ops::swiglu(tape, gv, uv);
+    ops::linear(tape, a, d)
+}
+
+pub enum ExpertPart<'a> {
+    Ffn(&'a str),
+    Router,
+    Bias,
+}
+
+/// Split an expert-owned parameter name into (layer, expert, part).
+pub fn parse_expert_param(name: &str) -> Option<(usize, usize, ExpertPart<'_>)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    if let Some(r) = rest.strip_prefix("mlp.experts.") {
+        let (e, part) = r.split_once('.')?;
+        return Some((l, e.parse().ok()?, ExpertPart::Ffn(part)));
+    }
+    let idx = |s: &str| s.strip_suffix(']').and_then(|x| x.parse().ok());
+    if let Some(r) = rest.strip_prefix("mlp.gate.weight[") {
+        return Some((l, idx(r)?, ExpertPart::Router));
+    }
+    if let Some(r) = rest.strip_prefix("mlp.gate.bias[") {
+        return Some((l, idx(r)?, ExpertPart::Bias));
+    }
+    None
+}

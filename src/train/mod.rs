@@ -1,0 +1,276 @@
+//! The training loop: gradient accumulation, clipping, AdamW, warmup + cosine schedule, periodic
+//! validation, progress, and checkpoints that resume exactly.
+//!
+//! Determinism: batches are a pure function of (seed, step, micro-batch) and every reduction has a
+//! fixed order, so a run resumed from a checkpoint produces the same losses as an uninterrupted one.
+
+pub mod checkpoint;
+pub mod optim;
+
+use crate::autograd::Tape;
+use crate::error::Result;
+use crate::model::{LossCoefs, Model};
+use crate::tensor::Tensor;
+use crate::{bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A source of training and validation batches (`inputs`, `targets`, both `[batch*seq]`).
+pub trait Batches {
+    fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)>;
+    fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>>;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub min_lr_ratio: f32,
+    pub warmup: u64,
+    pub adamw: AdamWConfig,
+    pub clip: f32,
+    pub seed: u64,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Write a resumable checkpoint every this many steps (0: only at the end).
+    pub save_every: u64,
+    pub z_loss: f32,
+    pub router_z_loss: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 200,
+            batch: 8,
+            seq: 128,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup: 20,
+            adamw: AdamWConfig::default(),
+            clip: 1.0,
+            seed: 0,
+            eval_every: 0,
+            save_every: 0,
+            z_loss: 1e-5,
+            router_z_loss: 1e-3,
+        }
+    }
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    pub step: u64,
+    pub loss: f32,
+    pub ce: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub valid_ce: Option<f32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub final_ce: f32,
+    pub valid_ce: Option<f32>,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Where a run writes: its log and its resumable checkpoint.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("train_log.jsonl")
+    }
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a mut Model,
+    pub cfg: TrainConfig,
+    pub opt: AdamW,
+    pub step: u64,
+    pub tokens: u64,
+    pub run: RunDir,
+    pub quiet: bool,
+    /// Extra JSON stored with each checkpoint (e.g. what the run is), returned on resume.
+    pub tag: serde_json::Value,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(model: &'a mut Model, cfg: TrainConfig, dir: &Path) -> Result<Self> {
+        ensure!(cfg.batch > 0 && cfg.seq > 0 && cfg.grad_accum > 0, "batch, seq and grad_accum must be positive");
+        ensure!(cfg.lr > 0.0 && cfg.lr.is_finite(), "learning rate must be positive");
+        ensure!(model.params.trainable_numel() > 0, "nothing to train: every parameter is frozen");
+        ensure!(
+            cfg.seq <= model.cfg.max_position_embeddings,
+            "seq {} exceeds max_position_embeddings {}",
+            cfg.seq,
+            model.cfg.max_position_embeddings
+        );
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
+        let opt = AdamW::new(cfg.adamw, model.params.len());
+        Ok(Trainer { model, cfg, opt, step: 0, tokens: 0, run: RunDir { dir: dir.to_path_buf() }, quiet: false, tag: serde_json::Value::Null })
+    }
+
+    /// Continue from the run directory's checkpoint: parameters, optimizer moments, step, tokens.
+    /// The training config must match the one the checkpoint was written with (steps may grow).
+    pub fn resume(&mut self) -> Result<()> {
+        let ck = checkpoint::read(&self.run.checkpoint(), self.model)?;
+        let mut saved = ck.cfg.clone();
+        saved.steps = self.cfg.steps;
+        saved.eval_every = self.cfg.eval_every;
+        saved.save_every = self.cfg.save_every;
+        if saved != self.cfg {
+            bail!(
+                "cannot resume {}: the training settings differ from the checkpoint's ({})",
+                self.run.dir.display(),
+                serde_json::to_string(&ck.cfg).unwrap_or_default()
+            );
+        }
+        ensure!(ck.step <= self.cfg.steps, "checkpoint is at step {} beyond --steps {}", ck.step, self.cfg.steps);
+        self.opt = ck.opt;
+        self.step = ck.step;
+        self.tokens = ck.tokens;
+        // Drop log lines written after the checkpoint (an interrupted run).
+        let log = self.run.log();
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| serde_json::from_str::<LogEntry>(l).map(|e| e.step <= self.step).unwrap_or(false))
+                .collect();
+            let mut s = kept.join("\n");
+            if !s.is_empty() {
+                s.push('\n');
+            }
+            crate::fsutil::write_bytes_atomic(&log, s.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn save_checkpoint(&self) -> Result<()> {
+        checkpoint::write(&self.run.checkpoint(), self.model, &self.opt, &self.cfg, self.step, self.tokens, &self.tag)
+    }
+
+    /// Mean validation cross-entropy over the fixed validation windows.
+    pub fn validate(&self, data: &dyn Batches) -> Result<Option<f32>> {
+        evaluate_ce(self.model, &data.valid()?, self.cfg.batch, self.cfg.seq)
+    }
+
+    /// Run until `cfg.steps`; returns a summary. Writes `train_log.jsonl` and checkpoints.
+    pub fn run(&mut self, data: &dyn Batches) -> Result<TrainSummary> {
+        let c = self.cfg.clone();
+        let coefs = LossCoefs { z_loss: c.z_loss, router_z_loss: c.router_z_loss };
+        let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
+        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::new(c.steps) };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix("train");
+        bar.set_position(self.step);
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run.log())
+            .map_err(|e| crate::Error(format!("opening {}: {e}", self.run.log().display())))?;
+        let start = Instant::now();
+        let start_step = self.step;
+        let mut last_ce = f32::NAN;
+        let mut valid_ce = None;
+        while self.step < c.steps {
+            let mut acc: Vec<(usize, Tensor)> = Vec::new();
+            let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
+            for micro in 0..c.grad_accum as u64 {
+                let (inp, tgt) = data.train(self.step, micro)?;
+                let mut tape = Tape::new();
+                let out = self.model.loss(&mut tape, &inp, &tgt, c.batch, c.seq, coefs)?;
+                loss_sum += tape.value(out.loss).data()[0];
+                ce_sum += out.ce;
+                let scale = 1.0 / c.grad_accum as f32;
+                let grads = tape.backward_with(out.loss, Tensor::scalar(scale));
+                if acc.is_empty() {
+                    acc = grads.params;
+                } else {
+                    for ((ia, ga), (ib, gb)) in acc.iter_mut().zip(grads.params) {
+                        debug_assert_eq!(*ia, ib);
+                        ga.data_mut().iter_mut().zip(gb.data()).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            let loss = loss_sum / c.grad_accum as f32;
+            last_ce = ce_sum / c.grad_accum as f32;
+            if !loss.is_finite() {
+                bail!("training diverged at step {}: loss is {loss}", self.step);
+            }
+            let gnorm = clip_grad_norm(&mut acc, c.clip);
+            let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);
+            self.opt.update(&mut self.model.params, &acc, lr);
+            drop(acc);
+            self.step += 1;
+            self.tokens += tokens_per_step;
+            let mut entry = LogEntry { step: self.step, loss, ce: last_ce, lr, grad_norm: gnorm, tokens: self.tokens, valid_ce: None };
+            if (c.eval_every > 0 && self.step % c.eval_every == 0) || self.step == c.steps {
+                valid_ce = self.validate(data)?;
+                entry.valid_ce = valid_ce;
+            }
+            writeln!(log, "{}", serde_json::to_string(&entry)?)?;
+            let elapsed = start.elapsed().as_secs_f64();
+            let tps = (self.step - start_step) as f64 * tokens_per_step as f64 / elapsed.max(1e-9);
+            let v = valid_ce.map(|v| format!(" val {v:.3}")).unwrap_or_default();
+            bar.set_message(format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s"));
+            bar.set_position(self.step);
+            if (c.save_every > 0 && self.step % c.save_every == 0) || self.step == c.steps {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish();
+        let seconds = start.elapsed().as_secs_f64();
+        let trained = (self.step - start_step) * tokens_per_step;
+        Ok(TrainSummary {
+            steps: self.step,
+            tokens: self.tokens,
+            final_ce: last_ce,
+            valid_ce,
+            seconds,
+            tokens_per_s: trained as f64 / seconds.max(1e-9),
+        })
+    }
+}
+
+/// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
+pub fn evaluate_ce(model: &Model, batches: &[(Vec<u32>, Vec<u32>)], batch: usize, seq: usize) -> Result<Option<f32>> {
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (inp, tgt) in batches {
+        let b = inp.len() / seq;
+        ensure!(b * seq == inp.len() && b <= batch.max(b), "validation batch is not a multiple of seq");
+        let mut tape = Tape::inference();
+        let coefs = LossCoefs { z_loss: 0.0, router_z_loss: 0.0 };
+        let out = model.loss(&mut tape, inp, tgt, b, seq, coefs)?;
+        sum += out.ce as f64 * out.tokens as f64;
+        n += out.tokens;
+    }
+    Ok(Some((sum / n.max(1) as f64) as f32))
+}
