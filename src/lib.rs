@@ -6,6 +6,8 @@ pub mod fsutil;
 
 pub mod autograd;
 pub mod backend;
+pub mod bench;
+pub mod data;
 pub mod generate;
 pub mod model;
 pub mod ops;

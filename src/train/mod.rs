@@ -5,7 +5,9 @@
 //! fixed order, so a run resumed from a checkpoint produces the same losses as an uninterrupted one.
 
 pub mod checkpoint;
+pub mod data;
 pub mod optim;
+pub mod pretrain;
 
 use crate::autograd::Tape;
 use crate::error::Result;

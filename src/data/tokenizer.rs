@@ -1,0 +1,155 @@
+//! Byte-level BPE: training with the `tokenizers` crate and a thin wrapper for encode/decode.
+//!
+//! Tokenizers trained here use the GPT-2 byte-level scheme without an added prefix space, so
+//! `decode(encode(s)) == s` for every string. Ids 0 and 1 are the special tokens
+//! [`EOS_TOKEN`] and [`PAD_TOKEN`].
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, TokenizerBuilder};
+
+use super::hash::fnv1a;
+use super::text::{expand_inputs, read_documents};
+use crate::error::{Context, Result};
+use crate::fsutil::write_bytes_atomic;
+
+/// End-of-text token appended after every document (id 0 in tokenizers trained here).
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+/// Padding token (id 1 in tokenizers trained here).
+pub const PAD_TOKEN: &str = "<|pad|>";
+
+/// Names tried, in order, for the end-of-text token of a foreign `tokenizer.json`.
+const EOS_NAMES: &[&str] = &[
+    EOS_TOKEN,
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "[SEP]",
+];
+/// Names tried, in order, for the padding token; the eos token is used when none exists.
+const PAD_NAMES: &[&str] = &[
+    PAD_TOKEN,
+    "<pad>",
+    "<|padding|>",
+    "[PAD]",
+    "<|finetune_right_pad_id|>",
+];
+
+/// 256 byte symbols plus the two special tokens.
+const MIN_VOCAB: usize = 258;
+
+/// Trains a byte-level BPE of `vocab_size` tokens (special tokens included; fewer if the text
+/// runs out of pairs seen at least twice) on all documents of `files` (`.txt`/`.jsonl` files or
+/// directories of them) and writes `out` (a `tokenizer.json`) atomically.
+pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()> {
+    crate::ensure!(
+        vocab_size >= MIN_VOCAB,
+        "vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB}"
+    );
+    let mut docs = Vec::new();
+    for file in expand_inputs(files)? {
+        docs.extend(read_documents(&file.path)?);
+    }
+    crate::ensure!(!docs.is_empty(), "no documents to train a tokenizer on");
+
+    let byte_level = ByteLevel::new(false, false, true);
+    let mut trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![
+            AddedToken::from(EOS_TOKEN, true),
+            AddedToken::from(PAD_TOKEN, true),
+        ])
+        .build();
+    let mut tok = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+        .with_pre_tokenizer(Some(byte_level))
+        .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+        .with_decoder(Some(byte_level))
+        .build()
+        .context("building tokenizer")?;
+    tok.train(&mut trainer, docs.iter())
+        .context("training tokenizer")?;
+    let json = tok.to_string(true).context("serialising tokenizer")?;
+    write_bytes_atomic(out, json.as_bytes())
+}
+
+/// A loaded tokenizer: ours or any Hugging Face `tokenizer.json`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: u32,
+    pad: u32,
+    hash: String,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`; finds the eos token by common names (see [`EOS_TOKEN`]) and the
+    /// pad token likewise, falling back to eos when there is no pad token.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .with_context(|| format!("{} is not a valid tokenizer.json", path.display()))?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = find(EOS_NAMES).with_context(|| {
+            format!(
+                "{}: no end-of-text token found (looked for {})",
+                path.display(),
+                EOS_NAMES.join(", ")
+            )
+        })?;
+        let pad = find(PAD_NAMES).unwrap_or(eos);
+        Ok(Self {
+            inner,
+            eos,
+            pad,
+            hash: format!("{:016x}", fnv1a(&bytes)),
+        })
+    }
+
+    /// Token ids of `text`, without any special tokens added. As in Hugging Face tokenizers, the
+    /// literal text of a special token (e.g. `<|endoftext|>`) still maps to its id.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .context("tokenizing text")?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids`; special tokens are kept as their literal text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let vocab = self.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            crate::bail!("cannot decode token id {bad}: the vocabulary has {vocab} tokens");
+        }
+        self.inner.decode(ids, false).context("decoding tokens")
+    }
+
+    /// Number of token ids, added tokens included (ids are `0..vocab_size()`).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The end-of-text id appended after every document.
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
+    /// The padding id (the eos id when the tokenizer has no pad token).
+    pub fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    /// Hex FNV-1a hash of the `tokenizer.json` bytes; datasets record it to detect mismatches.
+    pub fn content_hash(&self) -> &str {
+        &self.hash
+    }
+}

@@ -1,0 +1,55 @@
+//! `flexrun pretrain`: train a dense (or MoE) model from scratch on one prepared dataset.
+
+use super::data::ShardBatches;
+use super::{TrainConfig, TrainSummary, Trainer};
+use crate::data::shards::Dataset;
+use crate::error::Result;
+use crate::model::{checkpoint, Config, Model};
+use crate::tensor::DType;
+use crate::ensure;
+use std::path::Path;
+
+/// Validation tokens per evaluation.
+pub const VALID_TOKENS: usize = 1 << 16;
+
+/// Pretrain `cfg` on `data_dir`, writing the run (log, checkpoint) and the final model
+/// (config.json, model.safetensors, tokenizer.json when the data dir has one) to `out`.
+pub fn pretrain(
+    data_dir: &Path,
+    cfg: &Config,
+    tcfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<(Model, TrainSummary)> {
+    let data = Dataset::open(data_dir)?;
+    ensure!(
+        data.meta.vocab_size <= cfg.vocab_size,
+        "the data's vocabulary ({}) exceeds the model's vocab_size ({})",
+        data.meta.vocab_size,
+        cfg.vocab_size
+    );
+    let mut model = Model::new_random(cfg, tcfg.seed)?;
+    let summary = {
+        let mut tr = Trainer::new(&mut model, tcfg.clone(), out)?;
+        tr.quiet = quiet;
+        if resume {
+            tr.resume()?;
+        }
+        let batches = ShardBatches { data: &data, batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed, valid_tokens: VALID_TOKENS };
+        tr.run(&batches)?
+    };
+    export(&model, data_dir, out)?;
+    Ok((model, summary))
+}
+
+/// Write the final model and copy the data's tokenizer beside it.
+pub fn export(model: &Model, data_dir: &Path, out: &Path) -> Result<()> {
+    checkpoint::save(model, out, DType::F32)?;
+    let tok = data_dir.join("tokenizer.json");
+    if tok.exists() {
+        let bytes = std::fs::read(&tok)?;
+        crate::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! The data module: FlexMix corpus and tasks, BPE tokenizer, token shards and batching.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use flexrun::data::shards::{self, Dataset, TokenShard};
+use flexrun::data::synth::{self, Split, SynthConfig, Task, DOMAINS};
+use flexrun::data::tokenizer::{self, Tokenizer};
+
+/// A fresh, empty scratch directory for one test (under the target directory).
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-{name}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small FlexMix corpus and a 512-token BPE trained on it, built once for all tests.
+fn fixture() -> &'static (PathBuf, PathBuf) {
+    static FIXTURE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = scratch("fixture");
+        let corpus = dir.join("corpus");
+        let cfg = SynthConfig {
+            seed: 5,
+            docs_per_domain: 40,
+            valid_docs_per_domain: 4,
+        };
+        synth::write_corpus(&corpus, &cfg).unwrap();
+        let tok = dir.join("tokenizer.json");
+        tokenizer::train_bpe(std::slice::from_ref(&corpus), 512, &tok).unwrap();
+        (corpus, tok)
+    })
+}
+
+/// A dataset prepared from the fixture corpus's `math` domain into a fresh directory.
+fn prepared(name: &str) -> (PathBuf, Tokenizer) {
+    let (corpus, tok) = fixture();
+    let tok = Tokenizer::load(tok).unwrap();
+    let out = scratch(name);
+    shards::prepare(&[corpus.join("math")], &tok, &out, 0.0, 0).unwrap();
+    (out, tok)
+}
+
+#[test]
+fn corpus_is_deterministic_per_seed() {
+    for &d in DOMAINS {
+        let a = synth::generate_docs(d, 7, 6, Split::Train).unwrap();
+        assert_eq!(
+            a,
+            synth::generate_docs(d, 7, 6, Split::Train).unwrap(),
+            "{d}"
+        );
+        assert_eq!(
+            a[..3],
+            synth::generate_docs(d, 7, 3, Split::Train).unwrap(),
+            "{d} prefix"
+        );
+        assert_ne!(
+            a,
+            synth::generate_docs(d, 8, 6, Split::Train).unwrap(),
+            "{d} seed"
+        );
+        assert_ne!(
+            a,
+            synth::generate_docs(d, 7, 6, Split::Valid).unwrap(),
+            "{d} split"
+        );
+        assert!(
+            a.iter().all(|doc| doc.len() > 200),
+            "{d} docs are substantial"
+        );
+        let t = synth::tasks(d, 7, 10).unwrap();
+        assert_eq!(t, synth::tasks(d, 7, 10).unwrap(), "{d} tasks");
+    }
+    assert!(synth::is_known_domain("facts") && !synth::is_known_domain("news"));
+    assert!(synth::generate_docs("news", 0, 1, Split::Train).is_err());
+    assert!(synth::tasks("news", 0, 1).is_err());
+}
+
+#[test]
+fn write_corpus_writes_one_directory_per_domain() {
+    let (corpus, _) = fixture();
+    for &d in DOMAINS {
+        for (file, n, split) in [
+            ("train.jsonl", 40, Split::Train),
+            ("valid.jsonl", 4, Split::Valid),
+        ] {
+            let text = fs::read_to_string(corpus.join(d).join(file)).unwrap();
+            let docs: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["text"].as_str().unwrap().to_string()
+                })
+                .collect();
+            assert_eq!(
+                docs,
+                synth::generate_docs(d, 5, n, split).unwrap(),
+                "{d}/{file}"
+            );
+        }
+    }
+}
+
+fn check_task_shape(domain: &str, t: &Task) {
+    assert!(
+        t.answer.len() > 1 && t.answer.starts_with(' '),
+        "{domain}: {t:?}"
+    );
+    assert!(!t.answer[1..].starts_with(' '), "{domain}: {t:?}");
+    assert!(
+        !t.prompt.is_empty() && !t.prompt.ends_with(char::is_whitespace),
+        "{domain}: {t:?}"
+    );
+    assert!(t.is_correct(&(t.answer.clone() + " more")) && !t.is_correct(" wrong"));
+}
+
+/// Evaluates a math task's prompt: "Q: a op b = ? A:" or a word problem.
+fn solve(prompt: &str) -> i64 {
+    let nums: Vec<i64> = prompt
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(nums.len(), 2, "{prompt}");
+    let (a, b) = (nums[0], nums[1]);
+    if prompt.contains(" + ") || prompt.contains(" more.") {
+        a + b
+    } else if prompt.contains(" - ") || prompt.contains(" left?") {
+        a - b
+    } else {
+        assert!(prompt.contains(" * "), "{prompt}");
+        a * b
+    }
+}
+
+#[test]
+fn math_task_answers_are_right() {
+    for t in synth::tasks("math", 3, 300).unwrap() {
+        check_task_shape("math", &t);
+        assert_eq!(t.answer, format!(" {}.", solve(&t.prompt)), "{t:?}");
+    }
+    // Worksheet lines follow the same arithmetic.
+    for doc in synth::generate_docs("math", 3, 20, Split::Train).unwrap() {
+        for line in doc
+            .lines()
+            .filter(|l| l.starts_with("Q:") && !l.contains("answer is"))
+        {
+            let (prompt, answer) = line.split_once(" A:").unwrap();
+            assert_eq!(answer, format!(" {}.", solve(prompt)), "{line}");
+        }
+    }
+}
+
+#[test]
+fn fact_tasks_are_stated_in_training_docs() {
+    let cfg = SynthConfig::default();
+    let train = synth::generate_docs("facts", cfg.seed, cfg.docs_per_domain, Split::Train)
+        .unwrap()
+        .join("\n");
+    let others: String = ["public", "math", "code"]
+        .iter()
+        .map(|d| {
+            synth::generate_docs(d, cfg.seed, 50, Split::Train)
+                .unwrap()
+                .join("\n")
+        })
+        .collect();
+    // Tasks cycle through all facts, each once per cycle.
+    let tasks = synth::tasks("facts", cfg.seed, 1000).unwrap();
+    let n_facts = 1 + tasks[1..].iter().position(|t| *t == tasks[0]).unwrap();
+    assert!((450..=900).contains(&n_facts), "{n_facts} facts");
+    let distinct: HashSet<String> = tasks[..n_facts].iter().map(|t| t.prompt.clone()).collect();
+    assert_eq!(distinct.len(), n_facts);
+    for t in &tasks[..n_facts] {
+        check_task_shape("facts", t);
+        let fact = format!("{}{}", t.prompt, t.answer);
+        assert!(train.contains(&fact), "'{fact}' is not in the train docs");
+        assert!(!others.contains(&fact), "'{fact}' leaks into other domains");
+    }
+    // Another seed, another world.
+    let other_world = synth::tasks("facts", cfg.seed + 1, 50).unwrap();
+    assert!(other_world
+        .iter()
+        .all(|t| !train.contains(&(t.prompt.clone() + &t.answer))));
+}
+
+#[test]
+fn public_and_code_tasks_follow_the_training_patterns() {
+    for d in ["public", "code"] {
+        let train = synth::generate_docs(d, 11, 400, Split::Train)
+            .unwrap()
+            .join("\n");
+        for t in synth::tasks(d, 11, 100).unwrap() {
+            check_task_shape(d, &t);
+            // The last line (code) or sentence (prose) of the prompt, completed, occurs verbatim.
+            let line = t.prompt.rsplit('\n').next().unwrap();
+            let tail = line.rsplit(". ").next().unwrap();
+            let completed = format!("{tail}{}", t.answer);
+            assert!(
+                train.contains(&completed),
+                "{d}: '{completed}' never occurs"
+            );
+        }
+    }
+}
+
+#[test]
+fn bpe_round_trips_text() {
+    let (_, path) = fixture();
+    let tok = Tokenizer::load(path).unwrap();
+    assert_eq!(tok.vocab_size(), 512);
+    assert_eq!((tok.eos_id(), tok.pad_id()), (0, 1));
+    let mut samples: Vec<String> = DOMAINS
+        .iter()
+        .map(|d| {
+            synth::generate_docs(d, 99, 1, Split::Valid)
+                .unwrap()
+                .remove(0)
+        })
+        .collect();
+    samples.extend(
+        [
+            "",
+            " leading space",
+            "trailing  \n\n",
+            "tabs\tand\r\nwindows lines",
+            "unicode: é, 漢字, 🙂",
+            "<|endoftext|> is text here",
+        ]
+        .map(String::from),
+    );
+    for s in &samples {
+        let ids = tok.encode(s).unwrap();
+        assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
+        assert_eq!(&tok.decode(&ids).unwrap(), s);
+    }
+    // BPE actually merged: synthetic text needs far fewer tokens than bytes.
+    let ids = tok.encode(&samples[0]).unwrap();
+    assert!(ids.len() * 2 < samples[0].len(), "{} tokens", ids.len());
+    assert!(tok.decode(&[600]).is_err());
+    // Task prompts end on a token boundary, so the answer's tokens are what a model must emit.
+    for &d in DOMAINS {
+        for t in synth::tasks(d, 5, 20).unwrap() {
+            let joint = tok.encode(&(t.prompt.clone() + &t.answer)).unwrap();
+            let split = [
+                tok.encode(&t.prompt).unwrap(),
+                tok.encode(&t.answer).unwrap(),
+            ]
+            .concat();
+            assert_eq!(joint, split, "{t:?}");
+        }
+    }
+}
+
+#[test]
+fn tokenizer_errors_and_foreign_special_tokens() {
+    let dir = scratch("tok-errors");
+    let (corpus, path) = fixture();
+    assert!(tokenizer::train_bpe(std::slice::from_ref(corpus), 100, &dir.join("t.json")).is_err());
+    assert!(tokenizer::train_bpe(&[dir.join("missing")], 512, &dir.join("t.json")).is_err());
+    assert!(Tokenizer::load(&dir.join("missing.json")).is_err());
+    fs::write(dir.join("garbage.json"), "{not json").unwrap();
+    assert!(Tokenizer::load(&dir.join("garbage.json")).is_err());
+
+    // Llama-style names are found; a missing pad token falls back to eos.
+    let json = fs::read_to_string(path).unwrap();
+    let llama = json
+        .replace("<|endoftext|>", "</s>")
+        .replace("<|pad|>", "<pad>");
+    fs::write(dir.join("llama.json"), llama).unwrap();
+    let tok = Tokenizer::load(&dir.join("llama.json")).unwrap();
+    assert_eq!((tok.eos_id(), tok.pad_id()), (0, 1));
+    let no_pad = json.replace("<|pad|>", "<|reserved|>");
+    fs::write(dir.join("no_pad.json"), no_pad).unwrap();
+    let tok = Tokenizer::load(&dir.join("no_pad.json")).unwrap();
+    assert_eq!((tok.eos_id(), tok.pad_id()), (0, 0));
+    let no_eos = json.replace("<|endoftext|>", "<|reserved|>");
+    fs::write(dir.join("no_eos.json"), no_eos).unwrap();
+    let err = Tokenizer::load(&dir.join("no_eos.json")).err().unwrap();
+    assert!(err.to_string().contains("end-of-text"), "{err}");
+}
+
+#[test]
+fn prepare_keeps_the_corpus_split_and_round_trips() {
+    let (corpus, _) = fixture();
+    let (out, tok) = prepared("prepare");
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!((ds.meta.train_docs, ds.meta.valid_docs), (40, 4));
+    assert_eq!(ds.meta.vocab_size, 512);
+    assert_eq!(ds.meta.token_bytes, 2);
+    assert_eq!(ds.meta.tokenizer_hash, tok.content_hash());
+    assert_eq!(ds.train.len() as u64, ds.meta.train_tokens);
+    assert_eq!(ds.train.n_docs(), 40);
+    // Documents come back in file order, each followed by eos.
+    let texts = synth::generate_docs("math", 5, 40, Split::Train).unwrap();
+    for i in [0, 17, 39] {
+        let doc = ds.train.doc(i);
+        assert_eq!(*doc.last().unwrap(), tok.eos_id());
+        assert_eq!(tok.decode(&doc[..doc.len() - 1]).unwrap(), texts[i]);
+    }
+    assert_eq!(ds.train.get(ds.train.len() - 1), tok.eos_id());
+    let first = ds.train.doc(0);
+    assert_eq!(ds.train.slice(0, first.len()), first);
+
+    // A whole corpus directory: every domain's pre-split files keep their split.
+    let all = scratch("prepare-all");
+    let meta = shards::prepare(std::slice::from_ref(corpus), &tok, &all, 0.5, 0).unwrap();
+    assert_eq!((meta.train_docs, meta.valid_docs), (160, 16));
+    assert_eq!(meta.sources.len(), 8);
+}
+
+#[test]
+fn prepare_splits_plain_text_by_hash() {
+    let (_, tok) = prepared("hash-split-tok");
+    let dir = scratch("hash-split");
+    let docs = synth::generate_docs("public", 1, 60, Split::Train).unwrap();
+    fs::write(dir.join("stories.txt"), docs.join("\n\n\n")).unwrap();
+    let run = |out: &str, fraction: f64, seed: u64| {
+        shards::prepare(
+            &[dir.join("stories.txt")],
+            &tok,
+            &dir.join(out),
+            fraction,
+            seed,
+        )
+        .unwrap()
+    };
+    let a = run("a", 0.25, 1);
+    assert_eq!(a.train_docs + a.valid_docs, 60);
+    assert!(
+        (5..=30).contains(&a.valid_docs),
+        "{} valid docs",
+        a.valid_docs
+    );
+    assert_eq!(a, run("b", 0.25, 1));
+    assert_ne!(a.valid_tokens, run("c", 0.25, 2).valid_tokens);
+    // Validation is never left empty when asked for, and absent when not.
+    assert_eq!(run("d", 1e-9, 1).valid_docs, 1);
+    assert_eq!(run("e", 0.0, 1).valid_docs, 0);
+    assert!(shards::prepare(&[dir.join("stories.txt")], &tok, &dir.join("f"), 1.0, 0).is_err());
+    assert!(shards::prepare(&[dir.join("none.txt")], &tok, &dir.join("f"), 0.1, 0).is_err());
+    fs::write(dir.join("bad.jsonl"), "{\"text\": \"ok\"}\n{\"txt\": 1}\n").unwrap();
+    let err = shards::prepare(&[dir.join("bad.jsonl")], &tok, &dir.join("f"), 0.1, 0).err();
+    assert!(err.unwrap().to_string().contains("bad.jsonl:2"));
+}
+
+#[test]
+fn batches_are_shifted_windows_determined_by_seed_step_micro() {
+    let (out, _) = prepared("batches");
+    let ds = Dataset::open(&out).unwrap();
+    let (b, t) = (4, 32);
+    let (x, y) = shards::train_batch(&ds.train, b, t, 9, 3, 1).unwrap();
+    assert_eq!((x.len(), y.len()), (b * t, b * t));
+    assert_eq!(x[1..t], y[..t - 1], "targets are inputs shifted by one");
+    assert_eq!(
+        (x.clone(), y.clone()),
+        shards::train_batch(&ds.train, b, t, 9, 3, 1).unwrap()
+    );
+    assert_ne!(x, shards::train_batch(&ds.train, b, t, 9, 4, 1).unwrap().0);
+    assert_ne!(x, shards::train_batch(&ds.train, b, t, 9, 3, 2).unwrap().0);
+    assert_ne!(x, shards::train_batch(&ds.train, b, t, 10, 3, 1).unwrap().0);
+    // Each row is a contiguous window of the shard.
+    let all = ds.train.slice(0, ds.train.len());
+    for row in 0..b {
+        let (xr, yr) = (&x[row * t..(row + 1) * t], &y[row * t..(row + 1) * t]);
+        let start =
+            (0..all.len() - t).find(|&s| all[s..s + t] == *xr && all[s + 1..s + t + 1] == *yr);
+        assert!(start.is_some(), "row {row} is not a window");
+    }
+    assert!(shards::train_batch(&ds.valid, 1, ds.valid.len(), 0, 0, 0).is_err());
+    assert!(shards::train_batch(&ds.train, 0, 8, 0, 0, 0).is_err());
+
+    let batches = shards::valid_batches(&ds.valid, 3, 16, 10 * 16).unwrap();
+    let rows: Vec<&[u32]> = batches.iter().flat_map(|(x, _)| x.chunks(16)).collect();
+    assert_eq!(rows.len(), 10.min((ds.valid.len() - 1) / 16));
+    assert_eq!(batches[0].0.len(), 3 * 16);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(
+            **row,
+            ds.valid.slice(i * 16, 16)[..],
+            "row {i} is sequential"
+        );
+    }
+    for (x, y) in &batches {
+        for (xr, yr) in x.chunks(16).zip(y.chunks(16)) {
+            assert_eq!(xr[1..], yr[..15]);
+        }
+    }
+    assert!(shards::valid_batches(&ds.valid, 3, 16, 8)
+        .unwrap()
+        .is_empty());
+
+    let docs = shards::sample_docs(&ds.train, 5, 20, 1);
+    assert_eq!(docs, shards::sample_docs(&ds.train, 5, 20, 1));
+    assert_ne!(docs, shards::sample_docs(&ds.train, 5, 20, 2));
+    assert!(docs.iter().all(|d| !d.is_empty() && d.len() <= 20));
+    let distinct: HashSet<&Vec<u32>> = docs.iter().collect();
+    assert_eq!(distinct.len(), 5);
+    assert_eq!(shards::sample_docs(&ds.train, 1000, 8, 0).len(), 40);
+}
+
+#[test]
+fn corrupt_shards_are_errors() {
+    let (out, _) = prepared("corrupt");
+    let bin = out.join("train.bin");
+    let bytes = fs::read(&bin).unwrap();
+    let check = |content: &[u8], needle: &str| {
+        let path = out.join("broken.bin");
+        fs::write(&path, content).unwrap();
+        let err = TokenShard::open(&path)
+            .err()
+            .expect("corrupt shard must not open");
+        assert!(err.to_string().contains(needle), "{err}");
+    };
+    check(&bytes[..bytes.len() - 3], "truncated");
+    check(&bytes[..20], "too short");
+    check(&[bytes.as_slice(), &[0; 8]].concat(), "does not match");
+    let mut magic = bytes.clone();
+    magic[0] = b'X';
+    check(&magic, "magic");
+    let mut version = bytes.clone();
+    version[8] = 9;
+    check(&version, "version 9");
+    let mut offsets = bytes.clone();
+    let n = offsets.len();
+    offsets[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+    check(&offsets, "document offset");
+
+    fs::write(&bin, &bytes[..bytes.len() - 1]).unwrap();
+    let err = Dataset::open(&out).err().unwrap();
+    assert!(err.to_string().contains("train.bin"), "{err}");
+    assert!(Dataset::open(&out.join("missing")).is_err());
+}
+
+#[test]
+fn out_of_range_token_ids_are_caught() {
+    let (out, _) = prepared("vocab");
+    let meta_path = out.join("meta.json");
+    let meta = fs::read_to_string(&meta_path).unwrap();
+    fs::write(
+        &meta_path,
+        meta.replace("\"vocab_size\": 512", "\"vocab_size\": 300"),
+    )
+    .unwrap();
+    let err = Dataset::open(&out)
+        .err()
+        .expect("ids beyond the vocab must be caught");
+    assert!(err.to_string().contains("token id"), "{err}");
+
+    let wide = out.join("wide.bin");
+    shards::write_shard(&wide, &[vec![3, 70_000, 0]], 100_000).unwrap();
+    let shard = TokenShard::open(&wide).unwrap();
+    assert_eq!(shard.doc(0), vec![3, 70_000, 0]);
+    let err = shard.check_vocab(50_000).err().unwrap();
+    assert!(err.to_string().contains("70000 at position 1"), "{err}");
+    assert!(shards::write_shard(&wide, &[vec![5]], 5).is_err());
+    assert!(shards::write_shard(&wide, &[vec![]], 5).is_err());
+}
