@@ -2,7 +2,10 @@
 //! `kernels/`), the OLMo-2 / FlexOlmo transformer, training, merging and generation.
 
 pub mod error;
+pub mod eval;
+pub mod flex;
 pub mod fsutil;
+pub mod hash;
 
 pub mod autograd;
 pub mod backend;

@@ -3,6 +3,8 @@
 
 use clap::{Args, Parser, Subcommand};
 use flexrun::data::{self, shards, synth, tokenizer, Tokenizer};
+use flexrun::eval::{self, routing, DomainEval, Evaluated};
+use flexrun::flex;
 use flexrun::error::{Context, Result};
 use flexrun::generate::{self, SamplingConfig};
 use flexrun::model::{checkpoint, Config};
@@ -38,6 +40,198 @@ enum Cmd {
     /// Throughput benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train one data owner's expert against the frozen public model, on its own data only.
+    TrainExpert(TrainExpertArgs),
+    /// Merge the public model and expert artifacts into one FlexOlmo checkpoint (no data needed).
+    Merge {
+        #[arg(long)]
+        public: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        experts: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Experts per token at inference (default: 2, at most the number of experts).
+        #[arg(long)]
+        top_k: Option<usize>,
+    },
+    /// Tune only the router rows of a merged model on proxy data (breaks strict opt-out).
+    RouterTune {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prepared proxy datasets (public documents, small per-domain proxies).
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        train: TrainOpts,
+    },
+    /// Baseline: fine-tune every weight of the public model on one domain (a dense expert).
+    Finetune {
+        #[arg(long)]
+        public: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        train: TrainOpts,
+    },
+    /// Baseline: uniform parameter average of dense experts.
+    Soup {
+        #[arg(long, required = true, num_args = 1..)]
+        models: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Per-domain held-out loss and task accuracy of a model, expert subset, or BTM ensemble.
+    Eval(EvalArgs),
+    /// Per-layer fraction of each domain's tokens routed to each expert: table and SVG heatmap.
+    AnalyzeRouting {
+        #[command(flatten)]
+        sel: SelectOpts,
+        /// Domains as NAME=PREPARED_DIR.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<String>,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 4096)]
+        tokens: usize,
+        /// Heatmap output (.svg).
+        #[arg(long, default_value = "routing.svg")]
+        out: PathBuf,
+    },
+    /// The main job: the whole FlexOlmo pipeline on the built-in corpus, with baselines.
+    Demo(DemoArgs),
+}
+
+/// A model directory and the experts to use from it (opt-out at load time).
+#[derive(Args, Clone)]
+struct SelectOpts {
+    #[arg(long)]
+    model: PathBuf,
+    /// Experts to leave out (names from flexolmo.json, or indices for plain checkpoints).
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// Use only these experts.
+    #[arg(long, value_delimiter = ',')]
+    experts: Vec<String>,
+    /// Experts per token (default: the checkpoint's).
+    #[arg(long)]
+    expert_top_k: Option<usize>,
+}
+
+impl SelectOpts {
+    fn load(&self) -> Result<flex::Loaded> {
+        let sel = flex::Selection { exclude: self.exclude.clone(), only: self.experts.clone(), top_k: self.expert_top_k, keep_bf16: true };
+        flex::load_model(&self.model, &sel)
+    }
+}
+
+#[derive(Args)]
+struct TrainExpertArgs {
+    /// The public model directory.
+    #[arg(long)]
+    public: PathBuf,
+    /// This owner's prepared data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Prepared public data, to embed the public router row (router init 'domain').
+    #[arg(long)]
+    public_data: Option<PathBuf>,
+    #[arg(long)]
+    name: String,
+    /// Domain label recorded in the artifact (default: the name).
+    #[arg(long)]
+    domain: Option<String>,
+    /// The expert artifact to write (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run directory for the log and resumable checkpoint (default: OUT with .run).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    #[arg(long, default_value = "domain")]
+    router_init: String,
+    /// Documents sampled to embed a domain.
+    #[arg(long, default_value_t = 64)]
+    embed_docs: usize,
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    bias_init: f32,
+    /// Train without the expert bias (ablation).
+    #[arg(long)]
+    no_bias: bool,
+    #[command(flatten)]
+    train: TrainOpts,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model to evaluate (omit with --btm).
+    #[arg(long, required_unless_present = "btm")]
+    model: Option<PathBuf>,
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    experts: Vec<String>,
+    /// Experts per token (default: the checkpoint's).
+    #[arg(long)]
+    expert_top_k: Option<usize>,
+    /// BTM ensemble of these dense models instead of --model.
+    #[arg(long, value_delimiter = ',', conflicts_with = "model")]
+    btm: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    btm_temperature: f32,
+    #[arg(long, default_value_t = 2)]
+    btm_top_k: usize,
+    /// Domains as NAME=PREPARED_DIR; built-in domain names also get exact-match tasks.
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Tasks per built-in domain (0: none).
+    #[arg(long, default_value_t = 64)]
+    tasks: usize,
+    /// Seed of the built-in tasks.
+    #[arg(long, default_value_t = 1000)]
+    task_seed: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Working directory for corpus, models and results.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also run the ablations (no bias, random router init, top-k sweep).
+    #[arg(long)]
+    ablations: bool,
+    /// A tiny configuration that runs in seconds (smoke test).
+    #[arg(long)]
+    quick: bool,
+    #[arg(long)]
+    public_steps: Option<u64>,
+    #[arg(long)]
+    expert_steps: Option<u64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_domains(specs: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (n, p) = s.split_once('=').with_context(|| format!("'{s}' is not NAME=DIR"))?;
+            Ok((n.to_string(), PathBuf::from(p)))
+        })
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -193,8 +387,8 @@ struct PretrainArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    sel: SelectOpts,
     /// Text prompt (needs the model's tokenizer.json).
     #[arg(long, conflicts_with = "ids")]
     prompt: Option<String>,
@@ -219,8 +413,8 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct LogitsArgs {
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    sel: SelectOpts,
     /// Comma-separated token ids.
     #[arg(long)]
     ids: String,
@@ -318,8 +512,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Generate(a) => {
-            let model = checkpoint::load(&a.model)?;
-            let tok = if a.ids.is_none() { Some(load_tokenizer_for(&a.model, a.tokenizer.as_ref())?) } else { None };
+            let model = a.sel.load()?.model;
+            let tok = if a.ids.is_none() { Some(load_tokenizer_for(&a.sel.model, a.tokenizer.as_ref())?) } else { None };
             let prompt = match (&a.ids, &a.prompt, &tok) {
                 (Some(ids), _, _) => parse_ids(ids)?,
                 (None, Some(p), Some(t)) => t.encode(p)?,
@@ -365,7 +559,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Logits(a) => {
             let _ = a.json;
-            let model = checkpoint::load(&a.model)?;
+            let model = a.sel.load()?.model;
             let ids = parse_ids(&a.ids)?;
             ensure!(!ids.is_empty(), "--ids is empty");
             let l = model.logits(&ids, 1, ids.len())?;
@@ -388,6 +582,116 @@ fn run(cli: Cli) -> Result<()> {
                     r.threads
                 );
             }
+        }
+        Cmd::TrainExpert(a) => {
+            let run_dir = a.run_dir.clone().unwrap_or_else(|| a.out.with_extension("run"));
+            let opts = flex::ExpertTrainOpts {
+                public: a.public,
+                data: a.data,
+                public_data: a.public_data,
+                domain: a.domain.unwrap_or_else(|| a.name.clone()),
+                name: a.name,
+                out: a.out.clone(),
+                run_dir,
+                router_init: flex::RouterInit::parse(&a.router_init)?,
+                embed_docs: a.embed_docs,
+                bias_init: (!a.no_bias).then_some(a.bias_init),
+                train: a.train.config(),
+                resume: a.train.resume,
+                quiet: a.train.quiet,
+            };
+            let (art, s) = flex::train_expert(&opts)?;
+            println!(
+                "expert '{}' ({} steps, {} tokens, train ce {:.4}, valid ce {}) written to {}",
+                art.meta.name,
+                s.steps,
+                s.tokens,
+                s.final_ce,
+                s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+                a.out.display()
+            );
+        }
+        Cmd::Merge { public, experts, out, top_k } => {
+            let k = top_k.unwrap_or(2).min(experts.len() + 1);
+            let (_, m) = flex::merge(&public, &experts, k, &out)?;
+            let names: Vec<&str> = m.experts.iter().map(|e| e.name.as_str()).collect();
+            println!("merged {} experts [{}] (top-{k}) into {}", names.len(), names.join(", "), out.display());
+        }
+        Cmd::RouterTune { model, data, out, train } => {
+            let run_dir = out.with_extension("run");
+            let s = flex::router_tune(&model, &data, &train.config(), &out, &run_dir, train.resume, train.quiet)?;
+            println!("router tuned for {} steps (valid ce {}); written to {} (strict opt-out no longer holds)", s.steps, s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()), out.display());
+        }
+        Cmd::Finetune { public, data, out, train } => {
+            let run_dir = out.join("run");
+            let (_, s) = flex::finetune(&public, &data, &train.config(), &out, &run_dir, train.resume, train.quiet)?;
+            println!("dense expert trained for {} steps (valid ce {}) in {}", s.steps, s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()), out.display());
+        }
+        Cmd::Soup { models, out } => {
+            let ms: Vec<_> = models.iter().map(|m| checkpoint::load(m)).collect::<Result<_>>()?;
+            let s = flex::soup(&ms)?;
+            flex::write_model(&s, None, &models[0], &out)?;
+            println!("averaged {} models into {}", ms.len(), out.display());
+        }
+        Cmd::Eval(a) => {
+            let domains = parse_domains(&a.data)?;
+            let loaded;
+            let btm_models: Vec<flexrun::model::Model>;
+            let (name, e, tok_dir) = if a.btm.is_empty() {
+                let sel = SelectOpts { model: a.model.clone().unwrap(), exclude: a.exclude.clone(), experts: a.experts.clone(), expert_top_k: a.expert_top_k };
+                loaded = sel.load()?;
+                (sel.model.display().to_string(), Evaluated::Model(&loaded.model), sel.model.clone())
+            } else {
+                btm_models = a.btm.iter().map(|m| checkpoint::load_with(m, true)).collect::<Result<_>>()?;
+                let e = Evaluated::Btm { models: btm_models.iter().collect(), temperature: a.btm_temperature, top_k: a.btm_top_k };
+                ("BTM".to_string(), e, a.btm[0].clone())
+            };
+            let tok_path = tok_dir.join("tokenizer.json");
+            let tok = if tok_path.exists() && a.tasks > 0 { Some(Tokenizer::load(&tok_path)?) } else { None };
+            let evals: Vec<DomainEval> = domains
+                .iter()
+                .map(|(n, p)| {
+                    let ds = data::Dataset::open(p)?;
+                    let tasks = if synth::is_known_domain(n) && tok.is_some() { synth::tasks(n, a.task_seed, a.tasks)? } else { vec![] };
+                    DomainEval::new(n, &ds, a.seq, a.tokens, tasks)
+                })
+                .collect::<Result<_>>()?;
+            let row = eval::evaluate(&name, &e, &evals, a.seq, tok.as_ref())?;
+            print!("{}", eval::markdown(std::slice::from_ref(&row)));
+            if let Some(j) = a.json {
+                flexrun::fsutil::write_bytes_atomic(&j, serde_json::to_string_pretty(&row)?.as_bytes())?;
+            }
+        }
+        Cmd::AnalyzeRouting { sel, data, seq, tokens, out } => {
+            let loaded = sel.load()?;
+            let mut stats = Vec::new();
+            for (n, p) in parse_domains(&data)? {
+                let ds = data::Dataset::open(&p)?;
+                let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, seq, tokens)?.into_iter().map(|(i, _)| i).collect();
+                stats.push(routing::analyze(&loaded.model, &n, &windows)?);
+            }
+            print!("{}", routing::markdown(&stats, &loaded.expert_names));
+            let svg = routing::heatmap_svg(&stats, &loaded.expert_names, &format!("Routing of {}", sel.model.display()));
+            flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
+            println!("heatmap written to {}", out.display());
+        }
+        Cmd::Demo(a) => {
+            let mut c = if a.quick { flex::demo::DemoConfig::quick() } else { flex::demo::DemoConfig::default() };
+            c.seed = a.seed;
+            c.ablations = a.ablations;
+            if let Some(s) = a.public_steps {
+                c.public_steps = s;
+            }
+            if let Some(s) = a.expert_steps {
+                c.expert_steps = s;
+                c.dense_steps = s;
+            }
+            if let Some(k) = a.top_k {
+                c.top_k = k;
+            }
+            flex::demo::run(&c, &a.out, a.quiet)?;
+            print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
+            println!("\nresults: {}, {}; routing heatmap: {}", a.out.join("results.md").display(), a.out.join("results.json").display(), a.out.join("routing.svg").display());
         }
     }
     Ok(())

@@ -4,7 +4,6 @@
 //! -> `shards::prepare` -> `shards::Dataset::open` -> `shards::train_batch`. Each FlexOlmo data
 //! owner runs `prepare` over its own domain directory only.
 
-mod hash;
 pub mod shards;
 pub mod synth;
 mod text;

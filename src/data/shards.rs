@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::hash::{fnv1a, mix};
+use crate::hash::{fnv1a, mix};
 use super::text::{expand_inputs, read_documents, FileSplit};
 use super::tokenizer::Tokenizer;
 use crate::error::{Context, Result};

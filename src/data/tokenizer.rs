@@ -10,7 +10,7 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use super::hash::fnv1a;
+use crate::hash::fnv1a;
 use super::text::{expand_inputs, read_documents};
 use crate::error::{Context, Result};
 use crate::fsutil::write_bytes_atomic;

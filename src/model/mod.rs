@@ -89,6 +89,8 @@ impl KvCache {
 
 pub struct ForwardOut {
     pub logits: Var,
+    /// Final hidden states `[N, H]` after the last RMSNorm (what the LM head reads).
+    pub hidden: Var,
     /// Router logits `[N, E]` per MoE layer (for the router z-loss and routing analysis).
     pub router_logits: Vec<Var>,
     pub routings: Vec<Arc<Routing>>,
@@ -353,7 +355,7 @@ impl Model {
         let x = ops::rmsnorm(tape, x, fnorm, eps);
         let wl = p(tape, self.lm_head);
         let logits = ops::linear(tape, x, wl);
-        Ok(ForwardOut { logits, router_logits, routings })
+        Ok(ForwardOut { logits, hidden: x, router_logits, routings })
     }
 
     /// Training loss: mean next-token cross-entropy + LM z-loss + router z-loss (mean over MoE
@@ -459,4 +461,53 @@ pub fn parse_expert_param(name: &str) -> Option<(usize, usize, ExpertPart<'_>)> 
         return Some((l, idx(r)?, ExpertPart::Bias));
     }
     None
+}
+
+impl Model {
+    /// Upcycle a dense OLMo-2 model into a FlexOlmo MoE with `n_experts` experts: every expert is
+    /// a copy of the dense FFN of its layer (sharing storage until written), every router row is
+    /// zero, there are no router biases, and the config becomes `flex_olmo` /
+    /// `FlexOlmoForCausalLM` with `num_experts = num_experts_per_tok = n_experts`. With zero router
+    /// rows every token gives each expert weight `1/n`, so the result computes the dense model.
+    pub fn upcycle(&self, n_experts: usize) -> Result<Model> {
+        ensure!(
+            !self.cfg.is_moe(),
+            "upcycling needs a dense olmo2 model, not a {} model with {} experts",
+            self.cfg.model_type,
+            self.cfg.experts()
+        );
+        ensure!(n_experts > 0, "upcycling needs at least one expert");
+        let mut cfg = self.cfg.clone();
+        cfg.model_type = "flex_olmo".into();
+        cfg.architectures = vec!["FlexOlmoForCausalLM".into()];
+        cfg.num_experts = Some(n_experts);
+        cfg.num_experts_per_tok = Some(n_experts);
+        cfg.norm_topk_prob = false;
+        let mut ps = ParamStore::default();
+        for p in &self.params.params {
+            let ffn_part = p.name.strip_prefix("model.layers.").and_then(|r| {
+                let (l, rest) = r.split_once('.')?;
+                Some((l.parse::<usize>().ok()?, rest.strip_prefix("mlp.")?))
+            });
+            match ffn_part {
+                Some((l, part)) => {
+                    for e in 0..n_experts {
+                        ps.add(
+                            format!("{}{part}", expert_prefix(l, e, true)),
+                            p.value.clone(),
+                        );
+                    }
+                }
+                None => {
+                    ps.add(p.name.clone(), p.value.clone());
+                }
+            }
+        }
+        for l in 0..cfg.num_hidden_layers {
+            for e in 0..n_experts {
+                ps.add(router_row_name(l, e), Tensor::zeros(&[1, cfg.hidden_size]));
+            }
+        }
+        Model::from_params(cfg, ps)
+    }
 }

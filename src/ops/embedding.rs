@@ -1,19 +1,30 @@
 //! Row lookup: `y[n] = W[ids[n]]`, W `[V, H]`. Ids are validated by the caller (model input
-//! checks); an out-of-range id here is a programming error.
+//! checks); an out-of-range id here is a programming error. W may be stored in bf16 (inference
+//! only): the looked-up rows are converted to f32.
 
 use crate::autograd::{Backward, Tape, Var};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
 
 pub fn embedding(tape: &mut Tape, w: Var, ids: &[u32]) -> Var {
     let wv = tape.value(w);
     let (v, h) = (wv.rows(), wv.cols());
+    assert!(
+        wv.dtype() == DType::F32 || !tape.requires_grad(w),
+        "embedding: a bf16 table cannot be trained (bf16 weights are inference-only; load with keep_bf16 = false to train)"
+    );
     let mut y = vec![0f32; ids.len() * h];
     for (n, &id) in ids.iter().enumerate() {
-        assert!((id as usize) < v, "embedding: id {id} out of range (vocab {v})");
-        y[n * h..(n + 1) * h].copy_from_slice(wv.row(id as usize));
+        assert!(
+            (id as usize) < v,
+            "embedding: id {id} out of range (vocab {v})"
+        );
+        wv.rows_to_f32(id as usize, 1, &mut y[n * h..(n + 1) * h]);
     }
-    let op = EmbeddingBack { ids: Arc::new(ids.to_vec()), vocab: v };
+    let op = EmbeddingBack {
+        ids: Arc::new(ids.to_vec()),
+        vocab: v,
+    };
     tape.push(Tensor::from_vec(y, &[ids.len(), h]), &[w], op)
 }
 

@@ -174,6 +174,26 @@ impl Tensor {
         Tensor::from_vec(self.data()[start * c..(start + n) * c].to_vec(), &[n, c])
     }
 
+    /// Write rows `[start, start+n)` of the `[rows, cols]` view into `out` (`n * cols` values) as
+    /// f32, converting bf16 storage: lets ops read bf16 weights a tile at a time.
+    pub fn rows_to_f32(&self, start: usize, n: usize, out: &mut [f32]) {
+        let c = self.cols();
+        assert_eq!(
+            out.len(),
+            n * c,
+            "rows_to_f32: output holds {} values for {n} rows of {c}",
+            out.len()
+        );
+        match &self.storage {
+            Storage::F32(v) => out.copy_from_slice(&v[start * c..(start + n) * c]),
+            Storage::BF16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[start * c..(start + n) * c]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+
     /// Stack `[r_i, c]` tensors along the first dimension.
     pub fn cat_rows(parts: &[&Tensor]) -> Tensor {
         let c = parts[0].cols();

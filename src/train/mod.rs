@@ -115,6 +115,8 @@ pub struct Trainer<'a> {
     pub quiet: bool,
     /// Extra JSON stored with each checkpoint (e.g. what the run is), returned on resume.
     pub tag: serde_json::Value,
+    /// Stop (with a checkpoint) once this step is reached, as an interruption would.
+    pub stop_at: Option<u64>,
 }
 
 impl<'a> Trainer<'a> {
@@ -130,7 +132,7 @@ impl<'a> Trainer<'a> {
         );
         std::fs::create_dir_all(dir).map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
         let opt = AdamW::new(cfg.adamw, model.params.len());
-        Ok(Trainer { model, cfg, opt, step: 0, tokens: 0, run: RunDir { dir: dir.to_path_buf() }, quiet: false, tag: serde_json::Value::Null })
+        Ok(Trainer { model, cfg, opt, step: 0, tokens: 0, run: RunDir { dir: dir.to_path_buf() }, quiet: false, tag: serde_json::Value::Null, stop_at: None })
     }
 
     /// Continue from the run directory's checkpoint: parameters, optimizer moments, step, tokens.
@@ -199,7 +201,8 @@ impl<'a> Trainer<'a> {
         let start_step = self.step;
         let mut last_ce = f32::NAN;
         let mut valid_ce = None;
-        while self.step < c.steps {
+        let end = self.stop_at.map_or(c.steps, |s| s.min(c.steps));
+        while self.step < end {
             let mut acc: Vec<(usize, Tensor)> = Vec::new();
             let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
             for micro in 0..c.grad_accum as u64 {
@@ -239,9 +242,15 @@ impl<'a> Trainer<'a> {
             let elapsed = start.elapsed().as_secs_f64();
             let tps = (self.step - start_step) as f64 * tokens_per_step as f64 / elapsed.max(1e-9);
             let v = valid_ce.map(|v| format!(" val {v:.3}")).unwrap_or_default();
-            bar.set_message(format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s"));
+            let msg = format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s");
             bar.set_position(self.step);
-            if (c.save_every > 0 && self.step % c.save_every == 0) || self.step == c.steps {
+            if !self.quiet && bar.is_hidden() && (self.step % (c.steps / 10).max(1) == 0 || self.step == end) {
+                // No terminal (logs, CI): a plain progress line every tenth of the run.
+                let eta = (c.steps - self.step) as f64 * tokens_per_step as f64 / tps.max(1e-9);
+                eprintln!("step {}/{} {msg} eta {eta:.0}s", self.step, c.steps);
+            }
+            bar.set_message(msg);
+            if (c.save_every > 0 && self.step % c.save_every == 0) || self.step == end {
                 self.save_checkpoint()?;
             }
         }

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 
 use super::words::{capitalise, pick, ANIMALS, COLOURS, JOBS, NAMES};
 use super::{Split, Task};
-use crate::data::hash::mix;
+use crate::hash::mix;
 
 const N_COUNTRIES: usize = 40;
 const N_PEOPLE: usize = 80;

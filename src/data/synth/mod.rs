@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::hash::{fnv1a, mix};
+use crate::hash::{fnv1a, mix};
 use crate::error::{Context, Result};
 use crate::fsutil::{write_atomic, write_bytes_atomic};
 

@@ -12,15 +12,35 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// Mixes several values into one seed; order matters.
-pub(crate) fn mix(parts: &[u64]) -> u64 {
+pub fn mix(parts: &[u64]) -> u64 {
     parts
         .iter()
         .fold(0x243F_6A88_85A3_08D3, |h, &p| splitmix64(h ^ p))
 }
 
 /// 64-bit FNV-1a of a byte string (used for names and file contents).
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
     })
+}
+
+/// Streaming FNV-1a over many byte strings (for content hashes of models).
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xCBF2_9CE4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
 }

@@ -1,0 +1,359 @@
+//! `flexrun demo`, the main job: on the built-in FlexMix corpus, pretrain a public model, train
+//! each closed-domain expert independently, merge them, and evaluate the public model, each dense
+//! expert, the soup, BTM, FlexOlmo with all experts and with each expert opted out; then analyse
+//! routing and check the FlexOlmo acceptance criteria. Optional ablations: no bias, random router
+//! init, and a top-k sweep.
+
+use super::{finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection};
+use crate::data::shards::{self, Dataset};
+use crate::data::{synth, tokenizer, Tokenizer};
+use crate::error::Result;
+use crate::eval::{self, routing, DomainEval, Evaluated, Row};
+use crate::fsutil::write_bytes_atomic;
+use crate::model::{checkpoint, Config, Model};
+use crate::train::{pretrain, TrainConfig};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DemoConfig {
+    pub seed: u64,
+    pub docs_per_domain: usize,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub seq: usize,
+    pub batch: usize,
+    pub public_steps: u64,
+    pub expert_steps: u64,
+    pub dense_steps: u64,
+    pub lr: f32,
+    pub expert_lr: f32,
+    pub top_k: usize,
+    pub bias_init: f32,
+    pub embed_docs: usize,
+    pub eval_tokens: usize,
+    pub tasks: usize,
+    pub btm_temperature: f32,
+    pub btm_top_k: usize,
+    pub ablations: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            seed: 0,
+            docs_per_domain: synth::SynthConfig::default().docs_per_domain,
+            vocab: 2048,
+            hidden: 128,
+            layers: 4,
+            heads: 4,
+            intermediate: 352,
+            seq: 128,
+            batch: 16,
+            public_steps: 400,
+            expert_steps: 200,
+            dense_steps: 200,
+            lr: 3e-3,
+            expert_lr: 2e-3,
+            top_k: 2,
+            bias_init: 0.0,
+            embed_docs: 64,
+            eval_tokens: 8192,
+            tasks: 64,
+            btm_temperature: 1.0,
+            btm_top_k: 2,
+            ablations: false,
+        }
+    }
+}
+
+impl DemoConfig {
+    /// A configuration small enough for an end-to-end test in seconds.
+    pub fn quick() -> Self {
+        DemoConfig {
+            docs_per_domain: 60,
+            vocab: 300,
+            hidden: 32,
+            layers: 2,
+            heads: 2,
+            intermediate: 64,
+            seq: 32,
+            batch: 4,
+            public_steps: 12,
+            expert_steps: 6,
+            dense_steps: 6,
+            embed_docs: 4,
+            eval_tokens: 256,
+            tasks: 4,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    pub config: DemoConfig,
+    pub rows: Vec<Row>,
+    pub checks: Vec<Check>,
+    pub ablations: Vec<Row>,
+    pub routing: Vec<routing::RoutingStats>,
+    pub seconds: f64,
+}
+
+fn step(msg: &str, quiet: bool) {
+    if !quiet {
+        eprintln!("== {msg}");
+    }
+}
+
+fn train_cfg(c: &DemoConfig, steps: u64, lr: f32, seed: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch: c.batch,
+        seq: c.seq,
+        lr,
+        warmup: (steps / 10).max(1),
+        seed,
+        save_every: 0,
+        eval_every: 0,
+        ..Default::default()
+    }
+}
+
+struct Work {
+    root: PathBuf,
+}
+
+impl Work {
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+}
+
+fn closed_domains() -> Vec<&'static str> {
+    synth::DOMAINS.iter().copied().filter(|d| *d != "public").collect()
+}
+
+/// Train one set of experts (one per closed domain) with the given router init and bias, merge.
+fn experts_and_merge(c: &DemoConfig, w: &Work, tag: &str, init: RouterInit, bias: Option<f32>, quiet: bool) -> Result<PathBuf> {
+    let mut arts = Vec::new();
+    for (i, d) in closed_domains().into_iter().enumerate() {
+        step(&format!("train expert '{d}' ({tag}) on {d} data only"), quiet);
+        let out = w.p(&format!("experts/{tag}/{d}.safetensors"));
+        let opts = ExpertTrainOpts {
+            public: w.p("models/public"),
+            data: w.p(&format!("data/{d}")),
+            public_data: Some(w.p("data/public")),
+            name: d.to_string(),
+            domain: d.to_string(),
+            out: out.clone(),
+            run_dir: w.p(&format!("runs/expert-{tag}-{d}")),
+            router_init: init,
+            embed_docs: c.embed_docs,
+            bias_init: bias,
+            train: train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64),
+            resume: false,
+            quiet,
+        };
+        train_expert(&opts)?;
+        arts.push(out);
+    }
+    let dir = w.p(&format!("models/flexolmo-{tag}"));
+    step(&format!("merge public + {} experts ({tag}) into {}", arts.len(), dir.display()), quiet);
+    merge(&w.p("models/public"), &arts, c.top_k.min(arts.len() + 1), &dir)?;
+    Ok(dir)
+}
+
+/// Run the whole pipeline in `work_dir`; returns the report and writes results.md, results.json
+/// and routing.svg there.
+pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
+    let t0 = Instant::now();
+    let w = Work { root: work_dir.to_path_buf() };
+    std::fs::create_dir_all(work_dir)?;
+    step("write the built-in FlexMix corpus", quiet);
+    let corpus = w.p("corpus");
+    let scfg = synth::SynthConfig { seed: c.seed, docs_per_domain: c.docs_per_domain, ..Default::default() };
+    synth::write_corpus(&corpus, &scfg)?;
+    step("train the shared byte-level BPE tokenizer", quiet);
+    let tok_path = w.p("tokenizer.json");
+    let train_files: Vec<PathBuf> = synth::DOMAINS.iter().map(|d| corpus.join(d).join("train.jsonl")).collect();
+    tokenizer::train_bpe(&train_files, c.vocab, &tok_path)?;
+    let tok = Tokenizer::load(&tok_path)?;
+    let tok_bytes = std::fs::read(&tok_path)?;
+    let mut sets = Vec::new();
+    for d in synth::DOMAINS {
+        let dir = w.p(&format!("data/{d}"));
+        shards::prepare(&[corpus.join(d)], &tok, &dir, 0.05, c.seed)?;
+        write_bytes_atomic(&dir.join("tokenizer.json"), &tok_bytes)?;
+        sets.push((d.to_string(), Dataset::open(&dir)?));
+    }
+    step("pretrain the public model on public data", quiet);
+    let mut cfg = Config::olmo2(tok.vocab_size(), c.hidden, c.intermediate, c.layers, c.heads, c.heads);
+    cfg.max_position_embeddings = c.seq.max(256);
+    pretrain::pretrain(&w.p("data/public"), &cfg, &train_cfg(c, c.public_steps, c.lr, c.seed), &w.p("models/public"), false, quiet)?;
+    let mut dense_dirs = Vec::new();
+    for (i, d) in closed_domains().into_iter().enumerate() {
+        step(&format!("baseline: fine-tune a dense '{d}' expert (all weights)"), quiet);
+        let out = w.p(&format!("models/dense-{d}"));
+        finetune(&w.p("models/public"), &w.p(&format!("data/{d}")), &train_cfg(c, c.dense_steps, c.expert_lr, c.seed + 20 + i as u64), &out, &w.p(&format!("runs/dense-{d}")), false, quiet)?;
+        dense_dirs.push((d, out));
+    }
+    let flex_dir = experts_and_merge(c, &w, "main", RouterInit::Domain, Some(c.bias_init), quiet)?;
+
+    step("evaluate", quiet);
+    let domains: Vec<DomainEval> = sets
+        .iter()
+        .map(|(d, ds)| DomainEval::new(d, ds, c.seq, c.eval_tokens, synth::tasks(d, c.seed + 1000, c.tasks)?))
+        .collect::<Result<_>>()?;
+    let public = checkpoint::load(&w.p("models/public"))?;
+    let dense: Vec<(String, Model)> =
+        dense_dirs.iter().map(|(d, p)| Ok((d.to_string(), checkpoint::load(p)?))).collect::<Result<_>>()?;
+    let soup = super::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
+    let flex = load_model(&flex_dir, &Selection::default())?;
+    let mut rows = Vec::new();
+    let ev = |name: &str, e: &Evaluated<'_>| eval::evaluate(name, e, &domains, c.seq, Some(&tok));
+    rows.push(ev("public", &Evaluated::Model(&public))?);
+    for (d, m) in &dense {
+        rows.push(ev(&format!("dense {d}"), &Evaluated::Model(m))?);
+    }
+    rows.push(ev("soup", &Evaluated::Model(&soup))?);
+    let btm = Evaluated::Btm { models: dense.iter().map(|(_, m)| m).collect(), temperature: c.btm_temperature, top_k: c.btm_top_k };
+    rows.push(ev("BTM", &btm)?);
+    rows.push(ev(&format!("FlexOlmo (top-{})", flex.model.cfg.top_k()), &Evaluated::Model(&flex.model))?);
+    for d in closed_domains() {
+        let m = load_model(&flex_dir, &Selection { exclude: vec![d.to_string()], ..Default::default() })?;
+        rows.push(ev(&format!("FlexOlmo without {d}"), &Evaluated::Model(&m.model))?);
+    }
+
+    step("routing analysis", quiet);
+    let routing_stats: Vec<routing::RoutingStats> = sets
+        .iter()
+        .map(|(d, ds)| {
+            let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, c.seq, c.eval_tokens.min(4096))?.into_iter().map(|(i, _)| i).collect();
+            routing::analyze(&flex.model, d, &windows)
+        })
+        .collect::<Result<_>>()?;
+    let svg = routing::heatmap_svg(&routing_stats, &flex.expert_names, "FlexOlmo routing: fraction of tokens using each expert");
+    write_bytes_atomic(&w.p("routing.svg"), svg.as_bytes())?;
+
+    let mut ablations = Vec::new();
+    if c.ablations {
+        for k in 1..=flex.model.cfg.experts() {
+            let m = load_model(&flex_dir, &Selection { top_k: Some(k), ..Default::default() })?;
+            ablations.push(ev(&format!("FlexOlmo top-{k}"), &Evaluated::Model(&m.model))?);
+        }
+        let nb = experts_and_merge(c, &w, "nobias", RouterInit::Domain, None, quiet)?;
+        ablations.push(ev("FlexOlmo, no bias", &Evaluated::Model(&load_model(&nb, &Selection::default())?.model))?);
+        let rnd = experts_and_merge(c, &w, "random", RouterInit::Random, Some(c.bias_init), quiet)?;
+        ablations.push(ev("FlexOlmo, random router init", &Evaluated::Model(&load_model(&rnd, &Selection::default())?.model))?);
+    }
+
+    let checks = acceptance(&rows, &closed_domains());
+    let report = DemoReport { config: c.clone(), rows, checks, ablations, routing: routing_stats, seconds: t0.elapsed().as_secs_f64() };
+    write_bytes_atomic(&w.p("results.md"), render(&report, &flex.expert_names).as_bytes())?;
+    write_bytes_atomic(&w.p("results.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    Ok(report)
+}
+
+fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.model == name || (name == "FlexOlmo" && r.model.starts_with("FlexOlmo (")))
+}
+
+fn loss(r: &Row, d: &str) -> f64 {
+    r.scores.iter().find(|s| s.domain == d).map(|s| s.loss).unwrap_or(f64::NAN)
+}
+
+fn acc(r: &Row, d: &str) -> f64 {
+    r.scores.iter().find(|s| s.domain == d).and_then(|s| s.accuracy).unwrap_or(f64::NAN)
+}
+
+/// The FlexOlmo acceptance criteria, each with the numbers behind it.
+pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
+    let (Some(public), Some(flex), Some(soup), Some(btm)) = (find(rows, "public"), find(rows, "FlexOlmo"), find(rows, "soup"), find(rows, "BTM")) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    let worse: Vec<String> = closed.iter().filter(|d| loss(flex, d) >= loss(public, d)).map(|d| d.to_string()).collect();
+    out.push(Check {
+        name: "FlexOlmo beats the public model on every closed domain".into(),
+        passed: worse.is_empty(),
+        detail: closed.iter().map(|d| format!("{d} {:.3} vs {:.3}", loss(flex, d), loss(public, d))).collect::<Vec<_>>().join(", "),
+    });
+    out.push(Check {
+        name: "FlexOlmo's average loss beats soup and BTM".into(),
+        passed: flex.avg_loss < soup.avg_loss && flex.avg_loss < btm.avg_loss,
+        detail: format!("FlexOlmo {:.4}, soup {:.4}, BTM {:.4}", flex.avg_loss, soup.avg_loss, btm.avg_loss),
+    });
+    let mut within = true;
+    let mut det = Vec::new();
+    for d in closed {
+        if let Some(de) = find(rows, &format!("dense {d}")) {
+            let rel = loss(flex, d) / loss(de, d) - 1.0;
+            within &= rel <= 0.05;
+            det.push(format!("{d} {:+.1}%", 100.0 * rel));
+        }
+    }
+    out.push(Check { name: "FlexOlmo within 5% of each domain's dense expert".into(), passed: within, detail: det.join(", ") });
+    for x in closed {
+        let Some(opt) = find(rows, &format!("FlexOlmo without {x}")) else { continue };
+        let own = loss(opt, x) / loss(flex, x) - 1.0;
+        let acc_text = format!("acc {:.0}% -> {:.0}% (public {:.0}%)", 100.0 * acc(flex, x), 100.0 * acc(opt, x), 100.0 * acc(public, x));
+        let others: Vec<(String, f64)> = rows[0]
+            .scores
+            .iter()
+            .map(|s| s.domain.clone())
+            .filter(|d| d != x)
+            .map(|d| {
+                let r = (loss(opt, &d) / loss(flex, &d) - 1.0).abs();
+                (d, r)
+            })
+            .collect();
+        let max_other = others.iter().map(|o| o.1).fold(0.0, f64::max);
+        out.push(Check {
+            name: format!("opting out '{x}' hurts {x} only"),
+            passed: own > 0.05 && max_other < 0.02 && acc(opt, x) <= acc(flex, x),
+            detail: format!(
+                "{x} loss {:+.1}%, {acc_text}; other domains max change {:.2}% ({})",
+                100.0 * own,
+                100.0 * max_other,
+                others.iter().map(|(d, r)| format!("{d} {:.2}%", 100.0 * r)).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    out
+}
+
+/// results.md: the main table, the checks, ablations and the routing table.
+pub fn render(r: &DemoReport, experts: &[String]) -> String {
+    let c = &r.config;
+    let mut s = format!(
+        "## FlexOlmo demo on the built-in FlexMix corpus\n\nPublic model: dense OLMo-2, H={} L={} heads={} I={}, vocab {}, seq {}; \
+         public pretraining {} steps, each expert {} steps (trained alone on its domain), dense experts {} steps; \
+         batch {}, seed {}. Merged FlexOlmo: top-{} of {} experts. Held-out loss per domain (lower is better) and exact-match task accuracy (%).\n\n",
+        c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len()
+    );
+    s.push_str(&eval::markdown(&r.rows));
+    s.push_str("\n### Acceptance checks\n\n");
+    for ch in &r.checks {
+        s.push_str(&format!("- [{}] {}: {}\n", if ch.passed { "x" } else { " " }, ch.name, ch.detail));
+    }
+    if !r.ablations.is_empty() {
+        s.push_str("\n### Ablations\n\n");
+        s.push_str(&eval::markdown(&r.ablations));
+    }
+    s.push_str("\n### Routing (fraction of tokens using each expert, per layer)\n\n");
+    s.push_str(&routing::markdown(&r.routing, experts));
+    s.push_str(&format!("\nTotal time {:.0} s.\n", r.seconds));
+    s
+}

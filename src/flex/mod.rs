@@ -1,0 +1,549 @@
+//! The FlexOlmo method: each data owner trains an expert FFN plus a router row against the frozen
+//! public model ([`train_expert`]); the experts are merged without data ([`merge`]); any expert
+//! can be left out at load time ([`load_model`] with a [`Selection`]); optionally the router rows
+//! are tuned on proxy data ([`router_tune`]). Also the dense baselines: [`finetune`] (a dense
+//! expert) and [`soup`] (parameter average).
+
+pub mod artifact;
+pub mod demo;
+
+pub use artifact::{model_hash, ExpertArtifact, ExpertLayer, ExpertMeta};
+
+use crate::autograd::Tape;
+use crate::data::shards::{self, Dataset, TokenShard};
+use crate::error::{Context, Result};
+use crate::fsutil::write_bytes_atomic;
+use crate::model::{checkpoint, expert_prefix, router_bias_name, router_row_name, Ffn, Model, ParamStore};
+use crate::tensor::{DType, Tensor};
+use crate::train::data::ShardBatches;
+use crate::train::pretrain::VALID_TOKENS;
+use crate::train::{Batches, TrainConfig, TrainSummary, Trainer};
+use crate::{bail, ensure};
+use rand::{rngs::StdRng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "flexolmo.json";
+
+/// How the new expert's router row is initialised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterInit {
+    /// Mean of the public model's mean-pooled final hidden states over sampled domain documents.
+    Domain,
+    /// Normal(0, 0.02); the public row from a seed derived from the public model's hash so that
+    /// every owner gets the same one.
+    Random,
+}
+
+impl RouterInit {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "domain" => Ok(RouterInit::Domain),
+            "random" => Ok(RouterInit::Random),
+            other => bail!("unknown router init '{other}' (expected domain or random)"),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterInit::Domain => "domain",
+            RouterInit::Random => "random",
+        }
+    }
+}
+
+/// Embedding of a domain: the unit-normalised mean over `n_docs` sampled documents of the
+/// public model's mean-pooled final hidden states (documents truncated to `max_len` tokens).
+pub fn domain_embedding(model: &Model, shard: &TokenShard, n_docs: usize, max_len: usize, seed: u64) -> Result<Vec<f32>> {
+    let docs = shards::sample_docs(shard, n_docs, max_len.min(model.cfg.max_position_embeddings), seed);
+    ensure!(!docs.is_empty(), "{} has no documents to embed", shard.path().display());
+    let h = model.cfg.hidden_size;
+    let mut acc = vec![0f64; h];
+    for doc in &docs {
+        let mut tape = Tape::inference();
+        let out = model.forward(&mut tape, doc, 1, doc.len(), None)?;
+        let hid = tape.value(out.hidden);
+        for r in 0..hid.rows() {
+            for (a, x) in acc.iter_mut().zip(hid.row(r)) {
+                *a += *x as f64 / hid.rows() as f64;
+            }
+        }
+    }
+    let norm = acc.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    Ok(acc.iter().map(|x| (x / norm) as f32).collect())
+}
+
+/// Settings of one data owner's expert training run.
+pub struct ExpertTrainOpts {
+    pub public: PathBuf,
+    pub data: PathBuf,
+    /// Prepared public data, to embed r_pub (needed for `RouterInit::Domain`).
+    pub public_data: Option<PathBuf>,
+    pub name: String,
+    pub domain: String,
+    pub out: PathBuf,
+    /// Run directory (log, resumable checkpoint).
+    pub run_dir: PathBuf,
+    pub router_init: RouterInit,
+    pub embed_docs: usize,
+    /// Initial bias; None trains without a bias.
+    pub bias_init: Option<f32>,
+    pub train: TrainConfig,
+    pub resume: bool,
+    pub quiet: bool,
+}
+
+fn require_dense(public: &Model, dir: &Path) -> Result<()> {
+    ensure!(
+        matches!(public.layers[0].ffn, Ffn::Dense(_)),
+        "{} is a mixture-of-experts model; the public model must be a dense OLMo-2 model",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn check_tokenizer(public_dir: &Path, data: &Dataset, data_dir: &Path) -> Result<()> {
+    let tok = public_dir.join("tokenizer.json");
+    if tok.exists() {
+        let t = crate::data::Tokenizer::load(&tok)?;
+        ensure!(
+            t.content_hash() == data.meta.tokenizer_hash,
+            "{} was tokenized with a different tokenizer than the public model in {}",
+            data_dir.display(),
+            public_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The 2-expert training model: [public FFN (frozen), copy (trained)], router rows
+/// [r_pub (frozen), r_i (trained)], bias b_i (trained) when given.
+pub fn expert_training_model(public: &Model, r_pub: &[f32], r_i: &[f32], bias: Option<f32>) -> Result<Model> {
+    let up = public.upcycle(2)?;
+    let mut ps: ParamStore = up.params.clone();
+    let h = public.cfg.hidden_size;
+    for l in 0..public.cfg.num_hidden_layers {
+        for (e, row) in [(0, r_pub), (1, r_i)] {
+            let id = ps.id(&router_row_name(l, e)).context("upcycled model lacks router rows")?;
+            ps.params[id].value = Tensor::from_vec(row.to_vec(), &[1, h]);
+        }
+        if let Some(b) = bias {
+            ps.add(router_bias_name(l, 1), Tensor::from_vec(vec![b], &[1]));
+        }
+    }
+    ps.set_all_trainable(false);
+    for l in 0..public.cfg.num_hidden_layers {
+        let p = expert_prefix(l, 1, true);
+        for n in ["gate_proj.weight", "up_proj.weight", "down_proj.weight"] {
+            let id = ps.id(&format!("{p}{n}")).unwrap();
+            ps.params[id].trainable = true;
+        }
+        let id = ps.id(&router_row_name(l, 1)).unwrap();
+        ps.params[id].trainable = true;
+        if let Some(id) = ps.id(&router_bias_name(l, 1)) {
+            ps.params[id].trainable = true;
+        }
+    }
+    Model::from_params(up.cfg.clone(), ps)
+}
+
+/// Router rows for the public expert and the new one, per `init`.
+pub fn router_rows(public: &Model, hash: &str, opts: &ExpertTrainOpts, data: &Dataset) -> Result<(Vec<f32>, Vec<f32>)> {
+    let h = public.cfg.hidden_size;
+    let seed_pub = u64::from_str_radix(&hash[..16.min(hash.len())], 16).unwrap_or(0);
+    match opts.router_init {
+        RouterInit::Domain => {
+            let pd = opts.public_data.as_ref().context("--public-data is needed to embed the public domain (or use --router-init random)")?;
+            let pub_data = Dataset::open(pd)?;
+            let max_len = opts.train.seq.max(64);
+            let r_pub = domain_embedding(public, &pub_data.train, opts.embed_docs, max_len, 0)?;
+            let r_i = domain_embedding(public, &data.train, opts.embed_docs, max_len, opts.train.seed)?;
+            Ok((r_pub, r_i))
+        }
+        RouterInit::Random => {
+            let r_pub = Tensor::randn(&[h], crate::model::INIT_STD, &mut StdRng::seed_from_u64(seed_pub)).into_vec();
+            let r_i = Tensor::randn(&[h], crate::model::INIT_STD, &mut StdRng::seed_from_u64(opts.train.seed ^ 0x5EED)).into_vec();
+            Ok((r_pub, r_i))
+        }
+    }
+}
+
+/// Train one expert against the frozen public model on the owner's data only; write the artifact.
+pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSummary)> {
+    let public = checkpoint::load(&opts.public)?;
+    require_dense(&public, &opts.public)?;
+    let data = Dataset::open(&opts.data)?;
+    check_tokenizer(&opts.public, &data, &opts.data)?;
+    ensure!(
+        data.meta.vocab_size <= public.cfg.vocab_size,
+        "{}: vocabulary {} exceeds the public model's {}",
+        opts.data.display(),
+        data.meta.vocab_size,
+        public.cfg.vocab_size
+    );
+    let hash = model_hash(&public);
+    let (r_pub, r_i) = router_rows(&public, &hash, opts, &data)?;
+    let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
+    let summary = {
+        let mut tr = Trainer::new(&mut model, opts.train.clone(), &opts.run_dir)?;
+        tr.quiet = opts.quiet;
+        tr.tag = serde_json::json!({ "kind": "expert", "name": opts.name, "public_hash": hash });
+        if opts.resume {
+            tr.resume()?;
+        }
+        let batches = ShardBatches { data: &data, batch: opts.train.batch, seq: opts.train.seq, seed: opts.train.seed, valid_tokens: VALID_TOKENS };
+        tr.run(&batches)?
+    };
+    let layers = model
+        .layers
+        .iter()
+        .map(|layer| {
+            let Ffn::Moe(ex) = &layer.ffn else { unreachable!("expert model is MoE") };
+            let (e0, e1) = (ex[0], ex[1]);
+            let v = |id: usize| model.params.value(id).clone();
+            ExpertLayer {
+                gate: v(e1.ffn.gate),
+                up: v(e1.ffn.up),
+                down: v(e1.ffn.down),
+                router: v(e1.router),
+                bias: e1.bias.map(|b| model.params.value(b).data()[0]),
+                router_public: v(e0.router),
+            }
+        })
+        .collect();
+    let meta = ExpertMeta {
+        format: artifact::ARTIFACT_FORMAT,
+        name: opts.name.clone(),
+        domain: opts.domain.clone(),
+        tokens_seen: summary.tokens,
+        steps: summary.steps,
+        public_hash: hash,
+        hidden_size: public.cfg.hidden_size,
+        intermediate_size: public.cfg.intermediate_size,
+        num_layers: public.cfg.num_hidden_layers,
+        router_init: opts.router_init.as_str().into(),
+        bias_init: opts.bias_init,
+        hyperparameters: serde_json::to_value(&opts.train)?,
+    };
+    let art = ExpertArtifact { meta, layers };
+    art.save(&opts.out)?;
+    Ok((art, summary))
+}
+
+/// `flexolmo.json`: what a merged checkpoint is made of.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub public_hash: String,
+    /// Expert 0 is the public FFN.
+    pub experts: Vec<ManifestExpert>,
+    pub top_k: usize,
+    pub router_tuned: bool,
+    /// False once anything touched every router row (router tuning): removing an expert then no
+    /// longer equals a model that never had it.
+    pub strict_opt_out: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ManifestExpert {
+    pub name: String,
+    pub domain: String,
+    pub tokens_seen: u64,
+    /// Per-layer bias, when the expert has one.
+    pub bias: Option<Vec<f32>>,
+    pub source: String,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+        let p = dir.join(MANIFEST);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?))
+    }
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_bytes_atomic(&dir.join(MANIFEST), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
+
+/// Merge the public model and expert artifacts into one FlexOlmo MoE: experts [public, e_1..e_n],
+/// router rows [r_pub, r_1..r_n], biases. No data is read. Refuses experts trained against
+/// another public model or with other shapes.
+pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -> Result<(Model, Manifest)> {
+    ensure!(!experts.is_empty(), "merge needs at least one expert");
+    let public = checkpoint::load(public_dir)?;
+    require_dense(&public, public_dir)?;
+    let hash = model_hash(&public);
+    let arts: Vec<ExpertArtifact> = experts.iter().map(|p| ExpertArtifact::load(p)).collect::<Result<_>>()?;
+    let cfg = &public.cfg;
+    for (a, p) in arts.iter().zip(experts) {
+        ensure!(
+            a.meta.public_hash == hash,
+            "expert '{}' ({}) was trained against a different public model (hash {}, {} has {})",
+            a.meta.name,
+            p.display(),
+            a.meta.public_hash,
+            public_dir.display(),
+            hash
+        );
+        ensure!(
+            a.meta.hidden_size == cfg.hidden_size && a.meta.intermediate_size == cfg.intermediate_size && a.meta.num_layers == cfg.num_hidden_layers,
+            "expert '{}' ({}) has shapes H={} I={} L={} but the public model has H={} I={} L={}",
+            a.meta.name,
+            p.display(),
+            a.meta.hidden_size,
+            a.meta.intermediate_size,
+            a.meta.num_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers
+        );
+    }
+    for (i, a) in arts.iter().enumerate() {
+        ensure!(a.meta.name != "public", "expert name 'public' is reserved");
+        if let Some(b) = arts[..i].iter().find(|b| b.meta.name == a.meta.name) {
+            bail!("two experts are named '{}'", b.meta.name);
+        }
+        for (l, (x, y)) in a.layers.iter().zip(&arts[0].layers).enumerate() {
+            ensure!(
+                x.router_public.data() == y.router_public.data(),
+                "experts '{}' and '{}' were trained with different public router rows (layer {l}): they disagree on r_pub",
+                a.meta.name,
+                arts[0].meta.name
+            );
+        }
+    }
+    let n = arts.len() + 1;
+    ensure!(top_k >= 1 && top_k <= n, "--top-k {top_k} must be between 1 and the number of experts ({n})");
+    let mut model = public.upcycle(n)?;
+    let mut ps = model.params.clone();
+    let any_bias = arts.iter().any(|a| a.meta.bias_init.is_some());
+    for l in 0..cfg.num_hidden_layers {
+        let set = |ps: &mut ParamStore, name: String, t: &Tensor| {
+            let id = ps.id(&name).expect("upcycled model has every expert tensor");
+            ps.params[id].value = t.clone();
+        };
+        set(&mut ps, router_row_name(l, 0), &arts[0].layers[l].router_public);
+        for (i, a) in arts.iter().enumerate() {
+            let e = i + 1;
+            let x = &a.layers[l];
+            let p = expert_prefix(l, e, true);
+            set(&mut ps, format!("{p}gate_proj.weight"), &x.gate);
+            set(&mut ps, format!("{p}up_proj.weight"), &x.up);
+            set(&mut ps, format!("{p}down_proj.weight"), &x.down);
+            set(&mut ps, router_row_name(l, e), &x.router);
+        }
+        if any_bias {
+            ps.add(router_bias_name(l, 0), Tensor::zeros(&[1]));
+            for (i, a) in arts.iter().enumerate() {
+                ps.add(router_bias_name(l, i + 1), Tensor::from_vec(vec![a.layers[l].bias.unwrap_or(0.0)], &[1]));
+            }
+        }
+    }
+    let mut mcfg = model.cfg.clone();
+    mcfg.num_experts_per_tok = Some(top_k);
+    model = Model::from_params(mcfg, ps)?;
+    let mut manifest_experts = vec![ManifestExpert {
+        name: "public".into(),
+        domain: "public".into(),
+        tokens_seen: 0,
+        bias: None,
+        source: public_dir.display().to_string(),
+    }];
+    for (a, p) in arts.iter().zip(experts) {
+        manifest_experts.push(ManifestExpert {
+            name: a.meta.name.clone(),
+            domain: a.meta.domain.clone(),
+            tokens_seen: a.meta.tokens_seen,
+            bias: a.meta.bias_init.map(|_| a.layers.iter().map(|x| x.bias.unwrap_or(0.0)).collect()),
+            source: p.display().to_string(),
+        });
+    }
+    let manifest = Manifest { public_hash: hash, experts: manifest_experts, top_k, router_tuned: false, strict_opt_out: true };
+    write_model(&model, Some(&manifest), public_dir, out)?;
+    Ok((model, manifest))
+}
+
+/// Save a model directory: weights, config, manifest, and the tokenizer of `tokenizer_from`.
+pub fn write_model(model: &Model, manifest: Option<&Manifest>, tokenizer_from: &Path, out: &Path) -> Result<()> {
+    checkpoint::save(model, out, DType::F32)?;
+    if let Some(m) = manifest {
+        m.save(out)?;
+    }
+    let tok = tokenizer_from.join("tokenizer.json");
+    if tok.exists() && tokenizer_from != out {
+        write_bytes_atomic(&out.join("tokenizer.json"), &std::fs::read(&tok)?)?;
+    }
+    Ok(())
+}
+
+/// Which experts to keep when loading: `exclude` names (or indices for checkpoints without a
+/// manifest) to drop, or `only` the listed ones.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub exclude: Vec<String>,
+    pub only: Vec<String>,
+    /// Override the checkpoint's top-k (clamped to the number of remaining experts).
+    pub top_k: Option<usize>,
+    /// Keep bf16 weights in bf16 (inference only: such a model cannot be trained).
+    pub keep_bf16: bool,
+}
+
+impl Selection {
+}
+
+pub struct Loaded {
+    pub model: Model,
+    pub manifest: Option<Manifest>,
+    /// Names of the experts kept, in order (indices as strings without a manifest).
+    pub expert_names: Vec<String>,
+}
+
+/// Load a model directory and apply an expert selection (opt-out at load time).
+pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
+    let model = checkpoint::load_with(dir, sel.keep_bf16)?;
+    let manifest = Manifest::load(dir)?;
+    if !model.cfg.is_moe() {
+        ensure!(sel.exclude.is_empty() && sel.only.is_empty(), "{} is a dense model: it has no experts to select", dir.display());
+        return Ok(Loaded { model, manifest, expert_names: vec![] });
+    }
+    let e = model.cfg.experts();
+    let names: Vec<String> = match &manifest {
+        Some(m) => {
+            ensure!(m.experts.len() == e, "{}: the manifest lists {} experts, the checkpoint has {e}", dir.display(), m.experts.len());
+            m.experts.iter().map(|x| x.name.clone()).collect()
+        }
+        None => (0..e).map(|i| i.to_string()).collect(),
+    };
+    let find = |n: &str| -> Result<usize> {
+        names
+            .iter()
+            .position(|x| x == n)
+            .or_else(|| if manifest.is_some() { None } else { n.parse().ok().filter(|&i: &usize| i < e) })
+            .with_context(|| format!("no expert '{n}' in {} (experts: {})", dir.display(), names.join(", ")))
+    };
+    let mut keep: Vec<usize> = if sel.only.is_empty() { (0..e).collect() } else { sel.only.iter().map(|n| find(n)).collect::<Result<_>>()? };
+    for x in &sel.exclude {
+        let i = find(x)?;
+        keep.retain(|&k| k != i);
+    }
+    keep.sort_unstable();
+    keep.dedup();
+    ensure!(!keep.is_empty(), "the selection leaves no expert");
+    if let Some(m) = &manifest {
+        if !m.strict_opt_out && keep.len() < e {
+            eprintln!("note: {} was router-tuned; without expert(s) it is not identical to a model that never had them", dir.display());
+        }
+    }
+    let mut model = if keep.len() == e { model } else { model.select_experts(&keep)? };
+    if let Some(k) = sel.top_k {
+        ensure!(k >= 1, "--top-k must be at least 1");
+        model.cfg.num_experts_per_tok = Some(k.min(keep.len()));
+    }
+    let mut manifest = manifest;
+    if let Some(m) = manifest.as_mut() {
+        m.experts = keep.iter().map(|&i| m.experts[i].clone()).collect();
+        m.top_k = model.cfg.top_k();
+    }
+    Ok(Loaded { model, manifest, expert_names: keep.iter().map(|&i| names[i].clone()).collect() })
+}
+
+/// Batches drawn from several datasets: row r of step s comes from dataset (s*batch + r) mod n.
+pub struct MixedBatches<'a> {
+    pub sets: Vec<&'a Dataset>,
+    pub batch: usize,
+    pub seq: usize,
+    pub seed: u64,
+}
+
+impl Batches for MixedBatches<'_> {
+    fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+        let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+        for r in 0..self.batch {
+            let k = (step as usize * self.batch + r) % self.sets.len();
+            let (i, t) = shards::train_batch(&self.sets[k].train, 1, self.seq, self.seed ^ (r as u64) << 32, step, micro)?;
+            inp.extend(i);
+            tgt.extend(t);
+        }
+        Ok((inp, tgt))
+    }
+    fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let mut out = Vec::new();
+        for s in &self.sets {
+            out.extend(shards::valid_batches(&s.valid, self.batch, self.seq, VALID_TOKENS / self.sets.len())?);
+        }
+        Ok(out)
+    }
+}
+
+/// Router tuning: everything frozen but the router rows (and biases); trained on proxy data.
+/// The manifest records that strict opt-out no longer holds.
+pub fn router_tune(model_dir: &Path, data: &[PathBuf], tcfg: &TrainConfig, out: &Path, run_dir: &Path, resume: bool, quiet: bool) -> Result<TrainSummary> {
+    let loaded = load_model(model_dir, &Selection::default())?;
+    let mut model = loaded.model;
+    ensure!(model.cfg.is_moe(), "{} is dense: router tuning needs a merged FlexOlmo model", model_dir.display());
+    ensure!(!data.is_empty(), "router tuning needs at least one proxy dataset");
+    let sets: Vec<Dataset> = data.iter().map(|d| Dataset::open(d)).collect::<Result<_>>()?;
+    for p in model.params.params.iter_mut() {
+        p.trainable = p.name.contains(".mlp.gate.");
+    }
+    let summary = {
+        let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
+        tr.quiet = quiet;
+        if resume {
+            tr.resume()?;
+        }
+        let b = MixedBatches { sets: sets.iter().collect(), batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed };
+        tr.run(&b)?
+    };
+    let mut manifest = loaded.manifest.unwrap_or_else(|| Manifest {
+        public_hash: String::new(),
+        experts: (0..model.cfg.experts()).map(|i| ManifestExpert { name: i.to_string(), domain: String::new(), tokens_seen: 0, bias: None, source: String::new() }).collect(),
+        top_k: model.cfg.top_k(),
+        router_tuned: false,
+        strict_opt_out: true,
+    });
+    manifest.router_tuned = true;
+    manifest.strict_opt_out = false;
+    write_model(&model, Some(&manifest), model_dir, out)?;
+    Ok(summary)
+}
+
+/// Dense expert baseline: the public model with every weight fine-tuned on one domain.
+pub fn finetune(public_dir: &Path, data_dir: &Path, tcfg: &TrainConfig, out: &Path, run_dir: &Path, resume: bool, quiet: bool) -> Result<(Model, TrainSummary)> {
+    let mut model = checkpoint::load(public_dir)?;
+    let data = Dataset::open(data_dir)?;
+    check_tokenizer(public_dir, &data, data_dir)?;
+    model.params.set_all_trainable(true);
+    let summary = {
+        let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
+        tr.quiet = quiet;
+        if resume {
+            tr.resume()?;
+        }
+        let b = ShardBatches { data: &data, batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed, valid_tokens: VALID_TOKENS };
+        tr.run(&b)?
+    };
+    write_model(&model, None, public_dir, out)?;
+    Ok((model, summary))
+}
+
+/// Model soup: the uniform average of the parameters of models with identical structure.
+pub fn soup(models: &[Model]) -> Result<Model> {
+    ensure!(!models.is_empty(), "soup needs at least one model");
+    let first = &models[0];
+    let mut ps = first.params.clone();
+    for p in ps.params.iter_mut() {
+        let mut acc = vec![0f32; p.value.numel()];
+        for m in models {
+            let q = m.params.id(&p.name).with_context(|| format!("soup: a model lacks {}", p.name))?;
+            let v = m.params.value(q);
+            ensure!(v.shape() == p.value.shape(), "soup: {} has different shapes", p.name);
+            for (a, b) in acc.iter_mut().zip(v.data()) {
+                *a += b / models.len() as f32;
+            }
+        }
+        p.value = Tensor::from_vec(acc, p.value.shape());
+    }
+    Model::from_params(first.cfg.clone(), ps)
+}

@@ -1,0 +1,113 @@
+//! End-to-end: exact resume of training, and the FlexOlmo pipeline (independent experts, merge,
+//! opt-out identical to a merge without the expert, refusal of foreign experts).
+
+use flexrun::data::{shards, synth, tokenizer, Dataset, Tokenizer};
+use flexrun::flex::{self, demo, Selection};
+use flexrun::model::{checkpoint, Config, Model};
+use flexrun::train::{data::ShardBatches, LogEntry, TrainConfig, Trainer};
+use std::path::{Path, PathBuf};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flexrun-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn small_dataset(root: &Path) -> PathBuf {
+    let corpus = root.join("corpus");
+    synth::write_corpus(&corpus, &synth::SynthConfig { seed: 3, docs_per_domain: 40, valid_docs_per_domain: 5 }).unwrap();
+    let tok = root.join("tok.json");
+    tokenizer::train_bpe(&[corpus.join("public")], 300, &tok).unwrap();
+    let t = Tokenizer::load(&tok).unwrap();
+    let out = root.join("data");
+    shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0).unwrap();
+    out
+}
+
+fn log(dir: &Path) -> Vec<LogEntry> {
+    std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn resumed_training_reproduces_the_uninterrupted_run() {
+    let root = tmp("resume");
+    let data_dir = small_dataset(&root);
+    let data = Dataset::open(&data_dir).unwrap();
+    let cfg = Config::olmo2(data.meta.vocab_size, 32, 48, 2, 2, 1);
+    let tcfg = TrainConfig { steps: 8, batch: 2, seq: 16, grad_accum: 2, warmup: 2, eval_every: 3, ..Default::default() };
+    let batches = ShardBatches { data: &data, batch: 2, seq: 16, seed: 0, valid_tokens: 256 };
+    let run = |dir: &Path, stop: Option<u64>, resume: bool| -> Model {
+        let mut m = Model::new_random(&cfg, if resume { 99 } else { 0 }).unwrap();
+        let mut tr = Trainer::new(&mut m, tcfg.clone(), dir).unwrap();
+        tr.quiet = true;
+        tr.stop_at = stop;
+        if resume {
+            tr.resume().unwrap();
+        }
+        tr.run(&batches).unwrap();
+        m
+    };
+    let a = run(&root.join("a"), None, false);
+    run(&root.join("b"), Some(5), false);
+    assert_eq!(log(&root.join("b")).len(), 5);
+    let b = run(&root.join("b"), None, true);
+    let (la, lb) = (log(&root.join("a")), log(&root.join("b")));
+    assert_eq!(la.len(), 8);
+    assert_eq!(la, lb, "losses, lrs, grad norms and validation after resuming equal the uninterrupted run");
+    for (p, q) in a.params.params.iter().zip(&b.params.params) {
+        assert_eq!(p.value.data(), q.value.data(), "{} differs", p.name);
+    }
+    // Changed settings are refused.
+    let mut m = Model::new_random(&cfg, 0).unwrap();
+    let mut tr = Trainer::new(&mut m, TrainConfig { lr: 1e-2, ..tcfg.clone() }, &root.join("b")).unwrap();
+    assert!(tr.resume().unwrap_err().0.contains("training settings differ"));
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn flexolmo_pipeline_merge_and_opt_out() {
+    let root = tmp("pipeline");
+    let c = demo::DemoConfig::quick();
+    let report = demo::run(&c, &root, true).unwrap();
+    assert_eq!(report.rows.len(), 1 + 3 + 2 + 1 + 3, "public, 3 dense, soup, BTM, FlexOlmo, 3 opt-outs");
+    assert!(root.join("routing.svg").exists() && root.join("results.md").exists());
+    let flex_dir = root.join("models/flexolmo-main");
+    let manifest = flex::Manifest::load(&flex_dir).unwrap().unwrap();
+    let names: Vec<&str> = manifest.experts.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["public", "math", "facts", "code"]);
+    assert!(manifest.strict_opt_out);
+
+    // The artifact holds only the expert's own weights.
+    let art = flex::ExpertArtifact::load(&root.join("experts/main/math.safetensors")).unwrap();
+    assert_eq!(art.layers.len(), c.layers);
+    assert_eq!(art.meta.public_hash, manifest.public_hash);
+
+    // Opt-out: excluding 'facts' at load time equals merging without it, bit for bit.
+    let public = root.join("models/public");
+    let arts: Vec<PathBuf> = ["math", "code"].iter().map(|d| root.join(format!("experts/main/{d}.safetensors"))).collect();
+    let without = root.join("merged-without-facts");
+    flex::merge(&public, &arts, c.top_k, &without).unwrap();
+    let a = flex::load_model(&flex_dir, &Selection { exclude: vec!["facts".into()], ..Default::default() }).unwrap();
+    let b = flex::load_model(&without, &Selection::default()).unwrap();
+    assert_eq!(a.expert_names, b.expert_names);
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 250) as u32 + 2).collect();
+    let la = a.model.logits(&ids, 1, ids.len()).unwrap();
+    let lb = b.model.logits(&ids, 1, ids.len()).unwrap();
+    assert_eq!(la.data(), lb.data(), "opt-out must be bit-identical to a merge without the expert");
+    let full = flex::load_model(&flex_dir, &Selection::default()).unwrap().model.logits(&ids, 1, ids.len()).unwrap();
+    assert_ne!(full.data(), la.data(), "removing an expert changes the model");
+
+    // An expert trained against another public model is refused.
+    let other = root.join("other-public");
+    let pm = checkpoint::load(&public).unwrap();
+    let mut m2 = Model::new_random(&pm.cfg, 1234).unwrap();
+    m2.cfg = pm.cfg.clone();
+    flex::write_model(&m2, None, &public, &other).unwrap();
+    let err = flex::merge(&other, &arts, 2, &root.join("bad")).err().unwrap();
+    assert!(err.0.contains("different public model"), "{err}");
+    // Unknown expert names are clear errors.
+    let err = flex::load_model(&flex_dir, &Selection { exclude: vec!["poetry".into()], ..Default::default() }).err().unwrap();
+    assert!(err.0.contains("no expert 'poetry'"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}
