@@ -118,8 +118,9 @@ fn check_task_shape(domain: &str, t: &Task) {
     assert!(t.is_correct(&(t.answer.clone() + " more")) && !t.is_correct(" wrong"));
 }
 
-/// Evaluates a math task's prompt: "Q: a op b = ? A:" or a word problem.
-fn solve(prompt: &str) -> i64 {
+/// Evaluates a math prompt ("Q: a op b = ? A:" or a word problem); also returns whether it is
+/// a single-digit addition, the only arithmetic public text teaches.
+fn solve(prompt: &str) -> (i64, bool) {
     let nums: Vec<i64> = prompt
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -128,64 +129,280 @@ fn solve(prompt: &str) -> i64 {
     assert_eq!(nums.len(), 2, "{prompt}");
     let (a, b) = (nums[0], nums[1]);
     if prompt.contains(" + ") || prompt.contains(" more.") {
-        a + b
+        (a + b, a < 10 && b < 10)
     } else if prompt.contains(" - ") || prompt.contains(" left?") {
-        a - b
+        (a - b, false)
     } else {
         assert!(prompt.contains(" * "), "{prompt}");
-        a * b
+        (a * b, false)
     }
 }
 
+/// The one-step problems of worksheets, as (prompt, answer) split at " A:".
+fn worksheet_problems(docs: &[String]) -> Vec<(String, String)> {
+    docs.iter()
+        .flat_map(|doc| doc.lines())
+        .filter(|l| l.starts_with("Q:") && !l.contains("answer is"))
+        .map(|l| {
+            let (prompt, answer) = l.split_once(" A:").unwrap();
+            (prompt.to_string(), answer.to_string())
+        })
+        .collect()
+}
+
 #[test]
-fn math_task_answers_are_right() {
+fn math_task_answers_are_right_and_beyond_public_arithmetic() {
     for t in synth::tasks("math", 3, 300).unwrap() {
         check_task_shape("math", &t);
-        assert_eq!(t.answer, format!(" {}.", solve(&t.prompt)), "{t:?}");
+        let (result, easy) = solve(&t.prompt);
+        assert_eq!(t.answer, format!(" {result}."), "{t:?}");
+        assert!(!easy, "a math task is a single-digit addition: {t:?}");
     }
-    // Worksheet lines follow the same arithmetic.
-    for doc in synth::generate_docs("math", 3, 20, Split::Train).unwrap() {
-        for line in doc
-            .lines()
-            .filter(|l| l.starts_with("Q:") && !l.contains("answer is"))
-        {
-            let (prompt, answer) = line.split_once(" A:").unwrap();
-            assert_eq!(answer, format!(" {}.", solve(prompt)), "{line}");
-        }
+    // Worksheet lines follow the same arithmetic; only public ones are single-digit additions.
+    let math = synth::generate_docs("math", 3, 60, Split::Train).unwrap();
+    let public = synth::generate_docs("public", 3, 60, Split::Train).unwrap();
+    let (closed, easy) = (worksheet_problems(&math), worksheet_problems(&public));
+    assert!(
+        closed.len() > 500 && easy.len() > 100,
+        "{} {}",
+        closed.len(),
+        easy.len()
+    );
+    for (prompt, answer) in &closed {
+        let (result, easy) = solve(prompt);
+        assert_eq!(*answer, format!(" {result}."), "{prompt}");
+        assert!(!easy, "single-digit addition in math: {prompt}");
+    }
+    for (prompt, answer) in &easy {
+        let (result, easy) = solve(prompt);
+        assert_eq!(*answer, format!(" {result}."), "{prompt}");
+        assert!(easy, "public arithmetic beyond its subset: {prompt}");
     }
 }
 
+/// The lower-case words of a text.
+fn words(text: &str) -> HashSet<String> {
+    text.split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The words of the canonical fact prompts around the subject.
+const FACT_PROMPT_WORDS: &[&str] = &[
+    "the", "capital", "of", "is", "people", "speak", "famous", "for", "its", "was", "born", "in",
+    "worked", "as", "a", "kept", "pet", "colour", "lives", "eats",
+];
+
+/// The invented names in a fact task, lower-cased: the subject's, and the answer's when it is
+/// a capital, a language or a country.
+fn invented_names(t: &Task) -> Vec<String> {
+    let mut names: Vec<String> = t
+        .prompt
+        .split(' ')
+        .map(str::to_lowercase)
+        .filter(|w| !FACT_PROMPT_WORDS.contains(&w.as_str()))
+        .collect();
+    assert!(!names.is_empty(), "{t:?}");
+    let invented_answer = ["The capital of ", "The people of "]
+        .iter()
+        .any(|p| t.prompt.starts_with(p))
+        || t.prompt.ends_with(" was born in");
+    if invented_answer {
+        names.push(t.answer.trim_matches([' ', '.']).to_lowercase());
+    }
+    names
+}
+
+/// Subjects of the encyclopedia entries whose intro is "<subject><intro>".
+fn entry_subjects<'a>(text: &'a str, intro: &str) -> HashSet<&'a str> {
+    text.lines()
+        .filter_map(|l| l.split_once(intro))
+        .map(|(subject, _)| subject)
+        .filter(|s| !s.contains('.'))
+        .collect()
+}
+
 #[test]
-fn fact_tasks_are_stated_in_training_docs() {
+fn fact_tasks_are_stated_in_training_docs_and_nowhere_else() {
     let cfg = SynthConfig::default();
-    let train = synth::generate_docs("facts", cfg.seed, cfg.docs_per_domain, Split::Train)
-        .unwrap()
-        .join("\n");
-    let others: String = ["public", "math", "code"]
+    let all = |d: &str, split, n| {
+        synth::generate_docs(d, cfg.seed, n, split)
+            .unwrap()
+            .join("\n")
+    };
+    let train = all("facts", Split::Train, cfg.docs_per_domain);
+    let others: Vec<String> = ["public", "math", "code"]
         .iter()
         .map(|d| {
-            synth::generate_docs(d, cfg.seed, 50, Split::Train)
-                .unwrap()
-                .join("\n")
+            all(d, Split::Train, cfg.docs_per_domain)
+                + &all(d, Split::Valid, cfg.valid_docs_per_domain)
         })
         .collect();
+    let other_words: HashSet<String> = others.iter().flat_map(|t| words(t)).collect();
     // Tasks cycle through all facts, each once per cycle.
     let tasks = synth::tasks("facts", cfg.seed, 1000).unwrap();
     let n_facts = 1 + tasks[1..].iter().position(|t| *t == tasks[0]).unwrap();
     assert!((450..=900).contains(&n_facts), "{n_facts} facts");
     let distinct: HashSet<String> = tasks[..n_facts].iter().map(|t| t.prompt.clone()).collect();
     assert_eq!(distinct.len(), n_facts);
+    let mut names = HashSet::new();
     for t in &tasks[..n_facts] {
         check_task_shape("facts", t);
         let fact = format!("{}{}", t.prompt, t.answer);
         assert!(train.contains(&fact), "'{fact}' is not in the train docs");
-        assert!(!others.contains(&fact), "'{fact}' leaks into other domains");
+        assert!(
+            others.iter().all(|o| !o.contains(&fact)),
+            "'{fact}' leaks into other domains"
+        );
+        // The closed entities are not even mentioned elsewhere.
+        for name in invented_names(t) {
+            assert!(
+                !other_words.contains(&name),
+                "'{name}' occurs outside facts"
+            );
+            names.insert(name);
+        }
+    }
+    assert!(names.len() >= 300, "{} invented names", names.len());
+    // Public text describes its own, smaller world in the same templates.
+    let public = &others[0];
+    for (intro, n_closed, n_public) in [
+        (" is a country.", 40, 12),
+        (" lived long ago.", 80, 20),
+        (" is a rare animal.", 40, 10),
+    ] {
+        let (closed, open) = (entry_subjects(&train, intro), entry_subjects(public, intro));
+        assert_eq!((closed.len(), open.len()), (n_closed, n_public), "{intro}");
+        assert!(closed.is_disjoint(&open), "{intro}");
+    }
+    for phrase in [
+        "The capital of ",
+        "The people of ",
+        " is famous for its ",
+        " was born in ",
+        " kept a pet ",
+        "The colour of the ",
+        " lives in the ",
+    ] {
+        assert!(public.contains(phrase), "public lacks '{phrase}'");
     }
     // Another seed, another world.
     let other_world = synth::tasks("facts", cfg.seed + 1, 50).unwrap();
     assert!(other_world
         .iter()
         .all(|t| !train.contains(&(t.prompt.clone() + &t.answer))));
+}
+
+/// The functions a text defines at top level (`def NAME(`), by name.
+fn defined_functions(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("def "))
+        .map(|l| &l[..l.find('(').unwrap()])
+        .collect()
+}
+
+/// The family a function name belongs to: its first word.
+fn family(name: &str) -> &str {
+    name.split('_').next().unwrap()
+}
+
+#[test]
+fn public_and_closed_code_use_disjoint_patterns() {
+    // The public mix's code modules.
+    let public = synth::generate_docs("public", 2, 600, Split::Train)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.contains("):\n    "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let code = synth::generate_docs("code", 2, 300, Split::Train)
+        .unwrap()
+        .join("\n");
+    let families =
+        |text| -> HashSet<&str> { defined_functions(text).into_iter().map(family).collect() };
+    let (open, closed) = (families(&public), families(&code));
+    let expect = |names: &[&'static str]| names.iter().copied().collect::<HashSet<&str>>();
+    assert_eq!(open, expect(&["plus", "sound", "home", "colour", "greet"]));
+    assert_eq!(
+        closed,
+        expect(&["add", "sub", "mul", "div", "mod", "count", "total", "is"])
+    );
+    assert!(open.is_disjoint(&closed));
+    // Public code has no loops or accumulators, and no two-argument operators: it returns a
+    // string literal or its argument plus a constant, and its `__init__` sets literals.
+    for marker in ["    for ", " += ", "result = ", " > "] {
+        assert!(!public.contains(marker), "public code has '{marker}'");
+    }
+    for body in public.lines().filter_map(|l| l.strip_prefix("    return ")) {
+        let plus_constant = body
+            .split_once(" + ")
+            .is_some_and(|(_, k)| k.parse::<u32>().is_ok());
+        assert!(body.starts_with('"') || plus_constant, "return {body}");
+    }
+    let inits = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("def __init__("))
+            .map(String::from)
+            .collect()
+    };
+    let (open_inits, closed_inits) = (inits(&public), inits(&code));
+    assert!(!open_inits.is_empty() && !closed_inits.is_empty());
+    assert!(open_inits.iter().all(|l| l == "    def __init__(self):"));
+    assert!(closed_inits
+        .iter()
+        .all(|l| l.starts_with("    def __init__(self, ")));
+    for value in public
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .map(|(_, v)| v)
+    {
+        assert!(value.starts_with('"'), "public code assigns {value}");
+    }
+    assert!(!code.contains(" = \""), "closed code assigns a literal");
+    assert!(
+        !code.contains("    return \""),
+        "closed code returns a literal"
+    );
+    // Code tasks test closed patterns only.
+    for t in synth::tasks("code", 2, 200).unwrap() {
+        let names = defined_functions(&t.prompt);
+        assert!(names.iter().all(|n| closed.contains(family(n))), "{t:?}");
+        assert!(
+            !names.is_empty() || t.prompt.contains("def __init__(self"),
+            "{t:?}"
+        );
+    }
+}
+
+#[test]
+fn public_is_a_broad_mix_of_every_format() {
+    let docs = synth::generate_docs("public", 4, 600, Split::Train).unwrap();
+    let mut kinds = std::collections::BTreeMap::new();
+    for doc in &docs {
+        assert!(doc.len() > 200, "{doc}");
+        let intro = |l: &str| {
+            [" is a country.", " lived long ago.", " is a rare animal."]
+                .iter()
+                .any(|i| l.contains(i))
+        };
+        let kind = if !doc.contains('\n') {
+            "story"
+        } else if doc.lines().skip(1).all(|l| l.starts_with("Q: ")) {
+            "math"
+        } else if doc.contains("):\n    return ") {
+            "code"
+        } else if doc.lines().all(intro) {
+            "facts"
+        } else {
+            panic!("unknown kind of document: {doc}")
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [("code", 100), ("facts", 100), ("math", 100), ("story", 300)]
+    );
 }
 
 #[test]
@@ -238,9 +455,16 @@ fn bpe_round_trips_text() {
         assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()));
         assert_eq!(&tok.decode(&ids).unwrap(), s);
     }
-    // BPE actually merged: synthetic text needs far fewer tokens than bytes.
-    let ids = tok.encode(&samples[0]).unwrap();
-    assert!(ids.len() * 2 < samples[0].len(), "{} tokens", ids.len());
+    // BPE actually merged: synthetic text of every domain needs far fewer tokens than bytes.
+    for s in &samples[..DOMAINS.len()] {
+        let ids = tok.encode(s).unwrap();
+        assert!(
+            ids.len() * 3 < s.len() * 2,
+            "{} tokens, {} bytes",
+            ids.len(),
+            s.len()
+        );
+    }
     assert!(tok.decode(&[600]).is_err());
     // Task prompts end on a token boundary, so the answer's tokens are what a model must emit.
     for &d in DOMAINS {
@@ -317,8 +541,14 @@ fn prepare_keeps_the_corpus_split_and_round_trips() {
 fn prepare_splits_plain_text_by_hash() {
     let (_, tok) = prepared("hash-split-tok");
     let dir = scratch("hash-split");
-    let docs = synth::generate_docs("public", 1, 60, Split::Train).unwrap();
-    fs::write(dir.join("stories.txt"), docs.join("\n\n\n")).unwrap();
+    // Stories are one paragraph each (the public mix's other documents have blank lines).
+    let stories: Vec<String> = synth::generate_docs("public", 1, 120, Split::Train)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.contains('\n'))
+        .collect();
+    assert_eq!(stories.len(), 60);
+    fs::write(dir.join("stories.txt"), stories.join("\n\n\n")).unwrap();
     let run = |out: &str, fraction: f64, seed: u64| {
         shards::prepare(
             &[dir.join("stories.txt")],
@@ -459,4 +689,88 @@ fn out_of_range_token_ids_are_caught() {
     assert!(err.to_string().contains("70000 at position 1"), "{err}");
     assert!(shards::write_shard(&wide, &[vec![5]], 5).is_err());
     assert!(shards::write_shard(&wide, &[vec![]], 5).is_err());
+}
+
+/// Per-domain size of the default corpus with 2048-token BPEs trained on all domains and on
+/// `public` only, and how much of each closed domain uses token ids that public text never
+/// contains (their embedding and LM-head rows stay untrained in a public model, and experts may
+/// change only FFNs). Run with `cargo test --release --test data -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, not a check"]
+fn default_corpus_sizes() {
+    let dir = scratch("sizes");
+    let corpus = dir.join("corpus");
+    let cfg = SynthConfig::default();
+    synth::write_corpus(&corpus, &cfg).unwrap();
+    let train = |d: &str| synth::generate_docs(d, cfg.seed, cfg.docs_per_domain, Split::Train);
+    for (name, domains) in [("all domains", DOMAINS), ("public only", &DOMAINS[..1])] {
+        let tok_path = dir.join("tokenizer.json");
+        let files: Vec<PathBuf> = domains
+            .iter()
+            .map(|d| corpus.join(d).join("train.jsonl"))
+            .collect();
+        tokenizer::train_bpe(&files, 2048, &tok_path).unwrap();
+        let tok = Tokenizer::load(&tok_path).unwrap();
+        let encode = |docs: &[String]| -> Vec<u32> {
+            docs.iter().flat_map(|t| tok.encode(t).unwrap()).collect()
+        };
+        let public_ids: HashSet<u32> = encode(&train("public").unwrap()).into_iter().collect();
+        println!("\nBPE 2048 trained on {name}");
+        println!("domain  train chars  train tokens  chars/token  valid chars  unseen by public");
+        for &d in DOMAINS {
+            let docs = train(d).unwrap();
+            let valid =
+                synth::generate_docs(d, cfg.seed, cfg.valid_docs_per_domain, Split::Valid).unwrap();
+            let chars: usize = docs.iter().map(|t| t.chars().count()).sum();
+            let ids = encode(&docs);
+            let unseen: Vec<u32> = ids
+                .iter()
+                .copied()
+                .filter(|i| !public_ids.contains(i))
+                .collect();
+            let distinct: HashSet<u32> = unseen.iter().copied().collect();
+            let mut counts: Vec<(u32, usize)> = distinct
+                .iter()
+                .map(|&i| (i, unseen.iter().filter(|&&u| u == i).count()))
+                .collect();
+            counts.sort_by_key(|&(i, n)| (std::cmp::Reverse(n), i));
+            let top: Vec<String> = counts
+                .iter()
+                .take(8)
+                .map(|&(i, _)| format!("{:?}", tok.decode(&[i]).unwrap()))
+                .collect();
+            let valid_chars: usize = valid.iter().map(|t| t.chars().count()).sum();
+            println!(
+                "{d:<7} {chars:>11}  {:>12}  {:>11.2}  {valid_chars:>11}  {:>5.1}% ({} ids) {}",
+                ids.len(),
+                chars as f64 / ids.len() as f64,
+                100.0 * unseen.len() as f64 / ids.len() as f64,
+                distinct.len(),
+                top.join(" ")
+            );
+        }
+        if name == "all domains" {
+            // The public mix by kind (document i is a story for even i, else math, facts, code).
+            let public = train("public").unwrap();
+            for (kind, rest) in [
+                ("story", [0, 2, 4]),
+                ("math", [1; 3]),
+                ("facts", [3; 3]),
+                ("code", [5; 3]),
+            ] {
+                let docs: Vec<String> = public
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| rest.contains(&(i % 6)))
+                    .map(|(_, d)| d.clone())
+                    .collect();
+                let chars: usize = docs.iter().map(|t| t.chars().count()).sum();
+                println!(
+                    "  public/{kind:<5} {:>4} docs {chars:>8} chars {:>7} tokens",
+                    docs.len(),
+                    encode(&docs).len()
+                );
+            }
+        }
+    }
 }

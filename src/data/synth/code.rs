@@ -1,12 +1,20 @@
 //! `code`: small Python modules with regular structure: arithmetic helpers whose name fixes the
-//! operator, counting and summing loops, and classes whose `__init__` stores its arguments.
-//! Identifiers and comments reuse the public vocabulary.
+//! operator, counting and summing loops, classes whose `__init__` stores its arguments, field
+//! predicates and calls. Identifiers and comments reuse the public vocabulary.
+//!
+//! The format is public: `public` has modules in the same layout ([`public_doc`]) built from a
+//! disjoint family: one-argument helpers that add a constant, functions that return a string
+//! literal, animal classes whose `__init__(self)` sets string literals, and prints of calls. No
+//! function name prefix is shared between the two families (`plus`, `sound`, `home`, `colour`,
+//! `greet` are public; `add`, `sub`, `mul`, `div`, `mod`, `count`, `total`, `is` only in
+//! `code`); only `code` has loops, accumulators, two-argument operators, field predicates and
+//! an `__init__` that takes arguments, and its tasks test only these closed patterns.
 
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 
-use super::words::{capitalise, pick, OPPOSITES, THINGS};
+use super::words::{capitalise, pick, ANIMALS, COLOURED, NAMES, NUMBER_WORDS, OPPOSITES, THINGS};
 use super::Task;
 
 /// (function prefix, operator, comment verb).
@@ -26,6 +34,10 @@ const ARG_PAIRS: &[(&str, &str)] = &[
 const ACCUMULATORS: &[&str] = &["total", "count", "result", "acc", "n"];
 const FIELDS: &[&str] = &[
     "name", "size", "color", "price", "weight", "owner", "age", "speed", "label", "height",
+];
+/// Arguments of the public one-argument helpers (the closed argument names, and more).
+const PUBLIC_ARGS: &[&str] = &[
+    "a", "b", "x", "y", "left", "right", "first", "second", "n", "value", "number",
 ];
 
 /// One module: an optional header comment and 4-7 definitions separated by blank lines.
@@ -136,6 +148,102 @@ fn usage(rng: &mut StdRng) -> String {
     let plural = pick(rng, THINGS).1;
     let (a, b) = (rng.random_range(1..=20), rng.random_range(1..=20));
     format!("result = {name}_{plural}({a}, {b})\nprint(result)\n")
+}
+
+/// A public module: an optional header comment, 5-8 definitions from the public family, then
+/// 1-3 prints of calls to the functions it defined.
+pub(super) fn public_doc(rng: &mut StdRng) -> String {
+    let mut items = Vec::new();
+    if rng.random_bool(0.5) {
+        items.push(format!("# Helpers for {}.", pick(rng, THINGS).1));
+    }
+    let mut calls = Vec::new();
+    for _ in 0..rng.random_range(5..=8) {
+        let item = match rng.random_range(0..7) {
+            0..=2 => {
+                let (text, name) = plus_constant(rng);
+                calls.push(format!("{name}({})", rng.random_range(0..=10)));
+                text
+            }
+            3..=5 => {
+                let (text, name) = literal(rng);
+                calls.push(format!("{name}()"));
+                text
+            }
+            _ => animal_class(rng),
+        };
+        items.push(item.trim_end().to_string());
+    }
+    if !calls.is_empty() {
+        let n = rng.random_range(1..=3).min(calls.len());
+        let prints: Vec<String> = calls
+            .choose_multiple(rng, n)
+            .map(|call| format!("print({call})"))
+            .collect();
+        items.push(prints.join("\n"));
+    }
+    items.join("\n\n") + "\n"
+}
+
+/// `def plus_three(x):\n    return x + 3\n`, as (text, name): the name fixes the constant.
+fn plus_constant(rng: &mut StdRng) -> (String, String) {
+    let k = rng.random_range(1..NUMBER_WORDS.len());
+    let word = NUMBER_WORDS[k];
+    let arg = pick(rng, PUBLIC_ARGS);
+    let comment = if rng.random_bool(0.5) {
+        format!("# Add {word} to a number.\n")
+    } else {
+        String::new()
+    };
+    let name = format!("plus_{word}");
+    (
+        format!("{comment}def {name}({arg}):\n    return {arg} + {k}\n"),
+        name,
+    )
+}
+
+/// A function returning a string literal of common knowledge, as (text, name):
+/// `def sound_of_cow():\n    return "moo"\n`, `home_of_bee`, `colour_of_sky`, `greet_lily`.
+fn literal(rng: &mut StdRng) -> (String, String) {
+    let (name, value) = match rng.random_range(0..4) {
+        0 => {
+            let a = pick(rng, ANIMALS);
+            (format!("sound_of_{}", a.name), a.sound.to_string())
+        }
+        1 => {
+            let a = pick(rng, ANIMALS);
+            (format!("home_of_{}", a.name), a.home.to_string())
+        }
+        2 => {
+            let (thing, colour) = *pick(rng, COLOURED);
+            (format!("colour_of_{thing}"), colour.to_string())
+        }
+        _ => {
+            let who = pick(rng, NAMES).0;
+            (
+                format!("greet_{}", who.to_lowercase()),
+                format!("Hello, {who}!"),
+            )
+        }
+    };
+    (format!("def {name}():\n    return \"{value}\"\n"), name)
+}
+
+/// `class Cow:\n    def __init__(self):\n        self.sound = "moo"\n ...`: an `__init__` that
+/// sets constant attributes (closed classes instead store their `__init__` arguments).
+fn animal_class(rng: &mut StdRng) -> String {
+    let a = pick(rng, ANIMALS);
+    let mut attrs = [("name", a.name), ("sound", a.sound), ("home", a.home)];
+    attrs.shuffle(rng);
+    let n = rng.random_range(2..=3);
+    let body: String = attrs[..n]
+        .iter()
+        .map(|(attr, value)| format!("        self.{attr} = \"{value}\"\n"))
+        .collect();
+    format!(
+        "class {}:\n    def __init__(self):\n{body}",
+        capitalise(a.name)
+    )
 }
 
 /// A pattern's full text as it appears in modules.

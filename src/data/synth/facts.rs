@@ -2,22 +2,48 @@
 //! creatures with a few attributes each. Only this domain states these facts, so only a model
 //! that saw it can complete "The capital of Velmora is" with " Trask.".
 //!
-//! Documents are entries for a handful of entities with each fact in one of several phrasings;
-//! each run of 32 consecutive documents (160 entities, 5 per document) covers every entity once.
+//! Each seed has two disjoint encyclopedias in the same format ([`Worlds`]): the closed one
+//! (160 entities) that only `facts` describes and its tasks ask about, and a small public one
+//! (42 entities) that `public` describes, so a public model knows the templates, the attribute
+//! values and the name syllables but none of the closed facts. Invented names are unique across
+//! both and never a word that other text uses, so a closed entity's name occurs nowhere outside
+//! `facts`.
+//!
+//! Closed documents are entries for a handful of entities with each fact in one of several
+//! phrasings; each run of 32 consecutive documents (160 entities, 5 per document) covers every
+//! entity once.
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 
-use super::words::{capitalise, pick, ANIMALS, COLOURS, JOBS, NAMES};
+use super::words::{capitalise, pick, ANIMALS, COLOURS, JOBS};
 use super::{Split, Task};
 use crate::hash::mix;
 
-const N_COUNTRIES: usize = 40;
-const N_PEOPLE: usize = 80;
-const N_CREATURES: usize = 40;
+/// How many entities of each kind an encyclopedia has.
+struct Census {
+    countries: usize,
+    people: usize,
+    creatures: usize,
+}
+
+/// The closed world: only `facts` describes it.
+const CLOSED: Census = Census {
+    countries: 40,
+    people: 80,
+    creatures: 40,
+};
+/// The public world: `public` describes it, in the same templates. It is just large enough to
+/// use every value of every attribute (12 exports, jobs and pets; 10 colours, habitats, foods).
+const PUBLIC: Census = Census {
+    countries: 12,
+    people: 20,
+    creatures: 10,
+};
 const ENTITIES_PER_DOC: usize = 5;
 /// Probability that a fact is stated in its canonical phrasing (the one tasks use).
 const CANONICAL_P: f64 = 0.5;
@@ -58,6 +84,13 @@ const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "a", "o", "ae"];
 const CODAS: &[&str] = &["", "", "", "n", "r", "l", "s", "m"];
 const LANGUAGE_SUFFIXES: &[&str] = &["ic", "ish", "ese", "i"];
 
+/// The opening sentence of a country's, a person's and a creature's entry.
+const INTROS: [&str; 3] = [
+    "{s} is a country.",
+    "{s} lived long ago.",
+    "The {s} is a rare animal.",
+];
+
 /// An attribute; its phrasings are templates over the subject `{s}` and value `{v}`. The first
 /// phrasing is canonical and ends with " {v}." so that a prompt can stop right before the value.
 #[derive(Clone, Copy, Debug)]
@@ -74,6 +107,18 @@ enum Attr {
 }
 
 impl Attr {
+    const ALL: [Attr; 9] = [
+        Attr::Capital,
+        Attr::Language,
+        Attr::Export,
+        Attr::Birthplace,
+        Attr::Job,
+        Attr::Pet,
+        Attr::Colour,
+        Attr::Habitat,
+        Attr::Food,
+    ];
+
     fn phrasings(self) -> &'static [&'static str] {
         match self {
             Attr::Capital => &[
@@ -177,7 +222,23 @@ impl Entity {
     }
 }
 
-/// The fictional world of one seed.
+/// The two encyclopedias of one seed, with disjoint entity names.
+pub(super) struct Worlds {
+    pub public: World,
+    pub closed: World,
+}
+
+impl Worlds {
+    pub fn new(seed: u64) -> Self {
+        let mut names = NameGen::default();
+        // The closed world comes first, so that it does not depend on the public one.
+        let closed = World::build(seed, &CLOSED, "facts-world", &mut names);
+        let public = World::build(seed, &PUBLIC, "public-world", &mut names);
+        Worlds { public, closed }
+    }
+}
+
+/// One fictional encyclopedia.
 pub(super) struct World {
     seed: u64,
     entities: Vec<Entity>,
@@ -186,62 +247,64 @@ pub(super) struct World {
 }
 
 impl World {
-    pub fn new(seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(mix(&[seed, super::tag("facts-world")]));
-        let mut names = NameGen::default();
-        let countries: Vec<String> = (0..N_COUNTRIES)
+    /// Invents `census`'s entities from the random stream `stream` of `seed`, taking every name
+    /// from `names`. People are born in this world's countries.
+    fn build(seed: u64, census: &Census, stream: &str, names: &mut NameGen) -> Self {
+        let mut rng = StdRng::seed_from_u64(mix(&[seed, super::tag(stream)]));
+        let countries: Vec<String> = (0..census.countries)
             .map(|_| {
                 let syllables = rng.random_range(2..=3);
                 names.fresh(&mut rng, syllables)
             })
             .collect();
         let mut entities = Vec::new();
-        for country in &countries {
+        let exports = deal(&mut rng, EXPORTS, census.countries);
+        for (country, export) in countries.iter().zip(exports) {
             let capital = names.fresh(&mut rng, 2);
             let language = names.fresh(&mut rng, 2) + *pick(&mut rng, LANGUAGE_SUFFIXES);
-            let export = pick(&mut rng, EXPORTS).to_string();
             entities.push(Entity {
-                intro: format!("{country} is a country."),
+                intro: INTROS[0].replace("{s}", country),
                 facts: facts(
                     country,
                     [
                         (Attr::Capital, capital),
                         (Attr::Language, language),
-                        (Attr::Export, export),
+                        (Attr::Export, export.to_string()),
                     ],
                 ),
             });
         }
-        for _ in 0..N_PEOPLE {
+        let animals: Vec<&str> = ANIMALS.iter().map(|a| a.name).collect();
+        let birthplaces = deal(&mut rng, &countries, census.people);
+        let jobs = deal(&mut rng, JOBS, census.people);
+        let pets = deal(&mut rng, &animals, census.people);
+        for ((birthplace, job), pet) in birthplaces.into_iter().zip(jobs).zip(pets) {
             let person = format!("{} {}", names.fresh(&mut rng, 2), names.fresh(&mut rng, 2));
-            let birthplace = pick(&mut rng, &countries).clone();
-            let job = pick(&mut rng, JOBS).to_string();
-            let pet = pick(&mut rng, ANIMALS).name.to_string();
             entities.push(Entity {
-                intro: format!("{person} lived long ago."),
+                intro: INTROS[1].replace("{s}", &person),
                 facts: facts(
                     &person,
                     [
                         (Attr::Birthplace, birthplace),
-                        (Attr::Job, job),
-                        (Attr::Pet, pet),
+                        (Attr::Job, job.to_string()),
+                        (Attr::Pet, pet.to_string()),
                     ],
                 ),
             });
         }
-        for _ in 0..N_CREATURES {
+        let colours = deal(&mut rng, COLOURS, census.creatures);
+        let habitats = deal(&mut rng, HABITATS, census.creatures);
+        let foods = deal(&mut rng, FOODS, census.creatures);
+        for ((colour, habitat), food) in colours.into_iter().zip(habitats).zip(foods) {
             let creature = names.fresh(&mut rng, 2).to_lowercase();
-            let colour = pick(&mut rng, COLOURS).to_string();
-            let habitat = pick(&mut rng, HABITATS).to_string();
-            let food = pick(&mut rng, FOODS).to_string();
             entities.push(Entity {
-                intro: format!("The {creature} is a rare animal."),
+                intro: INTROS[2].replace("{s}", &creature),
                 facts: facts(
                     &creature,
                     [
-                        (Attr::Colour, colour),
-                        (Attr::Habitat, habitat),
-                        (Attr::Food, food),
+                        (Attr::Colour, colour.to_string()),
+                        (Attr::Habitat, habitat.to_string()),
+                        (Attr::Food, food.to_string()),
                     ],
                 ),
             });
@@ -257,6 +320,16 @@ impl World {
             entities,
             task_order,
         }
+    }
+
+    /// Entries for a few entities drawn at random (how `public` mixes its small world in).
+    pub fn sample_doc(&self, rng: &mut StdRng) -> String {
+        let chosen: Vec<&Entity> = self
+            .entities
+            .choose_multiple(rng, ENTITIES_PER_DOC)
+            .collect();
+        let entries: Vec<String> = chosen.iter().map(|e| e.entry(rng)).collect();
+        entries.join("\n")
     }
 
     /// Document `index` of `split`: entries for the entities of its slot in a seeded shuffle.
@@ -283,6 +356,19 @@ impl World {
     }
 }
 
+/// `n` values from `table` in a random order, each used once before any is used again, so a
+/// world with at least as many entities as values uses every value.
+fn deal<T: Clone>(rng: &mut StdRng, table: &[T], n: usize) -> Vec<T> {
+    let mut dealt = Vec::with_capacity(n);
+    while dealt.len() < n {
+        let mut round = table.to_vec();
+        round.shuffle(rng);
+        round.truncate(n - dealt.len());
+        dealt.extend(round);
+    }
+    dealt
+}
+
 fn facts(subject: &str, attrs: [(Attr, String); 3]) -> Vec<Fact> {
     attrs
         .into_iter()
@@ -294,7 +380,7 @@ fn facts(subject: &str, attrs: [(Attr, String); 3]) -> Vec<Fact> {
         .collect()
 }
 
-/// Generates distinct capitalised names from syllables, avoiding the shared vocabulary.
+/// Generates distinct capitalised names from syllables, never a word of [`reserved_words`].
 #[derive(Default)]
 struct NameGen {
     used: HashSet<String>,
@@ -306,11 +392,44 @@ impl NameGen {
             let raw: String = (0..syllables)
                 .map(|_| [*pick(rng, ONSETS), *pick(rng, VOWELS), *pick(rng, CODAS)].concat())
                 .collect();
-            let name = capitalise(&raw);
-            let common = NAMES.iter().any(|(n, _)| *n == name);
-            if !common && self.used.insert(name.to_lowercase()) {
-                return name;
+            if !reserved_words().contains(&raw) && self.used.insert(raw.clone()) {
+                return capitalise(&raw);
             }
         }
     }
+}
+
+/// Documents of each other generator in the sample that [`reserved_words`] reads; enough that
+/// every template and every word-table entry occurs in it.
+const VOCABULARY_SAMPLE_DOCS: u64 = 100;
+
+/// Every lower-case word of the text around invented names: a fixed sample of every other
+/// generator's documents, plus the encyclopedia's own templates and value tables. Names avoid
+/// these words (the syllables can spell "river" or "baker"), so a name means only its entity.
+/// The sample does not depend on the seed.
+fn reserved_words() -> &'static HashSet<String> {
+    static WORDS: OnceLock<HashSet<String>> = OnceLock::new();
+    WORDS.get_or_init(|| {
+        let mut text: Vec<String> = Vec::new();
+        for i in 0..VOCABULARY_SAMPLE_DOCS {
+            let rng = &mut StdRng::seed_from_u64(mix(&[super::tag("vocabulary"), i]));
+            text.push(super::public::story(rng));
+            text.push(super::math::doc(rng));
+            text.push(super::math::easy_doc(rng));
+            text.push(super::code::doc(rng));
+            text.push(super::code::public_doc(rng));
+        }
+        text.extend(INTROS.iter().map(|t| t.to_string()));
+        for attr in Attr::ALL {
+            text.extend(attr.phrasings().iter().map(|t| t.to_string()));
+        }
+        for table in [EXPORTS, HABITATS, FOODS] {
+            text.extend(table.iter().map(|t| t.to_string()));
+        }
+        text.iter()
+            .flat_map(|t| t.split(|c: char| !c.is_ascii_alphabetic()))
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    })
 }

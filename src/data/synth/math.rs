@@ -1,8 +1,12 @@
-//! `math`: worksheets of small arithmetic problems ("Q: 7 + 8 = ? A: 15."), word problems in
-//! the public vocabulary, and two-step problems with their working shown.
+//! `math`: worksheets of arithmetic problems ("Q: 14 + 8 = ? A: 22."), word problems in the
+//! public vocabulary, and two-step problems with their working shown.
 //!
-//! Operands stay small (sums of numbers up to 20, products up to 10 x 10) so a tiny model can
-//! learn every fact; answers are always exact.
+//! The format is public: `public` has worksheets of single-digit additions in the same layout,
+//! some as word problems ([`easy_doc`]). What only `math` teaches is everything harder:
+//! additions with a two-digit operand, subtraction, multiplication (as symbols or as word
+//! problems) and two-step problems. Operands stay
+//! small (operands up to 20, products up to 10 x 10) so a tiny model can learn every fact;
+//! answers are always exact.
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -17,7 +21,8 @@ const HEADERS: &[&str] = &[
     "Homework: find each answer.",
 ];
 
-/// One worksheet: a header line and 10-16 problems, one per line.
+/// One worksheet: a header line and 10-16 problems, one per line (none is a single-digit
+/// addition).
 pub(super) fn doc(rng: &mut StdRng) -> String {
     let mut lines = vec![pick(rng, HEADERS).to_string()];
     for _ in 0..rng.random_range(10..=16) {
@@ -33,11 +38,38 @@ pub(super) fn doc(rng: &mut StdRng) -> String {
     lines.join("\n")
 }
 
+/// A public worksheet: the same layout, but only single-digit additions (answers up to 18),
+/// one in eight as a word problem.
+pub(super) fn easy_doc(rng: &mut StdRng) -> String {
+    let mut lines = vec![pick(rng, HEADERS).to_string()];
+    for _ in 0..rng.random_range(12..=18) {
+        let (question, result) = if rng.random_range(0..8) == 0 {
+            let (a, b) = (rng.random_range(1..=9), rng.random_range(1..=9));
+            (gain_question(rng, a, b), a + b)
+        } else {
+            let (a, b) = (rng.random_range(0..=9), rng.random_range(0..=9));
+            (format!("{a} + {b} = ?"), a + b)
+        };
+        lines.push(format!("Q: {question} A: {result}."));
+    }
+    lines.join("\n")
+}
+
+/// Two addends up to 20, at least one of them with two digits, in either order.
+fn hard_addends(rng: &mut StdRng, other: std::ops::RangeInclusive<u32>) -> (u32, u32) {
+    let (big, other) = (rng.random_range(10..=20), rng.random_range(other));
+    if rng.random_bool(0.5) {
+        (big, other)
+    } else {
+        (other, big)
+    }
+}
+
 /// A one-step problem as (prompt, answer): the prompt ends with "A:", the answer is " N.".
 fn problem(rng: &mut StdRng) -> (String, String) {
     let (question, result) = match rng.random_range(0..9) {
         0..=2 => {
-            let (a, b) = (rng.random_range(0..=20), rng.random_range(0..=20));
+            let (a, b) = hard_addends(rng, 0..=20);
             (format!("{a} + {b} = ?"), a + b)
         }
         3..=4 => {
@@ -49,36 +81,40 @@ fn problem(rng: &mut StdRng) -> (String, String) {
             let (a, b) = (rng.random_range(1..=10), rng.random_range(1..=10));
             (format!("{a} * {b} = ?"), a * b)
         }
-        7 => word_problem(rng, true),
-        _ => word_problem(rng, false),
+        7 => {
+            let (a, b) = hard_addends(rng, 1..=10);
+            (gain_question(rng, a, b), a + b)
+        }
+        _ => loss_problem(rng),
     };
     (format!("Q: {question} A:"), format!(" {result}."))
 }
 
-/// "Tom has 5 apples. He gets 3 more. ..." (gain) or "... He gives 3 to Mia. ..." (loss).
-fn word_problem(rng: &mut StdRng, gain: bool) -> (String, u32) {
+/// "Tom has 5 apples. He gets 3 more. How many apples does he have now?" (answer: a + b).
+fn gain_question(rng: &mut StdRng, a: u32, b: u32) -> String {
+    let (name, gender) = *pick(rng, NAMES);
+    let things = pick(rng, THINGS).1;
+    let (he, he_lower) = (gender.subject(), gender.subject_lower());
+    format!(
+        "{name} has {a} {things}. {he} gets {b} more. How many {things} does {he_lower} have now?"
+    )
+}
+
+/// "Tom has 5 apples. He gives 3 to Mia. How many apples are left?" (or "He loses 3."), with
+/// its answer.
+fn loss_problem(rng: &mut StdRng) -> (String, u32) {
     let (name, gender) = *pick(rng, NAMES);
     let other = pick(rng, NAMES).0;
     let things = pick(rng, THINGS).1;
-    let (he, he_lower) = (gender.subject(), gender.subject_lower());
+    let he = gender.subject();
     let a = rng.random_range(2..=15);
-    if gain {
-        let b = rng.random_range(1..=10);
-        let q = format!(
-            "{name} has {a} {things}. {he} gets {b} more. How many {things} does {he_lower} have now?"
-        );
-        (q, a + b)
+    let b = rng.random_range(1..a);
+    let q = if other == name {
+        format!("{name} has {a} {things}. {he} loses {b}. How many {things} are left?")
     } else {
-        let b = rng.random_range(1..a);
-        let q = if other == name {
-            format!("{name} has {a} {things}. {he} loses {b}. How many {things} are left?")
-        } else {
-            format!(
-                "{name} has {a} {things}. {he} gives {b} to {other}. How many {things} are left?"
-            )
-        };
-        (q, a - b)
-    }
+        format!("{name} has {a} {things}. {he} gives {b} to {other}. How many {things} are left?")
+    };
+    (q, a - b)
 }
 
 /// "Q: 4 + 5 - 2 = ? A: 4 + 5 = 9. 9 - 2 = 7. So the answer is 7."
@@ -96,7 +132,8 @@ fn two_step(rng: &mut StdRng) -> String {
     }
 }
 
-/// A one-step problem drawn like the worksheets' (the answer is exact).
+/// A one-step problem drawn like the worksheets' (the answer is exact; never a single-digit
+/// addition, which public text already teaches).
 pub(super) fn task(rng: &mut StdRng) -> Task {
     let (prompt, answer) = problem(rng);
     Task { prompt, answer }

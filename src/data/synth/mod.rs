@@ -1,14 +1,21 @@
 //! FlexMix: a built-in synthetic multi-domain corpus, deterministic per seed, needing nothing
 //! from outside.
 //!
-//! One public domain and closed domains, each with its own style so a router can tell them
-//! apart, and a shared English vocabulary so a public model helps everywhere:
-//! - `public`: short stories from a grammar, with common knowledge in fixed phrasings;
-//! - `math`: small arithmetic problems with exact answers ("Q: 7 + 8 = ? A: 15.");
+//! One broad public domain and closed domains, each closed one with its own style so a router
+//! can tell them apart. As in FlexOlmo, where the public model is trained on web data, the
+//! public domain covers the general formats and vocabulary of every domain; what a closed
+//! domain adds is its specific knowledge or skill, which appears nowhere else:
+//! - `public`: half short stories from a grammar, with common knowledge in fixed phrasings;
+//!   half public-grade versions of the closed formats: single-digit addition worksheets,
+//!   encyclopedia entries about a small public world, and code from a public function family;
+//! - `math`: harder arithmetic with exact answers ("Q: 14 + 8 = ? A: 22."): additions with a
+//!   two-digit operand, subtraction, multiplication (also as word problems), two-step problems;
 //! - `facts`: an encyclopedia of a fictional world that only this domain describes;
-//! - `code`: small Python modules with regular, predictable structure.
+//! - `code`: small Python modules from a closed family of patterns (two-argument operators,
+//!   loops, classes that store their arguments).
 //!
-//! Every domain also yields exact-match [`Task`]s for evaluation.
+//! Every domain also yields exact-match [`Task`]s for evaluation; closed-domain tasks test only
+//! the closed content, public tasks test the stories' common knowledge.
 
 mod code;
 mod facts;
@@ -24,9 +31,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{fnv1a, mix};
 use crate::error::{Context, Result};
 use crate::fsutil::{write_atomic, write_bytes_atomic};
+use crate::hash::{fnv1a, mix};
 
 /// Domain names; the public domain comes first.
 pub const DOMAINS: &[&str] = &["public", "math", "facts", "code"];
@@ -55,7 +62,8 @@ impl Split {
 /// How much FlexMix to write.
 ///
 /// The default (800 train and 50 validation documents per domain) gives each domain 0.35-0.55 M
-/// characters of train text (0.1-0.18 M tokens with a 2048-token BPE): enough for a tiny model
+/// characters of train text (0.1-0.18 M tokens with a 2048-token BPE trained on all domains;
+/// `public`, the broad mix, is about 0.43 M characters, 0.13 M tokens): enough for a tiny model
 /// to learn every domain in a ~10-minute CPU demo.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SynthConfig {
@@ -93,9 +101,10 @@ impl Task {
     }
 }
 
-/// A domain's source of documents and tasks; `facts` carries the seed's world.
+/// A domain's source of documents and tasks; `public` and `facts` carry the seed's public and
+/// closed world.
 enum Generator {
-    Public,
+    Public(facts::World),
     Math,
     Facts(facts::World),
     Code,
@@ -104,9 +113,9 @@ enum Generator {
 impl Generator {
     fn new(domain: &str, seed: u64) -> Result<Self> {
         Ok(match domain {
-            "public" => Generator::Public,
+            "public" => Generator::Public(facts::Worlds::new(seed).public),
             "math" => Generator::Math,
-            "facts" => Generator::Facts(facts::World::new(seed)),
+            "facts" => Generator::Facts(facts::Worlds::new(seed).closed),
             "code" => Generator::Code,
             _ => crate::bail!(
                 "unknown FlexMix domain '{domain}' (known: {})",
@@ -126,7 +135,7 @@ pub fn generate_docs(domain: &str, seed: u64, n: usize, split: Split) -> Result<
         .map(|i| {
             let rng = &mut StdRng::seed_from_u64(mix(&[seed, tag(domain), split.tag(), i]));
             match &generator {
-                Generator::Public => public::doc(rng),
+                Generator::Public(world) => public::doc(i, world, rng),
                 Generator::Math => math::doc(rng),
                 Generator::Facts(world) => world.doc(split, i, rng),
                 Generator::Code => code::doc(rng),
@@ -163,17 +172,18 @@ pub fn write_corpus(out_dir: &Path, cfg: &SynthConfig) -> Result<()> {
 
 /// `n` evaluation tasks of `domain` for `seed`.
 ///
-/// `math`: fresh one-step problems from the worksheet distribution (operands are small, so the
-/// same problems also occur in training; a model must have learned the arithmetic facts);
-/// `facts`: the seed's facts, each once before any repeats; `code`: completions the code
-/// patterns determine; `public`: common-knowledge completions in the stories' phrasing.
+/// `math`: fresh one-step problems from the closed worksheet distribution, never single-digit
+/// additions (operands are small, so the same problems also occur in training; a model must
+/// have learned the arithmetic facts); `facts`: the closed world's facts, each once before any
+/// repeats; `code`: completions the closed code patterns determine; `public`: common-knowledge
+/// completions in the stories' phrasing.
 pub fn tasks(domain: &str, seed: u64, n: usize) -> Result<Vec<Task>> {
     let generator = Generator::new(domain, seed)?;
     let tasks = (0..n as u64)
         .map(|i| {
             let rng = &mut StdRng::seed_from_u64(mix(&[seed, tag(domain), tag("tasks"), i]));
             match &generator {
-                Generator::Public => public::task(rng),
+                Generator::Public(_) => public::task(rng),
                 Generator::Math => math::task(rng),
                 Generator::Facts(world) => world.task(i),
                 Generator::Code => code::task(rng),

@@ -1,13 +1,26 @@
-//! `public`: short stories from a small English grammar, seeded with common knowledge (animal
-//! sounds and homes, colours of things, opposites) in fixed phrasings that tasks probe.
+//! `public`: the broad domain, like the web text a real public model is trained on: it covers
+//! the general formats and vocabulary of every domain, while what a closed domain adds (its
+//! specific knowledge or skill) appears only there.
+//!
+//! Half of the documents are short stories from a small English grammar, seeded with common
+//! knowledge (animal sounds and homes, colours of things, opposites) in fixed phrasings that
+//! the public tasks probe; they also mention counts up to 100 as numerals, without arithmetic.
+//! The other half are public-grade versions of the closed domains' formats with different
+//! content, one sixth of the documents each:
+//! - worksheets of single-digit additions, some as word problems (`math` has everything
+//!   harder);
+//! - encyclopedia entries about the seed's small public world (`facts` describes a disjoint,
+//!   larger closed world in the same templates);
+//! - Python modules from the public family of functions (`code` has a disjoint family).
 
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::facts::World;
 use super::words::{
     pick, Gender, ANIMALS, COLOURED, COLOURS, NAMES, NUMBER_WORDS, OPPOSITES, PLACES, THINGS,
 };
-use super::Task;
+use super::{code, math, Task};
 
 const FEELINGS: &[&str] = &["happy", "sad", "tired", "excited", "scared", "proud"];
 const WEATHER: &[&str] = &["sunny", "rainy", "windy", "snowy", "warm"];
@@ -21,8 +34,20 @@ struct Cast {
     friend: &'static str,
 }
 
+/// Public document `index`: stories at even indices; the odd ones cycle through an easy math
+/// worksheet, entries about `world` (the public one) and a public code module. Every run of six
+/// consecutive documents has three stories and one of each other kind.
+pub(super) fn doc(index: u64, world: &World, rng: &mut StdRng) -> String {
+    match index % 6 {
+        1 => math::easy_doc(rng),
+        3 => world.sample_doc(rng),
+        5 => code::public_doc(rng),
+        _ => story(rng),
+    }
+}
+
 /// One story of roughly 12-20 sentences.
-pub(super) fn doc(rng: &mut StdRng) -> String {
+pub(super) fn story(rng: &mut StdRng) -> String {
     let (hero, gender) = *pick(rng, NAMES);
     let friend = loop {
         let (f, _) = *pick(rng, NAMES);
@@ -68,7 +93,7 @@ fn opening(rng: &mut StdRng, c: &Cast) -> String {
 
 fn sentence(rng: &mut StdRng, c: &Cast) -> String {
     let (he, his) = (c.gender.subject(), c.gender.possessive());
-    match rng.random_range(0..14) {
+    match rng.random_range(0..15) {
         0 => format!(
             "{} had a {} {}.",
             c.hero,
@@ -106,6 +131,13 @@ fn sentence(rng: &mut StdRng, c: &Cast) -> String {
         ),
         11 => format!("It was a {} day.", pick(rng, WEATHER)),
         12 => format!("{} and {} were good friends.", c.hero, c.friend),
+        13 => format!(
+            "{} counted {} {} at the {}.",
+            c.hero,
+            rng.random_range(11..=100),
+            pick(rng, THINGS).1,
+            pick(rng, PLACES)
+        ),
         _ => format!("{} said, \"Thank you, {}!\"", c.hero, c.friend),
     }
 }
