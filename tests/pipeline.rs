@@ -75,7 +75,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     let flex_dir = root.join("models/flexolmo-main");
     let manifest = flex::Manifest::load(&flex_dir).unwrap().unwrap();
     let names: Vec<&str> = manifest.experts.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names, ["public", "math", "facts", "code"]);
+    assert_eq!(names, ["public", "code", "facts", "math"]);
     assert!(manifest.strict_opt_out);
 
     // The artifact holds only the expert's own weights.

@@ -220,6 +220,12 @@ struct DemoArgs {
     expert_steps: Option<u64>,
     #[arg(long)]
     top_k: Option<usize>,
+    /// Tokenizer vocabulary size.
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Run on this corpus (one sub-directory per domain, public/ among them) instead of FlexMix.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
 }
@@ -679,6 +685,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut c = if a.quick { flex::demo::DemoConfig::quick() } else { flex::demo::DemoConfig::default() };
             c.seed = a.seed;
             c.ablations = a.ablations;
+            c.corpus = a.corpus.clone();
+            if let Some(v) = a.vocab {
+                c.vocab = v;
+            }
             if let Some(s) = a.public_steps {
                 c.public_steps = s;
             }

@@ -7,7 +7,8 @@
 use super::{finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection};
 use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
-use crate::error::Result;
+use crate::error::{Context, Result};
+use crate::ensure;
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
 use crate::fsutil::write_bytes_atomic;
 use crate::model::{checkpoint, Config, Model};
@@ -40,6 +41,9 @@ pub struct DemoConfig {
     pub btm_temperature: f32,
     pub btm_top_k: usize,
     pub ablations: bool,
+    /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
+    /// instead of the built-in FlexMix; tasks are then not evaluated.
+    pub corpus: Option<PathBuf>,
 }
 
 impl Default for DemoConfig {
@@ -67,6 +71,7 @@ impl Default for DemoConfig {
             btm_temperature: 1.0,
             btm_top_k: 2,
             ablations: false,
+            corpus: None,
         }
     }
 }
@@ -141,22 +146,34 @@ impl Work {
     }
 }
 
-fn closed_domains() -> Vec<&'static str> {
-    synth::DOMAINS.iter().copied().filter(|d| *d != "public").collect()
+/// The domains of a corpus directory: its sub-directories, `public` first.
+fn corpus_domains(corpus: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(corpus)
+        .with_context(|| format!("reading corpus {}", corpus.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    ensure!(names.iter().any(|n| n == "public"), "{} has no public/ domain", corpus.display());
+    ensure!(names.len() >= 2, "{} needs at least one closed domain besides public/", corpus.display());
+    names.retain(|n| n != "public");
+    names.insert(0, "public".into());
+    Ok(names)
 }
 
 /// Train one set of experts (one per closed domain) with the given router init and bias, merge.
-fn experts_and_merge(c: &DemoConfig, w: &Work, tag: &str, init: RouterInit, bias: Option<f32>, quiet: bool) -> Result<PathBuf> {
+fn experts_and_merge(c: &DemoConfig, w: &Work, closed: &[String], tag: &str, init: RouterInit, bias: Option<f32>, quiet: bool) -> Result<PathBuf> {
     let mut arts = Vec::new();
-    for (i, d) in closed_domains().into_iter().enumerate() {
+    for (i, d) in closed.iter().enumerate() {
         step(&format!("train expert '{d}' ({tag}) on {d} data only"), quiet);
         let out = w.p(&format!("experts/{tag}/{d}.safetensors"));
         let opts = ExpertTrainOpts {
             public: w.p("models/public"),
             data: w.p(&format!("data/{d}")),
             public_data: Some(w.p("data/public")),
-            name: d.to_string(),
-            domain: d.to_string(),
+            name: d.clone(),
+            domain: d.clone(),
             out: out.clone(),
             run_dir: w.p(&format!("runs/expert-{tag}-{d}")),
             router_init: init,
@@ -181,18 +198,27 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
     let w = Work { root: work_dir.to_path_buf() };
     std::fs::create_dir_all(work_dir)?;
-    step("write the built-in FlexMix corpus", quiet);
-    let corpus = w.p("corpus");
-    let scfg = synth::SynthConfig { seed: c.seed, docs_per_domain: c.docs_per_domain, ..Default::default() };
-    synth::write_corpus(&corpus, &scfg)?;
+    let corpus = match &c.corpus {
+        Some(dir) => dir.clone(),
+        None => {
+            step("write the built-in FlexMix corpus", quiet);
+            let corpus = w.p("corpus");
+            let scfg = synth::SynthConfig { seed: c.seed, docs_per_domain: c.docs_per_domain, ..Default::default() };
+            synth::write_corpus(&corpus, &scfg)?;
+            corpus
+        }
+    };
+    let all = corpus_domains(&corpus)?;
+    let closed: Vec<String> = all[1..].to_vec();
+    let with_tasks = c.corpus.is_none();
     step("train the shared byte-level BPE tokenizer", quiet);
     let tok_path = w.p("tokenizer.json");
-    let train_files: Vec<PathBuf> = synth::DOMAINS.iter().map(|d| corpus.join(d).join("train.jsonl")).collect();
+    let train_files: Vec<PathBuf> = all.iter().map(|d| corpus.join(d)).collect();
     tokenizer::train_bpe(&train_files, c.vocab, &tok_path)?;
     let tok = Tokenizer::load(&tok_path)?;
     let tok_bytes = std::fs::read(&tok_path)?;
     let mut sets = Vec::new();
-    for d in synth::DOMAINS {
+    for d in &all {
         let dir = w.p(&format!("data/{d}"));
         shards::prepare(&[corpus.join(d)], &tok, &dir, 0.05, c.seed)?;
         write_bytes_atomic(&dir.join("tokenizer.json"), &tok_bytes)?;
@@ -203,26 +229,28 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     cfg.max_position_embeddings = c.seq.max(256);
     pretrain::pretrain(&w.p("data/public"), &cfg, &train_cfg(c, c.public_steps, c.lr, c.seed), &w.p("models/public"), false, quiet)?;
     let mut dense_dirs = Vec::new();
-    for (i, d) in closed_domains().into_iter().enumerate() {
+    for (i, d) in closed.iter().enumerate() {
         step(&format!("baseline: fine-tune a dense '{d}' expert (all weights)"), quiet);
         let out = w.p(&format!("models/dense-{d}"));
         finetune(&w.p("models/public"), &w.p(&format!("data/{d}")), &train_cfg(c, c.dense_steps, c.expert_lr, c.seed + 20 + i as u64), &out, &w.p(&format!("runs/dense-{d}")), false, quiet)?;
-        dense_dirs.push((d, out));
+        dense_dirs.push((d.clone(), out));
     }
-    let flex_dir = experts_and_merge(c, &w, "main", RouterInit::Domain, Some(c.bias_init), quiet)?;
+    let flex_dir = experts_and_merge(c, &w, &closed, "main", RouterInit::Domain, Some(c.bias_init), quiet)?;
 
     step("evaluate", quiet);
     let domains: Vec<DomainEval> = sets
         .iter()
-        .map(|(d, ds)| DomainEval::new(d, ds, c.seq, c.eval_tokens, synth::tasks(d, c.seed + 1000, c.tasks)?))
+        .map(|(d, ds)| {
+            let tasks = if with_tasks { synth::tasks(d, c.seed + 1000, c.tasks)? } else { vec![] };
+            DomainEval::new(d, ds, c.seq, c.eval_tokens, tasks)
+        })
         .collect::<Result<_>>()?;
     let public = checkpoint::load(&w.p("models/public"))?;
-    let dense: Vec<(String, Model)> =
-        dense_dirs.iter().map(|(d, p)| Ok((d.to_string(), checkpoint::load(p)?))).collect::<Result<_>>()?;
+    let dense: Vec<(String, Model)> = dense_dirs.iter().map(|(d, p)| Ok((d.clone(), checkpoint::load(p)?))).collect::<Result<_>>()?;
     let soup = super::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
     let flex = load_model(&flex_dir, &Selection::default())?;
     let mut rows = Vec::new();
-    let ev = |name: &str, e: &Evaluated<'_>| eval::evaluate(name, e, &domains, c.seq, Some(&tok));
+    let ev = |name: &str, e: &Evaluated<'_>| eval::evaluate(name, e, &domains, c.seq, with_tasks.then_some(&tok));
     rows.push(ev("public", &Evaluated::Model(&public))?);
     for (d, m) in &dense {
         rows.push(ev(&format!("dense {d}"), &Evaluated::Model(m))?);
@@ -231,8 +259,8 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let btm = Evaluated::Btm { models: dense.iter().map(|(_, m)| m).collect(), temperature: c.btm_temperature, top_k: c.btm_top_k };
     rows.push(ev("BTM", &btm)?);
     rows.push(ev(&format!("FlexOlmo (top-{})", flex.model.cfg.top_k()), &Evaluated::Model(&flex.model))?);
-    for d in closed_domains() {
-        let m = load_model(&flex_dir, &Selection { exclude: vec![d.to_string()], ..Default::default() })?;
+    for d in &closed {
+        let m = load_model(&flex_dir, &Selection { exclude: vec![d.clone()], ..Default::default() })?;
         rows.push(ev(&format!("FlexOlmo without {d}"), &Evaluated::Model(&m.model))?);
     }
 
@@ -253,13 +281,14 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             let m = load_model(&flex_dir, &Selection { top_k: Some(k), ..Default::default() })?;
             ablations.push(ev(&format!("FlexOlmo top-{k}"), &Evaluated::Model(&m.model))?);
         }
-        let nb = experts_and_merge(c, &w, "nobias", RouterInit::Domain, None, quiet)?;
+        let nb = experts_and_merge(c, &w, &closed, "nobias", RouterInit::Domain, None, quiet)?;
         ablations.push(ev("FlexOlmo, no bias", &Evaluated::Model(&load_model(&nb, &Selection::default())?.model))?);
-        let rnd = experts_and_merge(c, &w, "random", RouterInit::Random, Some(c.bias_init), quiet)?;
+        let rnd = experts_and_merge(c, &w, &closed, "random", RouterInit::Random, Some(c.bias_init), quiet)?;
         ablations.push(ev("FlexOlmo, random router init", &Evaluated::Model(&load_model(&rnd, &Selection::default())?.model))?);
     }
 
-    let checks = acceptance(&rows, &closed_domains());
+    let closed_refs: Vec<&str> = closed.iter().map(|s| s.as_str()).collect();
+    let checks = acceptance(&rows, &closed_refs);
     let report = DemoReport { config: c.clone(), rows, checks, ablations, routing: routing_stats, seconds: t0.elapsed().as_secs_f64() };
     write_bytes_atomic(&w.p("results.md"), render(&report, &flex.expert_names).as_bytes())?;
     write_bytes_atomic(&w.p("results.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
@@ -338,9 +367,10 @@ pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
 pub fn render(r: &DemoReport, experts: &[String]) -> String {
     let c = &r.config;
     let mut s = format!(
-        "## FlexOlmo demo on the built-in FlexMix corpus\n\nPublic model: dense OLMo-2, H={} L={} heads={} I={}, vocab {}, seq {}; \
+        "## FlexOlmo on {}\n\nPublic model: dense OLMo-2, H={} L={} heads={} I={}, vocab {}, seq {}; \
          public pretraining {} steps, each expert {} steps (trained alone on its domain), dense experts {} steps; \
          batch {}, seed {}. Merged FlexOlmo: top-{} of {} experts. Held-out loss per domain (lower is better) and exact-match task accuracy (%).\n\n",
+        c.corpus.as_ref().map(|p| format!("the corpus in {}", p.display())).unwrap_or("the built-in FlexMix corpus".into()),
         c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len()
     );
     s.push_str(&eval::markdown(&r.rows));
