@@ -85,7 +85,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
 
     // Opt-out: excluding 'facts' at load time equals merging without it, bit for bit.
     let public = root.join("models/public");
-    let arts: Vec<PathBuf> = ["math", "code"].iter().map(|d| root.join(format!("experts/main/{d}.safetensors"))).collect();
+    let arts: Vec<PathBuf> = ["code", "math"].iter().map(|d| root.join(format!("experts/main/{d}.safetensors"))).collect();
     let without = root.join("merged-without-facts");
     flex::merge(&public, &arts, c.top_k, &without).unwrap();
     let a = flex::load_model(&flex_dir, &Selection { exclude: vec!["facts".into()], ..Default::default() }).unwrap();
@@ -97,6 +97,23 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     assert_eq!(la.data(), lb.data(), "opt-out must be bit-identical to a merge without the expert");
     let full = flex::load_model(&flex_dir, &Selection::default()).unwrap().model.logits(&ids, 1, ids.len()).unwrap();
     assert_ne!(full.data(), la.data(), "removing an expert changes the model");
+
+    // Router tuning changes only router rows and records that strict opt-out is gone.
+    let tuned = root.join("tuned");
+    let tcfg = TrainConfig { steps: 3, batch: 2, seq: 16, warmup: 1, ..Default::default() };
+    flex::router_tune(&flex_dir, &[root.join("data/public"), root.join("data/math")], &tcfg, &tuned, &root.join("tune-run"), false, true).unwrap();
+    let tm = flex::Manifest::load(&tuned).unwrap().unwrap();
+    assert!(tm.router_tuned && !tm.strict_opt_out);
+    let (before, after) = (checkpoint::load(&flex_dir).unwrap(), checkpoint::load(&tuned).unwrap());
+    let mut changed = 0;
+    for p in &before.params.params {
+        let q = after.params.value(after.params.id(&p.name).unwrap());
+        if p.value.data() != q.data() {
+            assert!(p.name.contains(".mlp.gate."), "router tuning changed {}", p.name);
+            changed += 1;
+        }
+    }
+    assert!(changed > 0, "router tuning changed nothing");
 
     // An expert trained against another public model is refused.
     let other = root.join("other-public");

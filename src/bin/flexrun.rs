@@ -155,11 +155,16 @@ struct TrainExpertArgs {
     /// Documents sampled to embed a domain.
     #[arg(long, default_value_t = 64)]
     embed_docs: usize,
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    /// Initial expert bias; it acts as min(b, 0), which passes no gradient once b > 0, so it
+    /// starts below 0.
+    #[arg(long, default_value_t = -0.5, allow_negative_numbers = true)]
     bias_init: f32,
     /// Train without the expert bias (ablation).
     #[arg(long)]
     no_bias: bool,
+    /// Fraction of training rows drawn from --public-data (0: the owner's data only).
+    #[arg(long, default_value_t = 0.0)]
+    public_mix: f64,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -220,6 +225,9 @@ struct DemoArgs {
     expert_steps: Option<u64>,
     #[arg(long)]
     top_k: Option<usize>,
+    /// Fraction of each expert's training rows drawn from public data.
+    #[arg(long)]
+    public_mix: Option<f64>,
     /// Tokenizer vocabulary size.
     #[arg(long)]
     vocab: Option<usize>,
@@ -602,6 +610,7 @@ fn run(cli: Cli) -> Result<()> {
                 router_init: flex::RouterInit::parse(&a.router_init)?,
                 embed_docs: a.embed_docs,
                 bias_init: (!a.no_bias).then_some(a.bias_init),
+                public_mix: a.public_mix,
                 train: a.train.config(),
                 resume: a.train.resume,
                 quiet: a.train.quiet,
@@ -686,6 +695,9 @@ fn run(cli: Cli) -> Result<()> {
             c.seed = a.seed;
             c.ablations = a.ablations;
             c.corpus = a.corpus.clone();
+            if let Some(m) = a.public_mix {
+                c.public_mix = m;
+            }
             if let Some(v) = a.vocab {
                 c.vocab = v;
             }

@@ -32,9 +32,14 @@ pub struct DemoConfig {
     pub expert_steps: u64,
     pub dense_steps: u64,
     pub lr: f32,
+    /// Peak learning rate of expert training (only FFN, router row and bias are trained).
     pub expert_lr: f32,
+    /// Peak learning rate of the dense-expert baselines (every weight is trained).
+    pub dense_lr: f32,
     pub top_k: usize,
     pub bias_init: f32,
+    /// Fraction of each expert's training rows drawn from public data.
+    pub public_mix: f64,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -51,7 +56,7 @@ impl Default for DemoConfig {
         DemoConfig {
             seed: 0,
             docs_per_domain: synth::SynthConfig::default().docs_per_domain,
-            vocab: 2048,
+            vocab: 512,
             hidden: 128,
             layers: 4,
             heads: 4,
@@ -62,9 +67,11 @@ impl Default for DemoConfig {
             expert_steps: 200,
             dense_steps: 200,
             lr: 3e-3,
-            expert_lr: 2e-3,
+            expert_lr: 5e-3,
+            dense_lr: 2e-3,
             top_k: 2,
-            bias_init: 0.0,
+            bias_init: -0.5,
+            public_mix: 0.25,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -179,6 +186,7 @@ fn experts_and_merge(c: &DemoConfig, w: &Work, closed: &[String], tag: &str, ini
             router_init: init,
             embed_docs: c.embed_docs,
             bias_init: bias,
+            public_mix: c.public_mix,
             train: train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64),
             resume: false,
             quiet,
@@ -232,7 +240,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     for (i, d) in closed.iter().enumerate() {
         step(&format!("baseline: fine-tune a dense '{d}' expert (all weights)"), quiet);
         let out = w.p(&format!("models/dense-{d}"));
-        finetune(&w.p("models/public"), &w.p(&format!("data/{d}")), &train_cfg(c, c.dense_steps, c.expert_lr, c.seed + 20 + i as u64), &out, &w.p(&format!("runs/dense-{d}")), false, quiet)?;
+        finetune(&w.p("models/public"), &w.p(&format!("data/{d}")), &train_cfg(c, c.dense_steps, c.dense_lr, c.seed + 20 + i as u64), &out, &w.p(&format!("runs/dense-{d}")), false, quiet)?;
         dense_dirs.push((d.clone(), out));
     }
     let flex_dir = experts_and_merge(c, &w, &closed, "main", RouterInit::Domain, Some(c.bias_init), quiet)?;

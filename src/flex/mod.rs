@@ -87,6 +87,9 @@ pub struct ExpertTrainOpts {
     pub embed_docs: usize,
     /// Initial bias; None trains without a bias.
     pub bias_init: Option<f32>,
+    /// Fraction of training rows drawn from the public data (`public_data`): the router then
+    /// also learns to leave public text to the public expert. 0 trains on the owner's data only.
+    pub public_mix: f64,
     pub train: TrainConfig,
     pub resume: bool,
     pub quiet: bool,
@@ -181,6 +184,12 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         public.cfg.vocab_size
     );
     let hash = model_hash(&public);
+    ensure!((0.0..1.0).contains(&opts.public_mix), "--public-mix must be in [0, 1)");
+    let pub_data = match (&opts.public_data, opts.public_mix > 0.0) {
+        (Some(p), true) => Some(Dataset::open(p)?),
+        (None, true) => bail!("--public-mix needs --public-data"),
+        _ => None,
+    };
     let (r_pub, r_i) = router_rows(&public, &hash, opts, &data)?;
     let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
     let summary = {
@@ -190,7 +199,11 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         if opts.resume {
             tr.resume()?;
         }
-        let batches = ShardBatches { data: &data, batch: opts.train.batch, seq: opts.train.seq, seed: opts.train.seed, valid_tokens: VALID_TOKENS };
+        let mut sets = vec![(&data, 1.0 - opts.public_mix)];
+        if let Some(p) = &pub_data {
+            sets.push((p, opts.public_mix));
+        }
+        let batches = MixedBatches { sets, valid_sets: vec![0], batch: opts.train.batch, seq: opts.train.seq, seed: opts.train.seed };
         tr.run(&batches)?
     };
     let layers = model
@@ -222,7 +235,7 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         num_layers: public.cfg.num_hidden_layers,
         router_init: opts.router_init.as_str().into(),
         bias_init: opts.bias_init,
-        hyperparameters: serde_json::to_value(&opts.train)?,
+        hyperparameters: serde_json::json!({ "train": opts.train, "public_mix": opts.public_mix, "embed_docs": opts.embed_docs }),
     };
     let art = ExpertArtifact { meta, layers };
     art.save(&opts.out)?;
@@ -448,9 +461,12 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
     Ok(Loaded { model, manifest, expert_names: keep.iter().map(|&i| names[i].clone()).collect() })
 }
 
-/// Batches drawn from several datasets: row r of step s comes from dataset (s*batch + r) mod n.
+/// Batches drawn from several datasets: each row comes from dataset j with probability
+/// `weights[j] / sum(weights)`, decided by a hash of (seed, step, micro, row), so batches stay a
+/// pure function of the step. Validation uses the datasets listed in `valid_sets`.
 pub struct MixedBatches<'a> {
-    pub sets: Vec<&'a Dataset>,
+    pub sets: Vec<(&'a Dataset, f64)>,
+    pub valid_sets: Vec<usize>,
     pub batch: usize,
     pub seq: usize,
     pub seed: u64,
@@ -458,10 +474,17 @@ pub struct MixedBatches<'a> {
 
 impl Batches for MixedBatches<'_> {
     fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+        let total: f64 = self.sets.iter().map(|s| s.1).sum();
         let (mut inp, mut tgt) = (Vec::new(), Vec::new());
-        for r in 0..self.batch {
-            let k = (step as usize * self.batch + r) % self.sets.len();
-            let (i, t) = shards::train_batch(&self.sets[k].train, 1, self.seq, self.seed ^ (r as u64) << 32, step, micro)?;
+        for r in 0..self.batch as u64 {
+            let u = (crate::hash::mix(&[self.seed, step, micro, r]) >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let mut acc = 0.0;
+            let k = self.sets.iter().position(|s| {
+                acc += s.1;
+                u < acc
+            });
+            let set = self.sets[k.unwrap_or(self.sets.len() - 1)].0;
+            let (i, t) = shards::train_batch(&set.train, 1, self.seq, self.seed ^ (r << 32), step, micro)?;
             inp.extend(i);
             tgt.extend(t);
         }
@@ -469,8 +492,8 @@ impl Batches for MixedBatches<'_> {
     }
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let mut out = Vec::new();
-        for s in &self.sets {
-            out.extend(shards::valid_batches(&s.valid, self.batch, self.seq, VALID_TOKENS / self.sets.len())?);
+        for &j in &self.valid_sets {
+            out.extend(shards::valid_batches(&self.sets[j].0.valid, self.batch, self.seq, VALID_TOKENS / self.valid_sets.len())?);
         }
         Ok(out)
     }
@@ -493,7 +516,13 @@ pub fn router_tune(model_dir: &Path, data: &[PathBuf], tcfg: &TrainConfig, out: 
         if resume {
             tr.resume()?;
         }
-        let b = MixedBatches { sets: sets.iter().collect(), batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed };
+        let b = MixedBatches {
+            sets: sets.iter().map(|d| (d, 1.0)).collect(),
+            valid_sets: (0..sets.len()).collect(),
+            batch: tcfg.batch,
+            seq: tcfg.seq,
+            seed: tcfg.seed,
+        };
         tr.run(&b)?
     };
     let mut manifest = loaded.manifest.unwrap_or_else(|| Manifest {
