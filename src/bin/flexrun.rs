@@ -439,6 +439,26 @@ struct LogitsArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Grouped expert GEMMs of the MoE FFN (forward + backward) on the GPU: TFLOP/s per kernel,
+    /// plus cuBLAS per-expert-loop and dense baselines.
+    Moe {
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        #[arg(long, default_value_t = 4096)]
+        tokens_per_expert: usize,
+        #[arg(long, default_value_t = 4096)]
+        hidden: usize,
+        #[arg(long, default_value_t = 11008)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Full training steps (forward, backward, AdamW) on random tokens.
     Train {
         #[arg(long)]
@@ -579,6 +599,19 @@ fn run(cli: Cli) -> Result<()> {
             let l = model.logits(&ids, 1, ids.len())?;
             let rows: Vec<&[f32]> = (0..ids.len()).map(|i| l.row(i)).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
+        }
+        Cmd::Bench(BenchCmd::Moe { experts, tokens_per_expert, hidden, intermediate, iters, warmup, device, json }) => {
+            ensure!(device == "cuda", "bench moe times the CUDA grouped GEMM kernels: use --device cuda (got '{device}')");
+            let dev = flexrun::backend::cuda::Device::new(0)?;
+            let r = flexrun::backend::cuda::grouped::bench_grouped(&dev, experts, tokens_per_expert, hidden, intermediate, iters, warmup)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}: {} experts x {} tokens, H={} I={}", r.device, r.experts, r.tokens_per_expert, r.hidden, r.intermediate);
+                for op in &r.ops {
+                    println!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
+                }
+            }
         }
         Cmd::Bench(BenchCmd::Train { config, batch, seq, steps, warmup, device, json }) => {
             check_device(&device)?;

@@ -19,6 +19,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+pub mod grouped;
 mod loss;
 mod memory;
 mod moe;
