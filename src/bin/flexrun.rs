@@ -439,6 +439,30 @@ struct LogitsArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Flash attention forward and backward throughput on the GPU (causal, bf16, random inputs).
+    Attention {
+        /// Comma-separated sequence lengths.
+        #[arg(long, default_value = "1024,2048,4096,8192,16384")]
+        seq: String,
+        /// Tokens per call: batch = max(1, tokens / seq).
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        /// KV heads (GQA when fewer than --heads; default: --heads).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        hd: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Grouped expert GEMMs of the MoE FFN (forward + backward) on the GPU: TFLOP/s per kernel,
     /// plus cuBLAS per-expert-loop and dense baselines.
     Moe {
@@ -599,6 +623,25 @@ fn run(cli: Cli) -> Result<()> {
             let l = model.logits(&ids, 1, ids.len())?;
             let rows: Vec<&[f32]> = (0..ids.len()).map(|i| l.row(i)).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
+        }
+        Cmd::Bench(BenchCmd::Attention { seq, tokens, heads, kv_heads, hd, iters, warmup, device, json }) => {
+            use flexrun::backend::cuda::{flash, Device};
+            ensure!(device == "cuda", "bench attention times the CUDA flash kernels: use --device cuda");
+            let seqs = parse_ids(&seq)?.into_iter().map(|x| x as usize).collect();
+            let dev = Device::new(0)?;
+            let cfg = flash::BenchConfig { seqs, tokens, heads, kv_heads: kv_heads.unwrap_or(heads), hd, iters, warmup };
+            let rows = flash::bench_attention(&dev, &cfg)?;
+            if json {
+                println!("{}", serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows }));
+            } else {
+                println!("{}: causal bf16 attention, {heads} heads ({} kv) of {hd}", dev.name()?, cfg.kv_heads);
+                for r in &rows {
+                    println!(
+                        "seq {:>6} x batch {:>3}: fwd {:8.3} ms {:6.1} TFLOP/s | bwd {:8.3} ms {:6.1} TFLOP/s ({})",
+                        r.seq, r.batch, r.fwd_ms, r.fwd_tflops, r.bwd_ms, r.bwd_tflops, r.fwd_kernel
+                    );
+                }
+            }
         }
         Cmd::Bench(BenchCmd::Moe { experts, tokens_per_expert, hidden, intermediate, iters, warmup, device, json }) => {
             ensure!(device == "cuda", "bench moe times the CUDA grouped GEMM kernels: use --device cuda (got '{device}')");

@@ -18,6 +18,7 @@
 mod attention;
 mod elementwise;
 mod embedding;
+pub mod flash;
 mod gemm;
 pub mod grouped;
 mod loss;

@@ -1,0 +1,465 @@
+//! Flash attention on tensor cores (kernels/flash_attention.cu; CPU reference
+//! src/ops/attention.rs; test tests/gpu_flash.rs): causal GQA forward with saved logsumexp,
+//! FlashAttention-2 style backward (deterministic: dK/dV per key tile, dQ per query tile, no
+//! atomics), split-K decode against a KV cache, and the benchmark behind
+//! `flexrun bench attention`.
+//!
+//! Same layout and meaning as [`crate::ops::attention_forward`]: q `[B, Tq, nh, hd]`, k/v
+//! `[B, Tk_stride, nkv, hd]` (first Tk positions read), out like q, lse `[B, nh, Tq]` f32.
+//! Head dims 64 and 128 with 16-byte aligned buffers run the exact kernels; any other head dim
+//! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
+
+use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, BLOCK};
+use crate::ensure;
+use crate::error::{Error, Result};
+use crate::ops::AttnShape;
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::driver::CudaFunction;
+use half::bf16;
+use serde::Serialize;
+
+/// Kernel module (kernels/flash_attention.cu).
+const MODULE: &str = "flash_attention";
+/// Largest head dimension of any variant (MAX_HD in the .cu).
+pub const FLASH_MAX_HD: usize = 256;
+/// Shared-memory row padding in elements (PAD in the .cu).
+const PAD: usize = 8;
+/// Dynamic shared memory a kernel gets without opting in (cuFuncSetAttribute above it).
+const DEFAULT_SMEM: usize = 48 * 1024;
+/// CUDA's limit on gridDim.y and gridDim.z.
+const MAX_GRID_YZ: usize = 65535;
+
+/// Threads of a decode split CTA (DEC_NT in the .cu).
+const DECODE_THREADS: u32 = 128;
+/// Fewest keys per decode chunk: below this the partial (m, l, o) writes cost as much as the keys.
+pub const DECODE_MIN_CHUNK: usize = 64;
+/// Decode chunks are a multiple of this many keys (4 warps x 8 key groups step through a chunk).
+const DECODE_CHUNK_ALIGN: usize = 32;
+/// Decode CTAs wanted per SM: enough loads in flight to approach memory bandwidth.
+const DECODE_CTAS_PER_SM: usize = 4;
+
+/// Which kernel of the backward or forward a [`Variant`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Fwd,
+    BwdDkdv,
+    BwdDq,
+}
+
+/// One compiled tile configuration (mirrors the `using ...Cfg` lines of flash_attention.cu; a
+/// launch that disagrees with the kernel's compile-time block size or shared memory traps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub pass: Pass,
+    pub kernel: &'static str,
+    /// Head-dim bucket (HD) the kernel is compiled for.
+    pub hd: usize,
+    /// hd == HD with 16-byte rows; otherwise run-time hd (and plain loads when unaligned).
+    pub exact: bool,
+    /// Rows of the CTA's own tile: query rows (forward, dQ) or key rows (dK/dV).
+    pub rows: usize,
+    /// Rows of each streamed tile: keys (forward, dQ) or queries (dK/dV).
+    pub stream: usize,
+    pub threads: u32,
+    /// Dynamic shared memory in bytes.
+    pub smem: usize,
+}
+
+const fn ld(hd: usize) -> usize {
+    hd + PAD
+}
+
+/// Forward: BQ query rows, BK keys per tile, Q fragments in registers (Q aliases a K/V stage).
+const fn fwd(kernel: &'static str, hd: usize, exact: bool, bq: usize, bk: usize, q_regs: bool) -> Variant {
+    let rows = if q_regs { 4 * bk } else { bq + 4 * bk };
+    Variant { pass: Pass::Fwd, kernel, hd, exact, rows: bq, stream: bk, threads: (bq / 16 * 32) as u32, smem: rows * ld(hd) * 2 }
+}
+
+/// dK/dV: BKB key rows per CTA, BQB query rows per streamed tile, DSPLIT warps per 16 keys.
+const fn dkdv(kernel: &'static str, hd: usize, exact: bool, bkb: usize, bqb: usize, dsplit: usize) -> Variant {
+    Variant {
+        pass: Pass::BwdDkdv,
+        kernel,
+        hd,
+        exact,
+        rows: bkb,
+        stream: bqb,
+        threads: (bkb / 16 * dsplit * 32) as u32,
+        smem: (2 * bkb + 4 * bqb) * ld(hd) * 2 + 4 * bqb * 4,
+    }
+}
+
+/// dQ: BQ query rows per CTA, BK keys per tile.
+const fn dq(kernel: &'static str, hd: usize, exact: bool, bq: usize, bk: usize) -> Variant {
+    Variant { pass: Pass::BwdDq, kernel, hd, exact, rows: bq, stream: bk, threads: (bq / 16 * 32) as u32, smem: (2 * bq + 4 * bk) * ld(hd) * 2 }
+}
+
+/// Every variant, in the order exact 64, exact 128, generic 64, 128, 256 per pass. Tile reasons
+/// are in the .cu next to the `using` lines.
+pub const VARIANTS: &[Variant] = &[
+    fwd("flash_fwd_hd64_bf16", 64, true, 64, 64, true),
+    fwd("flash_fwd_hd128_bf16", 128, true, 64, 64, true),
+    fwd("flash_fwd_any64_bf16", 64, false, 64, 64, true),
+    fwd("flash_fwd_any128_bf16", 128, false, 64, 64, true),
+    fwd("flash_fwd_any256_bf16", 256, false, 64, 32, false),
+    dkdv("flash_bwd_dkdv_hd64_bf16", 64, true, 64, 64, 1),
+    dkdv("flash_bwd_dkdv_hd128_bf16", 128, true, 64, 32, 1),
+    dkdv("flash_bwd_dkdv_any64_bf16", 64, false, 64, 64, 1),
+    dkdv("flash_bwd_dkdv_any128_bf16", 128, false, 64, 32, 1),
+    dkdv("flash_bwd_dkdv_any256_bf16", 256, false, 64, 32, 2),
+    dq("flash_bwd_dq_hd64_bf16", 64, true, 64, 64),
+    dq("flash_bwd_dq_hd128_bf16", 128, true, 64, 32),
+    dq("flash_bwd_dq_any64_bf16", 64, false, 64, 64),
+    dq("flash_bwd_dq_any128_bf16", 128, false, 64, 32),
+    dq("flash_bwd_dq_any256_bf16", 256, false, 64, 32),
+];
+
+/// The variant of `pass` for head dim `hd`; `vec`: hd % 8 == 0 and every buffer 16-byte aligned.
+pub fn select(pass: Pass, hd: usize, vec: bool) -> Result<Variant> {
+    ensure!((1..=FLASH_MAX_HD).contains(&hd), "flash attention: head dim {hd} outside 1..={FLASH_MAX_HD}");
+    let exact = vec && (hd == 64 || hd == 128);
+    let bucket = if hd <= 64 { 64 } else if hd <= 128 { 128 } else { 256 };
+    VARIANTS
+        .iter()
+        .find(|v| v.pass == pass && v.hd == bucket && v.exact == exact)
+        .copied()
+        .ok_or_else(|| Error(format!("flash attention: no {pass:?} kernel for head dim {hd}")))
+}
+
+/// Whether the 16-byte (cp.async / uint4) paths apply: hd a multiple of 8 elements and every
+/// buffer address a multiple of 16 bytes (views at odd offsets fall back to plain loads).
+pub fn vectorizable(hd: usize, ptrs: &[u64]) -> bool {
+    hd.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// Visible (query, key) pairs of causal attention: query i sees Tk - Tq + i + 1 keys.
+pub fn causal_pairs(s: &AttnShape) -> f64 {
+    let (tq, off) = (s.tq as f64, (s.tk - s.tq) as f64);
+    tq * (off + 1.0) + tq * (tq - 1.0) / 2.0
+}
+
+/// Forward FLOPs of causal attention (two GEMMs, 2 flops per multiply-add, visible pairs only).
+/// The backward is counted as 2.5x this (five GEMMs), the convention of FlashAttention's and
+/// PyTorch's benchmarks, although the dQ pass here recomputes S and dP (seven GEMMs).
+pub fn causal_attention_flops(s: &AttnShape) -> f64 {
+    4.0 * (s.b * s.nh * s.hd) as f64 * causal_pairs(s)
+}
+
+fn check(s: &AttnShape, q: usize, k: usize, v: usize) -> Result<()> {
+    ensure!(s.nkv > 0 && s.nh.is_multiple_of(s.nkv), "flash attention: kv heads {} must divide heads {}", s.nkv, s.nh);
+    ensure!(s.tq <= s.tk && s.tk <= s.tk_stride, "flash attention: bad lengths {s:?}");
+    ensure!(s.hd >= 1 && s.hd <= FLASH_MAX_HD, "flash attention: head dim {} outside 1..={FLASH_MAX_HD}", s.hd);
+    ensure!(q == s.b * s.tq * s.nh * s.hd, "flash attention: q holds {q} values for {s:?}");
+    ensure!(k == s.b * s.tk_stride * s.nkv * s.hd && v == k, "flash attention: k/v hold {k}/{v} values for {s:?}");
+    ensure!(s.b <= MAX_GRID_YZ && s.nh <= MAX_GRID_YZ, "flash attention: batch {} or heads {} above {MAX_GRID_YZ}", s.b, s.nh);
+    Ok(())
+}
+
+struct Dims {
+    tq: i32,
+    tk: i32,
+    stride: i32,
+    nh: i32,
+    nkv: i32,
+    hd: i32,
+}
+
+fn dims(s: &AttnShape) -> Result<Dims> {
+    // Element offsets inside the kernels are 64-bit; row counts must fit an int.
+    Ok(Dims {
+        tq: int(s.tq, "tq")?,
+        tk: int(s.tk, "tk")?,
+        stride: int(s.tk_stride, "tk_stride")?,
+        nh: int(s.nh, "heads")?,
+        nkv: int(s.nkv, "kv heads")?,
+        hd: int(s.hd, "head dim")?,
+    })
+}
+
+/// The kernel of `v`, allowed its dynamic shared memory (opt-in above 48 KiB).
+fn prepare(dev: &Device, v: &Variant) -> Result<CudaFunction> {
+    let f = dev.function(MODULE, v.kernel)?;
+    if v.smem > DEFAULT_SMEM {
+        let ctx = dev.context();
+        let limit = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        ensure!(
+            v.smem <= limit,
+            "flash attention: {} needs {} bytes of shared memory per block, this GPU allows {limit}",
+            v.kernel,
+            v.smem
+        );
+        ctx.bind_to_thread()?;
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v.smem as i32)?;
+    }
+    Ok(f)
+}
+
+/// Launch variant `$v` on grid `$grid` with its block size and dynamic shared memory. Arguments
+/// must have the exact C types of the kernel (see `launch!` in mod.rs).
+macro_rules! launch_variant {
+    ($dev:expr, $v:expr, $grid:expr; $($arg:expr),* $(,)?) => {{
+        let dev: &Device = $dev;
+        let v: Variant = $v;
+        let grid: (u32, u32, u32) = $grid;
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            Ok(())
+        } else {
+            use cudarc::driver::PushKernelArg;
+            let f = prepare(dev, &v)?;
+            let mut b = dev.stream().launch_builder(&f);
+            $( let a = $arg; b.arg(&a); )*
+            let cfg = cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: (v.threads, 1, 1), shared_mem_bytes: v.smem as u32 };
+            // SAFETY: the wrapper checked every buffer against the sizes the kernel indexes, the
+            // argument types match the kernel's C signature, and the block size and shared memory
+            // are the kernel's compile-time configuration (it traps otherwise).
+            unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(|e| Error(format!("launching {}: {}", v.kernel, Error::from(e))))
+        }
+    }};
+}
+
+/// Grid dimension `n` as u32 (block counts never exceed 2^31 for int-sized lengths).
+fn g(n: usize) -> u32 {
+    n as u32
+}
+
+/// How a decode launch splits the cache: `nchunks` chunks of `chunk` keys per query row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub kernel: &'static str,
+    pub chunk: usize,
+    pub nchunks: usize,
+}
+
+/// Chunks for `rows` = B * nh * Tq query rows over `tk` keys on a GPU with `sms` SMs: enough CTAs
+/// for [`DECODE_CTAS_PER_SM`] per SM, each chunk at least [`DECODE_MIN_CHUNK`] keys and a multiple
+/// of 32. `vec`: hd % 8 == 0 and k/v 16-byte aligned (16-byte loads, hd / 8 lanes per key).
+pub fn decode_plan(rows: usize, tk: usize, hd: usize, vec: bool, sms: usize) -> DecodePlan {
+    let kernel = match (vec, hd) {
+        (true, 0..=64) => "flash_decode_v8l8_bf16",
+        (true, 65..=128) => "flash_decode_v8l16_bf16",
+        (true, _) => "flash_decode_v8l32_bf16",
+        (false, _) => "flash_decode_s1_bf16",
+    };
+    let want = (DECODE_CTAS_PER_SM * sms.max(1)).div_ceil(rows.max(1)).max(1);
+    let chunk = tk.div_ceil(want).next_multiple_of(DECODE_CHUNK_ALIGN).max(DECODE_MIN_CHUNK);
+    DecodePlan { kernel, chunk, nchunks: tk.max(1).div_ceil(chunk) }
+}
+
+impl Device {
+    /// Causal GQA attention forward on tensor cores: q `[B, Tq, nh, hd]`, k/v
+    /// `[B, Tk_stride, nkv, hd]`, out like q (all bf16), `lse [B, nh, Tq]` (f32, natural log)
+    /// for the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_fwd(
+        &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        out: &mut impl DeviceWrite<bf16>,
+        lse: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
+        check(&s, q.len(), k.len(), v.len())?;
+        ensure!(out.len() == q.len() && lse.len() == s.b * s.nh * s.tq, "flash attention: out/lse sizes do not match {s:?}");
+        let d = dims(&s)?;
+        let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()]);
+        let var = select(Pass::Fwd, s.hd, vec)?;
+        let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
+        launch_variant!(self, var, (g(s.tq.div_ceil(var.rows)), g(s.nh), g(s.b));
+            q.dptr(), k.dptr(), v.dptr(), out.dptr(), lse.dptr(),
+            d.tq, d.tk, d.stride, d.nh, d.nkv, d.hd, scale_log2, vec as i32)
+    }
+
+    /// Flash attention backward: `dq` like q, `dk`/`dv` like k/v (zero past `tk`), from the
+    /// forward's `out` and `lse` and the output gradient `dout`. Three launches: D = rowsum(dO*O),
+    /// dK/dV per key tile, dQ per query tile. Deterministic (no atomics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_bwd(
+        &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        out: &impl DeviceRead<bf16>,
+        lse: &impl DeviceRead<f32>,
+        dout: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        dq: &mut impl DeviceWrite<bf16>,
+        dk: &mut impl DeviceWrite<bf16>,
+        dv: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
+        check(&s, q.len(), k.len(), v.len())?;
+        ensure!(
+            out.len() == q.len() && dout.len() == q.len() && dq.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            "flash attention backward: out/dout/dq/lse sizes do not match {s:?}"
+        );
+        ensure!(dk.len() == k.len() && dv.len() == v.len(), "flash attention backward: dk/dv sizes do not match {s:?}");
+        ensure!(s.nkv <= MAX_GRID_YZ, "flash attention backward: kv heads {} above {MAX_GRID_YZ}", s.nkv);
+        let d = dims(&s)?;
+        let b = int(s.b, "batch")?;
+        let scale = 1.0 / (s.hd as f32).sqrt();
+        let delta = self.alloc::<f32>(s.b * s.nh * s.tq)?;
+        launch!(self, "flash_attention", "flash_bwd_delta_bf16", (blocks_for(s.b * s.nh * s.tq, BLOCK / 32), 1, 1), BLOCK;
+            out.dptr(), dout.dptr(), delta.dptr(), b, d.tq, d.nh, d.hd)?;
+        let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), dout.dptr(), dq.dptr(), dk.dptr(), dv.dptr()]);
+        let kv = select(Pass::BwdDkdv, s.hd, vec)?;
+        launch_variant!(self, kv, (g(s.tk_stride.div_ceil(kv.rows)), g(s.nkv), g(s.b));
+            q.dptr(), k.dptr(), v.dptr(), dout.dptr(), lse.dptr(), delta.dptr(), dk.dptr(), dv.dptr(),
+            d.tq, d.tk, d.stride, d.nh, d.nkv, d.hd, scale, vec as i32)?;
+        let qv = select(Pass::BwdDq, s.hd, vec)?;
+        launch_variant!(self, qv, (g(s.tq.div_ceil(qv.rows)), g(s.nh), g(s.b));
+            q.dptr(), k.dptr(), v.dptr(), dout.dptr(), lse.dptr(), delta.dptr(), dq.dptr(),
+            d.tq, d.tk, d.stride, d.nh, d.nkv, d.hd, scale, vec as i32)
+    }
+
+    /// Decode attention: the `Tq` newest positions (usually 1) of each sequence against its KV
+    /// cache (`tk` valid of `tk_stride` slots), split over the cache in chunks (one CTA per
+    /// chunk, query row and head) and merged by a second kernel. Same outputs as
+    /// [`Device::flash_attention_fwd`]; meant for small `Tq` (each row reads its keys once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_decode(
+        &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        out: &mut impl DeviceWrite<bf16>,
+        lse: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
+        check(&s, q.len(), k.len(), v.len())?;
+        ensure!(out.len() == q.len() && lse.len() == s.b * s.nh * s.tq, "flash decode: out/lse sizes do not match {s:?}");
+        ensure!(s.nh * s.tq <= MAX_GRID_YZ, "flash decode: heads x new tokens = {} above {MAX_GRID_YZ}", s.nh * s.tq);
+        if s.b * s.tq == 0 {
+            return Ok(());
+        }
+        let d = dims(&s)?;
+        let rows = s.b * s.nh * s.tq;
+        let sms = self.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let plan = decode_plan(rows, s.tk, s.hd, vectorizable(s.hd, &[k.dptr(), v.dptr()]), sms);
+        let part_o = self.alloc::<f32>(rows * plan.nchunks * s.hd)?;
+        let part_ml = self.alloc::<f32>(rows * plan.nchunks * 2)?;
+        let (chunk, nchunks) = (int(plan.chunk, "decode chunk")?, int(plan.nchunks, "decode chunks")?);
+        let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
+        let split = Variant {
+            pass: Pass::Fwd,
+            kernel: plan.kernel,
+            hd: s.hd,
+            exact: false,
+            rows: 1,
+            stream: plan.chunk,
+            threads: DECODE_THREADS,
+            smem: 0,
+        };
+        launch_variant!(self, split, (g(plan.nchunks), g(s.nh * s.tq), g(s.b));
+            q.dptr(), k.dptr(), v.dptr(), part_o.dptr(), part_ml.dptr(),
+            d.tq, d.tk, d.stride, d.nh, d.nkv, d.hd, chunk, nchunks, scale_log2)?;
+        launch!(self, "flash_attention", "flash_decode_combine_bf16", (blocks_for(rows, BLOCK / 32), 1, 1), BLOCK;
+            part_o.dptr(), part_ml.dptr(), out.dptr(), lse.dptr(), int(s.b, "batch")?, d.tq, d.nh, d.hd, nchunks)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark.
+
+/// What `bench_attention` measures: causal training-shape attention (Tq = Tk = seq) with
+/// `batch = max(1, tokens / seq)` sequences, so that every row does similar total work.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub seqs: Vec<usize>,
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    /// Timed launches per pass (after `warmup` untimed ones).
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+impl Default for BenchConfig {
+    /// FlashAttention-2's benchmark shape: 16k tokens per step, 16 heads of 128.
+    fn default() -> Self {
+        BenchConfig { seqs: vec![1024, 2048, 4096, 8192, 16384], tokens: 16384, heads: 16, kv_heads: 16, hd: 128, iters: 10, warmup: 2 }
+    }
+}
+
+/// One measured shape. Times are means over the timed launches (CUDA events on the device's
+/// stream); TFLOP/s use [`causal_attention_flops`] (backward = 2.5x forward).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub seq: usize,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub fwd_tflops: f64,
+    pub bwd_tflops: f64,
+    pub fwd_kernel: &'static str,
+}
+
+/// Mean milliseconds of `f` over `iters` launches after `warmup` untimed ones.
+fn time_ms(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let ctx = dev.context();
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    start.record(dev.stream())?;
+    for _ in 0..iters {
+        f()?;
+    }
+    end.record(dev.stream())?;
+    let ms = start.elapsed_ms(&end)? as f64;
+    Ok(ms / iters.max(1) as f64)
+}
+
+/// Forward and backward throughput of the flash kernels at each sequence length of `cfg`
+/// (random bf16 inputs; the backward includes the D = rowsum(dO * O) pass).
+pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    ensure!(cfg.iters > 0, "attention bench: iters must be positive");
+    ensure!(!cfg.seqs.is_empty() && cfg.seqs.iter().all(|&t| t > 0), "attention bench: sequence lengths must be positive");
+    let mut rows = Vec::new();
+    for &seq in &cfg.seqs {
+        let batch = (cfg.tokens / seq).max(1);
+        let s = AttnShape { b: batch, tq: seq, tk: seq, tk_stride: seq, nh: cfg.heads, nkv: cfg.kv_heads, hd: cfg.hd };
+        let (nq, nk) = (batch * seq * cfg.heads * cfg.hd, batch * seq * cfg.kv_heads * cfg.hd);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seq as u64;
+        // Uniform in [-2, 2): values only matter for not overflowing.
+        let mut rand = |n: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    bf16::from_f32((state >> 40) as f32 / (1u64 << 22) as f32 - 2.0)
+                })
+                .collect()
+        };
+        let (q, k, v, dout) = (dev.upload(&rand(nq))?, dev.upload(&rand(nk))?, dev.upload(&rand(nk))?, dev.upload(&rand(nq))?);
+        let mut out = dev.alloc::<bf16>(nq)?;
+        let mut lse = dev.alloc::<f32>(batch * cfg.heads * seq)?;
+        let (mut dq, mut dk, mut dv) = (dev.alloc::<bf16>(nq)?, dev.alloc::<bf16>(nk)?, dev.alloc::<bf16>(nk)?);
+        let fwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || dev.flash_attention_fwd(&q, &k, &v, s, &mut out, &mut lse))?;
+        let bwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || {
+            dev.flash_attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv)
+        })?;
+        let flops = causal_attention_flops(&s);
+        let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()]);
+        rows.push(BenchRow {
+            seq,
+            batch,
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            hd: cfg.hd,
+            fwd_ms,
+            bwd_ms,
+            fwd_tflops: flops / (fwd_ms * 1e-3) / 1e12,
+            bwd_tflops: 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
+            fwd_kernel: select(Pass::Fwd, s.hd, vec)?.kernel,
+        });
+    }
+    Ok(rows)
+}
