@@ -38,6 +38,9 @@ pub fn median(v: &[f64]) -> f64 {
 /// model on random tokens.
 pub fn train_step(cfg: &Config, batch: usize, seq: usize, steps: usize, warmup: usize) -> Result<TrainBench> {
     ensure!(steps > 0, "--steps must be positive");
+    // Keep freed activation buffers in the process (see `tune_allocator`); the training loop
+    // should do the same.
+    crate::backend::cpu::tune_allocator();
     let mut model = Model::new_random(cfg, 0)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut rng = StdRng::seed_from_u64(0);
@@ -51,13 +54,21 @@ pub fn train_step(cfg: &Config, batch: usize, seq: usize, steps: usize, warmup: 
             tgt.extend_from_slice(&ids[b * (seq + 1) + 1..(b + 1) * (seq + 1)]);
         }
         let t0 = Instant::now();
-        let mut tape = Tape::new();
-        let out = model.loss(&mut tape, &inp, &tgt, batch, seq, LossCoefs::default())?;
-        let mut grads = tape.backward(out.loss).params;
-        drop(tape);
-        clip_grad_norm(&mut grads, 1.0);
-        opt.update(&mut model.params, &grads, 1e-4);
-        drop(grads);
+        // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
+        // inside the pool instead of each one injecting a job from outside and putting the
+        // calling thread to sleep until it completes (two context switches per parallel op).
+        let noscope = std::env::var_os("FLEXRUN_NOSCOPE").is_some();
+        let mut body = || -> Result<()> {
+            let mut tape = Tape::new();
+            let out = model.loss(&mut tape, &inp, &tgt, batch, seq, LossCoefs::default())?;
+            let mut grads = tape.backward(out.loss).params;
+            drop(tape);
+            clip_grad_norm(&mut grads, 1.0);
+            opt.update(&mut model.params, &grads, 1e-4);
+            drop(grads);
+            Ok(())
+        };
+        if noscope { body()?; } else { rayon::scope(|_| body())?; }
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= warmup {
             times.push(ms);

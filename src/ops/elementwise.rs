@@ -1,6 +1,7 @@
 //! Elementwise ops: add, scaled add, scale, SwiGLU, and row concatenation.
 
 use crate::autograd::{Backward, Tape, Var};
+use crate::backend::cpu::{alloc_init, simd};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -15,12 +16,14 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Var {
 pub fn add_scaled(tape: &mut Tape, a: Var, b: Var, alpha: f32) -> Var {
     let (av, bv) = (tape.value(a), tape.value(b));
     assert_eq!(av.shape(), bv.shape(), "add: shape mismatch");
-    let mut y = av.data().to_vec();
-    y.par_chunks_mut(PAR_CHUNK).zip(bv.data().par_chunks(PAR_CHUNK)).for_each(|(y, b)| {
-        for (yi, bi) in y.iter_mut().zip(b) {
-            *yi += alpha * bi;
-        }
-    });
+    // SAFETY: the chunks cover the output and each kernel call writes its whole chunk.
+    let y = unsafe {
+        alloc_init(av.numel(), |y| {
+            y.par_chunks_mut(PAR_CHUNK)
+                .zip(av.data().par_chunks(PAR_CHUNK).zip(bv.data().par_chunks(PAR_CHUNK)))
+                .for_each(|(y, (a, b))| simd::add_scaled_into(y, a, b, alpha))
+        })
+    };
     let shape = av.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[a, b], AddBack { alpha })
 }
@@ -35,7 +38,7 @@ impl Backward for AddBack {
             if self.alpha == 1.0 {
                 g.clone()
             } else {
-                Tensor::from_vec(g.data().iter().map(|x| x * self.alpha).collect(), g.shape())
+                Tensor::from_vec(scaled(g.data(), self.alpha), g.shape())
             }
         });
         vec![needs[0].then(|| g.clone()), gb]
@@ -44,7 +47,7 @@ impl Backward for AddBack {
 
 pub fn scale(tape: &mut Tape, a: Var, s: f32) -> Var {
     let av = tape.value(a);
-    let y: Vec<f32> = av.data().iter().map(|x| x * s).collect();
+    let y = scaled(av.data(), s);
     let shape = av.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[a], ScaleBack { s })
 }
@@ -55,27 +58,36 @@ struct ScaleBack {
 
 impl Backward for ScaleBack {
     fn backward(&self, g: &Tensor, _needs: &[bool]) -> Vec<Option<Tensor>> {
-        vec![Some(Tensor::from_vec(g.data().iter().map(|x| x * self.s).collect(), g.shape()))]
+        vec![Some(Tensor::from_vec(scaled(g.data(), self.s), g.shape()))]
     }
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `s * x`, elementwise.
+fn scaled(x: &[f32], s: f32) -> Vec<f32> {
+    // SAFETY: the chunks cover the output and each element is written.
+    unsafe {
+        alloc_init(x.len(), |y| {
+            y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(y, x)| {
+                for (a, b) in y.iter_mut().zip(x) {
+                    a.write(b * s);
+                }
+            })
+        })
+    }
 }
 
 /// SwiGLU: `silu(gate) * up`.
 pub fn swiglu(tape: &mut Tape, gate: Var, up: Var) -> Var {
     let (gv, uv) = (tape.value(gate), tape.value(up));
     assert_eq!(gv.shape(), uv.shape(), "swiglu: shape mismatch");
-    let mut y = vec![0f32; gv.numel()];
-    y.par_chunks_mut(PAR_CHUNK)
-        .zip(gv.data().par_chunks(PAR_CHUNK).zip(uv.data().par_chunks(PAR_CHUNK)))
-        .for_each(|(y, (g, u))| {
-            for i in 0..y.len() {
-                y[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+    // SAFETY: the chunks cover the output and each kernel call writes its whole chunk.
+    let y = unsafe {
+        alloc_init(gv.numel(), |y| {
+            y.par_chunks_mut(PAR_CHUNK)
+                .zip(gv.data().par_chunks(PAR_CHUNK).zip(uv.data().par_chunks(PAR_CHUNK)))
+                .for_each(|(y, (g, u))| simd::swiglu_fwd(y, g, u))
+        })
+    };
     let op = SwigluBack { gate: gv.clone(), up: uv.clone() };
     let shape = gv.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[gate, up], op)
@@ -89,19 +101,21 @@ struct SwigluBack {
 impl Backward for SwigluBack {
     fn backward(&self, g: &Tensor, needs: &[bool]) -> Vec<Option<Tensor>> {
         let n = g.numel();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        dg.par_chunks_mut(PAR_CHUNK)
-            .zip(du.par_chunks_mut(PAR_CHUNK))
+        let (gate, up, gy) = (self.gate.data(), self.up.data(), g.data());
+        let (mut dg, mut du) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));
+        dg.spare_capacity_mut()[..n]
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(du.spare_capacity_mut()[..n].par_chunks_mut(PAR_CHUNK))
             .enumerate()
             .for_each(|(c, (dg, du))| {
-                let o = c * PAR_CHUNK;
-                for i in 0..dg.len() {
-                    let (x, u, gy) = (self.gate.data()[o + i], self.up.data()[o + i], g.data()[o + i]);
-                    let s = sigmoid(x);
-                    dg[i] = gy * u * s * (1.0 + x * (1.0 - s));
-                    du[i] = gy * x * s;
-                }
+                let r = c * PAR_CHUNK..c * PAR_CHUNK + dg.len();
+                simd::swiglu_bwd(dg, du, &gate[r.clone()], &up[r.clone()], &gy[r]);
             });
+        // SAFETY: the chunks cover 0..n of both buffers and the kernel writes every element.
+        unsafe {
+            dg.set_len(n);
+            du.set_len(n);
+        }
         vec![
             needs[0].then(|| Tensor::from_vec(dg, g.shape())),
             needs[1].then(|| Tensor::from_vec(du, g.shape())),

@@ -3,6 +3,8 @@
 
 use super::router::Routing;
 use crate::autograd::{Backward, Tape, Var};
+use crate::backend::cpu::alloc_init;
+use std::mem::MaybeUninit;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -11,8 +13,15 @@ use std::sync::Arc;
 pub fn gather_rows(tape: &mut Tape, x: Var, rows: &Arc<Vec<u32>>) -> Var {
     let xv = tape.value(x);
     let h = xv.cols();
-    let mut y = vec![0f32; rows.len() * h];
-    y.par_chunks_mut(h).zip(rows.par_iter()).for_each(|(y, &r)| y.copy_from_slice(xv.row(r as usize)));
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(h.max(1)).zip(rows.par_iter()).with_min_len(16).for_each(|(y, &r)| {
+            y.iter_mut().zip(xv.row(r as usize)).for_each(|(a, b)| {
+                a.write(*b);
+            })
+        })
+    };
+    // SAFETY: one chunk per gathered row, each copied in full.
+    let y = unsafe { alloc_init(rows.len() * h, fill) };
     let op = GatherBack { rows: rows.clone(), n: xv.rows() };
     tape.push(Tensor::from_vec(y, &[rows.len(), h]), &[x], op)
 }
@@ -25,6 +34,31 @@ struct GatherBack {
 impl Backward for GatherBack {
     fn backward(&self, g: &Tensor, _needs: &[bool]) -> Vec<Option<Tensor>> {
         let h = g.cols();
+        if self.rows.windows(2).all(|w| w[0] < w[1]) {
+            // Distinct rows (an expert's token list is ascending): a parallel scatter, each
+            // destination row written once, rows no token maps to with zeros.
+            let mut src_of = vec![u32::MAX; self.n];
+            for (i, &r) in self.rows.iter().enumerate() {
+                src_of[r as usize] = i as u32;
+            }
+            let fill = |dx: &mut [MaybeUninit<f32>]| {
+                dx.par_chunks_mut(h.max(1)).zip(src_of.par_iter()).with_min_len(64).for_each(|(d, &i)| {
+                    if i != u32::MAX {
+                        d.iter_mut().zip(g.row(i as usize)).for_each(|(a, b)| {
+                            a.write(*b);
+                        });
+                    } else {
+                        d.iter_mut().for_each(|a| {
+                            a.write(0.0);
+                        });
+                    }
+                })
+            };
+            // SAFETY: one chunk per destination row, each written in full.
+            let dx = unsafe { alloc_init(self.n * h, fill) };
+            return vec![Some(Tensor::from_vec(dx, &[self.n, h]))];
+        }
+        // General gather (repeated rows): serial scatter-add.
         let mut dx = vec![0f32; self.n * h];
         for (i, &r) in self.rows.iter().enumerate() {
             for (a, b) in dx[r as usize * h..(r as usize + 1) * h].iter_mut().zip(g.row(i)) {
@@ -48,17 +82,28 @@ pub fn moe_combine(tape: &mut Tape, outs: &[Option<Var>], weights: Var, routing:
     let wv = tape.value(weights).clone();
     let h = vals.first().map(|t| t.cols()).unwrap_or(0);
     let (n, k) = (r.n, r.k);
-    let mut y = vec![0f32; n * h];
-    y.par_chunks_mut(h.max(1)).enumerate().for_each(|(t, y)| {
-        for s in 0..k {
-            let e = r.indices[t * k + s] as usize;
-            let o = &vals[slot_of_expert[e].expect("routed expert has output")];
-            let w = wv.data()[t * k + s];
-            for (a, b) in y.iter_mut().zip(o.row(r.row_of[t * k + s] as usize)) {
-                *a += w * b;
+    assert!(k >= 1 || n == 0, "moe_combine: top-k must be at least 1");
+    let fill = |y: &mut [MaybeUninit<f32>]| {
+        y.par_chunks_mut(h.max(1)).with_min_len(16).enumerate().for_each(|(t, y)| {
+            for s in 0..k {
+                let e = r.indices[t * k + s] as usize;
+                let o = &vals[slot_of_expert[e].expect("routed expert has output")];
+                let w = wv.data()[t * k + s];
+                let src = o.row(r.row_of[t * k + s] as usize);
+                if s == 0 {
+                    y.iter_mut().zip(src).for_each(|(a, b)| {
+                        a.write(w * b);
+                    });
+                } else {
+                    // SAFETY: slot 0 initialised the whole row.
+                    let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                    y.iter_mut().zip(src).for_each(|(a, b)| *a += w * b);
+                }
             }
-        }
-    });
+        })
+    };
+    // SAFETY: one chunk per token row, written in full by its first slot (k >= 1).
+    let y = unsafe { alloc_init(n * h, fill) };
     let mut parents = present.clone();
     parents.push(weights);
     let op = CombineBack { vals, weights: wv, routing: r, slot_of_expert };
@@ -84,17 +129,20 @@ impl Backward for CombineBack {
                 continue;
             }
             // Row i of expert e is token tokens[i]; find its slot to read the weight.
-            let mut d = vec![0f32; tokens.len() * h];
-            d.par_chunks_mut(h).enumerate().for_each(|(i, drow)| {
-                let t = tokens[i] as usize;
-                let s = (0..k)
-                    .find(|&s| r.indices[t * k + s] as usize == e && r.row_of[t * k + s] as usize == i)
-                    .expect("routing is consistent");
-                let w = self.weights.data()[t * k + s];
-                for (a, b) in drow.iter_mut().zip(g.row(t)) {
-                    *a = w * b;
-                }
-            });
+            let fill = |d: &mut [MaybeUninit<f32>]| {
+                d.par_chunks_mut(h.max(1)).with_min_len(16).enumerate().for_each(|(i, drow)| {
+                    let t = tokens[i] as usize;
+                    let s = (0..k)
+                        .find(|&s| r.indices[t * k + s] as usize == e && r.row_of[t * k + s] as usize == i)
+                        .expect("routing is consistent");
+                    let w = self.weights.data()[t * k + s];
+                    for (a, b) in drow.iter_mut().zip(g.row(t)) {
+                        a.write(w * b);
+                    }
+                })
+            };
+            // SAFETY: one chunk per expert row, each written in full.
+            let d = unsafe { alloc_init(tokens.len() * h, fill) };
             out.push(Some(Tensor::from_vec(d, &[tokens.len(), h])));
         }
         let dw = needs[self.vals.len()].then(|| {

@@ -1,25 +1,32 @@
 //! RMSNorm over the last dimension: `y = w * x * rsqrt(mean(x^2) + eps)`, statistics in f32.
 
 use crate::autograd::{Backward, Tape, Var};
-use crate::backend::cpu::{chunks, dot, sum_sq, REDUCE_CHUNKS};
+use crate::backend::cpu::{alloc_init, chunks, simd, sum_sq, REDUCE_CHUNKS};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+
+/// Rows per rayon task (a row is 1 KiB at d = 256).
+const ROWS: usize = 16;
 
 pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
     let d = xv.cols();
     assert_eq!(wv.numel(), d, "rmsnorm: weight has {} entries, input width {d}", wv.numel());
     let n = xv.rows();
-    let mut y = vec![0f32; n * d];
     let mut rstd = vec![0f32; n];
     let (xd, wd) = (xv.data(), wv.data());
-    y.par_chunks_mut(d).zip(rstd.par_iter_mut()).enumerate().for_each(|(i, (y, r))| {
-        let row = &xd[i * d..(i + 1) * d];
-        *r = 1.0 / (sum_sq(row) / d as f32 + eps).sqrt();
-        for j in 0..d {
-            y[j] = wd[j] * (row[j] * *r);
-        }
-    });
+    // SAFETY: one chunk per row, every element of each row written.
+    let y = unsafe {
+        alloc_init(n * d, |y| {
+            y.par_chunks_mut(d.max(1)).zip(rstd.par_iter_mut()).with_min_len(ROWS).enumerate().for_each(
+                |(i, (y, r))| {
+                    let row = &xd[i * d..(i + 1) * d];
+                    *r = 1.0 / (sum_sq(row) / d as f32 + eps).sqrt();
+                    simd::rms_scale(y, wd, row, *r);
+                },
+            )
+        })
+    };
     let op = RmsBack { x: xv.clone(), w: wv.clone(), rstd };
     let shape = xv.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[x, w], op)
@@ -37,19 +44,17 @@ impl Backward for RmsBack {
         let n = self.x.rows();
         let (xd, wd, gd) = (self.x.data(), self.w.data(), g.data());
         let dx = needs[0].then(|| {
-            let mut dx = vec![0f32; n * d];
-            dx.par_chunks_mut(d).enumerate().for_each(|(i, dx)| {
-                let (x, gy, r) = (&xd[i * d..(i + 1) * d], &gd[i * d..(i + 1) * d], self.rstd[i]);
-                // dx = r * (w*g - xhat * mean(w*g*xhat)), xhat = x*r
-                let mut wg_x = 0f32;
-                for j in 0..d {
-                    wg_x += wd[j] * gy[j] * x[j];
-                }
-                let c = wg_x * r * r / d as f32;
-                for j in 0..d {
-                    dx[j] = r * (wd[j] * gy[j] - x[j] * c);
-                }
-            });
+            // SAFETY: one chunk per row, every element of each row written.
+            let dx = unsafe {
+                alloc_init(n * d, |dx| {
+                    dx.par_chunks_mut(d.max(1)).with_min_len(ROWS).enumerate().for_each(|(i, dx)| {
+                        let (x, gy, r) = (&xd[i * d..(i + 1) * d], &gd[i * d..(i + 1) * d], self.rstd[i]);
+                        // dx = r * (w*g - xhat * mean(w*g*xhat)), xhat = x*r
+                        let c = simd::dot3(wd, gy, x) * r * r / d as f32;
+                        simd::rms_dx(dx, wd, gy, x, r, c);
+                    })
+                })
+            };
             Tensor::from_vec(dx, self.x.shape())
         });
         let dw = needs[1].then(|| {
@@ -60,9 +65,7 @@ impl Backward for RmsBack {
                     let mut acc = vec![0f32; d];
                     for i in rows {
                         let (x, gy, r) = (&xd[i * d..(i + 1) * d], &gd[i * d..(i + 1) * d], self.rstd[i]);
-                        for j in 0..d {
-                            acc[j] += gy[j] * x[j] * r;
-                        }
+                        simd::acc_mul(&mut acc, gy, x, r);
                     }
                     acc
                 })
@@ -75,7 +78,6 @@ impl Backward for RmsBack {
             }
             Tensor::from_vec(dw, self.w.shape())
         });
-        let _ = dot;
         vec![dx, dw]
     }
 }

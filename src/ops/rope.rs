@@ -2,6 +2,7 @@
 //! `inv_freq_i = theta^(-2i/hd)`; angles and cos/sin in f32 like the reference implementation.
 
 use crate::autograd::{Backward, Tape, Var};
+use crate::backend::cpu::alloc_init;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -49,21 +50,29 @@ fn apply(x: &Tensor, table: &RopeTable, t_len: usize, offset: usize, inverse: bo
     let half = hd / 2;
     let width = x.cols();
     assert_eq!(width % hd, 0, "rope: width {width} not a multiple of head dim {hd}");
+    assert!(hd % 2 == 0, "rope: head dim {hd} must be even");
     assert!(offset + t_len <= table.max_pos, "rope: position {} beyond table {}", offset + t_len, table.max_pos);
-    let mut y = vec![0f32; x.numel()];
     let sign = if inverse { -1.0 } else { 1.0 };
-    y.par_chunks_mut(width).zip(x.data().par_chunks(width)).enumerate().for_each(|(r, (y, x))| {
-        let p = offset + r % t_len;
-        let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
-        for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
-            for i in 0..half {
-                let (x1, x2) = (xh[i], xh[i + half]);
-                let si = sign * s[i];
-                yh[i] = x1 * c[i] - x2 * si;
-                yh[i + half] = x2 * c[i] + x1 * si;
-            }
-        }
-    });
+    // SAFETY: one chunk per row; each head's halves are written in full (width % hd == 0).
+    let y = unsafe {
+        alloc_init(x.numel(), |y| {
+            y.par_chunks_mut(width.max(1)).zip(x.data().par_chunks(width.max(1))).with_min_len(16).enumerate().for_each(
+                |(r, (y, x))| {
+                    let p = offset + r % t_len;
+                    let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
+                    for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
+                        let (y1, y2) = yh.split_at_mut(half);
+                        let (x1, x2) = xh.split_at(half);
+                        for i in 0..half {
+                            let si = sign * s[i];
+                            y1[i].write(x1[i] * c[i] - x2[i] * si);
+                            y2[i].write(x2[i] * c[i] + x1[i] * si);
+                        }
+                    }
+                },
+            )
+        })
+    };
     Tensor::from_vec(y, x.shape())
 }
 
