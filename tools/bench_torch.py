@@ -38,44 +38,14 @@ already have torch and transformers).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "tools" / "requirements-torch.txt"
-VENV = Path(os.environ.get("FLEXRUN_TORCH_VENV", str(ROOT / ".venv-torch")))
-
-
-# --------------------------------------------------------------------------
-# venv bootstrap (stdlib only; kept identical in make_hf_fixtures.py)
-# --------------------------------------------------------------------------
-def ensure_venv() -> None:
-    """Create/update the project venv and re-exec this script inside it."""
-    if os.environ.get("FLEXRUN_TORCH_NO_VENV") == "1":
-        return
-    venv = VENV.absolute()
-    if Path(sys.prefix).absolute() == venv:
-        return  # already running inside it
-    py = venv / "bin" / "python"
-    stamp = venv / ".requirements.sha256"
-    want = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
-    if not py.exists():
-        print(f"[bootstrap] creating venv {venv}", file=sys.stderr)
-        subprocess.check_call([sys.executable, "-m", "venv", str(venv)], stdout=sys.stderr)
-    if not stamp.exists() or stamp.read_text().strip() != want:
-        print(f"[bootstrap] installing {REQUIREMENTS} into {venv}", file=sys.stderr)
-        subprocess.check_call(
-            [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
-            stdout=sys.stderr,
-        )
-        stamp.write_text(want + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+sys.path.insert(0, str(ROOT / "tools"))
+from torchenv import ensure_venv  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -207,5 +177,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    ensure_venv()
+    ensure_venv(__file__)
     sys.exit(main())

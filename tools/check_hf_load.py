@@ -28,7 +28,6 @@ the same way.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -36,38 +35,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "tools" / "requirements-torch.txt"
-VENV = Path(os.environ.get("FLEXRUN_TORCH_VENV", str(ROOT / ".venv-torch")))
+sys.path.insert(0, str(ROOT / "tools"))
+from torchenv import ensure_venv  # noqa: E402
 # The ids every fixture in tests/fixtures runs (see tests/fixtures/README.md).
 FIXTURE_IDS = [3, 17, 42, 0, 95, 61, 29, 1, 88, 12, 50, 73]
-
-
-# --------------------------------------------------------------------------
-# venv bootstrap (stdlib only; kept identical in make_hf_fixtures.py and bench_torch.py)
-# --------------------------------------------------------------------------
-def ensure_venv() -> None:
-    """Create/update the project venv and re-exec this script inside it."""
-    if os.environ.get("FLEXRUN_TORCH_NO_VENV") == "1":
-        return
-    venv = VENV.absolute()
-    if Path(sys.prefix).absolute() == venv:
-        return  # already running inside it
-    py = venv / "bin" / "python"
-    stamp = venv / ".requirements.sha256"
-    want = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
-    if not py.exists():
-        print(f"[bootstrap] creating venv {venv}", file=sys.stderr)
-        subprocess.check_call([sys.executable, "-m", "venv", str(venv)], stdout=sys.stderr)
-    if not stamp.exists() or stamp.read_text().strip() != want:
-        print(f"[bootstrap] installing {REQUIREMENTS} into {venv}", file=sys.stderr)
-        subprocess.check_call(
-            [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-r", str(REQUIREMENTS)],
-            stdout=sys.stderr,
-        )
-        stamp.write_text(want + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
 def transformers_logits(model_dir: Path, ids: list[int]) -> tuple[list[list[float]], dict]:
@@ -108,7 +79,7 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    ensure_venv()
+    ensure_venv(__file__)
 
     import torch
     import transformers
