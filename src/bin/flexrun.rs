@@ -518,7 +518,7 @@ fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<To
 fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
-        "cuda" => bail!("this build of flexrun has no CUDA backend; use --device cpu"),
+        "cuda" => bail!("whole-model training does not run on CUDA yet (the CUDA kernels are tested one by one); use --device cpu"),
         other => bail!("unknown device '{other}' (expected cpu or cuda)"),
     }
 }
