@@ -19,7 +19,11 @@ const ARCH_FLAGS: &[&str] = &[
 fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
     if let Some(p) = env::var_os("NVCC") {
         let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err(format!("NVCC={} does not exist", p.display())) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("NVCC={} does not exist", p.display()))
+        };
     }
     let mut cands: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
@@ -29,7 +33,10 @@ fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
         cands.extend(env::split_paths(&path).map(|d| d.join("nvcc")));
     }
     cands.push(root.join(".cuda/toolkit/bin/nvcc"));
-    cands.into_iter().find(|p| p.is_file()).ok_or_else(|| "nvcc not found (run tools/setup-cuda.sh, or set NVCC)".to_string())
+    cands
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| "nvcc not found (run tools/setup-cuda.sh, or set NVCC)".to_string())
 }
 
 fn main() {
@@ -55,7 +62,9 @@ fn main() {
 
     let gen = out.join("kernels.rs");
     // nvcc preprocesses with the host `gcc` (or NVCC_CCBIN): without one no kernel can build.
-    let on_path = |exe: &str| env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(exe).is_file()));
+    let on_path = |exe: &str| {
+        env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(exe).is_file()))
+    };
     let nvcc = match find_nvcc(&root) {
         Ok(_) if env::var_os("NVCC_CCBIN").is_none() && !on_path("gcc") => {
             Err("nvcc found but no host compiler gcc (install g++, or set NVCC_CCBIN)".to_string())
@@ -73,7 +82,10 @@ fn main() {
     };
 
     // Compile in parallel on a few threads; each nvcc is itself single-threaded.
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(sources.len()).max(1);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(sources.len())
+        .max(1);
     let next = AtomicUsize::new(0);
     let failures: Vec<String> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -91,16 +103,23 @@ fn main() {
                 })
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
     });
     if !failures.is_empty() {
         panic!("nvcc ({}) failed:\n{}", nvcc.display(), failures.join("\n"));
     }
 
-    let mut code = String::from("pub const KERNELS_BUILT: bool = true;\npub const KERNEL_MODULES: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from(
+        "pub const KERNELS_BUILT: bool = true;\npub const KERNEL_MODULES: &[(&str, &[u8])] = &[\n",
+    );
     for src in &sources {
         let stem = src.file_stem().unwrap().to_str().unwrap();
-        code += &format!("    ({stem:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"))),\n");
+        code += &format!(
+            "    ({stem:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.fatbin\"))),\n"
+        );
     }
     code += "];\n";
     fs::write(&gen, code).unwrap();
@@ -121,7 +140,9 @@ fn compile(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<(), Strin
         cmd.arg("-ccbin").arg(cc);
     }
     let t0 = std::time::Instant::now();
-    let o = cmd.output().map_err(|e| format!("{}: cannot run nvcc: {e}", src.display()))?;
+    let o = cmd
+        .output()
+        .map_err(|e| format!("{}: cannot run nvcc: {e}", src.display()))?;
     if !o.status.success() {
         return Err(format!(
             "{}:\n{}{}",
@@ -130,10 +151,16 @@ fn compile(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<(), Strin
             String::from_utf8_lossy(&o.stderr)
         ));
     }
-    for line in String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.trim().is_empty()) {
+    for line in String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         println!("cargo:warning=nvcc {stem}.cu: {line}");
     }
     // Timing is visible with `cargo build -vv`.
-    println!("flexrun: nvcc {stem}.cu in {:.1}s", t0.elapsed().as_secs_f64());
+    println!(
+        "flexrun: nvcc {stem}.cu in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

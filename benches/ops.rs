@@ -39,7 +39,9 @@ fn gemm(c: &mut Criterion) {
     // Like `flexrun bench train`: freed buffers stay in the process (no page faults per call).
     flexrun::backend::cpu::tune_allocator();
     let mut g = c.benchmark_group("gemm");
-    g.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     let mut rng = StdRng::seed_from_u64(0);
     for &(name, m, n, k, at, bt) in GEMMS {
         let a = Tensor::randn(&[m * k], 1.0, &mut rng);
@@ -48,7 +50,19 @@ fn gemm(c: &mut Criterion) {
         g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
         let id = BenchmarkId::new(name, format!("{m}x{n}x{k}"));
         g.bench_function(id, |bch| {
-            bch.iter(|| matmul(m, n, k, a.data(), at, b.data(), bt, black_box(&mut out), false))
+            bch.iter(|| {
+                matmul(
+                    m,
+                    n,
+                    k,
+                    a.data(),
+                    at,
+                    b.data(),
+                    bt,
+                    black_box(&mut out),
+                    false,
+                )
+            })
         });
     }
     g.finish();
@@ -81,7 +95,11 @@ fn attention(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("forward_backward", &id), |bch| {
         bch.iter(|| {
             let mut tape = Tape::new();
-            let (qv, kv, vv) = (tape.leaf(q.clone()), tape.leaf(k.clone()), tape.leaf(v.clone()));
+            let (qv, kv, vv) = (
+                tape.leaf(q.clone()),
+                tape.leaf(k.clone()),
+                tape.leaf(v.clone()),
+            );
             let o = ops::attention(&mut tape, qv, kv, vv, s);
             tape.backward_with(o, go.clone())
         })
@@ -96,7 +114,9 @@ fn cross_entropy(c: &mut Criterion) {
     let (n, v) = (2048, 4096);
     let mut rng = StdRng::seed_from_u64(2);
     let logits = Tensor::randn(&[n, v], 2.0, &mut rng);
-    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 2654435761u32) % v as u32).collect();
+    let targets: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 2654435761u32) % v as u32)
+        .collect();
     // Bytes: read logits twice (forward, backward), write the gradient once.
     g.throughput(Throughput::Bytes((3 * n * v * 4) as u64));
     g.bench_function(BenchmarkId::new("fwd_bwd", format!("{n}x{v}")), |bch| {
@@ -115,16 +135,22 @@ fn train_step(c: &mut Criterion) {
     let cfg = Config::load(&path).expect("benches/configs/moe_small.json");
     let (batch, seq) = (8, 256);
     let mut g = c.benchmark_group("train_step");
-    g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(15));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(15));
     g.throughput(Throughput::Elements((batch * seq) as u64));
-    g.bench_function(BenchmarkId::new("moe_small", format!("b{batch}_t{seq}")), |bch| {
-        // Time only the steps (forward, backward, clipping, AdamW), not the model's random init:
-        // `flexrun::bench::train_step` reports each step's wall time.
-        bch.iter_custom(|iters| {
-            let r = flexrun::bench::train_step(&cfg, batch, seq, iters as usize, 1).expect("train step");
-            Duration::from_secs_f64(r.step_ms_all.iter().sum::<f64>() / 1e3)
-        })
-    });
+    g.bench_function(
+        BenchmarkId::new("moe_small", format!("b{batch}_t{seq}")),
+        |bch| {
+            // Time only the steps (forward, backward, clipping, AdamW), not the model's random init:
+            // `flexrun::bench::train_step` reports each step's wall time.
+            bch.iter_custom(|iters| {
+                let r = flexrun::bench::train_step(&cfg, batch, seq, iters as usize, 1)
+                    .expect("train step");
+                Duration::from_secs_f64(r.step_ms_all.iter().sum::<f64>() / 1e3)
+            })
+        },
+    );
     g.finish();
 }
 

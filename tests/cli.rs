@@ -4,16 +4,33 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn flexrun(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flexrun")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_flexrun"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn assert_clean_error(args: &[&str], needle: &str) {
     let (code, _, err) = flexrun(args);
     assert_eq!(code, 1, "{args:?} should fail with status 1; stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?} should print one line: {err}");
-    assert!(err.contains(needle), "{args:?}: expected '{needle}' in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{args:?} panicked: {err}"
+    );
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?} should print one line: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -31,22 +48,62 @@ fn fixture(name: &str) -> String {
 fn missing_and_corrupt_inputs() {
     let d = tmp("bad");
     let ds = d.to_str().unwrap();
-    assert_clean_error(&["generate", "--model", "/nonexistent/model", "--ids", "1,2"], "does not exist");
-    assert_clean_error(&["data", "prepare", "--input", ds, "--tokenizer", "/nonexistent/tok.json", "--out", ds], "tok.json");
-    assert_clean_error(&["pretrain", "--data", "/nonexistent/data", "--out", ds], "meta.json");
+    assert_clean_error(
+        &["generate", "--model", "/nonexistent/model", "--ids", "1,2"],
+        "does not exist",
+    );
+    assert_clean_error(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            ds,
+            "--tokenizer",
+            "/nonexistent/tok.json",
+            "--out",
+            ds,
+        ],
+        "tok.json",
+    );
+    assert_clean_error(
+        &["pretrain", "--data", "/nonexistent/data", "--out", ds],
+        "meta.json",
+    );
     // A truncated safetensors file.
     let m = d.join("m");
     std::fs::create_dir_all(&m).unwrap();
-    std::fs::copy(format!("{}/config.json", fixture("flexolmo_tiny_optout2")), m.join("config.json")).unwrap();
-    let bytes = std::fs::read(format!("{}/model.safetensors", fixture("flexolmo_tiny_optout2"))).unwrap();
+    std::fs::copy(
+        format!("{}/config.json", fixture("flexolmo_tiny_optout2")),
+        m.join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(format!(
+        "{}/model.safetensors",
+        fixture("flexolmo_tiny_optout2")
+    ))
+    .unwrap();
     std::fs::write(m.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_error(&["logits", "--model", m.to_str().unwrap(), "--ids", "1,2"], "safetensors");
+    assert_clean_error(
+        &["logits", "--model", m.to_str().unwrap(), "--ids", "1,2"],
+        "safetensors",
+    );
     // A corrupt config.
     std::fs::write(m.join("config.json"), "{ not json").unwrap();
-    assert_clean_error(&["logits", "--model", m.to_str().unwrap(), "--ids", "1,2"], "config");
+    assert_clean_error(
+        &["logits", "--model", m.to_str().unwrap(), "--ids", "1,2"],
+        "config",
+    );
     // An expert artifact that is not one.
     assert_clean_error(
-        &["merge", "--public", &fixture("olmo2_tiny_bf16"), "--experts", m.join("config.json").to_str().unwrap(), "--out", ds],
+        &[
+            "merge",
+            "--public",
+            &fixture("olmo2_tiny_bf16"),
+            "--experts",
+            m.join("config.json").to_str().unwrap(),
+            "--out",
+            ds,
+        ],
         "not a valid expert artifact",
     );
     std::fs::remove_dir_all(&d).ok();
@@ -55,22 +112,82 @@ fn missing_and_corrupt_inputs() {
 #[test]
 fn out_of_range_ids_and_bad_selections() {
     let model = fixture("flexolmo_tiny");
-    assert_clean_error(&["logits", "--model", &model, "--ids", "1,96"], "token id 96 is out of range");
-    assert_clean_error(&["logits", "--model", &model, "--ids", "1,x"], "'x' is not a token id");
-    assert_clean_error(&["logits", "--model", &model, "--ids", "1", "--exclude", "7"], "no expert '7'");
-    assert_clean_error(&["logits", "--model", &model, "--ids", "1", "--exclude", "0,1,2,3"], "leaves no expert");
-    assert_clean_error(&["generate", "--model", &fixture("olmo2_tiny_bf16"), "--ids", "1", "--exclude", "0"], "dense model");
-    assert_clean_error(&["bench", "train", "--config", &format!("{model}/config.json"), "--device", "tpu"], "unknown device");
+    assert_clean_error(
+        &["logits", "--model", &model, "--ids", "1,96"],
+        "token id 96 is out of range",
+    );
+    assert_clean_error(
+        &["logits", "--model", &model, "--ids", "1,x"],
+        "'x' is not a token id",
+    );
+    assert_clean_error(
+        &["logits", "--model", &model, "--ids", "1", "--exclude", "7"],
+        "no expert '7'",
+    );
+    assert_clean_error(
+        &[
+            "logits",
+            "--model",
+            &model,
+            "--ids",
+            "1",
+            "--exclude",
+            "0,1,2,3",
+        ],
+        "leaves no expert",
+    );
+    assert_clean_error(
+        &[
+            "generate",
+            "--model",
+            &fixture("olmo2_tiny_bf16"),
+            "--ids",
+            "1",
+            "--exclude",
+            "0",
+        ],
+        "dense model",
+    );
+    assert_clean_error(
+        &[
+            "bench",
+            "train",
+            "--config",
+            &format!("{model}/config.json"),
+            "--device",
+            "tpu",
+        ],
+        "unknown device",
+    );
 }
 
 #[test]
 fn logits_and_opt_out_from_the_command_line() {
-    let (code, out, err) = flexrun(&["logits", "--model", &fixture("flexolmo_tiny"), "--ids", "3,17,42", "--exclude", "2", "--json"]);
+    let (code, out, err) = flexrun(&[
+        "logits",
+        "--model",
+        &fixture("flexolmo_tiny"),
+        "--ids",
+        "3,17,42",
+        "--exclude",
+        "2",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rows = v["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0].as_array().unwrap().len(), 96);
-    let (_, direct, _) = flexrun(&["logits", "--model", &fixture("flexolmo_tiny_optout2"), "--ids", "3,17,42", "--json"]);
-    assert_eq!(out, direct, "--exclude 2 equals the checkpoint without expert 2");
+    let (_, direct, _) = flexrun(&[
+        "logits",
+        "--model",
+        &fixture("flexolmo_tiny_optout2"),
+        "--ids",
+        "3,17,42",
+        "--json",
+    ]);
+    assert_eq!(
+        out, direct,
+        "--exclude 2 equals the checkpoint without expert 2"
+    );
 }

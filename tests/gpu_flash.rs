@@ -33,16 +33,28 @@ struct Tol {
 /// bf16 outputs (out, dV): one output rounding is 2^-9 relative and P enters the P V product as
 /// bf16 (2^-9 per term, averaging out over keys); 2^-7 leaves room for summation order, and the
 /// scale term covers entries near zero after cancellation.
-const OUT_TOL: Tol = Tol { rtol: 1.0 / 128.0, atol_frac: 1.0 / 256.0 };
+const OUT_TOL: Tol = Tol {
+    rtol: 1.0 / 128.0,
+    atol_frac: 1.0 / 256.0,
+};
 /// dQ and dK: dS is rounded to bf16 before its GEMM and D = dO . O uses the GPU's bf16 O, whose
 /// error does not average out where p spreads over many keys (as BF16_CHAIN_TOL in gpu_kernels).
-const GRAD_TOL: Tol = Tol { rtol: 1.0 / 64.0, atol_frac: 1.0 / 64.0 };
+const GRAD_TOL: Tol = Tol {
+    rtol: 1.0 / 64.0,
+    atol_frac: 1.0 / 64.0,
+};
 /// Absolute error of the logsumexp (f32 statistics of scores that are exact products of bf16
 /// inputs summed in f32 in another order, and the ulps of exp2/log2): values are O(1..10).
 const LSE_ATOL: f32 = 2e-3;
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let mut worst = (0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -56,14 +68,20 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
         }
     }
     if std::env::var_os("FLEXRUN_GPU_TEST_VERBOSE").is_some() {
-        println!("{what}: max |err| {:e} at {} (scale {scale:e})", worst.0, worst.1);
+        println!(
+            "{what}: max |err| {:e} at {} (scale {scale:e})",
+            worst.0, worst.1
+        );
     }
 }
 
 fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= LSE_ATOL, "{what}: lse {i}: got {g}, want {w}");
+        assert!(
+            (g - w).abs() <= LSE_ATOL,
+            "{what}: lse {i}: got {g}, want {w}"
+        );
     }
 }
 
@@ -73,7 +91,9 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
 /// The shared device of this test binary, or why there is none.
 fn cuda_device() -> Result<&'static Device, String> {
     static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string())).as_ref().map_err(|e| e.clone())
+    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| e.clone())
 }
 
 fn run_cuda(name: &str, body: fn(&Device) -> R) {
@@ -109,7 +129,15 @@ type Shape = (usize, usize, usize, usize, usize, usize, usize);
 
 fn shape(t: Shape) -> AttnShape {
     let (b, tq, tk, tk_stride, nh, nkv, hd) = t;
-    AttnShape { b, tq, tk, tk_stride, nh, nkv, hd }
+    AttnShape {
+        b,
+        tq,
+        tk,
+        tk_stride,
+        nh,
+        nkv,
+        hd,
+    }
 }
 
 /// Normal(0, 1) values rounded to bf16 (kept in f32).
@@ -128,7 +156,12 @@ fn inputs(s: &AttnShape, seed: u64) -> Inputs {
     let mut r = StdRng::seed_from_u64(seed);
     let nq = s.b * s.tq * s.nh * s.hd;
     let nk = s.b * s.tk_stride * s.nkv * s.hd;
-    Inputs { q: randn(nq, &mut r), k: randn(nk, &mut r), v: randn(nk, &mut r), dout: randn(nq, &mut r) }
+    Inputs {
+        q: randn(nq, &mut r),
+        k: randn(nk, &mut r),
+        v: randn(nk, &mut r),
+        dout: randn(nq, &mut r),
+    }
 }
 
 fn up(dev: &Device, t: &Tensor) -> flexrun::Result<Buf<bf16>> {
@@ -147,8 +180,16 @@ fn cpu_grads(x: &Inputs, s: AttnShape) -> [Vec<f32>; 3] {
     let v = tape.leaf(x.v.reshape(&[s.b * s.tk_stride, s.nkv * s.hd]));
     let out = ops::attention(&mut tape, q, k, v, s);
     let g = tape.backward_with(out, x.dout.reshape(&[s.b * s.tq, s.nh * s.hd]));
-    let grad = |var, n: usize| g.get(var).map(|t| t.data().to_vec()).unwrap_or_else(|| vec![0.0; n]);
-    [grad(q, x.q.numel()), grad(k, x.k.numel()), grad(v, x.v.numel())]
+    let grad = |var, n: usize| {
+        g.get(var)
+            .map(|t| t.data().to_vec())
+            .unwrap_or_else(|| vec![0.0; n])
+    };
+    [
+        grad(q, x.q.numel()),
+        grad(k, x.k.numel()),
+        grad(v, x.v.numel()),
+    ]
 }
 
 /// GPU forward: (out, lse).
@@ -165,13 +206,26 @@ type FwdBwd = (Vec<f32>, Vec<f32>, [Vec<f32>; 3]);
 
 /// GPU forward then backward.
 fn gpu_fwd_bwd(dev: &Device, x: &Inputs, s: AttnShape) -> flexrun::Result<FwdBwd> {
-    let (q, k, v, dout) = (up(dev, &x.q)?, up(dev, &x.k)?, up(dev, &x.v)?, up(dev, &x.dout)?);
+    let (q, k, v, dout) = (
+        up(dev, &x.q)?,
+        up(dev, &x.k)?,
+        up(dev, &x.v)?,
+        up(dev, &x.dout)?,
+    );
     let mut out = dev.alloc::<bf16>(q.len())?;
     let mut lse = dev.alloc::<f32>(s.b * s.nh * s.tq)?;
     dev.flash_attention_fwd(&q, &k, &v, s, &mut out, &mut lse)?;
-    let (mut dq, mut dk, mut dv) = (dev.alloc::<bf16>(q.len())?, dev.alloc::<bf16>(k.len())?, dev.alloc::<bf16>(v.len())?);
+    let (mut dq, mut dk, mut dv) = (
+        dev.alloc::<bf16>(q.len())?,
+        dev.alloc::<bf16>(k.len())?,
+        dev.alloc::<bf16>(v.len())?,
+    );
     dev.flash_attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv)?;
-    Ok((down(dev, &out)?, dev.download(&lse)?, [down(dev, &dq)?, down(dev, &dk)?, down(dev, &dv)?]))
+    Ok((
+        down(dev, &out)?,
+        dev.download(&lse)?,
+        [down(dev, &dq)?, down(dev, &dk)?, down(dev, &dv)?],
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,7 +296,10 @@ fn backward(dev: &Device) -> R {
         for b in 0..s.b {
             for g in [&got[1], &got[2]] {
                 let tail = &g[(b * s.tk_stride + s.tk) * row..(b + 1) * s.tk_stride * row];
-                assert!(tail.iter().all(|&x| x == 0.0), "{what}: nonzero gradient past tk");
+                assert!(
+                    tail.iter().all(|&x| x == 0.0),
+                    "{what}: nonzero gradient past tk"
+                );
             }
         }
     }
@@ -280,7 +337,10 @@ fn decode(dev: &Device) -> R {
 /// Buffers at an odd element offset (views) take the generic kernels with plain 2-byte loads,
 /// even at head dims 64 and 128.
 fn unaligned_views(dev: &Device) -> R {
-    for (n, &t) in [(2, 40, 40, 45, 4, 2, 64), (1, 70, 70, 70, 2, 1, 128)].iter().enumerate() {
+    for (n, &t) in [(2, 40, 40, 45, 4, 2, 64), (1, 70, 70, 70, 2, 1, 128)]
+        .iter()
+        .enumerate()
+    {
         let s = shape(t);
         let x = inputs(&s, 400 + n as u64);
         let (o, lse) = ops::attention_forward(x.q.data(), x.k.data(), x.v.data(), s);
@@ -291,13 +351,29 @@ fn unaligned_views(dev: &Device) -> R {
             v.extend_from_slice(t.data());
             dev.upload_f32_as_bf16(&v)
         };
-        let (q, k, v, dout) = (shifted(&x.q)?, shifted(&x.k)?, shifted(&x.v)?, shifted(&x.dout)?);
+        let (q, k, v, dout) = (
+            shifted(&x.q)?,
+            shifted(&x.k)?,
+            shifted(&x.v)?,
+            shifted(&x.dout)?,
+        );
         let (nq, nk) = (x.q.numel(), x.k.numel());
         let mut out = dev.alloc::<bf16>(nq + 1)?;
         let mut glse = dev.alloc::<f32>(s.b * s.nh * s.tq)?;
-        let (mut dq, mut dk, mut dv) = (dev.alloc::<bf16>(nq + 1)?, dev.alloc::<bf16>(nk + 1)?, dev.alloc::<bf16>(nk + 1)?);
+        let (mut dq, mut dk, mut dv) = (
+            dev.alloc::<bf16>(nq + 1)?,
+            dev.alloc::<bf16>(nk + 1)?,
+            dev.alloc::<bf16>(nk + 1)?,
+        );
         assert!(!flash::vectorizable(s.hd, &[q.view(1..).dptr()]));
-        dev.flash_attention_fwd(&q.view(1..), &k.view(1..), &v.view(1..), s, &mut out.view_mut(1..), &mut glse)?;
+        dev.flash_attention_fwd(
+            &q.view(1..),
+            &k.view(1..),
+            &v.view(1..),
+            s,
+            &mut out.view_mut(1..),
+            &mut glse,
+        )?;
         dev.flash_attention_bwd(
             &q.view(1..),
             &k.view(1..),
@@ -311,11 +387,31 @@ fn unaligned_views(dev: &Device) -> R {
             &mut dv.view_mut(1..),
         )?;
         let what = format!("flash unaligned {s:?}");
-        assert_close(&format!("{what} out"), &down(dev, &out.view(1..))?, &o, OUT_TOL);
+        assert_close(
+            &format!("{what} out"),
+            &down(dev, &out.view(1..))?,
+            &o,
+            OUT_TOL,
+        );
         assert_lse(&what, &dev.download(&glse)?, &lse);
-        assert_close(&format!("{what} dq"), &down(dev, &dq.view(1..))?, &want[0], GRAD_TOL);
-        assert_close(&format!("{what} dk"), &down(dev, &dk.view(1..))?, &want[1], GRAD_TOL);
-        assert_close(&format!("{what} dv"), &down(dev, &dv.view(1..))?, &want[2], OUT_TOL);
+        assert_close(
+            &format!("{what} dq"),
+            &down(dev, &dq.view(1..))?,
+            &want[0],
+            GRAD_TOL,
+        );
+        assert_close(
+            &format!("{what} dk"),
+            &down(dev, &dk.view(1..))?,
+            &want[1],
+            GRAD_TOL,
+        );
+        assert_close(
+            &format!("{what} dv"),
+            &down(dev, &dv.view(1..))?,
+            &want[2],
+            OUT_TOL,
+        );
     }
     Ok(())
 }
@@ -326,7 +422,10 @@ fn deterministic(dev: &Device) -> R {
     let x = inputs(&s, 500);
     let a = gpu_fwd_bwd(dev, &x, s)?;
     let b = gpu_fwd_bwd(dev, &x, s)?;
-    assert!(a.0 == b.0 && a.1 == b.1 && a.2 == b.2, "flash attention results differ between runs");
+    assert!(
+        a.0 == b.0 && a.1 == b.1 && a.2 == b.2,
+        "flash attention results differ between runs"
+    );
     let s = shape((1, 1, 3000, 3000, 4, 1, 128));
     let x = inputs(&s, 501);
     let (q, k, v) = (up(dev, &x.q)?, up(dev, &x.k)?, up(dev, &x.v)?);
@@ -358,9 +457,22 @@ fn variant_selection() {
         assert_eq!(pick(pass, 64, false).hd, 64);
         assert!(!pick(pass, 64, false).exact);
         assert!(!pick(pass, 128, false).exact);
-        for (hd, bucket) in [(1, 64), (12, 64), (63, 64), (65, 128), (80, 128), (96, 128), (129, 256), (200, 256), (256, 256)] {
+        for (hd, bucket) in [
+            (1, 64),
+            (12, 64),
+            (63, 64),
+            (65, 128),
+            (80, 128),
+            (96, 128),
+            (129, 256),
+            (200, 256),
+            (256, 256),
+        ] {
             let v = pick(pass, hd, hd.is_multiple_of(8));
-            assert!(!v.exact && v.hd == bucket && v.pass == pass, "hd {hd}: {v:?}");
+            assert!(
+                !v.exact && v.hd == bucket && v.pass == pass,
+                "hd {hd}: {v:?}"
+            );
         }
         assert!(flash::select(pass, 0, true).is_err());
         assert!(flash::select(pass, FLASH_MAX_HD + 1, true).is_err());
@@ -374,34 +486,80 @@ fn variant_selection() {
 fn variants_fit_the_target_gpus() {
     for v in VARIANTS {
         assert!(v.threads % 32 == 0 && v.threads <= 1024, "{v:?}");
-        assert!(v.rows % 16 == 0 && v.stream % 16 == 0, "{v:?}: tiles are whole MMA blocks");
-        assert!(v.smem <= H100_SMEM, "{v:?} exceeds the H100's shared memory");
+        assert!(
+            v.rows % 16 == 0 && v.stream % 16 == 0,
+            "{v:?}: tiles are whole MMA blocks"
+        );
+        assert!(
+            v.smem <= H100_SMEM,
+            "{v:?} exceeds the H100's shared memory"
+        );
         if v.hd <= 128 {
             // Two CTAs per SM on an A100 for the common head dims.
-            assert!(2 * v.smem <= A100_SMEM, "{v:?}: fewer than two CTAs per A100 SM");
+            assert!(
+                2 * v.smem <= A100_SMEM,
+                "{v:?}: fewer than two CTAs per A100 SM"
+            );
         } else {
-            assert!(v.smem <= A100_SMEM, "{v:?} exceeds the A100's shared memory");
+            assert!(
+                v.smem <= A100_SMEM,
+                "{v:?} exceeds the A100's shared memory"
+            );
         }
     }
     // Every (pass, bucket, exact) used by `select` exists exactly once.
     for v in VARIANTS {
-        assert_eq!(VARIANTS.iter().filter(|w| w.pass == v.pass && w.hd == v.hd && w.exact == v.exact).count(), 1);
+        assert_eq!(
+            VARIANTS
+                .iter()
+                .filter(|w| w.pass == v.pass && w.hd == v.hd && w.exact == v.exact)
+                .count(),
+            1
+        );
     }
 }
 
 #[test]
 fn decode_plans_cover_the_cache() {
-    for &(rows, tk) in &[(1, 1), (1, 63), (1, 64), (1, 65), (2, 1000), (32, 4096), (8, 100_000), (4096, 17), (1, 1 << 20)] {
+    for &(rows, tk) in &[
+        (1, 1),
+        (1, 63),
+        (1, 64),
+        (1, 65),
+        (2, 1000),
+        (32, 4096),
+        (8, 100_000),
+        (4096, 17),
+        (1, 1 << 20),
+    ] {
         for sms in [1, 108, 132] {
             let p = flash::decode_plan(rows, tk, 128, true, sms);
-            assert!(p.chunk >= DECODE_MIN_CHUNK && p.chunk.is_multiple_of(32), "{p:?}");
-            assert!(p.nchunks >= 1 && p.nchunks * p.chunk >= tk && (p.nchunks - 1) * p.chunk < tk, "rows {rows} tk {tk}: {p:?}");
+            assert!(
+                p.chunk >= DECODE_MIN_CHUNK && p.chunk.is_multiple_of(32),
+                "{p:?}"
+            );
+            assert!(
+                p.nchunks >= 1 && p.nchunks * p.chunk >= tk && (p.nchunks - 1) * p.chunk < tk,
+                "rows {rows} tk {tk}: {p:?}"
+            );
         }
     }
-    assert_eq!(flash::decode_plan(1, 100, 64, true, 132).kernel, "flash_decode_v8l8_bf16");
-    assert_eq!(flash::decode_plan(1, 100, 80, true, 132).kernel, "flash_decode_v8l16_bf16");
-    assert_eq!(flash::decode_plan(1, 100, 256, true, 132).kernel, "flash_decode_v8l32_bf16");
-    assert_eq!(flash::decode_plan(1, 100, 128, false, 132).kernel, "flash_decode_s1_bf16");
+    assert_eq!(
+        flash::decode_plan(1, 100, 64, true, 132).kernel,
+        "flash_decode_v8l8_bf16"
+    );
+    assert_eq!(
+        flash::decode_plan(1, 100, 80, true, 132).kernel,
+        "flash_decode_v8l16_bf16"
+    );
+    assert_eq!(
+        flash::decode_plan(1, 100, 256, true, 132).kernel,
+        "flash_decode_v8l32_bf16"
+    );
+    assert_eq!(
+        flash::decode_plan(1, 100, 128, false, 132).kernel,
+        "flash_decode_s1_bf16"
+    );
 }
 
 #[test]
@@ -409,7 +567,18 @@ fn causal_flop_count() {
     // Tq = Tk = 4: 1 + 2 + 3 + 4 visible pairs.
     assert_eq!(flash::causal_pairs(&AttnShape::causal(1, 4, 1, 1, 8)), 10.0);
     // Two new tokens against 5 keys: 4 + 5 pairs.
-    let s = AttnShape { b: 2, tq: 2, tk: 5, tk_stride: 8, nh: 3, nkv: 1, hd: 16 };
+    let s = AttnShape {
+        b: 2,
+        tq: 2,
+        tk: 5,
+        tk_stride: 8,
+        nh: 3,
+        nkv: 1,
+        hd: 16,
+    };
     assert_eq!(flash::causal_pairs(&s), 9.0);
-    assert_eq!(flash::causal_attention_flops(&s), 4.0 * 2.0 * 3.0 * 16.0 * 9.0);
+    assert_eq!(
+        flash::causal_attention_flops(&s),
+        4.0 * 2.0 * 3.0 * 16.0 * 9.0
+    );
 }

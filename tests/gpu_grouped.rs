@@ -39,19 +39,35 @@ struct Tol {
 }
 
 /// The `cpu` variant runs the reference itself: bit-identical results.
-const EXACT: Tol = Tol { rtol: 0.0, atol_frac: 0.0 };
+const EXACT: Tol = Tol {
+    rtol: 0.0,
+    atol_frac: 0.0,
+};
 /// bf16 outputs of an f32-accumulated GEMM (gate, up, act, y, dA, dX, and dgate/dup computed from
 /// the f32 dA): one rounding is 2^-9 relative; 2^-7 leaves room for a different f32 summation
 /// order flipping a rounding, and the scale term covers entries near zero after cancellation.
-const BF16_TOL: Tol = Tol { rtol: 1.0 / 128.0, atol_frac: 1.0 / 256.0 };
+const BF16_TOL: Tol = Tol {
+    rtol: 1.0 / 128.0,
+    atol_frac: 1.0 / 256.0,
+};
 /// f32 weight gradients: sums over up to ~1100 segment rows of exact bf16 products, in tensor-core
 /// order (k16 blocks, then BK-row tiles) instead of the CPU GEMM's; as the cuBLAS GEMM_TOL of
 /// tests/gpu_kernels.rs.
-const WGRAD_TOL: Tol = Tol { rtol: 1e-3, atol_frac: 1e-4 };
+const WGRAD_TOL: Tol = Tol {
+    rtol: 1e-3,
+    atol_frac: 1e-4,
+};
 
 fn assert_close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: Tol) {
     let tol = if b.is_cpu() { EXACT } else { tol };
-    assert_eq!(got.len(), want.len(), "{}: {what}: length {} vs {}", b.name(), got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{}: {what}: length {} vs {}",
+        b.name(),
+        got.len(),
+        want.len()
+    );
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let mut worst = (0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -70,7 +86,10 @@ fn assert_close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: Tol) {
         }
     }
     if !b.is_cpu() && std::env::var_os("FLEXRUN_GPU_TEST_VERBOSE").is_some() {
-        println!("{what}: max |err| {:e} at {} (scale {scale:e})", worst.0, worst.1);
+        println!(
+            "{what}: max |err| {:e} at {} (scale {scale:e})",
+            worst.0, worst.1
+        );
     }
 }
 
@@ -96,7 +115,9 @@ impl Backend {
 
 fn cuda_device() -> Result<&'static Device, String> {
     static DEV: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string())).as_ref().map_err(|e| e.clone())
+    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| e.clone())
 }
 
 fn run_cuda(name: &str, body: fn(&Backend) -> R) {
@@ -126,7 +147,13 @@ macro_rules! backend_tests {
     )*};
 }
 
-backend_tests!(grouped_forward, grouped_backward, grouped_wgrad_mask_accumulate, grouped_shape_checks, grouped_bench_smoke);
+backend_tests!(
+    grouped_forward,
+    grouped_backward,
+    grouped_wgrad_mask_accumulate,
+    grouped_shape_checks,
+    grouped_bench_smoke
+);
 
 // ---------------------------------------------------------------------------------------------
 // Cases, inputs and the CPU reference.
@@ -156,21 +183,46 @@ impl Case {
 }
 
 fn cases() -> Vec<Case> {
-    let case = |name: &str, counts: Vec<usize>, h, i| Case { name: name.to_string(), counts, h, i };
+    let case = |name: &str, counts: Vec<usize>, h, i| Case {
+        name: name.to_string(),
+        counts,
+        h,
+        i,
+    };
     // E = 64, top-8 of a real routing: 96 tokens, the last 4 experts pushed out by a bias, so the
     // histogram is ragged and has empty experts.
     let (n, e, k) = (96, 64, 8);
     let z = Tensor::randn(&[n, e], 2.0, &mut StdRng::seed_from_u64(11));
-    let bias: Vec<f32> = (0..e).map(|j| if j >= e - 4 { -30.0 } else { 0.0 }).collect();
+    let bias: Vec<f32> = (0..e)
+        .map(|j| if j >= e - 4 { -30.0 } else { 0.0 })
+        .collect();
     let (_, _, routing) = ops::route_values(&z, Some(&bias), k, false);
     let hist = routing.histogram();
-    assert!(hist[e - 4..].iter().all(|&c| c == 0), "the biased experts get no tokens");
+    assert!(
+        hist[e - 4..].iter().all(|&c| c == 0),
+        "the biased experts get no tokens"
+    );
     vec![
-        case("ragged 1/17/130 with empty experts", vec![0, 1, 17, 0, 130, 3], 136, 200),
-        case("every token to one expert", vec![0, 0, 0, 0, 0, 300, 0, 0], 64, 96),
+        case(
+            "ragged 1/17/130 with empty experts",
+            vec![0, 1, 17, 0, 130, 3],
+            136,
+            200,
+        ),
+        case(
+            "every token to one expert",
+            vec![0, 0, 0, 0, 0, 300, 0, 0],
+            64,
+            96,
+        ),
         case("E=64 top-8 routing", hist, 40, 56),
         case("one segment of 9 m-tiles", vec![0, 1100, 5], 32, 136),
-        case("three n-tiles of the hidden width", vec![130, 129, 0, 1], 264, 72),
+        case(
+            "three n-tiles of the hidden width",
+            vec![130, 129, 0, 1],
+            264,
+            72,
+        ),
         case("smallest widths", vec![3, 0], 8, 8),
     ]
 }
@@ -217,9 +269,17 @@ struct Reference {
     dwd: Vec<f32>,   // [e, h, i] = dy^T act_r
 }
 
-fn grads_of(tape: &mut Tape, out: flexrun::autograd::Var, seed: Tensor, leaves: &[flexrun::autograd::Var]) -> Vec<Vec<f32>> {
+fn grads_of(
+    tape: &mut Tape,
+    out: flexrun::autograd::Var,
+    seed: Tensor,
+    leaves: &[flexrun::autograd::Var],
+) -> Vec<Vec<f32>> {
     let g = tape.backward_with(out, seed);
-    leaves.iter().map(|v| g.get(*v).expect("leaf gradient").data().to_vec()).collect()
+    leaves
+        .iter()
+        .map(|v| g.get(*v).expect("leaf gradient").data().to_vec())
+        .collect()
 }
 
 /// `[rows, a] ++ [rows, b]` column-wise into `[rows, a + b]`.
@@ -266,7 +326,11 @@ fn reference(c: &Case, inp: &Inputs) -> Reference {
         }
         let (ai, ah) = (r0 * i..(r0 + n) * i, r0 * h..(r0 + n) * h);
         let x = inp.x.slice_rows(r0, n);
-        let (wg, wu, wd) = (inp.wg.slice_rows(ex * i, i), inp.wu.slice_rows(ex * i, i), inp.wd.slice_rows(ex * h, h));
+        let (wg, wu, wd) = (
+            inp.wg.slice_rows(ex * i, i),
+            inp.wu.slice_rows(ex * i, i),
+            inp.wd.slice_rows(ex * h, h),
+        );
         let dy = inp.dy.slice_rows(r0, n);
 
         // Forward gate/up + SwiGLU (model::swiglu_ffn's first half).
@@ -350,21 +414,44 @@ fn grouped_forward(b: &Backend) -> R {
             }
             Backend::Cuda(dev) => {
                 let off = dev.upload(&c.offsets())?;
-                let (x, wg, wu, wd) = (up(dev, &inp.x)?, up(dev, &inp.wg)?, up(dev, &inp.wu)?, up(dev, &inp.wd)?);
+                let (x, wg, wu, wd) = (
+                    up(dev, &inp.x)?,
+                    up(dev, &inp.wg)?,
+                    up(dev, &inp.wu)?,
+                    up(dev, &inp.wd)?,
+                );
                 let mut act = dev.alloc::<bf16>(m * i)?;
                 let mut gate = dev.alloc::<bf16>(m * i)?;
                 let mut upb = dev.alloc::<bf16>(m * i)?;
-                dev.grouped_gateup_fwd(&x, &off, &wg, &wu, e, h, i, &mut act, Some((gate.view_mut(..), upb.view_mut(..))))?;
+                dev.grouped_gateup_fwd(
+                    &x,
+                    &off,
+                    &wg,
+                    &wu,
+                    e,
+                    h,
+                    i,
+                    &mut act,
+                    Some((gate.view_mut(..), upb.view_mut(..))),
+                )?;
                 // Without the saved pre-activations (inference): the same activation, and
                 // deterministic (bit-identical on a second run).
                 let mut act2 = dev.alloc::<bf16>(m * i)?;
                 dev.grouped_gateup_fwd(&x, &off, &wg, &wu, e, h, i, &mut act2, None)?;
                 let (a1, a2) = (dev.download(&act)?, dev.download(&act2)?);
-                assert!(a1.iter().zip(&a2).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: act differs without saving gate/up");
+                assert!(
+                    a1.iter().zip(&a2).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{what}: act differs without saving gate/up"
+                );
                 let act_r = up(dev, &rf.act_r)?;
                 let mut y = dev.alloc::<bf16>(m * h)?;
                 dev.grouped_nt(&act_r, &off, &wd, e, i, h, &mut y)?;
-                (down(dev, &gate)?, down(dev, &upb)?, down(dev, &act)?, down(dev, &y)?)
+                (
+                    down(dev, &gate)?,
+                    down(dev, &upb)?,
+                    down(dev, &act)?,
+                    down(dev, &y)?,
+                )
             }
         };
         assert_close(b, &format!("gate {what}"), &gate, &rf.gate, BF16_TOL);
@@ -388,24 +475,55 @@ fn grouped_backward(b: &Backend) -> R {
             }
             Backend::Cuda(dev) => {
                 let off = dev.upload(&c.offsets())?;
-                let (x, wg, wu, wd, dy) =
-                    (up(dev, &inp.x)?, up(dev, &inp.wg)?, up(dev, &inp.wu)?, up(dev, &inp.wd)?, up(dev, &inp.dy)?);
-                let (act_r, gate_r, up_r) = (up(dev, &rf.act_r)?, up(dev, &rf.gate_r)?, up(dev, &rf.up_r)?);
+                let (x, wg, wu, wd, dy) = (
+                    up(dev, &inp.x)?,
+                    up(dev, &inp.wg)?,
+                    up(dev, &inp.wu)?,
+                    up(dev, &inp.wd)?,
+                    up(dev, &inp.dy)?,
+                );
+                let (act_r, gate_r, up_r) = (
+                    up(dev, &rf.act_r)?,
+                    up(dev, &rf.gate_r)?,
+                    up(dev, &rf.up_r)?,
+                );
                 let (dgate_r, dup_r) = (up(dev, &rf.dgate_r)?, up(dev, &rf.dup_r)?);
                 // dA = dY Wd_e alone (the plain NN kernel), then fused with the SwiGLU backward.
                 let mut da = dev.alloc::<bf16>(m * i)?;
                 dev.grouped_nn(&dy, &off, &wd, None, e, h, i, &mut da)?;
                 let (mut dgate, mut dup) = (dev.alloc::<bf16>(m * i)?, dev.alloc::<bf16>(m * i)?);
-                dev.grouped_nn_swiglu_bwd(&dy, &off, &wd, &gate_r, &up_r, e, h, i, &mut dgate, &mut dup)?;
+                dev.grouped_nn_swiglu_bwd(
+                    &dy, &off, &wd, &gate_r, &up_r, e, h, i, &mut dgate, &mut dup,
+                )?;
                 // dX = dG Wg_e + dU Wu_e in one pass.
                 let mut dx = dev.alloc::<bf16>(m * h)?;
-                dev.grouped_nn(&dgate_r, &off, &wg, Some((dup_r.as_view(), wu.as_view())), e, i, h, &mut dx)?;
+                dev.grouped_nn(
+                    &dgate_r,
+                    &off,
+                    &wg,
+                    Some((dup_r.as_view(), wu.as_view())),
+                    e,
+                    i,
+                    h,
+                    &mut dx,
+                )?;
                 // Weight gradients (garbage-filled first: empty experts must be written as zeros).
                 let mut dwd = dev.upload(&vec![f32::NAN; e * h * i])?;
                 dev.grouped_wgrad(&dy, &act_r, &off, None, None, e, h, i, false, &mut dwd)?;
                 let mut dwg = dev.upload(&vec![f32::NAN; e * i * h])?;
                 let mut dwu = dev.upload(&vec![f32::NAN; e * i * h])?;
-                dev.grouped_wgrad(&dgate_r, &x, &off, None, Some((dup_r.as_view(), dwu.view_mut(..))), e, i, h, false, &mut dwg)?;
+                dev.grouped_wgrad(
+                    &dgate_r,
+                    &x,
+                    &off,
+                    None,
+                    Some((dup_r.as_view(), dwu.view_mut(..))),
+                    e,
+                    i,
+                    h,
+                    false,
+                    &mut dwg,
+                )?;
                 [
                     down(dev, &da)?,
                     down(dev, &dgate)?,
@@ -427,8 +545,13 @@ fn grouped_backward(b: &Backend) -> R {
         // Experts with no rows: exact zeros.
         for (ex, &n) in c.counts.iter().enumerate() {
             if n == 0 {
-                let z = |v: &[f32], len: usize| v[ex * len..(ex + 1) * len].iter().all(|x| x.to_bits() == 0);
-                assert!(z(&got[4], h * i) && z(&got[5], i * h) && z(&got[6], i * h), "{what}: expert {ex} has no rows but nonzero dW");
+                let z = |v: &[f32], len: usize| {
+                    v[ex * len..(ex + 1) * len].iter().all(|x| x.to_bits() == 0)
+                };
+                assert!(
+                    z(&got[4], h * i) && z(&got[5], i * h) && z(&got[6], i * h),
+                    "{what}: expert {ex} has no rows but nonzero dW"
+                );
             }
         }
     }
@@ -441,7 +564,12 @@ fn grouped_backward(b: &Backend) -> R {
 fn grouped_wgrad_mask_accumulate(b: &Backend) -> R {
     // Expert 0 (the public one) frozen with rows, expert 4 frozen with rows, 2 frozen and empty,
     // 1 and 5 trainable and empty.
-    let c = Case { name: "mask".into(), counts: vec![40, 0, 0, 17, 130, 0, 1], h: 48, i: 40 };
+    let c = Case {
+        name: "mask".into(),
+        counts: vec![40, 0, 0, 17, 130, 0, 1],
+        h: 48,
+        i: 40,
+    };
     let mask: Vec<u32> = vec![0, 1, 0, 1, 0, 1, 1];
     let (m, e, h, i) = (c.m(), c.e(), c.h, c.i);
     let inp = inputs(&c, 7);
@@ -465,9 +593,17 @@ fn grouped_wgrad_mask_accumulate(b: &Backend) -> R {
             .collect()
     };
     for accumulate in [false, true] {
-        let want = [expect(&rf.dwg, &base, accumulate), expect(&rf.dwu, &base, accumulate), expect(&rf.dwd, &base_d, accumulate)];
+        let want = [
+            expect(&rf.dwg, &base, accumulate),
+            expect(&rf.dwu, &base, accumulate),
+            expect(&rf.dwd, &base_d, accumulate),
+        ];
         let got: [Vec<f32>; 3] = match b {
-            Backend::Cpu => [expect(&rf.dwg, &base, accumulate), expect(&rf.dwu, &base, accumulate), expect(&rf.dwd, &base_d, accumulate)],
+            Backend::Cpu => [
+                expect(&rf.dwg, &base, accumulate),
+                expect(&rf.dwu, &base, accumulate),
+                expect(&rf.dwd, &base_d, accumulate),
+            ],
             Backend::Cuda(dev) => {
                 let off = dev.upload(&c.offsets())?;
                 let md = dev.upload(&mask)?;
@@ -488,19 +624,43 @@ fn grouped_wgrad_mask_accumulate(b: &Backend) -> R {
                     accumulate,
                     &mut dwg,
                 )?;
-                dev.grouped_wgrad(&dy, &act_r, &off, Some(md.as_view()), None, e, h, i, accumulate, &mut dwd)?;
-                [dev.download(&dwg)?, dev.download(&dwu)?, dev.download(&dwd)?]
+                dev.grouped_wgrad(
+                    &dy,
+                    &act_r,
+                    &off,
+                    Some(md.as_view()),
+                    None,
+                    e,
+                    h,
+                    i,
+                    accumulate,
+                    &mut dwd,
+                )?;
+                [
+                    dev.download(&dwg)?,
+                    dev.download(&dwu)?,
+                    dev.download(&dwd)?,
+                ]
             }
         };
         for (k, name) in ["dWg", "dWu", "dWd"].iter().enumerate() {
-            let what = format!("{name} mask={mask:?} hist={:?} accumulate={accumulate} (m={m})", c.counts);
+            let what = format!(
+                "{name} mask={mask:?} hist={:?} accumulate={accumulate} (m={m})",
+                c.counts
+            );
             let len = want[k].len() / e;
             for (ex, (&trainable, &rows)) in mask.iter().zip(&c.counts).enumerate() {
                 let s = ex * len..(ex + 1) * len;
                 // Frozen slices and empty trainable ones are exact; the rest within WGRAD_TOL of
                 // the reference (measured against the whole tensor's scale).
                 if trainable == 0 || rows == 0 {
-                    assert_close(b, &format!("{what} expert {ex} (untouched/zero)"), &got[k][s.clone()], &want[k][s], EXACT);
+                    assert_close(
+                        b,
+                        &format!("{what} expert {ex} (untouched/zero)"),
+                        &got[k][s.clone()],
+                        &want[k][s],
+                        EXACT,
+                    );
                 }
             }
             assert_close(b, &what, &got[k], &want[k], WGRAD_TOL);
@@ -516,26 +676,45 @@ fn grouped_shape_checks(b: &Backend) -> R {
     let (e, m) = (2usize, 4usize);
     let off = dev.upload(&[0u32, 3, 4])?;
     let err = |r: flexrun::Result<()>, what: &str| match r {
-        Err(e) => assert!(e.to_string().contains("grouped"), "{what}: unexpected error {e}"),
+        Err(e) => assert!(
+            e.to_string().contains("grouped"),
+            "{what}: unexpected error {e}"
+        ),
         Ok(()) => panic!("{what}: accepted"),
     };
     // h = 12 is not a multiple of 8.
     let (h, i) = (12, 16);
-    let (x, wg, wu) = (dev.zeros::<bf16>(m * h)?, dev.zeros::<bf16>(e * i * h)?, dev.zeros::<bf16>(e * i * h)?);
+    let (x, wg, wu) = (
+        dev.zeros::<bf16>(m * h)?,
+        dev.zeros::<bf16>(e * i * h)?,
+        dev.zeros::<bf16>(e * i * h)?,
+    );
     let mut act = dev.zeros::<bf16>(m * i)?;
-    err(dev.grouped_gateup_fwd(&x, &off, &wg, &wu, e, h, i, &mut act, None), "h = 12");
+    err(
+        dev.grouped_gateup_fwd(&x, &off, &wg, &wu, e, h, i, &mut act, None),
+        "h = 12",
+    );
     // 65 experts.
     let (h, i, e65) = (8, 8, 65);
     let off65 = dev.zeros::<u32>(e65 + 1)?;
     let (x, w) = (dev.zeros::<bf16>(m * i)?, dev.zeros::<bf16>(e65 * h * i)?);
     let mut y = dev.zeros::<bf16>(m * h)?;
-    err(dev.grouped_nt(&x, &off65, &w, e65, i, h, &mut y), "65 experts");
+    err(
+        dev.grouped_nt(&x, &off65, &w, e65, i, h, &mut y),
+        "65 experts",
+    );
     // Offsets of the wrong length.
     let w2 = dev.zeros::<bf16>(e * h * i)?;
-    err(dev.grouped_nt(&x, &off65, &w2, e, i, h, &mut y), "offsets of 66 for 2 experts");
+    err(
+        dev.grouped_nt(&x, &off65, &w2, e, i, h, &mut y),
+        "offsets of 66 for 2 experts",
+    );
     // A view starting one element in: not 16-byte aligned.
     let xb = dev.zeros::<bf16>(m * i + 8)?;
-    err(dev.grouped_nt(&xb.view(1..1 + m * i), &off, &w2, e, i, h, &mut y), "misaligned a");
+    err(
+        dev.grouped_nt(&xb.view(1..1 + m * i), &off, &w2, e, i, h, &mut y),
+        "misaligned a",
+    );
     // The valid call goes through.
     dev.grouped_nt(&xb.view(8..8 + m * i), &off, &w2, e, i, h, &mut y)?;
     assert!(down(dev, &y)?.iter().all(|&v| v == 0.0));
@@ -549,7 +728,10 @@ fn grouped_bench_smoke(b: &Backend) -> R {
     let r = flexrun::backend::cuda::grouped::bench_grouped(dev, 3, 40, 64, 96, 2, 1)?;
     assert_eq!(r.rows, 120);
     for op in &r.ops {
-        assert!(op.ms > 0.0 && op.tflops.is_finite() && op.tflops > 0.0, "bench op {op:?}");
+        assert!(
+            op.ms > 0.0 && op.tflops.is_finite() && op.tflops > 0.0,
+            "bench op {op:?}"
+        );
     }
     assert!(serde_json::to_string(&r).is_ok());
     Ok(())

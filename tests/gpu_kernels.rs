@@ -34,34 +34,66 @@ struct Tol {
 }
 
 /// The `cpu` variant runs the reference itself: bit-identical results.
-const EXACT: Tol = Tol { rtol: 0.0, atol_frac: 0.0 };
+const EXACT: Tol = Tol {
+    rtol: 0.0,
+    atol_frac: 0.0,
+};
 /// bf16 outputs: one rounding is 2^-9 relative; 2^-7 leaves room for f32 summation order
 /// flipping a rounding, and the scale term covers entries near zero after cancellation.
-const BF16_TOL: Tol = Tol { rtol: 1.0 / 128.0, atol_frac: 1.0 / 256.0 };
+const BF16_TOL: Tol = Tol {
+    rtol: 1.0 / 128.0,
+    atol_frac: 1.0 / 256.0,
+};
 /// Gradients computed from bf16-stored intermediates of the GPU forward (attention's O feeds
 /// D = dO.O, whose rounding error does not average out as p spreads over many keys).
-const BF16_CHAIN_TOL: Tol = Tol { rtol: 1.0 / 64.0, atol_frac: 1.0 / 64.0 };
+const BF16_CHAIN_TOL: Tol = Tol {
+    rtol: 1.0 / 64.0,
+    atol_frac: 1.0 / 64.0,
+};
 /// f32 results: other summation orders and the ulps of expf/logf.
-const F32_TOL: Tol = Tol { rtol: 1e-4, atol_frac: 1e-5 };
+const F32_TOL: Tol = Tol {
+    rtol: 1e-4,
+    atol_frac: 1e-5,
+};
 /// f32 sums of many terms with cancellation (column sums, dot products over the width).
-const F32_SUM_TOL: Tol = Tol { rtol: 1e-4, atol_frac: 1e-4 };
+const F32_SUM_TOL: Tol = Tol {
+    rtol: 1e-4,
+    atol_frac: 1e-4,
+};
 /// cuBLAS: split-K and tensor-core accumulation orders over k terms.
-const GEMM_TOL: Tol = Tol { rtol: 1e-3, atol_frac: 1e-4 };
+const GEMM_TOL: Tol = Tol {
+    rtol: 1e-3,
+    atol_frac: 1e-4,
+};
 /// Scalars reduced in f64 (losses, norms): only the f32 per-row/per-thread parts differ.
 const SCALAR_RTOL: f32 = 1e-5;
 /// AdamW in f32: FMA contraction changes the last bit of m and v; the update divides by
 /// sqrt(v) so a relative error of a few ulps stays a few ulps of lr.
-const ADAMW_TOL: Tol = Tol { rtol: 1e-5, atol_frac: 1e-6 };
+const ADAMW_TOL: Tol = Tol {
+    rtol: 1e-5,
+    atol_frac: 1e-6,
+};
 
 fn assert_close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: Tol) {
     let tol = if b.is_cpu() { EXACT } else { tol };
-    assert_eq!(got.len(), want.len(), "{}: {what}: length {} vs {}", b.name(), got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{}: {what}: length {} vs {}",
+        b.name(),
+        got.len(),
+        want.len()
+    );
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let mut worst = (0f32, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let lim = tol.rtol * w.abs() + tol.atol_frac * scale;
         let err = (g - w).abs();
-        let ok = if b.is_cpu() { g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()) } else { err <= lim };
+        let ok = if b.is_cpu() {
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
+        } else {
+            err <= lim
+        };
         if !ok {
             panic!("{}: {what}: element {i}: got {g}, want {w} (|err| {err:e}, limit {lim:e}, scale {scale:e})", b.name());
         }
@@ -70,12 +102,17 @@ fn assert_close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: Tol) {
         }
     }
     if !b.is_cpu() && std::env::var_os("FLEXRUN_GPU_TEST_VERBOSE").is_some() {
-        println!("{what}: max |err| {:e} at {} (scale {scale:e})", worst.0, worst.1);
+        println!(
+            "{what}: max |err| {:e} at {} (scale {scale:e})",
+            worst.0, worst.1
+        );
     }
 }
 
 fn assert_scalar(b: &Backend, what: &str, got: f32, want: f32) {
-    let ok = if b.is_cpu() { got.to_bits() == want.to_bits() } else {
+    let ok = if b.is_cpu() {
+        got.to_bits() == want.to_bits()
+    } else {
         (got - want).abs() <= SCALAR_RTOL * want.abs().max(1e-6)
     };
     assert!(ok, "{}: {what}: got {got}, want {want}", b.name());
@@ -105,7 +142,9 @@ impl Backend {
 /// orders their work), or why there is none.
 fn cuda_device() -> Result<&'static Device, String> {
     static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string())).as_ref().map_err(|e| e.clone())
+    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| e.clone())
 }
 
 fn run_cuda(name: &str, body: fn(&Backend) -> R) {
@@ -177,7 +216,11 @@ fn down(dev: &Device, x: &impl DeviceRead<bf16>) -> flexrun::Result<Vec<f32>> {
 }
 
 /// Value and input gradients of `f` on the CPU tape, seeded with `seed` as output gradient.
-fn cpu_grads(inputs: &[&Tensor], seed: &Tensor, f: impl FnOnce(&mut Tape, &[flexrun::autograd::Var]) -> flexrun::autograd::Var) -> (Vec<f32>, Vec<Vec<f32>>) {
+fn cpu_grads(
+    inputs: &[&Tensor],
+    seed: &Tensor,
+    f: impl FnOnce(&mut Tape, &[flexrun::autograd::Var]) -> flexrun::autograd::Var,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut tape = Tape::new();
     let vars: Vec<_> = inputs.iter().map(|t| tape.leaf((*t).clone())).collect();
     let out = f(&mut tape, &vars);
@@ -186,7 +229,11 @@ fn cpu_grads(inputs: &[&Tensor], seed: &Tensor, f: impl FnOnce(&mut Tape, &[flex
     let grads = vars
         .iter()
         .zip(inputs)
-        .map(|(v, t)| g.get(*v).map(|x| x.data().to_vec()).unwrap_or_else(|| vec![0.0; t.numel()]))
+        .map(|(v, t)| {
+            g.get(*v)
+                .map(|x| x.data().to_vec())
+                .unwrap_or_else(|| vec![0.0; t.numel()])
+        })
         .collect();
     (value, grads)
 }
@@ -200,7 +247,15 @@ fn rmsnorm(b: &Backend) -> R {
     let mut r = rng(1);
     for &(n, d) in &[(1, 8), (17, 64), (33, 100), (5, 4099), (300, 33)] {
         let x = randn(&[n, d], 1.0, &mut r);
-        let w = Tensor::from_vec(randn(&[d], 0.2, &mut r).data().iter().map(|v| 1.0 + v).collect(), &[d]).round_bf16();
+        let w = Tensor::from_vec(
+            randn(&[d], 0.2, &mut r)
+                .data()
+                .iter()
+                .map(|v| 1.0 + v)
+                .collect(),
+            &[d],
+        )
+        .round_bf16();
         let gy = randn(&[n, d], 1.0, &mut r);
         let cpu = || cpu_grads(&[&x, &w], &gy, |t, v| ops::rmsnorm(t, v[0], v[1], EPS));
         let (y, g) = cpu();
@@ -220,16 +275,25 @@ fn rmsnorm(b: &Backend) -> R {
         };
         assert_close(b, &format!("rmsnorm y {n}x{d}"), &gy_, &y, BF16_TOL);
         assert_close(b, &format!("rmsnorm dx {n}x{d}"), &gg[0], &g[0], BF16_TOL);
-        assert_close(b, &format!("rmsnorm dw {n}x{d}"), &gg[1], &g[1], F32_SUM_TOL);
+        assert_close(
+            b,
+            &format!("rmsnorm dw {n}x{d}"),
+            &gg[1],
+            &g[1],
+            F32_SUM_TOL,
+        );
     }
     Ok(())
 }
 
 fn rope(b: &Backend) -> R {
     let mut r = rng(2);
-    for &(bs, t, heads, hd, offset, theta) in
-        &[(1, 1, 1, 8, 0, 500000.0), (2, 17, 3, 16, 5, 10000.0), (1, 33, 2, 64, 0, 500000.0), (3, 5, 1, 130, 2, 1e4)]
-    {
+    for &(bs, t, heads, hd, offset, theta) in &[
+        (1, 1, 1, 8, 0, 500000.0),
+        (2, 17, 3, 16, 5, 10000.0),
+        (1, 33, 2, 64, 0, 500000.0),
+        (3, 5, 1, 130, 2, 1e4),
+    ] {
         let width = heads * hd;
         let max_pos = offset + t + 3;
         let x = randn(&[bs * t, width], 1.0, &mut r);
@@ -249,8 +313,20 @@ fn rope(b: &Backend) -> R {
                 (down(dev, &yd)?, vec![down(dev, &dx)?])
             }
         };
-        assert_close(b, &format!("rope y {bs}x{t}x{heads}x{hd}"), &y2, &y, BF16_TOL);
-        assert_close(b, &format!("rope dx {bs}x{t}x{heads}x{hd}"), &g2[0], &g[0], BF16_TOL);
+        assert_close(
+            b,
+            &format!("rope y {bs}x{t}x{heads}x{hd}"),
+            &y2,
+            &y,
+            BF16_TOL,
+        );
+        assert_close(
+            b,
+            &format!("rope dx {bs}x{t}x{heads}x{hd}"),
+            &g2[0],
+            &g[0],
+            BF16_TOL,
+        );
     }
     Ok(())
 }
@@ -322,7 +398,16 @@ fn cast(b: &Backend) -> R {
     let mut r = rng(5);
     // Unrounded f32 values, plus exact ties, subnormals and large magnitudes.
     let mut v: Vec<f32> = Tensor::randn(&[1001], 3.0, &mut r).into_vec();
-    v.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -0.0, 1e-40, -3e-39, 3.0e38, 65504.0, 1.0e-8]);
+    v.extend([
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -0.0,
+        1e-40,
+        -3e-39,
+        3.0e38,
+        65504.0,
+        1.0e-8,
+    ]);
     let t = Tensor::from_vec(v.clone(), &[v.len()]);
     let want = t.to_dtype(DType::BF16).to_dtype(DType::F32).into_vec();
     let got = match b {
@@ -337,8 +422,15 @@ fn cast(b: &Backend) -> R {
         }
     };
     // Rounding must agree bit for bit on every backend.
-    let bits_ok = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(bits_ok, "{}: f32 -> bf16 -> f32 differs from half::bf16 rounding", b.name());
+    let bits_ok = got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        bits_ok,
+        "{}: f32 -> bf16 -> f32 differs from half::bf16 rounding",
+        b.name()
+    );
     Ok(())
 }
 
@@ -347,7 +439,9 @@ fn embedding(b: &Backend) -> R {
     for &(vocab, h, n) in &[(50, 1, 1), (50, 7, 17), (1000, 130, 300)] {
         let w = randn(&[vocab, h], 1.0, &mut r);
         // Repeated ids (several per row of dW) and ids that never occur.
-        let ids: Vec<u32> = (0..n).map(|_| r.random_range(0..(vocab as u32 / 2).max(1))).collect();
+        let ids: Vec<u32> = (0..n)
+            .map(|_| r.random_range(0..(vocab as u32 / 2).max(1)))
+            .collect();
         let gy = randn(&[n, h], 1.0, &mut r);
         let cpu = || cpu_grads(&[&w], &gy, |t, v| ops::embedding(t, v[0], &ids));
         let (y, g) = cpu();
@@ -370,9 +464,21 @@ fn embedding(b: &Backend) -> R {
             }
         };
         assert_close(b, &format!("embedding y {vocab}x{h} n={n}"), &y2, &y, EXACT);
-        assert_close(b, &format!("embedding y (f32 table) {vocab}x{h} n={n}"), &y32, &y, EXACT);
+        assert_close(
+            b,
+            &format!("embedding y (f32 table) {vocab}x{h} n={n}"),
+            &y32,
+            &y,
+            EXACT,
+        );
         // Same summation order as the CPU loop over bf16 values: exact in f32.
-        assert_close(b, &format!("embedding dW {vocab}x{h} n={n}"), &g2[0], &g[0], EXACT);
+        assert_close(
+            b,
+            &format!("embedding dW {vocab}x{h} n={n}"),
+            &g2[0],
+            &g[0],
+            EXACT,
+        );
     }
     Ok(())
 }
@@ -382,7 +488,13 @@ fn cross_entropy(b: &Backend) -> R {
     for &(n, v, ignore_every) in &[(1, 5, 0), (17, 1000, 3), (64, 4099, 5), (3, 10, 1)] {
         let logits = randn(&[n, v], 2.0, &mut r);
         let targets: Vec<u32> = (0..n)
-            .map(|i| if ignore_every > 0 && i % ignore_every == 0 { IGNORE } else { r.random_range(0..v as u32) })
+            .map(|i| {
+                if ignore_every > 0 && i % ignore_every == 0 {
+                    IGNORE
+                } else {
+                    r.random_range(0..v as u32)
+                }
+            })
             .collect();
         let z = 1e-3;
         let dloss = 0.75;
@@ -392,7 +504,10 @@ fn cross_entropy(b: &Backend) -> R {
             let out = ops::cross_entropy(&mut tape, lv, &targets, z);
             let loss = tape.value(out.loss).data()[0];
             let g = tape.backward_with(out.loss, Tensor::scalar(dloss));
-            let d = g.get(lv).map(|t| t.data().to_vec()).unwrap_or_else(|| vec![0.0; n * v]);
+            let d = g
+                .get(lv)
+                .map(|t| t.data().to_vec())
+                .unwrap_or_else(|| vec![0.0; n * v]);
             (loss, out.ce, out.n_valid, d)
         };
         let want = cpu();
@@ -441,7 +556,13 @@ fn router_zloss(b: &Backend) -> R {
             }
         };
         assert_scalar(b, &format!("router z-loss {n}x{e}"), got.0, want.0);
-        assert_close(b, &format!("router z-loss dz {n}x{e}"), &got.1, &want.1, F32_TOL);
+        assert_close(
+            b,
+            &format!("router z-loss dz {n}x{e}"),
+            &got.1,
+            &want.1,
+            F32_TOL,
+        );
     }
     Ok(())
 }
@@ -450,13 +571,21 @@ fn router_zloss(b: &Backend) -> R {
 /// backend) and non-tied probabilities differ by at least e^(1/4), far beyond rounding.
 fn quantized(shape: &[usize], std: f32, r: &mut StdRng) -> Tensor {
     let t = Tensor::randn(shape, std, r);
-    Tensor::from_vec(t.data().iter().map(|x| (x * 4.0).round() / 4.0).collect(), shape)
+    Tensor::from_vec(
+        t.data().iter().map(|x| (x * 4.0).round() / 4.0).collect(),
+        shape,
+    )
 }
 
 /// Routing configurations: (tokens, experts, top-k, renorm, bias). Expert 3's bias of -100
 /// keeps it from receiving any token when k < e.
-const ROUTES: &[(usize, usize, usize, bool, bool)] =
-    &[(1, 2, 2, false, false), (17, 8, 2, false, true), (300, 7, 5, true, true), (64, 8, 1, true, false), (5, 4, 4, false, true)];
+const ROUTES: &[(usize, usize, usize, bool, bool)] = &[
+    (1, 2, 2, false, false),
+    (17, 8, 2, false, true),
+    (300, 7, 5, true, true),
+    (64, 8, 1, true, false),
+    (5, 4, 4, false, true),
+];
 
 fn router_bias(e: usize, r: &mut StdRng) -> Tensor {
     let mut b = quantized(&[e], 1.0, r).into_vec();
@@ -474,14 +603,18 @@ fn router(b: &Backend) -> R {
         let gw = randn(&[n, k], 1.0, &mut r);
         let bias_opt = with_bias.then_some(&bias);
         let cpu = || {
-            let (probs, weights, routing) = ops::route_values(&z, bias_opt.map(|t| t.data()), k, renorm);
+            let (probs, weights, routing) =
+                ops::route_values(&z, bias_opt.map(|t| t.data()), k, renorm);
             let mut tape = Tape::new();
             let zv = tape.leaf(z.clone());
             let bv = bias_opt.map(|t| tape.leaf(t.clone()));
             let (w, _) = ops::route(&mut tape, zv, bv, k, renorm);
             let g = tape.backward_with(w, gw.clone());
             let dz = g.get(zv).unwrap().data().to_vec();
-            let db = bv.and_then(|v| g.get(v)).map(|t| t.data().to_vec()).unwrap_or_default();
+            let db = bv
+                .and_then(|v| g.get(v))
+                .map(|t| t.data().to_vec())
+                .unwrap_or_default();
             (probs, weights, routing.indices, dz, db)
         };
         let want = cpu();
@@ -490,8 +623,22 @@ fn router(b: &Backend) -> R {
             Backend::Cuda(dev) => {
                 let zd = up32(dev, &z)?;
                 let bd = up32(dev, &bias)?;
-                let (mut p, mut w, mut idx) = (dev.alloc::<f32>(n * e)?, dev.alloc::<f32>(n * k)?, dev.alloc::<u32>(n * k)?);
-                dev.route(&zd, with_bias.then(|| bd.as_view()), n, e, k, renorm, &mut p, &mut w, &mut idx)?;
+                let (mut p, mut w, mut idx) = (
+                    dev.alloc::<f32>(n * e)?,
+                    dev.alloc::<f32>(n * k)?,
+                    dev.alloc::<u32>(n * k)?,
+                );
+                dev.route(
+                    &zd,
+                    with_bias.then(|| bd.as_view()),
+                    n,
+                    e,
+                    k,
+                    renorm,
+                    &mut p,
+                    &mut w,
+                    &mut idx,
+                )?;
                 let gd = up32(dev, &gw)?;
                 let mut dz = dev.alloc::<f32>(n * e)?;
                 dev.route_bwd(&p, &w, &idx, &gd, n, e, k, renorm, &mut dz)?;
@@ -502,7 +649,13 @@ fn router(b: &Backend) -> R {
                 } else {
                     Vec::new()
                 };
-                (dev.download(&p)?, dev.download(&w)?, dev.download(&idx)?, dev.download(&dz)?, db)
+                (
+                    dev.download(&p)?,
+                    dev.download(&w)?,
+                    dev.download(&idx)?,
+                    dev.download(&dz)?,
+                    db,
+                )
             }
         };
         let what = format!("router n={n} e={e} k={k} renorm={renorm} bias={with_bias}");
@@ -536,8 +689,20 @@ fn gather_rows(b: &Backend) -> R {
                 (down(dev, &yd)?, vec![down(dev, &dx)?])
             }
         };
-        assert_close(b, &format!("gather_rows y n={n} h={h} m={m}"), &y2, &y, EXACT);
-        assert_close(b, &format!("gather_rows dx n={n} h={h} m={m}"), &g2[0], &g[0], BF16_TOL);
+        assert_close(
+            b,
+            &format!("gather_rows y n={n} h={h} m={m}"),
+            &y2,
+            &y,
+            EXACT,
+        );
+        assert_close(
+            b,
+            &format!("gather_rows dx n={n} h={h} m={m}"),
+            &g2[0],
+            &g[0],
+            BF16_TOL,
+        );
     }
     Ok(())
 }
@@ -550,7 +715,8 @@ fn moe_permute_combine(b: &Backend) -> R {
         let h = [1usize, 33, 130][n % 3];
         let z = quantized(&[n, e], 1.0, &mut r);
         let bias = router_bias(e, &mut r);
-        let (_, weights, routing) = ops::route_values(&z, with_bias.then(|| bias.data()), k, renorm);
+        let (_, weights, routing) =
+            ops::route_values(&z, with_bias.then(|| bias.data()), k, renorm);
         let routing = Arc::new(routing);
         let hist = routing.histogram();
         let x = randn(&[n, h], 1.0, &mut r);
@@ -598,7 +764,10 @@ fn moe_permute_combine(b: &Backend) -> R {
             let y = ops::moe_combine(&mut tape, &out_vars, wv, &routing);
             let yv = tape.value(y).data().to_vec();
             let g = tape.backward_with(y, dy.clone());
-            let douts: Vec<f32> = leaves.iter().flat_map(|v| g.get(*v).unwrap().data().to_vec()).collect();
+            let douts: Vec<f32> = leaves
+                .iter()
+                .flat_map(|v| g.get(*v).unwrap().data().to_vec())
+                .collect();
             let dw = g.get(wv).unwrap().data().to_vec();
             (xp, dx, yv, douts, dw, Vec::<u32>::new(), Vec::<u32>::new())
         };
@@ -639,13 +808,36 @@ fn moe_permute_combine(b: &Backend) -> R {
                 )
             }
         };
-        assert_eq!(got.5, want.5, "{}: {what}: sorted tokens (expert_tokens)", b.name());
+        assert_eq!(
+            got.5,
+            want.5,
+            "{}: {what}: sorted tokens (expert_tokens)",
+            b.name()
+        );
         assert_eq!(got.6, want.6, "{}: {what}: row_of", b.name());
         assert_close(b, &format!("{what} permute"), &got.0, &want.0, EXACT);
-        assert_close(b, &format!("{what} permute backward"), &got.1, &want.1, BF16_TOL);
+        assert_close(
+            b,
+            &format!("{what} permute backward"),
+            &got.1,
+            &want.1,
+            BF16_TOL,
+        );
         assert_close(b, &format!("{what} combine"), &got.2, &want.2, BF16_TOL);
-        assert_close(b, &format!("{what} combine d_outs"), &got.3, &want.3, BF16_TOL);
-        assert_close(b, &format!("{what} combine d_weights"), &got.4, &want.4, F32_SUM_TOL);
+        assert_close(
+            b,
+            &format!("{what} combine d_outs"),
+            &got.3,
+            &want.3,
+            BF16_TOL,
+        );
+        assert_close(
+            b,
+            &format!("{what} combine d_weights"),
+            &got.4,
+            &want.4,
+            F32_SUM_TOL,
+        );
     }
     Ok(())
 }
@@ -661,12 +853,24 @@ fn attention(b: &Backend) -> R {
         (1, 9, 9, 9, 2, 2, 256),
     ];
     for &(bs, tq, tk, stride, nh, nkv, hd) in &shapes {
-        let s = AttnShape { b: bs, tq, tk, tk_stride: stride, nh, nkv, hd };
+        let s = AttnShape {
+            b: bs,
+            tq,
+            tk,
+            tk_stride: stride,
+            nh,
+            nkv,
+            hd,
+        };
         let q = randn(&[bs * tq, nh * hd], 1.0, &mut r);
         let k = randn(&[bs * stride, nkv * hd], 1.0, &mut r);
         let v = randn(&[bs * stride, nkv * hd], 1.0, &mut r);
         let dout = randn(&[bs * tq, nh * hd], 1.0, &mut r);
-        let cpu = || cpu_grads(&[&q, &k, &v], &dout, |t, x| ops::attention(t, x[0], x[1], x[2], s));
+        let cpu = || {
+            cpu_grads(&[&q, &k, &v], &dout, |t, x| {
+                ops::attention(t, x[0], x[1], x[2], s)
+            })
+        };
         let (o, g) = cpu();
         let (o2, g2) = match b {
             Backend::Cpu => cpu(),
@@ -675,10 +879,16 @@ fn attention(b: &Backend) -> R {
                 let mut od = dev.alloc::<bf16>(q.numel())?;
                 let mut lse = dev.alloc::<f32>(bs * nh * tq)?;
                 dev.attention_fwd(&qd, &kd, &vd, s, &mut od, &mut lse)?;
-                let (mut dq, mut dk, mut dv) =
-                    (dev.alloc::<bf16>(q.numel())?, dev.alloc::<bf16>(k.numel())?, dev.alloc::<bf16>(v.numel())?);
+                let (mut dq, mut dk, mut dv) = (
+                    dev.alloc::<bf16>(q.numel())?,
+                    dev.alloc::<bf16>(k.numel())?,
+                    dev.alloc::<bf16>(v.numel())?,
+                );
                 dev.attention_bwd(&qd, &kd, &vd, &od, &lse, &dod, s, &mut dq, &mut dk, &mut dv)?;
-                (down(dev, &od)?, vec![down(dev, &dq)?, down(dev, &dk)?, down(dev, &dv)?])
+                (
+                    down(dev, &od)?,
+                    vec![down(dev, &dq)?, down(dev, &dk)?, down(dev, &dv)?],
+                )
             }
         };
         let what = format!("attention {s:?}");
@@ -699,13 +909,26 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
     let mut r = rng(13);
     // A norm-like vector, a matrix, a [1, n] row (no decay) and one tensor spanning two blocks.
     let shapes: [&[usize]; 5] = [&[7], &[3, 5], &[1, 4], &[70001], &[33, 65]];
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let lr = 1e-2;
     let max_norm = 5.0;
     let steps = 3;
-    let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s, 1.0, &mut r)).collect();
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(s, 1.0, &mut r))
+        .collect();
     let grads: Vec<Vec<Tensor>> = (0..steps)
-        .map(|step| shapes.iter().map(|s| Tensor::randn(s, if step == 1 { 0.01 } else { 1.0 }, &mut r)).collect())
+        .map(|step| {
+            shapes
+                .iter()
+                .map(|s| Tensor::randn(s, if step == 1 { 0.01 } else { 1.0 }, &mut r))
+                .collect()
+        })
         .collect();
     let cpu = || {
         let mut ps = ParamStore::default();
@@ -720,24 +943,47 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
             opt.update(&mut ps, &gs, lr);
         }
         let params: Vec<Vec<f32>> = ps.params.iter().map(|p| p.value.data().to_vec()).collect();
-        let moments: Vec<(Vec<f32>, Vec<f32>)> = opt.moments.into_iter().map(|m| m.unwrap()).collect();
+        let moments: Vec<(Vec<f32>, Vec<f32>)> =
+            opt.moments.into_iter().map(|m| m.unwrap()).collect();
         (norms, params, moments, Vec::<Vec<f32>>::new())
     };
     let want = cpu();
     let got = match b {
         Backend::Cpu => {
             let mut g = cpu();
-            g.3 = g.1.iter().map(|p| Tensor::from_vec(p.clone(), &[p.len()]).round_bf16().into_vec()).collect();
+            g.3 =
+                g.1.iter()
+                    .map(|p| {
+                        Tensor::from_vec(p.clone(), &[p.len()])
+                            .round_bf16()
+                            .into_vec()
+                    })
+                    .collect();
             g
         }
         Backend::Cuda(dev) => {
-            let mut p: Vec<Buf<f32>> = init.iter().map(|t| up32(dev, t)).collect::<flexrun::Result<_>>()?;
-            let mut m: Vec<Buf<f32>> = shapes.iter().map(|s| dev.zeros(s.iter().product())).collect::<flexrun::Result<_>>()?;
-            let mut v: Vec<Buf<f32>> = shapes.iter().map(|s| dev.zeros(s.iter().product())).collect::<flexrun::Result<_>>()?;
-            let mut p16: Vec<Buf<bf16>> = shapes.iter().map(|s| dev.alloc(s.iter().product())).collect::<flexrun::Result<_>>()?;
+            let mut p: Vec<Buf<f32>> = init
+                .iter()
+                .map(|t| up32(dev, t))
+                .collect::<flexrun::Result<_>>()?;
+            let mut m: Vec<Buf<f32>> = shapes
+                .iter()
+                .map(|s| dev.zeros(s.iter().product()))
+                .collect::<flexrun::Result<_>>()?;
+            let mut v: Vec<Buf<f32>> = shapes
+                .iter()
+                .map(|s| dev.zeros(s.iter().product()))
+                .collect::<flexrun::Result<_>>()?;
+            let mut p16: Vec<Buf<bf16>> = shapes
+                .iter()
+                .map(|s| dev.alloc(s.iter().product()))
+                .collect::<flexrun::Result<_>>()?;
             let mut norms = Vec::new();
             for (step, g) in grads.iter().enumerate() {
-                let gd: Vec<Buf<f32>> = g.iter().map(|t| up32(dev, t)).collect::<flexrun::Result<_>>()?;
+                let gd: Vec<Buf<f32>> = g
+                    .iter()
+                    .map(|t| up32(dev, t))
+                    .collect::<flexrun::Result<_>>()?;
                 let views: Vec<_> = gd.iter().map(|x| x.as_view()).collect();
                 let nrm = dev.grad_norm(&views, max_norm)?;
                 norms.push(dev.download(&nrm)?[0]);
@@ -757,16 +1003,28 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
                         param_bf16: Some(p16),
                     })
                     .collect();
-                let hp = AdamWHyper { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, step: step as u64 + 1 };
+                let hp = AdamWHyper {
+                    lr,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.eps,
+                    step: step as u64 + 1,
+                };
                 dev.adamw_step(&mut slots, hp, Some(nrm.view(1..2)))?;
             }
-            let params = p.iter().map(|x| dev.download(x)).collect::<flexrun::Result<Vec<_>>>()?;
+            let params = p
+                .iter()
+                .map(|x| dev.download(x))
+                .collect::<flexrun::Result<Vec<_>>>()?;
             let moments = m
                 .iter()
                 .zip(&v)
                 .map(|(m, v)| Ok((dev.download(m)?, dev.download(v)?)))
                 .collect::<flexrun::Result<Vec<_>>>()?;
-            let p16 = p16.iter().map(|x| down(dev, x)).collect::<flexrun::Result<Vec<_>>>()?;
+            let p16 = p16
+                .iter()
+                .map(|x| down(dev, x))
+                .collect::<flexrun::Result<Vec<_>>>()?;
             (norms, params, moments, p16)
         }
     };
@@ -775,11 +1033,31 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
     }
     for (i, shape) in shapes.iter().enumerate() {
         let what = format!("adamw tensor {i} {shape:?}");
-        assert_close(b, &format!("{what} param"), &got.1[i], &want.1[i], ADAMW_TOL);
-        assert_close(b, &format!("{what} m"), &got.2[i].0, &want.2[i].0, ADAMW_TOL);
-        assert_close(b, &format!("{what} v"), &got.2[i].1, &want.2[i].1, ADAMW_TOL);
+        assert_close(
+            b,
+            &format!("{what} param"),
+            &got.1[i],
+            &want.1[i],
+            ADAMW_TOL,
+        );
+        assert_close(
+            b,
+            &format!("{what} m"),
+            &got.2[i].0,
+            &want.2[i].0,
+            ADAMW_TOL,
+        );
+        assert_close(
+            b,
+            &format!("{what} v"),
+            &got.2[i].1,
+            &want.2[i].1,
+            ADAMW_TOL,
+        );
         // The bf16 copy is the rounding of the f32 weight the kernel itself wrote.
-        let own = Tensor::from_vec(got.1[i].clone(), &[got.1[i].len()]).round_bf16().into_vec();
+        let own = Tensor::from_vec(got.1[i].clone(), &[got.1[i].len()])
+            .round_bf16()
+            .into_vec();
         assert_close(b, &format!("{what} bf16 copy"), &got.3[i], &own, EXACT);
     }
     Ok(())
@@ -787,7 +1065,14 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
 
 fn gemm(b: &Backend) -> R {
     let mut r = rng(14);
-    for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 48, 129), (5, 3, 0), (130, 1, 257)] {
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 65),
+        (64, 48, 129),
+        (5, 3, 0),
+        (130, 1, 257),
+    ] {
         let a = randn(&[m * k], 1.0, &mut r);
         let bm = randn(&[k * n], 1.0, &mut r);
         let c0 = randn(&[m * n], 1.0, &mut r);
@@ -800,23 +1085,34 @@ fn gemm(b: &Backend) -> R {
                         Backend::Cpu => {
                             let mut c = c0.data().to_vec();
                             matmul(m, n, k, a.data(), a_t, bm.data(), b_t, &mut c, acc);
-                            (c.clone(), c.clone(), Tensor::from_vec(c, &[m * n]).round_bf16().into_vec())
+                            (
+                                c.clone(),
+                                c.clone(),
+                                Tensor::from_vec(c, &[m * n]).round_bf16().into_vec(),
+                            )
                         }
                         Backend::Cuda(dev) => {
-                            let (a32, b32, a16, b16) = (up32(dev, &a)?, up32(dev, &bm)?, up(dev, &a)?, up(dev, &bm)?);
+                            let (a32, b32, a16, b16) =
+                                (up32(dev, &a)?, up32(dev, &bm)?, up(dev, &a)?, up(dev, &bm)?);
                             let mut c32 = up32(dev, &c0)?;
                             dev.gemm(m, n, k, &a32, a_t, &b32, b_t, &mut c32, acc)?;
                             let mut c16_32 = up32(dev, &c0)?;
                             dev.gemm(m, n, k, &a16, a_t, &b16, b_t, &mut c16_32, acc)?;
                             let mut c16 = up(dev, &c0)?;
                             dev.gemm(m, n, k, &a16, a_t, &b16, b_t, &mut c16, acc)?;
-                            (dev.download(&c32)?, dev.download(&c16_32)?, down(dev, &c16)?)
+                            (
+                                dev.download(&c32)?,
+                                dev.download(&c16_32)?,
+                                down(dev, &c16)?,
+                            )
                         }
                     };
                     let what = format!("gemm {m}x{n}x{k} a_t={a_t} b_t={b_t} acc={acc}");
                     assert_close(b, &format!("{what} f32"), &g32, &want, GEMM_TOL);
                     assert_close(b, &format!("{what} bf16->f32"), &g16_32, &want, GEMM_TOL);
-                    let want16 = Tensor::from_vec(want.clone(), &[m * n]).round_bf16().into_vec();
+                    let want16 = Tensor::from_vec(want.clone(), &[m * n])
+                        .round_bf16()
+                        .into_vec();
                     let tol = if b.is_cpu() { EXACT } else { BF16_TOL };
                     assert_close(b, &format!("{what} bf16"), &g16, &want16, tol);
                 }

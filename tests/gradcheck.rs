@@ -70,7 +70,11 @@ fn attention_causal_gqa() {
         let k = Tensor::randn(&[b * tt, nkv * hd], 1.0, &mut r);
         let v = Tensor::randn(&[b * tt, nkv * hd], 1.0, &mut r);
         let s = AttnShape::causal(b, tt, nh, nkv, hd);
-        GradCheck { max_coords: 48, ..Default::default() }.check(&[q, k, v], |t, x| ops::attention(t, x[0], x[1], x[2], s));
+        GradCheck {
+            max_coords: 48,
+            ..Default::default()
+        }
+        .check(&[q, k, v], |t, x| ops::attention(t, x[0], x[1], x[2], s));
     }
 }
 
@@ -94,13 +98,17 @@ fn router_z_loss() {
 fn route_topk_with_bias_and_renorm() {
     // Logits spread out enough that a finite-difference step never flips the top-k choice.
     let z = Tensor::from_vec(
-        vec![2.0, 0.5, -1.0, 0.1, -0.3, 1.2, 0.0, 2.5, -2.0, 1.0, 0.4, -0.8],
+        vec![
+            2.0, 0.5, -1.0, 0.1, -0.3, 1.2, 0.0, 2.5, -2.0, 1.0, 0.4, -0.8,
+        ],
         &[3, 4],
     );
     // Away from the kink of min(b, 0) at 0; the positive entry gets no gradient.
     let bias = Tensor::from_vec(vec![-0.2, -0.5, -1.5, 0.7], &[4]);
     for renorm in [false, true] {
-        GradCheck::default().check(&[z.clone(), bias.clone()], |t, v| ops::route(t, v[0], Some(v[1]), 2, renorm).0);
+        GradCheck::default().check(&[z.clone(), bias.clone()], |t, v| {
+            ops::route(t, v[0], Some(v[1]), 2, renorm).0
+        });
     }
 }
 
@@ -108,20 +116,30 @@ fn route_topk_with_bias_and_renorm() {
 fn gather_and_combine() {
     let mut r = rng();
     let x = Tensor::randn(&[4, 3], 1.0, &mut r);
-    let z = Tensor::from_vec(vec![2.0, 0.5, -1.0, 0.1, -0.3, 1.2, 0.0, 2.5, -2.0, 1.0, 0.4, -0.8], &[4, 3]);
-    let wexp: Vec<Tensor> = (0..3).map(|_| Tensor::randn(&[3, 3], 1.0, &mut r)).collect();
-    GradCheck::default().check(&[x, z, wexp[0].clone(), wexp[1].clone(), wexp[2].clone()], |t, v| {
-        let (w, routing) = ops::route(t, v[1], None, 2, false);
-        let routing = Arc::new(routing);
-        let outs: Vec<Option<_>> = (0..3)
-            .map(|e| {
-                let toks = Arc::new(routing.expert_tokens[e].clone());
-                (!toks.is_empty()).then(|| {
-                    let xe = ops::gather_rows(t, v[0], &toks);
-                    ops::linear(t, xe, v[2 + e])
+    let z = Tensor::from_vec(
+        vec![
+            2.0, 0.5, -1.0, 0.1, -0.3, 1.2, 0.0, 2.5, -2.0, 1.0, 0.4, -0.8,
+        ],
+        &[4, 3],
+    );
+    let wexp: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::randn(&[3, 3], 1.0, &mut r))
+        .collect();
+    GradCheck::default().check(
+        &[x, z, wexp[0].clone(), wexp[1].clone(), wexp[2].clone()],
+        |t, v| {
+            let (w, routing) = ops::route(t, v[1], None, 2, false);
+            let routing = Arc::new(routing);
+            let outs: Vec<Option<_>> = (0..3)
+                .map(|e| {
+                    let toks = Arc::new(routing.expert_tokens[e].clone());
+                    (!toks.is_empty()).then(|| {
+                        let xe = ops::gather_rows(t, v[0], &toks);
+                        ops::linear(t, xe, v[2 + e])
+                    })
                 })
-            })
-            .collect();
-        ops::moe_combine(t, &outs, w, &routing)
-    });
+                .collect();
+            ops::moe_combine(t, &outs, w, &routing)
+        },
+    );
 }

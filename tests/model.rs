@@ -46,16 +46,26 @@ fn whole_moe_model_gradient_matches_finite_differences() {
     let mut ps = m.params.clone();
     for l in 0..2 {
         for e in [1, 3] {
-            ps.add(flexrun::model::router_bias_name(l, e), Tensor::from_vec(vec![-0.3], &[1]));
+            ps.add(
+                flexrun::model::router_bias_name(l, e),
+                Tensor::from_vec(vec![-0.3], &[1]),
+            );
         }
     }
     m = Model::from_params(m.cfg.clone(), ps).unwrap();
-    let coefs = LossCoefs { z_loss: 1e-2, router_z_loss: 1e-1 };
+    let coefs = LossCoefs {
+        z_loss: 1e-2,
+        router_z_loss: 1e-1,
+    };
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
     let out = m.loss(&mut tape, &inp, &tgt, 2, 6, coefs).unwrap();
     let grads = tape.backward(out.loss);
-    assert_eq!(grads.params.len(), m.params.len(), "every trainable parameter gets a gradient");
+    assert_eq!(
+        grads.params.len(),
+        m.params.len(),
+        "every trainable parameter gets a gradient"
+    );
     let eps = 2e-3f32;
     let mut checked = 0;
     let mut worst = 0f32;
@@ -87,11 +97,16 @@ fn whole_moe_model_gradient_matches_finite_differences() {
 fn frozen_parameters_get_no_gradient() {
     let mut m = tiny_moe(4);
     m.params.set_all_trainable(false);
-    let id = m.params.id("model.layers.1.mlp.experts.2.up_proj.weight").unwrap();
+    let id = m
+        .params
+        .id("model.layers.1.mlp.experts.2.up_proj.weight")
+        .unwrap();
     m.params.params[id].trainable = true;
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
-    let out = m.loss(&mut tape, &inp, &tgt, 2, 6, LossCoefs::default()).unwrap();
+    let out = m
+        .loss(&mut tape, &inp, &tgt, 2, 6, LossCoefs::default())
+        .unwrap();
     let grads = tape.backward(out.loss);
     assert_eq!(grads.params.len(), 1);
     assert_eq!(grads.params[0].0, id);
@@ -107,11 +122,15 @@ fn kv_cache_decoding_equals_full_recomputation() {
     // A 4-token prefill, then one token at a time.
     let mut rows = Vec::new();
     let mut tape = Tape::inference();
-    let f = m.forward(&mut tape, &ids[..4], 1, 4, Some(&mut cache)).unwrap();
+    let f = m
+        .forward(&mut tape, &ids[..4], 1, 4, Some(&mut cache))
+        .unwrap();
     rows.push(tape.value(f.logits).clone());
     for i in 4..ids.len() {
         let mut tape = Tape::inference();
-        let f = m.forward(&mut tape, &ids[i..i + 1], 1, 1, Some(&mut cache)).unwrap();
+        let f = m
+            .forward(&mut tape, &ids[i..i + 1], 1, 1, Some(&mut cache))
+            .unwrap();
         rows.push(tape.value(f.logits).clone());
     }
     let parts: Vec<&Tensor> = rows.iter().collect();
@@ -119,7 +138,10 @@ fn kv_cache_decoding_equals_full_recomputation() {
     let err = inc.max_abs_diff(&full);
     assert!(err < 1e-5, "cached logits differ by {err}");
     // Greedy generation continues the same way as argmax over full recomputation.
-    let cfg = SamplingConfig { max_new_tokens: 5, ..Default::default() };
+    let cfg = SamplingConfig {
+        max_new_tokens: 5,
+        ..Default::default()
+    };
     let out = generate(&m, &ids, &cfg, |_| {}).unwrap();
     let mut seq = ids.clone();
     for &tok in &out {
@@ -132,7 +154,14 @@ fn kv_cache_decoding_equals_full_recomputation() {
 #[test]
 fn sampling_is_seeded() {
     let m = tiny_moe(6);
-    let cfg = SamplingConfig { temperature: 1.0, top_k: 10, top_p: 0.9, seed: 11, max_new_tokens: 12, stop_token: None };
+    let cfg = SamplingConfig {
+        temperature: 1.0,
+        top_k: 10,
+        top_p: 0.9,
+        seed: 11,
+        max_new_tokens: 12,
+        stop_token: None,
+    };
     let a = generate(&m, &[1, 2, 3], &cfg, |_| {}).unwrap();
     let b = generate(&m, &[1, 2, 3], &cfg, |_| {}).unwrap();
     assert_eq!(a, b);
@@ -147,7 +176,10 @@ fn dropping_an_expert_equals_a_model_built_without_it() {
     // Build the same 3-expert model independently, from renamed tensors.
     let mut ps = flexrun::model::ParamStore::default();
     for p in &m.params.params {
-        let name = p.name.replace("experts.3.", "experts.2.").replace("[3]", "[2]");
+        let name = p
+            .name
+            .replace("experts.3.", "experts.2.")
+            .replace("[3]", "[2]");
         if p.name.contains("experts.2.") || p.name.ends_with("[2]") {
             continue;
         }
@@ -169,10 +201,16 @@ fn checkpoint_round_trip_f32_and_bf16() {
     checkpoint::save(&m, &dir, DType::F32).unwrap();
     let back = checkpoint::load(&dir).unwrap();
     let ids = [1u32, 5, 9, 2];
-    assert_eq!(m.logits(&ids, 1, 4).unwrap().data(), back.logits(&ids, 1, 4).unwrap().data());
+    assert_eq!(
+        m.logits(&ids, 1, 4).unwrap().data(),
+        back.logits(&ids, 1, 4).unwrap().data()
+    );
     checkpoint::save(&m, &dir, DType::BF16).unwrap();
     let back = checkpoint::load(&dir).unwrap();
-    let err = m.logits(&ids, 1, 4).unwrap().max_abs_diff(&back.logits(&ids, 1, 4).unwrap());
+    let err = m
+        .logits(&ids, 1, 4)
+        .unwrap()
+        .max_abs_diff(&back.logits(&ids, 1, 4).unwrap());
     assert!(err > 0.0 && err < 0.5, "bf16 round trip error {err}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -182,7 +220,11 @@ fn impossible_configs_are_rejected_with_a_reason() {
     let base = Config::flex_olmo(32, 16, 24, 2, 4, 2, 4, 2);
     let mut c = base.clone();
     c.num_attention_heads = 3;
-    assert!(c.validate().unwrap_err().0.contains("does not divide hidden_size"));
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .0
+        .contains("does not divide hidden_size"));
     let mut c = base.clone();
     c.num_key_value_heads = Some(3);
     assert!(c.validate().unwrap_err().0.contains("num_key_value_heads"));
@@ -191,7 +233,11 @@ fn impossible_configs_are_rejected_with_a_reason() {
     assert!(c.validate().unwrap_err().0.contains("num_experts_per_tok"));
     let mut c = base.clone();
     c.model_type = "llama".into();
-    assert!(c.validate().unwrap_err().0.contains("unsupported model_type"));
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .0
+        .contains("unsupported model_type"));
 }
 
 #[test]
@@ -200,7 +246,10 @@ fn out_of_range_ids_are_errors() {
     let e = m.logits(&[1, 2, 40], 1, 3).unwrap_err();
     assert!(e.0.contains("token id 40 is out of range"), "{e}");
     let mut tape = Tape::new();
-    let e = m.loss(&mut tape, &[1, 2], &[3, 99], 1, 2, LossCoefs::default()).err().unwrap();
+    let e = m
+        .loss(&mut tape, &[1, 2], &[3, 99], 1, 2, LossCoefs::default())
+        .err()
+        .unwrap();
     assert!(e.0.contains("target id 99"), "{e}");
 }
 
@@ -212,6 +261,9 @@ fn dense_olmo2_model_runs_and_round_trips() {
     checkpoint::save(&m, &dir, DType::F32).unwrap();
     let back = checkpoint::load(&dir).unwrap();
     assert_eq!(back.cfg.model_type, "olmo2");
-    assert_eq!(m.logits(&[1, 2, 3], 1, 3).unwrap().data(), back.logits(&[1, 2, 3], 1, 3).unwrap().data());
+    assert_eq!(
+        m.logits(&[1, 2, 3], 1, 3).unwrap().data(),
+        back.logits(&[1, 2, 3], 1, 3).unwrap().data()
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -16,7 +16,15 @@ fn tmp(name: &str) -> PathBuf {
 
 fn small_dataset(root: &Path) -> PathBuf {
     let corpus = root.join("corpus");
-    synth::write_corpus(&corpus, &synth::SynthConfig { seed: 3, docs_per_domain: 40, valid_docs_per_domain: 5 }).unwrap();
+    synth::write_corpus(
+        &corpus,
+        &synth::SynthConfig {
+            seed: 3,
+            docs_per_domain: 40,
+            valid_docs_per_domain: 5,
+        },
+    )
+    .unwrap();
     let tok = root.join("tok.json");
     tokenizer::train_bpe(&[corpus.join("public")], 300, &tok).unwrap();
     let t = Tokenizer::load(&tok).unwrap();
@@ -26,7 +34,11 @@ fn small_dataset(root: &Path) -> PathBuf {
 }
 
 fn log(dir: &Path) -> Vec<LogEntry> {
-    std::fs::read_to_string(dir.join("train_log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(dir.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -35,8 +47,22 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
     let data_dir = small_dataset(&root);
     let data = Dataset::open(&data_dir).unwrap();
     let cfg = Config::olmo2(data.meta.vocab_size, 32, 48, 2, 2, 1);
-    let tcfg = TrainConfig { steps: 8, batch: 2, seq: 16, grad_accum: 2, warmup: 2, eval_every: 3, ..Default::default() };
-    let batches = ShardBatches { data: &data, batch: 2, seq: 16, seed: 0, valid_tokens: 256 };
+    let tcfg = TrainConfig {
+        steps: 8,
+        batch: 2,
+        seq: 16,
+        grad_accum: 2,
+        warmup: 2,
+        eval_every: 3,
+        ..Default::default()
+    };
+    let batches = ShardBatches {
+        data: &data,
+        batch: 2,
+        seq: 16,
+        seed: 0,
+        valid_tokens: 256,
+    };
     let run = |dir: &Path, stop: Option<u64>, resume: bool| -> Model {
         let mut m = Model::new_random(&cfg, if resume { 99 } else { 0 }).unwrap();
         let mut tr = Trainer::new(&mut m, tcfg.clone(), dir).unwrap();
@@ -54,14 +80,29 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
     let b = run(&root.join("b"), None, true);
     let (la, lb) = (log(&root.join("a")), log(&root.join("b")));
     assert_eq!(la.len(), 8);
-    assert_eq!(la, lb, "losses, lrs, grad norms and validation after resuming equal the uninterrupted run");
+    assert_eq!(
+        la, lb,
+        "losses, lrs, grad norms and validation after resuming equal the uninterrupted run"
+    );
     for (p, q) in a.params.params.iter().zip(&b.params.params) {
         assert_eq!(p.value.data(), q.value.data(), "{} differs", p.name);
     }
     // Changed settings are refused.
     let mut m = Model::new_random(&cfg, 0).unwrap();
-    let mut tr = Trainer::new(&mut m, TrainConfig { lr: 1e-2, ..tcfg.clone() }, &root.join("b")).unwrap();
-    assert!(tr.resume().unwrap_err().0.contains("training settings differ"));
+    let mut tr = Trainer::new(
+        &mut m,
+        TrainConfig {
+            lr: 1e-2,
+            ..tcfg.clone()
+        },
+        &root.join("b"),
+    )
+    .unwrap();
+    assert!(tr
+        .resume()
+        .unwrap_err()
+        .0
+        .contains("training settings differ"));
     std::fs::remove_dir_all(&root).ok();
 }
 
@@ -70,7 +111,11 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     let root = tmp("pipeline");
     let c = demo::DemoConfig::quick();
     let report = demo::run(&c, &root, true).unwrap();
-    assert_eq!(report.rows.len(), 1 + 3 + 2 + 1 + 3, "public, 3 dense, soup, BTM, FlexOlmo, 3 opt-outs");
+    assert_eq!(
+        report.rows.len(),
+        1 + 3 + 2 + 1 + 3,
+        "public, 3 dense, soup, BTM, FlexOlmo, 3 opt-outs"
+    );
     assert!(root.join("routing.svg").exists() && root.join("results.md").exists());
     let flex_dir = root.join("models/flexolmo-main");
     let manifest = flex::Manifest::load(&flex_dir).unwrap().unwrap();
@@ -85,31 +130,75 @@ fn flexolmo_pipeline_merge_and_opt_out() {
 
     // Opt-out: excluding 'facts' at load time equals merging without it, bit for bit.
     let public = root.join("models/public");
-    let arts: Vec<PathBuf> = ["code", "math"].iter().map(|d| root.join(format!("experts/main/{d}.safetensors"))).collect();
+    let arts: Vec<PathBuf> = ["code", "math"]
+        .iter()
+        .map(|d| root.join(format!("experts/main/{d}.safetensors")))
+        .collect();
     let without = root.join("merged-without-facts");
     flex::merge(&public, &arts, c.top_k, &without).unwrap();
-    let a = flex::load_model(&flex_dir, &Selection { exclude: vec!["facts".into()], ..Default::default() }).unwrap();
+    let a = flex::load_model(
+        &flex_dir,
+        &Selection {
+            exclude: vec!["facts".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let b = flex::load_model(&without, &Selection::default()).unwrap();
     assert_eq!(a.expert_names, b.expert_names);
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 250) as u32 + 2).collect();
     let la = a.model.logits(&ids, 1, ids.len()).unwrap();
     let lb = b.model.logits(&ids, 1, ids.len()).unwrap();
-    assert_eq!(la.data(), lb.data(), "opt-out must be bit-identical to a merge without the expert");
-    let full = flex::load_model(&flex_dir, &Selection::default()).unwrap().model.logits(&ids, 1, ids.len()).unwrap();
-    assert_ne!(full.data(), la.data(), "removing an expert changes the model");
+    assert_eq!(
+        la.data(),
+        lb.data(),
+        "opt-out must be bit-identical to a merge without the expert"
+    );
+    let full = flex::load_model(&flex_dir, &Selection::default())
+        .unwrap()
+        .model
+        .logits(&ids, 1, ids.len())
+        .unwrap();
+    assert_ne!(
+        full.data(),
+        la.data(),
+        "removing an expert changes the model"
+    );
 
     // Router tuning changes only router rows and records that strict opt-out is gone.
     let tuned = root.join("tuned");
-    let tcfg = TrainConfig { steps: 3, batch: 2, seq: 16, warmup: 1, ..Default::default() };
-    flex::router_tune(&flex_dir, &[root.join("data/public"), root.join("data/math")], &tcfg, &tuned, &root.join("tune-run"), false, true).unwrap();
+    let tcfg = TrainConfig {
+        steps: 3,
+        batch: 2,
+        seq: 16,
+        warmup: 1,
+        ..Default::default()
+    };
+    flex::router_tune(
+        &flex_dir,
+        &[root.join("data/public"), root.join("data/math")],
+        &tcfg,
+        &tuned,
+        &root.join("tune-run"),
+        false,
+        true,
+    )
+    .unwrap();
     let tm = flex::Manifest::load(&tuned).unwrap().unwrap();
     assert!(tm.router_tuned && !tm.strict_opt_out);
-    let (before, after) = (checkpoint::load(&flex_dir).unwrap(), checkpoint::load(&tuned).unwrap());
+    let (before, after) = (
+        checkpoint::load(&flex_dir).unwrap(),
+        checkpoint::load(&tuned).unwrap(),
+    );
     let mut changed = 0;
     for p in &before.params.params {
         let q = after.params.value(after.params.id(&p.name).unwrap());
         if p.value.data() != q.data() {
-            assert!(p.name.contains(".mlp.gate."), "router tuning changed {}", p.name);
+            assert!(
+                p.name.contains(".mlp.gate."),
+                "router tuning changed {}",
+                p.name
+            );
             changed += 1;
         }
     }
@@ -121,10 +210,20 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     let mut m2 = Model::new_random(&pm.cfg, 1234).unwrap();
     m2.cfg = pm.cfg.clone();
     flex::write_model(&m2, None, &public, &other).unwrap();
-    let err = flex::merge(&other, &arts, 2, &root.join("bad")).err().unwrap();
+    let err = flex::merge(&other, &arts, 2, &root.join("bad"))
+        .err()
+        .unwrap();
     assert!(err.0.contains("different public model"), "{err}");
     // Unknown expert names are clear errors.
-    let err = flex::load_model(&flex_dir, &Selection { exclude: vec!["poetry".into()], ..Default::default() }).err().unwrap();
+    let err = flex::load_model(
+        &flex_dir,
+        &Selection {
+            exclude: vec!["poetry".into()],
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(err.0.contains("no expert 'poetry'"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }

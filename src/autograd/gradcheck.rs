@@ -19,7 +19,12 @@ pub struct GradCheck {
 
 impl Default for GradCheck {
     fn default() -> Self {
-        GradCheck { eps: 1e-2, atol: 2e-3, rtol: 2e-2, max_coords: 64 }
+        GradCheck {
+            eps: 1e-2,
+            atol: 2e-3,
+            rtol: 2e-2,
+            max_coords: 64,
+        }
     }
 }
 
@@ -34,11 +39,7 @@ pub struct GradReport {
 impl GradCheck {
     /// Check `f`'s gradient with respect to each of `inputs`. `f` builds the graph on the tape
     /// from the leaf vars and returns the output var. Panics with a description on failure.
-    pub fn check(
-        &self,
-        inputs: &[Tensor],
-        f: impl Fn(&mut Tape, &[Var]) -> Var,
-    ) -> GradReport {
+    pub fn check(&self, inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Var) -> GradReport {
         let mut tape = Tape::new();
         let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
         let out = f(&mut tape, &vars);
@@ -50,11 +51,23 @@ impl GradCheck {
             let mut t = Tape::inference();
             let vs: Vec<Var> = ins.iter().map(|x| t.constant(x.clone())).collect();
             let o = f(&mut t, &vs);
-            t.value(o).data().iter().zip(w.data()).map(|(&a, &b)| a as f64 * b as f64).sum()
+            t.value(o)
+                .data()
+                .iter()
+                .zip(w.data())
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
         };
-        let mut report = GradReport { worst: 0.0, worst_at: (0, 0), checked: 0 };
+        let mut report = GradReport {
+            worst: 0.0,
+            worst_at: (0, 0),
+            checked: 0,
+        };
         for (i, v) in vars.iter().enumerate() {
-            let analytic = grads.get(*v).cloned().unwrap_or_else(|| Tensor::zeros(inputs[i].shape()));
+            let analytic = grads
+                .get(*v)
+                .cloned()
+                .unwrap_or_else(|| Tensor::zeros(inputs[i].shape()));
             let n = inputs[i].numel();
             let stride = (n / self.max_coords).max(1);
             for j in (0..n).step_by(stride) {
@@ -62,7 +75,8 @@ impl GradCheck {
                 plus[i].data_mut()[j] += self.eps;
                 let mut minus = inputs.to_vec();
                 minus[i].data_mut()[j] -= self.eps;
-                let numeric = ((objective(&plus) - objective(&minus)) / (2.0 * self.eps as f64)) as f32;
+                let numeric =
+                    ((objective(&plus) - objective(&minus)) / (2.0 * self.eps as f64)) as f32;
                 let a = analytic.data()[j];
                 let err = (a - numeric).abs();
                 let bound = self.atol + self.rtol * a.abs().max(numeric.abs());

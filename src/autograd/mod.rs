@@ -58,7 +58,10 @@ impl Tape {
 
     /// A tape that records no backward information (inference).
     pub fn inference() -> Self {
-        Tape { nodes: Vec::new(), no_grad: true }
+        Tape {
+            nodes: Vec::new(),
+            no_grad: true,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -109,7 +112,11 @@ impl Tape {
         self.nodes.push(Node {
             value,
             parents: parents.iter().map(|p| p.0).collect(),
-            op: if requires_grad { Some(Box::new(op)) } else { None },
+            op: if requires_grad {
+                Some(Box::new(op))
+            } else {
+                None
+            },
             requires_grad,
             param: None,
         });
@@ -139,8 +146,11 @@ impl Tape {
             let Some(g) = grads[i].take() else { continue };
             let node = &self.nodes[i];
             if let Some(op) = &node.op {
-                let needs: Vec<bool> =
-                    node.parents.iter().map(|&p| self.nodes[p].requires_grad).collect();
+                let needs: Vec<bool> = node
+                    .parents
+                    .iter()
+                    .map(|&p| self.nodes[p].requires_grad)
+                    .collect();
                 let pg = op.backward(&g, &needs);
                 debug_assert_eq!(pg.len(), node.parents.len());
                 for ((&p, gp), need) in node.parents.iter().zip(pg).zip(needs) {
@@ -148,7 +158,11 @@ impl Tape {
                     if !need {
                         continue;
                     }
-                    debug_assert_eq!(gp.shape(), self.nodes[p].value.shape(), "grad shape of node {p}");
+                    debug_assert_eq!(
+                        gp.shape(),
+                        self.nodes[p].value.shape(),
+                        "grad shape of node {p}"
+                    );
                     accumulate(&mut grads[p], gp);
                 }
             } else if node.requires_grad {

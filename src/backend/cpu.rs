@@ -32,7 +32,15 @@ pub fn matmul(
 ///
 /// The GEMM stores every element, so unlike `vec![0.0; m*n]` + [`matmul`] there is no zero-fill
 /// pass over the output (a serial memset on the calling thread: ~3% of a moe_small step).
-pub fn matmul_new(m: usize, n: usize, k: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool) -> Vec<f32> {
+pub fn matmul_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+) -> Vec<f32> {
     if k == 0 {
         return vec![0f32; m * n];
     }
@@ -76,8 +84,16 @@ unsafe fn matmul_raw(
         skinny_abt(m, n, k, a, b, c, accumulate);
         return;
     }
-    let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
-    let (b_rs, b_cs) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    let (a_rs, a_cs) = if a_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if b_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     let par = if m * n * k >= GEMM_PARALLEL_MIN_FLOPS {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -116,25 +132,36 @@ const SKINNY_MAX_N: usize = 16;
 ///
 /// # Safety
 /// As [`matmul_raw`] (with `a`/`b` sizes already checked).
-unsafe fn skinny_abt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: *mut f32, accumulate: bool) {
+unsafe fn skinny_abt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    accumulate: bool,
+) {
     use rayon::prelude::*;
     let c = SendPtr(c);
     let rows_per_task = (GEMM_PARALLEL_MIN_FLOPS / (n * k).max(1)).max(16);
-    (0..m).into_par_iter().with_min_len(rows_per_task).for_each(|i| {
-        let ai = &a[i * k..(i + 1) * k];
-        for j in 0..n {
-            let v = simd::dot(ai, &b[j * k..(j + 1) * k]);
-            // SAFETY: element (i, j) lies inside the m*n destination; row i is this task's.
-            unsafe {
-                let p = c.get().add(i * n + j);
-                if accumulate {
-                    *p += v;
-                } else {
-                    p.write(v);
+    (0..m)
+        .into_par_iter()
+        .with_min_len(rows_per_task)
+        .for_each(|i| {
+            let ai = &a[i * k..(i + 1) * k];
+            for j in 0..n {
+                let v = simd::dot(ai, &b[j * k..(j + 1) * k]);
+                // SAFETY: element (i, j) lies inside the m*n destination; row i is this task's.
+                unsafe {
+                    let p = c.get().add(i * n + j);
+                    if accumulate {
+                        *p += v;
+                    } else {
+                        p.write(v);
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 #[derive(Clone, Copy)]
@@ -156,11 +183,13 @@ const ELEMWISE_CHUNK: usize = 1 << 15;
 pub fn add_assign(dst: &mut [f32], src: &[f32]) {
     use rayon::prelude::*;
     assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
-    dst.par_chunks_mut(ELEMWISE_CHUNK).zip(src.par_chunks(ELEMWISE_CHUNK)).for_each(|(d, s)| {
-        for (x, y) in d.iter_mut().zip(s) {
-            *x += y;
-        }
-    });
+    dst.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(src.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(d, s)| {
+            for (x, y) in d.iter_mut().zip(s) {
+                *x += y;
+            }
+        });
 }
 
 /// `sum x^2` in f64, in parallel: f32 partial sums over fixed 32K-element chunks (16 lanes
@@ -168,7 +197,10 @@ pub fn add_assign(dst: &mut [f32], src: &[f32]) {
 /// gradient norm (`grad_norm` sums `x as f64` squares serially: ~2% of a moe_small step).
 pub fn sq_norm(x: &[f32]) -> f64 {
     use rayon::prelude::*;
-    let parts: Vec<f64> = x.par_chunks(ELEMWISE_CHUNK).map(|c| simd::dot(c, c) as f64).collect();
+    let parts: Vec<f64> = x
+        .par_chunks(ELEMWISE_CHUNK)
+        .map(|c| simd::dot(c, c) as f64)
+        .collect();
     parts.iter().sum()
 }
 
@@ -196,7 +228,10 @@ impl DstPtr {
     /// The result must stay inside the allocation `ptr` points into.
     #[inline]
     pub unsafe fn offset(self, offset: isize) -> DstPtr {
-        DstPtr { ptr: self.ptr.offset(offset), rs: self.rs }
+        DstPtr {
+            ptr: self.ptr.offset(offset),
+            rs: self.rs,
+        }
     }
 }
 
@@ -213,7 +248,16 @@ unsafe impl Sync for DstPtr {}
 /// for reads (writes for `dst`), and `dst` must not overlap `lhs`, `rhs` or memory another
 /// thread accesses during the call.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided(m: usize, n: usize, k: usize, dst: DstPtr, accumulate: bool, lhs: MatPtr, rhs: MatPtr, beta: f32) {
+pub unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: DstPtr,
+    accumulate: bool,
+    lhs: MatPtr,
+    rhs: MatPtr,
+    beta: f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -297,7 +341,10 @@ pub fn tune_allocator() -> bool {
 ///
 /// # Safety
 /// `fill` must initialise every element of the slice it is given.
-pub unsafe fn alloc_init(n: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>])) -> Vec<f32> {
+pub unsafe fn alloc_init(
+    n: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<f32>]),
+) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
     fill(&mut v.spare_capacity_mut()[..n]);
     // SAFETY: the caller guarantees that `fill` initialised all `n` elements.
@@ -367,16 +414,30 @@ mod tests {
 
     #[test]
     fn matmul_all_transposes_match_naive() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 48, 129), (300, 4, 256), (70, 16, 9)] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2).collect();
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 33, 65),
+            (64, 48, 129),
+            (300, 4, 256),
+            (70, 16, 9),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2)
+                .collect();
             for at in [false, true] {
                 for bt in [false, true] {
                     let mut c = vec![1.0; m * n];
                     matmul(m, n, k, &a, at, &b, bt, &mut c, false);
                     let r = naive(m, n, k, &a, at, &b, bt);
                     for (x, y) in c.iter().zip(&r) {
-                        assert!((x - y).abs() < 1e-4, "{m}x{n}x{k} at={at} bt={bt}: {x} vs {y}");
+                        assert!(
+                            (x - y).abs() < 1e-4,
+                            "{m}x{n}x{k} at={at} bt={bt}: {x} vs {y}"
+                        );
                     }
                     let mut c2 = r.clone();
                     matmul(m, n, k, &a, at, &b, bt, &mut c2, true);
@@ -392,11 +453,17 @@ mod tests {
 
     #[test]
     fn parallel_reductions_are_exact_enough_and_deterministic() {
-        let x: Vec<f32> = (0..100_003).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let x: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3)
+            .collect();
         let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
         let got = sq_norm(&x);
         assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| sq_norm(&x));
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| sq_norm(&x));
         assert_eq!(got, one);
         let mut d = x.clone();
         add_assign(&mut d, &x);

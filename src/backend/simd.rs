@@ -31,7 +31,7 @@ const P1: f32 = 1.398_199_9e-3;
 const P2: f32 = 8.333_452e-3;
 const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 5.000_000_1e-1;
+const P5: f32 = 0.5; // Cephes 5.0000001201e-1 rounds to 0.5 in f32
 
 /// True when the AVX-512 bodies can run (checked once, then a relaxed atomic load).
 #[inline]
@@ -44,7 +44,8 @@ pub fn has_avx512() -> bool {
             1 => true,
             2 => false,
             _ => {
-                let yes = std::is_x86_feature_detected!("avx512f") && std::env::var_os("FLEXRUN_NO_AVX512").is_none();
+                let yes = std::is_x86_feature_detected!("avx512f")
+                    && std::env::var_os("FLEXRUN_NO_AVX512").is_none();
                 STATE.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
                 yes
             }
@@ -60,6 +61,9 @@ pub fn has_avx512() -> bool {
 /// outputs, so that they need no zero-fill pass). Kernels write every element they are given.
 pub trait Out {
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn out_ptr(&mut self) -> *mut f32;
 }
 
@@ -122,10 +126,9 @@ mod avx512 {
         // max/min return the second operand when one is NaN: NaN propagates, -inf clamps.
         let x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
         let x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(LOG2E),
-        ));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        );
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
         let mut p = _mm512_set1_ps(P0);
@@ -134,7 +137,11 @@ mod avx512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
-        let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        let y = _mm512_fmadd_ps(
+            p,
+            _mm512_mul_ps(r, r),
+            _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+        );
         _mm512_scalef_ps(y, n)
     }
 
@@ -255,7 +262,10 @@ mod avx512 {
         while i + 16 <= n {
             let gv = _mm512_loadu_ps(gp.add(i));
             let s = sigmoid16(gv);
-            _mm512_storeu_ps(yp.add(i), _mm512_mul_ps(_mm512_mul_ps(gv, s), _mm512_loadu_ps(up.add(i))));
+            _mm512_storeu_ps(
+                yp.add(i),
+                _mm512_mul_ps(_mm512_mul_ps(gv, s), _mm512_loadu_ps(up.add(i))),
+            );
             i += 16;
         }
         if i < n {
@@ -284,8 +294,11 @@ mod avx512 {
         let (gp, up, yp) = (g.as_ptr(), u.as_ptr(), gy.as_ptr());
         let mut i = 0;
         while i + 16 <= n {
-            let (a, b) =
-                swiglu_bwd16(_mm512_loadu_ps(gp.add(i)), _mm512_loadu_ps(up.add(i)), _mm512_loadu_ps(yp.add(i)));
+            let (a, b) = swiglu_bwd16(
+                _mm512_loadu_ps(gp.add(i)),
+                _mm512_loadu_ps(up.add(i)),
+                _mm512_loadu_ps(yp.add(i)),
+            );
             _mm512_storeu_ps(dgp.add(i), a);
             _mm512_storeu_ps(dup.add(i), b);
             i += 16;
@@ -310,7 +323,11 @@ mod avx512 {
         let mut i = 0;
         while i + 32 <= n {
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(bp.add(i)), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(ap.add(i + 16)), _mm512_loadu_ps(bp.add(i + 16)), a1);
+            a1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(ap.add(i + 16)),
+                _mm512_loadu_ps(bp.add(i + 16)),
+                a1,
+            );
             i += 32;
         }
         while i + 16 <= n {
@@ -319,7 +336,11 @@ mod avx512 {
         }
         if i < n {
             let m = tail_mask(n - i);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, ap.add(i)), _mm512_maskz_loadu_ps(m, bp.add(i)), a1);
+            a1 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, ap.add(i)),
+                _mm512_maskz_loadu_ps(m, bp.add(i)),
+                a1,
+            );
         }
         _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
     }
@@ -332,12 +353,19 @@ mod avx512 {
         let va = _mm512_set1_ps(alpha);
         let mut i = 0;
         while i + 16 <= n {
-            _mm512_storeu_ps(yp.add(i), _mm512_fmadd_ps(_mm512_loadu_ps(bp.add(i)), va, _mm512_loadu_ps(ap.add(i))));
+            _mm512_storeu_ps(
+                yp.add(i),
+                _mm512_fmadd_ps(_mm512_loadu_ps(bp.add(i)), va, _mm512_loadu_ps(ap.add(i))),
+            );
             i += 16;
         }
         if i < n {
             let m = tail_mask(n - i);
-            let r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, bp.add(i)), va, _mm512_maskz_loadu_ps(m, ap.add(i)));
+            let r = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, bp.add(i)),
+                va,
+                _mm512_maskz_loadu_ps(m, ap.add(i)),
+            );
             _mm512_mask_storeu_ps(yp.add(i), m, r);
         }
     }
@@ -352,7 +380,10 @@ mod avx512 {
         while i + 32 <= n {
             let ab = _mm512_mul_ps(_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(bp.add(i)));
             a0 = _mm512_fmadd_ps(ab, _mm512_loadu_ps(cp.add(i)), a0);
-            let ab = _mm512_mul_ps(_mm512_loadu_ps(ap.add(i + 16)), _mm512_loadu_ps(bp.add(i + 16)));
+            let ab = _mm512_mul_ps(
+                _mm512_loadu_ps(ap.add(i + 16)),
+                _mm512_loadu_ps(bp.add(i + 16)),
+            );
             a1 = _mm512_fmadd_ps(ab, _mm512_loadu_ps(cp.add(i + 16)), a1);
             i += 32;
         }
@@ -363,7 +394,10 @@ mod avx512 {
         }
         if i < n {
             let m = tail_mask(n - i);
-            let ab = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ap.add(i)), _mm512_maskz_loadu_ps(m, bp.add(i)));
+            let ab = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, ap.add(i)),
+                _mm512_maskz_loadu_ps(m, bp.add(i)),
+            );
             a1 = _mm512_fmadd_ps(ab, _mm512_maskz_loadu_ps(m, cp.add(i)), a1);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
@@ -377,13 +411,19 @@ mod avx512 {
         let vr = _mm512_set1_ps(r);
         let mut i = 0;
         while i + 16 <= n {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(wp.add(i)), _mm512_mul_ps(_mm512_loadu_ps(xp.add(i)), vr));
+            let v = _mm512_mul_ps(
+                _mm512_loadu_ps(wp.add(i)),
+                _mm512_mul_ps(_mm512_loadu_ps(xp.add(i)), vr),
+            );
             _mm512_storeu_ps(yp.add(i), v);
             i += 16;
         }
         if i < n {
             let m = tail_mask(n - i);
-            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp.add(i)), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), vr));
+            let v = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, wp.add(i)),
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), vr),
+            );
             _mm512_mask_storeu_ps(yp.add(i), m, v);
         }
     }
@@ -403,8 +443,14 @@ mod avx512 {
         }
         if i < n {
             let m = tail_mask(n - i);
-            let wg = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, wp.add(i)), _mm512_maskz_loadu_ps(m, gp.add(i)));
-            let v = _mm512_mul_ps(vr, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), vc, wg));
+            let wg = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, wp.add(i)),
+                _mm512_maskz_loadu_ps(m, gp.add(i)),
+            );
+            let v = _mm512_mul_ps(
+                vr,
+                _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, xp.add(i)), vc, wg),
+            );
             _mm512_mask_storeu_ps(dxp.add(i), m, v);
         }
     }
@@ -417,14 +463,27 @@ mod avx512 {
         let vr = _mm512_set1_ps(r);
         let mut i = 0;
         while i + 16 <= n {
-            let ab = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(bp.add(i))), vr);
+            let ab = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(bp.add(i))),
+                vr,
+            );
             _mm512_storeu_ps(pp.add(i), _mm512_add_ps(_mm512_loadu_ps(pp.add(i)), ab));
             i += 16;
         }
         if i < n {
             let m = tail_mask(n - i);
-            let ab = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, ap.add(i)), _mm512_maskz_loadu_ps(m, bp.add(i))), vr);
-            _mm512_mask_storeu_ps(pp.add(i), m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, pp.add(i)), ab));
+            let ab = _mm512_mul_ps(
+                _mm512_mul_ps(
+                    _mm512_maskz_loadu_ps(m, ap.add(i)),
+                    _mm512_maskz_loadu_ps(m, bp.add(i)),
+                ),
+                vr,
+            );
+            _mm512_mask_storeu_ps(
+                pp.add(i),
+                m,
+                _mm512_add_ps(_mm512_maskz_loadu_ps(m, pp.add(i)), ab),
+            );
         }
     }
 
@@ -443,7 +502,11 @@ mod avx512 {
         if i < n {
             let m = tail_mask(n - i);
             let t = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, dpp.add(i)), vd), vsc);
-            _mm512_mask_storeu_ps(dpp.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(i)), t));
+            _mm512_mask_storeu_ps(
+                dpp.add(i),
+                m,
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, pp.add(i)), t),
+            );
         }
     }
 }
@@ -465,12 +528,18 @@ macro_rules! dispatch {
 
 /// `x[i] = exp(x[i])`.
 pub fn exp_inplace(x: &mut [f32]) {
-    dispatch!(avx512::exp_slice(x), x.iter_mut().for_each(|v| *v = exp(*v)))
+    dispatch!(
+        avx512::exp_slice(x),
+        x.iter_mut().for_each(|v| *v = exp(*v))
+    )
 }
 
 /// Maximum of `x` (`-inf` when empty; NaN entries are skipped on AVX-512 and by `f32::max`).
 pub fn max(x: &[f32]) -> f32 {
-    dispatch!(avx512::max(x), x.iter().cloned().fold(f32::NEG_INFINITY, f32::max))
+    dispatch!(
+        avx512::max(x),
+        x.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+    )
 }
 
 /// `x[i] = exp(x[i] * mul - sub)`; returns the sum of the new values.
@@ -535,7 +604,13 @@ pub fn swiglu_fwd(y: &mut (impl Out + ?Sized), g: &[f32], u: &[f32]) {
 }
 
 /// Gradients of [`swiglu_fwd`]: `dg = gy u s (1 + g (1 - s))`, `du = gy g s`, `s = sigmoid(g)`.
-pub fn swiglu_bwd(dg: &mut (impl Out + ?Sized), du: &mut (impl Out + ?Sized), g: &[f32], u: &[f32], gy: &[f32]) {
+pub fn swiglu_bwd(
+    dg: &mut (impl Out + ?Sized),
+    du: &mut (impl Out + ?Sized),
+    g: &[f32],
+    u: &[f32],
+    gy: &[f32],
+) {
     let n = dg.len();
     assert!(du.len() == n && g.len() == n && u.len() == n && gy.len() == n);
     let (dgp, dup) = (dg.out_ptr(), du.out_ptr());
@@ -653,7 +728,9 @@ mod tests {
     #[test]
     fn fast_exp_relative_error_is_a_few_ulp() {
         // Dense sweep over the normal output range, both bodies.
-        let xs: Vec<f32> = (0..2_000_001).map(|i| -87.0 + 175.0 * i as f32 / 2_000_000.0).collect();
+        let xs: Vec<f32> = (0..2_000_001)
+            .map(|i| -87.0 + 175.0 * i as f32 / 2_000_000.0)
+            .collect();
         let mut v = xs.clone();
         exp_inplace(&mut v);
         let (mut worst_v, mut worst_s) = (0f64, 0f64);
@@ -669,14 +746,37 @@ mod tests {
             let x = i as f32 * 1e-4;
             let mut one = [x];
             exp_inplace(&mut one);
-            assert!(ulp_err(one[0], x) < 2.0 && ulp_err(exp(x), x) < 3.0, "x = {x}");
+            assert!(
+                ulp_err(one[0], x) < 2.0 && ulp_err(exp(x), x) < 3.0,
+                "x = {x}"
+            );
         }
     }
 
     #[test]
     fn fast_exp_special_values() {
-        let xs = [f32::NEG_INFINITY, -1e30, -200.0, -104.5, 0.0, -0.0, 89.0, 1e30, f32::INFINITY];
-        let want = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, f32::INFINITY, f32::INFINITY, f32::INFINITY];
+        let xs = [
+            f32::NEG_INFINITY,
+            -1e30,
+            -200.0,
+            -104.5,
+            0.0,
+            -0.0,
+            89.0,
+            1e30,
+            f32::INFINITY,
+        ];
+        let want = [
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            1.0,
+            1.0,
+            f32::INFINITY,
+            f32::INFINITY,
+            f32::INFINITY,
+        ];
         let mut v = xs.to_vec();
         exp_inplace(&mut v);
         for ((&x, &got), &w) in xs.iter().zip(&v).zip(&want) {
@@ -691,15 +791,25 @@ mod tests {
             let mut v = [x];
             exp_inplace(&mut v);
             let want = (x as f64).exp();
-            assert!((v[0] as f64 - want).abs() <= 1.5e-45, "exp({x}) = {} vs {want}", v[0]);
-            assert!((exp(x) as f64 - want).abs() <= 1.5e-45, "scalar exp({x}) = {} vs {want}", exp(x));
+            assert!(
+                (v[0] as f64 - want).abs() <= 1.5e-45,
+                "exp({x}) = {} vs {want}",
+                v[0]
+            );
+            assert!(
+                (exp(x) as f64 - want).abs() <= 1.5e-45,
+                "scalar exp({x}) = {} vs {want}",
+                exp(x)
+            );
         }
     }
 
     #[test]
     fn row_kernels_match_scalar_formulas_at_ragged_lengths() {
         for n in [0usize, 1, 5, 15, 16, 17, 31, 33, 100, 257] {
-            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+                .collect();
             let y: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.21).collect();
             let m = max(&x);
             let want_max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -739,7 +849,9 @@ mod tests {
                 assert!((a[i] - (x[i] - 0.5 * y[i])).abs() < 1e-6);
             }
             let w: Vec<f32> = (0..n).map(|i| 1.0 + (i % 5) as f32 * 0.1).collect();
-            let want3: f64 = (0..n).map(|i| w[i] as f64 * x[i] as f64 * y[i] as f64).sum();
+            let want3: f64 = (0..n)
+                .map(|i| w[i] as f64 * x[i] as f64 * y[i] as f64)
+                .sum();
             assert!((dot3(&w, &x, &y) as f64 - want3).abs() < 1e-4);
             let (mut ys, mut dx) = (vec![0f32; n], vec![0f32; n]);
             rms_scale(&mut ys[..], &w, &x, 0.7);
@@ -752,7 +864,10 @@ mod tests {
                 assert!((acc[i] - (1.0 + x[i] * y[i] * 0.5)).abs() < 1e-5);
             }
         }
-        assert_eq!(logsumexp(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), f32::NEG_INFINITY);
+        assert_eq!(
+            logsumexp(&[f32::NEG_INFINITY, f32::NEG_INFINITY]),
+            f32::NEG_INFINITY
+        );
         assert!((logsumexp(&[1000.0, 1000.0]) - (1000.0 + 2f32.ln())).abs() < 1e-3);
     }
 }

@@ -3,9 +3,9 @@
 
 use clap::{Args, Parser, Subcommand};
 use flexrun::data::{self, shards, synth, tokenizer, Tokenizer};
+use flexrun::error::{Context, Result};
 use flexrun::eval::{self, routing, DomainEval, Evaluated};
 use flexrun::flex;
-use flexrun::error::{Context, Result};
 use flexrun::generate::{self, SamplingConfig};
 use flexrun::model::{checkpoint, Config};
 use flexrun::train::{self, optim::AdamWConfig, TrainConfig};
@@ -14,7 +14,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "flexrun", version, about = "FlexOlmo from scratch: train, merge and serve mixture-of-experts language models")]
+#[command(
+    name = "flexrun",
+    version,
+    about = "FlexOlmo from scratch: train, merge and serve mixture-of-experts language models"
+)]
 struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -123,7 +127,12 @@ struct SelectOpts {
 
 impl SelectOpts {
     fn load(&self) -> Result<flex::Loaded> {
-        let sel = flex::Selection { exclude: self.exclude.clone(), only: self.experts.clone(), top_k: self.expert_top_k, keep_bf16: true };
+        let sel = flex::Selection {
+            exclude: self.exclude.clone(),
+            only: self.experts.clone(),
+            top_k: self.expert_top_k,
+            keep_bf16: true,
+        };
         flex::load_model(&self.model, &sel)
     }
 }
@@ -242,7 +251,9 @@ fn parse_domains(specs: &[String]) -> Result<Vec<(String, PathBuf)>> {
     specs
         .iter()
         .map(|s| {
-            let (n, p) = s.split_once('=').with_context(|| format!("'{s}' is not NAME=DIR"))?;
+            let (n, p) = s
+                .split_once('=')
+                .with_context(|| format!("'{s}' is not NAME=DIR"))?;
             Ok((n.to_string(), PathBuf::from(p)))
         })
         .collect()
@@ -343,7 +354,12 @@ impl TrainOpts {
             lr: self.lr,
             min_lr_ratio: self.min_lr_ratio,
             warmup: self.warmup,
-            adamw: AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: 1e-8, weight_decay: self.weight_decay },
+            adamw: AdamWConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+            },
             clip: self.clip,
             seed: self.seed,
             eval_every: self.eval_every,
@@ -379,7 +395,14 @@ impl ShapeOpts {
         if let Some(p) = &self.config {
             return Config::load(p);
         }
-        let mut c = Config::olmo2(vocab, self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads.unwrap_or(self.heads));
+        let mut c = Config::olmo2(
+            vocab,
+            self.hidden,
+            self.intermediate,
+            self.layers,
+            self.heads,
+            self.kv_heads.unwrap_or(self.heads),
+        );
         c.max_position_embeddings = self.max_pos;
         c.validate()?;
         Ok(c)
@@ -505,13 +528,23 @@ enum BenchCmd {
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse::<u32>().map_err(|_| flexrun::Error(format!("'{x}' is not a token id"))))
+        .map(|x| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| flexrun::Error(format!("'{x}' is not a token id")))
+        })
         .collect()
 }
 
 fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<Tokenizer> {
-    let path = explicit.cloned().unwrap_or_else(|| model_dir.join("tokenizer.json"));
-    ensure!(path.exists(), "no tokenizer at {} (pass --tokenizer or use --ids)", path.display());
+    let path = explicit
+        .cloned()
+        .unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    ensure!(
+        path.exists(),
+        "no tokenizer at {} (pass --tokenizer or use --ids)",
+        path.display()
+    );
     Tokenizer::load(&path)
 }
 
@@ -526,17 +559,32 @@ fn check_device(device: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Data(DataCmd::Synth { out, seed, docs }) => {
-            let mut cfg = synth::SynthConfig { seed, ..Default::default() };
+            let mut cfg = synth::SynthConfig {
+                seed,
+                ..Default::default()
+            };
             if let Some(d) = docs {
                 cfg.docs_per_domain = d;
             }
             synth::write_corpus(&out, &cfg)?;
-            println!("wrote {} domains ({}) to {}", synth::DOMAINS.len(), synth::DOMAINS.join(", "), out.display());
+            println!(
+                "wrote {} domains ({}) to {}",
+                synth::DOMAINS.len(),
+                synth::DOMAINS.join(", "),
+                out.display()
+            );
         }
-        Cmd::Data(DataCmd::Prepare { input, tokenizer, out, valid_fraction, seed }) => {
+        Cmd::Data(DataCmd::Prepare {
+            input,
+            tokenizer,
+            out,
+            valid_fraction,
+            seed,
+        }) => {
             let tok = Tokenizer::load(&tokenizer)?;
             let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed)?;
-            let bytes = std::fs::read(&tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
+            let bytes = std::fs::read(&tokenizer)
+                .with_context(|| format!("reading {}", tokenizer.display()))?;
             flexrun::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
             println!(
                 "{}: {} train tokens ({} docs), {} valid tokens ({} docs), vocab {}",
@@ -557,7 +605,14 @@ fn run(cli: Cli) -> Result<()> {
             let meta = data::Dataset::open(&a.data)?.meta;
             let cfg = a.shape.config(meta.vocab_size)?;
             let tcfg = a.train.config();
-            let (model, s) = train::pretrain::pretrain(&a.data, &cfg, &tcfg, &a.out, a.train.resume, a.train.quiet)?;
+            let (model, s) = train::pretrain::pretrain(
+                &a.data,
+                &cfg,
+                &tcfg,
+                &a.out,
+                a.train.resume,
+                a.train.quiet,
+            )?;
             println!(
                 "pretrained {} parameters for {} steps ({} tokens, {:.0} tok/s): train ce {:.4}, valid ce {}; model in {}",
                 model.params.numel(),
@@ -571,7 +626,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate(a) => {
             let model = a.sel.load()?.model;
-            let tok = if a.ids.is_none() { Some(load_tokenizer_for(&a.sel.model, a.tokenizer.as_ref())?) } else { None };
+            let tok = if a.ids.is_none() {
+                Some(load_tokenizer_for(&a.sel.model, a.tokenizer.as_ref())?)
+            } else {
+                None
+            };
             let prompt = match (&a.ids, &a.prompt, &tok) {
                 (Some(ids), _, _) => parse_ids(ids)?,
                 (None, Some(p), Some(t)) => t.encode(p)?,
@@ -624,17 +683,45 @@ fn run(cli: Cli) -> Result<()> {
             let rows: Vec<&[f32]> = (0..ids.len()).map(|i| l.row(i)).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
-        Cmd::Bench(BenchCmd::Attention { seq, tokens, heads, kv_heads, hd, iters, warmup, device, json }) => {
+        Cmd::Bench(BenchCmd::Attention {
+            seq,
+            tokens,
+            heads,
+            kv_heads,
+            hd,
+            iters,
+            warmup,
+            device,
+            json,
+        }) => {
             use flexrun::backend::cuda::{flash, Device};
-            ensure!(device == "cuda", "bench attention times the CUDA flash kernels: use --device cuda");
+            ensure!(
+                device == "cuda",
+                "bench attention times the CUDA flash kernels: use --device cuda"
+            );
             let seqs = parse_ids(&seq)?.into_iter().map(|x| x as usize).collect();
             let dev = Device::new(0)?;
-            let cfg = flash::BenchConfig { seqs, tokens, heads, kv_heads: kv_heads.unwrap_or(heads), hd, iters, warmup };
+            let cfg = flash::BenchConfig {
+                seqs,
+                tokens,
+                heads,
+                kv_heads: kv_heads.unwrap_or(heads),
+                hd,
+                iters,
+                warmup,
+            };
             let rows = flash::bench_attention(&dev, &cfg)?;
             if json {
-                println!("{}", serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
+                );
             } else {
-                println!("{}: causal bf16 attention, {heads} heads ({} kv) of {hd}", dev.name()?, cfg.kv_heads);
+                println!(
+                    "{}: causal bf16 attention, {heads} heads ({} kv) of {hd}",
+                    dev.name()?,
+                    cfg.kv_heads
+                );
                 for r in &rows {
                     println!(
                         "seq {:>6} x batch {:>3}: fwd {:8.3} ms {:6.1} TFLOP/s | bwd {:8.3} ms {:6.1} TFLOP/s ({})",
@@ -643,20 +730,51 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Bench(BenchCmd::Moe { experts, tokens_per_expert, hidden, intermediate, iters, warmup, device, json }) => {
-            ensure!(device == "cuda", "bench moe times the CUDA grouped GEMM kernels: use --device cuda (got '{device}')");
+        Cmd::Bench(BenchCmd::Moe {
+            experts,
+            tokens_per_expert,
+            hidden,
+            intermediate,
+            iters,
+            warmup,
+            device,
+            json,
+        }) => {
+            ensure!(
+                device == "cuda",
+                "bench moe times the CUDA grouped GEMM kernels: use --device cuda (got '{device}')"
+            );
             let dev = flexrun::backend::cuda::Device::new(0)?;
-            let r = flexrun::backend::cuda::grouped::bench_grouped(&dev, experts, tokens_per_expert, hidden, intermediate, iters, warmup)?;
+            let r = flexrun::backend::cuda::grouped::bench_grouped(
+                &dev,
+                experts,
+                tokens_per_expert,
+                hidden,
+                intermediate,
+                iters,
+                warmup,
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("{}: {} experts x {} tokens, H={} I={}", r.device, r.experts, r.tokens_per_expert, r.hidden, r.intermediate);
+                println!(
+                    "{}: {} experts x {} tokens, H={} I={}",
+                    r.device, r.experts, r.tokens_per_expert, r.hidden, r.intermediate
+                );
                 for op in &r.ops {
                     println!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
                 }
             }
         }
-        Cmd::Bench(BenchCmd::Train { config, batch, seq, steps, warmup, device, json }) => {
+        Cmd::Bench(BenchCmd::Train {
+            config,
+            batch,
+            seq,
+            steps,
+            warmup,
+            device,
+            json,
+        }) => {
             check_device(&device)?;
             let cfg = Config::load(&config)?;
             let r = flexrun::bench::train_step(&cfg, batch, seq, steps, warmup)?;
@@ -674,7 +792,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::TrainExpert(a) => {
-            let run_dir = a.run_dir.clone().unwrap_or_else(|| a.out.with_extension("run"));
+            let run_dir = a
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| a.out.with_extension("run"));
             let opts = flex::ExpertTrainOpts {
                 public: a.public,
                 data: a.data,
@@ -702,24 +823,68 @@ fn run(cli: Cli) -> Result<()> {
                 a.out.display()
             );
         }
-        Cmd::Merge { public, experts, out, top_k } => {
+        Cmd::Merge {
+            public,
+            experts,
+            out,
+            top_k,
+        } => {
             let k = top_k.unwrap_or(2).min(experts.len() + 1);
             let (_, m) = flex::merge(&public, &experts, k, &out)?;
             let names: Vec<&str> = m.experts.iter().map(|e| e.name.as_str()).collect();
-            println!("merged {} experts [{}] (top-{k}) into {}", names.len(), names.join(", "), out.display());
+            println!(
+                "merged {} experts [{}] (top-{k}) into {}",
+                names.len(),
+                names.join(", "),
+                out.display()
+            );
         }
-        Cmd::RouterTune { model, data, out, train } => {
+        Cmd::RouterTune {
+            model,
+            data,
+            out,
+            train,
+        } => {
             let run_dir = out.with_extension("run");
-            let s = flex::router_tune(&model, &data, &train.config(), &out, &run_dir, train.resume, train.quiet)?;
+            let s = flex::router_tune(
+                &model,
+                &data,
+                &train.config(),
+                &out,
+                &run_dir,
+                train.resume,
+                train.quiet,
+            )?;
             println!("router tuned for {} steps (valid ce {}); written to {} (strict opt-out no longer holds)", s.steps, s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()), out.display());
         }
-        Cmd::Finetune { public, data, out, train } => {
+        Cmd::Finetune {
+            public,
+            data,
+            out,
+            train,
+        } => {
             let run_dir = out.join("run");
-            let (_, s) = flex::finetune(&public, &data, &train.config(), &out, &run_dir, train.resume, train.quiet)?;
-            println!("dense expert trained for {} steps (valid ce {}) in {}", s.steps, s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()), out.display());
+            let (_, s) = flex::finetune(
+                &public,
+                &data,
+                &train.config(),
+                &out,
+                &run_dir,
+                train.resume,
+                train.quiet,
+            )?;
+            println!(
+                "dense expert trained for {} steps (valid ce {}) in {}",
+                s.steps,
+                s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+                out.display()
+            );
         }
         Cmd::Soup { models, out } => {
-            let ms: Vec<_> = models.iter().map(|m| checkpoint::load(m)).collect::<Result<_>>()?;
+            let ms: Vec<_> = models
+                .iter()
+                .map(|m| checkpoint::load(m))
+                .collect::<Result<_>>()?;
             let s = flex::soup(&ms)?;
             flex::write_model(&s, None, &models[0], &out)?;
             println!("averaged {} models into {}", ms.len(), out.display());
@@ -729,45 +894,90 @@ fn run(cli: Cli) -> Result<()> {
             let loaded;
             let btm_models: Vec<flexrun::model::Model>;
             let (name, e, tok_dir) = if a.btm.is_empty() {
-                let sel = SelectOpts { model: a.model.clone().unwrap(), exclude: a.exclude.clone(), experts: a.experts.clone(), expert_top_k: a.expert_top_k };
+                let sel = SelectOpts {
+                    model: a.model.clone().unwrap(),
+                    exclude: a.exclude.clone(),
+                    experts: a.experts.clone(),
+                    expert_top_k: a.expert_top_k,
+                };
                 loaded = sel.load()?;
-                (sel.model.display().to_string(), Evaluated::Model(&loaded.model), sel.model.clone())
+                (
+                    sel.model.display().to_string(),
+                    Evaluated::Model(&loaded.model),
+                    sel.model.clone(),
+                )
             } else {
-                btm_models = a.btm.iter().map(|m| checkpoint::load_with(m, true)).collect::<Result<_>>()?;
-                let e = Evaluated::Btm { models: btm_models.iter().collect(), temperature: a.btm_temperature, top_k: a.btm_top_k };
+                btm_models = a
+                    .btm
+                    .iter()
+                    .map(|m| checkpoint::load_with(m, true))
+                    .collect::<Result<_>>()?;
+                let e = Evaluated::Btm {
+                    models: btm_models.iter().collect(),
+                    temperature: a.btm_temperature,
+                    top_k: a.btm_top_k,
+                };
                 ("BTM".to_string(), e, a.btm[0].clone())
             };
             let tok_path = tok_dir.join("tokenizer.json");
-            let tok = if tok_path.exists() && a.tasks > 0 { Some(Tokenizer::load(&tok_path)?) } else { None };
+            let tok = if tok_path.exists() && a.tasks > 0 {
+                Some(Tokenizer::load(&tok_path)?)
+            } else {
+                None
+            };
             let evals: Vec<DomainEval> = domains
                 .iter()
                 .map(|(n, p)| {
                     let ds = data::Dataset::open(p)?;
-                    let tasks = if synth::is_known_domain(n) && tok.is_some() { synth::tasks(n, a.task_seed, a.tasks)? } else { vec![] };
+                    let tasks = if synth::is_known_domain(n) && tok.is_some() {
+                        synth::tasks(n, a.task_seed, a.tasks)?
+                    } else {
+                        vec![]
+                    };
                     DomainEval::new(n, &ds, a.seq, a.tokens, tasks)
                 })
                 .collect::<Result<_>>()?;
             let row = eval::evaluate(&name, &e, &evals, a.seq, tok.as_ref())?;
             print!("{}", eval::markdown(std::slice::from_ref(&row)));
             if let Some(j) = a.json {
-                flexrun::fsutil::write_bytes_atomic(&j, serde_json::to_string_pretty(&row)?.as_bytes())?;
+                flexrun::fsutil::write_bytes_atomic(
+                    &j,
+                    serde_json::to_string_pretty(&row)?.as_bytes(),
+                )?;
             }
         }
-        Cmd::AnalyzeRouting { sel, data, seq, tokens, out } => {
+        Cmd::AnalyzeRouting {
+            sel,
+            data,
+            seq,
+            tokens,
+            out,
+        } => {
             let loaded = sel.load()?;
             let mut stats = Vec::new();
             for (n, p) in parse_domains(&data)? {
                 let ds = data::Dataset::open(&p)?;
-                let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, seq, tokens)?.into_iter().map(|(i, _)| i).collect();
+                let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, seq, tokens)?
+                    .into_iter()
+                    .map(|(i, _)| i)
+                    .collect();
                 stats.push(routing::analyze(&loaded.model, &n, &windows)?);
             }
             print!("{}", routing::markdown(&stats, &loaded.expert_names));
-            let svg = routing::heatmap_svg(&stats, &loaded.expert_names, &format!("Routing of {}", sel.model.display()));
+            let svg = routing::heatmap_svg(
+                &stats,
+                &loaded.expert_names,
+                &format!("Routing of {}", sel.model.display()),
+            );
             flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
             println!("heatmap written to {}", out.display());
         }
         Cmd::Demo(a) => {
-            let mut c = if a.quick { flex::demo::DemoConfig::quick() } else { flex::demo::DemoConfig::default() };
+            let mut c = if a.quick {
+                flex::demo::DemoConfig::quick()
+            } else {
+                flex::demo::DemoConfig::default()
+            };
             c.seed = a.seed;
             c.ablations = a.ablations;
             c.corpus = a.corpus.clone();
@@ -789,7 +999,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             flex::demo::run(&c, &a.out, a.quiet)?;
             print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
-            println!("\nresults: {}, {}; routing heatmap: {}", a.out.join("results.md").display(), a.out.join("results.json").display(), a.out.join("routing.svg").display());
+            println!(
+                "\nresults: {}, {}; routing heatmap: {}",
+                a.out.join("results.md").display(),
+                a.out.join("results.json").display(),
+                a.out.join("routing.svg").display()
+            );
         }
     }
     Ok(())
@@ -798,7 +1013,10 @@ fn run(cli: Cli) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(t.max(1)).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+        {
             eprintln!("error: cannot set up {t} threads: {e}");
             std::process::exit(1);
         }

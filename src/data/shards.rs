@@ -24,11 +24,11 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{fnv1a, mix};
 use super::text::{expand_inputs, read_documents, FileSplit};
 use super::tokenizer::Tokenizer;
 use crate::error::{Context, Result};
 use crate::fsutil::{write_atomic, write_bytes_atomic};
+use crate::hash::{fnv1a, mix};
 
 /// First bytes of every shard file.
 pub const MAGIC: &[u8; 8] = b"FLEXTOK\0";

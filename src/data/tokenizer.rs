@@ -10,10 +10,10 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
-use crate::hash::fnv1a;
 use super::text::{expand_inputs, read_documents};
 use crate::error::{Context, Result};
 use crate::fsutil::write_bytes_atomic;
+use crate::hash::fnv1a;
 
 /// End-of-text token appended after every document (id 0 in tokenizers trained here).
 pub const EOS_TOKEN: &str = "<|endoftext|>";

@@ -6,10 +6,10 @@ pub mod routing;
 use crate::data::shards::{self, Dataset};
 use crate::data::synth::Task;
 use crate::data::Tokenizer;
+use crate::ensure;
 use crate::error::Result;
 use crate::generate::{self, argmax, SamplingConfig};
 use crate::model::Model;
-use crate::ensure;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -18,7 +18,11 @@ pub enum Evaluated<'a> {
     Model(&'a Model),
     /// `p = sum_j w_j p_j`, `w = softmax(-meanNLL_j(context) / temperature)` restricted to the
     /// `top_k` largest weights (renormalised). At the first position the weights are uniform.
-    Btm { models: Vec<&'a Model>, temperature: f32, top_k: usize },
+    Btm {
+        models: Vec<&'a Model>,
+        temperature: f32,
+        top_k: usize,
+    },
 }
 
 /// Log-probabilities of a `[T, V]` logits block, row-wise.
@@ -45,7 +49,11 @@ impl Evaluated<'_> {
         let v = self.vocab();
         match self {
             Evaluated::Model(m) => Ok(log_softmax_rows(m.logits(ids, 1, ids.len())?.data(), v)),
-            Evaluated::Btm { models, temperature, top_k } => {
+            Evaluated::Btm {
+                models,
+                temperature,
+                top_k,
+            } => {
                 ensure!(!models.is_empty(), "BTM needs at least one model");
                 let t = ids.len();
                 let lps: Vec<Vec<f32>> = models
@@ -61,7 +69,10 @@ impl Evaluated<'_> {
                             nll[j] -= lp[(pos - 1) * v + ids[pos] as usize] as f64;
                         }
                     }
-                    let scores: Vec<f64> = nll.iter().map(|n| -n / pos.max(1) as f64 / *temperature as f64).collect();
+                    let scores: Vec<f64> = nll
+                        .iter()
+                        .map(|n| -n / pos.max(1) as f64 / *temperature as f64)
+                        .collect();
                     let mut order: Vec<usize> = (0..models.len()).collect();
                     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
                     order.truncate((*top_k).clamp(1, models.len()));
@@ -70,7 +81,11 @@ impl Evaluated<'_> {
                     let z: f64 = ws.iter().sum();
                     let row = &mut out[pos * v..(pos + 1) * v];
                     for c in 0..v {
-                        let p: f64 = order.iter().zip(&ws).map(|(&j, w)| w / z * (lps[j][pos * v + c] as f64).exp()).sum();
+                        let p: f64 = order
+                            .iter()
+                            .zip(&ws)
+                            .map(|(&j, w)| w / z * (lps[j][pos * v + c] as f64).exp())
+                            .sum();
                         row[c] = p.max(1e-30).ln() as f32;
                     }
                 }
@@ -90,7 +105,13 @@ impl Evaluated<'_> {
             .par_iter()
             .map(|(inp, tgt)| {
                 let lp = self.log_probs(inp)?;
-                Ok((tgt.iter().enumerate().map(|(p, &x)| -(lp[p * v + x as usize] as f64)).sum::<f64>(), tgt.len()))
+                Ok((
+                    tgt.iter()
+                        .enumerate()
+                        .map(|(p, &x)| -(lp[p * v + x as usize] as f64))
+                        .sum::<f64>(),
+                    tgt.len(),
+                ))
             })
             .collect::<Result<_>>()?;
         let (s, n) = parts.iter().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b));
@@ -101,7 +122,11 @@ impl Evaluated<'_> {
     pub fn greedy(&self, prompt: &[u32], n: usize, stop: Option<u32>) -> Result<Vec<u32>> {
         match self {
             Evaluated::Model(m) => {
-                let cfg = SamplingConfig { max_new_tokens: n, stop_token: stop, ..Default::default() };
+                let cfg = SamplingConfig {
+                    max_new_tokens: n,
+                    stop_token: stop,
+                    ..Default::default()
+                };
                 generate::generate(m, prompt, &cfg, |_| {})
             }
             Evaluated::Btm { .. } => {
@@ -148,8 +173,18 @@ pub struct DomainEval {
 }
 
 impl DomainEval {
-    pub fn new(name: &str, data: &Dataset, seq: usize, max_tokens: usize, tasks: Vec<Task>) -> Result<Self> {
-        Ok(DomainEval { name: name.into(), batches: shards::valid_batches(&data.valid, 8, seq, max_tokens)?, tasks })
+    pub fn new(
+        name: &str,
+        data: &Dataset,
+        seq: usize,
+        max_tokens: usize,
+        tasks: Vec<Task>,
+    ) -> Result<Self> {
+        Ok(DomainEval {
+            name: name.into(),
+            batches: shards::valid_batches(&data.valid, 8, seq, max_tokens)?,
+            tasks,
+        })
     }
 }
 
@@ -169,7 +204,13 @@ pub struct Row {
     pub avg_accuracy: Option<f64>,
 }
 
-pub fn evaluate(name: &str, e: &Evaluated<'_>, domains: &[DomainEval], seq: usize, tok: Option<&Tokenizer>) -> Result<Row> {
+pub fn evaluate(
+    name: &str,
+    e: &Evaluated<'_>,
+    domains: &[DomainEval],
+    seq: usize,
+    tok: Option<&Tokenizer>,
+) -> Result<Row> {
     let mut scores = Vec::new();
     for d in domains {
         let loss = e.loss(&d.batches, seq)?;
@@ -177,17 +218,29 @@ pub fn evaluate(name: &str, e: &Evaluated<'_>, domains: &[DomainEval], seq: usiz
             Some(t) if !d.tasks.is_empty() => Some(e.task_accuracy(t, &d.tasks)?),
             _ => None,
         };
-        scores.push(DomainScore { domain: d.name.clone(), loss, ppl: loss.exp(), accuracy });
+        scores.push(DomainScore {
+            domain: d.name.clone(),
+            loss,
+            ppl: loss.exp(),
+            accuracy,
+        });
     }
     let avg_loss = scores.iter().map(|s| s.loss).sum::<f64>() / scores.len().max(1) as f64;
     let accs: Vec<f64> = scores.iter().filter_map(|s| s.accuracy).collect();
     let avg_accuracy = (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64);
-    Ok(Row { model: name.into(), scores, avg_loss, avg_accuracy })
+    Ok(Row {
+        model: name.into(),
+        scores,
+        avg_loss,
+        avg_accuracy,
+    })
 }
 
 /// Markdown table: one row per model, loss (and accuracy %) per domain, averages.
 pub fn markdown(rows: &[Row]) -> String {
-    let Some(first) = rows.first() else { return String::new() };
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
     let mut s = String::from("| model |");
     for d in &first.scores {
         s.push_str(&format!(" {} loss | {} acc |", d.domain, d.domain));

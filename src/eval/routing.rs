@@ -2,9 +2,9 @@
 //! table and as an SVG heatmap (rows: domain x layer, columns: experts).
 
 use crate::autograd::Tape;
+use crate::ensure;
 use crate::error::Result;
 use crate::model::Model;
-use crate::ensure;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -17,7 +17,10 @@ pub struct RoutingStats {
 
 /// Route every token of `windows` (rows of `seq` ids) and count expert use per layer.
 pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<RoutingStats> {
-    ensure!(model.cfg.is_moe(), "routing analysis needs a mixture-of-experts model");
+    ensure!(
+        model.cfg.is_moe(),
+        "routing analysis needs a mixture-of-experts model"
+    );
     let (l, e) = (model.cfg.num_hidden_layers, model.cfg.experts());
     let mut counts = vec![vec![0usize; e]; l];
     let mut tokens = 0;
@@ -31,8 +34,15 @@ pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<Rout
         }
         tokens += w.len();
     }
-    let fraction = counts.iter().map(|c| c.iter().map(|&x| x as f64 / tokens.max(1) as f64).collect()).collect();
-    Ok(RoutingStats { domain: domain.into(), fraction, tokens })
+    let fraction = counts
+        .iter()
+        .map(|c| c.iter().map(|&x| x as f64 / tokens.max(1) as f64).collect())
+        .collect();
+    Ok(RoutingStats {
+        domain: domain.into(),
+        fraction,
+        tokens,
+    })
 }
 
 pub fn markdown(stats: &[RoutingStats], experts: &[String]) -> String {
@@ -58,14 +68,17 @@ pub fn markdown(stats: &[RoutingStats], experts: &[String]) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// An SVG heatmap: one block of rows per domain (a row per layer), one column per expert; cell
 /// colour from white (0) to dark blue (1), value printed in the cell.
 pub fn heatmap_svg(stats: &[RoutingStats], experts: &[String], title: &str) -> String {
     let (cw, ch, left, top) = (78.0, 22.0, 150.0, 70.0);
-    let rows: usize = stats.iter().map(|s| s.fraction.len()).sum::<usize>() + stats.len().saturating_sub(1);
+    let rows: usize =
+        stats.iter().map(|s| s.fraction.len()).sum::<usize>() + stats.len().saturating_sub(1);
     let width = left + cw * experts.len() as f64 + 20.0;
     let height = top + ch * rows as f64 + 20.0;
     let mut s = format!(
@@ -84,7 +97,12 @@ pub fn heatmap_svg(stats: &[RoutingStats], experts: &[String], title: &str) -> S
     let mut y = top;
     for st in stats {
         for (l, row) in st.fraction.iter().enumerate() {
-            s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} L{l}</text>\n", left - 6.0, y + ch * 0.7, escape(&st.domain)));
+            s.push_str(&format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} L{l}</text>\n",
+                left - 6.0,
+                y + ch * 0.7,
+                escape(&st.domain)
+            ));
             for (i, f) in row.iter().enumerate() {
                 let f = f.clamp(0.0, 1.0);
                 let (r, g, b) = (255.0 - 215.0 * f, 255.0 - 175.0 * f, 255.0 - 95.0 * f);

@@ -84,7 +84,10 @@ impl ExpertArtifact {
                 tensors.push((format!("layers.{l}.bias"), Tensor::from_vec(vec![b], &[1])));
             }
         }
-        let meta = HashMap::from([("flexrun_expert".to_string(), serde_json::to_string(&self.meta)?)]);
+        let meta = HashMap::from([(
+            "flexrun_expert".to_string(),
+            serde_json::to_string(&self.meta)?,
+        )]);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -92,22 +95,46 @@ impl ExpertArtifact {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading expert {}", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .with_context(|| format!("{} is not a valid expert artifact (safetensors)", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading expert {}", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| {
+            format!(
+                "{} is not a valid expert artifact (safetensors)",
+                path.display()
+            )
+        })?;
         let meta_json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("flexrun_expert"))
-            .with_context(|| format!("{} is a safetensors file but not a flexrun expert artifact", path.display()))?;
-        let meta: ExpertMeta =
-            serde_json::from_str(meta_json).with_context(|| format!("{}: corrupt expert metadata", path.display()))?;
-        ensure!(meta.format == ARTIFACT_FORMAT, "{}: expert format {} (this build reads {ARTIFACT_FORMAT})", path.display(), meta.format);
-        let mut by_name: HashMap<String, Tensor> = read_tensors(&[path.to_path_buf()], false)?.into_iter().collect();
+            .with_context(|| {
+                format!(
+                    "{} is a safetensors file but not a flexrun expert artifact",
+                    path.display()
+                )
+            })?;
+        let meta: ExpertMeta = serde_json::from_str(meta_json)
+            .with_context(|| format!("{}: corrupt expert metadata", path.display()))?;
+        ensure!(
+            meta.format == ARTIFACT_FORMAT,
+            "{}: expert format {} (this build reads {ARTIFACT_FORMAT})",
+            path.display(),
+            meta.format
+        );
+        let mut by_name: HashMap<String, Tensor> = read_tensors(&[path.to_path_buf()], false)?
+            .into_iter()
+            .collect();
         let (h, i) = (meta.hidden_size, meta.intermediate_size);
         let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
-            let t = by_name.remove(&name).with_context(|| format!("{}: missing tensor {name}", path.display()))?;
-            ensure!(t.shape() == shape, "{}: tensor {name} has shape {:?}, expected {shape:?}", path.display(), t.shape());
+            let t = by_name
+                .remove(&name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            ensure!(
+                t.shape() == shape,
+                "{}: tensor {name} has shape {:?}, expected {shape:?}",
+                path.display(),
+                t.shape()
+            );
             Ok(t)
         };
         let mut layers = Vec::new();
@@ -122,10 +149,21 @@ impl ExpertArtifact {
                 Err(_) if meta.bias_init.is_none() => None,
                 Err(e) => return Err(e),
             };
-            layers.push(ExpertLayer { gate, up, down, router, bias, router_public });
+            layers.push(ExpertLayer {
+                gate,
+                up,
+                down,
+                router,
+                bias,
+                router_public,
+            });
         }
         if let Some(extra) = by_name.keys().next() {
-            bail!("{}: unexpected tensor {extra} (the metadata says {} layers)", path.display(), meta.num_layers);
+            bail!(
+                "{}: unexpected tensor {extra} (the metadata says {} layers)",
+                path.display(),
+                meta.num_layers
+            );
         }
         Ok(ExpertArtifact { meta, layers })
     }

@@ -7,8 +7,8 @@
 use super::{finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection};
 use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
-use crate::error::{Context, Result};
 use crate::ensure;
+use crate::error::{Context, Result};
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
 use crate::fsutil::write_bytes_atomic;
 use crate::model::{checkpoint, Config, Model};
@@ -162,18 +162,37 @@ fn corpus_domains(corpus: &Path) -> Result<Vec<String>> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
-    ensure!(names.iter().any(|n| n == "public"), "{} has no public/ domain", corpus.display());
-    ensure!(names.len() >= 2, "{} needs at least one closed domain besides public/", corpus.display());
+    ensure!(
+        names.iter().any(|n| n == "public"),
+        "{} has no public/ domain",
+        corpus.display()
+    );
+    ensure!(
+        names.len() >= 2,
+        "{} needs at least one closed domain besides public/",
+        corpus.display()
+    );
     names.retain(|n| n != "public");
     names.insert(0, "public".into());
     Ok(names)
 }
 
 /// Train one set of experts (one per closed domain) with the given router init and bias, merge.
-fn experts_and_merge(c: &DemoConfig, w: &Work, closed: &[String], tag: &str, init: RouterInit, bias: Option<f32>, quiet: bool) -> Result<PathBuf> {
+fn experts_and_merge(
+    c: &DemoConfig,
+    w: &Work,
+    closed: &[String],
+    tag: &str,
+    init: RouterInit,
+    bias: Option<f32>,
+    quiet: bool,
+) -> Result<PathBuf> {
     let mut arts = Vec::new();
     for (i, d) in closed.iter().enumerate() {
-        step(&format!("train expert '{d}' ({tag}) on {d} data only"), quiet);
+        step(
+            &format!("train expert '{d}' ({tag}) on {d} data only"),
+            quiet,
+        );
         let out = w.p(&format!("experts/{tag}/{d}.safetensors"));
         let opts = ExpertTrainOpts {
             public: w.p("models/public"),
@@ -195,8 +214,20 @@ fn experts_and_merge(c: &DemoConfig, w: &Work, closed: &[String], tag: &str, ini
         arts.push(out);
     }
     let dir = w.p(&format!("models/flexolmo-{tag}"));
-    step(&format!("merge public + {} experts ({tag}) into {}", arts.len(), dir.display()), quiet);
-    merge(&w.p("models/public"), &arts, c.top_k.min(arts.len() + 1), &dir)?;
+    step(
+        &format!(
+            "merge public + {} experts ({tag}) into {}",
+            arts.len(),
+            dir.display()
+        ),
+        quiet,
+    );
+    merge(
+        &w.p("models/public"),
+        &arts,
+        c.top_k.min(arts.len() + 1),
+        &dir,
+    )?;
     Ok(dir)
 }
 
@@ -204,14 +235,20 @@ fn experts_and_merge(c: &DemoConfig, w: &Work, closed: &[String], tag: &str, ini
 /// and routing.svg there.
 pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
-    let w = Work { root: work_dir.to_path_buf() };
+    let w = Work {
+        root: work_dir.to_path_buf(),
+    };
     std::fs::create_dir_all(work_dir)?;
     let corpus = match &c.corpus {
         Some(dir) => dir.clone(),
         None => {
             step("write the built-in FlexMix corpus", quiet);
             let corpus = w.p("corpus");
-            let scfg = synth::SynthConfig { seed: c.seed, docs_per_domain: c.docs_per_domain, ..Default::default() };
+            let scfg = synth::SynthConfig {
+                seed: c.seed,
+                docs_per_domain: c.docs_per_domain,
+                ..Default::default()
+            };
             synth::write_corpus(&corpus, &scfg)?;
             corpus
         }
@@ -233,104 +270,231 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         sets.push((d.to_string(), Dataset::open(&dir)?));
     }
     step("pretrain the public model on public data", quiet);
-    let mut cfg = Config::olmo2(tok.vocab_size(), c.hidden, c.intermediate, c.layers, c.heads, c.heads);
+    let mut cfg = Config::olmo2(
+        tok.vocab_size(),
+        c.hidden,
+        c.intermediate,
+        c.layers,
+        c.heads,
+        c.heads,
+    );
     cfg.max_position_embeddings = c.seq.max(256);
-    pretrain::pretrain(&w.p("data/public"), &cfg, &train_cfg(c, c.public_steps, c.lr, c.seed), &w.p("models/public"), false, quiet)?;
+    pretrain::pretrain(
+        &w.p("data/public"),
+        &cfg,
+        &train_cfg(c, c.public_steps, c.lr, c.seed),
+        &w.p("models/public"),
+        false,
+        quiet,
+    )?;
     let mut dense_dirs = Vec::new();
     for (i, d) in closed.iter().enumerate() {
-        step(&format!("baseline: fine-tune a dense '{d}' expert (all weights)"), quiet);
+        step(
+            &format!("baseline: fine-tune a dense '{d}' expert (all weights)"),
+            quiet,
+        );
         let out = w.p(&format!("models/dense-{d}"));
-        finetune(&w.p("models/public"), &w.p(&format!("data/{d}")), &train_cfg(c, c.dense_steps, c.dense_lr, c.seed + 20 + i as u64), &out, &w.p(&format!("runs/dense-{d}")), false, quiet)?;
+        finetune(
+            &w.p("models/public"),
+            &w.p(&format!("data/{d}")),
+            &train_cfg(c, c.dense_steps, c.dense_lr, c.seed + 20 + i as u64),
+            &out,
+            &w.p(&format!("runs/dense-{d}")),
+            false,
+            quiet,
+        )?;
         dense_dirs.push((d.clone(), out));
     }
-    let flex_dir = experts_and_merge(c, &w, &closed, "main", RouterInit::Domain, Some(c.bias_init), quiet)?;
+    let flex_dir = experts_and_merge(
+        c,
+        &w,
+        &closed,
+        "main",
+        RouterInit::Domain,
+        Some(c.bias_init),
+        quiet,
+    )?;
 
     step("evaluate", quiet);
     let domains: Vec<DomainEval> = sets
         .iter()
         .map(|(d, ds)| {
-            let tasks = if with_tasks { synth::tasks(d, c.seed + 1000, c.tasks)? } else { vec![] };
+            let tasks = if with_tasks {
+                synth::tasks(d, c.seed + 1000, c.tasks)?
+            } else {
+                vec![]
+            };
             DomainEval::new(d, ds, c.seq, c.eval_tokens, tasks)
         })
         .collect::<Result<_>>()?;
     let public = checkpoint::load(&w.p("models/public"))?;
-    let dense: Vec<(String, Model)> = dense_dirs.iter().map(|(d, p)| Ok((d.clone(), checkpoint::load(p)?))).collect::<Result<_>>()?;
+    let dense: Vec<(String, Model)> = dense_dirs
+        .iter()
+        .map(|(d, p)| Ok((d.clone(), checkpoint::load(p)?)))
+        .collect::<Result<_>>()?;
     let soup = super::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
     let flex = load_model(&flex_dir, &Selection::default())?;
     let mut rows = Vec::new();
-    let ev = |name: &str, e: &Evaluated<'_>| eval::evaluate(name, e, &domains, c.seq, with_tasks.then_some(&tok));
+    let ev = |name: &str, e: &Evaluated<'_>| {
+        eval::evaluate(name, e, &domains, c.seq, with_tasks.then_some(&tok))
+    };
     rows.push(ev("public", &Evaluated::Model(&public))?);
     for (d, m) in &dense {
         rows.push(ev(&format!("dense {d}"), &Evaluated::Model(m))?);
     }
     rows.push(ev("soup", &Evaluated::Model(&soup))?);
-    let btm = Evaluated::Btm { models: dense.iter().map(|(_, m)| m).collect(), temperature: c.btm_temperature, top_k: c.btm_top_k };
+    let btm = Evaluated::Btm {
+        models: dense.iter().map(|(_, m)| m).collect(),
+        temperature: c.btm_temperature,
+        top_k: c.btm_top_k,
+    };
     rows.push(ev("BTM", &btm)?);
-    rows.push(ev(&format!("FlexOlmo (top-{})", flex.model.cfg.top_k()), &Evaluated::Model(&flex.model))?);
+    rows.push(ev(
+        &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
+        &Evaluated::Model(&flex.model),
+    )?);
     for d in &closed {
-        let m = load_model(&flex_dir, &Selection { exclude: vec![d.clone()], ..Default::default() })?;
-        rows.push(ev(&format!("FlexOlmo without {d}"), &Evaluated::Model(&m.model))?);
+        let m = load_model(
+            &flex_dir,
+            &Selection {
+                exclude: vec![d.clone()],
+                ..Default::default()
+            },
+        )?;
+        rows.push(ev(
+            &format!("FlexOlmo without {d}"),
+            &Evaluated::Model(&m.model),
+        )?);
     }
 
     step("routing analysis", quiet);
     let routing_stats: Vec<routing::RoutingStats> = sets
         .iter()
         .map(|(d, ds)| {
-            let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, c.seq, c.eval_tokens.min(4096))?.into_iter().map(|(i, _)| i).collect();
+            let windows: Vec<Vec<u32>> =
+                shards::valid_batches(&ds.valid, 1, c.seq, c.eval_tokens.min(4096))?
+                    .into_iter()
+                    .map(|(i, _)| i)
+                    .collect();
             routing::analyze(&flex.model, d, &windows)
         })
         .collect::<Result<_>>()?;
-    let svg = routing::heatmap_svg(&routing_stats, &flex.expert_names, "FlexOlmo routing: fraction of tokens using each expert");
+    let svg = routing::heatmap_svg(
+        &routing_stats,
+        &flex.expert_names,
+        "FlexOlmo routing: fraction of tokens using each expert",
+    );
     write_bytes_atomic(&w.p("routing.svg"), svg.as_bytes())?;
 
     let mut ablations = Vec::new();
     if c.ablations {
         for k in 1..=flex.model.cfg.experts() {
-            let m = load_model(&flex_dir, &Selection { top_k: Some(k), ..Default::default() })?;
-            ablations.push(ev(&format!("FlexOlmo top-{k}"), &Evaluated::Model(&m.model))?);
+            let m = load_model(
+                &flex_dir,
+                &Selection {
+                    top_k: Some(k),
+                    ..Default::default()
+                },
+            )?;
+            ablations.push(ev(
+                &format!("FlexOlmo top-{k}"),
+                &Evaluated::Model(&m.model),
+            )?);
         }
         let nb = experts_and_merge(c, &w, &closed, "nobias", RouterInit::Domain, None, quiet)?;
-        ablations.push(ev("FlexOlmo, no bias", &Evaluated::Model(&load_model(&nb, &Selection::default())?.model))?);
-        let rnd = experts_and_merge(c, &w, &closed, "random", RouterInit::Random, Some(c.bias_init), quiet)?;
-        ablations.push(ev("FlexOlmo, random router init", &Evaluated::Model(&load_model(&rnd, &Selection::default())?.model))?);
+        ablations.push(ev(
+            "FlexOlmo, no bias",
+            &Evaluated::Model(&load_model(&nb, &Selection::default())?.model),
+        )?);
+        let rnd = experts_and_merge(
+            c,
+            &w,
+            &closed,
+            "random",
+            RouterInit::Random,
+            Some(c.bias_init),
+            quiet,
+        )?;
+        ablations.push(ev(
+            "FlexOlmo, random router init",
+            &Evaluated::Model(&load_model(&rnd, &Selection::default())?.model),
+        )?);
     }
 
     let closed_refs: Vec<&str> = closed.iter().map(|s| s.as_str()).collect();
     let checks = acceptance(&rows, &closed_refs);
-    let report = DemoReport { config: c.clone(), rows, checks, ablations, routing: routing_stats, seconds: t0.elapsed().as_secs_f64() };
-    write_bytes_atomic(&w.p("results.md"), render(&report, &flex.expert_names).as_bytes())?;
-    write_bytes_atomic(&w.p("results.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    let report = DemoReport {
+        config: c.clone(),
+        rows,
+        checks,
+        ablations,
+        routing: routing_stats,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    write_bytes_atomic(
+        &w.p("results.md"),
+        render(&report, &flex.expert_names).as_bytes(),
+    )?;
+    write_bytes_atomic(
+        &w.p("results.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     Ok(report)
 }
 
 fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
-    rows.iter().find(|r| r.model == name || (name == "FlexOlmo" && r.model.starts_with("FlexOlmo (")))
+    rows.iter()
+        .find(|r| r.model == name || (name == "FlexOlmo" && r.model.starts_with("FlexOlmo (")))
 }
 
 fn loss(r: &Row, d: &str) -> f64 {
-    r.scores.iter().find(|s| s.domain == d).map(|s| s.loss).unwrap_or(f64::NAN)
+    r.scores
+        .iter()
+        .find(|s| s.domain == d)
+        .map(|s| s.loss)
+        .unwrap_or(f64::NAN)
 }
 
 fn acc(r: &Row, d: &str) -> f64 {
-    r.scores.iter().find(|s| s.domain == d).and_then(|s| s.accuracy).unwrap_or(f64::NAN)
+    r.scores
+        .iter()
+        .find(|s| s.domain == d)
+        .and_then(|s| s.accuracy)
+        .unwrap_or(f64::NAN)
 }
 
 /// The FlexOlmo acceptance criteria, each with the numbers behind it.
 pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
-    let (Some(public), Some(flex), Some(soup), Some(btm)) = (find(rows, "public"), find(rows, "FlexOlmo"), find(rows, "soup"), find(rows, "BTM")) else {
+    let (Some(public), Some(flex), Some(soup), Some(btm)) = (
+        find(rows, "public"),
+        find(rows, "FlexOlmo"),
+        find(rows, "soup"),
+        find(rows, "BTM"),
+    ) else {
         return vec![];
     };
     let mut out = Vec::new();
-    let worse: Vec<String> = closed.iter().filter(|d| loss(flex, d) >= loss(public, d)).map(|d| d.to_string()).collect();
+    let worse: Vec<String> = closed
+        .iter()
+        .filter(|d| loss(flex, d) >= loss(public, d))
+        .map(|d| d.to_string())
+        .collect();
     out.push(Check {
         name: "FlexOlmo beats the public model on every closed domain".into(),
         passed: worse.is_empty(),
-        detail: closed.iter().map(|d| format!("{d} {:.3} vs {:.3}", loss(flex, d), loss(public, d))).collect::<Vec<_>>().join(", "),
+        detail: closed
+            .iter()
+            .map(|d| format!("{d} {:.3} vs {:.3}", loss(flex, d), loss(public, d)))
+            .collect::<Vec<_>>()
+            .join(", "),
     });
     out.push(Check {
         name: "FlexOlmo's average loss beats soup and BTM".into(),
         passed: flex.avg_loss < soup.avg_loss && flex.avg_loss < btm.avg_loss,
-        detail: format!("FlexOlmo {:.4}, soup {:.4}, BTM {:.4}", flex.avg_loss, soup.avg_loss, btm.avg_loss),
+        detail: format!(
+            "FlexOlmo {:.4}, soup {:.4}, BTM {:.4}",
+            flex.avg_loss, soup.avg_loss, btm.avg_loss
+        ),
     });
     let mut within = true;
     let mut det = Vec::new();
@@ -341,14 +505,25 @@ pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
             det.push(format!("{d} {:+.1}%", 100.0 * rel));
         }
     }
-    out.push(Check { name: "FlexOlmo within 5% of each domain's dense expert".into(), passed: within, detail: det.join(", ") });
+    out.push(Check {
+        name: "FlexOlmo within 5% of each domain's dense expert".into(),
+        passed: within,
+        detail: det.join(", "),
+    });
     for x in closed {
-        let Some(opt) = find(rows, &format!("FlexOlmo without {x}")) else { continue };
+        let Some(opt) = find(rows, &format!("FlexOlmo without {x}")) else {
+            continue;
+        };
         let own = loss(opt, x) / loss(flex, x) - 1.0;
         let acc_text = if acc(flex, x).is_nan() {
             String::new()
         } else {
-            format!(", acc {:.0}% -> {:.0}% (public {:.0}%)", 100.0 * acc(flex, x), 100.0 * acc(opt, x), 100.0 * acc(public, x))
+            format!(
+                ", acc {:.0}% -> {:.0}% (public {:.0}%)",
+                100.0 * acc(flex, x),
+                100.0 * acc(opt, x),
+                100.0 * acc(public, x)
+            )
         };
         let others: Vec<(String, f64)> = rows[0]
             .scores
@@ -368,7 +543,11 @@ pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
                 "{x} loss {:+.1}%{acc_text}; other domains max change {:.2}% ({})",
                 100.0 * own,
                 100.0 * max_other,
-                others.iter().map(|(d, r)| format!("{d} {:.2}%", 100.0 * r)).collect::<Vec<_>>().join(", ")
+                others
+                    .iter()
+                    .map(|(d, r)| format!("{d} {:.2}%", 100.0 * r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         });
     }
@@ -388,7 +567,12 @@ pub fn render(r: &DemoReport, experts: &[String]) -> String {
     s.push_str(&eval::markdown(&r.rows));
     s.push_str("\n### Acceptance checks\n\n");
     for ch in &r.checks {
-        s.push_str(&format!("- [{}] {}: {}\n", if ch.passed { "x" } else { " " }, ch.name, ch.detail));
+        s.push_str(&format!(
+            "- [{}] {}: {}\n",
+            if ch.passed { "x" } else { " " },
+            ch.name,
+            ch.detail
+        ));
     }
     if !r.ablations.is_empty() {
         s.push_str("\n### Ablations\n\n");

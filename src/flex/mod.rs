@@ -13,7 +13,9 @@ use crate::autograd::Tape;
 use crate::data::shards::{self, Dataset, TokenShard};
 use crate::error::{Context, Result};
 use crate::fsutil::write_bytes_atomic;
-use crate::model::{checkpoint, expert_prefix, router_bias_name, router_row_name, Ffn, Model, ParamStore};
+use crate::model::{
+    checkpoint, expert_prefix, router_bias_name, router_row_name, Ffn, Model, ParamStore,
+};
 use crate::tensor::{DType, Tensor};
 use crate::train::data::ShardBatches;
 use crate::train::pretrain::VALID_TOKENS;
@@ -53,9 +55,24 @@ impl RouterInit {
 
 /// Embedding of a domain: the unit-normalised mean over `n_docs` sampled documents of the
 /// public model's mean-pooled final hidden states (documents truncated to `max_len` tokens).
-pub fn domain_embedding(model: &Model, shard: &TokenShard, n_docs: usize, max_len: usize, seed: u64) -> Result<Vec<f32>> {
-    let docs = shards::sample_docs(shard, n_docs, max_len.min(model.cfg.max_position_embeddings), seed);
-    ensure!(!docs.is_empty(), "{} has no documents to embed", shard.path().display());
+pub fn domain_embedding(
+    model: &Model,
+    shard: &TokenShard,
+    n_docs: usize,
+    max_len: usize,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    let docs = shards::sample_docs(
+        shard,
+        n_docs,
+        max_len.min(model.cfg.max_position_embeddings),
+        seed,
+    );
+    ensure!(
+        !docs.is_empty(),
+        "{} has no documents to embed",
+        shard.path().display()
+    );
     let h = model.cfg.hidden_size;
     let mut acc = vec![0f64; h];
     for doc in &docs {
@@ -120,13 +137,20 @@ fn check_tokenizer(public_dir: &Path, data: &Dataset, data_dir: &Path) -> Result
 
 /// The 2-expert training model: [public FFN (frozen), copy (trained)], router rows
 /// [r_pub (frozen), r_i (trained)], bias b_i (trained) when given.
-pub fn expert_training_model(public: &Model, r_pub: &[f32], r_i: &[f32], bias: Option<f32>) -> Result<Model> {
+pub fn expert_training_model(
+    public: &Model,
+    r_pub: &[f32],
+    r_i: &[f32],
+    bias: Option<f32>,
+) -> Result<Model> {
     let up = public.upcycle(2)?;
     let mut ps: ParamStore = up.params.clone();
     let h = public.cfg.hidden_size;
     for l in 0..public.cfg.num_hidden_layers {
         for (e, row) in [(0, r_pub), (1, r_i)] {
-            let id = ps.id(&router_row_name(l, e)).context("upcycled model lacks router rows")?;
+            let id = ps
+                .id(&router_row_name(l, e))
+                .context("upcycled model lacks router rows")?;
             ps.params[id].value = Tensor::from_vec(row.to_vec(), &[1, h]);
         }
         if let Some(b) = bias {
@@ -150,21 +174,44 @@ pub fn expert_training_model(public: &Model, r_pub: &[f32], r_i: &[f32], bias: O
 }
 
 /// Router rows for the public expert and the new one, per `init`.
-pub fn router_rows(public: &Model, hash: &str, opts: &ExpertTrainOpts, data: &Dataset) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn router_rows(
+    public: &Model,
+    hash: &str,
+    opts: &ExpertTrainOpts,
+    data: &Dataset,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let h = public.cfg.hidden_size;
     let seed_pub = u64::from_str_radix(&hash[..16.min(hash.len())], 16).unwrap_or(0);
     match opts.router_init {
         RouterInit::Domain => {
-            let pd = opts.public_data.as_ref().context("--public-data is needed to embed the public domain (or use --router-init random)")?;
+            let pd = opts.public_data.as_ref().context(
+                "--public-data is needed to embed the public domain (or use --router-init random)",
+            )?;
             let pub_data = Dataset::open(pd)?;
             let max_len = opts.train.seq.max(64);
             let r_pub = domain_embedding(public, &pub_data.train, opts.embed_docs, max_len, 0)?;
-            let r_i = domain_embedding(public, &data.train, opts.embed_docs, max_len, opts.train.seed)?;
+            let r_i = domain_embedding(
+                public,
+                &data.train,
+                opts.embed_docs,
+                max_len,
+                opts.train.seed,
+            )?;
             Ok((r_pub, r_i))
         }
         RouterInit::Random => {
-            let r_pub = Tensor::randn(&[h], crate::model::INIT_STD, &mut StdRng::seed_from_u64(seed_pub)).into_vec();
-            let r_i = Tensor::randn(&[h], crate::model::INIT_STD, &mut StdRng::seed_from_u64(opts.train.seed ^ 0x5EED)).into_vec();
+            let r_pub = Tensor::randn(
+                &[h],
+                crate::model::INIT_STD,
+                &mut StdRng::seed_from_u64(seed_pub),
+            )
+            .into_vec();
+            let r_i = Tensor::randn(
+                &[h],
+                crate::model::INIT_STD,
+                &mut StdRng::seed_from_u64(opts.train.seed ^ 0x5EED),
+            )
+            .into_vec();
             Ok((r_pub, r_i))
         }
     }
@@ -184,7 +231,10 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         public.cfg.vocab_size
     );
     let hash = model_hash(&public);
-    ensure!((0.0..1.0).contains(&opts.public_mix), "--public-mix must be in [0, 1)");
+    ensure!(
+        (0.0..1.0).contains(&opts.public_mix),
+        "--public-mix must be in [0, 1)"
+    );
     let pub_data = match (&opts.public_data, opts.public_mix > 0.0) {
         (Some(p), true) => Some(Dataset::open(p)?),
         (None, true) => bail!("--public-mix needs --public-data"),
@@ -203,14 +253,22 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         if let Some(p) = &pub_data {
             sets.push((p, opts.public_mix));
         }
-        let batches = MixedBatches { sets, valid_sets: vec![0], batch: opts.train.batch, seq: opts.train.seq, seed: opts.train.seed };
+        let batches = MixedBatches {
+            sets,
+            valid_sets: vec![0],
+            batch: opts.train.batch,
+            seq: opts.train.seq,
+            seed: opts.train.seed,
+        };
         tr.run(&batches)?
     };
     let layers = model
         .layers
         .iter()
         .map(|layer| {
-            let Ffn::Moe(ex) = &layer.ffn else { unreachable!("expert model is MoE") };
+            let Ffn::Moe(ex) = &layer.ffn else {
+                unreachable!("expert model is MoE")
+            };
             let (e0, e1) = (ex[0], ex[1]);
             let v = |id: usize| model.params.value(id).clone();
             ExpertLayer {
@@ -271,23 +329,37 @@ impl Manifest {
         if !p.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?))
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?,
+        ))
     }
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_bytes_atomic(&dir.join(MANIFEST), serde_json::to_string_pretty(self)?.as_bytes())
+        write_bytes_atomic(
+            &dir.join(MANIFEST),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
     }
 }
 
 /// Merge the public model and expert artifacts into one FlexOlmo MoE: experts [public, e_1..e_n],
 /// router rows [r_pub, r_1..r_n], biases. No data is read. Refuses experts trained against
 /// another public model or with other shapes.
-pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -> Result<(Model, Manifest)> {
+pub fn merge(
+    public_dir: &Path,
+    experts: &[PathBuf],
+    top_k: usize,
+    out: &Path,
+) -> Result<(Model, Manifest)> {
     ensure!(!experts.is_empty(), "merge needs at least one expert");
     let public = checkpoint::load(public_dir)?;
     require_dense(&public, public_dir)?;
     let hash = model_hash(&public);
-    let arts: Vec<ExpertArtifact> = experts.iter().map(|p| ExpertArtifact::load(p)).collect::<Result<_>>()?;
+    let arts: Vec<ExpertArtifact> = experts
+        .iter()
+        .map(|p| ExpertArtifact::load(p))
+        .collect::<Result<_>>()?;
     let cfg = &public.cfg;
     for (a, p) in arts.iter().zip(experts) {
         ensure!(
@@ -300,7 +372,9 @@ pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -
             hash
         );
         ensure!(
-            a.meta.hidden_size == cfg.hidden_size && a.meta.intermediate_size == cfg.intermediate_size && a.meta.num_layers == cfg.num_hidden_layers,
+            a.meta.hidden_size == cfg.hidden_size
+                && a.meta.intermediate_size == cfg.intermediate_size
+                && a.meta.num_layers == cfg.num_hidden_layers,
             "expert '{}' ({}) has shapes H={} I={} L={} but the public model has H={} I={} L={}",
             a.meta.name,
             p.display(),
@@ -327,16 +401,25 @@ pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -
         }
     }
     let n = arts.len() + 1;
-    ensure!(top_k >= 1 && top_k <= n, "--top-k {top_k} must be between 1 and the number of experts ({n})");
+    ensure!(
+        top_k >= 1 && top_k <= n,
+        "--top-k {top_k} must be between 1 and the number of experts ({n})"
+    );
     let mut model = public.upcycle(n)?;
     let mut ps = model.params.clone();
     let any_bias = arts.iter().any(|a| a.meta.bias_init.is_some());
     for l in 0..cfg.num_hidden_layers {
         let set = |ps: &mut ParamStore, name: String, t: &Tensor| {
-            let id = ps.id(&name).expect("upcycled model has every expert tensor");
+            let id = ps
+                .id(&name)
+                .expect("upcycled model has every expert tensor");
             ps.params[id].value = t.clone();
         };
-        set(&mut ps, router_row_name(l, 0), &arts[0].layers[l].router_public);
+        set(
+            &mut ps,
+            router_row_name(l, 0),
+            &arts[0].layers[l].router_public,
+        );
         for (i, a) in arts.iter().enumerate() {
             let e = i + 1;
             let x = &a.layers[l];
@@ -349,7 +432,10 @@ pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -
         if any_bias {
             ps.add(router_bias_name(l, 0), Tensor::zeros(&[1]));
             for (i, a) in arts.iter().enumerate() {
-                ps.add(router_bias_name(l, i + 1), Tensor::from_vec(vec![a.layers[l].bias.unwrap_or(0.0)], &[1]));
+                ps.add(
+                    router_bias_name(l, i + 1),
+                    Tensor::from_vec(vec![a.layers[l].bias.unwrap_or(0.0)], &[1]),
+                );
             }
         }
     }
@@ -368,17 +454,31 @@ pub fn merge(public_dir: &Path, experts: &[PathBuf], top_k: usize, out: &Path) -
             name: a.meta.name.clone(),
             domain: a.meta.domain.clone(),
             tokens_seen: a.meta.tokens_seen,
-            bias: a.meta.bias_init.map(|_| a.layers.iter().map(|x| x.bias.unwrap_or(0.0)).collect()),
+            bias: a
+                .meta
+                .bias_init
+                .map(|_| a.layers.iter().map(|x| x.bias.unwrap_or(0.0)).collect()),
             source: p.display().to_string(),
         });
     }
-    let manifest = Manifest { public_hash: hash, experts: manifest_experts, top_k, router_tuned: false, strict_opt_out: true };
+    let manifest = Manifest {
+        public_hash: hash,
+        experts: manifest_experts,
+        top_k,
+        router_tuned: false,
+        strict_opt_out: true,
+    };
     write_model(&model, Some(&manifest), public_dir, out)?;
     Ok((model, manifest))
 }
 
 /// Save a model directory: weights, config, manifest, and the tokenizer of `tokenizer_from`.
-pub fn write_model(model: &Model, manifest: Option<&Manifest>, tokenizer_from: &Path, out: &Path) -> Result<()> {
+pub fn write_model(
+    model: &Model,
+    manifest: Option<&Manifest>,
+    tokenizer_from: &Path,
+    out: &Path,
+) -> Result<()> {
     checkpoint::save(model, out, DType::F32)?;
     if let Some(m) = manifest {
         m.save(out)?;
@@ -402,8 +502,7 @@ pub struct Selection {
     pub keep_bf16: bool,
 }
 
-impl Selection {
-}
+impl Selection {}
 
 pub struct Loaded {
     pub model: Model,
@@ -417,13 +516,26 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
     let model = checkpoint::load_with(dir, sel.keep_bf16)?;
     let manifest = Manifest::load(dir)?;
     if !model.cfg.is_moe() {
-        ensure!(sel.exclude.is_empty() && sel.only.is_empty(), "{} is a dense model: it has no experts to select", dir.display());
-        return Ok(Loaded { model, manifest, expert_names: vec![] });
+        ensure!(
+            sel.exclude.is_empty() && sel.only.is_empty(),
+            "{} is a dense model: it has no experts to select",
+            dir.display()
+        );
+        return Ok(Loaded {
+            model,
+            manifest,
+            expert_names: vec![],
+        });
     }
     let e = model.cfg.experts();
     let names: Vec<String> = match &manifest {
         Some(m) => {
-            ensure!(m.experts.len() == e, "{}: the manifest lists {} experts, the checkpoint has {e}", dir.display(), m.experts.len());
+            ensure!(
+                m.experts.len() == e,
+                "{}: the manifest lists {} experts, the checkpoint has {e}",
+                dir.display(),
+                m.experts.len()
+            );
             m.experts.iter().map(|x| x.name.clone()).collect()
         }
         None => (0..e).map(|i| i.to_string()).collect(),
@@ -432,10 +544,26 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
         names
             .iter()
             .position(|x| x == n)
-            .or_else(|| if manifest.is_some() { None } else { n.parse().ok().filter(|&i: &usize| i < e) })
-            .with_context(|| format!("no expert '{n}' in {} (experts: {})", dir.display(), names.join(", ")))
+            .or_else(|| {
+                if manifest.is_some() {
+                    None
+                } else {
+                    n.parse().ok().filter(|&i: &usize| i < e)
+                }
+            })
+            .with_context(|| {
+                format!(
+                    "no expert '{n}' in {} (experts: {})",
+                    dir.display(),
+                    names.join(", ")
+                )
+            })
     };
-    let mut keep: Vec<usize> = if sel.only.is_empty() { (0..e).collect() } else { sel.only.iter().map(|n| find(n)).collect::<Result<_>>()? };
+    let mut keep: Vec<usize> = if sel.only.is_empty() {
+        (0..e).collect()
+    } else {
+        sel.only.iter().map(|n| find(n)).collect::<Result<_>>()?
+    };
     for x in &sel.exclude {
         let i = find(x)?;
         keep.retain(|&k| k != i);
@@ -448,7 +576,11 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
             eprintln!("note: {} was router-tuned; without expert(s) it is not identical to a model that never had them", dir.display());
         }
     }
-    let mut model = if keep.len() == e { model } else { model.select_experts(&keep)? };
+    let mut model = if keep.len() == e {
+        model
+    } else {
+        model.select_experts(&keep)?
+    };
     if let Some(k) = sel.top_k {
         ensure!(k >= 1, "--top-k must be at least 1");
         model.cfg.num_experts_per_tok = Some(k.min(keep.len()));
@@ -458,7 +590,11 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
         m.experts = keep.iter().map(|&i| m.experts[i].clone()).collect();
         m.top_k = model.cfg.top_k();
     }
-    Ok(Loaded { model, manifest, expert_names: keep.iter().map(|&i| names[i].clone()).collect() })
+    Ok(Loaded {
+        model,
+        manifest,
+        expert_names: keep.iter().map(|&i| names[i].clone()).collect(),
+    })
 }
 
 /// Batches drawn from several datasets: each row comes from dataset j with probability
@@ -477,14 +613,17 @@ impl Batches for MixedBatches<'_> {
         let total: f64 = self.sets.iter().map(|s| s.1).sum();
         let (mut inp, mut tgt) = (Vec::new(), Vec::new());
         for r in 0..self.batch as u64 {
-            let u = (crate::hash::mix(&[self.seed, step, micro, r]) >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let u = (crate::hash::mix(&[self.seed, step, micro, r]) >> 11) as f64
+                / (1u64 << 53) as f64
+                * total;
             let mut acc = 0.0;
             let k = self.sets.iter().position(|s| {
                 acc += s.1;
                 u < acc
             });
             let set = self.sets[k.unwrap_or(self.sets.len() - 1)].0;
-            let (i, t) = shards::train_batch(&set.train, 1, self.seq, self.seed ^ (r << 32), step, micro)?;
+            let (i, t) =
+                shards::train_batch(&set.train, 1, self.seq, self.seed ^ (r << 32), step, micro)?;
             inp.extend(i);
             tgt.extend(t);
         }
@@ -493,7 +632,12 @@ impl Batches for MixedBatches<'_> {
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let mut out = Vec::new();
         for &j in &self.valid_sets {
-            out.extend(shards::valid_batches(&self.sets[j].0.valid, self.batch, self.seq, VALID_TOKENS / self.valid_sets.len())?);
+            out.extend(shards::valid_batches(
+                &self.sets[j].0.valid,
+                self.batch,
+                self.seq,
+                VALID_TOKENS / self.valid_sets.len(),
+            )?);
         }
         Ok(out)
     }
@@ -501,12 +645,30 @@ impl Batches for MixedBatches<'_> {
 
 /// Router tuning: everything frozen but the router rows (and biases); trained on proxy data.
 /// The manifest records that strict opt-out no longer holds.
-pub fn router_tune(model_dir: &Path, data: &[PathBuf], tcfg: &TrainConfig, out: &Path, run_dir: &Path, resume: bool, quiet: bool) -> Result<TrainSummary> {
+pub fn router_tune(
+    model_dir: &Path,
+    data: &[PathBuf],
+    tcfg: &TrainConfig,
+    out: &Path,
+    run_dir: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<TrainSummary> {
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
-    ensure!(model.cfg.is_moe(), "{} is dense: router tuning needs a merged FlexOlmo model", model_dir.display());
-    ensure!(!data.is_empty(), "router tuning needs at least one proxy dataset");
-    let sets: Vec<Dataset> = data.iter().map(|d| Dataset::open(d)).collect::<Result<_>>()?;
+    ensure!(
+        model.cfg.is_moe(),
+        "{} is dense: router tuning needs a merged FlexOlmo model",
+        model_dir.display()
+    );
+    ensure!(
+        !data.is_empty(),
+        "router tuning needs at least one proxy dataset"
+    );
+    let sets: Vec<Dataset> = data
+        .iter()
+        .map(|d| Dataset::open(d))
+        .collect::<Result<_>>()?;
     for p in model.params.params.iter_mut() {
         p.trainable = p.name.contains(".mlp.gate.");
     }
@@ -527,7 +689,15 @@ pub fn router_tune(model_dir: &Path, data: &[PathBuf], tcfg: &TrainConfig, out: 
     };
     let mut manifest = loaded.manifest.unwrap_or_else(|| Manifest {
         public_hash: String::new(),
-        experts: (0..model.cfg.experts()).map(|i| ManifestExpert { name: i.to_string(), domain: String::new(), tokens_seen: 0, bias: None, source: String::new() }).collect(),
+        experts: (0..model.cfg.experts())
+            .map(|i| ManifestExpert {
+                name: i.to_string(),
+                domain: String::new(),
+                tokens_seen: 0,
+                bias: None,
+                source: String::new(),
+            })
+            .collect(),
         top_k: model.cfg.top_k(),
         router_tuned: false,
         strict_opt_out: true,
@@ -539,7 +709,15 @@ pub fn router_tune(model_dir: &Path, data: &[PathBuf], tcfg: &TrainConfig, out: 
 }
 
 /// Dense expert baseline: the public model with every weight fine-tuned on one domain.
-pub fn finetune(public_dir: &Path, data_dir: &Path, tcfg: &TrainConfig, out: &Path, run_dir: &Path, resume: bool, quiet: bool) -> Result<(Model, TrainSummary)> {
+pub fn finetune(
+    public_dir: &Path,
+    data_dir: &Path,
+    tcfg: &TrainConfig,
+    out: &Path,
+    run_dir: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<(Model, TrainSummary)> {
     let mut model = checkpoint::load(public_dir)?;
     let data = Dataset::open(data_dir)?;
     check_tokenizer(public_dir, &data, data_dir)?;
@@ -550,7 +728,13 @@ pub fn finetune(public_dir: &Path, data_dir: &Path, tcfg: &TrainConfig, out: &Pa
         if resume {
             tr.resume()?;
         }
-        let b = ShardBatches { data: &data, batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed, valid_tokens: VALID_TOKENS };
+        let b = ShardBatches {
+            data: &data,
+            batch: tcfg.batch,
+            seq: tcfg.seq,
+            seed: tcfg.seed,
+            valid_tokens: VALID_TOKENS,
+        };
         tr.run(&b)?
     };
     write_model(&model, None, public_dir, out)?;
@@ -565,9 +749,16 @@ pub fn soup(models: &[Model]) -> Result<Model> {
     for p in ps.params.iter_mut() {
         let mut acc = vec![0f32; p.value.numel()];
         for m in models {
-            let q = m.params.id(&p.name).with_context(|| format!("soup: a model lacks {}", p.name))?;
+            let q = m
+                .params
+                .id(&p.name)
+                .with_context(|| format!("soup: a model lacks {}", p.name))?;
             let v = m.params.value(q);
-            ensure!(v.shape() == p.value.shape(), "soup: {} has different shapes", p.name);
+            ensure!(
+                v.shape() == p.value.shape(),
+                "soup: {} has different shapes",
+                p.name
+            );
             for (a, b) in acc.iter_mut().zip(v.data()) {
                 *a += b / models.len() as f32;
             }

@@ -2,8 +2,8 @@
 //! seeded, streaming each token to a callback as it is produced.
 
 use crate::autograd::Tape;
-use crate::error::Result;
 use crate::ensure;
+use crate::error::Result;
 use crate::model::{KvCache, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -24,7 +24,14 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, max_new_tokens: 64, stop_token: None }
+        SamplingConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 64,
+            stop_token: None,
+        }
     }
 }
 
@@ -39,7 +46,10 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
         idx.truncate(cfg.top_k);
     }
     let m = logits[idx[0]];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) / cfg.temperature) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - m) / cfg.temperature) as f64).exp())
+        .collect();
     let z: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= z);
     if cfg.top_p < 1.0 {
@@ -79,7 +89,12 @@ pub fn argmax(x: &[f32]) -> u32 {
 
 /// Generate a continuation of `prompt`; `on_token` is called with each new token as it is chosen.
 /// Returns the new tokens.
-pub fn generate(model: &Model, prompt: &[u32], cfg: &SamplingConfig, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
     let total = prompt.len() + cfg.max_new_tokens;
     ensure!(

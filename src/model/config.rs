@@ -95,7 +95,14 @@ impl Config {
     }
 
     /// A dense OLMo-2 config.
-    pub fn olmo2(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv_heads: usize) -> Self {
+    pub fn olmo2(
+        vocab: usize,
+        hidden: usize,
+        inter: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Self {
         let mut c = Self::flex_olmo(vocab, hidden, inter, layers, heads, kv_heads, 1, 1);
         c.architectures = vec!["Olmo2ForCausalLM".into()];
         c.model_type = "olmo2".into();
@@ -105,10 +112,12 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Config =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid model config", path.display()))?;
-        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid model config", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
     }
 
@@ -125,7 +134,8 @@ impl Config {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn experts(&self) -> usize {
@@ -182,8 +192,14 @@ impl Config {
         }
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(self.hidden_size > 0, "hidden_size must be positive");
-        ensure!(self.intermediate_size > 0, "intermediate_size must be positive");
-        ensure!(self.num_hidden_layers > 0, "num_hidden_layers must be positive");
+        ensure!(
+            self.intermediate_size > 0,
+            "intermediate_size must be positive"
+        );
+        ensure!(
+            self.num_hidden_layers > 0,
+            "num_hidden_layers must be positive"
+        );
         let h = self.num_attention_heads;
         ensure!(h > 0, "num_attention_heads must be positive");
         if self.head_dim.is_none() {
@@ -194,18 +210,38 @@ impl Config {
             );
         }
         let kv = self.kv_heads();
-        ensure!(kv > 0 && h % kv == 0, "num_key_value_heads ({kv}) does not divide num_attention_heads ({h})");
-        ensure!(self.head_dim() % 2 == 0, "head dim {} must be even for RoPE", self.head_dim());
+        ensure!(
+            kv > 0 && h % kv == 0,
+            "num_key_value_heads ({kv}) does not divide num_attention_heads ({h})"
+        );
+        ensure!(
+            self.head_dim() % 2 == 0,
+            "head dim {} must be even for RoPE",
+            self.head_dim()
+        );
         ensure!(self.rms_norm_eps > 0.0, "rms_norm_eps must be positive");
         ensure!(self.rope_theta() > 0.0, "rope_theta must be positive");
-        ensure!(self.max_position_embeddings > 0, "max_position_embeddings must be positive");
+        ensure!(
+            self.max_position_embeddings > 0,
+            "max_position_embeddings must be positive"
+        );
         if self.is_moe() {
-            let e = self.num_experts.context("flex_olmo config lacks num_experts")?;
-            let k = self.num_experts_per_tok.context("flex_olmo config lacks num_experts_per_tok")?;
+            let e = self
+                .num_experts
+                .context("flex_olmo config lacks num_experts")?;
+            let k = self
+                .num_experts_per_tok
+                .context("flex_olmo config lacks num_experts_per_tok")?;
             ensure!(e > 0, "num_experts must be positive");
-            ensure!(k >= 1 && k <= e, "num_experts_per_tok ({k}) must be between 1 and num_experts ({e})");
+            ensure!(
+                k >= 1 && k <= e,
+                "num_experts_per_tok ({k}) must be between 1 and num_experts ({e})"
+            );
         }
-        ensure!(!self.tie_word_embeddings, "tied word embeddings are not supported (OLMo-2 and FlexOlmo untie them)");
+        ensure!(
+            !self.tie_word_embeddings,
+            "tied word embeddings are not supported (OLMo-2 and FlexOlmo untie them)"
+        );
         Ok(())
     }
 }

@@ -10,10 +10,10 @@ pub use config::Config;
 pub use params::{Param, ParamStore, ParamVars};
 
 use crate::autograd::{Tape, Var};
+use crate::ensure;
 use crate::error::Result;
 use crate::ops::{self, AttnShape, RopeTable, Routing};
 use crate::tensor::Tensor;
-use crate::ensure;
 use rand::{rngs::StdRng, SeedableRng};
 use std::sync::Arc;
 
@@ -111,7 +111,10 @@ pub struct LossCoefs {
 
 impl Default for LossCoefs {
     fn default() -> Self {
-        LossCoefs { z_loss: 1e-5, router_z_loss: 1e-3 }
+        LossCoefs {
+            z_loss: 1e-5,
+            router_z_loss: 1e-3,
+        }
     }
 }
 
@@ -143,7 +146,10 @@ impl Model {
         cfg.validate()?;
         let mut rng = StdRng::seed_from_u64(seed);
         let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qw, kvw) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let (qw, kvw) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
         let mut ps = ParamStore::default();
         let mut mat = |ps: &mut ParamStore, name: String, r: usize, c: usize| {
             ps.add(name, Tensor::randn(&[r, c], INIT_STD, &mut rng))
@@ -155,10 +161,22 @@ impl Model {
             mat(&mut ps, format!("{p}self_attn.k_proj.weight"), kvw, h);
             mat(&mut ps, format!("{p}self_attn.v_proj.weight"), kvw, h);
             mat(&mut ps, format!("{p}self_attn.o_proj.weight"), h, qw);
-            ps.add(format!("{p}self_attn.q_norm.weight"), Tensor::full(&[qw], 1.0));
-            ps.add(format!("{p}self_attn.k_norm.weight"), Tensor::full(&[kvw], 1.0));
-            ps.add(format!("{p}post_attention_layernorm.weight"), Tensor::full(&[h], 1.0));
-            ps.add(format!("{p}post_feedforward_layernorm.weight"), Tensor::full(&[h], 1.0));
+            ps.add(
+                format!("{p}self_attn.q_norm.weight"),
+                Tensor::full(&[qw], 1.0),
+            );
+            ps.add(
+                format!("{p}self_attn.k_norm.weight"),
+                Tensor::full(&[kvw], 1.0),
+            );
+            ps.add(
+                format!("{p}post_attention_layernorm.weight"),
+                Tensor::full(&[h], 1.0),
+            );
+            ps.add(
+                format!("{p}post_feedforward_layernorm.weight"),
+                Tensor::full(&[h], 1.0),
+            );
             for e in 0..cfg.experts() {
                 let ep = expert_prefix(l, e, cfg.is_moe());
                 mat(&mut ps, format!("{ep}gate_proj.weight"), i_sz, h);
@@ -179,12 +197,23 @@ impl Model {
     pub fn from_params(cfg: Config, params: ParamStore) -> Result<Self> {
         cfg.validate()?;
         let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qw, kvw) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+        let (qw, kvw) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
         let need = |name: &str, shape: &[usize]| -> Result<usize> {
-            let Some(id) = params.id(name) else { crate::bail!("checkpoint lacks tensor {name}") };
+            let Some(id) = params.id(name) else {
+                crate::bail!("checkpoint lacks tensor {name}")
+            };
             let got = params.value(id).shape();
-            let ok = got == shape || (shape.len() == 1 && got.iter().product::<usize>() == shape[0] && got.len() <= 2);
-            ensure!(ok, "tensor {name} has shape {got:?}, config implies {shape:?}");
+            let ok = got == shape
+                || (shape.len() == 1
+                    && got.iter().product::<usize>() == shape[0]
+                    && got.len() <= 2);
+            ensure!(
+                ok,
+                "tensor {name} has shape {got:?}, config implies {shape:?}"
+            );
             Ok(id)
         };
         let embed = need("model.embed_tokens.weight", &[v, h])?;
@@ -204,9 +233,16 @@ impl Model {
                 for e in 0..cfg.experts() {
                     let bias = params.id(&router_bias_name(l, e));
                     if let Some(b) = bias {
-                        ensure!(params.value(b).numel() == 1, "router bias of expert {e} in layer {l} must be a scalar");
+                        ensure!(
+                            params.value(b).numel() == 1,
+                            "router bias of expert {e} in layer {l} must be a scalar"
+                        );
                     }
-                    experts.push(Expert { ffn: expert_ffn(e)?, router: need(&router_row_name(l, e), &[1, h])?, bias });
+                    experts.push(Expert {
+                        ffn: expert_ffn(e)?,
+                        router: need(&router_row_name(l, e), &[1, h])?,
+                        bias,
+                    });
                 }
                 Ffn::Moe(experts)
             } else {
@@ -226,14 +262,29 @@ impl Model {
         }
         let final_norm = need("model.norm.weight", &[h])?;
         let lm_head = need("lm_head.weight", &[v, h])?;
-        let rope = Arc::new(RopeTable::new(cfg.head_dim(), cfg.rope_theta(), cfg.max_position_embeddings));
-        Ok(Model { cfg, params, embed, final_norm, lm_head, layers, rope })
+        let rope = Arc::new(RopeTable::new(
+            cfg.head_dim(),
+            cfg.rope_theta(),
+            cfg.max_position_embeddings,
+        ));
+        Ok(Model {
+            cfg,
+            params,
+            embed,
+            final_norm,
+            lm_head,
+            layers,
+            rope,
+        })
     }
 
     /// Check token ids and sequence length against the config.
     pub fn check_input(&self, ids: &[u32], positions: usize) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            crate::bail!("token id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+            crate::bail!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            );
         }
         ensure!(
             positions <= self.cfg.max_position_embeddings,
@@ -254,12 +305,24 @@ impl Model {
         t: usize,
         mut cache: Option<&mut KvCache>,
     ) -> Result<ForwardOut> {
-        ensure!(ids.len() == b * t, "forward: {} ids for batch {b} x seq {t}", ids.len());
+        ensure!(
+            ids.len() == b * t,
+            "forward: {} ids for batch {b} x seq {t}",
+            ids.len()
+        );
         let offset = cache.as_ref().map_or(0, |c| c.len);
         self.check_input(ids, offset + t)?;
         if let Some(c) = cache.as_ref() {
-            ensure!(c.batch == b, "kv cache holds {} sequences, input {b}", c.batch);
-            ensure!(offset + t <= c.capacity, "kv cache capacity {} exceeded", c.capacity);
+            ensure!(
+                c.batch == b,
+                "kv cache holds {} sequences, input {b}",
+                c.batch
+            );
+            ensure!(
+                offset + t <= c.capacity,
+                "kv cache capacity {} exceeded",
+                c.capacity
+            );
         }
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
@@ -272,7 +335,12 @@ impl Model {
         let mut router_logits = Vec::new();
         let mut routings = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
-            let (wq, wk, wv, wo) = (p(tape, layer.q), p(tape, layer.k), p(tape, layer.v), p(tape, layer.o));
+            let (wq, wk, wv, wo) = (
+                p(tape, layer.q),
+                p(tape, layer.k),
+                p(tape, layer.v),
+                p(tape, layer.o),
+            );
             let (qn, kn) = (p(tape, layer.q_norm), p(tape, layer.k_norm));
             let q = ops::linear(tape, x, wq);
             let k = ops::linear(tape, x, wk);
@@ -285,14 +353,25 @@ impl Model {
                 None => ops::attention(tape, q, k, v, AttnShape::causal(b, t, nh, nkv, hd)),
                 Some(c) => {
                     let kvw = nkv * hd;
-                    for (dst, src) in [(&mut c.k[li], tape.value(k)), (&mut c.v[li], tape.value(v))] {
+                    for (dst, src) in [(&mut c.k[li], tape.value(k)), (&mut c.v[li], tape.value(v))]
+                    {
                         for bi in 0..b {
                             let d0 = (bi * c.capacity + offset) * kvw;
-                            dst[d0..d0 + t * kvw].copy_from_slice(&src.data()[bi * t * kvw..(bi + 1) * t * kvw]);
+                            dst[d0..d0 + t * kvw]
+                                .copy_from_slice(&src.data()[bi * t * kvw..(bi + 1) * t * kvw]);
                         }
                     }
-                    let s = AttnShape { b, tq: t, tk: offset + t, tk_stride: c.capacity, nh, nkv, hd };
-                    let (out, _) = ops::attention_forward(tape.value(q).data(), &c.k[li], &c.v[li], s);
+                    let s = AttnShape {
+                        b,
+                        tq: t,
+                        tk: offset + t,
+                        tk_stride: c.capacity,
+                        nh,
+                        nkv,
+                        hd,
+                    };
+                    let (out, _) =
+                        ops::attention_forward(tape.value(q).data(), &c.k[li], &c.v[li], s);
                     tape.constant(Tensor::from_vec(out, &[b * t, nh * hd]))
                 }
             };
@@ -330,12 +409,18 @@ impl Model {
                             outs.push(None);
                             continue;
                         }
-                        let xe = if toks.len() == b * t && toks.iter().enumerate().all(|(i, &r)| i == r as usize) {
+                        let xe = if toks.len() == b * t
+                            && toks.iter().enumerate().all(|(i, &r)| i == r as usize)
+                        {
                             x // every token: skip the gather
                         } else {
                             ops::gather_rows(tape, x, &Arc::new(toks.clone()))
                         };
-                        let (g, u, d) = (p(tape, ex.ffn.gate), p(tape, ex.ffn.up), p(tape, ex.ffn.down));
+                        let (g, u, d) = (
+                            p(tape, ex.ffn.gate),
+                            p(tape, ex.ffn.up),
+                            p(tape, ex.ffn.down),
+                        );
                         outs.push(Some(swiglu_ffn(tape, xe, g, u, d)));
                     }
                     let y = ops::moe_combine(tape, &outs, w, &routing);
@@ -355,7 +440,12 @@ impl Model {
         let x = ops::rmsnorm(tape, x, fnorm, eps);
         let wl = p(tape, self.lm_head);
         let logits = ops::linear(tape, x, wl);
-        Ok(ForwardOut { logits, hidden: x, router_logits, routings })
+        Ok(ForwardOut {
+            logits,
+            hidden: x,
+            router_logits,
+            routings,
+        })
     }
 
     /// Training loss: mean next-token cross-entropy + LM z-loss + router z-loss (mean over MoE
@@ -369,8 +459,14 @@ impl Model {
         t: usize,
         coefs: LossCoefs,
     ) -> Result<LossOut> {
-        if let Some(&bad) = targets.iter().find(|&&x| x != ops::IGNORE && x as usize >= self.cfg.vocab_size) {
-            crate::bail!("target id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&x| x != ops::IGNORE && x as usize >= self.cfg.vocab_size)
+        {
+            crate::bail!(
+                "target id {bad} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            );
         }
         let out = self.forward(tape, inputs, b, t, None)?;
         let ce = ops::cross_entropy(tape, out.logits, targets, coefs.z_loss);
@@ -382,7 +478,11 @@ impl Model {
                 loss = ops::add_scaled(tape, loss, zl, coefs.router_z_loss / n);
             }
         }
-        Ok(LossOut { loss, ce: ce.ce, tokens: ce.n_valid })
+        Ok(LossOut {
+            loss,
+            ce: ce.ce,
+            tokens: ce.n_valid,
+        })
     }
 
     /// Logits `[B*T, V]` of a plain forward without gradients.
@@ -395,7 +495,10 @@ impl Model {
     /// Keep only the listed experts (indices into the current expert list), in the given order:
     /// their FFNs, router rows and biases. The result equals a model built without the others.
     pub fn select_experts(&self, keep: &[usize]) -> Result<Model> {
-        ensure!(self.cfg.is_moe(), "expert selection needs a mixture-of-experts model");
+        ensure!(
+            self.cfg.is_moe(),
+            "expert selection needs a mixture-of-experts model"
+        );
         ensure!(!keep.is_empty(), "at least one expert must remain");
         let e = self.cfg.experts();
         for &k in keep {
@@ -410,7 +513,9 @@ impl Model {
                 Some((l, ex, suffix)) => {
                     if let Some(new) = keep.iter().position(|&k| k == ex) {
                         let name = match suffix {
-                            ExpertPart::Ffn(rest) => format!("{}{rest}", expert_prefix(l, new, true)),
+                            ExpertPart::Ffn(rest) => {
+                                format!("{}{rest}", expert_prefix(l, new, true))
+                            }
                             ExpertPart::Router => router_row_name(l, new),
                             ExpertPart::Bias => router_bias_name(l, new),
                         };

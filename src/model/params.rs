@@ -21,9 +21,16 @@ pub struct ParamStore {
 impl ParamStore {
     pub fn add(&mut self, name: impl Into<String>, value: Tensor) -> usize {
         let name = name.into();
-        assert!(!self.index.contains_key(&name), "duplicate parameter {name}");
+        assert!(
+            !self.index.contains_key(&name),
+            "duplicate parameter {name}"
+        );
         self.index.insert(name.clone(), self.params.len());
-        self.params.push(Param { name, value, trainable: true });
+        self.params.push(Param {
+            name,
+            value,
+            trainable: true,
+        });
         self.params.len() - 1
     }
 
@@ -56,7 +63,11 @@ impl ParamStore {
     }
 
     pub fn trainable_numel(&self) -> usize {
-        self.params.iter().filter(|p| p.trainable).map(|p| p.value.numel()).sum()
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.value.numel())
+            .sum()
     }
 }
 
@@ -67,7 +78,9 @@ pub struct ParamVars {
 
 impl ParamVars {
     pub fn new(store: &ParamStore) -> Self {
-        ParamVars { vars: vec![None; store.len()] }
+        ParamVars {
+            vars: vec![None; store.len()],
+        }
     }
 
     pub fn get(&mut self, tape: &mut Tape, store: &ParamStore, id: usize) -> Var {

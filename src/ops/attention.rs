@@ -38,7 +38,15 @@ pub struct AttnShape {
 impl AttnShape {
     /// Training shape: queries and keys of the same `t` positions.
     pub fn causal(b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Self {
-        AttnShape { b, tq: t, tk: t, tk_stride: t, nh, nkv, hd }
+        AttnShape {
+            b,
+            tq: t,
+            tk: t,
+            tk_stride: t,
+            nh,
+            nkv,
+            hd,
+        }
     }
     fn q_width(&self) -> usize {
         self.nh * self.hd
@@ -50,10 +58,20 @@ impl AttnShape {
         self.nh / self.nkv
     }
     fn check(&self, q: usize, k: usize, v: usize) {
-        assert!(self.nkv > 0 && self.nh % self.nkv == 0, "attention: kv heads must divide heads");
-        assert!(self.tq <= self.tk && self.tk <= self.tk_stride, "attention: bad lengths {self:?}");
+        assert!(
+            self.nkv > 0 && self.nh.is_multiple_of(self.nkv),
+            "attention: kv heads must divide heads"
+        );
+        assert!(
+            self.tq <= self.tk && self.tk <= self.tk_stride,
+            "attention: bad lengths {self:?}"
+        );
         assert_eq!(q, self.b * self.tq * self.q_width(), "attention: q size");
-        assert_eq!(k, self.b * self.tk_stride * self.kv_width(), "attention: k size");
+        assert_eq!(
+            k,
+            self.b * self.tk_stride * self.kv_width(),
+            "attention: k size"
+        );
         assert_eq!(v, k, "attention: v size");
     }
 }
@@ -103,7 +121,12 @@ impl QTile {
         let i0 = qt * Q_TILE;
         let i1 = (i0 + Q_TILE).min(s.tq);
         let off = s.tk - s.tq;
-        QTile { i0, rows: i1 - i0, off, kend: off + i1 }
+        QTile {
+            i0,
+            rows: i1 - i0,
+            off,
+            kend: off + i1,
+        }
     }
     /// Keys of tile `j0..j0+kt` that row `r` sees: `0..lim` within the tile.
     fn visible(&self, r: usize, j0: usize, kt: usize) -> usize {
@@ -128,8 +151,14 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
     let mut out: Vec<f32> = Vec::with_capacity(s.b * s.tq * s.q_width());
     let mut lse: Vec<f32> = Vec::with_capacity(s.b * s.nh * s.tq);
     let nqt = n_qtiles(&s);
-    let out_p = DstPtr { ptr: out.as_mut_ptr(), rs: qw };
-    let lse_p = DstPtr { ptr: lse.as_mut_ptr(), rs: 0 };
+    let out_p = DstPtr {
+        ptr: out.as_mut_ptr(),
+        rs: qw,
+    };
+    let lse_p = DstPtr {
+        ptr: lse.as_mut_ptr(),
+        rs: 0,
+    };
     (0..s.b * s.nh * nqt).into_par_iter().for_each_init(
         || Scratch::new(hd),
         |sc, task| {
@@ -138,7 +167,11 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
             let kh = h / s.group();
             let t = QTile::new(&s, qt);
             let rows = t.rows;
-            let qm = MatPtr { ptr: q[((b * s.tq + t.i0) * s.q_width() + h * hd)..].as_ptr(), rs: qw, cs: 1 };
+            let qm = MatPtr {
+                ptr: q[((b * s.tq + t.i0) * s.q_width() + h * hd)..].as_ptr(),
+                rs: qw,
+                cs: 1,
+            };
             let kv0 = (b * s.tk_stride) * s.kv_width() + kh * hd;
             sc.m[..rows].fill(f32::NEG_INFINITY);
             sc.l[..rows].fill(0.0);
@@ -146,11 +179,18 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
             while j0 < t.kend {
                 let kt = (t.kend - j0).min(KEY_TILE);
                 let kbase = kv0 + j0 * s.kv_width();
-                let st = DstPtr { ptr: sc.s.as_mut_ptr(), rs: kt as isize };
+                let st = DstPtr {
+                    ptr: sc.s.as_mut_ptr(),
+                    rs: kt as isize,
+                };
                 // SAFETY: q/k tiles lie inside the checked q/k slices (rows < tq, keys < tk);
                 // the score tile is this task's scratch.
                 unsafe {
-                    let kmat = MatPtr { ptr: k[kbase..].as_ptr(), rs: 1, cs: kvw };
+                    let kmat = MatPtr {
+                        ptr: k[kbase..].as_ptr(),
+                        rs: 1,
+                        cs: kvw,
+                    };
                     gemm_strided(rows, kt, hd, st, false, qm, kmat, scale);
                 }
                 for r in 0..rows {
@@ -165,7 +205,9 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
                     if m_old != m_new && m_old != f32::NEG_INFINITY {
                         let corr = simd::exp(m_old - m_new);
                         sc.l[r] *= corr;
-                        sc.o[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= corr);
+                        sc.o[r * hd..(r + 1) * hd]
+                            .iter_mut()
+                            .for_each(|x| *x *= corr);
                     }
                     sc.l[r] += simd::exp_affine_inplace_sum(&mut row[..lim], 1.0, m_new);
                     row[lim..].fill(0.0);
@@ -173,9 +215,20 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
                 }
                 // SAFETY: v tile inside the checked v slice; o is this task's scratch.
                 unsafe {
-                    let pm = MatPtr { ptr: sc.s.as_ptr(), rs: kt as isize, cs: 1 };
-                    let vm = MatPtr { ptr: v[kbase..].as_ptr(), rs: kvw, cs: 1 };
-                    let od = DstPtr { ptr: sc.o.as_mut_ptr(), rs: hd as isize };
+                    let pm = MatPtr {
+                        ptr: sc.s.as_ptr(),
+                        rs: kt as isize,
+                        cs: 1,
+                    };
+                    let vm = MatPtr {
+                        ptr: v[kbase..].as_ptr(),
+                        rs: kvw,
+                        cs: 1,
+                    };
+                    let od = DstPtr {
+                        ptr: sc.o.as_mut_ptr(),
+                        rs: hd as isize,
+                    };
                     gemm_strided(rows, hd, kt, od, j0 > 0, pm, vm, 1.0);
                 }
                 j0 += kt;
@@ -186,11 +239,14 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
                 // SAFETY: row (b, i), columns of head h, and lse entry (b, h, i) are written by
                 // this task only (tasks partition (b, h, query tile)).
                 unsafe {
-                    let dst = out_p.offset((b * s.tq + i) as isize * qw + (h * hd) as isize).ptr;
+                    let dst = out_p
+                        .offset((b * s.tq + i) as isize * qw + (h * hd) as isize)
+                        .ptr;
                     for d in 0..hd {
                         *dst.add(d) = sc.o[r * hd + d] * inv;
                     }
-                    *lse_p.offset(((b * s.nh + h) * s.tq + i) as isize).ptr = sc.m[r] + sc.l[r].ln();
+                    *lse_p.offset(((b * s.nh + h) * s.tq + i) as isize).ptr =
+                        sc.m[r] + sc.l[r].ln();
                 }
             }
         },
@@ -208,7 +264,14 @@ pub fn attention(tape: &mut Tape, q: Var, k: Var, v: Var, s: AttnShape) -> Var {
     let (qv, kv, vv) = (tape.value(q), tape.value(k), tape.value(v));
     let (out, lse) = attention_forward(qv.data(), kv.data(), vv.data(), s);
     let out = Tensor::from_vec(out, &[s.b * s.tq, s.q_width()]);
-    let op = AttnBack { q: qv.clone(), k: kv.clone(), v: vv.clone(), out: out.clone(), lse, s };
+    let op = AttnBack {
+        q: qv.clone(),
+        k: kv.clone(),
+        v: vv.clone(),
+        out: out.clone(),
+        lse,
+        s,
+    };
     tape.push(out, &[q, k, v], op)
 }
 
@@ -249,9 +312,18 @@ pub fn attention_backward(
     let mut dk: Vec<f32> = Vec::with_capacity(k.len());
     let mut dv: Vec<f32> = Vec::with_capacity(v.len());
     let (dq_p, dk_p, dv_p) = (
-        DstPtr { ptr: dq.as_mut_ptr(), rs: qw },
-        DstPtr { ptr: dk.as_mut_ptr(), rs: kvw },
-        DstPtr { ptr: dv.as_mut_ptr(), rs: kvw },
+        DstPtr {
+            ptr: dq.as_mut_ptr(),
+            rs: qw,
+        },
+        DstPtr {
+            ptr: dk.as_mut_ptr(),
+            rs: kvw,
+        },
+        DstPtr {
+            ptr: dv.as_mut_ptr(),
+            rs: kvw,
+        },
     );
     let nqt = n_qtiles(&s);
     (0..s.b * s.nkv).into_par_iter().for_each_init(
@@ -269,8 +341,16 @@ pub fn attention_backward(
                     let t = QTile::new(&s, qt);
                     let rows = t.rows;
                     let q0 = (b * s.tq + t.i0) * s.q_width() + h * hd;
-                    let qm = MatPtr { ptr: q[q0..].as_ptr(), rs: qw, cs: 1 };
-                    let gm = MatPtr { ptr: go[q0..].as_ptr(), rs: qw, cs: 1 };
+                    let qm = MatPtr {
+                        ptr: q[q0..].as_ptr(),
+                        rs: qw,
+                        cs: 1,
+                    };
+                    let gm = MatPtr {
+                        ptr: go[q0..].as_ptr(),
+                        rs: qw,
+                        cs: 1,
+                    };
                     let lse_row = &lse[(b * s.nh + h) * s.tq + t.i0..][..rows];
                     for r in 0..rows {
                         let at = q0 + r * s.q_width();
@@ -280,11 +360,29 @@ pub fn attention_backward(
                     while j0 < t.kend {
                         let kt = (t.kend - j0).min(KEY_TILE);
                         let kbase = kv0 + j0 * s.kv_width();
-                        let km = MatPtr { ptr: k[kbase..].as_ptr(), rs: kvw, cs: 1 };
-                        let kmt = MatPtr { ptr: km.ptr, rs: 1, cs: kvw };
-                        let vmt = MatPtr { ptr: v[kbase..].as_ptr(), rs: 1, cs: kvw };
-                        let st = DstPtr { ptr: sc.s.as_mut_ptr(), rs: kt as isize };
-                        let dpt = DstPtr { ptr: sc.dp.as_mut_ptr(), rs: kt as isize };
+                        let km = MatPtr {
+                            ptr: k[kbase..].as_ptr(),
+                            rs: kvw,
+                            cs: 1,
+                        };
+                        let kmt = MatPtr {
+                            ptr: km.ptr,
+                            rs: 1,
+                            cs: kvw,
+                        };
+                        let vmt = MatPtr {
+                            ptr: v[kbase..].as_ptr(),
+                            rs: 1,
+                            cs: kvw,
+                        };
+                        let st = DstPtr {
+                            ptr: sc.s.as_mut_ptr(),
+                            rs: kt as isize,
+                        };
+                        let dpt = DstPtr {
+                            ptr: sc.dp.as_mut_ptr(),
+                            rs: kt as isize,
+                        };
                         // SAFETY (all GEMMs below): operands are tiles inside the checked q, k,
                         // v, go slices; s/dp are this task's scratch; dq columns of head h and
                         // dk/dv rows of kv head kh in sequence b are written by this task only.
@@ -294,21 +392,42 @@ pub fn attention_backward(
                         }
                         for r in 0..rows {
                             let lim = t.visible(r, j0, kt);
-                            let (prow, dprow) = (&mut sc.s[r * kt..(r + 1) * kt], &mut sc.dp[r * kt..(r + 1) * kt]);
+                            let (prow, dprow) = (
+                                &mut sc.s[r * kt..(r + 1) * kt],
+                                &mut sc.dp[r * kt..(r + 1) * kt],
+                            );
                             simd::exp_affine_inplace_sum(&mut prow[..lim], 1.0, lse_row[r]);
                             prow[lim..].fill(0.0);
                             simd::softmax_grad_inplace(dprow, prow, sc.m[r], scale);
                         }
-                        let pt = MatPtr { ptr: sc.s.as_ptr(), rs: 1, cs: kt as isize };
-                        let ds = MatPtr { ptr: sc.dp.as_ptr(), rs: kt as isize, cs: 1 };
-                        let dst_t = MatPtr { ptr: sc.dp.as_ptr(), rs: 1, cs: kt as isize };
+                        let pt = MatPtr {
+                            ptr: sc.s.as_ptr(),
+                            rs: 1,
+                            cs: kt as isize,
+                        };
+                        let ds = MatPtr {
+                            ptr: sc.dp.as_ptr(),
+                            rs: kt as isize,
+                            cs: 1,
+                        };
+                        let dst_t = MatPtr {
+                            ptr: sc.dp.as_ptr(),
+                            rs: 1,
+                            cs: kt as isize,
+                        };
                         unsafe {
-                            let dvd = DstPtr { ptr: sc.dv.as_mut_ptr().add(j0 * hd), rs: hd as isize };
+                            let dvd = DstPtr {
+                                ptr: sc.dv.as_mut_ptr().add(j0 * hd),
+                                rs: hd as isize,
+                            };
                             gemm_strided(kt, hd, rows, dvd, true, pt, gm, 1.0);
                             // The first key tile stores dQ (no read of the fresh buffer).
                             let dqd = dq_p.offset(q0 as isize);
                             gemm_strided(rows, hd, kt, dqd, j0 > 0, ds, km, 1.0);
-                            let dkd = DstPtr { ptr: sc.dk.as_mut_ptr().add(j0 * hd), rs: hd as isize };
+                            let dkd = DstPtr {
+                                ptr: sc.dk.as_mut_ptr().add(j0 * hd),
+                                rs: hd as isize,
+                            };
                             gemm_strided(kt, hd, rows, dkd, true, dst_t, qm, 1.0);
                         }
                         j0 += kt;
@@ -320,8 +439,16 @@ pub fn attention_backward(
                 // SAFETY: rows (b, j) of kv head kh belong to this task only.
                 unsafe {
                     if j < s.tk {
-                        std::ptr::copy_nonoverlapping(sc.dk.as_ptr().add(j * hd), dk_p.offset(at).ptr, hd);
-                        std::ptr::copy_nonoverlapping(sc.dv.as_ptr().add(j * hd), dv_p.offset(at).ptr, hd);
+                        std::ptr::copy_nonoverlapping(
+                            sc.dk.as_ptr().add(j * hd),
+                            dk_p.offset(at).ptr,
+                            hd,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            sc.dv.as_ptr().add(j * hd),
+                            dv_p.offset(at).ptr,
+                            hd,
+                        );
                     } else {
                         std::ptr::write_bytes(dk_p.offset(at).ptr, 0, hd);
                         std::ptr::write_bytes(dv_p.offset(at).ptr, 0, hd);
@@ -373,7 +500,11 @@ pub fn attention_reference(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> Vec
                 let sc: Vec<f64> = (0..=last)
                     .map(|j| {
                         let kj = &k[(b * s.tk_stride + j) * kvw + kh * hd..][..hd];
-                        qi.iter().zip(kj).map(|(a, c)| *a as f64 * *c as f64).sum::<f64>() * scale
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, c)| *a as f64 * *c as f64)
+                            .sum::<f64>()
+                            * scale
                     })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -397,27 +528,44 @@ mod tests {
     use rand::{rngs::StdRng, SeedableRng};
 
     /// f64 reference gradients (materialises each probability row).
-    fn backward_reference(q: &[f32], k: &[f32], v: &[f32], go: &[f32], s: AttnShape) -> [Vec<f64>; 3] {
+    fn backward_reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        go: &[f32],
+        s: AttnShape,
+    ) -> [Vec<f64>; 3] {
         let (hd, qw, kvw) = (s.hd, s.q_width(), s.kv_width());
         let scale = 1.0 / (hd as f64).sqrt();
-        let (mut dq, mut dk, mut dv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
-        let f = |x: &[f32], a: usize| -> Vec<f64> { x[a..a + hd].iter().map(|&y| y as f64).collect() };
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f64; q.len()],
+            vec![0f64; k.len()],
+            vec![0f64; v.len()],
+        );
+        let f =
+            |x: &[f32], a: usize| -> Vec<f64> { x[a..a + hd].iter().map(|&y| y as f64).collect() };
         for b in 0..s.b {
             for h in 0..s.nh {
                 let kh = h / s.group();
                 for i in 0..s.tq {
                     let qa = (b * s.tq + i) * qw + h * hd;
                     let (qi, gi) = (f(q, qa), f(go, qa));
-                    let keys: Vec<usize> = (0..=s.tk - s.tq + i).map(|j| (b * s.tk_stride + j) * kvw + kh * hd).collect();
+                    let keys: Vec<usize> = (0..=s.tk - s.tq + i)
+                        .map(|j| (b * s.tk_stride + j) * kvw + kh * hd)
+                        .collect();
                     let sc: Vec<f64> = keys
                         .iter()
-                        .map(|&ka| f(k, ka).iter().zip(&qi).map(|(a, b)| a * b).sum::<f64>() * scale)
+                        .map(|&ka| {
+                            f(k, ka).iter().zip(&qi).map(|(a, b)| a * b).sum::<f64>() * scale
+                        })
                         .collect();
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                     let p: Vec<f64> = sc.iter().map(|x| (x - m).exp() / z).collect();
-                    let dp: Vec<f64> =
-                        keys.iter().map(|&ka| f(v, ka).iter().zip(&gi).map(|(a, b)| a * b).sum::<f64>()).collect();
+                    let dp: Vec<f64> = keys
+                        .iter()
+                        .map(|&ka| f(v, ka).iter().zip(&gi).map(|(a, b)| a * b).sum::<f64>())
+                        .collect();
                     let dd: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     for (j, &ka) in keys.iter().enumerate() {
                         let ds = p[j] * (dp[j] - dd) * scale;
@@ -449,13 +597,25 @@ mod tests {
     fn tiled_forward_matches_reference_with_cache_stride() {
         let mut rng = StdRng::seed_from_u64(1);
         for &(b, tq, tk, stride, nh, nkv, hd) in SHAPES {
-            let s = AttnShape { b, tq, tk, tk_stride: stride, nh, nkv, hd };
+            let s = AttnShape {
+                b,
+                tq,
+                tk,
+                tk_stride: stride,
+                nh,
+                nkv,
+                hd,
+            };
             let q = Tensor::randn(&[b * tq * nh * hd], 1.0, &mut rng);
             let k = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
             let v = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
             let (o, lse) = attention_forward(q.data(), k.data(), v.data(), s);
             let r = attention_reference(q.data(), k.data(), v.data(), s);
-            let err = o.iter().zip(&r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let err = o
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(err < 2e-5, "{s:?}: max err {err}");
             assert!(lse.iter().all(|x| x.is_finite()));
         }
@@ -465,7 +625,15 @@ mod tests {
     fn tiled_backward_matches_reference_at_ragged_shapes() {
         let mut rng = StdRng::seed_from_u64(2);
         for &(b, tq, tk, stride, nh, nkv, hd) in SHAPES {
-            let s = AttnShape { b, tq, tk, tk_stride: stride, nh, nkv, hd };
+            let s = AttnShape {
+                b,
+                tq,
+                tk,
+                tk_stride: stride,
+                nh,
+                nkv,
+                hd,
+            };
             let q = Tensor::randn(&[b * tq * nh * hd], 1.0, &mut rng);
             let k = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
             let v = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
@@ -473,10 +641,21 @@ mod tests {
             let (o, lse) = attention_forward(q.data(), k.data(), v.data(), s);
             let got = attention_backward(q.data(), k.data(), v.data(), &o, &lse, go.data(), s);
             let want = backward_reference(q.data(), k.data(), v.data(), go.data(), s);
-            for (name, g, w) in [("dq", &got.0, &want[0]), ("dk", &got.1, &want[1]), ("dv", &got.2, &want[2])] {
-                let err = g.iter().zip(w).map(|(a, b)| (*a as f64 - b).abs()).fold(0f64, f64::max);
+            for (name, g, w) in [
+                ("dq", &got.0, &want[0]),
+                ("dk", &got.1, &want[1]),
+                ("dv", &got.2, &want[2]),
+            ] {
+                let err = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (*a as f64 - b).abs())
+                    .fold(0f64, f64::max);
                 let mag = w.iter().map(|x| x.abs()).fold(0f64, f64::max);
-                assert!(err <= 1e-4 * mag.max(1.0), "{s:?} {name}: max err {err} (max |grad| {mag})");
+                assert!(
+                    err <= 1e-4 * mag.max(1.0),
+                    "{s:?} {name}: max err {err} (max |grad| {mag})"
+                );
             }
             // Cache slots past tk receive exactly zero gradient.
             for bi in 0..b {
@@ -500,7 +679,14 @@ mod tests {
             (o, g)
         };
         let a = run();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(run);
-        assert!(a.0 == one.0 && a.1 == one.1, "results depend on the thread count");
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(run);
+        assert!(
+            a.0 == one.0 && a.1 == one.1,
+            "results depend on the thread count"
+        );
     }
 }

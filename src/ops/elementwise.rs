@@ -20,7 +20,11 @@ pub fn add_scaled(tape: &mut Tape, a: Var, b: Var, alpha: f32) -> Var {
     let y = unsafe {
         alloc_init(av.numel(), |y| {
             y.par_chunks_mut(PAR_CHUNK)
-                .zip(av.data().par_chunks(PAR_CHUNK).zip(bv.data().par_chunks(PAR_CHUNK)))
+                .zip(
+                    av.data()
+                        .par_chunks(PAR_CHUNK)
+                        .zip(bv.data().par_chunks(PAR_CHUNK)),
+                )
                 .for_each(|(y, (a, b))| simd::add_scaled_into(y, a, b, alpha))
         })
     };
@@ -67,11 +71,13 @@ fn scaled(x: &[f32], s: f32) -> Vec<f32> {
     // SAFETY: the chunks cover the output and each element is written.
     unsafe {
         alloc_init(x.len(), |y| {
-            y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(y, x)| {
-                for (a, b) in y.iter_mut().zip(x) {
-                    a.write(b * s);
-                }
-            })
+            y.par_chunks_mut(PAR_CHUNK)
+                .zip(x.par_chunks(PAR_CHUNK))
+                .for_each(|(y, x)| {
+                    for (a, b) in y.iter_mut().zip(x) {
+                        a.write(b * s);
+                    }
+                })
         })
     }
 }
@@ -84,11 +90,18 @@ pub fn swiglu(tape: &mut Tape, gate: Var, up: Var) -> Var {
     let y = unsafe {
         alloc_init(gv.numel(), |y| {
             y.par_chunks_mut(PAR_CHUNK)
-                .zip(gv.data().par_chunks(PAR_CHUNK).zip(uv.data().par_chunks(PAR_CHUNK)))
+                .zip(
+                    gv.data()
+                        .par_chunks(PAR_CHUNK)
+                        .zip(uv.data().par_chunks(PAR_CHUNK)),
+                )
                 .for_each(|(y, (g, u))| simd::swiglu_fwd(y, g, u))
         })
     };
-    let op = SwigluBack { gate: gv.clone(), up: uv.clone() };
+    let op = SwigluBack {
+        gate: gv.clone(),
+        up: uv.clone(),
+    };
     let shape = gv.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[gate, up], op)
 }

@@ -25,10 +25,20 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Cross-entropy of `logits [N, V]` against `targets [N]` plus `z_coef * lse^2`, averaged over
 /// the rows whose target is not [`IGNORE`]. The softmax is recomputed in backward.
-pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[u32], z_coef: f32) -> CrossEntropyOut {
+pub fn cross_entropy(
+    tape: &mut Tape,
+    logits: Var,
+    targets: &[u32],
+    z_coef: f32,
+) -> CrossEntropyOut {
     let lv = tape.value(logits);
     let (n, v) = (lv.rows(), lv.cols());
-    assert_eq!(targets.len(), n, "cross_entropy: {} targets for {n} rows", targets.len());
+    assert_eq!(
+        targets.len(),
+        n,
+        "cross_entropy: {} targets for {n} rows",
+        targets.len()
+    );
     let per_row: Vec<(f32, f32)> = lv
         .data()
         .par_chunks(v)
@@ -38,7 +48,10 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[u32], z_coef: f32)
             if t == IGNORE {
                 return (0.0, 0.0);
             }
-            assert!((t as usize) < v, "cross_entropy: target {t} out of range (vocab {v})");
+            assert!(
+                (t as usize) < v,
+                "cross_entropy: target {t} out of range (vocab {v})"
+            );
             let lse = logsumexp(row);
             (lse - row[t as usize], lse)
         })
@@ -49,9 +62,19 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[u32], z_coef: f32)
     let z = per_row.iter().map(|r| (r.1 as f64).powi(2)).sum::<f64>() / denom;
     let total = ce + z_coef as f64 * z;
     let lse: Vec<f32> = per_row.iter().map(|r| r.1).collect();
-    let op = CeBack { logits: lv.clone(), targets: Arc::new(targets.to_vec()), lse, z_coef, denom: denom as f32 };
+    let op = CeBack {
+        logits: lv.clone(),
+        targets: Arc::new(targets.to_vec()),
+        lse,
+        z_coef,
+        denom: denom as f32,
+    };
     let loss = tape.push(Tensor::scalar(total as f32), &[logits], op);
-    CrossEntropyOut { loss, ce: ce as f32, n_valid }
+    CrossEntropyOut {
+        loss,
+        ce: ce as f32,
+        n_valid,
+    }
 }
 
 struct CeBack {
@@ -68,23 +91,26 @@ impl Backward for CeBack {
         let scale = g.data()[0] / self.denom;
         let ld = self.logits.data();
         let fill = |d: &mut [MaybeUninit<f32>]| {
-            d.par_chunks_mut(v.max(1)).with_min_len(ROWS_PER_TASK).enumerate().for_each(|(i, drow)| {
-                let t = self.targets[i];
-                if t == IGNORE {
-                    drow.iter_mut().for_each(|x| {
-                        x.write(0.0);
-                    });
-                    return;
-                }
-                let lse = self.lse[i];
-                let row = &ld[i * v..(i + 1) * v];
-                // d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
-                let f = scale * (1.0 + 2.0 * self.z_coef * lse);
-                simd::exp_sub_scale_into(drow, row, lse, f);
-                // SAFETY: the kernel just initialised the whole row.
-                let dt = unsafe { drow[t as usize].assume_init_mut() };
-                *dt -= scale;
-            })
+            d.par_chunks_mut(v.max(1))
+                .with_min_len(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(i, drow)| {
+                    let t = self.targets[i];
+                    if t == IGNORE {
+                        drow.iter_mut().for_each(|x| {
+                            x.write(0.0);
+                        });
+                        return;
+                    }
+                    let lse = self.lse[i];
+                    let row = &ld[i * v..(i + 1) * v];
+                    // d/dx [lse - x_t + z lse^2] = softmax * (1 + 2 z lse) - onehot(t)
+                    let f = scale * (1.0 + 2.0 * self.z_coef * lse);
+                    simd::exp_sub_scale_into(drow, row, lse, f);
+                    // SAFETY: the kernel just initialised the whole row.
+                    let dt = unsafe { drow[t as usize].assume_init_mut() };
+                    *dt -= scale;
+                })
         };
         // SAFETY: one chunk per row; every row is written (zeros for ignored targets).
         let d = unsafe { alloc_init(self.logits.numel(), fill) };
@@ -96,7 +122,12 @@ impl Backward for CeBack {
 pub fn logsumexp_sq_mean(tape: &mut Tape, z: Var) -> Var {
     let zv = tape.value(z);
     let (n, e) = (zv.rows(), zv.cols());
-    let lse: Vec<f32> = zv.data().par_chunks(e.max(1)).with_min_len(256).map(logsumexp).collect();
+    let lse: Vec<f32> = zv
+        .data()
+        .par_chunks(e.max(1))
+        .with_min_len(256)
+        .map(logsumexp)
+        .collect();
     let mean = lse.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / n.max(1) as f64;
     let op = ZBack { z: zv.clone(), lse };
     tape.push(Tensor::scalar(mean as f32), &[z], op)
@@ -112,14 +143,15 @@ impl Backward for ZBack {
         let (n, e) = (self.z.rows(), self.z.cols());
         let scale = g.data()[0] * 2.0 / n.max(1) as f32;
         let mut d = vec![0f32; n * e];
-        d.par_chunks_mut(e.max(1) * 256).zip(self.z.data().par_chunks(e.max(1) * 256)).enumerate().for_each(
-            |(c, (d, z))| {
+        d.par_chunks_mut(e.max(1) * 256)
+            .zip(self.z.data().par_chunks(e.max(1) * 256))
+            .enumerate()
+            .for_each(|(c, (d, z))| {
                 for (r, (drow, zrow)) in d.chunks_mut(e).zip(z.chunks(e)).enumerate() {
                     let lse = self.lse[c * 256 + r];
                     simd::exp_sub_scale_into(drow, zrow, lse, scale * lse);
                 }
-            },
-        );
+            });
         vec![Some(Tensor::from_vec(d, self.z.shape()))]
     }
 }

@@ -11,23 +11,34 @@ const ROWS: usize = 16;
 pub fn rmsnorm(tape: &mut Tape, x: Var, w: Var, eps: f32) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
     let d = xv.cols();
-    assert_eq!(wv.numel(), d, "rmsnorm: weight has {} entries, input width {d}", wv.numel());
+    assert_eq!(
+        wv.numel(),
+        d,
+        "rmsnorm: weight has {} entries, input width {d}",
+        wv.numel()
+    );
     let n = xv.rows();
     let mut rstd = vec![0f32; n];
     let (xd, wd) = (xv.data(), wv.data());
     // SAFETY: one chunk per row, every element of each row written.
     let y = unsafe {
         alloc_init(n * d, |y| {
-            y.par_chunks_mut(d.max(1)).zip(rstd.par_iter_mut()).with_min_len(ROWS).enumerate().for_each(
-                |(i, (y, r))| {
+            y.par_chunks_mut(d.max(1))
+                .zip(rstd.par_iter_mut())
+                .with_min_len(ROWS)
+                .enumerate()
+                .for_each(|(i, (y, r))| {
                     let row = &xd[i * d..(i + 1) * d];
                     *r = 1.0 / (sum_sq(row) / d as f32 + eps).sqrt();
                     simd::rms_scale(y, wd, row, *r);
-                },
-            )
+                })
         })
     };
-    let op = RmsBack { x: xv.clone(), w: wv.clone(), rstd };
+    let op = RmsBack {
+        x: xv.clone(),
+        w: wv.clone(),
+        rstd,
+    };
     let shape = xv.shape().to_vec();
     tape.push(Tensor::from_vec(y, &shape), &[x, w], op)
 }
@@ -47,12 +58,19 @@ impl Backward for RmsBack {
             // SAFETY: one chunk per row, every element of each row written.
             let dx = unsafe {
                 alloc_init(n * d, |dx| {
-                    dx.par_chunks_mut(d.max(1)).with_min_len(ROWS).enumerate().for_each(|(i, dx)| {
-                        let (x, gy, r) = (&xd[i * d..(i + 1) * d], &gd[i * d..(i + 1) * d], self.rstd[i]);
-                        // dx = r * (w*g - xhat * mean(w*g*xhat)), xhat = x*r
-                        let c = simd::dot3(wd, gy, x) * r * r / d as f32;
-                        simd::rms_dx(dx, wd, gy, x, r, c);
-                    })
+                    dx.par_chunks_mut(d.max(1))
+                        .with_min_len(ROWS)
+                        .enumerate()
+                        .for_each(|(i, dx)| {
+                            let (x, gy, r) = (
+                                &xd[i * d..(i + 1) * d],
+                                &gd[i * d..(i + 1) * d],
+                                self.rstd[i],
+                            );
+                            // dx = r * (w*g - xhat * mean(w*g*xhat)), xhat = x*r
+                            let c = simd::dot3(wd, gy, x) * r * r / d as f32;
+                            simd::rms_dx(dx, wd, gy, x, r, c);
+                        })
                 })
             };
             Tensor::from_vec(dx, self.x.shape())
@@ -64,7 +82,11 @@ impl Backward for RmsBack {
                 .map(|rows| {
                     let mut acc = vec![0f32; d];
                     for i in rows {
-                        let (x, gy, r) = (&xd[i * d..(i + 1) * d], &gd[i * d..(i + 1) * d], self.rstd[i]);
+                        let (x, gy, r) = (
+                            &xd[i * d..(i + 1) * d],
+                            &gd[i * d..(i + 1) * d],
+                            self.rstd[i],
+                        );
                         simd::acc_mul(&mut acc, gy, x, r);
                     }
                     acc

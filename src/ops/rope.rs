@@ -18,8 +18,9 @@ pub struct RopeTable {
 impl RopeTable {
     pub fn new(hd: usize, theta: f64, max_pos: usize) -> Self {
         let half = hd / 2;
-        let inv: Vec<f32> =
-            (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32)
+            .collect();
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];
         for p in 0..max_pos {
@@ -29,7 +30,12 @@ impl RopeTable {
                 sin[p * half + i] = a.sin();
             }
         }
-        RopeTable { hd, cos, sin, max_pos }
+        RopeTable {
+            hd,
+            cos,
+            sin,
+            max_pos,
+        }
     }
 
     pub fn max_pos(&self) -> usize {
@@ -41,7 +47,11 @@ impl RopeTable {
 pub fn rope(tape: &mut Tape, x: Var, table: &Arc<RopeTable>, t_len: usize, offset: usize) -> Var {
     let xv = tape.value(x);
     let y = apply(xv, table, t_len, offset, false);
-    let op = RopeBack { table: table.clone(), t_len, offset };
+    let op = RopeBack {
+        table: table.clone(),
+        t_len,
+        offset,
+    };
     tape.push(y, &[x], op)
 }
 
@@ -49,17 +59,32 @@ fn apply(x: &Tensor, table: &RopeTable, t_len: usize, offset: usize, inverse: bo
     let hd = table.hd;
     let half = hd / 2;
     let width = x.cols();
-    assert_eq!(width % hd, 0, "rope: width {width} not a multiple of head dim {hd}");
-    assert!(hd % 2 == 0, "rope: head dim {hd} must be even");
-    assert!(offset + t_len <= table.max_pos, "rope: position {} beyond table {}", offset + t_len, table.max_pos);
+    assert_eq!(
+        width % hd,
+        0,
+        "rope: width {width} not a multiple of head dim {hd}"
+    );
+    assert!(hd.is_multiple_of(2), "rope: head dim {hd} must be even");
+    assert!(
+        offset + t_len <= table.max_pos,
+        "rope: position {} beyond table {}",
+        offset + t_len,
+        table.max_pos
+    );
     let sign = if inverse { -1.0 } else { 1.0 };
     // SAFETY: one chunk per row; each head's halves are written in full (width % hd == 0).
     let y = unsafe {
         alloc_init(x.numel(), |y| {
-            y.par_chunks_mut(width.max(1)).zip(x.data().par_chunks(width.max(1))).with_min_len(16).enumerate().for_each(
-                |(r, (y, x))| {
+            y.par_chunks_mut(width.max(1))
+                .zip(x.data().par_chunks(width.max(1)))
+                .with_min_len(16)
+                .enumerate()
+                .for_each(|(r, (y, x))| {
                     let p = offset + r % t_len;
-                    let (c, s) = (&table.cos[p * half..(p + 1) * half], &table.sin[p * half..(p + 1) * half]);
+                    let (c, s) = (
+                        &table.cos[p * half..(p + 1) * half],
+                        &table.sin[p * half..(p + 1) * half],
+                    );
                     for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
                         let (y1, y2) = yh.split_at_mut(half);
                         let (x1, x2) = xh.split_at(half);
@@ -69,8 +94,7 @@ fn apply(x: &Tensor, table: &RopeTable, t_len: usize, offset: usize, inverse: bo
                             y2[i].write(x2[i] * c[i] + x1[i] * si);
                         }
                     }
-                },
-            )
+                })
         })
     };
     Tensor::from_vec(y, x.shape())

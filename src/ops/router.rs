@@ -52,11 +52,21 @@ fn topk(p: &[f32], k: usize, out: &mut [u32]) {
 }
 
 /// Routing without the tape: `(probs [N,E], weights [N,k], routing)`.
-pub fn route_values(z: &Tensor, bias: Option<&[f32]>, k: usize, renorm: bool) -> (Vec<f32>, Vec<f32>, Routing) {
+pub fn route_values(
+    z: &Tensor,
+    bias: Option<&[f32]>,
+    k: usize,
+    renorm: bool,
+) -> (Vec<f32>, Vec<f32>, Routing) {
     let (n, e) = (z.rows(), z.cols());
     assert!(k >= 1 && k <= e, "route: top-k {k} of {e} experts");
     if let Some(b) = bias {
-        assert_eq!(b.len(), e, "route: bias has {} entries for {e} experts", b.len());
+        assert_eq!(
+            b.len(),
+            e,
+            "route: bias has {} entries for {e} experts",
+            b.len()
+        );
     }
     let mut probs = vec![0f32; n * e];
     let mut weights = vec![0f32; n * k];
@@ -86,7 +96,18 @@ pub fn route_values(z: &Tensor, bias: Option<&[f32]>, k: usize, renorm: bool) ->
             expert_tokens[ex].push(t as u32);
         }
     }
-    (probs, weights, Routing { n, k, e, indices, expert_tokens, row_of })
+    (
+        probs,
+        weights,
+        Routing {
+            n,
+            k,
+            e,
+            indices,
+            expert_tokens,
+            row_of,
+        },
+    )
 }
 
 /// Route `z [N, E]` (router logits) with an optional bias `[E]`; returns the differentiable
@@ -96,7 +117,14 @@ pub fn route(tape: &mut Tape, z: Var, bias: Option<Var>, k: usize, renorm: bool)
     let bv = bias.map(|b| tape.value(b).clone());
     let (probs, weights, routing) = route_values(&zv, bv.as_ref().map(|b| b.data()), k, renorm);
     let w = Tensor::from_vec(weights, &[zv.rows(), k]);
-    let op = RouteBack { probs, weights: w.clone(), indices: Arc::new(routing.indices.clone()), bias: bv, k, renorm };
+    let op = RouteBack {
+        probs,
+        weights: w.clone(),
+        indices: Arc::new(routing.indices.clone()),
+        bias: bv,
+        k,
+        renorm,
+    };
     let parents: Vec<Var> = std::iter::once(z).chain(bias).collect();
     (tape.push(w, &parents, op), routing)
 }
@@ -118,7 +146,11 @@ impl Backward for RouteBack {
         let mut dz = vec![0f32; n * e];
         dz.par_chunks_mut(e).enumerate().for_each(|(i, dzr)| {
             let p = &self.probs[i * e..(i + 1) * e];
-            let (gw, w, idx) = (g.row(i), self.weights.row(i), &self.indices[i * k..(i + 1) * k]);
+            let (gw, w, idx) = (
+                g.row(i),
+                self.weights.row(i),
+                &self.indices[i * k..(i + 1) * k],
+            );
             // dL/dp for the selected experts.
             let mut dp = vec![0f32; e];
             if self.renorm {

@@ -43,12 +43,18 @@ impl Tensor {
             shape.iter().product::<usize>(),
             "tensor data length does not match shape {shape:?}"
         );
-        Tensor { shape: shape.to_vec(), storage: Storage::F32(Arc::new(data)) }
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::F32(Arc::new(data)),
+        }
     }
 
     pub fn from_bf16(data: Vec<bf16>, shape: &[usize]) -> Self {
         assert_eq!(data.len(), shape.iter().product::<usize>());
-        Tensor { shape: shape.to_vec(), storage: Storage::BF16(Arc::new(data)) }
+        Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::BF16(Arc::new(data)),
+        }
     }
 
     pub fn zeros(shape: &[usize]) -> Self {
@@ -158,8 +164,16 @@ impl Tensor {
 
     /// A view with another shape of the same element count (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Tensor {
-        assert_eq!(self.numel(), shape.iter().product::<usize>(), "reshape {:?} -> {shape:?}", self.shape);
-        Tensor { shape: shape.to_vec(), storage: self.storage.clone() }
+        assert_eq!(
+            self.numel(),
+            shape.iter().product::<usize>(),
+            "reshape {:?} -> {shape:?}",
+            self.shape
+        );
+        Tensor {
+            shape: shape.to_vec(),
+            storage: self.storage.clone(),
+        }
     }
 
     /// Row `i` of the `[rows, cols]` view.
@@ -217,7 +231,11 @@ impl Tensor {
 
     pub fn max_abs_diff(&self, other: &Tensor) -> f32 {
         assert_eq!(self.shape, other.shape);
-        self.data().iter().zip(other.data()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+        self.data()
+            .iter()
+            .zip(other.data())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
     }
 
     /// Storage identity: true when both tensors share one buffer.

@@ -31,9 +31,21 @@ pub struct Restored {
     pub tag: serde_json::Value,
 }
 
-pub fn write(dir: &Path, model: &Model, opt: &AdamW, cfg: &TrainConfig, step: u64, tokens: u64, tag: &serde_json::Value) -> Result<()> {
+pub fn write(
+    dir: &Path,
+    model: &Model,
+    opt: &AdamW,
+    cfg: &TrainConfig,
+    step: u64,
+    tokens: u64,
+    tag: &serde_json::Value,
+) -> Result<()> {
     let parent = dir.parent().context("checkpoint path has no parent")?;
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
+    let name = dir
+        .file_name()
+        .context("checkpoint path has no name")?
+        .to_string_lossy()
+        .to_string();
     let tmp = parent.join(format!(".{name}.tmp"));
     let old = parent.join(format!(".{name}.old"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -42,13 +54,31 @@ pub fn write(dir: &Path, model: &Model, opt: &AdamW, cfg: &TrainConfig, step: u6
     for (id, m) in opt.moments.iter().enumerate() {
         if let Some((m, v)) = m {
             let p = &model.params.params[id];
-            moments.push((format!("m.{}", p.name), Tensor::from_vec(m.clone(), p.value.shape())));
-            moments.push((format!("v.{}", p.name), Tensor::from_vec(v.clone(), p.value.shape())));
+            moments.push((
+                format!("m.{}", p.name),
+                Tensor::from_vec(m.clone(), p.value.shape()),
+            ));
+            moments.push((
+                format!("v.{}", p.name),
+                Tensor::from_vec(v.clone(), p.value.shape()),
+            ));
         }
     }
-    write_bytes_atomic(&tmp.join("optimizer.safetensors"), &mckpt::safetensors_bytes(&moments, DType::F32, None)?)?;
-    let state = State { step, tokens, adam_step: opt.step, cfg: cfg.clone(), tag: tag.clone() };
-    write_bytes_atomic(&tmp.join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    write_bytes_atomic(
+        &tmp.join("optimizer.safetensors"),
+        &mckpt::safetensors_bytes(&moments, DType::F32, None)?,
+    )?;
+    let state = State {
+        step,
+        tokens,
+        adam_step: opt.step,
+        cfg: cfg.clone(),
+        tag: tag.clone(),
+    };
+    write_bytes_atomic(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
         std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
@@ -67,23 +97,43 @@ pub fn read(dir: &Path, model: &mut Model) -> Result<Restored> {
     let mut dir = dir.to_path_buf();
     if !dir.exists() {
         // A crash between the two renames of `write` leaves only the previous checkpoint aside.
-        let old = dir.with_file_name(format!(".{}.old", dir.file_name().unwrap().to_string_lossy()));
-        ensure!(old.exists(), "no checkpoint to resume from at {}", dir.display());
+        let old = dir.with_file_name(format!(
+            ".{}.old",
+            dir.file_name().unwrap().to_string_lossy()
+        ));
+        ensure!(
+            old.exists(),
+            "no checkpoint to resume from at {}",
+            dir.display()
+        );
         dir = old;
     }
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
-    let state: State = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("{} is corrupt", state_path.display()))?;
     let saved = mckpt::load(&dir)?;
-    ensure!(saved.cfg.hidden_size == model.cfg.hidden_size
-        && saved.cfg.num_hidden_layers == model.cfg.num_hidden_layers
-        && saved.cfg.vocab_size == model.cfg.vocab_size
-        && saved.cfg.experts() == model.cfg.experts(),
-        "checkpoint at {} is for a different model shape", dir.display());
+    ensure!(
+        saved.cfg.hidden_size == model.cfg.hidden_size
+            && saved.cfg.num_hidden_layers == model.cfg.num_hidden_layers
+            && saved.cfg.vocab_size == model.cfg.vocab_size
+            && saved.cfg.experts() == model.cfg.experts(),
+        "checkpoint at {} is for a different model shape",
+        dir.display()
+    );
     for p in model.params.params.iter_mut() {
-        let Some(id) = saved.params.id(&p.name) else { bail!("checkpoint lacks parameter {}", p.name) };
+        let Some(id) = saved.params.id(&p.name) else {
+            bail!("checkpoint lacks parameter {}", p.name)
+        };
         let v = saved.params.value(id);
-        ensure!(v.shape() == p.value.shape(), "checkpoint parameter {} has shape {:?}, model {:?}", p.name, v.shape(), p.value.shape());
+        ensure!(
+            v.shape() == p.value.shape(),
+            "checkpoint parameter {} has shape {:?}, model {:?}",
+            p.name,
+            v.shape(),
+            p.value.shape()
+        );
         p.value = v.clone();
     }
     let moments = mckpt::read_tensors(&[dir.join("optimizer.safetensors")], false)?;
@@ -91,9 +141,18 @@ pub fn read(dir: &Path, model: &mut Model) -> Result<Restored> {
     let mut opt = AdamW::new(state.cfg.adamw, model.params.len());
     opt.step = state.adam_step;
     for (id, p) in model.params.params.iter().enumerate() {
-        if let (Some(m), Some(v)) = (by_name.get(&format!("m.{}", p.name)), by_name.get(&format!("v.{}", p.name))) {
+        if let (Some(m), Some(v)) = (
+            by_name.get(&format!("m.{}", p.name)),
+            by_name.get(&format!("v.{}", p.name)),
+        ) {
             opt.moments[id] = Some((m.data().to_vec(), v.data().to_vec()));
         }
     }
-    Ok(Restored { step: state.step, tokens: state.tokens, cfg: state.cfg, opt, tag: state.tag })
+    Ok(Restored {
+        step: state.step,
+        tokens: state.tokens,
+        cfg: state.cfg,
+        opt,
+        tag: state.tag,
+    })
 }

@@ -17,7 +17,14 @@ pub struct ShardBatches<'a> {
 
 impl Batches for ShardBatches<'_> {
     fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)> {
-        shards::train_batch(&self.data.train, self.batch, self.seq, self.seed, step, micro)
+        shards::train_batch(
+            &self.data.train,
+            self.batch,
+            self.seq,
+            self.seed,
+            step,
+            micro,
+        )
     }
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         shards::valid_batches(&self.data.valid, self.batch, self.seq, self.valid_tokens)

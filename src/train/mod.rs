@@ -121,18 +121,40 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     pub fn new(model: &'a mut Model, cfg: TrainConfig, dir: &Path) -> Result<Self> {
-        ensure!(cfg.batch > 0 && cfg.seq > 0 && cfg.grad_accum > 0, "batch, seq and grad_accum must be positive");
-        ensure!(cfg.lr > 0.0 && cfg.lr.is_finite(), "learning rate must be positive");
-        ensure!(model.params.trainable_numel() > 0, "nothing to train: every parameter is frozen");
+        ensure!(
+            cfg.batch > 0 && cfg.seq > 0 && cfg.grad_accum > 0,
+            "batch, seq and grad_accum must be positive"
+        );
+        ensure!(
+            cfg.lr > 0.0 && cfg.lr.is_finite(),
+            "learning rate must be positive"
+        );
+        ensure!(
+            model.params.trainable_numel() > 0,
+            "nothing to train: every parameter is frozen"
+        );
         ensure!(
             cfg.seq <= model.cfg.max_position_embeddings,
             "seq {} exceeds max_position_embeddings {}",
             cfg.seq,
             model.cfg.max_position_embeddings
         );
-        std::fs::create_dir_all(dir).map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
         let opt = AdamW::new(cfg.adamw, model.params.len());
-        Ok(Trainer { model, cfg, opt, step: 0, tokens: 0, run: RunDir { dir: dir.to_path_buf() }, quiet: false, tag: serde_json::Value::Null, stop_at: None })
+        Ok(Trainer {
+            model,
+            cfg,
+            opt,
+            step: 0,
+            tokens: 0,
+            run: RunDir {
+                dir: dir.to_path_buf(),
+            },
+            quiet: false,
+            tag: serde_json::Value::Null,
+            stop_at: None,
+        })
     }
 
     /// Continue from the run directory's checkpoint: parameters, optimizer moments, step, tokens.
@@ -150,7 +172,12 @@ impl<'a> Trainer<'a> {
                 serde_json::to_string(&ck.cfg).unwrap_or_default()
             );
         }
-        ensure!(ck.step <= self.cfg.steps, "checkpoint is at step {} beyond --steps {}", ck.step, self.cfg.steps);
+        ensure!(
+            ck.step <= self.cfg.steps,
+            "checkpoint is at step {} beyond --steps {}",
+            ck.step,
+            self.cfg.steps
+        );
         self.opt = ck.opt;
         self.step = ck.step;
         self.tokens = ck.tokens;
@@ -159,7 +186,11 @@ impl<'a> Trainer<'a> {
         if let Ok(text) = std::fs::read_to_string(&log) {
             let kept: Vec<&str> = text
                 .lines()
-                .filter(|l| serde_json::from_str::<LogEntry>(l).map(|e| e.step <= self.step).unwrap_or(false))
+                .filter(|l| {
+                    serde_json::from_str::<LogEntry>(l)
+                        .map(|e| e.step <= self.step)
+                        .unwrap_or(false)
+                })
                 .collect();
             let mut s = kept.join("\n");
             if !s.is_empty() {
@@ -171,7 +202,15 @@ impl<'a> Trainer<'a> {
     }
 
     pub fn save_checkpoint(&self) -> Result<()> {
-        checkpoint::write(&self.run.checkpoint(), self.model, &self.opt, &self.cfg, self.step, self.tokens, &self.tag)
+        checkpoint::write(
+            &self.run.checkpoint(),
+            self.model,
+            &self.opt,
+            &self.cfg,
+            self.step,
+            self.tokens,
+            &self.tag,
+        )
     }
 
     /// Mean validation cross-entropy over the fixed validation windows.
@@ -182,9 +221,16 @@ impl<'a> Trainer<'a> {
     /// Run until `cfg.steps`; returns a summary. Writes `train_log.jsonl` and checkpoints.
     pub fn run(&mut self, data: &dyn Batches) -> Result<TrainSummary> {
         let c = self.cfg.clone();
-        let coefs = LossCoefs { z_loss: c.z_loss, router_z_loss: c.router_z_loss };
+        let coefs = LossCoefs {
+            z_loss: c.z_loss,
+            router_z_loss: c.router_z_loss,
+        };
         let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
-        let bar = if self.quiet { ProgressBar::hidden() } else { ProgressBar::new(c.steps) };
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(c.steps)
+        };
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
                 .expect("valid template")
@@ -208,7 +254,9 @@ impl<'a> Trainer<'a> {
             for micro in 0..c.grad_accum as u64 {
                 let (inp, tgt) = data.train(self.step, micro)?;
                 let mut tape = Tape::new();
-                let out = self.model.loss(&mut tape, &inp, &tgt, c.batch, c.seq, coefs)?;
+                let out = self
+                    .model
+                    .loss(&mut tape, &inp, &tgt, c.batch, c.seq, coefs)?;
                 loss_sum += tape.value(out.loss).data()[0];
                 ce_sum += out.ce;
                 let scale = 1.0 / c.grad_accum as f32;
@@ -218,7 +266,10 @@ impl<'a> Trainer<'a> {
                 } else {
                     for ((ia, ga), (ib, gb)) in acc.iter_mut().zip(grads.params) {
                         debug_assert_eq!(*ia, ib);
-                        ga.data_mut().iter_mut().zip(gb.data()).for_each(|(a, b)| *a += b);
+                        ga.data_mut()
+                            .iter_mut()
+                            .zip(gb.data())
+                            .for_each(|(a, b)| *a += b);
                     }
                 }
             }
@@ -233,7 +284,15 @@ impl<'a> Trainer<'a> {
             drop(acc);
             self.step += 1;
             self.tokens += tokens_per_step;
-            let mut entry = LogEntry { step: self.step, loss, ce: last_ce, lr, grad_norm: gnorm, tokens: self.tokens, valid_ce: None };
+            let mut entry = LogEntry {
+                step: self.step,
+                loss,
+                ce: last_ce,
+                lr,
+                grad_norm: gnorm,
+                tokens: self.tokens,
+                valid_ce: None,
+            };
             if (c.eval_every > 0 && self.step % c.eval_every == 0) || self.step == c.steps {
                 valid_ce = self.validate(data)?;
                 entry.valid_ce = valid_ce;
@@ -244,7 +303,10 @@ impl<'a> Trainer<'a> {
             let v = valid_ce.map(|v| format!(" val {v:.3}")).unwrap_or_default();
             let msg = format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s");
             bar.set_position(self.step);
-            if !self.quiet && bar.is_hidden() && (self.step % (c.steps / 10).max(1) == 0 || self.step == end) {
+            if !self.quiet
+                && bar.is_hidden()
+                && (self.step % (c.steps / 10).max(1) == 0 || self.step == end)
+            {
                 // No terminal (logs, CI): a plain progress line every tenth of the run.
                 let eta = (c.steps - self.step) as f64 * tokens_per_step as f64 / tps.max(1e-9);
                 eprintln!("step {}/{} {msg} eta {eta:.0}s", self.step, c.steps);
@@ -269,16 +331,27 @@ impl<'a> Trainer<'a> {
 }
 
 /// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
-pub fn evaluate_ce(model: &Model, batches: &[(Vec<u32>, Vec<u32>)], batch: usize, seq: usize) -> Result<Option<f32>> {
+pub fn evaluate_ce(
+    model: &Model,
+    batches: &[(Vec<u32>, Vec<u32>)],
+    batch: usize,
+    seq: usize,
+) -> Result<Option<f32>> {
     if batches.is_empty() {
         return Ok(None);
     }
     let (mut sum, mut n) = (0f64, 0usize);
     for (inp, tgt) in batches {
         let b = inp.len() / seq;
-        ensure!(b * seq == inp.len() && b <= batch.max(b), "validation batch is not a multiple of seq");
+        ensure!(
+            b * seq == inp.len() && b <= batch.max(b),
+            "validation batch is not a multiple of seq"
+        );
         let mut tape = Tape::inference();
-        let coefs = LossCoefs { z_loss: 0.0, router_z_loss: 0.0 };
+        let coefs = LossCoefs {
+            z_loss: 0.0,
+            router_z_loss: 0.0,
+        };
         let out = model.loss(&mut tape, inp, tgt, b, seq, coefs)?;
         sum += out.ce as f64 * out.tokens as f64;
         n += out.tokens;

@@ -16,7 +16,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -35,7 +40,11 @@ fn decays(t: &Tensor) -> bool {
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, n_params: usize) -> Self {
-        AdamW { cfg, step: 0, moments: vec![None; n_params] }
+        AdamW {
+            cfg,
+            step: 0,
+            moments: vec![None; n_params],
+        }
     }
 
     /// One update with learning rate `lr`; `grads` are `(param id, grad)` of trainable params.
@@ -49,7 +58,11 @@ impl AdamW {
             debug_assert!(p.trainable);
             let n = p.value.numel();
             let (m, v) = self.moments[*id].get_or_insert_with(|| (vec![0f32; n], vec![0f32; n]));
-            let wd = if decays(&p.value) { c.weight_decay } else { 0.0 };
+            let wd = if decays(&p.value) {
+                c.weight_decay
+            } else {
+                0.0
+            };
             let w = p.value.data_mut();
             const CH: usize = 1 << 14;
             w.par_chunks_mut(CH)
@@ -115,11 +128,24 @@ mod tests {
     fn adamw_matches_hand_computed_step() {
         let mut ps = ParamStore::default();
         ps.add("w", Tensor::from_vec(vec![1.0, -2.0, 0.5, 0.0], &[2, 2]));
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, 1);
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            1,
+        );
         let g = Tensor::from_vec(vec![0.5, -1.0, 0.0, 2.0], &[2, 2]);
         opt.update(&mut ps, &[(0, g.clone())], 0.01);
         // First step: m_hat = g, v_hat = g^2, update = sign(g) (0 where g = 0).
-        let expect = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01, 0.5 * (1.0 - 0.001), -0.01];
+        let expect = [
+            1.0 * (1.0 - 0.001) - 0.01,
+            -2.0 * (1.0 - 0.001) + 0.01,
+            0.5 * (1.0 - 0.001),
+            -0.01,
+        ];
         for (a, b) in ps.value(0).data().iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }

@@ -3,10 +3,10 @@
 use super::data::ShardBatches;
 use super::{TrainConfig, TrainSummary, Trainer};
 use crate::data::shards::Dataset;
+use crate::ensure;
 use crate::error::Result;
 use crate::model::{checkpoint, Config, Model};
 use crate::tensor::DType;
-use crate::ensure;
 use std::path::Path;
 
 /// Validation tokens per evaluation.
@@ -36,7 +36,13 @@ pub fn pretrain(
         if resume {
             tr.resume()?;
         }
-        let batches = ShardBatches { data: &data, batch: tcfg.batch, seq: tcfg.seq, seed: tcfg.seed, valid_tokens: VALID_TOKENS };
+        let batches = ShardBatches {
+            data: &data,
+            batch: tcfg.batch,
+            seq: tcfg.seq,
+            seed: tcfg.seed,
+            valid_tokens: VALID_TOKENS,
+        };
         tr.run(&batches)?
     };
     export(&model, data_dir, out)?;

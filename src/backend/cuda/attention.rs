@@ -12,11 +12,29 @@ const ATTN_BLOCK: u32 = 128;
 pub const ATTN_MAX_HD: usize = 256;
 
 fn check(s: &AttnShape, q: usize, k: usize, v: usize) -> Result<()> {
-    ensure!(s.nkv > 0 && s.nh.is_multiple_of(s.nkv), "attention: kv heads {} must divide heads {}", s.nkv, s.nh);
-    ensure!(s.tq <= s.tk && s.tk <= s.tk_stride, "attention: bad lengths {s:?}");
-    ensure!(s.hd >= 1 && s.hd <= ATTN_MAX_HD, "attention: head dim {} outside 1..={ATTN_MAX_HD}", s.hd);
-    ensure!(q == s.b * s.tq * s.nh * s.hd, "attention: q holds {q} values for {s:?}");
-    ensure!(k == s.b * s.tk_stride * s.nkv * s.hd && v == k, "attention: k/v hold {k}/{v} values for {s:?}");
+    ensure!(
+        s.nkv > 0 && s.nh.is_multiple_of(s.nkv),
+        "attention: kv heads {} must divide heads {}",
+        s.nkv,
+        s.nh
+    );
+    ensure!(
+        s.tq <= s.tk && s.tk <= s.tk_stride,
+        "attention: bad lengths {s:?}"
+    );
+    ensure!(
+        s.hd >= 1 && s.hd <= ATTN_MAX_HD,
+        "attention: head dim {} outside 1..={ATTN_MAX_HD}",
+        s.hd
+    );
+    ensure!(
+        q == s.b * s.tq * s.nh * s.hd,
+        "attention: q holds {q} values for {s:?}"
+    );
+    ensure!(
+        k == s.b * s.tk_stride * s.nkv * s.hd && v == k,
+        "attention: k/v hold {k}/{v} values for {s:?}"
+    );
     Ok(())
 }
 
@@ -53,7 +71,10 @@ impl Device {
         lse: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
         check(&s, q.len(), k.len(), v.len())?;
-        ensure!(out.len() == q.len() && lse.len() == s.b * s.nh * s.tq, "attention: out/lse sizes do not match {s:?}");
+        ensure!(
+            out.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            "attention: out/lse sizes do not match {s:?}"
+        );
         let d = dims(&s)?;
         let scale = 1.0 / (s.hd as f32).sqrt();
         launch!(self, "attention", "attn_fwd_bf16", (warp_blocks(s.b * s.nh * s.tq), 1, 1), ATTN_BLOCK;
@@ -78,10 +99,16 @@ impl Device {
     ) -> Result<()> {
         check(&s, q.len(), k.len(), v.len())?;
         ensure!(
-            out.len() == q.len() && dout.len() == q.len() && dq.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            out.len() == q.len()
+                && dout.len() == q.len()
+                && dq.len() == q.len()
+                && lse.len() == s.b * s.nh * s.tq,
             "attention backward: out/dout/dq/lse sizes do not match {s:?}"
         );
-        ensure!(dk.len() == k.len() && dv.len() == v.len(), "attention backward: dk/dv sizes do not match {s:?}");
+        ensure!(
+            dk.len() == k.len() && dv.len() == v.len(),
+            "attention backward: dk/dv sizes do not match {s:?}"
+        );
         let d = dims(&s)?;
         let scale = 1.0 / (s.hd as f32).sqrt();
         let delta = self.alloc::<f32>(s.b * s.nh * s.tq)?;

@@ -30,7 +30,12 @@ impl Device {
         alpha: f32,
     ) -> Result<()> {
         let n = y.len();
-        ensure!(a.len() == n && b.len() == n, "add: lengths {} + {} -> {n}", a.len(), b.len());
+        ensure!(
+            a.len() == n && b.len() == n,
+            "add: lengths {} + {} -> {n}",
+            a.len(),
+            b.len()
+        );
         let grid = (blocks_for(n, BLOCK), 1, 1);
         if T::IS_BF16 {
             launch!(self, "elementwise", "add_scaled_bf16", grid, BLOCK; a.dptr(), b.dptr(), y.dptr(), n_i64(n), alpha)
@@ -40,7 +45,12 @@ impl Device {
     }
 
     /// `y = s * a`.
-    pub fn scale<T: FloatType>(&self, a: &impl DeviceRead<T>, y: &mut impl DeviceWrite<T>, s: f32) -> Result<()> {
+    pub fn scale<T: FloatType>(
+        &self,
+        a: &impl DeviceRead<T>,
+        y: &mut impl DeviceWrite<T>,
+        s: f32,
+    ) -> Result<()> {
         let n = y.len();
         ensure!(a.len() == n, "scale: lengths {} -> {n}", a.len());
         let grid = (blocks_for(n, BLOCK), 1, 1);
@@ -83,14 +93,22 @@ impl Device {
     }
 
     /// f32 -> bf16 (round to nearest even, as `half::bf16::from_f32`).
-    pub fn cast_f32_to_bf16(&self, x: &impl DeviceRead<f32>, y: &mut impl DeviceWrite<bf16>) -> Result<()> {
+    pub fn cast_f32_to_bf16(
+        &self,
+        x: &impl DeviceRead<f32>,
+        y: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
         let n = y.len();
         ensure!(x.len() == n, "cast: lengths {} -> {n}", x.len());
         launch!(self, "elementwise", "cast_f32_bf16", (blocks_for(n, BLOCK), 1, 1), BLOCK; x.dptr(), y.dptr(), n_i64(n))
     }
 
     /// bf16 -> f32 (exact).
-    pub fn cast_bf16_to_f32(&self, x: &impl DeviceRead<bf16>, y: &mut impl DeviceWrite<f32>) -> Result<()> {
+    pub fn cast_bf16_to_f32(
+        &self,
+        x: &impl DeviceRead<bf16>,
+        y: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
         let n = y.len();
         ensure!(x.len() == n, "cast: lengths {} -> {n}", x.len());
         launch!(self, "elementwise", "cast_bf16_f32", (blocks_for(n, BLOCK), 1, 1), BLOCK; x.dptr(), y.dptr(), n_i64(n))

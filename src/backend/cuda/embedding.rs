@@ -28,7 +28,11 @@ pub(crate) fn csr(values: &[u32]) -> Csr {
         }
     }
     offsets.push(positions.len() as u32);
-    Csr { uniq, offsets, positions }
+    Csr {
+        uniq,
+        offsets,
+        positions,
+    }
 }
 
 impl Device {
@@ -42,8 +46,17 @@ impl Device {
         ids: &[u32],
         y: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
-        ensure!(w.len() == vocab * h, "embedding: table holds {} values, not {vocab}x{h}", w.len());
-        ensure!(y.len() == ids.len() * h, "embedding: output holds {} values, not {}x{h}", y.len(), ids.len());
+        ensure!(
+            w.len() == vocab * h,
+            "embedding: table holds {} values, not {vocab}x{h}",
+            w.len()
+        );
+        ensure!(
+            y.len() == ids.len() * h,
+            "embedding: output holds {} values, not {}x{h}",
+            y.len(),
+            ids.len()
+        );
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             crate::bail!("embedding: id {bad} out of range (vocab {vocab})");
         }
@@ -68,8 +81,17 @@ impl Device {
         h: usize,
         dw: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
-        ensure!(dy.len() == ids.len() * h, "embedding backward: grad holds {} values, not {}x{h}", dy.len(), ids.len());
-        ensure!(dw.len() == vocab * h, "embedding backward: dW holds {} values, not {vocab}x{h}", dw.len());
+        ensure!(
+            dy.len() == ids.len() * h,
+            "embedding backward: grad holds {} values, not {}x{h}",
+            dy.len(),
+            ids.len()
+        );
+        ensure!(
+            dw.len() == vocab * h,
+            "embedding backward: dW holds {} values, not {vocab}x{h}",
+            dw.len()
+        );
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             crate::bail!("embedding backward: id {bad} out of range (vocab {vocab})");
         }
@@ -78,8 +100,16 @@ impl Device {
         if c.uniq.is_empty() || h == 0 {
             return Ok(());
         }
-        let (u, o, p) = (self.upload(&c.uniq)?, self.upload(&c.offsets)?, self.upload(&c.positions)?);
-        let grid = (h.div_ceil(BLOCK as usize) as u32, (c.uniq.len() as u64).min(MAX_GRID_Y) as u32, 1);
+        let (u, o, p) = (
+            self.upload(&c.uniq)?,
+            self.upload(&c.offsets)?,
+            self.upload(&c.positions)?,
+        );
+        let grid = (
+            h.div_ceil(BLOCK as usize) as u32,
+            (c.uniq.len() as u64).min(MAX_GRID_Y) as u32,
+            1,
+        );
         launch!(self, "embedding", "embedding_bwd_bf16", grid, BLOCK;
             dy.dptr(), u.dptr(), o.dptr(), p.dptr(), dw.dptr(), int(c.uniq.len(), "distinct ids")?, int(h, "width")?)
     }

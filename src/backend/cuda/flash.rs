@@ -70,13 +70,36 @@ const fn ld(hd: usize) -> usize {
 }
 
 /// Forward: BQ query rows, BK keys per tile, Q fragments in registers (Q aliases a K/V stage).
-const fn fwd(kernel: &'static str, hd: usize, exact: bool, bq: usize, bk: usize, q_regs: bool) -> Variant {
+const fn fwd(
+    kernel: &'static str,
+    hd: usize,
+    exact: bool,
+    bq: usize,
+    bk: usize,
+    q_regs: bool,
+) -> Variant {
     let rows = if q_regs { 4 * bk } else { bq + 4 * bk };
-    Variant { pass: Pass::Fwd, kernel, hd, exact, rows: bq, stream: bk, threads: (bq / 16 * 32) as u32, smem: rows * ld(hd) * 2 }
+    Variant {
+        pass: Pass::Fwd,
+        kernel,
+        hd,
+        exact,
+        rows: bq,
+        stream: bk,
+        threads: (bq / 16 * 32) as u32,
+        smem: rows * ld(hd) * 2,
+    }
 }
 
 /// dK/dV: BKB key rows per CTA, BQB query rows per streamed tile, DSPLIT warps per 16 keys.
-const fn dkdv(kernel: &'static str, hd: usize, exact: bool, bkb: usize, bqb: usize, dsplit: usize) -> Variant {
+const fn dkdv(
+    kernel: &'static str,
+    hd: usize,
+    exact: bool,
+    bkb: usize,
+    bqb: usize,
+    dsplit: usize,
+) -> Variant {
     Variant {
         pass: Pass::BwdDkdv,
         kernel,
@@ -91,7 +114,16 @@ const fn dkdv(kernel: &'static str, hd: usize, exact: bool, bkb: usize, bqb: usi
 
 /// dQ: BQ query rows per CTA, BK keys per tile.
 const fn dq(kernel: &'static str, hd: usize, exact: bool, bq: usize, bk: usize) -> Variant {
-    Variant { pass: Pass::BwdDq, kernel, hd, exact, rows: bq, stream: bk, threads: (bq / 16 * 32) as u32, smem: (2 * bq + 4 * bk) * ld(hd) * 2 }
+    Variant {
+        pass: Pass::BwdDq,
+        kernel,
+        hd,
+        exact,
+        rows: bq,
+        stream: bk,
+        threads: (bq / 16 * 32) as u32,
+        smem: (2 * bq + 4 * bk) * ld(hd) * 2,
+    }
 }
 
 /// Every variant, in the order exact 64, exact 128, generic 64, 128, 256 per pass. Tile reasons
@@ -116,14 +148,27 @@ pub const VARIANTS: &[Variant] = &[
 
 /// The variant of `pass` for head dim `hd`; `vec`: hd % 8 == 0 and every buffer 16-byte aligned.
 pub fn select(pass: Pass, hd: usize, vec: bool) -> Result<Variant> {
-    ensure!((1..=FLASH_MAX_HD).contains(&hd), "flash attention: head dim {hd} outside 1..={FLASH_MAX_HD}");
+    ensure!(
+        (1..=FLASH_MAX_HD).contains(&hd),
+        "flash attention: head dim {hd} outside 1..={FLASH_MAX_HD}"
+    );
     let exact = vec && (hd == 64 || hd == 128);
-    let bucket = if hd <= 64 { 64 } else if hd <= 128 { 128 } else { 256 };
+    let bucket = if hd <= 64 {
+        64
+    } else if hd <= 128 {
+        128
+    } else {
+        256
+    };
     VARIANTS
         .iter()
         .find(|v| v.pass == pass && v.hd == bucket && v.exact == exact)
         .copied()
-        .ok_or_else(|| Error(format!("flash attention: no {pass:?} kernel for head dim {hd}")))
+        .ok_or_else(|| {
+            Error(format!(
+                "flash attention: no {pass:?} kernel for head dim {hd}"
+            ))
+        })
 }
 
 /// Whether the 16-byte (cp.async / uint4) paths apply: hd a multiple of 8 elements and every
@@ -146,12 +191,35 @@ pub fn causal_attention_flops(s: &AttnShape) -> f64 {
 }
 
 fn check(s: &AttnShape, q: usize, k: usize, v: usize) -> Result<()> {
-    ensure!(s.nkv > 0 && s.nh.is_multiple_of(s.nkv), "flash attention: kv heads {} must divide heads {}", s.nkv, s.nh);
-    ensure!(s.tq <= s.tk && s.tk <= s.tk_stride, "flash attention: bad lengths {s:?}");
-    ensure!(s.hd >= 1 && s.hd <= FLASH_MAX_HD, "flash attention: head dim {} outside 1..={FLASH_MAX_HD}", s.hd);
-    ensure!(q == s.b * s.tq * s.nh * s.hd, "flash attention: q holds {q} values for {s:?}");
-    ensure!(k == s.b * s.tk_stride * s.nkv * s.hd && v == k, "flash attention: k/v hold {k}/{v} values for {s:?}");
-    ensure!(s.b <= MAX_GRID_YZ && s.nh <= MAX_GRID_YZ, "flash attention: batch {} or heads {} above {MAX_GRID_YZ}", s.b, s.nh);
+    ensure!(
+        s.nkv > 0 && s.nh.is_multiple_of(s.nkv),
+        "flash attention: kv heads {} must divide heads {}",
+        s.nkv,
+        s.nh
+    );
+    ensure!(
+        s.tq <= s.tk && s.tk <= s.tk_stride,
+        "flash attention: bad lengths {s:?}"
+    );
+    ensure!(
+        s.hd >= 1 && s.hd <= FLASH_MAX_HD,
+        "flash attention: head dim {} outside 1..={FLASH_MAX_HD}",
+        s.hd
+    );
+    ensure!(
+        q == s.b * s.tq * s.nh * s.hd,
+        "flash attention: q holds {q} values for {s:?}"
+    );
+    ensure!(
+        k == s.b * s.tk_stride * s.nkv * s.hd && v == k,
+        "flash attention: k/v hold {k}/{v} values for {s:?}"
+    );
+    ensure!(
+        s.b <= MAX_GRID_YZ && s.nh <= MAX_GRID_YZ,
+        "flash attention: batch {} or heads {} above {MAX_GRID_YZ}",
+        s.b,
+        s.nh
+    );
     Ok(())
 }
 
@@ -181,7 +249,9 @@ fn prepare(dev: &Device, v: &Variant) -> Result<CudaFunction> {
     let f = dev.function(MODULE, v.kernel)?;
     if v.smem > DEFAULT_SMEM {
         let ctx = dev.context();
-        let limit = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let limit = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize;
         ensure!(
             v.smem <= limit,
             "flash attention: {} needs {} bytes of shared memory per block, this GPU allows {limit}",
@@ -189,7 +259,10 @@ fn prepare(dev: &Device, v: &Variant) -> Result<CudaFunction> {
             v.smem
         );
         ctx.bind_to_thread()?;
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v.smem as i32)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            v.smem as i32,
+        )?;
     }
     Ok(f)
 }
@@ -242,9 +315,18 @@ pub fn decode_plan(rows: usize, tk: usize, hd: usize, vec: bool, sms: usize) -> 
         (true, _) => "flash_decode_v8l32_bf16",
         (false, _) => "flash_decode_s1_bf16",
     };
-    let want = (DECODE_CTAS_PER_SM * sms.max(1)).div_ceil(rows.max(1)).max(1);
-    let chunk = tk.div_ceil(want).next_multiple_of(DECODE_CHUNK_ALIGN).max(DECODE_MIN_CHUNK);
-    DecodePlan { kernel, chunk, nchunks: tk.max(1).div_ceil(chunk) }
+    let want = (DECODE_CTAS_PER_SM * sms.max(1))
+        .div_ceil(rows.max(1))
+        .max(1);
+    let chunk = tk
+        .div_ceil(want)
+        .next_multiple_of(DECODE_CHUNK_ALIGN)
+        .max(DECODE_MIN_CHUNK);
+    DecodePlan {
+        kernel,
+        chunk,
+        nchunks: tk.max(1).div_ceil(chunk),
+    }
 }
 
 impl Device {
@@ -262,7 +344,10 @@ impl Device {
         lse: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
         check(&s, q.len(), k.len(), v.len())?;
-        ensure!(out.len() == q.len() && lse.len() == s.b * s.nh * s.tq, "flash attention: out/lse sizes do not match {s:?}");
+        ensure!(
+            out.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            "flash attention: out/lse sizes do not match {s:?}"
+        );
         let d = dims(&s)?;
         let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()]);
         let var = select(Pass::Fwd, s.hd, vec)?;
@@ -291,18 +376,39 @@ impl Device {
     ) -> Result<()> {
         check(&s, q.len(), k.len(), v.len())?;
         ensure!(
-            out.len() == q.len() && dout.len() == q.len() && dq.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            out.len() == q.len()
+                && dout.len() == q.len()
+                && dq.len() == q.len()
+                && lse.len() == s.b * s.nh * s.tq,
             "flash attention backward: out/dout/dq/lse sizes do not match {s:?}"
         );
-        ensure!(dk.len() == k.len() && dv.len() == v.len(), "flash attention backward: dk/dv sizes do not match {s:?}");
-        ensure!(s.nkv <= MAX_GRID_YZ, "flash attention backward: kv heads {} above {MAX_GRID_YZ}", s.nkv);
+        ensure!(
+            dk.len() == k.len() && dv.len() == v.len(),
+            "flash attention backward: dk/dv sizes do not match {s:?}"
+        );
+        ensure!(
+            s.nkv <= MAX_GRID_YZ,
+            "flash attention backward: kv heads {} above {MAX_GRID_YZ}",
+            s.nkv
+        );
         let d = dims(&s)?;
         let b = int(s.b, "batch")?;
         let scale = 1.0 / (s.hd as f32).sqrt();
         let delta = self.alloc::<f32>(s.b * s.nh * s.tq)?;
         launch!(self, "flash_attention", "flash_bwd_delta_bf16", (blocks_for(s.b * s.nh * s.tq, BLOCK / 32), 1, 1), BLOCK;
             out.dptr(), dout.dptr(), delta.dptr(), b, d.tq, d.nh, d.hd)?;
-        let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), dout.dptr(), dq.dptr(), dk.dptr(), dv.dptr()]);
+        let vec = vectorizable(
+            s.hd,
+            &[
+                q.dptr(),
+                k.dptr(),
+                v.dptr(),
+                dout.dptr(),
+                dq.dptr(),
+                dk.dptr(),
+                dv.dptr(),
+            ],
+        );
         let kv = select(Pass::BwdDkdv, s.hd, vec)?;
         launch_variant!(self, kv, (g(s.tk_stride.div_ceil(kv.rows)), g(s.nkv), g(s.b));
             q.dptr(), k.dptr(), v.dptr(), dout.dptr(), lse.dptr(), delta.dptr(), dk.dptr(), dv.dptr(),
@@ -328,18 +434,37 @@ impl Device {
         lse: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
         check(&s, q.len(), k.len(), v.len())?;
-        ensure!(out.len() == q.len() && lse.len() == s.b * s.nh * s.tq, "flash decode: out/lse sizes do not match {s:?}");
-        ensure!(s.nh * s.tq <= MAX_GRID_YZ, "flash decode: heads x new tokens = {} above {MAX_GRID_YZ}", s.nh * s.tq);
+        ensure!(
+            out.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
+            "flash decode: out/lse sizes do not match {s:?}"
+        );
+        ensure!(
+            s.nh * s.tq <= MAX_GRID_YZ,
+            "flash decode: heads x new tokens = {} above {MAX_GRID_YZ}",
+            s.nh * s.tq
+        );
         if s.b * s.tq == 0 {
             return Ok(());
         }
         let d = dims(&s)?;
         let rows = s.b * s.nh * s.tq;
-        let sms = self.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        let plan = decode_plan(rows, s.tk, s.hd, vectorizable(s.hd, &[k.dptr(), v.dptr()]), sms);
+        let sms = self
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        let plan = decode_plan(
+            rows,
+            s.tk,
+            s.hd,
+            vectorizable(s.hd, &[k.dptr(), v.dptr()]),
+            sms,
+        );
         let part_o = self.alloc::<f32>(rows * plan.nchunks * s.hd)?;
         let part_ml = self.alloc::<f32>(rows * plan.nchunks * 2)?;
-        let (chunk, nchunks) = (int(plan.chunk, "decode chunk")?, int(plan.nchunks, "decode chunks")?);
+        let (chunk, nchunks) = (
+            int(plan.chunk, "decode chunk")?,
+            int(plan.nchunks, "decode chunks")?,
+        );
         let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
         let split = Variant {
             pass: Pass::Fwd,
@@ -379,7 +504,15 @@ pub struct BenchConfig {
 impl Default for BenchConfig {
     /// FlashAttention-2's benchmark shape: 16k tokens per step, 16 heads of 128.
     fn default() -> Self {
-        BenchConfig { seqs: vec![1024, 2048, 4096, 8192, 16384], tokens: 16384, heads: 16, kv_heads: 16, hd: 128, iters: 10, warmup: 2 }
+        BenchConfig {
+            seqs: vec![1024, 2048, 4096, 8192, 16384],
+            tokens: 16384,
+            heads: 16,
+            kv_heads: 16,
+            hd: 128,
+            iters: 10,
+            warmup: 2,
+        }
     }
 }
 
@@ -400,7 +533,12 @@ pub struct BenchRow {
 }
 
 /// Mean milliseconds of `f` over `iters` launches after `warmup` untimed ones.
-fn time_ms(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -420,12 +558,26 @@ fn time_ms(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Res
 /// (random bf16 inputs; the backward includes the D = rowsum(dO * O) pass).
 pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     ensure!(cfg.iters > 0, "attention bench: iters must be positive");
-    ensure!(!cfg.seqs.is_empty() && cfg.seqs.iter().all(|&t| t > 0), "attention bench: sequence lengths must be positive");
+    ensure!(
+        !cfg.seqs.is_empty() && cfg.seqs.iter().all(|&t| t > 0),
+        "attention bench: sequence lengths must be positive"
+    );
     let mut rows = Vec::new();
     for &seq in &cfg.seqs {
         let batch = (cfg.tokens / seq).max(1);
-        let s = AttnShape { b: batch, tq: seq, tk: seq, tk_stride: seq, nh: cfg.heads, nkv: cfg.kv_heads, hd: cfg.hd };
-        let (nq, nk) = (batch * seq * cfg.heads * cfg.hd, batch * seq * cfg.kv_heads * cfg.hd);
+        let s = AttnShape {
+            b: batch,
+            tq: seq,
+            tk: seq,
+            tk_stride: seq,
+            nh: cfg.heads,
+            nkv: cfg.kv_heads,
+            hd: cfg.hd,
+        };
+        let (nq, nk) = (
+            batch * seq * cfg.heads * cfg.hd,
+            batch * seq * cfg.kv_heads * cfg.hd,
+        );
         let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seq as u64;
         // Uniform in [-2, 2): values only matter for not overflowing.
         let mut rand = |n: usize| -> Vec<bf16> {
@@ -438,11 +590,22 @@ pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>>
                 })
                 .collect()
         };
-        let (q, k, v, dout) = (dev.upload(&rand(nq))?, dev.upload(&rand(nk))?, dev.upload(&rand(nk))?, dev.upload(&rand(nq))?);
+        let (q, k, v, dout) = (
+            dev.upload(&rand(nq))?,
+            dev.upload(&rand(nk))?,
+            dev.upload(&rand(nk))?,
+            dev.upload(&rand(nq))?,
+        );
         let mut out = dev.alloc::<bf16>(nq)?;
         let mut lse = dev.alloc::<f32>(batch * cfg.heads * seq)?;
-        let (mut dq, mut dk, mut dv) = (dev.alloc::<bf16>(nq)?, dev.alloc::<bf16>(nk)?, dev.alloc::<bf16>(nk)?);
-        let fwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || dev.flash_attention_fwd(&q, &k, &v, s, &mut out, &mut lse))?;
+        let (mut dq, mut dk, mut dv) = (
+            dev.alloc::<bf16>(nq)?,
+            dev.alloc::<bf16>(nk)?,
+            dev.alloc::<bf16>(nk)?,
+        );
+        let fwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || {
+            dev.flash_attention_fwd(&q, &k, &v, s, &mut out, &mut lse)
+        })?;
         let bwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || {
             dev.flash_attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv)
         })?;

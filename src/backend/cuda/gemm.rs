@@ -35,9 +35,21 @@ impl Device {
         c: &mut impl DeviceWrite<C>,
         accumulate: bool,
     ) -> Result<()> {
-        ensure!(a.len() == m * k, "gemm: lhs holds {} values, not {m}x{k}", a.len());
-        ensure!(b.len() == k * n, "gemm: rhs holds {} values, not {k}x{n}", b.len());
-        ensure!(c.len() == m * n, "gemm: dst holds {} values, not {m}x{n}", c.len());
+        ensure!(
+            a.len() == m * k,
+            "gemm: lhs holds {} values, not {m}x{k}",
+            a.len()
+        );
+        ensure!(
+            b.len() == k * n,
+            "gemm: rhs holds {} values, not {k}x{n}",
+            b.len()
+        );
+        ensure!(
+            c.len() == m * n,
+            "gemm: dst holds {} values, not {m}x{n}",
+            c.len()
+        );
         ensure!(
             !(A::CUDA == cudaDataType::CUDA_R_32F && C::CUDA == cudaDataType::CUDA_R_16BF),
             "gemm: f32 inputs with a bf16 output are not supported"
@@ -46,15 +58,29 @@ impl Device {
             return Ok(());
         }
         if k == 0 {
-            return if accumulate { Ok(()) } else { self.memset_zero(c) };
+            return if accumulate {
+                Ok(())
+            } else {
+                self.memset_zero(c)
+            };
         }
-        let dim = |x: usize| i32::try_from(x).map_err(|_| Error(format!("gemm: dimension {x} too large for cuBLAS")));
+        let dim = |x: usize| {
+            i32::try_from(x).map_err(|_| Error(format!("gemm: dimension {x} too large for cuBLAS")))
+        };
         let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
         // Row-major C = A B is column-major C^T = B^T A^T: cuBLAS computes an [n, m] column-major
         // result from B (as the first operand) and A. A row-major [r, c] matrix is a column-major
         // [c, r] one with leading dimension c.
-        let (op_b, ldb) = if b_t { (cublasOperation_t::CUBLAS_OP_T, ki) } else { (cublasOperation_t::CUBLAS_OP_N, ni) };
-        let (op_a, lda) = if a_t { (cublasOperation_t::CUBLAS_OP_T, mi) } else { (cublasOperation_t::CUBLAS_OP_N, ki) };
+        let (op_b, ldb) = if b_t {
+            (cublasOperation_t::CUBLAS_OP_T, ki)
+        } else {
+            (cublasOperation_t::CUBLAS_OP_N, ni)
+        };
+        let (op_a, lda) = if a_t {
+            (cublasOperation_t::CUBLAS_OP_T, mi)
+        } else {
+            (cublasOperation_t::CUBLAS_OP_N, ki)
+        };
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
         self.with_blas(|blas| {

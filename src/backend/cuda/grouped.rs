@@ -39,12 +39,18 @@ const GATEUP_TILE_N: usize = 64;
 const THREADS: u32 = 256;
 
 fn check_width(x: usize, what: &str) -> Result<()> {
-    ensure!(x > 0 && x.is_multiple_of(8), "grouped GEMM: {what} = {x} must be a positive multiple of 8");
+    ensure!(
+        x > 0 && x.is_multiple_of(8),
+        "grouped GEMM: {what} = {x} must be a positive multiple of 8"
+    );
     Ok(())
 }
 
 fn check_align(ptr: u64, align: u64, what: &str) -> Result<()> {
-    ensure!(ptr.is_multiple_of(align), "grouped GEMM: {what} at {ptr:#x} is not {align}-byte aligned");
+    ensure!(
+        ptr.is_multiple_of(align),
+        "grouped GEMM: {what} at {ptr:#x} is not {align}-byte aligned"
+    );
     Ok(())
 }
 
@@ -53,13 +59,21 @@ fn check_experts(e: usize, offsets: &impl DeviceRead<u32>) -> Result<()> {
         (1..=GROUPED_MAX_EXPERTS).contains(&e),
         "grouped GEMM: {e} experts (1..={GROUPED_MAX_EXPERTS} supported)"
     );
-    ensure!(offsets.len() == e + 1, "grouped GEMM: offsets hold {}, not {} experts + 1", offsets.len(), e);
+    ensure!(
+        offsets.len() == e + 1,
+        "grouped GEMM: offsets hold {}, not {} experts + 1",
+        offsets.len(),
+        e
+    );
     Ok(())
 }
 
 /// Rows of a `[m, width]` operand, or an error when its length is not a multiple of the width.
 fn rows_of(len: usize, width: usize, what: &str) -> Result<usize> {
-    ensure!(len.is_multiple_of(width), "grouped GEMM: {what} holds {len} values, not rows of {width}");
+    ensure!(
+        len.is_multiple_of(width),
+        "grouped GEMM: {what} holds {len} values, not rows of {width}"
+    );
     Ok(len / width)
 }
 
@@ -67,7 +81,10 @@ fn rows_of(len: usize, width: usize, what: &str) -> Result<usize> {
 /// (sum over experts of ceil(rows_e / 128) < m/128 + e), so the offsets never go to the host.
 fn sched_grid(m: usize, e: usize, n_tiles: usize) -> Result<(u32, u32, u32)> {
     let x = (m.div_ceil(TILE_M) + e) * n_tiles;
-    ensure!(x <= i32::MAX as usize, "grouped GEMM: {x} tiles exceed the grid limit");
+    ensure!(
+        x <= i32::MAX as usize,
+        "grouped GEMM: {x} tiles exceed the grid limit"
+    );
     Ok((x as u32, 1, 1))
 }
 
@@ -93,16 +110,33 @@ impl Device {
         check_width(h, "hidden")?;
         check_width(i, "intermediate")?;
         let m = rows_of(x.len(), h, "x")?;
-        ensure!(wg.len() == e * i * h && wu.len() == e * i * h, "grouped gate/up: weights are not [{e}, {i}, {h}]");
-        ensure!(act.len() == m * i, "grouped gate/up: act holds {}, not [{m}, {i}]", act.len());
+        ensure!(
+            wg.len() == e * i * h && wu.len() == e * i * h,
+            "grouped gate/up: weights are not [{e}, {i}, {h}]"
+        );
+        ensure!(
+            act.len() == m * i,
+            "grouped gate/up: act holds {}, not [{m}, {i}]",
+            act.len()
+        );
         let (gp, up) = match &saved {
             Some((g, u)) => {
-                ensure!(g.len() == m * i && u.len() == m * i, "grouped gate/up: saved gate/up are not [{m}, {i}]");
+                ensure!(
+                    g.len() == m * i && u.len() == m * i,
+                    "grouped gate/up: saved gate/up are not [{m}, {i}]"
+                );
                 (g.dptr(), u.dptr())
             }
             None => (0, 0),
         };
-        for (p, what) in [(x.dptr(), "x"), (wg.dptr(), "wg"), (wu.dptr(), "wu"), (act.dptr(), "act"), (gp, "gate"), (up, "up")] {
+        for (p, what) in [
+            (x.dptr(), "x"),
+            (wg.dptr(), "wg"),
+            (wu.dptr(), "wu"),
+            (act.dptr(), "act"),
+            (gp, "gate"),
+            (up, "up"),
+        ] {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
@@ -128,8 +162,15 @@ impl Device {
         check_width(k, "k")?;
         check_width(n, "n")?;
         let m = rows_of(a.len(), k, "a")?;
-        ensure!(w.len() == e * n * k, "grouped NT: weights are not [{e}, {n}, {k}]");
-        ensure!(y.len() == m * n, "grouped NT: output holds {}, not [{m}, {n}]", y.len());
+        ensure!(
+            w.len() == e * n * k,
+            "grouped NT: weights are not [{e}, {n}, {k}]"
+        );
+        ensure!(
+            y.len() == m * n,
+            "grouped NT: output holds {}, not [{m}, {n}]",
+            y.len()
+        );
         for (p, what) in [(a.dptr(), "a"), (w.dptr(), "w"), (y.dptr(), "y")] {
             check_align(p, 16, what)?;
         }
@@ -158,16 +199,32 @@ impl Device {
         check_width(k, "k")?;
         check_width(n, "n")?;
         let m = rows_of(dy.len(), k, "dy")?;
-        ensure!(w.len() == e * k * n, "grouped NN: weights are not [{e}, {k}, {n}]");
-        ensure!(dx.len() == m * n, "grouped NN: output holds {}, not [{m}, {n}]", dx.len());
+        ensure!(
+            w.len() == e * k * n,
+            "grouped NN: weights are not [{e}, {k}, {n}]"
+        );
+        ensure!(
+            dx.len() == m * n,
+            "grouped NN: output holds {}, not [{m}, {n}]",
+            dx.len()
+        );
         let (dy2, w2) = match &second {
             Some((d2, w2)) => {
-                ensure!(d2.len() == m * k && w2.len() == e * k * n, "grouped NN: the second pair is not [{m}, {k}] x [{e}, {k}, {n}]");
+                ensure!(
+                    d2.len() == m * k && w2.len() == e * k * n,
+                    "grouped NN: the second pair is not [{m}, {k}] x [{e}, {k}, {n}]"
+                );
                 (d2.dptr(), w2.dptr())
             }
             None => (0, 0),
         };
-        for (p, what) in [(dy.dptr(), "dy"), (w.dptr(), "w"), (dy2, "dy2"), (w2, "w2"), (dx.dptr(), "dx")] {
+        for (p, what) in [
+            (dy.dptr(), "dy"),
+            (w.dptr(), "w"),
+            (dy2, "dy2"),
+            (w2, "w2"),
+            (dx.dptr(), "dx"),
+        ] {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
@@ -197,12 +254,22 @@ impl Device {
         check_width(h, "hidden")?;
         check_width(i, "intermediate")?;
         let m = rows_of(dy.len(), h, "dy")?;
-        ensure!(wd.len() == e * h * i, "grouped SwiGLU backward: down weights are not [{e}, {h}, {i}]");
+        ensure!(
+            wd.len() == e * h * i,
+            "grouped SwiGLU backward: down weights are not [{e}, {h}, {i}]"
+        );
         ensure!(
             gate.len() == m * i && up.len() == m * i && dgate.len() == m * i && dup.len() == m * i,
             "grouped SwiGLU backward: gate/up/dgate/dup are not [{m}, {i}]"
         );
-        for (p, what) in [(dy.dptr(), "dy"), (wd.dptr(), "wd"), (gate.dptr(), "gate"), (up.dptr(), "up"), (dgate.dptr(), "dgate"), (dup.dptr(), "dup")] {
+        for (p, what) in [
+            (dy.dptr(), "dy"),
+            (wd.dptr(), "wd"),
+            (gate.dptr(), "gate"),
+            (up.dptr(), "up"),
+            (dgate.dptr(), "dgate"),
+            (dup.dptr(), "dup"),
+        ] {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, i.div_ceil(TILE_N))?;
@@ -234,8 +301,16 @@ impl Device {
         check_width(n, "n")?;
         check_width(k, "k")?;
         let m = rows_of(dy.len(), n, "dy")?;
-        ensure!(x.len() == m * k, "grouped weight gradient: x holds {}, not [{m}, {k}]", x.len());
-        ensure!(dw.len() == e * n * k, "grouped weight gradient: dw holds {}, not [{e}, {n}, {k}]", dw.len());
+        ensure!(
+            x.len() == m * k,
+            "grouped weight gradient: x holds {}, not [{m}, {k}]",
+            x.len()
+        );
+        ensure!(
+            dw.len() == e * n * k,
+            "grouped weight gradient: dw holds {}, not [{e}, {n}, {k}]",
+            dw.len()
+        );
         let (dy2, dw2, problems) = match &second {
             Some((d2, w2)) => {
                 ensure!(
@@ -248,7 +323,11 @@ impl Device {
         };
         let mp = match &mask {
             Some(v) => {
-                ensure!(v.len() == e, "grouped weight gradient: mask holds {}, not {e}", v.len());
+                ensure!(
+                    v.len() == e,
+                    "grouped weight gradient: mask holds {}, not {e}",
+                    v.len()
+                );
                 v.dptr()
             }
             None => 0,
@@ -259,7 +338,10 @@ impl Device {
         check_align(dw.dptr(), 8, "dw")?;
         check_align(dw2, 8, "dw2")?;
         let tiles = n.div_ceil(TILE_M) * k.div_ceil(TILE_N);
-        ensure!(tiles <= i32::MAX as usize, "grouped weight gradient: {tiles} tiles exceed the grid limit");
+        ensure!(
+            tiles <= i32::MAX as usize,
+            "grouped weight gradient: {tiles} tiles exceed the grid limit"
+        );
         launch!(self, "grouped_gemm", "grouped_wgrad_f32", (tiles as u32, e as u32, problems), THREADS;
             dy.dptr(), x.dptr(), dy2, dw.dptr(), dw2, offsets.dptr(), mp, int(m, "rows")?, int(e, "experts")?,
             int(n, "n")?, int(k, "k")?, i32::from(accumulate))
@@ -307,7 +389,11 @@ pub struct GroupedBench {
 const BENCH_PATTERN: usize = 1 << 20;
 
 /// Fill `buf` with copies of `pattern` (device-to-device: no host copy of a large buffer).
-fn fill_tiled<T: super::DeviceType>(dev: &Device, buf: &mut super::Buf<T>, pattern: &super::Buf<T>) -> Result<()> {
+fn fill_tiled<T: super::DeviceType>(
+    dev: &Device,
+    buf: &mut super::Buf<T>,
+    pattern: &super::Buf<T>,
+) -> Result<()> {
     let (len, p) = (buf.len(), pattern.len());
     let mut s = 0;
     while s < len {
@@ -319,23 +405,37 @@ fn fill_tiled<T: super::DeviceType>(dev: &Device, buf: &mut super::Buf<T>, patte
 }
 
 /// Mean milliseconds of `f` over `iters` calls after `warmup` calls, timed with CUDA events.
-fn time_ms(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time_ms(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     use cudarc::driver::sys::CUevent_flags;
     for _ in 0..warmup {
         f()?;
     }
-    let start = dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let start = dev
+        .stream()
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
     for _ in 0..iters {
         f()?;
     }
-    let end = dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = dev
+        .stream()
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
     let ms = start.elapsed_ms(&end)? as f64;
     dev.synchronize()?;
     Ok(ms / iters as f64)
 }
 
 fn op(name: &'static str, ms: f64, flops: f64) -> GroupedOpTime {
-    GroupedOpTime { op: name, ms, flops, tflops: flops / (ms * 1e-3) / 1e12 }
+    GroupedOpTime {
+        op: name,
+        ms,
+        flops,
+        tflops: flops / (ms * 1e-3) / 1e12,
+    }
 }
 
 /// TFLOP/s of the grouped expert GEMMs for `e` experts with `tokens_per_expert` rows each (a
@@ -354,19 +454,30 @@ pub fn bench_grouped(
     warmup: usize,
 ) -> Result<GroupedBench> {
     ensure!(iters > 0, "bench moe: --iters must be positive");
-    ensure!(tokens_per_expert > 0, "bench moe: --tokens-per-expert must be positive");
+    ensure!(
+        tokens_per_expert > 0,
+        "bench moe: --tokens-per-expert must be positive"
+    );
     check_width(h, "hidden")?;
     check_width(i, "intermediate")?;
-    ensure!((1..=GROUPED_MAX_EXPERTS).contains(&e), "bench moe: {e} experts (1..={GROUPED_MAX_EXPERTS})");
+    ensure!(
+        (1..=GROUPED_MAX_EXPERTS).contains(&e),
+        "bench moe: {e} experts (1..={GROUPED_MAX_EXPERTS})"
+    );
     let m = e * tokens_per_expert;
     let offsets_host: Vec<u32> = (0..=e)
-        .map(|j| u32::try_from(j * tokens_per_expert).map_err(|_| Error(format!("bench moe: {m} rows are too many"))))
+        .map(|j| {
+            u32::try_from(j * tokens_per_expert)
+                .map_err(|_| Error(format!("bench moe: {m} rows are too many")))
+        })
         .collect::<Result<_>>()?;
     let offsets = dev.upload(&offsets_host)?;
 
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(0);
-    let pat: Vec<bf16> = (0..BENCH_PATTERN).map(|_| bf16::from_f32(rng.random_range(-0.05f32..0.05))).collect();
+    let pat: Vec<bf16> = (0..BENCH_PATTERN)
+        .map(|_| bf16::from_f32(rng.random_range(-0.05f32..0.05)))
+        .collect();
     let pat = dev.upload(&pat)?;
     let randbuf = |len: usize| -> Result<super::Buf<bf16>> {
         let mut b = dev.alloc::<bf16>(len)?;
@@ -393,23 +504,59 @@ pub fn bench_grouped(
     let mut ops = Vec::new();
     // The forward: gate/up (2 GEMMs of m x i x h) and down (m x h x i).
     let gu = time_ms(dev, warmup, iters, || {
-        dev.grouped_gateup_fwd(&x, &offsets, &wg, &wu, e, h, i, &mut act, Some((gate.view_mut(..), up.view_mut(..))))
+        dev.grouped_gateup_fwd(
+            &x,
+            &offsets,
+            &wg,
+            &wu,
+            e,
+            h,
+            i,
+            &mut act,
+            Some((gate.view_mut(..), up.view_mut(..))),
+        )
     })?;
     ops.push(op("gateup_fwd", gu, 4.0 * mhi));
-    let down = time_ms(dev, warmup, iters, || dev.grouped_nt(&act, &offsets, &wd, e, i, h, &mut y))?;
+    let down = time_ms(dev, warmup, iters, || {
+        dev.grouped_nt(&act, &offsets, &wd, e, i, h, &mut y)
+    })?;
     ops.push(op("down_fwd", down, 2.0 * mhi));
     let sbwd = time_ms(dev, warmup, iters, || {
-        dev.grouped_nn_swiglu_bwd(&dy, &offsets, &wd, &gate, &up, e, h, i, &mut dgate, &mut dup)
+        dev.grouped_nn_swiglu_bwd(
+            &dy, &offsets, &wd, &gate, &up, e, h, i, &mut dgate, &mut dup,
+        )
     })?;
     ops.push(op("down_dact_swiglu_bwd", sbwd, 2.0 * mhi));
     let dxt = time_ms(dev, warmup, iters, || {
-        dev.grouped_nn(&dgate, &offsets, &wg, Some((dup.as_view(), wu.as_view())), e, i, h, &mut dx)
+        dev.grouped_nn(
+            &dgate,
+            &offsets,
+            &wg,
+            Some((dup.as_view(), wu.as_view())),
+            e,
+            i,
+            h,
+            &mut dx,
+        )
     })?;
     ops.push(op("gateup_dx", dxt, 4.0 * mhi));
-    let wdt = time_ms(dev, warmup, iters, || dev.grouped_wgrad(&dy, &act, &offsets, None, None, e, h, i, false, &mut dwd))?;
+    let wdt = time_ms(dev, warmup, iters, || {
+        dev.grouped_wgrad(&dy, &act, &offsets, None, None, e, h, i, false, &mut dwd)
+    })?;
     ops.push(op("down_dw", wdt, 2.0 * mhi));
     let wgt = time_ms(dev, warmup, iters, || {
-        dev.grouped_wgrad(&dgate, &x, &offsets, None, Some((dup.as_view(), dwu.view_mut(..))), e, i, h, false, &mut dwg)
+        dev.grouped_wgrad(
+            &dgate,
+            &x,
+            &offsets,
+            None,
+            Some((dup.as_view(), dwu.view_mut(..))),
+            e,
+            i,
+            h,
+            false,
+            &mut dwg,
+        )
     })?;
     ops.push(op("gateup_dw", wgt, 4.0 * mhi));
     let fwd = gu + down;
@@ -424,14 +571,44 @@ pub fn bench_grouped(
             let xs = x.view(j * tpe * h..(j + 1) * tpe * h);
             let wgj = wg.view(j * i * h..(j + 1) * i * h);
             let wuj = wu.view(j * i * h..(j + 1) * i * h);
-            dev.gemm(tpe, i, h, &xs, false, &wgj, true, &mut gate.view_mut(j * tpe * i..(j + 1) * tpe * i), false)?;
-            dev.gemm(tpe, i, h, &xs, false, &wuj, true, &mut up.view_mut(j * tpe * i..(j + 1) * tpe * i), false)?;
+            dev.gemm(
+                tpe,
+                i,
+                h,
+                &xs,
+                false,
+                &wgj,
+                true,
+                &mut gate.view_mut(j * tpe * i..(j + 1) * tpe * i),
+                false,
+            )?;
+            dev.gemm(
+                tpe,
+                i,
+                h,
+                &xs,
+                false,
+                &wuj,
+                true,
+                &mut up.view_mut(j * tpe * i..(j + 1) * tpe * i),
+                false,
+            )?;
         }
         dev.swiglu_fwd(&gate, &up, &mut act)?;
         for j in 0..e {
             let a = act.view(j * tpe * i..(j + 1) * tpe * i);
             let wdj = wd.view(j * h * i..(j + 1) * h * i);
-            dev.gemm(tpe, h, i, &a, false, &wdj, true, &mut y.view_mut(j * tpe * h..(j + 1) * tpe * h), false)?;
+            dev.gemm(
+                tpe,
+                h,
+                i,
+                &a,
+                false,
+                &wdj,
+                true,
+                &mut y.view_mut(j * tpe * h..(j + 1) * tpe * h),
+                false,
+            )?;
         }
         Ok(())
     })?;

@@ -37,8 +37,16 @@ impl Device {
         targets: &[u32],
         z_coef: f32,
     ) -> Result<CrossEntropyGpu> {
-        ensure!(logits.len() == n * v, "cross_entropy: logits hold {} values, not {n}x{v}", logits.len());
-        ensure!(targets.len() == n, "cross_entropy: {} targets for {n} rows", targets.len());
+        ensure!(
+            logits.len() == n * v,
+            "cross_entropy: logits hold {} values, not {n}x{v}",
+            logits.len()
+        );
+        ensure!(
+            targets.len() == n,
+            "cross_entropy: {} targets for {n} rows",
+            targets.len()
+        );
         if let Some(t) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
             crate::bail!("cross_entropy: target {t} out of range (vocab {v})");
         }
@@ -56,7 +64,14 @@ impl Device {
         let denom = n_valid.max(1) as f64;
         let ce_mean = ce_sum / denom;
         let total = ce_mean + z_coef as f64 * (z_sum / denom);
-        Ok(CrossEntropyGpu { loss: total as f32, ce: ce_mean as f32, n_valid, z_coef, lse, targets: tg })
+        Ok(CrossEntropyGpu {
+            loss: total as f32,
+            ce: ce_mean as f32,
+            n_valid,
+            z_coef,
+            lse,
+            targets: tg,
+        })
     }
 
     /// Gradient of the loss for `logits` given `dloss` (the loss's upstream gradient, 1 for a
@@ -70,7 +85,10 @@ impl Device {
     ) -> Result<()> {
         let n = saved.targets.len();
         let v = logits.len().checked_div(n).unwrap_or(0);
-        ensure!(logits.len() == n * v && dlogits.len() == n * v, "cross_entropy backward: sizes do not match");
+        ensure!(
+            logits.len() == n * v && dlogits.len() == n * v,
+            "cross_entropy backward: sizes do not match"
+        );
         let scale = dloss / saved.n_valid.max(1) as f32;
         launch!(self, "loss", "ce_bwd_bf16", (blocks_for(n, 1), 1, 1), CE_BLOCK;
             logits.dptr(), saved.targets.dptr(), saved.lse.dptr(), dlogits.dptr(), int(n, "rows")?, int(v, "vocab")?,
@@ -86,7 +104,10 @@ impl Device {
         e: usize,
         lse: &mut impl DeviceWrite<f32>,
     ) -> Result<f32> {
-        ensure!(z.len() == n * e && lse.len() == n, "router z-loss: sizes do not match {n}x{e}");
+        ensure!(
+            z.len() == n * e && lse.len() == n,
+            "router z-loss: sizes do not match {n}x{e}"
+        );
         let sum = self.zeros::<f64>(1)?;
         let ni = int(n, "rows")?;
         launch!(self, "loss", "zloss_fwd_f32", (blocks_for(n, BLOCK), 1, 1), BLOCK; z.dptr(), lse.dptr(), ni, int(e, "experts")?)?;
@@ -106,7 +127,10 @@ impl Device {
         dloss: f32,
         dz: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
-        ensure!(z.len() == n * e && lse.len() == n && dz.len() == n * e, "router z-loss backward: sizes do not match");
+        ensure!(
+            z.len() == n * e && lse.len() == n && dz.len() == n * e,
+            "router z-loss backward: sizes do not match"
+        );
         let scale = dloss * 2.0 / n.max(1) as f32;
         launch!(self, "loss", "zloss_bwd_f32", (blocks_for(n * e, BLOCK), 1, 1), BLOCK;
             z.dptr(), lse.dptr(), dz.dptr(), int(n, "rows")?, int(e, "experts")?, scale)

@@ -63,7 +63,10 @@ struct PoolInner {
 
 impl Pool {
     pub(crate) fn new(ctx: Arc<CudaContext>) -> Self {
-        Pool { ctx, inner: Mutex::new(PoolInner::default()) }
+        Pool {
+            ctx,
+            inner: Mutex::new(PoolInner::default()),
+        }
     }
 
     pub(crate) fn stats(&self) -> PoolStats {
@@ -90,7 +93,10 @@ impl Pool {
                 self.ctx.synchronize()?;
                 self.release_cached()?;
                 unsafe { drv::malloc_sync(class) }.map_err(|e| {
-                    Error(format!("CUDA out of memory allocating {class} bytes: {}", Error::from(e)))
+                    Error(format!(
+                        "CUDA out of memory allocating {class} bytes: {}",
+                        Error::from(e)
+                    ))
                 })?
             }
             Err(e) => return Err(e.into()),
@@ -221,7 +227,10 @@ fn bounds(r: impl RangeBounds<usize>, len: usize) -> (usize, usize) {
         Bound::Excluded(&e) => e,
         Bound::Unbounded => len,
     };
-    assert!(start <= end && end <= len, "device view {start}..{end} out of a buffer of {len}");
+    assert!(
+        start <= end && end <= len,
+        "device view {start}..{end} out of a buffer of {len}"
+    );
     (start, end)
 }
 
@@ -234,24 +243,40 @@ impl<T: DeviceType> Buf<T> {
     }
     /// The whole buffer, read-only.
     pub fn as_view(&self) -> View<'_, T> {
-        View { ptr: self.ptr, len: self.len, _l: PhantomData }
+        View {
+            ptr: self.ptr,
+            len: self.len,
+            _l: PhantomData,
+        }
     }
     /// Elements `range`, read-only.
     pub fn view(&self, range: impl RangeBounds<usize>) -> View<'_, T> {
         let (s, e) = bounds(range, self.len);
-        View { ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64, len: e - s, _l: PhantomData }
+        View {
+            ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64,
+            len: e - s,
+            _l: PhantomData,
+        }
     }
     /// Elements `range`, writable.
     pub fn view_mut(&mut self, range: impl RangeBounds<usize>) -> ViewMut<'_, T> {
         let (s, e) = bounds(range, self.len);
-        ViewMut { ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64, len: e - s, _l: PhantomData }
+        ViewMut {
+            ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64,
+            len: e - s,
+            _l: PhantomData,
+        }
     }
 }
 
 impl<'a, T: DeviceType> View<'a, T> {
     pub fn view(&self, range: impl RangeBounds<usize>) -> View<'a, T> {
         let (s, e) = bounds(range, self.len);
-        View { ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64, len: e - s, _l: PhantomData }
+        View {
+            ptr: self.ptr + (s * std::mem::size_of::<T>()) as u64,
+            len: e - s,
+            _l: PhantomData,
+        }
     }
 }
 
@@ -261,11 +286,19 @@ impl Device {
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
             .ok_or_else(|| Error(format!("device buffer of {len} {} overflows", T::NAME)))?;
-        let (ptr, class) = if bytes == 0 { (0, 0) } else {
+        let (ptr, class) = if bytes == 0 {
+            (0, 0)
+        } else {
             let class = size_class(bytes);
             (self.pool.alloc(class)?, class)
         };
-        Ok(Buf { ptr, len, class, pool: self.pool.clone(), _t: PhantomData })
+        Ok(Buf {
+            ptr,
+            len,
+            class,
+            pool: self.pool.clone(),
+            _t: PhantomData,
+        })
     }
 
     /// A buffer of `len` zero bytes.
@@ -282,7 +315,14 @@ impl Device {
         }
         self.ctx.bind_to_thread()?;
         // SAFETY: the range lies inside x's allocation; the stream belongs to this context.
-        unsafe { drv::memset_d8_async(x.dptr(), 0, x.len() * std::mem::size_of::<T>(), self.stream.cu_stream()) }?;
+        unsafe {
+            drv::memset_d8_async(
+                x.dptr(),
+                0,
+                x.len() * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
+        }?;
         Ok(())
     }
 
@@ -294,9 +334,18 @@ impl Device {
     }
 
     /// Copy `data` into `dst` (same length).
-    pub fn copy_to_device<T: DeviceType>(&self, data: &[T], dst: &mut impl DeviceWrite<T>) -> Result<()> {
+    pub fn copy_to_device<T: DeviceType>(
+        &self,
+        data: &[T],
+        dst: &mut impl DeviceWrite<T>,
+    ) -> Result<()> {
         if data.len() != dst.len() {
-            return Err(Error(format!("upload of {} {} into a buffer of {}", data.len(), T::NAME, dst.len())));
+            return Err(Error(format!(
+                "upload of {} {} into a buffer of {}",
+                data.len(),
+                T::NAME,
+                dst.len()
+            )));
         }
         if data.is_empty() {
             return Ok(());
@@ -321,9 +370,18 @@ impl Device {
     }
 
     /// Device-to-device copy of equal lengths (stream-ordered).
-    pub fn copy<T: DeviceType>(&self, src: &impl DeviceRead<T>, dst: &mut impl DeviceWrite<T>) -> Result<()> {
+    pub fn copy<T: DeviceType>(
+        &self,
+        src: &impl DeviceRead<T>,
+        dst: &mut impl DeviceWrite<T>,
+    ) -> Result<()> {
         if src.len() != dst.len() {
-            return Err(Error(format!("device copy of {} {} into {}", src.len(), T::NAME, dst.len())));
+            return Err(Error(format!(
+                "device copy of {} {} into {}",
+                src.len(),
+                T::NAME,
+                dst.len()
+            )));
         }
         if src.is_empty() {
             return Ok(());
@@ -331,7 +389,12 @@ impl Device {
         self.ctx.bind_to_thread()?;
         // SAFETY: both ranges lie inside their allocations.
         unsafe {
-            drv::memcpy_dtod_async(dst.dptr(), src.dptr(), src.len() * std::mem::size_of::<T>(), self.stream.cu_stream())
+            drv::memcpy_dtod_async(
+                dst.dptr(),
+                src.dptr(),
+                src.len() * std::mem::size_of::<T>(),
+                self.stream.cu_stream(),
+            )
         }?;
         Ok(())
     }
@@ -344,7 +407,11 @@ impl Device {
 
     /// A bf16 buffer downloaded and widened to f32.
     pub fn download_bf16_as_f32(&self, src: &impl DeviceRead<bf16>) -> Result<Vec<f32>> {
-        Ok(self.download(src)?.into_iter().map(|x| x.to_f32()).collect())
+        Ok(self
+            .download(src)?
+            .into_iter()
+            .map(|x| x.to_f32())
+            .collect())
     }
 }
 

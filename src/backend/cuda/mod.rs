@@ -49,8 +49,15 @@ pub const NO_KERNELS: &str = "this build has no CUDA kernels: run tools/setup-cu
 
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
-        let what = e.error_string().ok().and_then(|s| s.to_str().ok().map(str::to_owned));
-        Error(format!("CUDA driver error {:?}{}", e.0, what.map(|s| format!(": {s}")).unwrap_or_default()))
+        let what = e
+            .error_string()
+            .ok()
+            .and_then(|s| s.to_str().ok().map(str::to_owned));
+        Error(format!(
+            "CUDA driver error {:?}{}",
+            e.0,
+            what.map(|s| format!(": {s}")).unwrap_or_default()
+        ))
     }
 }
 
@@ -69,7 +76,9 @@ fn libcuda_present() -> bool {
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        KERNELS_BUILT && libcuda_present() && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
+        KERNELS_BUILT
+            && libcuda_present()
+            && CudaContext::device_count().map(|n| n > 0).unwrap_or(false)
     })
 }
 
@@ -88,7 +97,11 @@ pub(crate) fn blocks_for(n: usize, per_block: u32) -> u32 {
 
 /// A size as a kernel `int`.
 pub(crate) fn int(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| Error(format!("{what} = {x} is too large for the CUDA kernels (int)")))
+    i32::try_from(x).map_err(|_| {
+        Error(format!(
+            "{what} = {x} is too large for the CUDA kernels (int)"
+        ))
+    })
 }
 
 /// Launch `$module::$name` on the device's stream: `launch!(dev, "mod", "fn", grid, block; args...)`.
@@ -142,11 +155,16 @@ impl Device {
             return Err(Error(NO_KERNELS.into()));
         }
         if !libcuda_present() {
-            return Err(Error("no CUDA driver: libcuda.so could not be loaded".into()));
+            return Err(Error(
+                "no CUDA driver: libcuda.so could not be loaded".into(),
+            ));
         }
-        let count = CudaContext::device_count().map_err(|e| Error(format!("CUDA initialisation failed: {}", Error::from(e))))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| Error(format!("CUDA initialisation failed: {}", Error::from(e))))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error(format!("CUDA device {ordinal} requested but {count} found")));
+            return Err(Error(format!(
+                "CUDA device {ordinal} requested but {count} found"
+            )));
         }
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
@@ -213,18 +231,27 @@ impl Device {
                     let (_, image) = KERNEL_MODULES
                         .iter()
                         .find(|(n, _)| *n == module)
-                        .ok_or_else(|| Error(format!("no CUDA kernel module {module:?} in this build")))?;
+                        .ok_or_else(|| {
+                            Error(format!("no CUDA kernel module {module:?} in this build"))
+                        })?;
                     let m = self
                         .ctx
                         .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                        .map_err(|e| Error(format!("loading CUDA module {module}: {}", Error::from(e))))?;
+                        .map_err(|e| {
+                            Error(format!("loading CUDA module {module}: {}", Error::from(e)))
+                        })?;
                     mods.insert(module, m.clone());
                     m
                 }
             }
         };
-        let f = m.load_function(name).map_err(|e| Error(format!("kernel {module}::{name}: {}", Error::from(e))))?;
-        self.functions.lock().unwrap().insert((module, name), f.clone());
+        let f = m
+            .load_function(name)
+            .map_err(|e| Error(format!("kernel {module}::{name}: {}", Error::from(e))))?;
+        self.functions
+            .lock()
+            .unwrap()
+            .insert((module, name), f.clone());
         Ok(f)
     }
 

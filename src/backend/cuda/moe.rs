@@ -31,7 +31,10 @@ pub struct MoePermutation {
 impl MoePermutation {
     /// Tokens per expert.
     pub fn histogram(&self) -> Vec<usize> {
-        self.offsets_host.windows(2).map(|w| (w[1] - w[0]) as usize).collect()
+        self.offsets_host
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect()
     }
 }
 
@@ -45,7 +48,10 @@ impl Device {
         rows: &[u32],
         y: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
-        ensure!(x.len() == n * h && y.len() == rows.len() * h, "gather_rows: sizes do not match");
+        ensure!(
+            x.len() == n * h && y.len() == rows.len() * h,
+            "gather_rows: sizes do not match"
+        );
         if let Some(r) = rows.iter().find(|&&r| r as usize >= n) {
             crate::bail!("gather_rows: row {r} out of range ({n} rows)");
         }
@@ -64,7 +70,10 @@ impl Device {
         h: usize,
         dx: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
-        ensure!(dy.len() == rows.len() * h && dx.len() == n * h, "gather_rows backward: sizes do not match");
+        ensure!(
+            dy.len() == rows.len() * h && dx.len() == n * h,
+            "gather_rows backward: sizes do not match"
+        );
         if let Some(r) = rows.iter().find(|&&r| r as usize >= n) {
             crate::bail!("gather_rows backward: row {r} out of range ({n} rows)");
         }
@@ -73,16 +82,34 @@ impl Device {
         if c.uniq.is_empty() || h == 0 {
             return Ok(());
         }
-        let (u, o, p) = (self.upload(&c.uniq)?, self.upload(&c.offsets)?, self.upload(&c.positions)?);
-        let grid = (h.div_ceil(BLOCK as usize) as u32, (c.uniq.len() as u64).min(MAX_GRID_Y) as u32, 1);
+        let (u, o, p) = (
+            self.upload(&c.uniq)?,
+            self.upload(&c.offsets)?,
+            self.upload(&c.positions)?,
+        );
+        let grid = (
+            h.div_ceil(BLOCK as usize) as u32,
+            (c.uniq.len() as u64).min(MAX_GRID_Y) as u32,
+            1,
+        );
         launch!(self, "moe", "gather_rows_bwd_bf16", grid, BLOCK;
             dy.dptr(), u.dptr(), o.dptr(), p.dptr(), dx.dptr(), int(c.uniq.len(), "rows")?, int(h, "width")?)
     }
 
     /// Group the copies of `indices [n, k]` (from [`Device::route`]) by expert, tokens ascending
     /// within an expert. Synchronises once to bring the offsets to the host.
-    pub fn moe_permutation(&self, indices: &impl DeviceRead<u32>, n: usize, k: usize, e: usize) -> Result<MoePermutation> {
-        ensure!(indices.len() == n * k, "moe permutation: indices hold {}, not {n}x{k}", indices.len());
+    pub fn moe_permutation(
+        &self,
+        indices: &impl DeviceRead<u32>,
+        n: usize,
+        k: usize,
+        e: usize,
+    ) -> Result<MoePermutation> {
+        ensure!(
+            indices.len() == n * k,
+            "moe permutation: indices hold {}, not {n}x{k}",
+            indices.len()
+        );
         ensure!(e >= 1, "moe permutation: no experts");
         let nk = (n * k) as i64;
         let counts = self.alloc::<u32>(e)?;
@@ -96,7 +123,16 @@ impl Device {
             indices.dptr(), counts.dptr(), offsets.dptr(), row_of.dptr(), pos.dptr(), sorted_tokens.dptr(), nk,
             int(k, "top-k")?, int(e, "experts")?)?;
         let offsets_host = self.download(&offsets)?;
-        Ok(MoePermutation { n, k, e, offsets_host, offsets, row_of, pos, sorted_tokens })
+        Ok(MoePermutation {
+            n,
+            k,
+            e,
+            offsets_host,
+            offsets,
+            row_of,
+            pos,
+            sorted_tokens,
+        })
     }
 
     /// Permute `x [n, h]` into the expert-grouped `xp [n*k, h]` (token copies).
@@ -108,7 +144,10 @@ impl Device {
         xp: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
         let (n, k) = (perm.n, perm.k);
-        ensure!(x.len() == n * h && xp.len() == n * k * h, "moe permute: sizes do not match");
+        ensure!(
+            x.len() == n * h && xp.len() == n * k * h,
+            "moe permute: sizes do not match"
+        );
         launch!(self, "moe", "moe_permute_fwd_bf16", (blocks_for(n * k * h, BLOCK), 1, 1), BLOCK;
             x.dptr(), perm.pos.dptr(), xp.dptr(), int(n, "tokens")?, int(k, "top-k")?, int(h, "width")?)
     }
@@ -122,7 +161,10 @@ impl Device {
         dx: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
         let (n, k) = (perm.n, perm.k);
-        ensure!(dx.len() == n * h && dxp.len() == n * k * h, "moe permute backward: sizes do not match");
+        ensure!(
+            dx.len() == n * h && dxp.len() == n * k * h,
+            "moe permute backward: sizes do not match"
+        );
         launch!(self, "moe", "moe_permute_bwd_bf16", (blocks_for(n * h, BLOCK), 1, 1), BLOCK;
             dxp.dptr(), perm.pos.dptr(), dx.dptr(), int(n, "tokens")?, int(k, "top-k")?, int(h, "width")?)
     }
@@ -138,7 +180,10 @@ impl Device {
         y: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
         let (n, k) = (perm.n, perm.k);
-        ensure!(outs.len() == n * k * h && w.len() == n * k && y.len() == n * h, "moe combine: sizes do not match");
+        ensure!(
+            outs.len() == n * k * h && w.len() == n * k && y.len() == n * h,
+            "moe combine: sizes do not match"
+        );
         launch!(self, "moe", "moe_combine_fwd_bf16", (blocks_for(n * h, BLOCK), 1, 1), BLOCK;
             outs.dptr(), w.dptr(), perm.pos.dptr(), y.dptr(), int(n, "tokens")?, int(k, "top-k")?, int(h, "width")?)
     }
@@ -157,7 +202,11 @@ impl Device {
     ) -> Result<()> {
         let (n, k) = (perm.n, perm.k);
         ensure!(
-            dy.len() == n * h && outs.len() == n * k * h && w.len() == n * k && douts.len() == n * k * h && dw.len() == n * k,
+            dy.len() == n * h
+                && outs.len() == n * k * h
+                && w.len() == n * k
+                && douts.len() == n * k * h
+                && dw.len() == n * k,
             "moe combine backward: sizes do not match"
         );
         launch!(self, "moe", "moe_combine_bwd_bf16", (blocks_for(n, 1), 1, 1), BLOCK;

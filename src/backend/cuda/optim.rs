@@ -72,7 +72,8 @@ fn spans(lens: &[usize]) -> Vec<u64> {
 /// Plain-old-data structs as bytes for upload.
 fn as_bytes<T: Copy>(v: &[T]) -> Vec<u8> {
     // SAFETY: T is a #[repr(C)] struct of integers and floats with explicit padding fields.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }.to_vec()
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        .to_vec()
 }
 
 impl Device {
@@ -80,7 +81,12 @@ impl Device {
     /// `AdamW::update`: `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`, `w -= lr wd w`,
     /// `w -= lr m_hat / (sqrt(v_hat) + eps)`. `grad_scale` (a device scalar, e.g. element 1 of
     /// [`Device::grad_norm`]'s result) multiplies every gradient first.
-    pub fn adamw_step(&self, slots: &mut [AdamWSlot<'_>], hp: AdamWHyper, grad_scale: Option<View<'_, f32>>) -> Result<()> {
+    pub fn adamw_step(
+        &self,
+        slots: &mut [AdamWSlot<'_>],
+        hp: AdamWHyper,
+        grad_scale: Option<View<'_, f32>>,
+    ) -> Result<()> {
         ensure!(hp.step >= 1, "adamw: step counts from 1");
         let mut desc = Vec::with_capacity(slots.len());
         for (i, s) in slots.iter_mut().enumerate() {
@@ -93,7 +99,11 @@ impl Device {
                 s.v.len()
             );
             if let Some(b) = &s.param_bf16 {
-                ensure!(b.len() == n, "adamw: tensor {i}: bf16 copy holds {} of {n}", b.len());
+                ensure!(
+                    b.len() == n,
+                    "adamw: tensor {i}: bf16 copy holds {} of {n}",
+                    b.len()
+                );
             }
             desc.push(AdamWTensor {
                 p: s.param.dptr(),
@@ -130,7 +140,13 @@ impl Device {
     /// else 1), returned on the device as `[norm, coefficient]` (f32) so a training step need
     /// not synchronise. Deterministic: fixed per-block partial sums, then one block in order.
     pub fn grad_norm(&self, grads: &[View<'_, f32>], max_norm: f32) -> Result<Buf<f32>> {
-        let desc: Vec<GradTensor> = grads.iter().map(|g| GradTensor { g: g.dptr(), n: g.len() as u64 }).collect();
+        let desc: Vec<GradTensor> = grads
+            .iter()
+            .map(|g| GradTensor {
+                g: g.dptr(),
+                n: g.len() as u64,
+            })
+            .collect();
         let lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         let sp = spans(&lens);
         let n_spans = sp.len() / 2;

@@ -23,8 +23,18 @@ impl Device {
         d: usize,
         eps: f32,
     ) -> Result<()> {
-        ensure!(x.len() == n * d && y.len() == n * d, "rmsnorm: x/y hold {}/{} values, not {n}x{d}", x.len(), y.len());
-        ensure!(w.len() == d && rstd.len() == n, "rmsnorm: weight {} (want {d}), rstd {} (want {n})", w.len(), rstd.len());
+        ensure!(
+            x.len() == n * d && y.len() == n * d,
+            "rmsnorm: x/y hold {}/{} values, not {n}x{d}",
+            x.len(),
+            y.len()
+        );
+        ensure!(
+            w.len() == d && rstd.len() == n,
+            "rmsnorm: weight {} (want {d}), rstd {} (want {n})",
+            w.len(),
+            rstd.len()
+        );
         let grid = (blocks_for(n, 1), 1, 1);
         launch!(self, "rmsnorm", "rmsnorm_fwd_bf16", grid, BLOCK;
             x.dptr(), w.dptr(), y.dptr(), rstd.dptr(), int(n, "rows")?, int(d, "width")?, eps)
@@ -43,7 +53,11 @@ impl Device {
         d: usize,
     ) -> Result<()> {
         ensure!(
-            x.len() == n * d && dy.len() == n * d && dx.len() == n * d && w.len() == d && rstd.len() == n,
+            x.len() == n * d
+                && dy.len() == n * d
+                && dx.len() == n * d
+                && w.len() == d
+                && rstd.len() == n,
             "rmsnorm backward: sizes do not match {n}x{d}"
         );
         let grid = (blocks_for(n, 1), 1, 1);
@@ -72,7 +86,11 @@ impl Device {
         let rows_per_chunk = n.div_ceil(RMS_DW_CHUNKS);
         let chunks = n.div_ceil(rows_per_chunk);
         let partial = self.alloc::<f32>(chunks * d)?;
-        let grid = (d.div_ceil(BLOCK as usize) as u32, chunks.min(MAX_GRID_Y as usize) as u32, 1);
+        let grid = (
+            d.div_ceil(BLOCK as usize) as u32,
+            chunks.min(MAX_GRID_Y as usize) as u32,
+            1,
+        );
         launch!(self, "rmsnorm", "rmsnorm_bwd_dw_partial_bf16", grid, BLOCK;
             x.dptr(), dy.dptr(), rstd.dptr(), partial.dptr(), int(n, "rows")?, int(d, "width")?, int(rows_per_chunk, "rows")?)?;
         launch!(self, "rmsnorm", "rmsnorm_bwd_dw_finish", (blocks_for(d, BLOCK), 1, 1), BLOCK;

@@ -17,9 +17,14 @@ impl Device {
     /// The tables of `ops::RopeTable::new(hd, theta, max_pos)`, computed on the host by the same
     /// f64 inverse frequencies and f32 angles (bit-identical), then uploaded.
     pub fn rope_table(&self, hd: usize, theta: f64, max_pos: usize) -> Result<RopeTableGpu> {
-        ensure!(hd.is_multiple_of(2) && hd > 0, "rope: head dim {hd} must be even");
+        ensure!(
+            hd.is_multiple_of(2) && hd > 0,
+            "rope: head dim {hd} must be even"
+        );
         let half = hd / 2;
-        let inv: Vec<f32> = (0..half).map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32)
+            .collect();
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];
         for p in 0..max_pos {
@@ -29,7 +34,12 @@ impl Device {
                 sin[p * half + i] = a.sin();
             }
         }
-        Ok(RopeTableGpu { hd, max_pos, cos: self.upload(&cos)?, sin: self.upload(&sin)? })
+        Ok(RopeTableGpu {
+            hd,
+            max_pos,
+            cos: self.upload(&cos)?,
+            sin: self.upload(&sin)?,
+        })
     }
 
     /// Rotate `x [rows, width]` (width a multiple of hd) into `y [rows, width]`; row `r` is at
@@ -48,10 +58,21 @@ impl Device {
         inverse: bool,
     ) -> Result<()> {
         let hd = table.hd;
-        ensure!(width.is_multiple_of(hd), "rope: width {width} not a multiple of head dim {hd}");
-        ensure!(x.len() == rows * width && y.len() == rows * width, "rope: buffers do not hold {rows}x{width}");
+        ensure!(
+            width.is_multiple_of(hd),
+            "rope: width {width} not a multiple of head dim {hd}"
+        );
+        ensure!(
+            x.len() == rows * width && y.len() == rows * width,
+            "rope: buffers do not hold {rows}x{width}"
+        );
         ensure!(t_len > 0 || rows == 0, "rope: t_len is 0");
-        ensure!(offset + t_len <= table.max_pos, "rope: position {} beyond table {}", offset + t_len, table.max_pos);
+        ensure!(
+            offset + t_len <= table.max_pos,
+            "rope: position {} beyond table {}",
+            offset + t_len,
+            table.max_pos
+        );
         let sign = if inverse { -1.0f32 } else { 1.0 };
         launch!(self, "rope", "rope_bf16", (blocks_for(rows * width / 2, BLOCK), 1, 1), BLOCK;
             x.dptr(), y.dptr(), table.cos.dptr(), table.sin.dptr(), int(rows, "rows")?, int(width, "width")?,

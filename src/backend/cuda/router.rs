@@ -29,10 +29,20 @@ impl Device {
         indices: &mut impl DeviceWrite<u32>,
     ) -> Result<()> {
         ensure!(k >= 1 && k <= e, "route: top-k {k} of {e} experts");
-        ensure!(z.len() == n * e && probs.len() == n * e, "route: logits/probs do not hold {n}x{e}");
-        ensure!(weights.len() == n * k && indices.len() == n * k, "route: weights/indices do not hold {n}x{k}");
+        ensure!(
+            z.len() == n * e && probs.len() == n * e,
+            "route: logits/probs do not hold {n}x{e}"
+        );
+        ensure!(
+            weights.len() == n * k && indices.len() == n * k,
+            "route: weights/indices do not hold {n}x{k}"
+        );
         if let Some(b) = &bias {
-            ensure!(b.len() == e, "route: bias has {} entries for {e} experts", b.len());
+            ensure!(
+                b.len() == e,
+                "route: bias has {} entries for {e} experts",
+                b.len()
+            );
         }
         let bptr = bias.map_or(0, |b| b.dptr());
         launch!(self, "router", "router_fwd_f32", (blocks_for(n, ROUTER_BLOCK), 1, 1), ROUTER_BLOCK;
@@ -54,7 +64,10 @@ impl Device {
         renorm: bool,
         dz: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
-        ensure!(probs.len() == n * e && dz.len() == n * e, "route backward: probs/dz do not hold {n}x{e}");
+        ensure!(
+            probs.len() == n * e && dz.len() == n * e,
+            "route backward: probs/dz do not hold {n}x{e}"
+        );
         ensure!(
             weights.len() == n * k && indices.len() == n * k && gw.len() == n * k,
             "route backward: weights/indices/grad do not hold {n}x{k}"
@@ -74,11 +87,18 @@ impl Device {
         e: usize,
         db: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
-        ensure!(dz.len() == n * e && bias.len() == e && db.len() == e, "route bias grad: sizes do not match {n}x{e}");
+        ensure!(
+            dz.len() == n * e && bias.len() == e && db.len() == e,
+            "route bias grad: sizes do not match {n}x{e}"
+        );
         let rows_per_chunk = n.div_ceil(BIAS_CHUNKS).max(1);
         let chunks = n.div_ceil(rows_per_chunk).max(1);
         let partial = self.zeros::<f32>(chunks * e)?;
-        let grid = (e.div_ceil(ROUTER_BLOCK as usize) as u32, (chunks as u64).min(MAX_GRID_Y) as u32, 1);
+        let grid = (
+            e.div_ceil(ROUTER_BLOCK as usize) as u32,
+            (chunks as u64).min(MAX_GRID_Y) as u32,
+            1,
+        );
         launch!(self, "router", "router_bias_grad_partial_f32", grid, ROUTER_BLOCK;
             dz.dptr(), partial.dptr(), int(n, "tokens")?, int(e, "experts")?, int(rows_per_chunk, "rows")?)?;
         launch!(self, "router", "router_bias_grad_finish_f32", (blocks_for(e, BLOCK), 1, 1), BLOCK;
