@@ -110,7 +110,7 @@ fn attention(c: &mut Criterion) {
 fn cross_entropy(c: &mut Criterion) {
     flexrun::backend::cpu::tune_allocator();
     let mut g = c.benchmark_group("cross_entropy");
-    g.sample_size(20).measurement_time(Duration::from_secs(2));
+    g.sample_size(20).measurement_time(Duration::from_secs(4));
     let (n, v) = (2048, 4096);
     let mut rng = StdRng::seed_from_u64(2);
     let logits = Tensor::randn(&[n, v], 2.0, &mut rng);

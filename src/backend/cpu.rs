@@ -1,5 +1,8 @@
-//! CPU primitives: a threaded GEMM (the `gemm` crate, runtime-dispatched AVX2/AVX-512 kernels on
-//! rayon's pool) and small vectorisable reductions used by the op kernels.
+//! CPU primitives: a threaded GEMM (the `gemm` crate's runtime-dispatched AVX2/AVX-512 kernels;
+//! parallel calls give each rayon thread one block of rows), a strided single-threaded GEMM for
+//! kernels that parallelise over their own tasks (attention tiles), vector row kernels
+//! ([`simd`]: fast `exp`, softmax pieces, SwiGLU, norms), allocation helpers that skip the
+//! zero-fill of op outputs, and the allocator setup for training ([`tune_allocator`]).
 
 use gemm::Parallelism;
 
@@ -94,8 +97,46 @@ unsafe fn matmul_raw(
     } else {
         (n as isize, 1)
     };
-    let par = if m * n * k >= GEMM_PARALLEL_MIN_FLOPS {
-        Parallelism::Rayon(rayon::current_num_threads())
+    let threads = rayon::current_num_threads();
+    let parallel = m * n * k >= GEMM_PARALLEL_MIN_FLOPS && threads > 1;
+    if parallel && m >= 2 * SPLIT_MIN_ROWS {
+        // One single-threaded GEMM per thread on a contiguous block of rows of c.
+        use rayon::prelude::*;
+        let parts = threads.min(m / SPLIT_MIN_ROWS);
+        let rows = m.div_ceil(parts);
+        let c = SendPtr(c);
+        (0..parts).into_par_iter().for_each(|p| {
+            let (r0, r1) = (p * rows, ((p + 1) * rows).min(m));
+            // SAFETY: rows r0..r1 of a/c lie inside the checked extents; the blocks of c are
+            // disjoint between tasks.
+            unsafe {
+                gemm::gemm(
+                    r1 - r0,
+                    n,
+                    k,
+                    c.get().add(r0 * n),
+                    1,
+                    n as isize,
+                    accumulate,
+                    a.as_ptr().offset(r0 as isize * a_rs),
+                    a_cs,
+                    a_rs,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            };
+        });
+        return;
+    }
+    let par = if parallel {
+        Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
@@ -122,6 +163,12 @@ unsafe fn matmul_raw(
         par,
     );
 }
+
+/// Parallel GEMMs give each thread one contiguous block of at least this many rows of `c`, run
+/// single-threaded (`gemm`'s own rayon split is 6-15% slower on the moe_small shapes, most on
+/// the `dW = dY^T X` forms). A row of `c` comes out bit-identical whatever block holds it once
+/// blocks have >= 64 rows (checked by a test), so results do not depend on the thread count.
+const SPLIT_MIN_ROWS: usize = 64;
 
 /// `a @ b^T` with at most this many columns (the MoE router's logits, `n` = experts) runs as
 /// row dot products: the GEMM microkernel needs 64-row blocks along `n` and runs ~16x below
@@ -302,7 +349,8 @@ pub unsafe fn gemm_strided(
 /// memory in the process instead: no mmap for large blocks (`M_MMAP_MAX = 0`), no trimming
 /// (`M_TRIM_THRESHOLD`), and one arena (`M_ARENA_MAX = 1`) so buffers freed by any thread serve
 /// the next step's allocations on any other. The cost is that the resident size stays at the
-/// step's peak. Returns whether the settings were applied (false off glibc).
+/// step's peak. Returns whether the settings were applied (false off glibc, or when
+/// `FLEXRUN_DEFAULT_MALLOC` is set to keep glibc's defaults).
 pub fn tune_allocator() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -469,5 +517,38 @@ mod tests {
         add_assign(&mut d, &x);
         assert!(d.iter().zip(&x).all(|(a, b)| *a == 2.0 * b));
         assert_eq!(matmul_new(3, 2, 0, &[], false, &[], false), vec![0.0; 6]);
+    }
+
+    #[test]
+    fn row_split_gemm_is_thread_count_invariant() {
+        use crate::tensor::Tensor;
+        use rand::{rngs::StdRng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(9);
+        for &(m, n, k, at, bt) in &[
+            (600, 96, 300, false, true),
+            (300, 200, 700, true, false),
+            (260, 130, 90, false, false),
+        ] {
+            let a = Tensor::randn(&[m * k], 1.0, &mut rng);
+            let b = Tensor::randn(&[k * n], 1.0, &mut rng);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| matmul_new(m, n, k, a.data(), at, b.data(), bt))
+            };
+            let one = run(1);
+            for threads in [2, 3, 4] {
+                assert!(
+                    run(threads) == one,
+                    "{m}x{n}x{k} at={at} bt={bt}: {threads} threads differ from 1"
+                );
+            }
+            let want = naive(m, n, k, a.data(), at, b.data(), bt);
+            for (x, y) in one.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+            }
+        }
     }
 }

@@ -33,7 +33,8 @@ const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
 const P5: f32 = 0.5; // Cephes 5.0000001201e-1 rounds to 0.5 in f32
 
-/// True when the AVX-512 bodies can run (checked once, then a relaxed atomic load).
+/// True when the AVX-512 bodies can run (checked once, then a relaxed atomic load). Setting
+/// `FLEXRUN_NO_AVX512` forces the portable bodies (to test them on an AVX-512 machine).
 #[inline]
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -390,13 +390,13 @@ pub fn attention_backward(
                             gemm_strided(rows, kt, hd, st, false, qm, kmt, scale);
                             gemm_strided(rows, kt, hd, dpt, false, gm, vmt, 1.0);
                         }
-                        for r in 0..rows {
+                        for (r, &lse_r) in lse_row.iter().enumerate() {
                             let lim = t.visible(r, j0, kt);
                             let (prow, dprow) = (
                                 &mut sc.s[r * kt..(r + 1) * kt],
                                 &mut sc.dp[r * kt..(r + 1) * kt],
                             );
-                            simd::exp_affine_inplace_sum(&mut prow[..lim], 1.0, lse_row[r]);
+                            simd::exp_affine_inplace_sum(&mut prow[..lim], 1.0, lse_r);
                             prow[lim..].fill(0.0);
                             simd::softmax_grad_inplace(dprow, prow, sc.m[r], scale);
                         }
