@@ -17,9 +17,9 @@ use flexrun::ops::{self, AttnShape};
 use flexrun::tensor::Tensor;
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
-use std::sync::OnceLock;
 
-type R = flexrun::Result<()>;
+mod common;
+use common::R;
 
 // ---------------------------------------------------------------------------------------------
 // Tolerances: |got - want| <= rtol * |want| + atol_frac * max|want| per element.
@@ -85,35 +85,12 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The device, SKIP / FLEXRUN_REQUIRE_GPU handling.
-
-/// The shared device of this test binary, or why there is none.
-fn cuda_device() -> Result<&'static Device, String> {
-    static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| e.clone())
-}
-
-fn run_cuda(name: &str, body: fn(&Device) -> R) {
-    match cuda_device() {
-        Ok(dev) => body(dev).unwrap_or_else(|e| panic!("cuda: {name}: {e}")),
-        Err(why) => {
-            if std::env::var("FLEXRUN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FLEXRUN_REQUIRE_GPU=1 but no CUDA device: {why}");
-            }
-            println!("SKIP: no CUDA device ({why}): {name}");
-        }
-    }
-}
-
 macro_rules! cuda_tests {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[test]
             fn cuda() {
-                super::run_cuda(stringify!($name), super::$name);
+                super::common::with_cuda(stringify!($name), super::$name);
             }
         }
     )*};

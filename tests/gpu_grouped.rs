@@ -27,7 +27,8 @@ use flexrun::tensor::Tensor;
 use half::bf16;
 use rand::{rngs::StdRng, SeedableRng};
 
-type R = flexrun::Result<()>;
+mod common;
+use common::{Backend, R};
 
 // ---------------------------------------------------------------------------------------------
 // Tolerances: |got - want| <= rtol * |want| + atol_frac * max|want| per element.
@@ -91,60 +92,6 @@ fn assert_close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: Tol) {
             worst.0, worst.1
         );
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backends and the per-backend test macro (as tests/gpu_kernels.rs).
-
-enum Backend {
-    Cpu,
-    Cuda(&'static Device),
-}
-
-impl Backend {
-    fn is_cpu(&self) -> bool {
-        matches!(self, Backend::Cpu)
-    }
-    fn name(&self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Cuda(_) => "cuda",
-        }
-    }
-}
-
-fn cuda_device() -> Result<&'static Device, String> {
-    static DEV: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| e.clone())
-}
-
-fn run_cuda(name: &str, body: fn(&Backend) -> R) {
-    match cuda_device() {
-        Ok(dev) => body(&Backend::Cuda(dev)).unwrap_or_else(|e| panic!("cuda: {name}: {e}")),
-        Err(why) => {
-            if std::env::var("FLEXRUN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FLEXRUN_REQUIRE_GPU=1 but no CUDA device: {why}");
-            }
-            println!("SKIP: no CUDA device ({why}): {name}");
-        }
-    }
-}
-
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn cpu() {
-                super::$name(&super::Backend::Cpu).unwrap_or_else(|e| panic!("cpu: {}: {e}", stringify!($name)));
-            }
-            #[test]
-            fn cuda() {
-                super::run_cuda(stringify!($name), super::$name);
-            }
-        }
-    )*};
 }
 
 backend_tests!(

@@ -20,9 +20,10 @@ use flexrun::tensor::{DType, Tensor};
 use flexrun::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-type R = flexrun::Result<()>;
+mod common;
+use common::{Backend, R};
 
 // ---------------------------------------------------------------------------------------------
 // Tolerances: |got - want| <= rtol * |want| + atol_frac * max|want| per element.
@@ -116,62 +117,6 @@ fn assert_scalar(b: &Backend, what: &str, got: f32, want: f32) {
         (got - want).abs() <= SCALAR_RTOL * want.abs().max(1e-6)
     };
     assert!(ok, "{}: {what}: got {got}, want {want}", b.name());
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backends and the per-backend test macro.
-
-enum Backend {
-    Cpu,
-    Cuda(&'static Device),
-}
-
-impl Backend {
-    fn is_cpu(&self) -> bool {
-        matches!(self, Backend::Cpu)
-    }
-    fn name(&self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Cuda(_) => "cuda",
-        }
-    }
-}
-
-/// The shared device of this test binary (tests run on several threads; the device's stream
-/// orders their work), or why there is none.
-fn cuda_device() -> Result<&'static Device, String> {
-    static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
-    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| e.clone())
-}
-
-fn run_cuda(name: &str, body: fn(&Backend) -> R) {
-    match cuda_device() {
-        Ok(dev) => body(&Backend::Cuda(dev)).unwrap_or_else(|e| panic!("cuda: {name}: {e}")),
-        Err(why) => {
-            if std::env::var("FLEXRUN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("FLEXRUN_REQUIRE_GPU=1 but no CUDA device: {why}");
-            }
-            println!("SKIP: no CUDA device ({why}): {name}");
-        }
-    }
-}
-
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn cpu() {
-                super::$name(&super::Backend::Cpu).unwrap_or_else(|e| panic!("cpu: {}: {e}", stringify!($name)));
-            }
-            #[test]
-            fn cuda() {
-                super::run_cuda(stringify!($name), super::$name);
-            }
-        }
-    )*};
 }
 
 backend_tests!(

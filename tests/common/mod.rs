@@ -1,0 +1,69 @@
+//! Shared harness of the GPU kernel tests: the device of the test binary, SKIP without a GPU
+//! (failure instead when FLEXRUN_REQUIRE_GPU=1), and the macro that instantiates one test body
+//! for the cpu and cuda backends.
+#![allow(dead_code)]
+
+use flexrun::backend::cuda::Device;
+use std::sync::OnceLock;
+
+pub type R = flexrun::Result<()>;
+
+pub enum Backend {
+    Cpu,
+    Cuda(&'static Device),
+}
+
+impl Backend {
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Backend::Cpu)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+}
+
+/// The shared device of this test binary (tests run on several threads; the device's stream
+/// orders their work), or why there is none.
+pub fn cuda_device() -> Result<&'static Device, String> {
+    static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
+    DEV.get_or_init(|| Device::new(0).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| e.clone())
+}
+
+/// Run `body` on the device, or print SKIP (panic when FLEXRUN_REQUIRE_GPU=1) without one.
+pub fn with_cuda(name: &str, body: impl FnOnce(&'static Device) -> R) {
+    match cuda_device() {
+        Ok(dev) => body(dev).unwrap_or_else(|e| panic!("cuda: {name}: {e}")),
+        Err(why) => {
+            if std::env::var("FLEXRUN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("FLEXRUN_REQUIRE_GPU=1 but no CUDA device: {why}");
+            }
+            println!("SKIP: no CUDA device ({why}): {name}");
+        }
+    }
+}
+
+pub fn run_cuda(name: &str, body: fn(&Backend) -> R) {
+    with_cuda(name, |dev| body(&Backend::Cuda(dev)));
+}
+
+/// `backend_tests!(a, b)`: for each test body `fn a(&Backend) -> R`, a `cpu` and a `cuda` test.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$name(&$crate::common::Backend::Cpu).unwrap_or_else(|e| panic!("cpu: {}: {e}", stringify!($name)));
+            }
+            #[test]
+            fn cuda() {
+                $crate::common::run_cuda(stringify!($name), super::$name);
+            }
+        }
+    )*};
+}
