@@ -3,10 +3,11 @@
 //! predicates and calls. Identifiers and comments reuse the public vocabulary.
 //!
 //! The format is public: `public` has modules in the same layout ([`public_doc`]) built from a
-//! disjoint family: one-argument helpers that add a constant, functions that return a string
-//! literal, animal classes whose `__init__(self)` sets string literals, and prints of calls. No
-//! function name prefix is shared between the two families (`plus`, `sound`, `home`, `colour`,
-//! `greet` are public; `add`, `sub`, `mul`, `div`, `mod`, `count`, `total`, `is` only in
+//! disjoint family: one-argument helpers that apply an operator with a constant or compare with
+//! one (so every operator symbol is public), functions that return a string literal, animal
+//! classes whose `__init__(self)` sets string literals, and prints of calls. No function name
+//! prefix is shared between the two families (`plus`, `minus`, `times`, `over`, `rem`, `above`,
+//! `sound`, `home`, `colour`, `greet` are public; `add`, `sub`, `mul`, `div`, `mod`, `count`, `total`, `is` only in
 //! `code`); only `code` has loops, accumulators, two-argument operators, field predicates and
 //! an `__init__` that takes arguments, and its tasks test only these closed patterns.
 
@@ -185,19 +186,32 @@ pub(super) fn public_doc(rng: &mut StdRng) -> String {
     items.join("\n\n") + "\n"
 }
 
-/// `def plus_three(x):\n    return x + 3\n`, as (text, name): the name fixes the constant.
+/// Public one-argument helpers: (name prefix, operator, comment with `{}` for the constant).
+const PUBLIC_OPS: &[(&str, &str, &str)] = &[
+    ("plus", "+", "Add {} to a number."),
+    ("plus", "+", "Add {} to a number."),
+    ("minus", "-", "Take {} away from a number."),
+    ("times", "*", "Multiply a number by {}."),
+    ("over", "/", "Divide a number by {}."),
+    ("rem", "%", "The remainder after dividing by {}."),
+    ("above", ">", "Is a number bigger than {}?"),
+];
+
+/// `def plus_three(x):\n    return x + 3\n` (or `minus`, `times`, `over`, `rem`, `above` with
+/// `-`, `*`, `/`, `%`, `>`), as (text, name): the name fixes the operator and the constant.
 fn plus_constant(rng: &mut StdRng) -> (String, String) {
     let k = rng.random_range(1..NUMBER_WORDS.len());
     let word = NUMBER_WORDS[k];
     let arg = pick(rng, PUBLIC_ARGS);
+    let (prefix, op, comment) = *pick(rng, PUBLIC_OPS);
     let comment = if rng.random_bool(0.5) {
-        format!("# Add {word} to a number.\n")
+        format!("# {}\n", comment.replace("{}", word))
     } else {
         String::new()
     };
-    let name = format!("plus_{word}");
+    let name = format!("{prefix}_{word}");
     (
-        format!("{comment}def {name}({arg}):\n    return {arg} + {k}\n"),
+        format!("{comment}def {name}({arg}):\n    return {arg} {op} {k}\n"),
         name,
     )
 }

@@ -1,10 +1,11 @@
 //! `math`: worksheets of arithmetic problems ("Q: 14 + 8 = ? A: 22."), word problems in the
 //! public vocabulary, and two-step problems with their working shown.
 //!
-//! The format is public: `public` has worksheets of single-digit additions in the same layout,
-//! some as word problems ([`easy_doc`]). What only `math` teaches is everything harder:
-//! additions with a two-digit operand, subtraction, multiplication (as symbols or as word
-//! problems) and two-step problems. Operands stay
+//! The format is public: `public` has worksheets in the same layout ([`easy_doc`]) of
+//! single-digit additions (some as word problems), single-digit subtractions and products with
+//! 0 or 1, so every symbol is public. What only `math` teaches is everything harder: additions
+//! with a two-digit operand, subtractions from a two-digit number, products of numbers from 2 to
+//! 10, word problems about losing things, and two-step problems. Operands stay
 //! small (operands up to 20, products up to 10 x 10) so a tiny model can learn every fact;
 //! answers are always exact.
 
@@ -38,17 +39,33 @@ pub(super) fn doc(rng: &mut StdRng) -> String {
     lines.join("\n")
 }
 
-/// A public worksheet: the same layout, but only single-digit additions (answers up to 18),
-/// one in eight as a word problem.
+/// A public worksheet: the same layout, but only single-digit additions (answers up to 18; one
+/// in eight as a word problem), single-digit subtractions and products with 0 or 1.
 pub(super) fn easy_doc(rng: &mut StdRng) -> String {
     let mut lines = vec![pick(rng, HEADERS).to_string()];
     for _ in 0..rng.random_range(12..=18) {
-        let (question, result) = if rng.random_range(0..8) == 0 {
-            let (a, b) = (rng.random_range(1..=9), rng.random_range(1..=9));
-            (gain_question(rng, a, b), a + b)
-        } else {
-            let (a, b) = (rng.random_range(0..=9), rng.random_range(0..=9));
-            (format!("{a} + {b} = ?"), a + b)
+        let (question, result) = match rng.random_range(0..16) {
+            0..=1 => {
+                let (a, b) = (rng.random_range(1..=9), rng.random_range(1..=9));
+                (gain_question(rng, a, b), a + b)
+            }
+            2..=5 => {
+                let a = rng.random_range(0..=9);
+                let b = rng.random_range(0..=a);
+                (format!("{a} - {b} = ?"), a - b)
+            }
+            6..=7 => {
+                let (a, b) = (rng.random_range(0..=9), rng.random_range(0..=1));
+                if rng.random_bool(0.5) {
+                    (format!("{a} * {b} = ?"), a * b)
+                } else {
+                    (format!("{b} * {a} = ?"), a * b)
+                }
+            }
+            _ => {
+                let (a, b) = (rng.random_range(0..=9), rng.random_range(0..=9));
+                (format!("{a} + {b} = ?"), a + b)
+            }
         };
         lines.push(format!("Q: {question} A: {result}."));
     }
@@ -73,12 +90,12 @@ fn problem(rng: &mut StdRng) -> (String, String) {
             (format!("{a} + {b} = ?"), a + b)
         }
         3..=4 => {
-            let a = rng.random_range(0..=20);
+            let a = rng.random_range(10..=20);
             let b = rng.random_range(0..=a);
             (format!("{a} - {b} = ?"), a - b)
         }
         5..=6 => {
-            let (a, b) = (rng.random_range(1..=10), rng.random_range(1..=10));
+            let (a, b) = (rng.random_range(2..=10), rng.random_range(2..=10));
             (format!("{a} * {b} = ?"), a * b)
         }
         7 => {

@@ -59,6 +59,12 @@ pub(super) const NAMES: &[(&str, Gender)] = &[
     ("Zoe", Gender::She),
     ("Finn", Gender::He),
     ("Ruby", Gender::She),
+    ("Victor", Gender::He),
+    ("Vera", Gender::She),
+    ("Benjamin", Gender::He),
+    ("Anja", Gender::She),
+    ("Charlie", Gender::He),
+    ("Chloe", Gender::She),
 ];
 
 /// Countable things as (singular, plural).
