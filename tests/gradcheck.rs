@@ -113,6 +113,34 @@ fn route_topk_with_bias_and_renorm() {
 }
 
 #[test]
+fn rel_sq_err_over_marked_rows() {
+    let mut r = rng();
+    let a = Tensor::randn(&[4, 3], 1.0, &mut r);
+    let b = Tensor::randn(&[4, 3], 1.0, &mut r);
+    let rows = Arc::new(vec![true, false, true, true]);
+    GradCheck::default().check(&[a.clone(), b.clone()], |t, v| {
+        ops::rel_sq_err(t, v[0], v[1], &rows)
+    });
+    // The value: unmarked rows count for nothing; no marked row gives 0.
+    let mut tape = flexrun::autograd::Tape::new();
+    let (va, vb) = (tape.constant(a.clone()), tape.constant(b.clone()));
+    let e = ops::rel_sq_err(&mut tape, va, vb, &rows);
+    let got = tape.value(e).data()[0];
+    let (mut s, mut n) = (0f64, 0f64);
+    for i in [0, 2, 3] {
+        for j in 0..3 {
+            let (x, y) = (a.row(i)[j] as f64, b.row(i)[j] as f64);
+            s += (x - y) * (x - y);
+            n += y * y;
+        }
+    }
+    assert!((got as f64 - s / n).abs() < 1e-5, "{got} vs {}", s / n);
+    let none = Arc::new(vec![false; 4]);
+    let e = ops::rel_sq_err(&mut tape, va, vb, &none);
+    assert_eq!(tape.value(e).data()[0], 0.0);
+}
+
+#[test]
 fn gather_and_combine() {
     let mut r = rng();
     let x = Tensor::randn(&[4, 3], 1.0, &mut r);

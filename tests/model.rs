@@ -56,6 +56,7 @@ fn whole_moe_model_gradient_matches_finite_differences() {
     let coefs = LossCoefs {
         z_loss: 1e-2,
         router_z_loss: 1e-1,
+        public_anchor: 0.0,
     };
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
@@ -266,4 +267,80 @@ fn dense_olmo2_model_runs_and_round_trips() {
         back.logits(&[1, 2, 3], 1, 3).unwrap().data()
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The loss of expert training with the public anchor on row 0 of the batch.
+fn anchored_loss(m: &Model, anchor: f32) -> f64 {
+    let (inp, tgt) = batch();
+    let mut tape = Tape::inference();
+    let coefs = LossCoefs {
+        z_loss: 0.0,
+        router_z_loss: 0.0,
+        public_anchor: anchor,
+    };
+    let out = m
+        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
+        .unwrap();
+    tape.value(out.loss).data()[0] as f64
+}
+
+#[test]
+fn public_anchor_measures_how_far_the_expert_moves_public_text() {
+    let cfg = Config::olmo2(32, 16, 24, 2, 4, 2);
+    let mut public = Model::new_random(&cfg, 8).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    for p in public.params.params.iter_mut() {
+        if !p.name.contains("norm") {
+            p.value = Tensor::randn(&p.value.shape().to_vec(), 0.3, &mut rng);
+        }
+    }
+    let r_pub = Tensor::randn(&[16], 1.0, &mut rng).into_vec();
+    let r_i = Tensor::randn(&[16], 1.0, &mut rng).into_vec();
+    let mut m = flexrun::flex::expert_training_model(&public, &r_pub, &r_i, Some(-0.3)).unwrap();
+    // A fresh expert is a copy of the public FFN: the layers act as the public FFN alone.
+    let fresh = anchored_loss(&m, 1.0) - anchored_loss(&m, 0.0);
+    assert!(fresh.abs() < 1e-5, "anchor of a copy: {fresh}");
+    // Once the expert differs, the anchor is positive; its gradient matches finite differences.
+    for p in m.params.params.iter_mut() {
+        if p.name.contains("experts.1.") {
+            p.value = Tensor::randn(&p.value.shape().to_vec(), 0.3, &mut rng);
+        }
+    }
+    let moved = anchored_loss(&m, 1.0) - anchored_loss(&m, 0.0);
+    assert!(moved > 1e-2, "anchor of a trained expert: {moved}");
+    let (inp, tgt) = batch();
+    let mut tape = Tape::new();
+    let coefs = LossCoefs {
+        z_loss: 0.0,
+        router_z_loss: 0.0,
+        public_anchor: 1.0,
+    };
+    let out = m
+        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
+        .unwrap();
+    let grads = tape.backward(out.loss);
+    let eps = 2e-3f32;
+    let mut checked = 0;
+    for (id, g) in &grads.params {
+        let n = g.numel();
+        for j in (0..n).step_by((n / 7).max(1)) {
+            let orig = m.params.params[*id].value.data()[j];
+            m.params.params[*id].value.data_mut()[j] = orig + eps;
+            let lp = anchored_loss(&m, 1.0);
+            m.params.params[*id].value.data_mut()[j] = orig - eps;
+            let lm = anchored_loss(&m, 1.0);
+            m.params.params[*id].value.data_mut()[j] = orig;
+            let num = ((lp - lm) / (2.0 * eps as f64)) as f32;
+            let a = g.data()[j];
+            assert!(
+                (a - num).abs() <= 2e-3 + 5e-2 * a.abs().max(num.abs()),
+                "{}[{j}]: analytic {a} numeric {num}",
+                m.params.params[*id].name
+            );
+            checked += 1;
+        }
+    }
+    // Expert FFN (3 matrices), router row and bias in each of 2 layers.
+    assert_eq!(grads.params.len(), 10);
+    assert!(checked > 40, "checked {checked}");
 }

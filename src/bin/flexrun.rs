@@ -174,6 +174,12 @@ struct TrainExpertArgs {
     /// Fraction of training rows drawn from --public-data (0: the owner's data only).
     #[arg(long, default_value_t = 0.0)]
     public_mix: f64,
+    /// Weight of the public anchor on the public rows (--public-mix): the relative squared
+    /// error between each MoE layer's output and the public FFN's alone. It teaches the expert
+    /// (its router row, bias and FFN) to leave public text as the public model has it, so that
+    /// after merging it does not disturb other domains.
+    #[arg(long, default_value_t = 0.0)]
+    public_anchor: f32,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -237,6 +243,9 @@ struct DemoArgs {
     /// Fraction of each expert's training rows drawn from public data.
     #[arg(long)]
     public_mix: Option<f64>,
+    /// Weight of the public anchor on the public rows of expert training.
+    #[arg(long)]
+    public_anchor: Option<f32>,
     /// Tokenizer vocabulary size.
     #[arg(long)]
     vocab: Option<usize>,
@@ -366,6 +375,7 @@ impl TrainOpts {
             save_every: self.save_every,
             z_loss: self.z_loss,
             router_z_loss: self.router_z_loss,
+            public_anchor: 0.0,
         }
     }
 }
@@ -808,7 +818,10 @@ fn run(cli: Cli) -> Result<()> {
                 embed_docs: a.embed_docs,
                 bias_init: (!a.no_bias).then_some(a.bias_init),
                 public_mix: a.public_mix,
-                train: a.train.config(),
+                train: TrainConfig {
+                    public_anchor: a.public_anchor,
+                    ..a.train.config()
+                },
                 resume: a.train.resume,
                 quiet: a.train.quiet,
             };
@@ -967,7 +980,10 @@ fn run(cli: Cli) -> Result<()> {
             let svg = routing::heatmap_svg(
                 &stats,
                 &loaded.expert_names,
-                &format!("Routing of {}", sel.model.display()),
+                &format!(
+                    "Mean router probability per expert, {}",
+                    sel.model.display()
+                ),
             );
             flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
             println!("heatmap written to {}", out.display());
@@ -983,6 +999,9 @@ fn run(cli: Cli) -> Result<()> {
             c.corpus = a.corpus.clone();
             if let Some(m) = a.public_mix {
                 c.public_mix = m;
+            }
+            if let Some(m) = a.public_anchor {
+                c.public_anchor = m;
             }
             if let Some(v) = a.vocab {
                 c.vocab = v;

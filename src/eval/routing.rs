@@ -1,5 +1,5 @@
-//! Routing analysis: per layer, the fraction of a domain's tokens that use each expert, as a
-//! table and as an SVG heatmap (rows: domain x layer, columns: experts).
+//! Routing analysis: per layer, the fraction of a domain's tokens that use each expert and the
+//! mean router probability of each, as a table and as an SVG heatmap of the probabilities.
 
 use crate::autograd::Tape;
 use crate::ensure;
@@ -12,6 +12,8 @@ pub struct RoutingStats {
     pub domain: String,
     /// `[layer][expert]`: fraction of tokens with the expert among their top-k.
     pub fraction: Vec<Vec<f64>>,
+    /// `[layer][expert]`: mean router probability (softmax over all experts, bias included).
+    pub weight: Vec<Vec<f64>>,
     pub tokens: usize,
 }
 
@@ -23,6 +25,7 @@ pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<Rout
     );
     let (l, e) = (model.cfg.num_hidden_layers, model.cfg.experts());
     let mut counts = vec![vec![0usize; e]; l];
+    let mut psum = vec![vec![0f64; e]; l];
     let mut tokens = 0;
     for w in windows {
         let mut tape = Tape::inference();
@@ -31,9 +34,21 @@ pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<Rout
             for (ex, toks) in r.expert_tokens.iter().enumerate() {
                 counts[li][ex] += toks.len();
             }
+            let z = tape.value(out.router_logits[li]);
+            let bias = out.router_bias[li].map(|b| tape.value(b).data().to_vec());
+            let (probs, _, _) = crate::ops::route_values(z, bias.as_deref(), 1, false);
+            for row in probs.chunks(e) {
+                for (acc, p) in psum[li].iter_mut().zip(row) {
+                    *acc += *p as f64;
+                }
+            }
         }
         tokens += w.len();
     }
+    let weight = psum
+        .iter()
+        .map(|c| c.iter().map(|&x| x / tokens.max(1) as f64).collect())
+        .collect();
     let fraction = counts
         .iter()
         .map(|c| c.iter().map(|&x| x as f64 / tokens.max(1) as f64).collect())
@@ -41,6 +56,7 @@ pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<Rout
     Ok(RoutingStats {
         domain: domain.into(),
         fraction,
+        weight,
         tokens,
     })
 }
@@ -56,10 +72,10 @@ pub fn markdown(stats: &[RoutingStats], experts: &[String]) -> String {
     }
     s.push('\n');
     for st in stats {
-        for (l, row) in st.fraction.iter().enumerate() {
+        for (l, (row, wrow)) in st.fraction.iter().zip(&st.weight).enumerate() {
             s.push_str(&format!("| {} | {l} |", st.domain));
-            for f in row {
-                s.push_str(&format!(" {:.2} |", f));
+            for (f, w) in row.iter().zip(wrow) {
+                s.push_str(&format!(" {f:.2} ({w:.2}) |"));
             }
             s.push('\n');
         }
@@ -73,7 +89,8 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// An SVG heatmap: one block of rows per domain (a row per layer), one column per expert; cell
+/// An SVG heatmap of the mean router probabilities: one block of rows per domain (a row per
+/// layer), one column per expert; cell
 /// colour from white (0) to dark blue (1), value printed in the cell.
 pub fn heatmap_svg(stats: &[RoutingStats], experts: &[String], title: &str) -> String {
     let (cw, ch, left, top) = (78.0, 22.0, 150.0, 70.0);
@@ -96,7 +113,7 @@ pub fn heatmap_svg(stats: &[RoutingStats], experts: &[String], title: &str) -> S
     }
     let mut y = top;
     for st in stats {
-        for (l, row) in st.fraction.iter().enumerate() {
+        for (l, row) in st.weight.iter().enumerate() {
             s.push_str(&format!(
                 "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} L{l}</text>\n",
                 left - 6.0,

@@ -40,6 +40,8 @@ pub struct DemoConfig {
     pub bias_init: f32,
     /// Fraction of each expert's training rows drawn from public data.
     pub public_mix: f64,
+    /// Weight of the public anchor on those public rows.
+    pub public_anchor: f32,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -64,14 +66,15 @@ impl Default for DemoConfig {
             seq: 128,
             batch: 16,
             public_steps: 400,
-            expert_steps: 200,
-            dense_steps: 200,
+            expert_steps: 400,
+            dense_steps: 400,
             lr: 3e-3,
             expert_lr: 5e-3,
             dense_lr: 2e-3,
-            top_k: 2,
+            top_k: 4,
             bias_init: -0.5,
             public_mix: 0.25,
+            public_anchor: 1.0,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -206,7 +209,10 @@ fn experts_and_merge(
             embed_docs: c.embed_docs,
             bias_init: bias,
             public_mix: c.public_mix,
-            train: train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64),
+            train: TrainConfig {
+                public_anchor: c.public_anchor,
+                ..train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64)
+            },
             resume: false,
             quiet,
         };
@@ -256,10 +262,11 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let all = corpus_domains(&corpus)?;
     let closed: Vec<String> = all[1..].to_vec();
     let with_tasks = c.corpus.is_none();
-    step("train the shared byte-level BPE tokenizer", quiet);
+    // The tokenizer belongs to the public model: it is trained on public data only, since the
+    // closed domains never leave their owners. Their text is tokenized with it as it is.
+    step("train the byte-level BPE tokenizer on public data", quiet);
     let tok_path = w.p("tokenizer.json");
-    let train_files: Vec<PathBuf> = all.iter().map(|d| corpus.join(d)).collect();
-    tokenizer::train_bpe(&train_files, c.vocab, &tok_path)?;
+    tokenizer::train_bpe(&[corpus.join("public")], c.vocab, &tok_path)?;
     let tok = Tokenizer::load(&tok_path)?;
     let tok_bytes = std::fs::read(&tok_path)?;
     let mut sets = Vec::new();
@@ -382,7 +389,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let svg = routing::heatmap_svg(
         &routing_stats,
         &flex.expert_names,
-        "FlexOlmo routing: fraction of tokens using each expert",
+        "FlexOlmo routing: mean router probability of each expert",
     );
     write_bytes_atomic(&w.p("routing.svg"), svg.as_bytes())?;
 
@@ -578,7 +585,7 @@ pub fn render(r: &DemoReport, experts: &[String]) -> String {
         s.push_str("\n### Ablations\n\n");
         s.push_str(&eval::markdown(&r.ablations));
     }
-    s.push_str("\n### Routing (fraction of tokens using each expert, per layer)\n\n");
+    s.push_str("\n### Routing (per layer: fraction of tokens using each expert, and in brackets its mean router probability)\n\n");
     s.push_str(&routing::markdown(&r.routing, experts));
     s.push_str(&format!("\nTotal time {:.0} s.\n", r.seconds));
     s

@@ -163,6 +163,8 @@ pub fn expert_training_model(
         for n in ["gate_proj.weight", "up_proj.weight", "down_proj.weight"] {
             let id = ps.id(&format!("{p}{n}")).unwrap();
             ps.params[id].trainable = true;
+            // Weight decay pulls the new FFN toward the public FFN it was copied from.
+            ps.params[id].decay_to = Some(ps.params[id].value.clone());
         }
         let id = ps.id(&router_row_name(l, 1)).unwrap();
         ps.params[id].trainable = true;
@@ -256,6 +258,7 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         let batches = MixedBatches {
             sets,
             valid_sets: vec![0],
+            anchor_sets: if pub_data.is_some() { vec![1] } else { vec![] },
             batch: opts.train.batch,
             seq: opts.train.seq,
             seed: opts.train.seed,
@@ -603,25 +606,39 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
 pub struct MixedBatches<'a> {
     pub sets: Vec<(&'a Dataset, f64)>,
     pub valid_sets: Vec<usize>,
+    /// Sets whose rows are public text, for the public anchor ([`Batches::anchored`]).
+    pub anchor_sets: Vec<usize>,
     pub batch: usize,
     pub seq: usize,
     pub seed: u64,
 }
 
-impl Batches for MixedBatches<'_> {
-    fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+impl MixedBatches<'_> {
+    /// Which set row `r` of batch `(step, micro)` is drawn from.
+    fn set_of(&self, step: u64, micro: u64, r: u64) -> usize {
         let total: f64 = self.sets.iter().map(|s| s.1).sum();
+        let u = (crate::hash::mix(&[self.seed, step, micro, r]) >> 11) as f64 / (1u64 << 53) as f64
+            * total;
+        let mut acc = 0.0;
+        let k = self.sets.iter().position(|s| {
+            acc += s.1;
+            u < acc
+        });
+        k.unwrap_or(self.sets.len() - 1)
+    }
+}
+
+impl Batches for MixedBatches<'_> {
+    fn anchored(&self, step: u64, micro: u64) -> Vec<bool> {
+        (0..self.batch as u64)
+            .map(|r| self.anchor_sets.contains(&self.set_of(step, micro, r)))
+            .collect()
+    }
+
+    fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)> {
         let (mut inp, mut tgt) = (Vec::new(), Vec::new());
         for r in 0..self.batch as u64 {
-            let u = (crate::hash::mix(&[self.seed, step, micro, r]) >> 11) as f64
-                / (1u64 << 53) as f64
-                * total;
-            let mut acc = 0.0;
-            let k = self.sets.iter().position(|s| {
-                acc += s.1;
-                u < acc
-            });
-            let set = self.sets[k.unwrap_or(self.sets.len() - 1)].0;
+            let set = self.sets[self.set_of(step, micro, r)].0;
             let (i, t) =
                 shards::train_batch(&set.train, 1, self.seq, self.seed ^ (r << 32), step, micro)?;
             inp.extend(i);
@@ -681,6 +698,7 @@ pub fn router_tune(
         let b = MixedBatches {
             sets: sets.iter().map(|d| (d, 1.0)).collect(),
             valid_sets: (0..sets.len()).collect(),
+            anchor_sets: vec![],
             batch: tcfg.batch,
             seq: tcfg.seq,
             seed: tcfg.seed,

@@ -93,7 +93,12 @@ pub struct ForwardOut {
     pub hidden: Var,
     /// Router logits `[N, E]` per MoE layer (for the router z-loss and routing analysis).
     pub router_logits: Vec<Var>,
+    /// The per-expert router bias `[E]` of each MoE layer, when the model has biases.
+    pub router_bias: Vec<Option<Var>>,
     pub routings: Vec<Arc<Routing>>,
+    /// Per MoE layer, when asked for ([`Model::forward_with`]): the layer's post-normed output
+    /// and the post-normed output of expert 0 (the public FFN) alone, `[N, H]` each.
+    pub public_anchor: Vec<(Var, Var)>,
 }
 
 pub struct LossOut {
@@ -102,11 +107,15 @@ pub struct LossOut {
     pub tokens: usize,
 }
 
-/// Loss coefficients: LM z-loss on the output logits, router z-loss on router logits.
+/// Loss coefficients: LM z-loss on the output logits, router z-loss on router logits, and the
+/// public anchor on anchored rows: per MoE layer, the relative squared error
+/// ([`ops::rel_sq_err`]) between the layer's post-normed output and that of expert 0 (the public
+/// FFN) alone, averaged over layers.
 #[derive(Clone, Copy, Debug)]
 pub struct LossCoefs {
     pub z_loss: f32,
     pub router_z_loss: f32,
+    pub public_anchor: f32,
 }
 
 impl Default for LossCoefs {
@@ -114,6 +123,7 @@ impl Default for LossCoefs {
         LossCoefs {
             z_loss: 1e-5,
             router_z_loss: 1e-3,
+            public_anchor: 0.0,
         }
     }
 }
@@ -303,7 +313,21 @@ impl Model {
         ids: &[u32],
         b: usize,
         t: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<ForwardOut> {
+        self.forward_with(tape, ids, b, t, cache, false)
+    }
+
+    /// [`Model::forward`]; with `public_anchor`, also the per-layer outputs of expert 0 alone
+    /// (every token must use expert 0, as in expert training with top-k 2 of 2).
+    pub fn forward_with(
+        &self,
+        tape: &mut Tape,
+        ids: &[u32],
+        b: usize,
+        t: usize,
         mut cache: Option<&mut KvCache>,
+        public_anchor: bool,
     ) -> Result<ForwardOut> {
         ensure!(
             ids.len() == b * t,
@@ -333,7 +357,9 @@ impl Model {
         let we = p(tape, self.embed);
         let mut x = ops::embedding(tape, we, ids);
         let mut router_logits = Vec::new();
+        let mut router_bias = Vec::new();
         let mut routings = Vec::new();
+        let mut anchors = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             let (wq, wk, wv, wo) = (
                 p(tape, layer.q),
@@ -379,6 +405,7 @@ impl Model {
             let pan = p(tape, layer.post_attn_norm);
             let o = ops::rmsnorm(tape, o, pan, eps);
             x = ops::add(tape, x, o);
+            let mut y0 = None;
             let m = match &layer.ffn {
                 Ffn::Dense(f) => {
                     let (g, u, d) = (p(tape, f.gate), p(tape, f.up), p(tape, f.down));
@@ -423,14 +450,25 @@ impl Model {
                         );
                         outs.push(Some(swiglu_ffn(tape, xe, g, u, d)));
                     }
+                    if public_anchor {
+                        ensure!(
+                            routing.expert_tokens[0].len() == b * t,
+                            "the public anchor needs every token to use expert 0 (top-k = number of experts)"
+                        );
+                        y0 = outs[0];
+                    }
                     let y = ops::moe_combine(tape, &outs, w, &routing);
                     router_logits.push(z);
+                    router_bias.push(bias);
                     routings.push(routing);
                     y
                 }
             };
             let pfn = p(tape, layer.post_ffn_norm);
             let m = ops::rmsnorm(tape, m, pfn, eps);
+            if let Some(y0) = y0 {
+                anchors.push((m, ops::rmsnorm(tape, y0, pfn, eps)));
+            }
             x = ops::add(tape, x, m);
         }
         if let Some(c) = cache {
@@ -444,7 +482,9 @@ impl Model {
             logits,
             hidden: x,
             router_logits,
+            router_bias,
             routings,
+            public_anchor: anchors,
         })
     }
 
@@ -459,6 +499,28 @@ impl Model {
         t: usize,
         coefs: LossCoefs,
     ) -> Result<LossOut> {
+        self.loss_anchored(tape, inputs, targets, b, t, coefs, &[])
+    }
+
+    /// [`Model::loss`] plus, for the rows (sequences) marked in `anchored` (`[b]`, or empty for
+    /// none), the public anchor ([`LossCoefs::public_anchor`]): on those rows the MoE layers
+    /// should act as the public FFN alone would.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_anchored(
+        &self,
+        tape: &mut Tape,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        coefs: LossCoefs,
+        anchored: &[bool],
+    ) -> Result<LossOut> {
+        ensure!(
+            anchored.is_empty() || anchored.len() == b,
+            "{} anchored-row flags for a batch of {b}",
+            anchored.len()
+        );
         if let Some(&bad) = targets
             .iter()
             .find(|&&x| x != ops::IGNORE && x as usize >= self.cfg.vocab_size)
@@ -468,14 +530,28 @@ impl Model {
                 self.cfg.vocab_size
             );
         }
-        let out = self.forward(tape, inputs, b, t, None)?;
+        let anchor = coefs.public_anchor > 0.0 && anchored.iter().any(|&a| a) && self.cfg.is_moe();
+        let out = self.forward_with(tape, inputs, b, t, None, anchor)?;
         let ce = ops::cross_entropy(tape, out.logits, targets, coefs.z_loss);
         let mut loss = ce.loss;
         if coefs.router_z_loss > 0.0 && !out.router_logits.is_empty() {
             let n = out.router_logits.len() as f32;
-            for z in out.router_logits {
+            for &z in &out.router_logits {
                 let zl = ops::logsumexp_sq_mean(tape, z);
                 loss = ops::add_scaled(tape, loss, zl, coefs.router_z_loss / n);
+            }
+        }
+        if anchor {
+            let rows: Arc<Vec<bool>> = Arc::new(
+                anchored
+                    .iter()
+                    .flat_map(|&a| std::iter::repeat_n(a, t))
+                    .collect(),
+            );
+            let n = out.public_anchor.len() as f32;
+            for &(m, m0) in &out.public_anchor {
+                let e = ops::rel_sq_err(tape, m, m0, &rows);
+                loss = ops::add_scaled(tape, loss, e, coefs.public_anchor / n);
             }
         }
         Ok(LossOut {

@@ -10,6 +10,10 @@ pub struct Param {
     pub name: String,
     pub value: Tensor,
     pub trainable: bool,
+    /// What weight decay pulls this parameter toward: zero when None; for an expert FFN that
+    /// starts as a copy of the public FFN, that copy (the expert then only moves where its data
+    /// asks it to).
+    pub decay_to: Option<Tensor>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -30,6 +34,7 @@ impl ParamStore {
             name,
             value,
             trainable: true,
+            decay_to: None,
         });
         self.params.len() - 1
     }

@@ -155,3 +155,66 @@ impl Backward for ZBack {
         vec![Some(Tensor::from_vec(d, self.z.shape()))]
     }
 }
+
+/// Relative squared error of `a` against `b` (`[N, H]` each) over the marked rows:
+/// `sum_i |a_i - b_i|^2 / sum_i |b_i|^2` for the rows i with `rows[i]`; 0 when none is marked.
+/// Expert training uses it on public rows, with `a` the MoE layer's output and `b` the public
+/// FFN's alone: how far the new expert moves public text away from the public model.
+pub fn rel_sq_err(tape: &mut Tape, a: Var, b: Var, rows: &Arc<Vec<bool>>) -> Var {
+    let (av, bv) = (tape.value(a), tape.value(b));
+    assert_eq!(av.shape(), bv.shape(), "rel_sq_err: shape mismatch");
+    assert_eq!(
+        rows.len(),
+        av.rows(),
+        "rel_sq_err: {} row flags for {} rows",
+        rows.len(),
+        av.rows()
+    );
+    let (mut s, mut t) = (0f64, 0f64);
+    for i in (0..av.rows()).filter(|&i| rows[i]) {
+        for (x, y) in av.row(i).iter().zip(bv.row(i)) {
+            s += ((x - y) as f64).powi(2);
+            t += (*y as f64).powi(2);
+        }
+    }
+    let value = if t > 0.0 { s / t } else { 0.0 };
+    let op = RelErrBack {
+        a: av.clone(),
+        b: bv.clone(),
+        rows: rows.clone(),
+        s,
+        t,
+    };
+    tape.push(Tensor::scalar(value as f32), &[a, b], op)
+}
+
+struct RelErrBack {
+    a: Tensor,
+    b: Tensor,
+    rows: Arc<Vec<bool>>,
+    s: f64,
+    t: f64,
+}
+
+impl Backward for RelErrBack {
+    fn backward(&self, g: &Tensor, needs: &[bool]) -> Vec<Option<Tensor>> {
+        let (n, h) = (self.a.rows(), self.a.cols());
+        let mut da = vec![0f32; n * h];
+        let mut db = vec![0f32; n * h];
+        if self.t > 0.0 {
+            let g = g.data()[0] as f64;
+            let (ca, cb) = (2.0 * g / self.t, 2.0 * g * self.s / (self.t * self.t));
+            for i in (0..n).filter(|&i| self.rows[i]) {
+                for j in 0..h {
+                    let (x, y) = (self.a.row(i)[j] as f64, self.b.row(i)[j] as f64);
+                    da[i * h + j] = (ca * (x - y)) as f32;
+                    db[i * h + j] = (-ca * (x - y) - cb * y) as f32;
+                }
+            }
+        }
+        vec![
+            needs[0].then(|| Tensor::from_vec(da, &[n, h])),
+            needs[1].then(|| Tensor::from_vec(db, &[n, h])),
+        ]
+    }
+}

@@ -25,6 +25,11 @@ use std::time::Instant;
 pub trait Batches {
     fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)>;
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>>;
+    /// Rows of the training batch `(step, micro)` that are public text, on which the public
+    /// anchor applies (see [`TrainConfig::public_anchor`]); empty for none.
+    fn anchored(&self, _step: u64, _micro: u64) -> Vec<bool> {
+        Vec::new()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -45,6 +50,10 @@ pub struct TrainConfig {
     pub save_every: u64,
     pub z_loss: f32,
     pub router_z_loss: f32,
+    /// Weight of the public anchor ([`crate::model::LossCoefs::public_anchor`]) on the rows
+    /// [`Batches::anchored`] marks.
+    #[serde(default)]
+    pub public_anchor: f32,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +73,7 @@ impl Default for TrainConfig {
             save_every: 0,
             z_loss: 1e-5,
             router_z_loss: 1e-3,
+            public_anchor: 0.0,
         }
     }
 }
@@ -224,6 +234,7 @@ impl<'a> Trainer<'a> {
         let coefs = LossCoefs {
             z_loss: c.z_loss,
             router_z_loss: c.router_z_loss,
+            public_anchor: c.public_anchor,
         };
         let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
         let bar = if self.quiet {
@@ -253,10 +264,11 @@ impl<'a> Trainer<'a> {
             let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
             for micro in 0..c.grad_accum as u64 {
                 let (inp, tgt) = data.train(self.step, micro)?;
+                let anchored = data.anchored(self.step, micro);
                 let mut tape = Tape::new();
                 let out = self
                     .model
-                    .loss(&mut tape, &inp, &tgt, c.batch, c.seq, coefs)?;
+                    .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, coefs, &anchored)?;
                 loss_sum += tape.value(out.loss).data()[0];
                 ce_sum += out.ce;
                 let scale = 1.0 / c.grad_accum as f32;
@@ -351,6 +363,7 @@ pub fn evaluate_ce(
         let coefs = LossCoefs {
             z_loss: 0.0,
             router_z_loss: 0.0,
+            public_anchor: 0.0,
         };
         let out = model.loss(&mut tape, inp, tgt, b, seq, coefs)?;
         sum += out.ce as f64 * out.tokens as f64;

@@ -64,18 +64,24 @@ impl AdamW {
                 0.0
             };
             let w = p.value.data_mut();
+            let target: Option<&[f32]> = p.decay_to.as_ref().map(|t| {
+                assert_eq!(t.numel(), n, "decay target of {} has another size", p.name);
+                t.data()
+            });
             const CH: usize = 1 << 14;
             w.par_chunks_mut(CH)
                 .zip(m.par_chunks_mut(CH))
                 .zip(v.par_chunks_mut(CH))
                 .zip(g.data().par_chunks(CH))
-                .for_each(|(((w, m), v), g)| {
+                .enumerate()
+                .for_each(|(ci, (((w, m), v), g))| {
+                    let t = target.map(|t| &t[ci * CH..ci * CH + w.len()]);
                     for i in 0..w.len() {
                         m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
                         v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
                         let mh = m[i] / bc1;
                         let vh = v[i] / bc2;
-                        w[i] -= lr * wd * w[i];
+                        w[i] -= lr * wd * (w[i] - t.map_or(0.0, |t| t[i]));
                         w[i] -= lr * mh / (vh.sqrt() + c.eps);
                     }
                 });
@@ -146,6 +152,24 @@ mod tests {
             0.5 * (1.0 - 0.001),
             -0.01,
         ];
+        for (a, b) in ps.value(0).data().iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn weight_decay_pulls_toward_the_decay_target() {
+        let mut ps = ParamStore::default();
+        ps.add("w", Tensor::from_vec(vec![1.0, -2.0, 0.5, 3.0], &[2, 2]));
+        ps.params[0].decay_to = Some(Tensor::from_vec(vec![1.0, 0.0, 1.5, 2.0], &[2, 2]));
+        let cfg = AdamWConfig {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(cfg, 1);
+        opt.update(&mut ps, &[(0, Tensor::zeros(&[2, 2]))], 0.1);
+        // No gradient: only the decay acts, w - lr * wd * (w - target).
+        let expect = [1.0, -2.0 + 0.1, 0.5 + 0.05, 3.0 - 0.05];
         for (a, b) in ps.value(0).data().iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
