@@ -135,7 +135,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         .map(|d| root.join(format!("experts/main/{d}.safetensors")))
         .collect();
     let without = root.join("merged-without-facts");
-    flex::merge(&public, &arts, c.top_k, &without).unwrap();
+    flex::merge(&public, &arts, c.top_k.min(arts.len() + 1), &without).unwrap();
     let a = flex::load_model(
         &flex_dir,
         &Selection {
