@@ -106,6 +106,33 @@ fn missing_and_corrupt_inputs() {
         ],
         "not a valid expert artifact",
     );
+    // Expert-training settings are checked before anything is read.
+    let expert = |extra: &[&str]| {
+        let mut args = vec![
+            "train-expert",
+            "--public",
+            ds,
+            "--data",
+            ds,
+            "--name",
+            "x",
+            "--out",
+            ds,
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str], needle: &str| {
+        let args = expert(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_clean_error(&refs, needle);
+    };
+    run(&["--public-anchor", "1"], "needs --public-mix");
+    run(
+        &["--public-anchor=-1", "--public-mix", "0.25"],
+        "finite weight",
+    );
+    run(&["--public-mix", "1.5"], "--public-mix must be");
     std::fs::remove_dir_all(&d).ok();
 }
 

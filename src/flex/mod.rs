@@ -221,6 +221,19 @@ pub fn router_rows(
 
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
 pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSummary)> {
+    ensure!(
+        (0.0..1.0).contains(&opts.public_mix),
+        "--public-mix must be in [0, 1)"
+    );
+    let anchor = opts.train.public_anchor;
+    ensure!(
+        anchor.is_finite() && anchor >= 0.0,
+        "--public-anchor must be a finite weight >= 0, got {anchor}"
+    );
+    ensure!(
+        anchor == 0.0 || opts.public_mix > 0.0,
+        "--public-anchor acts on public rows: it needs --public-mix > 0 and --public-data"
+    );
     let public = checkpoint::load(&opts.public)?;
     require_dense(&public, &opts.public)?;
     let data = Dataset::open(&opts.data)?;
@@ -233,10 +246,6 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         public.cfg.vocab_size
     );
     let hash = model_hash(&public);
-    ensure!(
-        (0.0..1.0).contains(&opts.public_mix),
-        "--public-mix must be in [0, 1)"
-    );
     let pub_data = match (&opts.public_data, opts.public_mix > 0.0) {
         (Some(p), true) => Some(Dataset::open(p)?),
         (None, true) => bail!("--public-mix needs --public-data"),
