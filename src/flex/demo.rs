@@ -65,7 +65,7 @@ impl Default for DemoConfig {
             intermediate: 352,
             seq: 128,
             batch: 16,
-            public_steps: 400,
+            public_steps: 800,
             expert_steps: 400,
             dense_steps: 400,
             lr: 3e-3,
