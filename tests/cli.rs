@@ -133,6 +133,21 @@ fn missing_and_corrupt_inputs() {
         "finite weight",
     );
     run(&["--public-mix", "1.5"], "--public-mix must be");
+    // A partial fine-tune that names no parameter is refused before any data is read.
+    assert_clean_error(
+        &[
+            "finetune",
+            "--public",
+            &fixture("olmo2_tiny_bf16"),
+            "--data",
+            ds,
+            "--out",
+            ds,
+            "--only",
+            "no_such_weight",
+        ],
+        "no parameter of",
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 

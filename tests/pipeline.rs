@@ -227,3 +227,53 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     assert!(err.0.contains("no expert 'poetry'"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn partial_finetune_trains_only_the_named_weights() {
+    let root = tmp("partial-ft");
+    let data_dir = small_dataset(&root);
+    let data = Dataset::open(&data_dir).unwrap();
+    let cfg = Config::olmo2(data.meta.vocab_size, 32, 48, 2, 2, 2);
+    let tcfg = TrainConfig {
+        steps: 3,
+        batch: 2,
+        seq: 16,
+        warmup: 1,
+        save_every: 0,
+        ..Default::default()
+    };
+    let public = root.join("public");
+    flexrun::train::pretrain::pretrain(&data_dir, &cfg, &tcfg, &public, false, true).unwrap();
+    let only = ["mlp".to_string(), "lm_head".to_string()];
+    let out = root.join("partial");
+    flex::finetune(
+        &public,
+        &data_dir,
+        &tcfg,
+        &only,
+        &out,
+        &root.join("run"),
+        false,
+        true,
+    )
+    .unwrap();
+    let (before, after) = (
+        checkpoint::load(&public).unwrap(),
+        checkpoint::load(&out).unwrap(),
+    );
+    let (mut moved, mut kept) = (0, 0);
+    for p in &before.params.params {
+        let q = &after.params.params[after.params.id(&p.name).unwrap()];
+        let same = p.value.data() == q.value.data();
+        if p.name.contains("mlp") || p.name.contains("lm_head") {
+            assert!(!same, "{} should have been trained", p.name);
+            moved += 1;
+        } else {
+            assert!(same, "{} should be frozen", p.name);
+            kept += 1;
+        }
+    }
+    // 2 layers x 3 FFN matrices + lm_head; embeddings, attention and every norm stay.
+    assert_eq!((moved, kept), (7, 1 + 2 * 8 + 1));
+    std::fs::remove_dir_all(&root).ok();
+}

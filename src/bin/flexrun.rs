@@ -70,7 +70,8 @@ enum Cmd {
         #[command(flatten)]
         train: TrainOpts,
     },
-    /// Baseline: fine-tune every weight of the public model on one domain (a dense expert).
+    /// Baseline: fine-tune every weight of the public model on one domain (a dense expert), or
+    /// only some of them (`--only`).
     Finetune {
         #[arg(long)]
         public: PathBuf,
@@ -78,6 +79,10 @@ enum Cmd {
         data: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Train only the parameters whose name contains one of these (e.g. `mlp,lm_head`); the
+        /// rest stay frozen. Default: every weight.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         #[command(flatten)]
         train: TrainOpts,
     },
@@ -874,6 +879,7 @@ fn run(cli: Cli) -> Result<()> {
             public,
             data,
             out,
+            only,
             train,
         } => {
             let run_dir = out.join("run");
@@ -881,6 +887,7 @@ fn run(cli: Cli) -> Result<()> {
                 &public,
                 &data,
                 &train.config(),
+                &only,
                 &out,
                 &run_dir,
                 train.resume,

@@ -305,6 +305,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             &w.p("models/public"),
             &w.p(&format!("data/{d}")),
             &train_cfg(c, c.dense_steps, c.dense_lr, c.seed + 20 + i as u64),
+            &[],
             &out,
             &w.p(&format!("runs/dense-{d}")),
             false,

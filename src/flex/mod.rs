@@ -735,20 +735,37 @@ pub fn router_tune(
     Ok(summary)
 }
 
-/// Dense expert baseline: the public model with every weight fine-tuned on one domain.
+/// Dense expert baseline: the public model with every weight fine-tuned on one domain. With
+/// `only` non-empty, just the parameters whose Hugging Face name contains one of its strings are
+/// trained (e.g. `mlp` and `lm_head`: how much of a dense expert's gain the FFNs and the output
+/// layer carry); the rest stay frozen, with no gradient memory.
+#[allow(clippy::too_many_arguments)]
 pub fn finetune(
     public_dir: &Path,
     data_dir: &Path,
     tcfg: &TrainConfig,
+    only: &[String],
     out: &Path,
     run_dir: &Path,
     resume: bool,
     quiet: bool,
 ) -> Result<(Model, TrainSummary)> {
+    ensure!(
+        only.iter().all(|s| !s.is_empty()),
+        "--only takes non-empty parameter name parts"
+    );
     let mut model = checkpoint::load(public_dir)?;
+    for p in model.params.params.iter_mut() {
+        p.trainable = only.is_empty() || only.iter().any(|s| p.name.contains(s.as_str()));
+    }
+    ensure!(
+        model.params.trainable_numel() > 0,
+        "--only {}: no parameter of {} has such a name (names look like model.layers.0.mlp.up_proj.weight, lm_head.weight)",
+        only.join(","),
+        public_dir.display()
+    );
     let data = Dataset::open(data_dir)?;
     check_tokenizer(public_dir, &data, data_dir)?;
-    model.params.set_all_trainable(true);
     let summary = {
         let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
         tr.quiet = quiet;
