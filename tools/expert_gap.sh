@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Where a FlexOlmo expert's gap to its dense expert comes from, on a finished demo's work
+# directory: for each closed domain, the held-out loss of
+#   - the dense expert (every weight fine-tuned; from the demo),
+#   - the public model with only its FFNs fine-tuned (`finetune --only mlp`): the most a frozen
+#     attention/embedding/output stack lets FFN weights learn,
+#   - the same plus the output layer (`--only mlp,lm_head`),
+#   - the FlexOlmo expert alone (the 2-expert model it was trained as),
+#   - the merged FlexOlmo model (all experts, the demo's top-k).
+# Partial fine-tunes use the demo's dense-expert settings (steps, seeds), at the experts' lr.
+#
+# usage: tools/expert_gap.sh [WORKDIR (default runs/demo)] [STEPS (400)] [LR (5e-3)]
+# env FLEXRUN: the binary (default target/release/flexrun, built if missing).
+set -euo pipefail
+W=${1:-runs/demo}
+STEPS=${2:-400}
+LR=${3:-5e-3}
+B=${FLEXRUN:-target/release/flexrun}
+[ -x "$B" ] || cargo build --release --quiet
+[ -d "$W/models/public" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+OUT="$W/gap"
+mkdir -p "$OUT"
+domains=$(ls "$W/experts/main" | sed -n 's/\.safetensors$//p')
+i=0
+for d in $domains; do
+  ev() { "$B" eval --model "$1" --data "$d=$W/data/$d" --tasks 0 --json "$OUT/$2-$d.json" > /dev/null; }
+  ev "$W/models/dense-$d" dense
+  for only in mlp mlp,lm_head; do
+    tag=only-${only/,/+}
+    if [ ! -f "$OUT/$tag-$d/model.safetensors" ]; then
+      "$B" finetune --public "$W/models/public" --data "$W/data/$d" --out "$OUT/$tag-$d" \
+        --only "$only" --steps "$STEPS" --lr "$LR" --warmup $((STEPS / 10)) --seed $((20 + i)) \
+        --save-every 0 --quiet > /dev/null
+    fi
+    ev "$OUT/$tag-$d" "$tag"
+  done
+  "$B" merge --public "$W/models/public" --experts "$W/experts/main/$d.safetensors" \
+    --out "$OUT/alone-$d" > /dev/null
+  ev "$OUT/alone-$d" alone
+  ev "$W/models/flexolmo-main" merged
+  i=$((i + 1))
+done
+python3 - "$OUT" $domains <<'EOF'
+import json, sys
+out, doms = sys.argv[1], sys.argv[2:]
+cols = [("dense", "dense expert (all weights)"), ("only-mlp", "FFNs only"),
+        ("only-mlp+lm_head", "FFNs + lm_head"), ("alone", "FlexOlmo expert alone"),
+        ("merged", "merged FlexOlmo")]
+print("| domain | " + " | ".join(c[1] for c in cols) + " |")
+print("|---|" + "---:|" * len(cols))
+for d in doms:
+    loss = {k: json.load(open(f"{out}/{k}-{d}.json"))["scores"][0]["loss"] for k, _ in cols}
+    cells = [f"{loss['dense']:.4f}"] + [
+        f"{loss[k]:.4f} ({100 * (loss[k] / loss['dense'] - 1):+.1f}%)" for k, _ in cols[1:]]
+    print(f"| {d} | " + " | ".join(cells) + " |")
+EOF
