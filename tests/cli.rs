@@ -133,6 +133,17 @@ fn missing_and_corrupt_inputs() {
         "finite weight",
     );
     run(&["--public-mix", "1.5"], "--public-mix must be");
+    run(
+        &[
+            "--public-anchor",
+            "1",
+            "--public-mix",
+            "0.25",
+            "--public-anchor-layers",
+            "4,-1",
+        ],
+        "--public-anchor-layers must be finite weights",
+    );
     // A partial fine-tune that names no parameter is refused before any data is read.
     assert_clean_error(
         &[

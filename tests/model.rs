@@ -56,11 +56,11 @@ fn whole_moe_model_gradient_matches_finite_differences() {
     let coefs = LossCoefs {
         z_loss: 1e-2,
         router_z_loss: 1e-1,
-        public_anchor: 0.0,
+        ..LossCoefs::default()
     };
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
-    let out = m.loss(&mut tape, &inp, &tgt, 2, 6, coefs).unwrap();
+    let out = m.loss(&mut tape, &inp, &tgt, 2, 6, coefs.clone()).unwrap();
     let grads = tape.backward(out.loss);
     assert_eq!(
         grads.params.len(),
@@ -75,9 +75,9 @@ fn whole_moe_model_gradient_matches_finite_differences() {
         for j in (0..n).step_by((n / 5).max(1)) {
             let orig = m.params.params[*id].value.data()[j];
             m.params.params[*id].value.data_mut()[j] = orig + eps;
-            let lp = loss_value(&m, coefs);
+            let lp = loss_value(&m, coefs.clone());
             m.params.params[*id].value.data_mut()[j] = orig - eps;
-            let lm = loss_value(&m, coefs);
+            let lm = loss_value(&m, coefs.clone());
             m.params.params[*id].value.data_mut()[j] = orig;
             let num = ((lp - lm) / (2.0 * eps as f64)) as f32;
             let a = g.data()[j];
@@ -271,12 +271,17 @@ fn dense_olmo2_model_runs_and_round_trips() {
 
 /// The loss of expert training with the public anchor on row 0 of the batch.
 fn anchored_loss(m: &Model, anchor: f32) -> f64 {
+    anchored_loss_layers(m, anchor, &[2.0, 0.5])
+}
+
+fn anchored_loss_layers(m: &Model, anchor: f32, layers: &[f32]) -> f64 {
     let (inp, tgt) = batch();
     let mut tape = Tape::inference();
     let coefs = LossCoefs {
         z_loss: 0.0,
         router_z_loss: 0.0,
         public_anchor: anchor,
+        public_anchor_layers: layers.to_vec(),
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
@@ -308,12 +313,47 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
     }
     let moved = anchored_loss(&m, 1.0) - anchored_loss(&m, 0.0);
     assert!(moved > 1e-2, "anchor of a trained expert: {moved}");
+    // Per-layer weights scale each layer's term: the anchor is linear in them.
+    let base = anchored_loss_layers(&m, 0.0, &[]);
+    let term = |w: &[f32]| anchored_loss_layers(&m, 1.0, w) - base;
+    let (l0, l1) = (term(&[1.0, 0.0]), term(&[0.0, 1.0]));
+    assert!(l0 > 1e-3 && l1 > 1e-3, "per-layer terms {l0} {l1}");
+    assert!((term(&[1.0, 1.0]) - (l0 + l1)).abs() < 1e-5);
+    assert!(
+        (term(&[]) - (l0 + l1)).abs() < 1e-5,
+        "no weights: 1 per layer"
+    );
+    assert!((term(&[3.0, 0.0]) - 3.0 * l0).abs() < 1e-5);
+    let (inp, tgt) = batch();
+    let wrong = LossCoefs {
+        public_anchor: 1.0,
+        public_anchor_layers: vec![1.0; 3],
+        ..LossCoefs::default()
+    };
+    let err = m
+        .loss_anchored(
+            &mut Tape::inference(),
+            &inp,
+            &tgt,
+            2,
+            6,
+            wrong,
+            &[true, false],
+        )
+        .err()
+        .expect("3 layer weights for 2 layers");
+    assert!(
+        err.to_string()
+            .contains("3 public-anchor layer weights for 2"),
+        "{err}"
+    );
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
     let coefs = LossCoefs {
         z_loss: 0.0,
         router_z_loss: 0.0,
         public_anchor: 1.0,
+        public_anchor_layers: vec![2.0, 0.5],
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])

@@ -185,6 +185,11 @@ struct TrainExpertArgs {
     /// after merging it does not disturb other domains.
     #[arg(long, default_value_t = 0.0)]
     public_anchor: f32,
+    /// Per-layer weights of the public anchor, one per layer (default: 1 each), e.g. 4,1,1,4:
+    /// the first layer's router sees little more than the token and cannot tell domains apart,
+    /// so a heavier anchor there keeps that layer's expert quiet on text that is not its own.
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    public_anchor_layers: Vec<f32>,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -251,6 +256,9 @@ struct DemoArgs {
     /// Weight of the public anchor on the public rows of expert training.
     #[arg(long)]
     public_anchor: Option<f32>,
+    /// Per-layer weights of the public anchor (one per layer; default 4,1,...,1,4).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    public_anchor_layers: Option<Vec<f32>>,
     /// Tokenizer vocabulary size.
     #[arg(long)]
     vocab: Option<usize>,
@@ -381,6 +389,7 @@ impl TrainOpts {
             z_loss: self.z_loss,
             router_z_loss: self.router_z_loss,
             public_anchor: 0.0,
+            public_anchor_layers: Vec::new(),
         }
     }
 }
@@ -825,6 +834,7 @@ fn run(cli: Cli) -> Result<()> {
                 public_mix: a.public_mix,
                 train: TrainConfig {
                     public_anchor: a.public_anchor,
+                    public_anchor_layers: a.public_anchor_layers.clone(),
                     ..a.train.config()
                 },
                 resume: a.train.resume,
@@ -1009,6 +1019,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(m) = a.public_anchor {
                 c.public_anchor = m;
+            }
+            if let Some(w) = &a.public_anchor_layers {
+                c.public_anchor_layers = Some(w.clone());
             }
             if let Some(v) = a.vocab {
                 c.vocab = v;

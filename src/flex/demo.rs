@@ -42,6 +42,11 @@ pub struct DemoConfig {
     pub public_mix: f64,
     /// Weight of the public anchor on those public rows.
     pub public_anchor: f32,
+    /// Its per-layer weights; None: 4 on the first and last layer, 1 on the others (the
+    /// first layer's router sees little more than the token, so it cannot keep its expert off
+    /// other domains' text by routing alone; the last layer's is the one most prone to fire on
+    /// unfamiliar text).
+    pub public_anchor_layers: Option<Vec<f32>>,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -75,6 +80,7 @@ impl Default for DemoConfig {
             bias_init: -0.5,
             public_mix: 0.25,
             public_anchor: 1.0,
+            public_anchor_layers: None,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -87,6 +93,22 @@ impl Default for DemoConfig {
 }
 
 impl DemoConfig {
+    /// The per-layer public-anchor weights expert training uses.
+    pub fn anchor_layers(&self) -> Vec<f32> {
+        match &self.public_anchor_layers {
+            Some(w) => w.clone(),
+            None => (0..self.layers)
+                .map(|l| {
+                    if l == 0 || l + 1 == self.layers {
+                        4.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect(),
+        }
+    }
+
     /// A configuration small enough for an end-to-end test in seconds.
     pub fn quick() -> Self {
         DemoConfig {
@@ -211,6 +233,7 @@ fn experts_and_merge(
             public_mix: c.public_mix,
             train: TrainConfig {
                 public_anchor: c.public_anchor,
+                public_anchor_layers: c.anchor_layers(),
                 ..train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64)
             },
             resume: false,

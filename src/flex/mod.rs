@@ -234,8 +234,19 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         anchor == 0.0 || opts.public_mix > 0.0,
         "--public-anchor acts on public rows: it needs --public-mix > 0 and --public-data"
     );
+    let layer_w = &opts.train.public_anchor_layers;
+    ensure!(
+        layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
+        "--public-anchor-layers must be finite weights >= 0, got {layer_w:?}"
+    );
     let public = checkpoint::load(&opts.public)?;
     require_dense(&public, &opts.public)?;
+    ensure!(
+        layer_w.is_empty() || layer_w.len() == public.cfg.num_hidden_layers,
+        "--public-anchor-layers has {} weights but the public model has {} layers",
+        layer_w.len(),
+        public.cfg.num_hidden_layers
+    );
     let data = Dataset::open(&opts.data)?;
     check_tokenizer(&opts.public, &data, &opts.data)?;
     ensure!(

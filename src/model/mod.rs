@@ -110,12 +110,14 @@ pub struct LossOut {
 /// Loss coefficients: LM z-loss on the output logits, router z-loss on router logits, and the
 /// public anchor on anchored rows: per MoE layer, the relative squared error
 /// ([`ops::rel_sq_err`]) between the layer's post-normed output and that of expert 0 (the public
-/// FFN) alone, averaged over layers.
-#[derive(Clone, Copy, Debug)]
+/// FFN) alone, averaged over layers, layer `l` weighted by `public_anchor_layers[l]` (1 when
+/// the list is empty).
+#[derive(Clone, Debug)]
 pub struct LossCoefs {
     pub z_loss: f32,
     pub router_z_loss: f32,
     pub public_anchor: f32,
+    pub public_anchor_layers: Vec<f32>,
 }
 
 impl Default for LossCoefs {
@@ -124,6 +126,7 @@ impl Default for LossCoefs {
             z_loss: 1e-5,
             router_z_loss: 1e-3,
             public_anchor: 0.0,
+            public_anchor_layers: Vec::new(),
         }
     }
 }
@@ -548,10 +551,16 @@ impl Model {
                     .flat_map(|&a| std::iter::repeat_n(a, t))
                     .collect(),
             );
-            let n = out.public_anchor.len() as f32;
-            for &(m, m0) in &out.public_anchor {
+            let n = out.public_anchor.len();
+            ensure!(
+                coefs.public_anchor_layers.is_empty() || coefs.public_anchor_layers.len() == n,
+                "{} public-anchor layer weights for {n} MoE layers",
+                coefs.public_anchor_layers.len()
+            );
+            for (l, &(m, m0)) in out.public_anchor.iter().enumerate() {
+                let w = coefs.public_anchor_layers.get(l).copied().unwrap_or(1.0);
                 let e = ops::rel_sq_err(tape, m, m0, &rows);
-                loss = ops::add_scaled(tape, loss, e, coefs.public_anchor / n);
+                loss = ops::add_scaled(tape, loss, e, coefs.public_anchor * w / n as f32);
             }
         }
         Ok(LossOut {

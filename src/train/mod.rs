@@ -54,6 +54,9 @@ pub struct TrainConfig {
     /// [`Batches::anchored`] marks.
     #[serde(default)]
     pub public_anchor: f32,
+    /// Per-layer weights of the public anchor (empty: 1 for every layer).
+    #[serde(default)]
+    pub public_anchor_layers: Vec<f32>,
 }
 
 impl Default for TrainConfig {
@@ -74,6 +77,7 @@ impl Default for TrainConfig {
             z_loss: 1e-5,
             router_z_loss: 1e-3,
             public_anchor: 0.0,
+            public_anchor_layers: Vec::new(),
         }
     }
 }
@@ -235,6 +239,7 @@ impl<'a> Trainer<'a> {
             z_loss: c.z_loss,
             router_z_loss: c.router_z_loss,
             public_anchor: c.public_anchor,
+            public_anchor_layers: c.public_anchor_layers.clone(),
         };
         let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
         let bar = if self.quiet {
@@ -266,9 +271,15 @@ impl<'a> Trainer<'a> {
                 let (inp, tgt) = data.train(self.step, micro)?;
                 let anchored = data.anchored(self.step, micro);
                 let mut tape = Tape::new();
-                let out = self
-                    .model
-                    .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, coefs, &anchored)?;
+                let out = self.model.loss_anchored(
+                    &mut tape,
+                    &inp,
+                    &tgt,
+                    c.batch,
+                    c.seq,
+                    coefs.clone(),
+                    &anchored,
+                )?;
                 loss_sum += tape.value(out.loss).data()[0];
                 ce_sum += out.ce;
                 let scale = 1.0 / c.grad_accum as f32;
@@ -363,7 +374,7 @@ pub fn evaluate_ce(
         let coefs = LossCoefs {
             z_loss: 0.0,
             router_z_loss: 0.0,
-            public_anchor: 0.0,
+            ..LossCoefs::default()
         };
         let out = model.loss(&mut tape, inp, tgt, b, seq, coefs)?;
         sum += out.ce as f64 * out.tokens as f64;
