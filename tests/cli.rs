@@ -144,6 +144,10 @@ fn missing_and_corrupt_inputs() {
         ],
         "--public-anchor-layers must be finite weights",
     );
+    run(
+        &["--router-own=-0.3"],
+        "--router-own must be a finite weight",
+    );
     // A partial fine-tune that names no parameter is refused before any data is read.
     assert_clean_error(
         &[

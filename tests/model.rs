@@ -282,6 +282,7 @@ fn anchored_loss_layers(m: &Model, anchor: f32, layers: &[f32]) -> f64 {
         router_z_loss: 0.0,
         public_anchor: anchor,
         public_anchor_layers: layers.to_vec(),
+        router_own: 0.5,
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
@@ -354,6 +355,7 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
         router_z_loss: 0.0,
         public_anchor: 1.0,
         public_anchor_layers: vec![2.0, 0.5],
+        router_own: 0.5,
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
@@ -383,4 +385,66 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
     // Expert FFN (3 matrices), router row and bias in each of 2 layers.
     assert_eq!(grads.params.len(), 10);
     assert!(checked > 40, "checked {checked}");
+}
+
+/// The router's own-text loss: on rows that are not anchored, the cross-entropy of the router
+/// logits (before the bias) toward expert 1, averaged over layers; nothing on anchored rows.
+#[test]
+fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
+    let cfg = Config::olmo2(32, 16, 24, 2, 4, 2);
+    let public = Model::new_random(&cfg, 8).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let r_pub = Tensor::randn(&[16], 1.0, &mut rng).into_vec();
+    let r_i = Tensor::randn(&[16], 1.0, &mut rng).into_vec();
+    let m = flexrun::flex::expert_training_model(&public, &r_pub, &r_i, Some(-0.3)).unwrap();
+    let (inp, tgt) = batch();
+    let total = |own: f32, anchored: &[bool]| {
+        let coefs = LossCoefs {
+            z_loss: 0.0,
+            router_z_loss: 0.0,
+            router_own: own,
+            ..LossCoefs::default()
+        };
+        let mut tape = Tape::inference();
+        let out = m
+            .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, anchored)
+            .unwrap();
+        tape.value(out.loss).data()[0] as f64
+    };
+    // The expected term from the router logits of a plain forward pass: row 1 (tokens 6..12)
+    // is the owner's text, row 0 is anchored.
+    let mut tape = Tape::inference();
+    let out = m.forward(&mut tape, &inp, 2, 6, None).unwrap();
+    let mut expected = 0.0;
+    for &z in &out.router_logits {
+        let z = tape.value(z);
+        let mut ce = 0.0;
+        for r in 6..12 {
+            let (a, b) = (z.row(r)[0] as f64, z.row(r)[1] as f64);
+            let lse = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
+            ce += lse - b;
+        }
+        expected += ce / 6.0;
+    }
+    expected /= out.router_logits.len() as f64;
+    let got = total(2.0, &[true, false]) - total(0.0, &[true, false]);
+    assert!(expected > 0.1, "{expected}");
+    assert!(
+        (got - 2.0 * expected).abs() < 1e-4,
+        "{got} vs {}",
+        2.0 * expected
+    );
+    // Every row anchored: no own text, no term.
+    assert!((total(2.0, &[true, true]) - total(0.0, &[true, true])).abs() < 1e-7);
+    // Only for 2-expert training.
+    let merged = Model::new_random(&Config::flex_olmo(32, 16, 24, 2, 4, 2, 3, 3), 8).unwrap();
+    let coefs = LossCoefs {
+        router_own: 1.0,
+        ..LossCoefs::default()
+    };
+    let err = merged
+        .loss(&mut Tape::inference(), &inp, &tgt, 2, 6, coefs)
+        .err()
+        .expect("3 experts");
+    assert!(err.to_string().contains("2-expert"), "{err}");
 }

@@ -170,8 +170,9 @@ struct TrainExpertArgs {
     #[arg(long, default_value_t = 64)]
     embed_docs: usize,
     /// Initial expert bias; it acts as min(b, 0), which passes no gradient once b > 0, so it
-    /// starts below 0.
-    #[arg(long, default_value_t = -0.5, allow_negative_numbers = true)]
+    /// starts below 0. At -2 an expert starts nearly off everywhere and is switched on where its
+    /// own data pulls its router row, which keeps it off other owners' text after the merge.
+    #[arg(long, default_value_t = -2.0, allow_negative_numbers = true)]
     bias_init: f32,
     /// Train without the expert bias (ablation).
     #[arg(long)]
@@ -190,6 +191,12 @@ struct TrainExpertArgs {
     /// so a heavier anchor there keeps that layer's expert quiet on text that is not its own.
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     public_anchor_layers: Vec<f32>,
+    /// Weight of the router's own-text loss: on the owner's own rows, the cross-entropy of the
+    /// router logits (before the bias) toward the new expert, so that its router row learns to
+    /// tell its data from public text rather than lean on a louder FFN; the bias still sets how
+    /// much the expert is used.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    router_own: f32,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -390,6 +397,7 @@ impl TrainOpts {
             router_z_loss: self.router_z_loss,
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
+            router_own: 0.0,
         }
     }
 }
@@ -835,6 +843,7 @@ fn run(cli: Cli) -> Result<()> {
                 train: TrainConfig {
                     public_anchor: a.public_anchor,
                     public_anchor_layers: a.public_anchor_layers.clone(),
+                    router_own: a.router_own,
                     ..a.train.config()
                 },
                 resume: a.train.resume,

@@ -37,6 +37,7 @@ pub struct DemoConfig {
     /// Peak learning rate of the dense-expert baselines (every weight is trained).
     pub dense_lr: f32,
     pub top_k: usize,
+    /// Initial expert bias (see `train-expert --bias-init`).
     pub bias_init: f32,
     /// Fraction of each expert's training rows drawn from public data.
     pub public_mix: f64,
@@ -47,6 +48,8 @@ pub struct DemoConfig {
     /// other domains' text by routing alone; the last layer's is the one most prone to fire on
     /// unfamiliar text).
     pub public_anchor_layers: Option<Vec<f32>>,
+    /// Weight of the router's own-text loss in expert training (`train-expert --router-own`).
+    pub router_own: f32,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -77,10 +80,11 @@ impl Default for DemoConfig {
             expert_lr: 5e-3,
             dense_lr: 2e-3,
             top_k: 4,
-            bias_init: -0.5,
+            bias_init: -2.0,
             public_mix: 0.25,
             public_anchor: 1.0,
             public_anchor_layers: None,
+            router_own: 0.3,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -234,6 +238,7 @@ fn experts_and_merge(
             train: TrainConfig {
                 public_anchor: c.public_anchor,
                 public_anchor_layers: c.anchor_layers(),
+                router_own: c.router_own,
                 ..train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64)
             },
             resume: false,

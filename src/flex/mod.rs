@@ -234,6 +234,11 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         anchor == 0.0 || opts.public_mix > 0.0,
         "--public-anchor acts on public rows: it needs --public-mix > 0 and --public-data"
     );
+    let own = opts.train.router_own;
+    ensure!(
+        own.is_finite() && own >= 0.0,
+        "--router-own must be a finite weight >= 0, got {own}"
+    );
     let layer_w = &opts.train.public_anchor_layers;
     ensure!(
         layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),

@@ -111,13 +111,16 @@ pub struct LossOut {
 /// public anchor on anchored rows: per MoE layer, the relative squared error
 /// ([`ops::rel_sq_err`]) between the layer's post-normed output and that of expert 0 (the public
 /// FFN) alone, averaged over layers, layer `l` weighted by `public_anchor_layers[l]` (1 when
-/// the list is empty).
+/// the list is empty). `router_own`, for 2-expert training: the router cross-entropy toward
+/// expert 1 (the owner's) on the rows that are not anchored (the owner's own text), on the
+/// router logits before the expert bias, averaged over layers.
 #[derive(Clone, Debug)]
 pub struct LossCoefs {
     pub z_loss: f32,
     pub router_z_loss: f32,
     pub public_anchor: f32,
     pub public_anchor_layers: Vec<f32>,
+    pub router_own: f32,
 }
 
 impl Default for LossCoefs {
@@ -127,6 +130,7 @@ impl Default for LossCoefs {
             router_z_loss: 1e-3,
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
+            router_own: 0.0,
         }
     }
 }
@@ -542,6 +546,26 @@ impl Model {
             for &z in &out.router_logits {
                 let zl = ops::logsumexp_sq_mean(tape, z);
                 loss = ops::add_scaled(tape, loss, zl, coefs.router_z_loss / n);
+            }
+        }
+        if coefs.router_own > 0.0 && !out.router_logits.is_empty() {
+            ensure!(
+                self.cfg.experts() == 2,
+                "the router's own-text loss is for 2-expert (expert) training, not {} experts",
+                self.cfg.experts()
+            );
+            let own: Vec<u32> = (0..b)
+                .flat_map(|r| {
+                    let mine = !anchored.get(r).copied().unwrap_or(false);
+                    std::iter::repeat_n(if mine { 1 } else { ops::IGNORE }, t)
+                })
+                .collect();
+            if own.iter().any(|&x| x != ops::IGNORE) {
+                let n = out.router_logits.len() as f32;
+                for &z in &out.router_logits {
+                    let r = ops::cross_entropy(tape, z, &own, 0.0);
+                    loss = ops::add_scaled(tape, loss, r.loss, coefs.router_own / n);
+                }
             }
         }
         if anchor {

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     /// Per-layer weights of the public anchor (empty: 1 for every layer).
     #[serde(default)]
     pub public_anchor_layers: Vec<f32>,
+    /// Weight of the router's own-text loss ([`crate::model::LossCoefs::router_own`]).
+    #[serde(default)]
+    pub router_own: f32,
 }
 
 impl Default for TrainConfig {
@@ -78,6 +81,7 @@ impl Default for TrainConfig {
             router_z_loss: 1e-3,
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
+            router_own: 0.0,
         }
     }
 }
@@ -240,6 +244,7 @@ impl<'a> Trainer<'a> {
             router_z_loss: c.router_z_loss,
             public_anchor: c.public_anchor,
             public_anchor_layers: c.public_anchor_layers.clone(),
+            router_own: c.router_own,
         };
         let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
         let bar = if self.quiet {
