@@ -70,7 +70,7 @@ pub fn train_step(
         // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
         rayon::scope(|_| -> Result<()> {
             let mut tape = Tape::new();
-            let out = model.loss(&mut tape, &inp, &tgt, batch, seq, LossCoefs::default())?;
+            let out = model.loss(&mut tape, &inp, &tgt, batch, seq, &LossCoefs::default())?;
             let mut grads = tape.backward(out.loss).params;
             drop(tape);
             clip_grad_norm(&mut grads, 1.0);

@@ -32,7 +32,7 @@ fn batch() -> (Vec<u32>, Vec<u32>) {
     (inp, tgt)
 }
 
-fn loss_value(m: &Model, coefs: LossCoefs) -> f64 {
+fn loss_value(m: &Model, coefs: &LossCoefs) -> f64 {
     let (inp, tgt) = batch();
     let mut tape = Tape::inference();
     let out = m.loss(&mut tape, &inp, &tgt, 2, 6, coefs).unwrap();
@@ -60,7 +60,7 @@ fn whole_moe_model_gradient_matches_finite_differences() {
     };
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
-    let out = m.loss(&mut tape, &inp, &tgt, 2, 6, coefs.clone()).unwrap();
+    let out = m.loss(&mut tape, &inp, &tgt, 2, 6, &coefs).unwrap();
     let grads = tape.backward(out.loss);
     assert_eq!(
         grads.params.len(),
@@ -75,9 +75,9 @@ fn whole_moe_model_gradient_matches_finite_differences() {
         for j in (0..n).step_by((n / 5).max(1)) {
             let orig = m.params.params[*id].value.data()[j];
             m.params.params[*id].value.data_mut()[j] = orig + eps;
-            let lp = loss_value(&m, coefs.clone());
+            let lp = loss_value(&m, &coefs);
             m.params.params[*id].value.data_mut()[j] = orig - eps;
-            let lm = loss_value(&m, coefs.clone());
+            let lm = loss_value(&m, &coefs);
             m.params.params[*id].value.data_mut()[j] = orig;
             let num = ((lp - lm) / (2.0 * eps as f64)) as f32;
             let a = g.data()[j];
@@ -106,7 +106,7 @@ fn frozen_parameters_get_no_gradient() {
     let (inp, tgt) = batch();
     let mut tape = Tape::new();
     let out = m
-        .loss(&mut tape, &inp, &tgt, 2, 6, LossCoefs::default())
+        .loss(&mut tape, &inp, &tgt, 2, 6, &LossCoefs::default())
         .unwrap();
     let grads = tape.backward(out.loss);
     assert_eq!(grads.params.len(), 1);
@@ -248,7 +248,7 @@ fn out_of_range_ids_are_errors() {
     assert!(e.0.contains("token id 40 is out of range"), "{e}");
     let mut tape = Tape::new();
     let e = m
-        .loss(&mut tape, &[1, 2], &[3, 99], 1, 2, LossCoefs::default())
+        .loss(&mut tape, &[1, 2], &[3, 99], 1, 2, &LossCoefs::default())
         .err()
         .unwrap();
     assert!(e.0.contains("target id 99"), "{e}");
@@ -285,7 +285,7 @@ fn anchored_loss_layers(m: &Model, anchor: f32, layers: &[f32]) -> f64 {
         router_own: 0.5,
     };
     let out = m
-        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
+        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, &coefs, &[true, false])
         .unwrap();
     tape.value(out.loss).data()[0] as f64
 }
@@ -338,7 +338,7 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
             &tgt,
             2,
             6,
-            wrong,
+            &wrong,
             &[true, false],
         )
         .err()
@@ -358,7 +358,7 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
         router_own: 0.5,
     };
     let out = m
-        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, &[true, false])
+        .loss_anchored(&mut tape, &inp, &tgt, 2, 6, &coefs, &[true, false])
         .unwrap();
     let grads = tape.backward(out.loss);
     let eps = 2e-3f32;
@@ -407,7 +407,7 @@ fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
         };
         let mut tape = Tape::inference();
         let out = m
-            .loss_anchored(&mut tape, &inp, &tgt, 2, 6, coefs, anchored)
+            .loss_anchored(&mut tape, &inp, &tgt, 2, 6, &coefs, anchored)
             .unwrap();
         tape.value(out.loss).data()[0] as f64
     };
@@ -443,7 +443,7 @@ fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
         ..LossCoefs::default()
     };
     let err = merged
-        .loss(&mut Tape::inference(), &inp, &tgt, 2, 6, coefs)
+        .loss(&mut Tape::inference(), &inp, &tgt, 2, 6, &coefs)
         .err()
         .expect("3 experts");
     assert!(err.to_string().contains("2-expert"), "{err}");

@@ -504,7 +504,7 @@ impl Model {
         targets: &[u32],
         b: usize,
         t: usize,
-        coefs: LossCoefs,
+        coefs: &LossCoefs,
     ) -> Result<LossOut> {
         self.loss_anchored(tape, inputs, targets, b, t, coefs, &[])
     }
@@ -520,7 +520,7 @@ impl Model {
         targets: &[u32],
         b: usize,
         t: usize,
-        coefs: LossCoefs,
+        coefs: &LossCoefs,
         anchored: &[bool],
     ) -> Result<LossOut> {
         ensure!(

@@ -276,15 +276,9 @@ impl<'a> Trainer<'a> {
                 let (inp, tgt) = data.train(self.step, micro)?;
                 let anchored = data.anchored(self.step, micro);
                 let mut tape = Tape::new();
-                let out = self.model.loss_anchored(
-                    &mut tape,
-                    &inp,
-                    &tgt,
-                    c.batch,
-                    c.seq,
-                    coefs.clone(),
-                    &anchored,
-                )?;
+                let out = self
+                    .model
+                    .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, &coefs, &anchored)?;
                 loss_sum += tape.value(out.loss).data()[0];
                 ce_sum += out.ce;
                 let scale = 1.0 / c.grad_accum as f32;
@@ -381,7 +375,7 @@ pub fn evaluate_ce(
             router_z_loss: 0.0,
             ..LossCoefs::default()
         };
-        let out = model.loss(&mut tape, inp, tgt, b, seq, coefs)?;
+        let out = model.loss(&mut tape, inp, tgt, b, seq, &coefs)?;
         sum += out.ce as f64 * out.tokens as f64;
         n += out.tokens;
     }
