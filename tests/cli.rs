@@ -148,6 +148,36 @@ fn missing_and_corrupt_inputs() {
         &["--router-own=-0.3"],
         "--router-own must be a finite weight",
     );
+    run(
+        &["--router-public", "0.3"],
+        "--router-public acts on public rows",
+    );
+    run(
+        &["--expert-loudness=-1"],
+        "--expert-loudness must be a finite weight",
+    );
+    // A demo model that cannot exist is refused before any work is done.
+    let demo_dir = tmp("demo-shape");
+    let demo_out = demo_dir.join("w");
+    let demo_out = demo_out.to_str().unwrap();
+    assert_clean_error(
+        &["demo", "--quick", "--out", demo_out, "--hidden", "130"],
+        "must be even for RoPE",
+    );
+    assert_clean_error(
+        &[
+            "demo",
+            "--quick",
+            "--out",
+            demo_out,
+            "--layers",
+            "3",
+            "--public-anchor-layers",
+            "1,2",
+        ],
+        "2 public-anchor layer weights for 3 layers",
+    );
+    assert!(!demo_dir.join("w").join("corpus").exists());
     // A partial fine-tune that names no parameter is refused before any data is read.
     assert_clean_error(
         &[

@@ -141,6 +141,29 @@ fn rel_sq_err_over_marked_rows() {
 }
 
 #[test]
+fn excess_energy_is_a_hinge_on_the_energy_ratio() {
+    let mut r = rng();
+    let a = Tensor::randn(&[4, 3], 1.5, &mut r);
+    let b = Tensor::randn(&[4, 3], 1.0, &mut r);
+    let energy = |t: &Tensor| t.data().iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+    assert!(energy(&a) > 1.2 * energy(&b), "the check needs a louder a");
+    GradCheck::default().check(&[a.clone(), b.clone()], |t, v| {
+        ops::excess_energy(t, v[0], v[1])
+    });
+    let mut tape = flexrun::autograd::Tape::new();
+    let (va, vb) = (tape.constant(a.clone()), tape.constant(b.clone()));
+    let e = ops::excess_energy(&mut tape, va, vb);
+    let want = energy(&a) / energy(&b) - 1.0;
+    let got = tape.value(e).data()[0] as f64;
+    assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
+    // Quieter than b: no loss and no gradient.
+    let e = ops::excess_energy(&mut tape, vb, va);
+    assert_eq!(tape.value(e).data()[0], 0.0);
+    let g = tape.backward(e);
+    assert!(g.get(vb).is_none_or(|g| g.data().iter().all(|&x| x == 0.0)));
+}
+
+#[test]
 fn gather_and_combine() {
     let mut r = rng();
     let x = Tensor::randn(&[4, 3], 1.0, &mut r);

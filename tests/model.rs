@@ -283,6 +283,8 @@ fn anchored_loss_layers(m: &Model, anchor: f32, layers: &[f32]) -> f64 {
         public_anchor: anchor,
         public_anchor_layers: layers.to_vec(),
         router_own: 0.5,
+        router_public: 0.7,
+        expert_loudness: 0.4,
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, &coefs, &[true, false])
@@ -308,8 +310,9 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
     assert!(fresh.abs() < 1e-5, "anchor of a copy: {fresh}");
     // Once the expert differs, the anchor is positive; its gradient matches finite differences.
     for p in m.params.params.iter_mut() {
+        // Louder than the public FFN, so that the loudness term is active.
         if p.name.contains("experts.1.") {
-            p.value = Tensor::randn(&p.value.shape().to_vec(), 0.3, &mut rng);
+            p.value = Tensor::randn(&p.value.shape().to_vec(), 0.45, &mut rng);
         }
     }
     let moved = anchored_loss(&m, 1.0) - anchored_loss(&m, 0.0);
@@ -356,6 +359,8 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
         public_anchor: 1.0,
         public_anchor_layers: vec![2.0, 0.5],
         router_own: 0.5,
+        router_public: 0.7,
+        expert_loudness: 0.4,
     };
     let out = m
         .loss_anchored(&mut tape, &inp, &tgt, 2, 6, &coefs, &[true, false])
@@ -389,8 +394,9 @@ fn public_anchor_measures_how_far_the_expert_moves_public_text() {
 
 /// The router's own-text loss: on rows that are not anchored, the cross-entropy of the router
 /// logits (before the bias) toward expert 1, averaged over layers; nothing on anchored rows.
+/// Its mirror, the public-text loss: on anchored rows, the cross-entropy toward expert 0.
 #[test]
-fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
+fn router_own_and_public_losses_are_router_cross_entropies() {
     let cfg = Config::olmo2(32, 16, 24, 2, 4, 2);
     let public = Model::new_random(&cfg, 8).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
@@ -398,11 +404,12 @@ fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
     let r_i = Tensor::randn(&[16], 1.0, &mut rng).into_vec();
     let m = flexrun::flex::expert_training_model(&public, &r_pub, &r_i, Some(-0.3)).unwrap();
     let (inp, tgt) = batch();
-    let total = |own: f32, anchored: &[bool]| {
+    let total_with = |own: f32, public: f32, anchored: &[bool]| {
         let coefs = LossCoefs {
             z_loss: 0.0,
             router_z_loss: 0.0,
             router_own: own,
+            router_public: public,
             ..LossCoefs::default()
         };
         let mut tape = Tape::inference();
@@ -411,22 +418,26 @@ fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
             .unwrap();
         tape.value(out.loss).data()[0] as f64
     };
-    // The expected term from the router logits of a plain forward pass: row 1 (tokens 6..12)
-    // is the owner's text, row 0 is anchored.
+    let total = |own: f32, anchored: &[bool]| total_with(own, 0.0, anchored);
+    // The expected terms from the router logits of a plain forward pass: row 1 (tokens 6..12)
+    // is the owner's text, row 0 (tokens 0..6) is anchored.
     let mut tape = Tape::inference();
     let out = m.forward(&mut tape, &inp, 2, 6, None).unwrap();
-    let mut expected = 0.0;
-    for &z in &out.router_logits {
-        let z = tape.value(z);
-        let mut ce = 0.0;
-        for r in 6..12 {
-            let (a, b) = (z.row(r)[0] as f64, z.row(r)[1] as f64);
-            let lse = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
-            ce += lse - b;
+    let expected_ce = |rows: std::ops::Range<usize>, target: usize| {
+        let mut expected = 0.0;
+        for &z in &out.router_logits {
+            let z = tape.value(z);
+            let mut ce = 0.0;
+            for r in rows.clone() {
+                let (a, b) = (z.row(r)[0] as f64, z.row(r)[1] as f64);
+                let lse = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
+                ce += lse - if target == 1 { b } else { a };
+            }
+            expected += ce / rows.len() as f64;
         }
-        expected += ce / 6.0;
-    }
-    expected /= out.router_logits.len() as f64;
+        expected / out.router_logits.len() as f64
+    };
+    let expected = expected_ce(6..12, 1);
     let got = total(2.0, &[true, false]) - total(0.0, &[true, false]);
     assert!(expected > 0.1, "{expected}");
     assert!(
@@ -436,6 +447,18 @@ fn router_own_loss_is_the_router_cross_entropy_on_own_rows() {
     );
     // Every row anchored: no own text, no term.
     assert!((total(2.0, &[true, true]) - total(0.0, &[true, true])).abs() < 1e-7);
+    // The public-text term: toward expert 0 on the anchored row only, and the two add up.
+    let expected_pub = expected_ce(0..6, 0);
+    assert!(expected_pub > 0.1, "{expected_pub}");
+    let got = total_with(0.0, 3.0, &[true, false]) - total(0.0, &[true, false]);
+    assert!(
+        (got - 3.0 * expected_pub).abs() < 1e-4,
+        "{got} vs {}",
+        3.0 * expected_pub
+    );
+    let both = total_with(2.0, 3.0, &[true, false]) - total(0.0, &[true, false]);
+    assert!((both - 2.0 * expected - 3.0 * expected_pub).abs() < 1e-4);
+    assert!((total_with(0.0, 3.0, &[false, false]) - total(0.0, &[false, false])).abs() < 1e-7);
     // Only for 2-expert training.
     let merged = Model::new_random(&Config::flex_olmo(32, 16, 24, 2, 4, 2, 3, 3), 8).unwrap();
     let coefs = LossCoefs {

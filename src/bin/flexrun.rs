@@ -197,6 +197,17 @@ struct TrainExpertArgs {
     /// much the expert is used.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     router_own: f32,
+    /// Weight of the router's public-text loss, the mirror of --router-own: on the public rows
+    /// (--public-mix), the cross-entropy of the router logits (before the bias) toward the
+    /// public expert.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    router_public: f32,
+    /// Weight of the expert loudness loss: per layer, how much louder (in squared norm) the new
+    /// FFN's output is than the public FFN's, on every row. Under the post-FFN norm a loud
+    /// expert outvotes its router, and once merged it moves other owners' text wherever it is
+    /// routed a little.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    expert_loudness: f32,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -269,6 +280,18 @@ struct DemoArgs {
     /// Tokenizer vocabulary size.
     #[arg(long)]
     vocab: Option<usize>,
+    /// Model width (default 128).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Number of layers (default 4).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Attention heads (default 4; must divide --hidden).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// FFN width of the public model and of every expert (default 352).
+    #[arg(long)]
+    intermediate: Option<usize>,
     /// Run on this corpus (one sub-directory per domain, public/ among them) instead of FlexMix.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -398,6 +421,8 @@ impl TrainOpts {
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
             router_own: 0.0,
+            router_public: 0.0,
+            expert_loudness: 0.0,
         }
     }
 }
@@ -844,6 +869,8 @@ fn run(cli: Cli) -> Result<()> {
                     public_anchor: a.public_anchor,
                     public_anchor_layers: a.public_anchor_layers.clone(),
                     router_own: a.router_own,
+                    router_public: a.router_public,
+                    expert_loudness: a.expert_loudness,
                     ..a.train.config()
                 },
                 resume: a.train.resume,
@@ -1034,6 +1061,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(v) = a.vocab {
                 c.vocab = v;
+            }
+            if let Some(h) = a.hidden {
+                c.hidden = h;
+            }
+            if let Some(l) = a.layers {
+                c.layers = l;
+            }
+            if let Some(h) = a.heads {
+                c.heads = h;
+            }
+            if let Some(i) = a.intermediate {
+                c.intermediate = i;
             }
             if let Some(s) = a.public_steps {
                 c.public_steps = s;

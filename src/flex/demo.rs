@@ -50,6 +50,10 @@ pub struct DemoConfig {
     pub public_anchor_layers: Option<Vec<f32>>,
     /// Weight of the router's own-text loss in expert training (`train-expert --router-own`).
     pub router_own: f32,
+    /// Weight of the router's public-text loss (`train-expert --router-public`).
+    pub router_public: f32,
+    /// Weight of the expert loudness loss (`train-expert --expert-loudness`).
+    pub expert_loudness: f32,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -85,6 +89,8 @@ impl Default for DemoConfig {
             public_anchor: 1.0,
             public_anchor_layers: None,
             router_own: 0.3,
+            router_public: 0.0,
+            expert_loudness: 0.0,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -239,6 +245,8 @@ fn experts_and_merge(
                 public_anchor: c.public_anchor,
                 public_anchor_layers: c.anchor_layers(),
                 router_own: c.router_own,
+                router_public: c.router_public,
+                expert_loudness: c.expert_loudness,
                 ..train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64)
             },
             resume: false,
@@ -269,6 +277,22 @@ fn experts_and_merge(
 /// and routing.svg there.
 pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
+    // A bad model shape or anchor-weight list is an error before any work is done.
+    Config::olmo2(
+        c.vocab.max(1),
+        c.hidden,
+        c.intermediate,
+        c.layers,
+        c.heads,
+        c.heads,
+    )
+    .validate()?;
+    ensure!(
+        c.anchor_layers().len() == c.layers,
+        "{} public-anchor layer weights for {} layers",
+        c.anchor_layers().len(),
+        c.layers
+    );
     let w = Work {
         root: work_dir.to_path_buf(),
     };

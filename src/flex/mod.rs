@@ -239,6 +239,20 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         own.is_finite() && own >= 0.0,
         "--router-own must be a finite weight >= 0, got {own}"
     );
+    let loud = opts.train.expert_loudness;
+    ensure!(
+        loud.is_finite() && loud >= 0.0,
+        "--expert-loudness must be a finite weight >= 0, got {loud}"
+    );
+    let router_public = opts.train.router_public;
+    ensure!(
+        router_public.is_finite() && router_public >= 0.0,
+        "--router-public must be a finite weight >= 0, got {router_public}"
+    );
+    ensure!(
+        router_public == 0.0 || opts.public_mix > 0.0,
+        "--router-public acts on public rows: it needs --public-mix > 0 and --public-data"
+    );
     let layer_w = &opts.train.public_anchor_layers;
     ensure!(
         layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),

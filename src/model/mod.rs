@@ -99,6 +99,9 @@ pub struct ForwardOut {
     /// Per MoE layer, when asked for ([`Model::forward_with`]): the layer's post-normed output
     /// and the post-normed output of expert 0 (the public FFN) alone, `[N, H]` each.
     pub public_anchor: Vec<(Var, Var)>,
+    /// Per MoE layer, with the same request: the raw (not normed) outputs of expert 1 and of
+    /// expert 0, `[N, H]` each (empty for a model with one expert).
+    pub expert_pair: Vec<(Var, Var)>,
 }
 
 pub struct LossOut {
@@ -113,7 +116,11 @@ pub struct LossOut {
 /// FFN) alone, averaged over layers, layer `l` weighted by `public_anchor_layers[l]` (1 when
 /// the list is empty). `router_own`, for 2-expert training: the router cross-entropy toward
 /// expert 1 (the owner's) on the rows that are not anchored (the owner's own text), on the
-/// router logits before the expert bias, averaged over layers.
+/// router logits before the expert bias, averaged over layers. `router_public`, its mirror:
+/// the router cross-entropy toward expert 0 (public) on the anchored (public) rows, so that
+/// the two together train each layer's router as an own-vs-public classifier. `expert_loudness`:
+/// on every row, per MoE layer, how much louder expert 1's FFN output is than expert 0's
+/// ([`ops::excess_energy`]), averaged over layers.
 #[derive(Clone, Debug)]
 pub struct LossCoefs {
     pub z_loss: f32,
@@ -121,6 +128,8 @@ pub struct LossCoefs {
     pub public_anchor: f32,
     pub public_anchor_layers: Vec<f32>,
     pub router_own: f32,
+    pub router_public: f32,
+    pub expert_loudness: f32,
 }
 
 impl Default for LossCoefs {
@@ -131,6 +140,8 @@ impl Default for LossCoefs {
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
             router_own: 0.0,
+            router_public: 0.0,
+            expert_loudness: 0.0,
         }
     }
 }
@@ -367,6 +378,7 @@ impl Model {
         let mut router_bias = Vec::new();
         let mut routings = Vec::new();
         let mut anchors = Vec::new();
+        let mut pairs = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             let (wq, wk, wv, wo) = (
                 p(tape, layer.q),
@@ -463,6 +475,9 @@ impl Model {
                             "the public anchor needs every token to use expert 0 (top-k = number of experts)"
                         );
                         y0 = outs[0];
+                        if let (Some(f0), Some(Some(f1))) = (outs[0], outs.get(1)) {
+                            pairs.push((*f1, f0));
+                        }
                     }
                     let y = ops::moe_combine(tape, &outs, w, &routing);
                     router_logits.push(z);
@@ -492,6 +507,7 @@ impl Model {
             router_bias,
             routings,
             public_anchor: anchors,
+            expert_pair: pairs,
         })
     }
 
@@ -538,9 +554,24 @@ impl Model {
             );
         }
         let anchor = coefs.public_anchor > 0.0 && anchored.iter().any(|&a| a) && self.cfg.is_moe();
-        let out = self.forward_with(tape, inputs, b, t, None, anchor)?;
+        let loud = coefs.expert_loudness > 0.0 && self.cfg.is_moe();
+        if loud {
+            ensure!(
+                self.cfg.experts() == 2,
+                "the expert loudness loss is for 2-expert (expert) training, not {} experts",
+                self.cfg.experts()
+            );
+        }
+        let out = self.forward_with(tape, inputs, b, t, None, anchor || loud)?;
         let ce = ops::cross_entropy(tape, out.logits, targets, coefs.z_loss);
         let mut loss = ce.loss;
+        if loud {
+            let n = out.expert_pair.len() as f32;
+            for &(f1, f0) in &out.expert_pair {
+                let e = ops::excess_energy(tape, f1, f0);
+                loss = ops::add_scaled(tape, loss, e, coefs.expert_loudness / n);
+            }
+        }
         if coefs.router_z_loss > 0.0 && !out.router_logits.is_empty() {
             let n = out.router_logits.len() as f32;
             for &z in &out.router_logits {
@@ -548,23 +579,33 @@ impl Model {
                 loss = ops::add_scaled(tape, loss, zl, coefs.router_z_loss / n);
             }
         }
-        if coefs.router_own > 0.0 && !out.router_logits.is_empty() {
+        for (w, public) in [(coefs.router_own, false), (coefs.router_public, true)] {
+            if w <= 0.0 || out.router_logits.is_empty() {
+                continue;
+            }
             ensure!(
                 self.cfg.experts() == 2,
-                "the router's own-text loss is for 2-expert (expert) training, not {} experts",
+                "the router's own-text and public-text losses are for 2-expert (expert) \
+                 training, not {} experts",
                 self.cfg.experts()
             );
-            let own: Vec<u32> = (0..b)
+            // Own rows (not anchored) ask for expert 1, public rows (anchored) for expert 0.
+            let target: Vec<u32> = (0..b)
                 .flat_map(|r| {
-                    let mine = !anchored.get(r).copied().unwrap_or(false);
-                    std::iter::repeat_n(if mine { 1 } else { ops::IGNORE }, t)
+                    let is_public = anchored.get(r).copied().unwrap_or(false);
+                    let x = match (public, is_public) {
+                        (false, false) => 1,
+                        (true, true) => 0,
+                        _ => ops::IGNORE,
+                    };
+                    std::iter::repeat_n(x, t)
                 })
                 .collect();
-            if own.iter().any(|&x| x != ops::IGNORE) {
+            if target.iter().any(|&x| x != ops::IGNORE) {
                 let n = out.router_logits.len() as f32;
                 for &z in &out.router_logits {
-                    let r = ops::cross_entropy(tape, z, &own, 0.0);
-                    loss = ops::add_scaled(tape, loss, r.loss, coefs.router_own / n);
+                    let r = ops::cross_entropy(tape, z, &target, 0.0);
+                    loss = ops::add_scaled(tape, loss, r.loss, w / n);
                 }
             }
         }

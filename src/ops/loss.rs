@@ -218,3 +218,57 @@ impl Backward for RelErrBack {
         ]
     }
 }
+
+/// How much louder `a` is than `b` (`[N, H]` each): `max(0, sum |a|^2 / sum |b|^2 - 1)`, the
+/// sums over every element; 0 when `b` is all zero. Expert training uses it with `a` the new
+/// expert's FFN output and `b` the public FFN's: under the post-FFN norm an expert can outvote
+/// its router by being louder, and a loud expert that is routed a little to text it was never
+/// trained on (another owner's, after the merge) moves that text a lot.
+pub fn excess_energy(tape: &mut Tape, a: Var, b: Var) -> Var {
+    let (av, bv) = (tape.value(a), tape.value(b));
+    assert_eq!(av.shape(), bv.shape(), "excess_energy: shape mismatch");
+    let sa: f64 = av.data().iter().map(|&x| (x as f64).powi(2)).sum();
+    let sb: f64 = bv.data().iter().map(|&x| (x as f64).powi(2)).sum();
+    let value = if sb > 0.0 {
+        (sa / sb - 1.0).max(0.0)
+    } else {
+        0.0
+    };
+    let op = ExcessEnergyBack {
+        a: av.clone(),
+        b: bv.clone(),
+        sa,
+        sb,
+        active: value > 0.0,
+    };
+    tape.push(Tensor::scalar(value as f32), &[a, b], op)
+}
+
+struct ExcessEnergyBack {
+    a: Tensor,
+    b: Tensor,
+    sa: f64,
+    sb: f64,
+    active: bool,
+}
+
+impl Backward for ExcessEnergyBack {
+    fn backward(&self, g: &Tensor, needs: &[bool]) -> Vec<Option<Tensor>> {
+        let g = g.data()[0] as f64;
+        let (ca, cb) = if self.active {
+            (2.0 * g / self.sb, -2.0 * g * self.sa / (self.sb * self.sb))
+        } else {
+            (0.0, 0.0)
+        };
+        let scale = |t: &Tensor, c: f64| {
+            Tensor::from_vec(
+                t.data().iter().map(|&x| (c * x as f64) as f32).collect(),
+                t.shape(),
+            )
+        };
+        vec![
+            needs[0].then(|| scale(&self.a, ca)),
+            needs[1].then(|| scale(&self.b, cb)),
+        ]
+    }
+}

@@ -16,7 +16,9 @@ pub use attention::{attention, attention_forward, attention_reference, AttnShape
 pub use elementwise::{add, add_scaled, cat_rows, scale, swiglu};
 pub use embedding::embedding;
 pub use linear::linear;
-pub use loss::{cross_entropy, logsumexp_sq_mean, rel_sq_err, CrossEntropyOut, IGNORE};
+pub use loss::{
+    cross_entropy, excess_energy, logsumexp_sq_mean, rel_sq_err, CrossEntropyOut, IGNORE,
+};
 pub use moe::{gather_rows, moe_combine};
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeTable};

@@ -60,6 +60,12 @@ pub struct TrainConfig {
     /// Weight of the router's own-text loss ([`crate::model::LossCoefs::router_own`]).
     #[serde(default)]
     pub router_own: f32,
+    /// Weight of the router's public-text loss ([`crate::model::LossCoefs::router_public`]).
+    #[serde(default)]
+    pub router_public: f32,
+    /// Weight of the expert loudness loss ([`crate::model::LossCoefs::expert_loudness`]).
+    #[serde(default)]
+    pub expert_loudness: f32,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +88,8 @@ impl Default for TrainConfig {
             public_anchor: 0.0,
             public_anchor_layers: Vec::new(),
             router_own: 0.0,
+            router_public: 0.0,
+            expert_loudness: 0.0,
         }
     }
 }
@@ -245,6 +253,8 @@ impl<'a> Trainer<'a> {
             public_anchor: c.public_anchor,
             public_anchor_layers: c.public_anchor_layers.clone(),
             router_own: c.router_own,
+            router_public: c.router_public,
+            expert_loudness: c.expert_loudness,
         };
         let tokens_per_step = (c.batch * c.seq * c.grad_accum) as u64;
         let bar = if self.quiet {
