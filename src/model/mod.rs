@@ -337,7 +337,8 @@ impl Model {
     }
 
     /// [`Model::forward`]; with `public_anchor`, also the per-layer outputs of expert 0 alone
-    /// (every token must use expert 0, as in expert training with top-k 2 of 2).
+    /// and the raw outputs of experts 1 and 0 ([`ForwardOut::expert_pair`]; every token must
+    /// use expert 0, as in expert training with top-k 2 of 2).
     pub fn forward_with(
         &self,
         tape: &mut Tape,
