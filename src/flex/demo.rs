@@ -212,6 +212,13 @@ fn corpus_domains(corpus: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The public model's configuration for the demo's shape and a vocabulary size.
+fn model_config(c: &DemoConfig, vocab: usize) -> Config {
+    let mut cfg = Config::olmo2(vocab, c.hidden, c.intermediate, c.layers, c.heads, c.heads);
+    cfg.max_position_embeddings = c.seq.max(256);
+    cfg
+}
+
 /// Train one set of experts (one per closed domain) with the given router init and bias, merge.
 fn experts_and_merge(
     c: &DemoConfig,
@@ -278,15 +285,7 @@ fn experts_and_merge(
 pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
     // A bad model shape or anchor-weight list is an error before any work is done.
-    Config::olmo2(
-        c.vocab.max(1),
-        c.hidden,
-        c.intermediate,
-        c.layers,
-        c.heads,
-        c.heads,
-    )
-    .validate()?;
+    model_config(c, c.vocab.max(1)).validate()?;
     ensure!(
         c.anchor_layers().len() == c.layers,
         "{} public-anchor layer weights for {} layers",
@@ -329,15 +328,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         sets.push((d.to_string(), Dataset::open(&dir)?));
     }
     step("pretrain the public model on public data", quiet);
-    let mut cfg = Config::olmo2(
-        tok.vocab_size(),
-        c.hidden,
-        c.intermediate,
-        c.layers,
-        c.heads,
-        c.heads,
-    );
-    cfg.max_position_embeddings = c.seq.max(256);
+    let cfg = model_config(c, tok.vocab_size());
     pretrain::pretrain(
         &w.p("data/public"),
         &cfg,

@@ -225,34 +225,23 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
         (0.0..1.0).contains(&opts.public_mix),
         "--public-mix must be in [0, 1)"
     );
-    let anchor = opts.train.public_anchor;
-    ensure!(
-        anchor.is_finite() && anchor >= 0.0,
-        "--public-anchor must be a finite weight >= 0, got {anchor}"
-    );
-    ensure!(
-        anchor == 0.0 || opts.public_mix > 0.0,
-        "--public-anchor acts on public rows: it needs --public-mix > 0 and --public-data"
-    );
-    let own = opts.train.router_own;
-    ensure!(
-        own.is_finite() && own >= 0.0,
-        "--router-own must be a finite weight >= 0, got {own}"
-    );
-    let loud = opts.train.expert_loudness;
-    ensure!(
-        loud.is_finite() && loud >= 0.0,
-        "--expert-loudness must be a finite weight >= 0, got {loud}"
-    );
-    let router_public = opts.train.router_public;
-    ensure!(
-        router_public.is_finite() && router_public >= 0.0,
-        "--router-public must be a finite weight >= 0, got {router_public}"
-    );
-    ensure!(
-        router_public == 0.0 || opts.public_mix > 0.0,
-        "--router-public acts on public rows: it needs --public-mix > 0 and --public-data"
-    );
+    let t = &opts.train;
+    // (flag, weight, whether it acts on the public rows only)
+    for (flag, w, on_public_rows) in [
+        ("--public-anchor", t.public_anchor, true),
+        ("--router-own", t.router_own, false),
+        ("--expert-loudness", t.expert_loudness, false),
+        ("--router-public", t.router_public, true),
+    ] {
+        ensure!(
+            w.is_finite() && w >= 0.0,
+            "{flag} must be a finite weight >= 0, got {w}"
+        );
+        ensure!(
+            !on_public_rows || w == 0.0 || opts.public_mix > 0.0,
+            "{flag} acts on public rows: it needs --public-mix > 0 and --public-data"
+        );
+    }
     let layer_w = &opts.train.public_anchor_layers;
     ensure!(
         layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
