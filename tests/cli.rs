@@ -106,6 +106,21 @@ fn missing_and_corrupt_inputs() {
         ],
         "not a valid expert artifact",
     );
+    // A malformed merge-time bias offset is refused before anything is read.
+    assert_clean_error(
+        &[
+            "merge",
+            "--public",
+            ds,
+            "--experts",
+            ds,
+            "--out",
+            ds,
+            "--bias-offset",
+            "math=-1,x",
+        ],
+        "'x' is not a finite number",
+    );
     // Expert-training settings are checked before anything is read.
     let expert = |extra: &[&str]| {
         let mut args = vec![

@@ -135,7 +135,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         .map(|d| root.join(format!("experts/main/{d}.safetensors")))
         .collect();
     let without = root.join("merged-without-facts");
-    flex::merge(&public, &arts, c.top_k.min(arts.len() + 1), &without).unwrap();
+    flex::merge(&public, &arts, c.top_k.min(arts.len() + 1), &[], &without).unwrap();
     let a = flex::load_model(
         &flex_dir,
         &Selection {
@@ -164,6 +164,64 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         la.data(),
         "removing an expert changes the model"
     );
+
+    // A merge-time bias offset belongs to one expert: opt-out stays exact with it, and a very
+    // negative one switches its expert off exactly.
+    let all: Vec<PathBuf> = ["code", "facts", "math"]
+        .iter()
+        .map(|d| root.join(format!("experts/main/{d}.safetensors")))
+        .collect();
+    let off = |s: &str| vec![flex::BiasOffset::parse(s).unwrap()];
+    let logits_of = |dir: &Path, sel: &Selection| {
+        flex::load_model(dir, sel)
+            .unwrap()
+            .model
+            .logits(&ids, 1, ids.len())
+            .unwrap()
+    };
+    let k = c.top_k.min(4);
+    let (shifted, shifted_without) = (root.join("shifted"), root.join("shifted-without"));
+    let (_, m) = flex::merge(&public, &all, k, &off("code=-0.5"), &shifted).unwrap();
+    assert_eq!(m.experts[1].bias_offset, Some(vec![-0.5; c.layers]));
+    let art_bias = flex::ExpertArtifact::load(&all[0]).unwrap().layers[0].bias;
+    assert_eq!(
+        m.experts[1].bias.as_ref().unwrap()[0],
+        art_bias.unwrap() - 0.5
+    );
+    flex::merge(
+        &public,
+        &arts,
+        k.min(3),
+        &off("code=-0.5"),
+        &shifted_without,
+    )
+    .unwrap();
+    let ex_facts = Selection {
+        exclude: vec!["facts".into()],
+        ..Default::default()
+    };
+    let a = logits_of(&shifted, &ex_facts);
+    assert_eq!(
+        a.data(),
+        logits_of(&shifted_without, &Selection::default()).data()
+    );
+    assert_ne!(a.data(), la.data(), "the offset changes the model");
+    let off_dir = root.join("facts-off");
+    flex::merge(&public, &all, k, &off("facts=-1e4"), &off_dir).unwrap();
+    assert_eq!(
+        logits_of(&off_dir, &Selection::default()).data(),
+        lb.data(),
+        "an expert whose bias is -1e4 is never used"
+    );
+    let too_many = format!("code={}", vec!["-1"; c.layers + 1].join(","));
+    let err = flex::merge(&public, &all, k, &off(&too_many), &root.join("bad"))
+        .err()
+        .unwrap();
+    assert!(err.0.contains("give 1 or one per layer"), "{err}");
+    let err = flex::merge(&public, &arts, k, &off("facts=-1"), &root.join("bad"))
+        .err()
+        .unwrap();
+    assert!(err.0.contains("the experts are [code, math]"), "{err}");
 
     // Router tuning changes only router rows and records that strict opt-out is gone.
     let tuned = root.join("tuned");
@@ -210,7 +268,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     let mut m2 = Model::new_random(&pm.cfg, 1234).unwrap();
     m2.cfg = pm.cfg.clone();
     flex::write_model(&m2, None, &public, &other).unwrap();
-    let err = flex::merge(&other, &arts, 2, &root.join("bad"))
+    let err = flex::merge(&other, &arts, 2, &[], &root.join("bad"))
         .err()
         .unwrap();
     assert!(err.0.contains("different public model"), "{err}");

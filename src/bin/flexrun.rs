@@ -57,6 +57,15 @@ enum Cmd {
         /// Experts per token at inference (default: 2, at most the number of experts).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Shift an expert's router bias by V (one value, or one per layer) before it is
+        /// applied as min(bias, 0): a negative V makes the router pick that expert less, with
+        /// no retraining and no data. Repeatable; recorded in the manifest; opt-out stays exact.
+        #[arg(
+            long = "bias-offset",
+            value_name = "NAME=V[,V...]",
+            allow_hyphen_values = true
+        )]
+        bias_offset: Vec<String>,
     },
     /// Tune only the router rows of a merged model on proxy data (breaks strict opt-out).
     RouterTune {
@@ -892,9 +901,14 @@ fn run(cli: Cli) -> Result<()> {
             experts,
             out,
             top_k,
+            bias_offset,
         } => {
             let k = top_k.unwrap_or(2).min(experts.len() + 1);
-            let (_, m) = flex::merge(&public, &experts, k, &out)?;
+            let offsets = bias_offset
+                .iter()
+                .map(|s| flex::BiasOffset::parse(s))
+                .collect::<Result<Vec<_>>>()?;
+            let (_, m) = flex::merge(&public, &experts, k, &offsets, &out)?;
             let names: Vec<&str> = m.experts.iter().map(|e| e.name.as_str()).collect();
             println!(
                 "merged {} experts [{}] (top-{k}) into {}",

@@ -275,6 +275,7 @@ fn experts_and_merge(
         &w.p("models/public"),
         &arts,
         c.top_k.min(arts.len() + 1),
+        &[],
         &dir,
     )?;
     Ok(dir)

@@ -349,8 +349,11 @@ pub struct ManifestExpert {
     pub name: String,
     pub domain: String,
     pub tokens_seen: u64,
-    /// Per-layer bias, when the expert has one.
+    /// Per-layer bias as merged (the artifact's plus any offset), when the expert has one.
     pub bias: Option<Vec<f32>>,
+    /// Per-layer merge-time offset included in `bias` (`merge --bias-offset`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias_offset: Option<Vec<f32>>,
     pub source: String,
 }
 
@@ -374,13 +377,59 @@ impl Manifest {
     }
 }
 
+/// A merge-time shift of one expert's router bias: `values` holds one number for every layer,
+/// or one per layer. It lowers (or raises, up to 0) how often the expert is picked without
+/// retraining it, and since it belongs to that expert alone, strict opt-out still holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BiasOffset {
+    pub expert: String,
+    pub values: Vec<f32>,
+}
+
+impl BiasOffset {
+    /// Parse `NAME=V` or `NAME=V0,V1,...` (one value per layer).
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, vals) = s
+            .split_once('=')
+            .with_context(|| format!("bias offset '{s}' is not NAME=V or NAME=V0,V1,..."))?;
+        let values = vals
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse::<f32>()
+                    .ok()
+                    .filter(|x| x.is_finite())
+                    .with_context(|| format!("bias offset '{s}': '{v}' is not a finite number"))
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        ensure!(!name.is_empty(), "bias offset '{s}' names no expert");
+        Ok(BiasOffset {
+            expert: name.to_string(),
+            values,
+        })
+    }
+
+    /// The offset at each of `layers` layers.
+    fn per_layer(&self, layers: usize) -> Result<Vec<f32>> {
+        match self.values.len() {
+            1 => Ok(vec![self.values[0]; layers]),
+            n if n == layers => Ok(self.values.clone()),
+            n => bail!(
+                "bias offset for '{}' has {n} values; give 1 or one per layer ({layers})",
+                self.expert
+            ),
+        }
+    }
+}
+
 /// Merge the public model and expert artifacts into one FlexOlmo MoE: experts [public, e_1..e_n],
-/// router rows [r_pub, r_1..r_n], biases. No data is read. Refuses experts trained against
-/// another public model or with other shapes.
+/// router rows [r_pub, r_1..r_n], biases (each plus its [`BiasOffset`], if any). No data is
+/// read. Refuses experts trained against another public model or with other shapes.
 pub fn merge(
     public_dir: &Path,
     experts: &[PathBuf],
     top_k: usize,
+    offsets: &[BiasOffset],
     out: &Path,
 ) -> Result<(Model, Manifest)> {
     ensure!(!experts.is_empty(), "merge needs at least one expert");
@@ -431,6 +480,39 @@ pub fn merge(
             );
         }
     }
+    let layers = cfg.num_hidden_layers;
+    let mut shift: Vec<Option<Vec<f32>>> = vec![None; arts.len()];
+    for o in offsets {
+        let i = arts
+            .iter()
+            .position(|a| a.meta.name == o.expert)
+            .with_context(|| {
+                let names: Vec<&str> = arts.iter().map(|a| a.meta.name.as_str()).collect();
+                format!(
+                    "bias offset for '{}', but the experts are [{}]",
+                    o.expert,
+                    names.join(", ")
+                )
+            })?;
+        ensure!(
+            shift[i].is_none(),
+            "two bias offsets for expert '{}'",
+            o.expert
+        );
+        shift[i] = Some(o.per_layer(layers)?);
+    }
+    // Per expert and layer: the artifact's bias plus the offset (None: the expert has no bias).
+    let biases: Vec<Option<Vec<f32>>> = arts
+        .iter()
+        .zip(&shift)
+        .map(|(a, sh)| {
+            (a.meta.bias_init.is_some() || sh.is_some()).then(|| {
+                (0..layers)
+                    .map(|l| a.layers[l].bias.unwrap_or(0.0) + sh.as_ref().map_or(0.0, |v| v[l]))
+                    .collect()
+            })
+        })
+        .collect();
     let n = arts.len() + 1;
     ensure!(
         top_k >= 1 && top_k <= n,
@@ -438,8 +520,8 @@ pub fn merge(
     );
     let mut model = public.upcycle(n)?;
     let mut ps = model.params.clone();
-    let any_bias = arts.iter().any(|a| a.meta.bias_init.is_some());
-    for l in 0..cfg.num_hidden_layers {
+    let any_bias = biases.iter().any(Option::is_some);
+    for l in 0..layers {
         let set = |ps: &mut ParamStore, name: String, t: &Tensor| {
             let id = ps
                 .id(&name)
@@ -462,11 +544,9 @@ pub fn merge(
         }
         if any_bias {
             ps.add(router_bias_name(l, 0), Tensor::zeros(&[1]));
-            for (i, a) in arts.iter().enumerate() {
-                ps.add(
-                    router_bias_name(l, i + 1),
-                    Tensor::from_vec(vec![a.layers[l].bias.unwrap_or(0.0)], &[1]),
-                );
+            for (i, b) in biases.iter().enumerate() {
+                let b = b.as_ref().map_or(0.0, |b| b[l]);
+                ps.add(router_bias_name(l, i + 1), Tensor::from_vec(vec![b], &[1]));
             }
         }
     }
@@ -478,17 +558,16 @@ pub fn merge(
         domain: "public".into(),
         tokens_seen: 0,
         bias: None,
+        bias_offset: None,
         source: public_dir.display().to_string(),
     }];
-    for (a, p) in arts.iter().zip(experts) {
+    for (((a, p), bias), sh) in arts.iter().zip(experts).zip(biases).zip(shift) {
         manifest_experts.push(ManifestExpert {
             name: a.meta.name.clone(),
             domain: a.meta.domain.clone(),
             tokens_seen: a.meta.tokens_seen,
-            bias: a
-                .meta
-                .bias_init
-                .map(|_| a.layers.iter().map(|x| x.bias.unwrap_or(0.0)).collect()),
+            bias,
+            bias_offset: sh,
             source: p.display().to_string(),
         });
     }
@@ -741,6 +820,7 @@ pub fn router_tune(
                 domain: String::new(),
                 tokens_seen: 0,
                 bias: None,
+                bias_offset: None,
                 source: String::new(),
             })
             .collect(),
