@@ -14,6 +14,10 @@ every expert's FFN output on every token of every MoE layer, and prints per laye
   loud   |F_e(x)| / |F_0(x)|, averaged over tokens: how loud the expert's FFN is next to the
          public FFN's (expert 0) on the same input
 
+and, per layer, each expert's weight distance from the public FFN (``dist``: the Frobenius norm of
+the difference of its gate, up and down weights from expert 0's, over expert 0's norm; 0 for an
+untrained copy).
+
 Under OLMo-2's post-FFN norm the mix's scale is normalised away, so an expert can outweigh its
 router probability by being loud (share > p); and an expert that its router sends a little of
 another domain's text moves that text by about its share.
@@ -76,6 +80,24 @@ def expert_ffn(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
 
 
+def expert_weights(experts, e: int) -> list[torch.Tensor]:
+    """Expert e's FFN weights, for either transformers expert layout."""
+    if hasattr(experts, "gate_up_proj"):
+        return [experts.gate_up_proj[e], experts.down_proj[e]]
+    m = experts[e]
+    return [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+
+
+def weight_distance(experts, e: int) -> float:
+    """|W_e - W_0| / |W_0| over all of an expert's FFN weights (Frobenius norms)."""
+    pairs = zip(expert_weights(experts, e), expert_weights(experts, 0))
+    num = den = 0.0
+    for w, w0 in pairs:
+        num += (w - w0).pow(2).sum().item()
+        den += w0.pow(2).sum().item()
+    return (num / den) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
@@ -109,6 +131,11 @@ def main() -> None:
         layer.mlp.register_forward_hook(hook(l))
 
     report = {"model": str(a.model), "experts": names, "domains": {}}
+    with torch.no_grad():
+        report["weight_distance"] = [
+            [weight_distance(layer.mlp.experts, e) for e in range(len(names))]
+            for layer in model.model.layers
+        ]
     for spec in a.domains:
         name, _, path = spec.partition("=")
         if not path:
@@ -149,6 +176,11 @@ def main() -> None:
         for l, row in enumerate(rows):
             cells = " | ".join(f"{c['p']:.2f} / {c['share']:.2f} / {c['loud']:.2f}" for c in row)
             print(f"| {name} | {l} | {cells} |")
+    print()
+    print("| layer | " + " | ".join(f"{n} dist" for n in names) + " |")
+    print("|---:|" + "---:|" * len(names))
+    for l, row in enumerate(report["weight_distance"]):
+        print(f"| {l} | " + " | ".join(f"{d:.2f}" for d in row) + " |")
 
 
 if __name__ == "__main__":
