@@ -1064,39 +1064,31 @@ fn run(cli: Cli) -> Result<()> {
             c.seed = a.seed;
             c.ablations = a.ablations;
             c.corpus = a.corpus.clone();
-            if let Some(m) = a.public_mix {
-                c.public_mix = m;
+            // Each flag given overrides the configuration's field of the same name.
+            macro_rules! override_fields {
+                ($($f:ident),*) => {$(
+                    if let Some(v) = a.$f {
+                        c.$f = v;
+                    }
+                )*};
             }
-            if let Some(m) = a.public_anchor {
-                c.public_anchor = m;
-            }
+            override_fields!(
+                public_mix,
+                public_anchor,
+                vocab,
+                hidden,
+                layers,
+                heads,
+                intermediate,
+                public_steps,
+                top_k
+            );
             if let Some(w) = &a.public_anchor_layers {
                 c.public_anchor_layers = Some(w.clone());
-            }
-            if let Some(v) = a.vocab {
-                c.vocab = v;
-            }
-            if let Some(h) = a.hidden {
-                c.hidden = h;
-            }
-            if let Some(l) = a.layers {
-                c.layers = l;
-            }
-            if let Some(h) = a.heads {
-                c.heads = h;
-            }
-            if let Some(i) = a.intermediate {
-                c.intermediate = i;
-            }
-            if let Some(s) = a.public_steps {
-                c.public_steps = s;
             }
             if let Some(s) = a.expert_steps {
                 c.expert_steps = s;
                 c.dense_steps = s;
-            }
-            if let Some(k) = a.top_k {
-                c.top_k = k;
             }
             flex::demo::run(&c, &a.out, a.quiet)?;
             print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
