@@ -1,8 +1,8 @@
 // Grouped expert GEMMs of the MoE block: ONE launch runs the GEMM of every expert over its
 // contiguous token segment of the expert-permuted layout (kernels/moe.cu moe_permute: expert e's
 // rows are [offsets[e], offsets[e+1]), empty for an expert that received no tokens), on bf16
-// tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+) with cp.async double-buffered
-// shared-memory tiles.
+// tensor cores (mma.sync m16n8k16, f32 accumulation, sm_80+) with a STAGES-deep cp.async pipeline
+// of shared-memory tiles.
 //
 // CPU reference: per expert, src/model/mod.rs swiglu_ffn, i.e. src/ops/linear.rs (linear,
 // LinearBack) + src/ops/elementwise.rs (swiglu, SwigluBack) on the rows src/ops/moe.rs
@@ -53,7 +53,8 @@ constexpr int PAD = 8;        // bf16 per smem row of padding: rows stay 16-byte
 constexpr int LDK = BK + PAD;            // pitch of a K-contiguous tile [128][BK] (80 bytes)
 constexpr int LDR = BM + PAD;            // pitch of a row-contiguous tile [BK][128] (272 bytes)
 constexpr int TILE_ELEMS = (BM * LDK > BK * LDR) ? BM * LDK : BK * LDR;  // one operand, one stage
-constexpr int STAGES = 2;     // double buffering: load tile k+1 while the tensor cores eat tile k
+constexpr int STAGES = 4;     // cp.async pipeline depth: tiles k+1..k+3 in flight while the tensor
+                              // cores eat tile k (2 stages left the H100 waiting on global memory)
 constexpr int GROUP_M = 8;    // m-tiles per raster group: 8 consecutive CTAs share one weight tile in L2
 constexpr int MAX_EXPERTS = 64;          // the scheduler's warp scan holds two experts per lane
 constexpr int GATEUP_BN = BN / 2;        // intermediate columns per gate/up CTA (64 gate + 64 up)
@@ -62,7 +63,10 @@ constexpr int CHUNKS_PER_THREAD = (128 * BK / 8) / THREADS;  // 16-byte copies p
 static_assert(BM == 128 && BN == 128, "the tile loaders fill 128 rows or columns");
 static_assert(BM == 2 * WM && BN == WARPS_N * WN && THREADS == 2 * WARPS_N * 32, "warp grid");
 static_assert(CHUNKS_PER_THREAD * THREADS == 128 * BK / 8, "tile copies divide over the threads");
-static_assert(BK % 16 == 0 && STAGES == 2, "k16 steps, double buffer");
+static_assert(BK % 16 == 0 && STAGES >= 2, "k16 steps, at least double buffering");
+// Dynamic shared memory of every GEMM kernel: STAGES stages of the A and B tiles (80 KiB; over the
+// 48 KiB static limit, so the host opts in: src/backend/cuda/grouped.rs SMEM_BYTES).
+constexpr int SMEM_BYTES = 2 * STAGES * TILE_ELEMS * (int)sizeof(bf16);
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -157,21 +161,28 @@ __device__ __forceinline__ void mainloop(float (&acc)[MI][NI][4], int ktiles, bf
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int q = lane >> 3, r8 = lane & 7;  // ldmatrix: lane provides row r8 of matrix q
 
-  load_a(sA[0], 0);
-  load_b(sB[0], 0);
-  cp_async_commit();
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int cur = kt & 1;
-    if (kt + 1 < ktiles) {
-      load_a(sA[cur ^ 1], kt + 1);
-      load_b(sB[cur ^ 1], kt + 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+  // Prologue: tiles 0..STAGES-2 in flight (one commit group per tile, empty past the end, so that
+  // wait_group<STAGES-2> below always means "tile kt has landed").
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ktiles) {
+      load_a(sA[s], s);
+      load_b(sB[s], s);
     }
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    // Every thread's copies of tile kt are visible, and every warp is done with tile kt-1, whose
+    // stage the prefetch below overwrites.
     __syncthreads();
-    const bf16 *A = sA[cur], *B = sB[cur];
+    const int nk = kt + STAGES - 1;
+    if (nk < ktiles) {
+      load_a(sA[nk % STAGES], nk);
+      load_b(sB[nk % STAGES], nk);
+    }
+    cp_async_commit();
+    const bf16 *A = sA[kt % STAGES], *B = sB[kt % STAGES];
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       unsigned a[MI][4], b[NI][2];
@@ -203,8 +214,26 @@ __device__ __forceinline__ void mainloop(float (&acc)[MI][NI][4], int ktiles, bf
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
     }
-    __syncthreads();  // the next iteration's copies overwrite this stage
   }
+  // No copy left in flight and every warp done with the tiles before the caller reuses them.
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// The STAGES A tiles and STAGES B tiles in the kernel's dynamic shared memory.
+struct Stages {
+  bf16 (*a)[TILE_ELEMS];
+  bf16 (*b)[TILE_ELEMS];
+};
+// Traps when the launch gave less than SMEM_BYTES (the wrapper mirrors the constant), which would
+// otherwise read and write out of shared-memory bounds silently.
+__device__ __forceinline__ Stages stages() {
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  unsigned dyn;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+  if (dyn < (unsigned)SMEM_BYTES) __trap();
+  bf16 *base = reinterpret_cast<bf16 *>(dyn_smem);
+  return {reinterpret_cast<bf16 (*)[TILE_ELEMS]>(base), reinterpret_cast<bf16 (*)[TILE_ELEMS]>(base + STAGES * TILE_ELEMS)};
 }
 
 struct Tile {
@@ -285,8 +314,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     grouped_gateup_fwd_bf16(const bf16 *__restrict__ x, const bf16 *__restrict__ wg, const bf16 *__restrict__ wu,
                             const unsigned *__restrict__ offsets, bf16 *__restrict__ act, bf16 *__restrict__ gate_out,
                             bf16 *__restrict__ up_out, int m_total, int n_experts, int h, int inter) {
-  __shared__ __align__(16) bf16 sA[STAGES][TILE_ELEMS];
-  __shared__ __align__(16) bf16 sB[STAGES][TILE_ELEMS];
+  const Stages st = stages();
+  bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
   if (!schedule(offsets, m_total, n_experts, ceil_div(inter, GATEUP_BN), t)) return;
   const int n0 = t.n_tile * GATEUP_BN;
@@ -332,8 +361,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
     grouped_nt_bf16(const bf16 *__restrict__ a, const bf16 *__restrict__ w, const unsigned *__restrict__ offsets,
                     bf16 *__restrict__ y, int m_total, int n_experts, int k, int n) {
-  __shared__ __align__(16) bf16 sA[STAGES][TILE_ELEMS];
-  __shared__ __align__(16) bf16 sB[STAGES][TILE_ELEMS];
+  const Stages st = stages();
+  bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
   if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   const int n0 = t.n_tile * BN;
@@ -394,8 +423,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     grouped_nn_bf16(const bf16 *__restrict__ dy, const bf16 *__restrict__ w, const bf16 *__restrict__ dy2,
                     const bf16 *__restrict__ w2, const unsigned *__restrict__ offsets, bf16 *__restrict__ dx,
                     int m_total, int n_experts, int k, int n) {
-  __shared__ __align__(16) bf16 sA[STAGES][TILE_ELEMS];
-  __shared__ __align__(16) bf16 sB[STAGES][TILE_ELEMS];
+  const Stages st = stages();
+  bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
   if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   float acc[MI][NI][4];
@@ -427,8 +456,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
                                const bf16 *__restrict__ up, const unsigned *__restrict__ offsets,
                                bf16 *__restrict__ dgate, bf16 *__restrict__ dup, int m_total, int n_experts, int k,
                                int n) {
-  __shared__ __align__(16) bf16 sA[STAGES][TILE_ELEMS];
-  __shared__ __align__(16) bf16 sB[STAGES][TILE_ELEMS];
+  const Stages st = stages();
+  bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
   if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   float acc[MI][NI][4];
@@ -475,8 +504,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     grouped_wgrad_f32(const bf16 *__restrict__ dy, const bf16 *__restrict__ x, const bf16 *__restrict__ dy2,
                       float *__restrict__ dw, float *__restrict__ dw2, const unsigned *__restrict__ offsets,
                       const unsigned *__restrict__ mask, int m_total, int n_experts, int n, int k, int accumulate) {
-  __shared__ __align__(16) bf16 sA[STAGES][TILE_ELEMS];
-  __shared__ __align__(16) bf16 sB[STAGES][TILE_ELEMS];
+  const Stages st = stages();
+  bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   const int e = blockIdx.y;
   if (e >= n_experts || (mask != nullptr && mask[e] == 0u)) return;
   const bf16 *A = blockIdx.z ? dy2 : dy;

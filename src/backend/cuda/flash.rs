@@ -13,7 +13,7 @@ use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, BLOCK};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::ops::AttnShape;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::CudaFunction;
 use half::bf16;
 use serde::Serialize;
@@ -24,8 +24,6 @@ const MODULE: &str = "flash_attention";
 pub const FLASH_MAX_HD: usize = 256;
 /// Shared-memory row padding in elements (PAD in the .cu).
 const PAD: usize = 8;
-/// Dynamic shared memory a kernel gets without opting in (cuFuncSetAttribute above it).
-const DEFAULT_SMEM: usize = 48 * 1024;
 /// CUDA's limit on gridDim.y and gridDim.z.
 const MAX_GRID_YZ: usize = 65535;
 
@@ -246,25 +244,7 @@ fn dims(s: &AttnShape) -> Result<Dims> {
 
 /// The kernel of `v`, allowed its dynamic shared memory (opt-in above 48 KiB).
 fn prepare(dev: &Device, v: &Variant) -> Result<CudaFunction> {
-    let f = dev.function(MODULE, v.kernel)?;
-    if v.smem > DEFAULT_SMEM {
-        let ctx = dev.context();
-        let limit = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
-            as usize;
-        ensure!(
-            v.smem <= limit,
-            "flash attention: {} needs {} bytes of shared memory per block, this GPU allows {limit}",
-            v.kernel,
-            v.smem
-        );
-        ctx.bind_to_thread()?;
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            v.smem as i32,
-        )?;
-    }
-    Ok(f)
+    dev.function_smem(MODULE, v.kernel, v.smem)
 }
 
 /// Launch variant `$v` on grid `$grid` with its block size and dynamic shared memory. Arguments

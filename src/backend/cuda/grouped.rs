@@ -37,6 +37,9 @@ const TILE_N: usize = 128;
 const GATEUP_TILE_N: usize = 64;
 /// Threads per CTA (grouped_gemm.cu THREADS).
 const THREADS: u32 = 256;
+/// Dynamic shared memory per CTA (grouped_gemm.cu SMEM_BYTES): STAGES (4) stages of two
+/// [128, BK + 8] bf16 operand tiles with BK = 32.
+const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 
 fn check_width(x: usize, what: &str) -> Result<()> {
     ensure!(
@@ -140,7 +143,7 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS;
+        launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS, smem = SMEM_BYTES;
             x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
             int(h, "hidden")?, int(i, "intermediate")?)
     }
@@ -175,7 +178,7 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS;
+        launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS, smem = SMEM_BYTES;
             a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
     }
 
@@ -228,7 +231,7 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nn_bf16", grid, THREADS;
+        launch!(self, "grouped_gemm", "grouped_nn_bf16", grid, THREADS, smem = SMEM_BYTES;
             dy.dptr(), w.dptr(), dy2, w2, offsets.dptr(), dx.dptr(), int(m, "rows")?, int(e, "experts")?,
             int(k, "k")?, int(n, "n")?)
     }
@@ -273,7 +276,7 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, i.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nn_swiglu_bwd_bf16", grid, THREADS;
+        launch!(self, "grouped_gemm", "grouped_nn_swiglu_bwd_bf16", grid, THREADS, smem = SMEM_BYTES;
             dy.dptr(), wd.dptr(), gate.dptr(), up.dptr(), offsets.dptr(), dgate.dptr(), dup.dptr(), int(m, "rows")?,
             int(e, "experts")?, int(h, "k")?, int(i, "n")?)
     }
@@ -342,7 +345,7 @@ impl Device {
             tiles <= i32::MAX as usize,
             "grouped weight gradient: {tiles} tiles exceed the grid limit"
         );
-        launch!(self, "grouped_gemm", "grouped_wgrad_f32", (tiles as u32, e as u32, problems), THREADS;
+        launch!(self, "grouped_gemm", "grouped_wgrad_f32", (tiles as u32, e as u32, problems), THREADS, smem = SMEM_BYTES;
             dy.dptr(), x.dptr(), dy2, dw.dptr(), dw2, offsets.dptr(), mp, int(m, "rows")?, int(e, "experts")?,
             int(n, "n")?, int(k, "k")?, i32::from(accumulate))
     }

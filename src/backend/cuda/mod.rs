@@ -35,8 +35,10 @@ pub use moe::MoePermutation;
 pub use optim::{AdamWHyper, AdamWSlot};
 pub use rope::RopeTableGpu;
 
+use crate::ensure;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -45,6 +47,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// Message of every CUDA entry point in a build without kernels.
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
 pub const NO_KERNELS: &str = "this build has no CUDA kernels: run tools/setup-cuda.sh and rebuild";
 
 impl From<cudarc::driver::DriverError> for Error {
@@ -104,22 +109,28 @@ pub(crate) fn int(x: usize, what: &str) -> Result<i32> {
     })
 }
 
-/// Launch `$module::$name` on the device's stream: `launch!(dev, "mod", "fn", grid, block; args...)`.
-/// `grid` is `(x, y, z)`; an empty grid launches nothing. Arguments must have the exact C types of
-/// the kernel (device pointers as `u64`, `int` as `i32`, `long long` as `i64`, `float` as `f32`).
+/// Launch `$module::$name` on the device's stream: `launch!(dev, "mod", "fn", grid, block; args...)`,
+/// or `launch!(dev, "mod", "fn", grid, block, smem = BYTES; args...)` for a kernel with dynamic
+/// shared memory (opted in above 48 KiB by [`Device::function_smem`]). `grid` is `(x, y, z)`; an
+/// empty grid launches nothing. Arguments must have the exact C types of the kernel (device
+/// pointers as `u64`, `int` as `i32`, `long long` as `i64`, `float` as `f32`).
 macro_rules! launch {
-    ($dev:expr, $module:literal, $name:literal, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {{
+    ($dev:expr, $module:literal, $name:literal, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {
+        $crate::backend::cuda::launch!($dev, $module, $name, $grid, $block, smem = 0usize; $($arg),*)
+    };
+    ($dev:expr, $module:literal, $name:literal, $grid:expr, $block:expr, smem = $smem:expr; $($arg:expr),* $(,)?) => {{
         let dev: &$crate::backend::cuda::Device = $dev;
         let grid: (u32, u32, u32) = $grid;
+        let smem: usize = $smem;
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             Ok(())
         } else {
             #[allow(unused_imports)]
             use cudarc::driver::PushKernelArg;
-            let f = dev.function($module, $name)?;
+            let f = dev.function_smem($module, $name, smem)?;
             let mut b = dev.stream().launch_builder(&f);
             $( let a = $arg; b.arg(&a); )*
-            let cfg = cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: ($block, 1, 1), shared_mem_bytes: 0 };
+            let cfg = cudarc::driver::LaunchConfig { grid_dim: grid, block_dim: ($block, 1, 1), shared_mem_bytes: smem as u32 };
             // SAFETY: the wrapper checked every buffer against the sizes the kernel indexes, and
             // the argument types match the kernel's C signature.
             unsafe { b.launch(cfg) }
@@ -252,6 +263,32 @@ impl Device {
             .lock()
             .unwrap()
             .insert((module, name), f.clone());
+        Ok(f)
+    }
+
+    /// [`Device::function`], allowed `smem` bytes of dynamic shared memory: kernels that need more
+    /// than the default 48 KiB must opt in, up to the GPU's per-block limit (227 KiB on an H100).
+    pub fn function_smem(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        smem: usize,
+    ) -> Result<CudaFunction> {
+        let f = self.function(module, name)?;
+        if smem > DEFAULT_SMEM {
+            let limit = self.ctx.attribute(
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )? as usize;
+            ensure!(
+                smem <= limit,
+                "{name} needs {smem} bytes of shared memory per block, this GPU allows {limit}"
+            );
+            self.ctx.bind_to_thread()?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
         Ok(f)
     }
 
