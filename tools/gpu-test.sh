@@ -74,7 +74,7 @@ cat >"$OUT/run.sh" <<'EOF'
 #!/usr/bin/env bash
 # Run the packed flexrun tests on a GPU machine (made by tools/gpu-test.sh). Env: ONLY (substring
 # filter on binary names), LOG_DIR, TEST_TIMEOUT (seconds per binary, default 1200),
-# MEMCHECK=0 to skip compute-sanitizer. Extra arguments go to every test binary.
+# MEMCHECK=0 to skip compute-sanitizer, TESTS=0 to run only compute-sanitizer. Extra arguments go to every test binary.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOG="${LOG_DIR:-$HERE/logs}"
@@ -114,7 +114,7 @@ cd "$BUILD_ROOT" 2>/dev/null || cd "$HERE"
 fail=0
 for t in "$HERE"/bin/*; do
   name="$(basename "$t")"
-  [[ -n "${ONLY:-}" && "$name" != *"$ONLY"* ]] && continue
+  [[ "${TESTS:-1}" == 0 || ( -n "${ONLY:-}" && "$name" != *"$ONLY"* ) ]] && continue
   start=$(date +%s)
   timeout "${TEST_TIMEOUT:-1200}" "$t" "$@" >"$LOG/$name.log" 2>&1
   rc=$?
@@ -123,18 +123,25 @@ for t in "$HERE"/bin/*; do
   [[ $rc == 0 ]] || fail=1
 done
 
-# Memory errors in the kernels: the kernel tests under compute-sanitizer's memcheck, one thread.
-if [[ "${MEMCHECK:-1}" != 0 && -x "$HERE/bin/gpu_kernels" && ( -z "${ONLY:-}" || "gpu_kernels" == *"$ONLY"* ) ]]; then
+# Memory errors in the kernels: the cuda tests of every gpu_* binary under compute-sanitizer's
+# memcheck, one thread (MEMCHECK_TIMEOUT seconds per binary, default 600).
+if [[ "${MEMCHECK:-1}" != 0 ]]; then
   CS="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)"
-  if [[ -n "$CS" ]]; then
-    timeout "${TEST_TIMEOUT:-1200}" "$CS" --tool memcheck --error-exitcode 99 --log-file "$LOG/memcheck.log" \
-      "$HERE/bin/gpu_kernels" cuda --test-threads=1 >"$LOG/memcheck-tests.log" 2>&1
+  for t in "$HERE"/bin/gpu_*; do
+    name="$(basename "$t")"
+    [[ -n "${ONLY:-}" && "$name" != *"$ONLY"* ]] && continue
+    if [[ -z "$CS" ]]; then
+      echo "memcheck: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
+      break
+    fi
+    start=$(date +%s)
+    timeout "${MEMCHECK_TIMEOUT:-600}" "$CS" --tool memcheck --error-exitcode 99 --log-file "$LOG/memcheck-$name.log" \
+      "$t" cuda --test-threads=1 >"$LOG/memcheck-$name-tests.log" 2>&1
     rc=$?
-    printf '%-28s rc=%-3s %s\n' "memcheck gpu_kernels" "$rc" "$(tail -n1 "$LOG/memcheck.log" 2>/dev/null)" | tee -a "$SUMMARY"
+    printf '%-28s rc=%-3s %4ss  %s\n' "memcheck $name" "$rc" "$(( $(date +%s) - start ))" \
+      "$(tail -n1 "$LOG/memcheck-$name.log" 2>/dev/null)" | tee -a "$SUMMARY"
     [[ $rc == 0 ]] || fail=1
-  else
-    echo "memcheck: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
-  fi
+  done
 fi
 echo "logs in $LOG" | tee -a "$SUMMARY"
 exit $fail

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU benchmark, flexrun and PyTorch side by side on the same GPU in one run (the ratios in
+# BENCHMARKS.md come from such a run). Meant for the GPU machine, from the repository root, with
+# the flexrun binary packed by tools/gpu-test.sh:
+#
+#   tools/gpu-bench.sh [FLEXRUN] [OUTDIR]     # defaults: target/gpu-test/flexrun, bench-out
+#
+# Each benchmark writes OUTDIR/NAME.json (stdout) and OUTDIR/NAME.err; BENCH_TIMEOUT (seconds,
+# default 300) bounds each one. Prints one status line per benchmark; exits non-zero if any failed.
+set -uo pipefail
+FR="${1:-target/gpu-test/flexrun}"
+OUTD="${2:-bench-out}"
+mkdir -p "$OUTD"
+fail=0
+run() {
+  local name="$1" start rc
+  shift
+  start=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-300}" "$@" >"$OUTD/$name.json" 2>"$OUTD/$name.err"
+  rc=$?
+  printf '%-22s rc=%-3s %4ss\n' "$name" "$rc" "$(( $(date +%s) - start ))"
+  [[ $rc == 0 ]] || fail=1
+}
+# Causal attention, hd 128, T = 1k..16k, 16k tokens per call (issue goal: >= SDPA's flash backend).
+run attention        "$FR" bench attention --json
+run attention_sdpa   python3 tools/bench_sdpa.py
+# GQA (32 query heads on 8 kv heads), as in the larger OLMo-2 / FlexOlmo configurations.
+run attention_gqa      "$FR" bench attention --heads 32 --kv-heads 8 --seq 2048,8192 --json
+run attention_gqa_sdpa python3 tools/bench_sdpa.py --heads 32 --kv-heads 8 --seq 2048,8192
+# Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
+run moe              "$FR" bench moe --json
+run moe_torch        python3 tools/bench_moe_torch.py --json
+exit $fail
