@@ -3,6 +3,7 @@
 
 pub mod routing;
 
+use crate::backend::cuda::GpuModel;
 use crate::data::shards::{self, Dataset};
 use crate::data::synth::Task;
 use crate::data::Tokenizer;
@@ -16,6 +17,8 @@ use serde::Serialize;
 /// What is evaluated: one model, or a BTM ensemble of dense experts.
 pub enum Evaluated<'a> {
     Model(&'a Model),
+    /// A model on the GPU (`--device cuda`): evaluated one sequence at a time on the device.
+    Gpu(&'a GpuModel<'a>),
     /// `p = sum_j w_j p_j`, `w = softmax(-meanNLL_j(context) / temperature)` restricted to the
     /// `top_k` largest weights (renormalised). At the first position the weights are uniform.
     Btm {
@@ -40,6 +43,7 @@ impl Evaluated<'_> {
     fn vocab(&self) -> usize {
         match self {
             Evaluated::Model(m) => m.cfg.vocab_size,
+            Evaluated::Gpu(g) => g.vocab(),
             Evaluated::Btm { models, .. } => models[0].cfg.vocab_size,
         }
     }
@@ -49,6 +53,7 @@ impl Evaluated<'_> {
         let v = self.vocab();
         match self {
             Evaluated::Model(m) => Ok(log_softmax_rows(m.logits(ids, 1, ids.len())?.data(), v)),
+            Evaluated::Gpu(g) => Ok(log_softmax_rows(g.logits(ids, 1, ids.len())?.data(), v)),
             Evaluated::Btm {
                 models,
                 temperature,
@@ -94,6 +99,18 @@ impl Evaluated<'_> {
         }
     }
 
+    /// `f` over `items`: in parallel on the CPU, one after the other on the GPU (one stream).
+    fn map<T: Sync, R: Send>(
+        &self,
+        items: &[T],
+        f: impl Fn(&T) -> Result<R> + Sync + Send,
+    ) -> Result<Vec<R>> {
+        match self {
+            Evaluated::Gpu(_) => items.iter().map(f).collect(),
+            _ => items.par_iter().map(f).collect(),
+        }
+    }
+
     /// Mean next-token cross-entropy over validation windows.
     pub fn loss(&self, batches: &[(Vec<u32>, Vec<u32>)], seq: usize) -> Result<f64> {
         let v = self.vocab();
@@ -101,19 +118,16 @@ impl Evaluated<'_> {
             .iter()
             .flat_map(|(i, t)| i.chunks(seq).zip(t.chunks(seq)))
             .collect();
-        let parts: Vec<(f64, usize)> = rows
-            .par_iter()
-            .map(|(inp, tgt)| {
-                let lp = self.log_probs(inp)?;
-                Ok((
-                    tgt.iter()
-                        .enumerate()
-                        .map(|(p, &x)| -(lp[p * v + x as usize] as f64))
-                        .sum::<f64>(),
-                    tgt.len(),
-                ))
-            })
-            .collect::<Result<_>>()?;
+        let parts: Vec<(f64, usize)> = self.map(&rows, |(inp, tgt)| {
+            let lp = self.log_probs(inp)?;
+            Ok((
+                tgt.iter()
+                    .enumerate()
+                    .map(|(p, &x)| -(lp[p * v + x as usize] as f64))
+                    .sum::<f64>(),
+                tgt.len(),
+            ))
+        })?;
         let (s, n) = parts.iter().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b));
         Ok(s / n.max(1) as f64)
     }
@@ -128,6 +142,14 @@ impl Evaluated<'_> {
                     ..Default::default()
                 };
                 generate::generate(m, prompt, &cfg, |_| {})
+            }
+            Evaluated::Gpu(g) => {
+                let cfg = SamplingConfig {
+                    max_new_tokens: n,
+                    stop_token: stop,
+                    ..Default::default()
+                };
+                generate::generate_gpu(g, prompt, &cfg, |_| {})
             }
             Evaluated::Btm { .. } => {
                 let v = self.vocab();
@@ -152,15 +174,12 @@ impl Evaluated<'_> {
         if tasks.is_empty() {
             return Ok(0.0);
         }
-        let hits: Vec<bool> = tasks
-            .par_iter()
-            .map(|t| {
-                let prompt = tok.encode(&t.prompt)?;
-                let n = tok.encode(&t.answer)?.len() + 2;
-                let out = self.greedy(&prompt, n, Some(tok.eos_id()))?;
-                Ok(t.is_correct(&tok.decode(&out)?))
-            })
-            .collect::<Result<_>>()?;
+        let hits: Vec<bool> = self.map(tasks, |t| {
+            let prompt = tok.encode(&t.prompt)?;
+            let n = tok.encode(&t.answer)?.len() + 2;
+            let out = self.greedy(&prompt, n, Some(tok.eos_id()))?;
+            Ok(t.is_correct(&tok.decode(&out)?))
+        })?;
         Ok(hits.iter().filter(|&&h| h).count() as f64 / tasks.len() as f64)
     }
 }

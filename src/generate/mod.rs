@@ -2,6 +2,7 @@
 //! seeded, streaming each token to a callback as it is produced.
 
 use crate::autograd::Tape;
+use crate::backend::cuda::GpuModel;
 use crate::ensure;
 use crate::error::Result;
 use crate::model::{KvCache, Model};
@@ -93,7 +94,7 @@ pub fn generate(
     model: &Model,
     prompt: &[u32],
     cfg: &SamplingConfig,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
     let total = prompt.len() + cfg.max_new_tokens;
@@ -106,15 +107,45 @@ pub fn generate(
     );
     model.check_input(prompt, prompt.len())?;
     let mut cache = KvCache::new(&model.cfg, 1, total);
+    generate_with(prompt, cfg, on_token, |ids| {
+        let mut tape = Tape::inference();
+        let t = ids.len();
+        let f = model.forward(&mut tape, ids, 1, t, Some(&mut cache))?;
+        Ok(tape.value(f.logits).row(t - 1).to_vec())
+    })
+}
+
+/// [`generate`] on the GPU: the same sampling loop over [`GpuModel::forward`] with a device KV
+/// cache (the split-KV decode kernel for every new token).
+pub fn generate_gpu(
+    model: &GpuModel<'_>,
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let mut cache = model.new_cache(1, prompt.len() + cfg.max_new_tokens)?;
+    generate_with(prompt, cfg, on_token, |ids| {
+        let t = ids.len();
+        let logits = model.forward(ids, 1, t, Some(&mut cache))?;
+        Ok(model.last_logits(&logits, 1, t)?.remove(0))
+    })
+}
+
+/// The sampling loop: `step(ids)` feeds the new tokens (the prompt first, then one token at a
+/// time) to a cached forward and returns the logits of the last position.
+fn generate_with(
+    prompt: &[u32],
+    cfg: &SamplingConfig,
+    mut on_token: impl FnMut(u32),
+    mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::new();
     let mut next_input = prompt.to_vec();
     for _ in 0..cfg.max_new_tokens {
-        let mut tape = Tape::inference();
-        let t = next_input.len();
-        let f = model.forward(&mut tape, &next_input, 1, t, Some(&mut cache))?;
-        let logits = tape.value(f.logits);
-        let tok = sample(logits.row(t - 1), cfg, &mut rng);
+        let logits = step(&next_input)?;
+        let tok = sample(&logits, cfg, &mut rng);
         if Some(tok) == cfg.stop_token {
             break;
         }

@@ -21,6 +21,7 @@ mod embedding;
 pub mod flash;
 mod gemm;
 pub mod grouped;
+pub mod infer;
 mod loss;
 mod memory;
 mod moe;
@@ -29,6 +30,7 @@ mod rmsnorm;
 mod rope;
 mod router;
 
+pub use infer::{GpuKvCache, GpuModel};
 pub use loss::CrossEntropyGpu;
 pub use memory::{Buf, DeviceRead, DeviceType, DeviceWrite, PoolStats, View, ViewMut};
 pub use moe::MoePermutation;
