@@ -96,3 +96,109 @@ pub fn train_step(
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
     })
 }
+
+#[derive(Serialize, Debug)]
+pub struct DecodeBench {
+    pub framework: &'static str,
+    pub device: String,
+    pub batch: usize,
+    pub prompt: usize,
+    pub new_tokens: usize,
+    pub params: usize,
+    /// The prompt's forward pass (all `batch` sequences at once), filling the KV cache.
+    pub prefill_ms: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Median time of one decode step (one new token for each of the `batch` sequences).
+    pub step_ms: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Greedy decoding of a randomly initialised model: a `prompt`-token prefill of `batch` random
+/// sequences, then `new_tokens` steps of one token per sequence through the KV cache, on the CPU
+/// or (with `gpu`) on the GPU, where each step brings the last logits to the host for the argmax
+/// as a sampler would. One untimed warm-up generation of 4 tokens comes first.
+pub fn decode(
+    cfg: &Config,
+    batch: usize,
+    prompt: usize,
+    new_tokens: usize,
+    gpu: Option<&crate::backend::cuda::Device>,
+) -> Result<DecodeBench> {
+    use crate::backend::cuda::GpuModel;
+    use crate::generate::argmax;
+    ensure!(
+        batch > 0 && prompt > 0 && new_tokens > 0,
+        "--batch, --prompt and --new-tokens must be positive"
+    );
+    let model = Model::new_random(cfg, 0)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let v = cfg.vocab_size;
+    let ids: Vec<u32> = (0..batch * prompt)
+        .map(|_| rng.random_range(0..v as u32))
+        .collect();
+    let total = prompt + new_tokens;
+    let gpu_model = gpu.map(|d| GpuModel::upload(d, &model)).transpose()?;
+    // One generation: returns (prefill ms, per-step ms).
+    let run = |steps: usize| -> Result<(f64, Vec<f64>)> {
+        let argmax_rows = |rows: &[Vec<f32>]| rows.iter().map(|r| argmax(r)).collect::<Vec<_>>();
+        let mut times = Vec::with_capacity(steps);
+        let mut prefill = 0.0;
+        match &gpu_model {
+            Some(g) => {
+                let mut cache = g.new_cache(batch, total)?;
+                let mut inp = ids.clone();
+                for s in 0..=steps {
+                    let t = inp.len() / batch;
+                    let t0 = Instant::now();
+                    let logits = g.forward(&inp, batch, t, Some(&mut cache))?;
+                    inp = argmax_rows(&g.last_logits(&logits, batch, t)?);
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    if s == 0 {
+                        prefill = ms
+                    } else {
+                        times.push(ms)
+                    }
+                }
+            }
+            None => {
+                let mut cache = crate::model::KvCache::new(cfg, batch, total);
+                let mut inp = ids.clone();
+                for s in 0..=steps {
+                    let t = inp.len() / batch;
+                    let t0 = Instant::now();
+                    let mut tape = Tape::inference();
+                    let f = model.forward(&mut tape, &inp, batch, t, Some(&mut cache))?;
+                    let l = tape.value(f.logits);
+                    let rows: Vec<Vec<f32>> =
+                        (0..batch).map(|b| l.row(b * t + t - 1).to_vec()).collect();
+                    inp = argmax_rows(&rows);
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    if s == 0 {
+                        prefill = ms
+                    } else {
+                        times.push(ms)
+                    }
+                }
+            }
+        }
+        Ok((prefill, times))
+    };
+    run(4.min(new_tokens))?;
+    let (prefill_ms, times) = run(new_tokens)?;
+    let step_ms = median(&times);
+    Ok(DecodeBench {
+        framework: "flexrun",
+        device: match gpu {
+            Some(d) => d.name()?,
+            None => format!("cpu ({} threads)", rayon::current_num_threads()),
+        },
+        batch,
+        prompt,
+        new_tokens,
+        params: model.params.numel(),
+        prefill_ms,
+        prefill_tokens_per_s: (batch * prompt) as f64 / (prefill_ms / 1e3),
+        step_ms,
+        decode_tokens_per_s: batch as f64 / (step_ms / 1e3),
+    })
+}

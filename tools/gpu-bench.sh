@@ -30,4 +30,12 @@ run attention_gqa_sdpa python3 tools/bench_sdpa.py --heads 32 --kv-heads 8 --seq
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
 run moe_torch        python3 tools/bench_moe_torch.py --json
+# Greedy decoding with a KV cache, batch 1 and 16, against transformers (bf16, sdpa, DynamicCache):
+# moe_small (11.8 M parameters) and moe_medium (hd 128, 8 layers, 4 experts top-2, ~380 M).
+for cfg in moe_small moe_medium; do
+  for b in 1 16; do
+    run "decode_${cfg}_b$b"       "$FR" bench decode --config "benches/configs/$cfg.json" --batch "$b" --device cuda --json
+    run "decode_${cfg}_b${b}_torch" python3 tools/bench_decode_torch.py --config "benches/configs/$cfg.json" --batch "$b"
+  done
+done
 exit $fail

@@ -2,6 +2,7 @@
 //! Every error is printed as one line on stderr with exit status 1.
 
 use clap::{Args, Parser, Subcommand};
+use flexrun::backend::cuda::GpuModel;
 use flexrun::data::{self, shards, synth, tokenizer, Tokenizer};
 use flexrun::error::{Context, Result};
 use flexrun::eval::{self, routing, DomainEval, Evaluated};
@@ -137,6 +138,9 @@ struct SelectOpts {
     /// Experts per token (default: the checkpoint's).
     #[arg(long)]
     expert_top_k: Option<usize>,
+    /// cpu (f32), or cuda: flexrun's kernels on the GPU, bf16 weights and activations.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl SelectOpts {
@@ -233,6 +237,10 @@ struct EvalArgs {
     /// Experts per token (default: the checkpoint's).
     #[arg(long)]
     expert_top_k: Option<usize>,
+    /// cpu (f32), or cuda: flexrun's kernels on the GPU, bf16 weights and activations (not
+    /// with --btm).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// BTM ensemble of these dense models instead of --model.
     #[arg(long, value_delimiter = ',', conflicts_with = "model")]
     btm: Vec<PathBuf>,
@@ -572,6 +580,24 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Greedy decoding with a KV cache: prefill and per-token throughput of a randomly
+    /// initialised model (cpu, or cuda with flexrun's kernels).
+    Decode {
+        #[arg(long)]
+        config: PathBuf,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Full training steps (forward, backward, AdamW) on random tokens.
     Train {
         #[arg(long)]
@@ -612,6 +638,17 @@ fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<To
         path.display()
     );
     Tokenizer::load(&path)
+}
+
+/// The GPU for `--device cuda` (None for cpu), or a one-line reason why there is none.
+fn gpu_for(device: &str) -> Result<Option<flexrun::backend::cuda::Device>> {
+    match device {
+        "cpu" => Ok(None),
+        "cuda" => flexrun::backend::cuda::Device::new(0)
+            .map(Some)
+            .map_err(|e| flexrun::Error(format!("--device cuda: {e}"))),
+        other => bail!("unknown device '{other}' (expected cpu or cuda)"),
+    }
 }
 
 fn check_device(device: &str) -> Result<()> {
@@ -717,7 +754,12 @@ fn run(cli: Cli) -> Result<()> {
                 write!(out, "{p}")?;
             }
             let mut decode_err = None;
-            generate::generate(&model, &prompt, &cfg, |t| {
+            let gpu = gpu_for(&a.sel.device)?;
+            let gpu_model = match &gpu {
+                Some(dev) => Some(GpuModel::upload(dev, &model)?),
+                None => None,
+            };
+            let on_token = |t| {
                 produced.push(t);
                 match &tok {
                     Some(tk) => match tk.decode(&produced) {
@@ -734,7 +776,11 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 let _ = out.flush();
-            })?;
+            };
+            match &gpu_model {
+                Some(g) => generate::generate_gpu(g, &prompt, &cfg, on_token)?,
+                None => generate::generate(&model, &prompt, &cfg, on_token)?,
+            };
             writeln!(out)?;
             if let Some(e) = decode_err {
                 return Err(e);
@@ -745,7 +791,10 @@ fn run(cli: Cli) -> Result<()> {
             let model = a.sel.load()?.model;
             let ids = parse_ids(&a.ids)?;
             ensure!(!ids.is_empty(), "--ids is empty");
-            let l = model.logits(&ids, 1, ids.len())?;
+            let l = match gpu_for(&a.sel.device)? {
+                Some(dev) => GpuModel::upload(&dev, &model)?.logits(&ids, 1, ids.len())?,
+                None => model.logits(&ids, 1, ids.len())?,
+            };
             let rows: Vec<&[f32]> = (0..ids.len()).map(|i| l.row(i)).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
@@ -830,6 +879,32 @@ fn run(cli: Cli) -> Result<()> {
                 for op in &r.ops {
                     println!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
                 }
+            }
+        }
+        Cmd::Bench(BenchCmd::Decode {
+            config,
+            batch,
+            prompt,
+            new_tokens,
+            device,
+            json,
+        }) => {
+            let cfg = Config::load(&config)?;
+            let gpu = gpu_for(&device)?;
+            let r = flexrun::bench::decode(&cfg, batch, prompt, new_tokens, gpu.as_ref())?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: batch {batch}, prompt {prompt}, {} params: prefill {:.1} ms ({:.0} tokens/s), decode {:.2} ms/step ({:.0} tokens/s)",
+                    config.display(),
+                    r.device,
+                    r.params,
+                    r.prefill_ms,
+                    r.prefill_tokens_per_s,
+                    r.step_ms,
+                    r.decode_tokens_per_s
+                );
             }
         }
         Cmd::Bench(BenchCmd::Train {
@@ -973,19 +1048,29 @@ fn run(cli: Cli) -> Result<()> {
             let domains = parse_domains(&a.data)?;
             let loaded;
             let btm_models: Vec<flexrun::model::Model>;
+            let gpu = gpu_for(&a.device)?;
+            ensure!(
+                gpu.is_none() || a.btm.is_empty(),
+                "--device cuda evaluates one model, not a --btm ensemble"
+            );
+            let gpu_model;
             let (name, e, tok_dir) = if a.btm.is_empty() {
                 let sel = SelectOpts {
                     model: a.model.clone().unwrap(),
                     exclude: a.exclude.clone(),
                     experts: a.experts.clone(),
                     expert_top_k: a.expert_top_k,
+                    device: a.device.clone(),
                 };
                 loaded = sel.load()?;
-                (
-                    sel.model.display().to_string(),
-                    Evaluated::Model(&loaded.model),
-                    sel.model.clone(),
-                )
+                let e = match &gpu {
+                    Some(dev) => {
+                        gpu_model = GpuModel::upload(dev, &loaded.model)?;
+                        Evaluated::Gpu(&gpu_model)
+                    }
+                    None => Evaluated::Model(&loaded.model),
+                };
+                (sel.model.display().to_string(), e, sel.model.clone())
             } else {
                 btm_models = a
                     .btm
@@ -1033,6 +1118,11 @@ fn run(cli: Cli) -> Result<()> {
             tokens,
             out,
         } => {
+            ensure!(
+                sel.device == "cpu",
+                "analyze-routing runs on the CPU (got --device {})",
+                sel.device
+            );
             let loaded = sel.load()?;
             let mut stats = Vec::new();
             for (n, p) in parse_domains(&data)? {
