@@ -18,7 +18,7 @@
 use super::{Buf, Device, RopeTableGpu};
 use crate::ensure;
 use crate::error::Result;
-use crate::model::{Ffn, Model};
+use crate::model::{Ffn, Layer, Model};
 use crate::ops::AttnShape;
 use crate::tensor::Tensor;
 use half::bf16;
@@ -48,25 +48,72 @@ fn to_f32(t: &Tensor) -> Vec<f32> {
 }
 
 /// The FFN of one layer: `e` experts stacked (a dense FFN is one expert that every token uses).
-struct GpuFfn {
-    e: usize,
-    gate: Buf<bf16>,
-    up: Buf<bf16>,
-    down: Buf<bf16>,
+pub(super) struct GpuFfn {
+    pub(super) e: usize,
+    pub(super) gate: Buf<bf16>,
+    pub(super) up: Buf<bf16>,
+    pub(super) down: Buf<bf16>,
     /// MoE only: router rows `[E, H]` (f32) and the per-expert bias `[E]` when the model has one.
-    router: Option<(Buf<f32>, Option<Buf<f32>>)>,
+    pub(super) router: Option<(Buf<f32>, Option<Buf<f32>>)>,
 }
 
-struct GpuLayer {
-    q: Buf<bf16>,
-    k: Buf<bf16>,
-    v: Buf<bf16>,
-    o: Buf<bf16>,
-    q_norm: Buf<bf16>,
-    k_norm: Buf<bf16>,
-    post_attn_norm: Buf<bf16>,
-    post_ffn_norm: Buf<bf16>,
-    ffn: GpuFfn,
+pub(super) struct GpuLayer {
+    pub(super) q: Buf<bf16>,
+    pub(super) k: Buf<bf16>,
+    pub(super) v: Buf<bf16>,
+    pub(super) o: Buf<bf16>,
+    pub(super) q_norm: Buf<bf16>,
+    pub(super) k_norm: Buf<bf16>,
+    pub(super) post_attn_norm: Buf<bf16>,
+    pub(super) post_ffn_norm: Buf<bf16>,
+    pub(super) ffn: GpuFfn,
+}
+
+/// What the backward (train.rs) needs of one layer's forward.
+pub(super) struct LayerSaved {
+    /// bf16 copy of the layer input (the q/k/v GEMMs' operand).
+    pub(super) xb: Buf<bf16>,
+    pub(super) q_pre: Buf<bf16>,
+    pub(super) rstd_q: Buf<f32>,
+    pub(super) k_pre: Buf<bf16>,
+    pub(super) rstd_k: Buf<f32>,
+    /// RoPE'd q and k, v, the attention output and its logsumexp.
+    pub(super) qr: Buf<bf16>,
+    pub(super) kr: Buf<bf16>,
+    pub(super) v: Buf<bf16>,
+    pub(super) a: Buf<bf16>,
+    pub(super) lse: Buf<f32>,
+    pub(super) o_pre: Buf<bf16>,
+    pub(super) rstd_o: Buf<f32>,
+    /// The residual stream after attention: the FFN's and router's input (f32).
+    pub(super) x_mid: Buf<f32>,
+    pub(super) ffn: FfnSaved,
+    /// The FFN output before its norm, and the norm's statistics.
+    pub(super) y: Buf<bf16>,
+    pub(super) rstd_m: Buf<f32>,
+}
+
+/// The FFN's forward state: the grouped rows `xp` (the permuted token copies, or the tokens
+/// themselves for a dense FFN) with their expert `offsets`, the pre-activations, the SwiGLU
+/// output, the experts' outputs `yp` (permuted) and, for MoE, the routing.
+pub(super) struct FfnSaved {
+    pub(super) xp: Buf<bf16>,
+    pub(super) offsets: Buf<u32>,
+    pub(super) gate: Buf<bf16>,
+    pub(super) up: Buf<bf16>,
+    pub(super) act: Buf<bf16>,
+    pub(super) yp: Option<Buf<bf16>>,
+    pub(super) route: Option<RouteSaved>,
+}
+
+pub(super) struct RouteSaved {
+    /// Router logits before the bias `[n, E]`, probabilities, top-k weights and indices.
+    pub(super) z: Buf<f32>,
+    pub(super) probs: Buf<f32>,
+    pub(super) weights: Buf<f32>,
+    pub(super) indices: Buf<u32>,
+    pub(super) perm: super::MoePermutation,
+    pub(super) k: usize,
 }
 
 /// The K/V cache of every layer on the device, `[B, capacity, kv_heads * hd]` bf16 per layer.
@@ -78,24 +125,30 @@ pub struct GpuKvCache {
     pub batch: usize,
 }
 
-/// A model's weights on one GPU, ready for [`GpuModel::forward`].
+/// A model's weights on one GPU, ready for [`GpuModel::forward`] (and, in train.rs,
+/// [`GpuModel::loss_and_grads`]).
 pub struct GpuModel<'d> {
-    dev: &'d Device,
-    h: usize,
-    inter: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    vocab: usize,
-    eps: f32,
-    top_k: usize,
-    renorm: bool,
-    max_pos: usize,
-    embed: Buf<bf16>,
-    final_norm: Buf<bf16>,
-    lm_head: Buf<bf16>,
-    rope: RopeTableGpu,
-    layers: Vec<GpuLayer>,
+    pub(super) dev: &'d Device,
+    /// The host model's parameter ids of every weight (to map gradients back).
+    pub(super) embed_id: usize,
+    pub(super) final_norm_id: usize,
+    pub(super) lm_head_id: usize,
+    pub(super) layer_ids: Vec<Layer>,
+    pub(super) h: usize,
+    pub(super) inter: usize,
+    pub(super) nh: usize,
+    pub(super) nkv: usize,
+    pub(super) hd: usize,
+    pub(super) vocab: usize,
+    pub(super) eps: f32,
+    pub(super) top_k: usize,
+    pub(super) renorm: bool,
+    pub(super) max_pos: usize,
+    pub(super) embed: Buf<bf16>,
+    pub(super) final_norm: Buf<bf16>,
+    pub(super) lm_head: Buf<bf16>,
+    pub(super) rope: RopeTableGpu,
+    pub(super) layers: Vec<GpuLayer>,
 }
 
 impl<'d> GpuModel<'d> {
@@ -162,6 +215,10 @@ impl<'d> GpuModel<'d> {
         let hd = cfg.head_dim();
         Ok(GpuModel {
             dev,
+            embed_id: model.embed,
+            final_norm_id: model.final_norm,
+            lm_head_id: model.lm_head,
+            layer_ids: model.layers.clone(),
             h,
             inter,
             nh: cfg.num_attention_heads,
@@ -211,24 +268,32 @@ impl<'d> GpuModel<'d> {
         })
     }
 
-    fn linear(&self, x: &Buf<bf16>, w: &Buf<bf16>, n: usize, out: usize) -> Result<Buf<bf16>> {
+    /// `x [n, in] @ w^T` with `w [out, in]` (bf16 out).
+    pub(super) fn linear(
+        &self,
+        x: &Buf<bf16>,
+        w: &Buf<bf16>,
+        n: usize,
+        out: usize,
+    ) -> Result<Buf<bf16>> {
         let mut y = self.dev.alloc::<bf16>(n * out)?;
         self.dev
             .gemm(n, out, x.len() / n.max(1), x, false, w, true, &mut y, false)?;
         Ok(y)
     }
 
-    fn norm(&self, x: &Buf<bf16>, w: &Buf<bf16>, n: usize) -> Result<Buf<bf16>> {
+    /// RMSNorm of the rows of `x` with weight `w`: (y, rstd).
+    fn norm(&self, x: &Buf<bf16>, w: &Buf<bf16>, n: usize) -> Result<(Buf<bf16>, Buf<f32>)> {
         let d = w.len();
         let mut y = self.dev.alloc::<bf16>(n * d)?;
         let mut rstd = self.dev.alloc::<f32>(n)?;
         self.dev
             .rmsnorm_fwd(x, w, &mut y, &mut rstd, n, d, self.eps)?;
-        Ok(y)
+        Ok((y, rstd))
     }
 
     /// `x + f32(y)`.
-    fn residual(&self, x: &Buf<f32>, y: &Buf<bf16>) -> Result<Buf<f32>> {
+    pub(super) fn residual(&self, x: &Buf<f32>, y: &Buf<bf16>) -> Result<Buf<f32>> {
         let mut yf = self.dev.alloc::<f32>(y.len())?;
         self.dev.cast_bf16_to_f32(y, &mut yf)?;
         let mut out = self.dev.alloc::<f32>(x.len())?;
@@ -236,52 +301,89 @@ impl<'d> GpuModel<'d> {
         Ok(out)
     }
 
-    fn bf16_of(&self, x: &Buf<f32>) -> Result<Buf<bf16>> {
+    pub(super) fn bf16_of(&self, x: &Buf<f32>) -> Result<Buf<bf16>> {
         let mut y = self.dev.alloc::<bf16>(x.len())?;
         self.dev.cast_f32_to_bf16(x, &mut y)?;
         Ok(y)
     }
 
-    /// The FFN output `[n, H]` (bf16, before the post-FFN norm) for the residual stream `x`.
-    fn ffn(&self, f: &GpuFfn, x: &Buf<f32>, n: usize) -> Result<Buf<bf16>> {
+    /// The FFN output `[n, H]` (bf16, before the post-FFN norm) for the residual stream `x`,
+    /// and (with `save`) what its backward needs.
+    fn ffn(
+        &self,
+        f: &GpuFfn,
+        x: &Buf<f32>,
+        n: usize,
+        save: bool,
+    ) -> Result<(Buf<bf16>, Option<FfnSaved>)> {
         let dev = self.dev;
         let (h, i) = (self.h, self.inter);
         let xb = self.bf16_of(x)?;
-        let Some((router, bias)) = &f.router else {
-            let offsets = dev.upload(&[0u32, n as u32])?;
-            let mut act = dev.alloc::<bf16>(n * i)?;
-            dev.grouped_gateup_fwd(&xb, &offsets, &f.gate, &f.up, 1, h, i, &mut act, None)?;
-            let mut y = dev.alloc::<bf16>(n * h)?;
-            dev.grouped_nt(&act, &offsets, &f.down, 1, i, h, &mut y)?;
-            return Ok(y);
+        // Rows in expert order with their offsets: the tokens themselves for a dense FFN.
+        let (xp, offsets, route, e, rows) = match &f.router {
+            None => (xb, dev.upload(&[0u32, n as u32])?, None, 1, n),
+            Some((router, bias)) => {
+                let (e, k) = (f.e, self.top_k.clamp(1, f.e));
+                let mut z = dev.alloc::<f32>(n * e)?;
+                dev.gemm(n, e, h, x, false, router, true, &mut z, false)?;
+                let mut probs = dev.alloc::<f32>(n * e)?;
+                let mut weights = dev.alloc::<f32>(n * k)?;
+                let mut indices = dev.alloc::<u32>(n * k)?;
+                dev.route(
+                    &z,
+                    bias.as_ref().map(|b| b.as_view()),
+                    n,
+                    e,
+                    k,
+                    self.renorm,
+                    &mut probs,
+                    &mut weights,
+                    &mut indices,
+                )?;
+                let perm = dev.moe_permutation(&indices, n, k, e)?;
+                let mut xp = dev.alloc::<bf16>(n * k * h)?;
+                dev.moe_permute(&xb, &perm, h, &mut xp)?;
+                let mut offsets = dev.alloc::<u32>(e + 1)?;
+                dev.copy(&perm.offsets, &mut offsets)?;
+                let r = RouteSaved {
+                    z,
+                    probs,
+                    weights,
+                    indices,
+                    perm,
+                    k,
+                };
+                (xp, offsets, Some(r), e, n * k)
+            }
         };
-        let (e, k) = (f.e, self.top_k.clamp(1, f.e));
-        let mut z = dev.alloc::<f32>(n * e)?;
-        dev.gemm(n, e, h, x, false, router, true, &mut z, false)?;
-        let mut probs = dev.alloc::<f32>(n * e)?;
-        let mut weights = dev.alloc::<f32>(n * k)?;
-        let mut indices = dev.alloc::<u32>(n * k)?;
-        dev.route(
-            &z,
-            bias.as_ref().map(|b| b.as_view()),
-            n,
-            e,
-            k,
-            self.renorm,
-            &mut probs,
-            &mut weights,
-            &mut indices,
-        )?;
-        let perm = dev.moe_permutation(&indices, n, k, e)?;
-        let mut xp = dev.alloc::<bf16>(n * k * h)?;
-        dev.moe_permute(&xb, &perm, h, &mut xp)?;
-        let mut act = dev.alloc::<bf16>(n * k * i)?;
-        dev.grouped_gateup_fwd(&xp, &perm.offsets, &f.gate, &f.up, e, h, i, &mut act, None)?;
-        let mut yp = dev.alloc::<bf16>(n * k * h)?;
-        dev.grouped_nt(&act, &perm.offsets, &f.down, e, i, h, &mut yp)?;
-        let mut y = dev.alloc::<bf16>(n * h)?;
-        dev.moe_combine(&yp, &weights, &perm, h, &mut y)?;
-        Ok(y)
+        let mut act = dev.alloc::<bf16>(rows * i)?;
+        let (mut gate, mut up) = if save {
+            (dev.alloc::<bf16>(rows * i)?, dev.alloc::<bf16>(rows * i)?)
+        } else {
+            (dev.alloc::<bf16>(0)?, dev.alloc::<bf16>(0)?)
+        };
+        let saved_pre = save.then(|| (gate.view_mut(..), up.view_mut(..)));
+        dev.grouped_gateup_fwd(&xp, &offsets, &f.gate, &f.up, e, h, i, &mut act, saved_pre)?;
+        let mut yp = dev.alloc::<bf16>(rows * h)?;
+        dev.grouped_nt(&act, &offsets, &f.down, e, i, h, &mut yp)?;
+        let (y, yp) = match &route {
+            Some(r) => {
+                let mut y = dev.alloc::<bf16>(n * h)?;
+                dev.moe_combine(&yp, &r.weights, &r.perm, h, &mut y)?;
+                (y, Some(yp))
+            }
+            None => (yp, None),
+        };
+        let saved = save.then_some(FfnSaved {
+            xp,
+            offsets,
+            gate,
+            up,
+            act,
+            yp,
+            route,
+        });
+        Ok((y, saved))
     }
 
     /// Logits `[b*t, V]` (f32, on the device) of `ids` (`b` sequences of `t` tokens). With a
@@ -292,8 +394,35 @@ impl<'d> GpuModel<'d> {
         ids: &[u32],
         b: usize,
         t: usize,
-        mut cache: Option<&mut GpuKvCache>,
+        cache: Option<&mut GpuKvCache>,
     ) -> Result<Buf<f32>> {
+        let (xn, _) = self.hidden(ids, b, t, cache, None)?;
+        let mut logits = self.dev.alloc::<f32>(b * t * self.vocab)?;
+        self.dev.gemm(
+            b * t,
+            self.vocab,
+            self.h,
+            &xn,
+            false,
+            &self.lm_head,
+            true,
+            &mut logits,
+            false,
+        )?;
+        Ok(logits)
+    }
+
+    /// The final normed hidden states `[b*t, H]` (bf16) and the final norm's input and rstd;
+    /// with `save`, each layer's [`LayerSaved`] is pushed there (training, no cache).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn hidden(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        mut cache: Option<&mut GpuKvCache>,
+        mut save: Option<&mut Vec<LayerSaved>>,
+    ) -> Result<(Buf<bf16>, (Buf<bf16>, Buf<f32>))> {
         let dev = self.dev;
         ensure!(
             ids.len() == b * t && t > 0,
@@ -330,9 +459,11 @@ impl<'d> GpuModel<'d> {
         dev.cast_bf16_to_f32(&e0, &mut x)?;
         for (li, l) in self.layers.iter().enumerate() {
             let xb = self.bf16_of(&x)?;
-            let q = self.norm(&self.linear(&xb, &l.q, n, nh * hd)?, &l.q_norm, n)?;
-            let k = self.norm(&self.linear(&xb, &l.k, n, nkv * hd)?, &l.k_norm, n)?;
+            let q_pre = self.linear(&xb, &l.q, n, nh * hd)?;
+            let k_pre = self.linear(&xb, &l.k, n, nkv * hd)?;
             let v = self.linear(&xb, &l.v, n, nkv * hd)?;
+            let (q, rstd_q) = self.norm(&q_pre, &l.q_norm, n)?;
+            let (k, rstd_k) = self.norm(&k_pre, &l.k_norm, n)?;
             let mut qr = dev.alloc::<bf16>(q.len())?;
             dev.rope(&q, &mut qr, &self.rope, n, nh * hd, t, offset, false)?;
             let mut kr = dev.alloc::<bf16>(k.len())?;
@@ -375,29 +506,39 @@ impl<'d> GpuModel<'d> {
                     }
                 }
             }
-            let o = self.norm(&self.linear(&a, &l.o, n, h)?, &l.post_attn_norm, n)?;
-            x = self.residual(&x, &o)?;
-            let y = self.ffn(&l.ffn, &x, n)?;
-            let m = self.norm(&y, &l.post_ffn_norm, n)?;
-            x = self.residual(&x, &m)?;
+            let o_pre = self.linear(&a, &l.o, n, h)?;
+            let (o, rstd_o) = self.norm(&o_pre, &l.post_attn_norm, n)?;
+            let x_mid = self.residual(&x, &o)?;
+            let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, save.is_some())?;
+            let (m, rstd_m) = self.norm(&y, &l.post_ffn_norm, n)?;
+            x = self.residual(&x_mid, &m)?;
+            if let (Some(sv), Some(ffn)) = (save.as_deref_mut(), ffn) {
+                sv.push(LayerSaved {
+                    xb,
+                    q_pre,
+                    rstd_q,
+                    k_pre,
+                    rstd_k,
+                    qr,
+                    kr,
+                    v,
+                    a,
+                    lse,
+                    o_pre,
+                    rstd_o,
+                    x_mid,
+                    ffn,
+                    y,
+                    rstd_m,
+                });
+            }
         }
         if let Some(c) = cache {
             c.len += t;
         }
-        let xn = self.norm(&self.bf16_of(&x)?, &self.final_norm, n)?;
-        let mut logits = dev.alloc::<f32>(n * self.vocab)?;
-        dev.gemm(
-            n,
-            self.vocab,
-            h,
-            &xn,
-            false,
-            &self.lm_head,
-            true,
-            &mut logits,
-            false,
-        )?;
-        Ok(logits)
+        let xf = self.bf16_of(&x)?;
+        let (xn, rstd) = self.norm(&xf, &self.final_norm, n)?;
+        Ok((xn, (xf, rstd)))
     }
 
     /// [`GpuModel::forward`] without a cache, the logits brought to the host as `[b*t, V]`.

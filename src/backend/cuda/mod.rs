@@ -29,6 +29,7 @@ mod optim;
 mod rmsnorm;
 mod rope;
 mod router;
+pub mod train;
 
 pub use infer::{GpuKvCache, GpuModel};
 pub use loss::CrossEntropyGpu;
@@ -36,6 +37,7 @@ pub use memory::{Buf, DeviceRead, DeviceType, DeviceWrite, PoolStats, View, View
 pub use moe::MoePermutation;
 pub use optim::{AdamWHyper, AdamWSlot};
 pub use rope::RopeTableGpu;
+pub use train::{GpuGrads, GpuLoss, GpuTrainer};
 
 use crate::ensure;
 use crate::error::{Error, Result};

@@ -1,0 +1,619 @@
+//! The training loss and its gradients on the GPU: [`GpuModel::loss_and_grads`] runs the forward
+//! of infer.rs keeping each layer's activations, the fused cross-entropy (+ LM z-loss) and the
+//! router z-loss, then the backward of every block in reverse with flexrun's backward kernels,
+//! giving f32 gradients of every weight (the same loss as the CPU's [`crate::model::Model::loss`]:
+//! mean next-token cross-entropy + `z_loss * mean(lse^2)` + `router_z_loss * mean over MoE layers
+//! of mean(logsumexp(z)^2)`). tests/gpu_model.rs compares them with the CPU tape's gradients.
+//!
+//! Gradients flow in f32 along the residual stream; every other activation gradient is bf16 (as
+//! the activations). Weight gradients are f32: cuBLAS `dW = dY^T X` for the dense projections and
+//! the grouped weight-gradient kernel per expert.
+
+use super::infer::{FfnSaved, GpuFfn, LayerSaved};
+use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel};
+use crate::ensure;
+use crate::error::Result;
+use crate::model::Ffn;
+use crate::ops::AttnShape;
+use crate::tensor::Tensor;
+use half::bf16;
+
+/// The loss of one batch (as the CPU's `LossOut`): the total and the mean cross-entropy.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuLoss {
+    pub loss: f32,
+    pub ce: f32,
+}
+
+/// f32 gradients of one FFN's stacked weights (`[E, I, H]`, `[E, I, H]`, `[E, H, I]`), router
+/// rows `[E, H]` and bias `[E]`.
+pub struct FfnGrads {
+    pub gate: Buf<f32>,
+    pub up: Buf<f32>,
+    pub down: Buf<f32>,
+    pub router: Option<Buf<f32>>,
+    pub bias: Option<Buf<f32>>,
+}
+
+pub struct LayerGrads {
+    pub q: Buf<f32>,
+    pub k: Buf<f32>,
+    pub v: Buf<f32>,
+    pub o: Buf<f32>,
+    pub q_norm: Buf<f32>,
+    pub k_norm: Buf<f32>,
+    pub post_attn_norm: Buf<f32>,
+    pub post_ffn_norm: Buf<f32>,
+    pub ffn: FfnGrads,
+}
+
+/// Gradients of every weight of a [`GpuModel`], on the device.
+pub struct GpuGrads {
+    pub embed: Buf<f32>,
+    pub final_norm: Buf<f32>,
+    pub lm_head: Buf<f32>,
+    pub layers: Vec<LayerGrads>,
+}
+
+impl GpuGrads {
+    /// Every gradient buffer (for the gradient norm and the optimizer), in a fixed order.
+    pub fn buffers(&self) -> Vec<&Buf<f32>> {
+        let mut v = vec![&self.embed, &self.final_norm, &self.lm_head];
+        for l in &self.layers {
+            v.extend([
+                &l.q,
+                &l.k,
+                &l.v,
+                &l.o,
+                &l.q_norm,
+                &l.k_norm,
+                &l.post_attn_norm,
+                &l.post_ffn_norm,
+                &l.ffn.gate,
+                &l.ffn.up,
+                &l.ffn.down,
+            ]);
+            v.extend(l.ffn.router.iter());
+            v.extend(l.ffn.bias.iter());
+        }
+        v
+    }
+}
+
+/// `dW [out, in] = dy^T x` (dy `[n, out]`, x `[n, in]`, bf16), f32.
+fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<Buf<f32>> {
+    let (out, inp) = (dy.len() / n.max(1), x.len() / n.max(1));
+    let mut dw = dev.alloc::<f32>(out * inp)?;
+    dev.gemm(out, inp, n, dy, true, x, false, &mut dw, false)?;
+    Ok(dw)
+}
+
+impl GpuModel<'_> {
+    /// RMSNorm backward: (dx bf16, dw f32) for `y = norm(x) * w` given `dy`.
+    fn norm_bwd(
+        &self,
+        x: &Buf<bf16>,
+        w: &Buf<bf16>,
+        dy: &Buf<bf16>,
+        rstd: &Buf<f32>,
+        n: usize,
+    ) -> Result<(Buf<bf16>, Buf<f32>)> {
+        let d = w.len();
+        let mut dx = self.dev.alloc::<bf16>(n * d)?;
+        self.dev.rmsnorm_bwd_dx(x, w, dy, rstd, &mut dx, n, d)?;
+        let mut dw = self.dev.alloc::<f32>(d)?;
+        self.dev.rmsnorm_bwd_dw(x, dy, rstd, &mut dw, n, d)?;
+        Ok((dx, dw))
+    }
+
+    /// The loss of `inputs` -> `targets` (`b` sequences of `t` tokens) and the gradient of every
+    /// weight. `z_loss` and `router_z_loss` as in [`crate::model::LossCoefs`].
+    pub fn loss_and_grads(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        z_loss: f32,
+        router_z_loss: f32,
+    ) -> Result<(GpuLoss, GpuGrads)> {
+        let dev = self.dev;
+        let (h, v) = (self.h, self.vocab);
+        let n = b * t;
+        ensure!(
+            targets.len() == n,
+            "{} targets for {n} tokens",
+            targets.len()
+        );
+        let mut saved = Vec::with_capacity(self.layers.len());
+        let (xn, (xf, rstd_f)) = self.hidden(inputs, b, t, None, Some(&mut saved))?;
+        let logits = self.linear(&xn, &self.lm_head, n, v)?;
+        let ce = dev.cross_entropy(&logits, n, v, targets, z_loss)?;
+        // Router z-loss: the mean over MoE layers, each the mean of lse(z)^2 over tokens.
+        let moe_layers = saved.iter().filter(|s| s.ffn.route.is_some()).count();
+        let rz_scale = if moe_layers > 0 {
+            router_z_loss / moe_layers as f32
+        } else {
+            0.0
+        };
+        let mut zlse = Vec::with_capacity(saved.len());
+        let mut rz = 0f32;
+        for s in &saved {
+            zlse.push(match &s.ffn.route {
+                Some(r) => {
+                    let e = r.z.len() / n;
+                    let mut lse = dev.alloc::<f32>(n)?;
+                    rz += rz_scale * dev.router_zloss(&r.z, n, e, &mut lse)?;
+                    Some(lse)
+                }
+                None => None,
+            });
+        }
+        let loss = GpuLoss {
+            loss: ce.loss + rz,
+            ce: ce.ce,
+        };
+
+        // LM head and final norm.
+        let mut dlogits = dev.alloc::<bf16>(n * v)?;
+        dev.cross_entropy_bwd(&logits, &ce, 1.0, &mut dlogits)?;
+        drop(logits);
+        let lm_head = weight_grad(dev, &dlogits, &xn, n)?;
+        let mut dxn = dev.alloc::<bf16>(n * h)?;
+        dev.gemm(
+            n,
+            h,
+            v,
+            &dlogits,
+            false,
+            &self.lm_head,
+            false,
+            &mut dxn,
+            false,
+        )?;
+        drop(dlogits);
+        let (dxf, final_norm) = self.norm_bwd(&xf, &self.final_norm, &dxn, &rstd_f, n)?;
+        // The residual stream's gradient, f32.
+        let mut dx = dev.alloc::<f32>(n * h)?;
+        dev.cast_bf16_to_f32(&dxf, &mut dx)?;
+
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for ((l, s), zl) in self.layers.iter().zip(&saved).zip(&zlse).rev() {
+            // x_out = x_mid + norm(ffn(x_mid)).
+            let dm = self.bf16_of(&dx)?;
+            let (dy, post_ffn_norm) = self.norm_bwd(&s.y, &l.post_ffn_norm, &dm, &s.rstd_m, n)?;
+            let ffn = self.ffn_bwd(&l.ffn, s, &s.ffn, zl.as_ref(), rz_scale, &dy, &mut dx, n)?;
+            // x_mid = x_in + norm(a Wo^T).
+            let do_ = self.bf16_of(&dx)?;
+            let (do_pre, post_attn_norm) =
+                self.norm_bwd(&s.o_pre, &l.post_attn_norm, &do_, &s.rstd_o, n)?;
+            let o = weight_grad(dev, &do_pre, &s.a, n)?;
+            let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+            let mut da = dev.alloc::<bf16>(n * nh * hd)?;
+            dev.gemm(n, nh * hd, h, &do_pre, false, &l.o, false, &mut da, false)?;
+            let mut dqr = dev.alloc::<bf16>(n * nh * hd)?;
+            let mut dkr = dev.alloc::<bf16>(n * nkv * hd)?;
+            let mut dv = dev.alloc::<bf16>(n * nkv * hd)?;
+            dev.flash_attention_bwd(
+                &s.qr,
+                &s.kr,
+                &s.v,
+                &s.a,
+                &s.lse,
+                &da,
+                AttnShape::causal(b, t, nh, nkv, hd),
+                &mut dqr,
+                &mut dkr,
+                &mut dv,
+            )?;
+            let mut dqn = dev.alloc::<bf16>(dqr.len())?;
+            dev.rope(&dqr, &mut dqn, &self.rope, n, nh * hd, t, 0, true)?;
+            let mut dkn = dev.alloc::<bf16>(dkr.len())?;
+            dev.rope(&dkr, &mut dkn, &self.rope, n, nkv * hd, t, 0, true)?;
+            let (dq, q_norm) = self.norm_bwd(&s.q_pre, &l.q_norm, &dqn, &s.rstd_q, n)?;
+            let (dk, k_norm) = self.norm_bwd(&s.k_pre, &l.k_norm, &dkn, &s.rstd_k, n)?;
+            // dx_in = dx_mid + dq Wq + dk Wk + dv Wv (accumulated into the f32 residual grad).
+            for (g, w) in [(&dq, &l.q), (&dk, &l.k), (&dv, &l.v)] {
+                let out = g.len() / n;
+                dev.gemm(n, h, out, g, false, w, false, &mut dx, true)?;
+            }
+            layers.push(LayerGrads {
+                q: weight_grad(dev, &dq, &s.xb, n)?,
+                k: weight_grad(dev, &dk, &s.xb, n)?,
+                v: weight_grad(dev, &dv, &s.xb, n)?,
+                o,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                ffn,
+            });
+        }
+        layers.reverse();
+        let dxb = self.bf16_of(&dx)?;
+        let mut embed = dev.alloc::<f32>(self.embed.len())?;
+        dev.embedding_bwd(&dxb, inputs, v, h, &mut embed)?;
+        Ok((
+            loss,
+            GpuGrads {
+                embed,
+                final_norm,
+                lm_head,
+                layers,
+            },
+        ))
+    }
+
+    /// Backward of one FFN from `dy` (the gradient of its output): the weight, router and bias
+    /// gradients; the gradient of its input (the residual stream) is added to `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_bwd(
+        &self,
+        f: &GpuFfn,
+        s: &LayerSaved,
+        fs: &FfnSaved,
+        zlse: Option<&Buf<f32>>,
+        rz_scale: f32,
+        dy: &Buf<bf16>,
+        dx: &mut Buf<f32>,
+        n: usize,
+    ) -> Result<FfnGrads> {
+        let dev = self.dev;
+        let (h, i, e) = (self.h, self.inter, f.e);
+        let rows = fs.xp.len() / h;
+        // The experts' output gradient in the grouped layout (and the routing weights' gradient).
+        let dyp_moe;
+        let (dyp, dweights) = match (&fs.route, &fs.yp) {
+            (Some(r), Some(yp)) => {
+                let mut dyp = dev.alloc::<bf16>(rows * h)?;
+                let mut dw = dev.alloc::<f32>(n * r.k)?;
+                dev.moe_combine_bwd(dy, yp, &r.weights, &r.perm, h, &mut dyp, &mut dw)?;
+                dyp_moe = dyp;
+                (&dyp_moe, Some(dw))
+            }
+            _ => (dy, None),
+        };
+        let mut dgate = dev.alloc::<bf16>(rows * i)?;
+        let mut dup = dev.alloc::<bf16>(rows * i)?;
+        dev.grouped_nn_swiglu_bwd(
+            dyp,
+            &fs.offsets,
+            &f.down,
+            &fs.gate,
+            &fs.up,
+            e,
+            h,
+            i,
+            &mut dgate,
+            &mut dup,
+        )?;
+        let mut down = dev.alloc::<f32>(e * h * i)?;
+        dev.grouped_wgrad(
+            dyp,
+            &fs.act,
+            &fs.offsets,
+            None,
+            None,
+            e,
+            h,
+            i,
+            false,
+            &mut down,
+        )?;
+        let mut dxp = dev.alloc::<bf16>(rows * h)?;
+        dev.grouped_nn(
+            &dgate,
+            &fs.offsets,
+            &f.gate,
+            Some((dup.as_view(), f.up.as_view())),
+            e,
+            i,
+            h,
+            &mut dxp,
+        )?;
+        let mut gate = dev.alloc::<f32>(e * i * h)?;
+        let mut up = dev.alloc::<f32>(e * i * h)?;
+        dev.grouped_wgrad(
+            &dgate,
+            &fs.xp,
+            &fs.offsets,
+            None,
+            Some((dup.as_view(), up.view_mut(..))),
+            e,
+            i,
+            h,
+            false,
+            &mut gate,
+        )?;
+        let (Some(r), Some(dweights), Some((router_w, bias))) = (&fs.route, dweights, &f.router)
+        else {
+            // Dense: the rows are the tokens.
+            let mut dxf = dev.alloc::<f32>(n * h)?;
+            dev.cast_bf16_to_f32(&dxp, &mut dxf)?;
+            let mut sum = dev.alloc::<f32>(n * h)?;
+            dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
+            *dx = sum;
+            return Ok(FfnGrads {
+                gate,
+                up,
+                down,
+                router: None,
+                bias: None,
+            });
+        };
+        // Token copies back to tokens.
+        let mut dxb = dev.alloc::<bf16>(n * h)?;
+        dev.moe_permute_bwd(&dxp, &r.perm, h, &mut dxb)?;
+        let mut dxf = dev.alloc::<f32>(n * h)?;
+        dev.cast_bf16_to_f32(&dxb, &mut dxf)?;
+        let mut sum = dev.alloc::<f32>(n * h)?;
+        dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
+        *dx = sum;
+        // Router: dz from the routing weights and from the router z-loss.
+        let mut dz = dev.alloc::<f32>(n * e)?;
+        dev.route_bwd(
+            &r.probs,
+            &r.weights,
+            &r.indices,
+            &dweights,
+            n,
+            e,
+            r.k,
+            self.renorm,
+            &mut dz,
+        )?;
+        let db = match bias {
+            Some(bv) => {
+                let mut db = dev.alloc::<f32>(e)?;
+                dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
+                Some(db)
+            }
+            None => None,
+        };
+        if let Some(lse) = zlse {
+            if rz_scale != 0.0 {
+                let mut dzz = dev.alloc::<f32>(n * e)?;
+                dev.router_zloss_bwd(&r.z, lse, n, e, rz_scale, &mut dzz)?;
+                let mut sum = dev.alloc::<f32>(n * e)?;
+                dev.add_scaled(&dz, &dzz, &mut sum, 1.0)?;
+                dz = sum;
+            }
+        }
+        let mut router = dev.alloc::<f32>(e * h)?;
+        dev.gemm(e, h, n, &dz, true, &s.x_mid, false, &mut router, false)?;
+        dev.gemm(n, h, e, &dz, false, router_w, false, dx, true)?;
+        Ok(FfnGrads {
+            gate,
+            up,
+            down,
+            router: Some(router),
+            bias: db,
+        })
+    }
+
+    /// The gradients as host tensors keyed by the host model's parameter ids (stacked expert
+    /// weights split per expert), in the shapes of the parameters.
+    pub fn grads_to_host(
+        &self,
+        g: &GpuGrads,
+        model: &crate::model::Model,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let dev = self.dev;
+        let ps = &model.params;
+        let mut out = Vec::new();
+        let mut put = |id: usize, data: Vec<f32>| {
+            out.push((id, Tensor::from_vec(data, ps.value(id).shape())));
+        };
+        put(self.embed_id, dev.download(&g.embed)?);
+        put(self.final_norm_id, dev.download(&g.final_norm)?);
+        put(self.lm_head_id, dev.download(&g.lm_head)?);
+        for (ids, lg) in self.layer_ids.iter().zip(&g.layers) {
+            for (id, buf) in [
+                (ids.q, &lg.q),
+                (ids.k, &lg.k),
+                (ids.v, &lg.v),
+                (ids.o, &lg.o),
+                (ids.q_norm, &lg.q_norm),
+                (ids.k_norm, &lg.k_norm),
+                (ids.post_attn_norm, &lg.post_attn_norm),
+                (ids.post_ffn_norm, &lg.post_ffn_norm),
+            ] {
+                put(id, dev.download(buf)?);
+            }
+            let split = |buf: &Buf<f32>, parts: usize| -> Result<Vec<Vec<f32>>> {
+                let all = dev.download(buf)?;
+                let per = all.len() / parts;
+                Ok(all.chunks(per.max(1)).map(|c| c.to_vec()).collect())
+            };
+            match &ids.ffn {
+                Ffn::Dense(f) => {
+                    put(f.gate, dev.download(&lg.ffn.gate)?);
+                    put(f.up, dev.download(&lg.ffn.up)?);
+                    put(f.down, dev.download(&lg.ffn.down)?);
+                }
+                Ffn::Moe(experts) => {
+                    let e = experts.len();
+                    let (gs, us, ds) = (
+                        split(&lg.ffn.gate, e)?,
+                        split(&lg.ffn.up, e)?,
+                        split(&lg.ffn.down, e)?,
+                    );
+                    let rs = match &lg.ffn.router {
+                        Some(r) => split(r, e)?,
+                        None => vec![],
+                    };
+                    let bs = match &lg.ffn.bias {
+                        Some(bb) => split(bb, e)?,
+                        None => vec![],
+                    };
+                    for (j, x) in experts.iter().enumerate() {
+                        put(x.ffn.gate, gs[j].clone());
+                        put(x.ffn.up, us[j].clone());
+                        put(x.ffn.down, ds[j].clone());
+                        if let Some(r) = rs.get(j) {
+                            put(x.router, r.clone());
+                        }
+                        if let (Some(bid), Some(bv)) = (x.bias, bs.get(j)) {
+                            put(bid, bv.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+}
+
+/// Training on the GPU: the [`GpuModel`]'s bf16 weights are the compute copies of f32 master
+/// weights (router rows and biases are f32 themselves), updated by the fused AdamW kernel after
+/// global-norm clipping, with f32 moments; nothing leaves the device but the loss.
+pub struct GpuTrainer<'d> {
+    pub model: GpuModel<'d>,
+    /// Per weight (in [`GpuGrads::buffers`] order): its f32 master copy (None where the model's
+    /// own buffer is f32), and the AdamW moments.
+    master: Vec<Option<Buf<f32>>>,
+    m: Vec<Buf<f32>>,
+    v: Vec<Buf<f32>>,
+    steps: u64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub clip: f32,
+}
+
+impl<'d> GpuModel<'d> {
+    /// Every weight, in [`GpuGrads::buffers`] order: bf16 ones and f32 ones (router, bias).
+    fn weights_mut(&mut self) -> Vec<WeightMut<'_>> {
+        let mut w = vec![
+            WeightMut::Bf16(&mut self.embed, true),
+            WeightMut::Bf16(&mut self.final_norm, false),
+            WeightMut::Bf16(&mut self.lm_head, true),
+        ];
+        for l in &mut self.layers {
+            w.extend([
+                WeightMut::Bf16(&mut l.q, true),
+                WeightMut::Bf16(&mut l.k, true),
+                WeightMut::Bf16(&mut l.v, true),
+                WeightMut::Bf16(&mut l.o, true),
+                WeightMut::Bf16(&mut l.q_norm, false),
+                WeightMut::Bf16(&mut l.k_norm, false),
+                WeightMut::Bf16(&mut l.post_attn_norm, false),
+                WeightMut::Bf16(&mut l.post_ffn_norm, false),
+                WeightMut::Bf16(&mut l.ffn.gate, true),
+                WeightMut::Bf16(&mut l.ffn.up, true),
+                WeightMut::Bf16(&mut l.ffn.down, true),
+            ]);
+            if let Some((r, b)) = &mut l.ffn.router {
+                w.push(WeightMut::F32(r));
+                if let Some(b) = b {
+                    w.push(WeightMut::F32(b));
+                }
+            }
+        }
+        w
+    }
+}
+
+/// A weight to update: bf16 (with whether weight decay applies: matrices, as the CPU's AdamW,
+/// not norm weights) or f32 (router rows `[1, H]` per expert and biases: no decay).
+enum WeightMut<'a> {
+    Bf16(&'a mut Buf<bf16>, bool),
+    F32(&'a mut Buf<f32>),
+}
+
+impl<'d> GpuTrainer<'d> {
+    /// AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, clipping at 1.0
+    /// (the CPU trainer's defaults).
+    pub fn new(mut model: GpuModel<'d>) -> Result<Self> {
+        let dev = model.dev;
+        let (mut master, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for w in model.weights_mut() {
+            let n = match &w {
+                WeightMut::Bf16(b, _) => b.len(),
+                WeightMut::F32(b) => b.len(),
+            };
+            master.push(match w {
+                WeightMut::Bf16(b, _) => {
+                    let mut f = dev.alloc::<f32>(n)?;
+                    dev.cast_bf16_to_f32(&*b, &mut f)?;
+                    Some(f)
+                }
+                WeightMut::F32(_) => None,
+            });
+            m.push(dev.zeros::<f32>(n)?);
+            v.push(dev.zeros::<f32>(n)?);
+        }
+        Ok(GpuTrainer {
+            model,
+            master,
+            m,
+            v,
+            steps: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: 1.0,
+        })
+    }
+
+    /// One step on `b` sequences of `t` tokens at learning rate `lr`; returns the loss (the
+    /// only synchronisation is the loss read-back).
+    pub fn step(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        lr: f32,
+    ) -> Result<GpuLoss> {
+        let dev = self.model.dev;
+        let (loss, grads) = self
+            .model
+            .loss_and_grads(inputs, targets, b, t, 1e-5, 1e-3)?;
+        let gbufs = grads.buffers();
+        let views: Vec<_> = gbufs.iter().map(|g| g.as_view()).collect();
+        let norm_scale = dev.grad_norm(&views, self.clip)?;
+        self.steps += 1;
+        let wd = self.weight_decay;
+        let mut slots = Vec::with_capacity(views.len());
+        let weights = self.model.weights_mut();
+        for ((((w, g), master), m), v) in weights
+            .into_iter()
+            .zip(&views)
+            .zip(self.master.iter_mut())
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            let (param, param_bf16, decay) = match (w, master) {
+                (WeightMut::Bf16(b, decays), Some(mw)) => {
+                    (mw, Some(b), if decays { wd } else { 0.0 })
+                }
+                (WeightMut::F32(p), _) => (p, None, 0.0),
+                (WeightMut::Bf16(..), None) => unreachable!("every bf16 weight has a master copy"),
+            };
+            slots.push(AdamWSlot {
+                param,
+                grad: g.clone(),
+                m,
+                v,
+                weight_decay: decay,
+                param_bf16,
+            });
+        }
+        dev.adamw_step(
+            &mut slots,
+            AdamWHyper {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                step: self.steps,
+            },
+            Some(norm_scale.view(1..2)),
+        )?;
+        Ok(loss)
+    }
+}
