@@ -12,7 +12,7 @@ use std::time::Instant;
 #[derive(Serialize, Debug)]
 pub struct TrainBench {
     pub framework: &'static str,
-    pub device: &'static str,
+    pub device: String,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
@@ -21,6 +21,45 @@ pub struct TrainBench {
     pub step_ms: f64,
     pub step_ms_all: Vec<f64>,
     pub tokens_per_s: f64,
+    /// Model FLOPs per step ([`train_flops`]) over the median step time, and that as a fraction
+    /// of the GPU's dense bf16 peak (GPU runs on a known GPU only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_tflops: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+}
+
+/// Model FLOPs of one training step (forward + backward = 3x the forward's 2 FLOPs per
+/// multiply-add): every projection with the experts a token actually uses (top-k of E), the LM
+/// head, and causal attention (half of the `seq x seq` score and value products). The embedding
+/// lookup, norms and element-wise work are not counted (the usual MFU convention).
+pub fn train_flops(cfg: &Config, batch: usize, seq: usize) -> f64 {
+    let (h, i, l) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.num_hidden_layers as f64,
+    );
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads as f64,
+        cfg.kv_heads() as f64,
+        cfg.head_dim() as f64,
+    );
+    let e = cfg.experts() as f64;
+    let k = cfg.top_k() as f64;
+    let router = if cfg.is_moe() { h * e } else { 0.0 };
+    let per_token_params = l * (h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * i * k + router)
+        + h * cfg.vocab_size as f64;
+    let attn_per_token = l * 2.0 * nh * hd * seq as f64; // QK^T and PV, causal half of 4 seq d
+    let tokens = (batch * seq) as f64;
+    3.0 * tokens * (2.0 * per_token_params + attn_per_token)
+}
+
+/// Dense bf16 tensor-core peak of a known GPU (FLOP/s), by name.
+pub fn gpu_peak_bf16(name: &str) -> Option<f64> {
+    [("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+        .iter()
+        .find(|(n, _)| name.contains(n))
+        .map(|&(_, p)| p)
 }
 
 pub fn median(v: &[f64]) -> f64 {
@@ -86,7 +125,7 @@ pub fn train_step(
     let step_ms = median(&times);
     Ok(TrainBench {
         framework: "flexrun",
-        device: "cpu",
+        device: "cpu".into(),
         threads: rayon::current_num_threads(),
         batch,
         seq,
@@ -94,6 +133,63 @@ pub fn train_step(
         step_ms,
         step_ms_all: times,
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
+        model_tflops: None,
+        mfu: None,
+    })
+}
+
+/// [`train_step`] on the GPU: [`crate::backend::cuda::GpuTrainer`] steps (forward, backward,
+/// clipping, fused AdamW, all on the device) of a randomly initialised model on random tokens;
+/// each step ends with the loss read back (a synchronisation).
+pub fn train_step_gpu(
+    cfg: &Config,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    dev: &crate::backend::cuda::Device,
+) -> Result<TrainBench> {
+    use crate::backend::cuda::{GpuModel, GpuTrainer};
+    ensure!(steps > 0, "--steps must be positive");
+    let model = Model::new_random(cfg, 0)?;
+    let params = model.params.numel();
+    let mut trainer = GpuTrainer::new(GpuModel::upload(dev, &model)?)?;
+    drop(model);
+    let mut rng = StdRng::seed_from_u64(0);
+    let v = cfg.vocab_size as u32;
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let ids: Vec<u32> = (0..batch * (seq + 1))
+            .map(|_| rng.random_range(0..v))
+            .collect();
+        let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+        for b in 0..batch {
+            inp.extend_from_slice(&ids[b * (seq + 1)..b * (seq + 1) + seq]);
+            tgt.extend_from_slice(&ids[b * (seq + 1) + 1..(b + 1) * (seq + 1)]);
+        }
+        let t0 = Instant::now();
+        trainer.step(&inp, &tgt, batch, seq, 1e-4)?;
+        dev.synchronize()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if i >= warmup {
+            times.push(ms);
+        }
+    }
+    let step_ms = median(&times);
+    let name = dev.name()?;
+    let tflops = train_flops(cfg, batch, seq) / (step_ms / 1e3) / 1e12;
+    Ok(TrainBench {
+        framework: "flexrun",
+        mfu: gpu_peak_bf16(&name).map(|p| tflops * 1e12 / p),
+        device: name,
+        threads: rayon::current_num_threads(),
+        batch,
+        seq,
+        params,
+        step_ms,
+        step_ms_all: times,
+        tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
+        model_tflops: Some(tflops),
     })
 }
 

@@ -261,6 +261,21 @@ fn out_of_range_ids_and_bad_selections() {
         ],
         "unknown device",
     );
+    // Without a GPU (CI), --device cuda is a one-line error, not a panic.
+    if flexrun::backend::cuda::Device::new(0).is_err() {
+        assert_clean_error(
+            &[
+                "logits",
+                "--model",
+                &fixture("flexolmo_tiny"),
+                "--ids",
+                "1,2",
+                "--device",
+                "cuda",
+            ],
+            "--device cuda",
+        );
+    }
 }
 
 #[test]

@@ -7,8 +7,10 @@ config's ``model_type`` is ``"olmo2"``) from a Hugging Face ``config.json``
 in float32 with a fixed-seed random init, and times full training steps:
 
     forward on random token ids with labels = inputs (next-token cross-entropy
-    computed by the model's own loss), backward, torch.optim.AdamW step
-    (lr 1e-4, betas (0.9, 0.95), weight_decay 0.1), zero_grad.
+    computed by the model's own loss), backward, optional clipping (--clip),
+    torch.optim.AdamW step (lr 1e-4, betas (0.9, 0.95), weight_decay 0.1),
+    zero_grad. With --device cuda: on the GPU, bf16 autocast over float32
+    weights, each step ending with torch.cuda.synchronize.
 
 Usage (from the repository root; any cwd works):
 
@@ -68,6 +70,13 @@ def parse_args(argv=None):
         help="experts_implementation for MoE models (transformers default if omitted: "
         "grouped_mm where it can dispatch, else eager)",
     )
+    p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0: none)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (float32) or cuda (float32 master weights, bf16 autocast: as flexrun's GPU "
+        "trainer; run with FLEXRUN_TORCH_NO_VENV=1 on a machine whose python3 has torch)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 
@@ -110,7 +119,10 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_default_dtype(torch.float32)
+    cuda = args.device == "cuda"
     model = Model(config).to(torch.float32)
+    if cuda:
+        model = model.cuda()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -121,16 +133,26 @@ def main(argv=None) -> int:
     batches = [
         torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen) for _ in range(total)
     ]
+    if cuda:
+        batches = [b.cuda() for b in batches]
+    import contextlib
+
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
 
     step_ms = []
     losses = []
     for i, ids in enumerate(batches):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+        with autocast():
+            out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
         loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         losses.append(float(loss.detach()))
         if i >= args.warmup:
@@ -153,7 +175,8 @@ def main(argv=None) -> int:
         "config": str(args.config),
         "steps": args.steps,
         "warmup": args.warmup,
-        "dtype": "float32",
+        "dtype": "bf16 autocast" if cuda else "float32",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": getattr(model.config, "_experts_implementation", None)
         if model_type == "flex_olmo"

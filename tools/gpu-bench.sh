@@ -38,4 +38,10 @@ for cfg in moe_small moe_medium; do
     run "decode_${cfg}_b${b}_torch" python3 tools/bench_decode_torch.py --config "benches/configs/$cfg.json" --batch "$b"
   done
 done
+# Training steps (forward, backward, clipping, AdamW) against transformers with bf16 autocast.
+for cfg in moe_small moe_medium; do
+  run "train_${cfg}"       "$FR" bench train --config "benches/configs/$cfg.json" --batch 8 --seq 1024 --device cuda --json
+  run "train_${cfg}_torch" env FLEXRUN_TORCH_NO_VENV=1 python3 tools/bench_torch.py --config "benches/configs/$cfg.json" \
+    --batch 8 --seq 1024 --device cuda --clip 1.0 --json
+done
 exit $fail

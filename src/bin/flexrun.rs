@@ -651,14 +651,6 @@ fn gpu_for(device: &str) -> Result<Option<flexrun::backend::cuda::Device>> {
     }
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        "cuda" => bail!("whole-model training does not run on CUDA yet (the CUDA kernels are tested one by one); use --device cpu"),
-        other => bail!("unknown device '{other}' (expected cpu or cuda)"),
-    }
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Data(DataCmd::Synth { out, seed, docs }) => {
@@ -916,19 +908,26 @@ fn run(cli: Cli) -> Result<()> {
             device,
             json,
         }) => {
-            check_device(&device)?;
             let cfg = Config::load(&config)?;
-            let r = flexrun::bench::train_step(&cfg, batch, seq, steps, warmup)?;
+            let r = match gpu_for(&device)? {
+                Some(dev) => flexrun::bench::train_step_gpu(&cfg, batch, seq, steps, warmup, &dev)?,
+                None => flexrun::bench::train_step(&cfg, batch, seq, steps, warmup)?,
+            };
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
+                let mfu = match (r.model_tflops, r.mfu) {
+                    (Some(t), Some(m)) => format!(", {t:.1} TFLOP/s, MFU {:.1}%", 100.0 * m),
+                    (Some(t), None) => format!(", {t:.1} TFLOP/s"),
+                    _ => String::new(),
+                };
                 println!(
-                    "{}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s ({} threads)",
+                    "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}",
                     config.display(),
+                    r.device,
                     r.params,
                     r.step_ms,
                     r.tokens_per_s,
-                    r.threads
                 );
             }
         }
