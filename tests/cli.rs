@@ -261,6 +261,18 @@ fn out_of_range_ids_and_bad_selections() {
         ],
         "unknown device",
     );
+    let out = std::env::temp_dir().join("flexrun-cli-demo-device");
+    assert_clean_error(
+        &[
+            "demo",
+            "--quick",
+            "--device",
+            "tpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "unknown device",
+    );
     // Without a GPU (CI), --device cuda is a one-line error, not a panic.
     if flexrun::backend::cuda::Device::new(0).is_err() {
         assert_clean_error(

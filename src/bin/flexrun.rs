@@ -312,6 +312,10 @@ struct DemoArgs {
     /// Run on this corpus (one sub-directory per domain, public/ among them) instead of FlexMix.
     #[arg(long)]
     corpus: Option<PathBuf>,
+    /// Where the models are evaluated: auto (the GPU when present), cpu or cuda. Training runs
+    /// on the CPU.
+    #[arg(long, default_value = "auto")]
+    device: String,
     #[arg(long)]
     quiet: bool,
 }
@@ -1153,6 +1157,7 @@ fn run(cli: Cli) -> Result<()> {
             c.seed = a.seed;
             c.ablations = a.ablations;
             c.corpus = a.corpus.clone();
+            c.device = a.device.clone();
             // Each flag given overrides the configuration's field of the same name.
             macro_rules! override_fields {
                 ($($f:ident),*) => {$(

@@ -5,6 +5,7 @@
 //! init, and a top-k sweep.
 
 use super::{finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection};
+use crate::backend::cuda::{self, Device, GpuModel};
 use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
 use crate::ensure;
@@ -63,6 +64,9 @@ pub struct DemoConfig {
     /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
     /// instead of the built-in FlexMix; tasks are then not evaluated.
     pub corpus: Option<PathBuf>,
+    /// Where the evaluation runs: "auto" (the GPU when one is present and the model's widths
+    /// suit the kernels), "cpu" or "cuda". Training runs on the CPU.
+    pub device: String,
 }
 
 impl Default for DemoConfig {
@@ -98,6 +102,7 @@ impl Default for DemoConfig {
             btm_top_k: 2,
             ablations: false,
             corpus: None,
+            device: "auto".into(),
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct Check {
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
     pub config: DemoConfig,
+    /// What evaluated the models: "cpu (f32)" or the GPU's name (bf16, flexrun's kernels).
+    pub eval_device: String,
     pub rows: Vec<Row>,
     pub checks: Vec<Check>,
     pub ablations: Vec<Row>,
@@ -285,8 +292,9 @@ fn experts_and_merge(
 /// and routing.svg there.
 pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
-    // A bad model shape or anchor-weight list is an error before any work is done.
+    // A bad model shape, anchor-weight list or device is an error before any work is done.
     model_config(c, c.vocab.max(1)).validate()?;
+    let gpu = eval_gpu(c)?;
     ensure!(
         c.anchor_layers().len() == c.layers,
         "{} public-anchor layer weights for {} layers",
@@ -387,23 +395,32 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let soup = super::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
     let flex = load_model(&flex_dir, &Selection::default())?;
     let mut rows = Vec::new();
+    let eval_device = match &gpu {
+        Some(d) => format!("{} (bf16)", d.name()?),
+        None => "cpu (f32)".into(),
+    };
     let ev = |name: &str, e: &Evaluated<'_>| {
         eval::evaluate(name, e, &domains, c.seq, with_tasks.then_some(&tok))
     };
-    rows.push(ev("public", &Evaluated::Model(&public))?);
+    // One model, on the GPU when there is one.
+    let ev_model = |name: &str, m: &Model| match &gpu {
+        Some(dev) => ev(name, &Evaluated::Gpu(&GpuModel::upload(dev, m)?)),
+        None => ev(name, &Evaluated::Model(m)),
+    };
+    rows.push(ev_model("public", &public)?);
     for (d, m) in &dense {
-        rows.push(ev(&format!("dense {d}"), &Evaluated::Model(m))?);
+        rows.push(ev_model(&format!("dense {d}"), m)?);
     }
-    rows.push(ev("soup", &Evaluated::Model(&soup))?);
+    rows.push(ev_model("soup", &soup)?);
     let btm = Evaluated::Btm {
         models: dense.iter().map(|(_, m)| m).collect(),
         temperature: c.btm_temperature,
         top_k: c.btm_top_k,
     };
     rows.push(ev("BTM", &btm)?);
-    rows.push(ev(
+    rows.push(ev_model(
         &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
-        &Evaluated::Model(&flex.model),
+        &flex.model,
     )?);
     for d in &closed {
         let m = load_model(
@@ -413,10 +430,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
                 ..Default::default()
             },
         )?;
-        rows.push(ev(
-            &format!("FlexOlmo without {d}"),
-            &Evaluated::Model(&m.model),
-        )?);
+        rows.push(ev_model(&format!("FlexOlmo without {d}"), &m.model)?);
     }
 
     step("routing analysis", quiet);
@@ -448,15 +462,12 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
                     ..Default::default()
                 },
             )?;
-            ablations.push(ev(
-                &format!("FlexOlmo top-{k}"),
-                &Evaluated::Model(&m.model),
-            )?);
+            ablations.push(ev_model(&format!("FlexOlmo top-{k}"), &m.model)?);
         }
         let nb = experts_and_merge(c, &w, &closed, "nobias", RouterInit::Domain, None, quiet)?;
-        ablations.push(ev(
+        ablations.push(ev_model(
             "FlexOlmo, no bias",
-            &Evaluated::Model(&load_model(&nb, &Selection::default())?.model),
+            &load_model(&nb, &Selection::default())?.model,
         )?);
         let rnd = experts_and_merge(
             c,
@@ -467,9 +478,9 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             Some(c.bias_init),
             quiet,
         )?;
-        ablations.push(ev(
+        ablations.push(ev_model(
             "FlexOlmo, random router init",
-            &Evaluated::Model(&load_model(&rnd, &Selection::default())?.model),
+            &load_model(&rnd, &Selection::default())?.model,
         )?);
     }
 
@@ -477,6 +488,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let checks = acceptance(&rows, &closed_refs);
     let report = DemoReport {
         config: c.clone(),
+        eval_device,
         rows,
         checks,
         ablations,
@@ -492,6 +504,22 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// The GPU that evaluates the demo's models (`DemoConfig::device`), if any.
+fn eval_gpu(c: &DemoConfig) -> Result<Option<Device>> {
+    match c.device.as_str() {
+        "cpu" => Ok(None),
+        "cuda" => Device::new(0)
+            .map(Some)
+            .map_err(|e| crate::Error(format!("--device cuda: {e}"))),
+        // The kernels need widths that are multiples of 8 (16-byte rows).
+        "auto" if c.hidden % 8 == 0 && c.intermediate % 8 == 0 && cuda::available() => {
+            Ok(Device::new(0).ok())
+        }
+        "auto" => Ok(None),
+        other => crate::bail!("unknown device '{other}' (expected auto, cpu or cuda)"),
+    }
 }
 
 fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
@@ -612,9 +640,9 @@ pub fn render(r: &DemoReport, experts: &[String]) -> String {
     let mut s = format!(
         "## FlexOlmo on {}\n\nPublic model: dense OLMo-2, H={} L={} heads={} I={}, vocab {}, seq {}; \
          public pretraining {} steps, each expert {} steps (trained alone on its domain), dense experts {} steps; \
-         batch {}, seed {}. Merged FlexOlmo: top-{} of {} experts. Held-out loss per domain (lower is better) and exact-match task accuracy (%).\n\n",
+         batch {}, seed {}. Merged FlexOlmo: top-{} of {} experts. Held-out loss per domain (lower is better) and exact-match task accuracy (%), evaluated on {}.\n\n",
         c.corpus.as_ref().map(|p| format!("the corpus in {}", p.display())).unwrap_or("the built-in FlexMix corpus".into()),
-        c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len()
+        c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len(), r.eval_device
     );
     s.push_str(&eval::markdown(&r.rows));
     s.push_str("\n### Acceptance checks\n\n");
