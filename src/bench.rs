@@ -73,6 +73,22 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// `batch` random sequences of `seq + 1` tokens below `v`, as (inputs, next-token targets).
+fn random_batch(rng: &mut StdRng, v: u32, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
+    let ids: Vec<u32> = (0..batch * (seq + 1))
+        .map(|_| rng.random_range(0..v))
+        .collect();
+    let (mut inp, mut tgt) = (
+        Vec::with_capacity(batch * seq),
+        Vec::with_capacity(batch * seq),
+    );
+    for row in ids.chunks(seq + 1) {
+        inp.extend_from_slice(&row[..seq]);
+        tgt.extend_from_slice(&row[1..]);
+    }
+    (inp, tgt)
+}
+
 /// Time full training steps (forward, backward, clipping, AdamW) of a randomly initialised
 /// model on random tokens.
 pub fn train_step(
@@ -92,17 +108,7 @@ pub fn train_step(
     let v = cfg.vocab_size as u32;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
-        let ids: Vec<u32> = (0..batch * (seq + 1))
-            .map(|_| rng.random_range(0..v))
-            .collect();
-        let (mut inp, mut tgt) = (
-            Vec::with_capacity(batch * seq),
-            Vec::with_capacity(batch * seq),
-        );
-        for b in 0..batch {
-            inp.extend_from_slice(&ids[b * (seq + 1)..b * (seq + 1) + seq]);
-            tgt.extend_from_slice(&ids[b * (seq + 1) + 1..(b + 1) * (seq + 1)]);
-        }
+        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
         let t0 = Instant::now();
         // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
         // inside the pool instead of each one injecting a job from outside and putting the
@@ -159,14 +165,7 @@ pub fn train_step_gpu(
     let v = cfg.vocab_size as u32;
     let mut times = Vec::new();
     for i in 0..warmup + steps {
-        let ids: Vec<u32> = (0..batch * (seq + 1))
-            .map(|_| rng.random_range(0..v))
-            .collect();
-        let (mut inp, mut tgt) = (Vec::new(), Vec::new());
-        for b in 0..batch {
-            inp.extend_from_slice(&ids[b * (seq + 1)..b * (seq + 1) + seq]);
-            tgt.extend_from_slice(&ids[b * (seq + 1) + 1..(b + 1) * (seq + 1)]);
-        }
+        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
         let t0 = Instant::now();
         trainer.step(&inp, &tgt, batch, seq, 1e-4)?;
         dev.synchronize()?;

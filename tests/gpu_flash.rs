@@ -91,17 +91,6 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-macro_rules! cuda_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn cuda() {
-                super::common::with_cuda(stringify!($name), super::$name);
-            }
-        }
-    )*};
-}
-
 cuda_tests!(forward, backward, decode, unaligned_views, deterministic);
 
 // ---------------------------------------------------------------------------------------------

@@ -16,17 +16,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 mod common;
 use common::R;
 
-macro_rules! cuda_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn cuda() {
-                super::common::with_cuda(stringify!($name), super::$name);
-            }
-        }
-    )*};
-}
-
 cuda_tests!(
     moe_all_experts,
     moe_top_k,

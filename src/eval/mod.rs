@@ -134,23 +134,14 @@ impl Evaluated<'_> {
 
     /// Greedy continuation of `prompt` for `n` tokens.
     pub fn greedy(&self, prompt: &[u32], n: usize, stop: Option<u32>) -> Result<Vec<u32>> {
+        let cfg = SamplingConfig {
+            max_new_tokens: n,
+            stop_token: stop,
+            ..Default::default()
+        };
         match self {
-            Evaluated::Model(m) => {
-                let cfg = SamplingConfig {
-                    max_new_tokens: n,
-                    stop_token: stop,
-                    ..Default::default()
-                };
-                generate::generate(m, prompt, &cfg, |_| {})
-            }
-            Evaluated::Gpu(g) => {
-                let cfg = SamplingConfig {
-                    max_new_tokens: n,
-                    stop_token: stop,
-                    ..Default::default()
-                };
-                generate::generate_gpu(g, prompt, &cfg, |_| {})
-            }
+            Evaluated::Model(m) => generate::generate(m, prompt, &cfg, |_| {}),
+            Evaluated::Gpu(g) => generate::generate_gpu(g, prompt, &cfg, |_| {}),
             Evaluated::Btm { .. } => {
                 let v = self.vocab();
                 let mut seq = prompt.to_vec();

@@ -146,6 +146,14 @@ impl Default for LossCoefs {
     }
 }
 
+/// A KV cache of `batch` sequences and `capacity` positions can take `b` sequences up to
+/// position `end` (the CPU's [`KvCache`] and the GPU's).
+pub fn check_cache(batch: usize, capacity: usize, b: usize, end: usize) -> Result<()> {
+    ensure!(batch == b, "kv cache holds {batch} sequences, input {b}");
+    ensure!(end <= capacity, "kv cache capacity {capacity} exceeded");
+    Ok(())
+}
+
 pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}.")
 }
@@ -356,16 +364,7 @@ impl Model {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         self.check_input(ids, offset + t)?;
         if let Some(c) = cache.as_ref() {
-            ensure!(
-                c.batch == b,
-                "kv cache holds {} sequences, input {b}",
-                c.batch
-            );
-            ensure!(
-                offset + t <= c.capacity,
-                "kv cache capacity {} exceeded",
-                c.capacity
-            );
+            check_cache(c.batch, c.capacity, b, offset + t)?;
         }
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
@@ -407,15 +406,7 @@ impl Model {
                                 .copy_from_slice(&src.data()[bi * t * kvw..(bi + 1) * t * kvw]);
                         }
                     }
-                    let s = AttnShape {
-                        b,
-                        tq: t,
-                        tk: offset + t,
-                        tk_stride: c.capacity,
-                        nh,
-                        nkv,
-                        hd,
-                    };
+                    let s = AttnShape::cached(b, t, offset, c.capacity, nh, nkv, hd);
                     let (out, _) =
                         ops::attention_forward(tape.value(q).data(), &c.k[li], &c.v[li], s);
                     tape.constant(Tensor::from_vec(out, &[b * t, nh * hd]))

@@ -48,6 +48,27 @@ impl AttnShape {
             hd,
         }
     }
+    /// `t` new tokens per sequence after `offset` cached ones, against a KV cache of `capacity`
+    /// slots per sequence (the new tokens' K/V already written at `offset..offset + t`).
+    pub fn cached(
+        b: usize,
+        t: usize,
+        offset: usize,
+        capacity: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Self {
+        AttnShape {
+            b,
+            tq: t,
+            tk: offset + t,
+            tk_stride: capacity,
+            nh,
+            nkv,
+            hd,
+        }
+    }
     fn q_width(&self) -> usize {
         self.nh * self.hd
     }

@@ -67,3 +67,17 @@ macro_rules! backend_tests {
         }
     )*};
 }
+
+/// `cuda_tests!(a, b)`: for each GPU-only test body `fn a(&Device) -> R`, a `cuda` test (SKIP
+/// without a GPU, failure with FLEXRUN_REQUIRE_GPU=1).
+#[macro_export]
+macro_rules! cuda_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn cuda() {
+                $crate::common::with_cuda(stringify!($name), super::$name);
+            }
+        }
+    )*};
+}

@@ -440,16 +440,7 @@ impl<'d> GpuModel<'d> {
             self.max_pos
         );
         if let Some(c) = cache.as_ref() {
-            ensure!(
-                c.batch == b,
-                "kv cache holds {} sequences, input {b}",
-                c.batch
-            );
-            ensure!(
-                offset + t <= c.capacity,
-                "kv cache capacity {} exceeded",
-                c.capacity
-            );
+            crate::model::check_cache(c.batch, c.capacity, b, offset + t)?;
         }
         let (h, nh, nkv, hd) = (self.h, self.nh, self.nkv, self.hd);
         let n = b * t;
@@ -490,15 +481,7 @@ impl<'d> GpuModel<'d> {
                         )?;
                         dev.copy(&v.view(src), &mut c.v[li].view_mut(d0..d0 + t * kvw))?;
                     }
-                    let s = AttnShape {
-                        b,
-                        tq: t,
-                        tk: offset + t,
-                        tk_stride: c.capacity,
-                        nh,
-                        nkv,
-                        hd,
-                    };
+                    let s = AttnShape::cached(b, t, offset, c.capacity, nh, nkv, hd);
                     if t == 1 {
                         dev.flash_attention_decode(&qr, &c.k[li], &c.v[li], s, &mut a, &mut lse)?;
                     } else {
