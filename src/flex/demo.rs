@@ -514,7 +514,11 @@ fn eval_gpu(c: &DemoConfig) -> Result<Option<Device>> {
             .map(Some)
             .map_err(|e| crate::Error(format!("--device cuda: {e}"))),
         // The kernels need widths that are multiples of 8 (16-byte rows).
-        "auto" if c.hidden % 8 == 0 && c.intermediate % 8 == 0 && cuda::available() => {
+        "auto"
+            if c.hidden.is_multiple_of(8)
+                && c.intermediate.is_multiple_of(8)
+                && cuda::available() =>
+        {
             Ok(Device::new(0).ok())
         }
         "auto" => Ok(None),

@@ -596,7 +596,7 @@ impl<'d> GpuTrainer<'d> {
             };
             slots.push(AdamWSlot {
                 param,
-                grad: g.clone(),
+                grad: *g,
                 m,
                 v,
                 weight_decay: decay,
