@@ -155,11 +155,12 @@ pub fn train_step_gpu(
     warmup: usize,
     dev: &crate::backend::cuda::Device,
 ) -> Result<TrainBench> {
-    use crate::backend::cuda::{GpuModel, GpuTrainer};
+    use crate::backend::cuda::GpuTrainer;
     ensure!(steps > 0, "--steps must be positive");
     let model = Model::new_random(cfg, 0)?;
     let params = model.params.numel();
-    let mut trainer = GpuTrainer::new(GpuModel::upload(dev, &model)?)?;
+    let opt = AdamW::new(AdamWConfig::default(), model.params.len());
+    let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
     drop(model);
     let mut rng = StdRng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
@@ -167,7 +168,8 @@ pub fn train_step_gpu(
     for i in 0..warmup + steps {
         let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
         let t0 = Instant::now();
-        trainer.step(&inp, &tgt, batch, seq, 1e-4)?;
+        let c = LossCoefs::default();
+        trainer.step(&[(inp, tgt)], batch, seq, 1e-4, c.z_loss, c.router_z_loss)?;
         dev.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= warmup {

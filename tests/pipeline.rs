@@ -301,7 +301,7 @@ fn partial_finetune_trains_only_the_named_weights() {
         ..Default::default()
     };
     let public = root.join("public");
-    flexrun::train::pretrain::pretrain(&data_dir, &cfg, &tcfg, &public, false, true).unwrap();
+    flexrun::train::pretrain::pretrain(&data_dir, &cfg, &tcfg, &public, false, true, None).unwrap();
     let only = ["mlp".to_string(), "lm_head".to_string()];
     let out = root.join("partial");
     flex::finetune(
@@ -313,6 +313,7 @@ fn partial_finetune_trains_only_the_named_weights() {
         &root.join("run"),
         false,
         true,
+        None,
     )
     .unwrap();
     let (before, after) = (

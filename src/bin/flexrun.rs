@@ -415,6 +415,10 @@ struct TrainOpts {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// cpu, or cuda: train on the GPU with flexrun's kernels (pretrain and finetune: every weight
+    /// trained on the plain loss; bf16 compute, f32 master weights and optimizer state).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl TrainOpts {
@@ -644,6 +648,15 @@ fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<To
     Tokenizer::load(&path)
 }
 
+/// Commands whose training runs on the CPU only (frozen weights, the expert-training losses).
+fn cpu_only(device: &str, command: &str) -> Result<()> {
+    ensure!(
+        device == "cpu",
+        "{command} trains on the CPU (--device {device} is for pretrain and finetune)"
+    );
+    Ok(())
+}
+
 /// The GPU for `--device cuda` (None for cpu), or a one-line reason why there is none.
 fn gpu_for(device: &str) -> Result<Option<flexrun::backend::cuda::Device>> {
     match device {
@@ -704,6 +717,7 @@ fn run(cli: Cli) -> Result<()> {
             let meta = data::Dataset::open(&a.data)?.meta;
             let cfg = a.shape.config(meta.vocab_size)?;
             let tcfg = a.train.config();
+            let gpu = gpu_for(&a.train.device)?;
             let (model, s) = train::pretrain::pretrain(
                 &a.data,
                 &cfg,
@@ -711,6 +725,7 @@ fn run(cli: Cli) -> Result<()> {
                 &a.out,
                 a.train.resume,
                 a.train.quiet,
+                gpu.as_ref(),
             )?;
             println!(
                 "pretrained {} parameters for {} steps ({} tokens, {:.0} tok/s): train ce {:.4}, valid ce {}; model in {}",
@@ -936,6 +951,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::TrainExpert(a) => {
+            cpu_only(&a.train.device, "train-expert")?;
             let run_dir = a
                 .run_dir
                 .clone()
@@ -1001,6 +1017,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             train,
         } => {
+            cpu_only(&train.device, "router-tune")?;
             let run_dir = out.with_extension("run");
             let s = flex::router_tune(
                 &model,
@@ -1021,6 +1038,7 @@ fn run(cli: Cli) -> Result<()> {
             train,
         } => {
             let run_dir = out.join("run");
+            let gpu = gpu_for(&train.device)?;
             let (_, s) = flex::finetune(
                 &public,
                 &data,
@@ -1030,6 +1048,7 @@ fn run(cli: Cli) -> Result<()> {
                 &run_dir,
                 train.resume,
                 train.quiet,
+                gpu.as_ref(),
             )?;
             println!(
                 "dense expert trained for {} steps (valid ce {}) in {}",

@@ -345,6 +345,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         &w.p("models/public"),
         false,
         quiet,
+        None,
     )?;
     let mut dense_dirs = Vec::new();
     for (i, d) in closed.iter().enumerate() {
@@ -362,6 +363,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             &w.p(&format!("runs/dense-{d}")),
             false,
             quiet,
+            None,
         )?;
         dense_dirs.push((d.clone(), out));
     }

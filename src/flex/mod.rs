@@ -837,7 +837,8 @@ pub fn router_tune(
 /// Dense expert baseline: the public model with every weight fine-tuned on one domain. With
 /// `only` non-empty, just the parameters whose Hugging Face name contains one of its strings are
 /// trained (e.g. `mlp` and `lm_head`: how much of a dense expert's gain the FFNs and the output
-/// layer carry); the rest stay frozen, with no gradient memory.
+/// layer carry); the rest stay frozen, with no gradient memory. With `device`, the training
+/// runs on that GPU (every weight trained: not with `only`).
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     public_dir: &Path,
@@ -848,6 +849,7 @@ pub fn finetune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
+    device: Option<&crate::backend::cuda::Device>,
 ) -> Result<(Model, TrainSummary)> {
     ensure!(
         only.iter().all(|s| !s.is_empty()),
@@ -868,6 +870,7 @@ pub fn finetune(
     let summary = {
         let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
         tr.quiet = quiet;
+        tr.device = device;
         if resume {
             tr.resume()?;
         }

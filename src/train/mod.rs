@@ -10,6 +10,7 @@ pub mod optim;
 pub mod pretrain;
 
 use crate::autograd::Tape;
+use crate::backend::cuda::{Device, GpuTrainer};
 use crate::error::Result;
 use crate::model::{LossCoefs, Model};
 use crate::tensor::Tensor;
@@ -143,6 +144,9 @@ pub struct Trainer<'a> {
     pub tag: serde_json::Value,
     /// Stop (with a checkpoint) once this step is reached, as an interruption would.
     pub stop_at: Option<u64>,
+    /// Train on this GPU ([`GpuTrainer`]: the plain loss, every weight trainable); the host
+    /// model and optimizer state are brought up to date at each validation and checkpoint.
+    pub device: Option<&'a Device>,
 }
 
 impl<'a> Trainer<'a> {
@@ -180,6 +184,7 @@ impl<'a> Trainer<'a> {
             quiet: false,
             tag: serde_json::Value::Null,
             stop_at: None,
+            device: None,
         })
     }
 
@@ -279,41 +284,36 @@ impl<'a> Trainer<'a> {
         let mut last_ce = f32::NAN;
         let mut valid_ce = None;
         let end = self.stop_at.map_or(c.steps, |s| s.min(c.steps));
-        while self.step < end {
-            let mut acc: Vec<(usize, Tensor)> = Vec::new();
-            let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
-            for micro in 0..c.grad_accum as u64 {
-                let (inp, tgt) = data.train(self.step, micro)?;
-                let anchored = data.anchored(self.step, micro);
-                let mut tape = Tape::new();
-                let out = self
-                    .model
-                    .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, &coefs, &anchored)?;
-                loss_sum += tape.value(out.loss).data()[0];
-                ce_sum += out.ce;
-                let scale = 1.0 / c.grad_accum as f32;
-                let grads = tape.backward_with(out.loss, Tensor::scalar(scale));
-                if acc.is_empty() {
-                    acc = grads.params;
-                } else {
-                    for ((ia, ga), (ib, gb)) in acc.iter_mut().zip(grads.params) {
-                        debug_assert_eq!(*ia, ib);
-                        ga.data_mut()
-                            .iter_mut()
-                            .zip(gb.data())
-                            .for_each(|(a, b)| *a += b);
-                    }
-                }
+        let mut gpu = match self.device {
+            Some(dev) => {
+                ensure!(
+                    c.public_anchor == 0.0
+                        && c.router_own == 0.0
+                        && c.router_public == 0.0
+                        && c.expert_loudness == 0.0,
+                    "training on the GPU takes the plain loss (cross-entropy and z-losses): no public \
+                     anchor, router or loudness terms"
+                );
+                Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
             }
-            let loss = loss_sum / c.grad_accum as f32;
-            last_ce = ce_sum / c.grad_accum as f32;
+            None => None,
+        };
+        while self.step < end {
+            let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);
+            let (loss, gnorm) = match gpu.as_mut() {
+                Some(g) => {
+                    let micro = (0..c.grad_accum as u64)
+                        .map(|m| data.train(self.step, m))
+                        .collect::<Result<Vec<_>>>()?;
+                    let o = g.step(&micro, c.batch, c.seq, lr, c.z_loss, c.router_z_loss)?;
+                    last_ce = o.ce;
+                    (o.loss, o.grad_norm)
+                }
+                None => self.cpu_step(data, &coefs, lr, &mut last_ce)?,
+            };
             if !loss.is_finite() {
                 bail!("training diverged at step {}: loss is {loss}", self.step);
             }
-            let gnorm = clip_grad_norm(&mut acc, c.clip);
-            let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);
-            self.opt.update(&mut self.model.params, &acc, lr);
-            drop(acc);
             self.step += 1;
             self.tokens += tokens_per_step;
             let mut entry = LogEntry {
@@ -325,8 +325,19 @@ impl<'a> Trainer<'a> {
                 tokens: self.tokens,
                 valid_ce: None,
             };
-            if (c.eval_every > 0 && self.step % c.eval_every == 0) || self.step == c.steps {
-                valid_ce = self.validate(data)?;
+            let validate =
+                (c.eval_every > 0 && self.step % c.eval_every == 0) || self.step == c.steps;
+            let save = (c.save_every > 0 && self.step % c.save_every == 0) || self.step == end;
+            if let Some(g) = gpu.as_mut() {
+                if save {
+                    g.to_host(self.model, &mut self.opt)?;
+                }
+            }
+            if validate {
+                valid_ce = match &gpu {
+                    Some(g) => g.valid_ce(&data.valid()?, c.seq)?,
+                    None => self.validate(data)?,
+                };
                 entry.valid_ce = valid_ce;
             }
             writeln!(log, "{}", serde_json::to_string(&entry)?)?;
@@ -344,7 +355,7 @@ impl<'a> Trainer<'a> {
                 eprintln!("step {}/{} {msg} eta {eta:.0}s", self.step, c.steps);
             }
             bar.set_message(msg);
-            if (c.save_every > 0 && self.step % c.save_every == 0) || self.step == end {
+            if save {
                 self.save_checkpoint()?;
             }
         }
@@ -359,6 +370,51 @@ impl<'a> Trainer<'a> {
             seconds,
             tokens_per_s: trained as f64 / seconds.max(1e-9),
         })
+    }
+
+    /// One optimizer step on the CPU (gradient accumulation, clipping, AdamW at `lr`): (loss,
+    /// gradient norm before clipping); `last_ce` gets the step's mean cross-entropy.
+    fn cpu_step(
+        &mut self,
+        data: &dyn Batches,
+        coefs: &LossCoefs,
+        lr: f32,
+        last_ce: &mut f32,
+    ) -> Result<(f32, f32)> {
+        let c = &self.cfg;
+        let mut acc: Vec<(usize, Tensor)> = Vec::new();
+        let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
+        for micro in 0..c.grad_accum as u64 {
+            let (inp, tgt) = data.train(self.step, micro)?;
+            let anchored = data.anchored(self.step, micro);
+            let mut tape = Tape::new();
+            let out = self
+                .model
+                .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, coefs, &anchored)?;
+            loss_sum += tape.value(out.loss).data()[0];
+            ce_sum += out.ce;
+            let scale = 1.0 / c.grad_accum as f32;
+            let grads = tape.backward_with(out.loss, Tensor::scalar(scale));
+            if acc.is_empty() {
+                acc = grads.params;
+            } else {
+                for ((ia, ga), (ib, gb)) in acc.iter_mut().zip(grads.params) {
+                    debug_assert_eq!(*ia, ib);
+                    ga.data_mut()
+                        .iter_mut()
+                        .zip(gb.data())
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let loss = loss_sum / c.grad_accum as f32;
+        *last_ce = ce_sum / c.grad_accum as f32;
+        if !loss.is_finite() {
+            return Ok((loss, f32::NAN));
+        }
+        let gnorm = clip_grad_norm(&mut acc, c.clip);
+        self.opt.update(&mut self.model.params, &acc, lr);
+        Ok((loss, gnorm))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::data::ShardBatches;
 use super::{TrainConfig, TrainSummary, Trainer};
+use crate::backend::cuda::Device;
 use crate::data::shards::Dataset;
 use crate::ensure;
 use crate::error::Result;
@@ -13,7 +14,8 @@ use std::path::Path;
 pub const VALID_TOKENS: usize = 1 << 16;
 
 /// Pretrain `cfg` on `data_dir`, writing the run (log, checkpoint) and the final model
-/// (config.json, model.safetensors, tokenizer.json when the data dir has one) to `out`.
+/// (config.json, model.safetensors, tokenizer.json when the data dir has one) to `out`; on
+/// `device` when given (see [`Trainer::device`]).
 pub fn pretrain(
     data_dir: &Path,
     cfg: &Config,
@@ -21,6 +23,7 @@ pub fn pretrain(
     out: &Path,
     resume: bool,
     quiet: bool,
+    device: Option<&Device>,
 ) -> Result<(Model, TrainSummary)> {
     let data = Dataset::open(data_dir)?;
     ensure!(
@@ -33,6 +36,7 @@ pub fn pretrain(
     let summary = {
         let mut tr = Trainer::new(&mut model, tcfg.clone(), out)?;
         tr.quiet = quiet;
+        tr.device = device;
         if resume {
             tr.resume()?;
         }

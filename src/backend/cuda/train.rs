@@ -14,8 +14,10 @@ use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel};
 use crate::ensure;
 use crate::error::Result;
 use crate::model::Ffn;
+use crate::model::Model;
 use crate::ops::AttnShape;
 use crate::tensor::Tensor;
+use crate::train::optim::{AdamW, AdamWConfig};
 use half::bf16;
 
 /// The loss of one batch (as the CPU's `LossOut`): the total and the mean cross-entropy.
@@ -391,73 +393,59 @@ impl GpuModel<'_> {
         })
     }
 
+    /// The host parameter ids behind each weight, in [`GpuGrads::buffers`] order: one id for a
+    /// plain weight, E for the experts' stacked weights, router rows and biases (equal
+    /// segments; None for an expert without a bias, whose segment holds 0).
+    pub fn host_layout(&self) -> Vec<Vec<Option<usize>>> {
+        let one = |id: usize| vec![Some(id)];
+        let mut out = vec![
+            one(self.embed_id),
+            one(self.final_norm_id),
+            one(self.lm_head_id),
+        ];
+        for l in &self.layer_ids {
+            for id in [
+                l.q,
+                l.k,
+                l.v,
+                l.o,
+                l.q_norm,
+                l.k_norm,
+                l.post_attn_norm,
+                l.post_ffn_norm,
+            ] {
+                out.push(one(id));
+            }
+            match &l.ffn {
+                Ffn::Dense(f) => out.extend([one(f.gate), one(f.up), one(f.down)]),
+                Ffn::Moe(experts) => {
+                    let all = |pick: &dyn Fn(&crate::model::Expert) -> Option<usize>| {
+                        experts.iter().map(pick).collect::<Vec<_>>()
+                    };
+                    out.push(all(&|x| Some(x.ffn.gate)));
+                    out.push(all(&|x| Some(x.ffn.up)));
+                    out.push(all(&|x| Some(x.ffn.down)));
+                    out.push(all(&|x| Some(x.router)));
+                    if experts.iter().any(|x| x.bias.is_some()) {
+                        out.push(all(&|x| x.bias));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The gradients as host tensors keyed by the host model's parameter ids (stacked expert
-    /// weights split per expert), in the shapes of the parameters.
+    /// weights split per expert), in the shapes of the parameters, sorted by id.
     pub fn grads_to_host(
         &self,
         g: &GpuGrads,
         model: &crate::model::Model,
     ) -> Result<Vec<(usize, Tensor)>> {
-        let dev = self.dev;
-        let ps = &model.params;
         let mut out = Vec::new();
-        let mut put = |id: usize, data: Vec<f32>| {
-            out.push((id, Tensor::from_vec(data, ps.value(id).shape())));
-        };
-        put(self.embed_id, dev.download(&g.embed)?);
-        put(self.final_norm_id, dev.download(&g.final_norm)?);
-        put(self.lm_head_id, dev.download(&g.lm_head)?);
-        for (ids, lg) in self.layer_ids.iter().zip(&g.layers) {
-            for (id, buf) in [
-                (ids.q, &lg.q),
-                (ids.k, &lg.k),
-                (ids.v, &lg.v),
-                (ids.o, &lg.o),
-                (ids.q_norm, &lg.q_norm),
-                (ids.k_norm, &lg.k_norm),
-                (ids.post_attn_norm, &lg.post_attn_norm),
-                (ids.post_ffn_norm, &lg.post_ffn_norm),
-            ] {
-                put(id, dev.download(buf)?);
-            }
-            let split = |buf: &Buf<f32>, parts: usize| -> Result<Vec<Vec<f32>>> {
-                let all = dev.download(buf)?;
-                let per = all.len() / parts;
-                Ok(all.chunks(per.max(1)).map(|c| c.to_vec()).collect())
-            };
-            match &ids.ffn {
-                Ffn::Dense(f) => {
-                    put(f.gate, dev.download(&lg.ffn.gate)?);
-                    put(f.up, dev.download(&lg.ffn.up)?);
-                    put(f.down, dev.download(&lg.ffn.down)?);
-                }
-                Ffn::Moe(experts) => {
-                    let e = experts.len();
-                    let (gs, us, ds) = (
-                        split(&lg.ffn.gate, e)?,
-                        split(&lg.ffn.up, e)?,
-                        split(&lg.ffn.down, e)?,
-                    );
-                    let rs = match &lg.ffn.router {
-                        Some(r) => split(r, e)?,
-                        None => vec![],
-                    };
-                    let bs = match &lg.ffn.bias {
-                        Some(bb) => split(bb, e)?,
-                        None => vec![],
-                    };
-                    for (j, x) in experts.iter().enumerate() {
-                        put(x.ffn.gate, gs[j].clone());
-                        put(x.ffn.up, us[j].clone());
-                        put(x.ffn.down, ds[j].clone());
-                        if let Some(r) = rs.get(j) {
-                            put(x.router, r.clone());
-                        }
-                        if let (Some(bid), Some(bv)) = (x.bias, bs.get(j)) {
-                            put(bid, bv.clone());
-                        }
-                    }
-                }
+        for (ids, buf) in self.host_layout().iter().zip(g.buffers()) {
+            for (id, seg) in split_to_host(self.dev, buf, ids)? {
+                out.push((id, Tensor::from_vec(seg, model.params.value(id).shape())));
             }
         }
         out.sort_by_key(|(id, _)| *id);
@@ -465,9 +453,41 @@ impl GpuModel<'_> {
     }
 }
 
+/// `buf` brought to the host and cut into `ids.len()` equal segments, one per id (None: skipped).
+fn split_to_host(
+    dev: &Device,
+    buf: &Buf<f32>,
+    ids: &[Option<usize>],
+) -> Result<Vec<(usize, Vec<f32>)>> {
+    let all = dev.download(buf)?;
+    let per = all.len() / ids.len().max(1);
+    Ok(ids
+        .iter()
+        .zip(all.chunks(per.max(1)))
+        .filter_map(|(id, c)| id.map(|id| (id, c.to_vec())))
+        .collect())
+}
+
+/// The host values of `ids` (f32; None: zeros of the segment size `per`) concatenated.
+fn concat_from_host(
+    ids: &[Option<usize>],
+    per: usize,
+    value: impl Fn(usize) -> Vec<f32>,
+) -> Vec<f32> {
+    let mut all = Vec::with_capacity(per * ids.len());
+    for id in ids {
+        match id {
+            Some(id) => all.extend(value(*id)),
+            None => all.extend(std::iter::repeat_n(0.0, per)),
+        }
+    }
+    all
+}
+
 /// Training on the GPU: the [`GpuModel`]'s bf16 weights are the compute copies of f32 master
 /// weights (router rows and biases are f32 themselves), updated by the fused AdamW kernel after
-/// global-norm clipping, with f32 moments; nothing leaves the device but the loss.
+/// global-norm clipping, with f32 moments. Made from, and written back to, the host model and
+/// its [`AdamW`] state, so that checkpoints and resumption work as on the CPU.
 pub struct GpuTrainer<'d> {
     pub model: GpuModel<'d>,
     /// Per weight (in [`GpuGrads::buffers`] order): its f32 master copy (None where the model's
@@ -476,11 +496,18 @@ pub struct GpuTrainer<'d> {
     m: Vec<Buf<f32>>,
     v: Vec<Buf<f32>>,
     steps: u64,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub clip: f32,
+    adamw: AdamWConfig,
+    clip: f32,
+}
+
+/// One optimizer step's scalars.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOut {
+    /// Mean over the micro-batches of the loss and of the cross-entropy.
+    pub loss: f32,
+    pub ce: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
 }
 
 impl<'d> GpuModel<'d> {
@@ -524,63 +551,134 @@ enum WeightMut<'a> {
 }
 
 impl<'d> GpuTrainer<'d> {
-    /// AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, clipping at 1.0
-    /// (the CPU trainer's defaults).
-    pub fn new(mut model: GpuModel<'d>) -> Result<Self> {
-        let dev = model.dev;
+    /// Upload `model` (every parameter trainable) with its optimizer state `opt` (moments and
+    /// step; absent moments start at zero). Master weights are the host's f32 values exactly.
+    pub fn from_host(dev: &'d Device, model: &Model, opt: &AdamW, clip: f32) -> Result<Self> {
+        ensure!(
+            model
+                .params
+                .params
+                .iter()
+                .all(|p| p.trainable && p.decay_to.is_none()),
+            "training on the GPU updates every weight with plain weight decay (no frozen \
+             parameters, no decay targets)"
+        );
+        let mut g = GpuModel::upload(dev, model)?;
+        let layout = g.host_layout();
+        let host = |id: usize| model.params.value(id).clone().into_vec();
         let (mut master, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
-        for w in model.weights_mut() {
+        for (w, ids) in g.weights_mut().into_iter().zip(&layout) {
             let n = match &w {
                 WeightMut::Bf16(b, _) => b.len(),
                 WeightMut::F32(b) => b.len(),
             };
+            let per = n / ids.len();
             master.push(match w {
-                WeightMut::Bf16(b, _) => {
-                    let mut f = dev.alloc::<f32>(n)?;
-                    dev.cast_bf16_to_f32(&*b, &mut f)?;
-                    Some(f)
-                }
+                WeightMut::Bf16(..) => Some(dev.upload(&concat_from_host(ids, per, host))?),
                 WeightMut::F32(_) => None,
             });
-            m.push(dev.zeros::<f32>(n)?);
-            v.push(dev.zeros::<f32>(n)?);
+            let moment = |which: usize| {
+                concat_from_host(ids, per, |id| match &opt.moments[id] {
+                    Some((mm, vv)) => [mm, vv][which].clone(),
+                    None => vec![0.0; per],
+                })
+            };
+            m.push(dev.upload(&moment(0))?);
+            v.push(dev.upload(&moment(1))?);
         }
         Ok(GpuTrainer {
-            model,
+            model: g,
             master,
             m,
             v,
-            steps: 0,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            clip: 1.0,
+            steps: opt.step,
+            adamw: opt.cfg,
+            clip,
         })
     }
 
-    /// One step on `b` sequences of `t` tokens at learning rate `lr`; returns the loss (the
-    /// only synchronisation is the loss read-back).
+    /// Write the master weights into `model` (f32) and the moments and step count into `opt`.
+    pub fn to_host(&mut self, model: &mut Model, opt: &mut AdamW) -> Result<()> {
+        let dev = self.model.dev;
+        let layout = self.model.host_layout();
+        let own: Vec<Option<Buf<f32>>> = self
+            .model
+            .weights_mut()
+            .into_iter()
+            .map(|w| match w {
+                WeightMut::F32(b) => {
+                    let mut c = dev.alloc::<f32>(b.len())?;
+                    dev.copy(&*b, &mut c)?;
+                    Ok(Some(c))
+                }
+                WeightMut::Bf16(..) => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        for (i, ids) in layout.iter().enumerate() {
+            let w = self.master[i]
+                .as_ref()
+                .or(own[i].as_ref())
+                .expect("a master or an f32 weight");
+            for (id, seg) in split_to_host(dev, w, ids)? {
+                let shape = model.params.value(id).shape().to_vec();
+                model.params.params[id].value = Tensor::from_vec(seg, &shape);
+            }
+            let ms = split_to_host(dev, &self.m[i], ids)?;
+            let vs = split_to_host(dev, &self.v[i], ids)?;
+            for ((id, mm), (_, vv)) in ms.into_iter().zip(vs) {
+                opt.moments[id] = Some((mm, vv));
+            }
+        }
+        opt.step = self.steps;
+        Ok(())
+    }
+
+    /// One optimizer step over the micro-batches `(inputs, targets)` (`b` sequences of `t`
+    /// tokens each; gradients averaged over them) at learning rate `lr`.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
-        inputs: &[u32],
-        targets: &[u32],
+        micro: &[(Vec<u32>, Vec<u32>)],
         b: usize,
         t: usize,
         lr: f32,
-    ) -> Result<GpuLoss> {
+        z_loss: f32,
+        router_z_loss: f32,
+    ) -> Result<StepOut> {
         let dev = self.model.dev;
-        let (loss, grads) = self
-            .model
-            .loss_and_grads(inputs, targets, b, t, 1e-5, 1e-3)?;
-        let gbufs = grads.buffers();
-        let views: Vec<_> = gbufs.iter().map(|g| g.as_view()).collect();
+        ensure!(!micro.is_empty(), "a step needs at least one micro-batch");
+        let scale = 1.0 / micro.len() as f32;
+        let (mut loss, mut ce) = (0f32, 0f32);
+        let mut acc: Vec<Buf<f32>> = Vec::new();
+        for (inp, tgt) in micro {
+            let (l, grads) = self
+                .model
+                .loss_and_grads(inp, tgt, b, t, z_loss, router_z_loss)?;
+            loss += scale * l.loss;
+            ce += scale * l.ce;
+            let bufs = grads.buffers();
+            if acc.is_empty() {
+                for g in bufs {
+                    let mut a = dev.alloc::<f32>(g.len())?;
+                    dev.scale(g, &mut a, scale)?;
+                    acc.push(a);
+                }
+            } else {
+                for (a, g) in acc.iter_mut().zip(bufs) {
+                    let mut sum = dev.alloc::<f32>(g.len())?;
+                    dev.add_scaled(&*a, g, &mut sum, scale)?;
+                    *a = sum;
+                }
+            }
+        }
+        let views: Vec<_> = acc.iter().map(|g| g.as_view()).collect();
         let norm_scale = dev.grad_norm(&views, self.clip)?;
         self.steps += 1;
-        let wd = self.weight_decay;
+        let wd = self.adamw.weight_decay;
         let mut slots = Vec::with_capacity(views.len());
-        let weights = self.model.weights_mut();
-        for ((((w, g), master), m), v) in weights
+        for ((((w, g), master), m), v) in self
+            .model
+            .weights_mut()
             .into_iter()
             .zip(&views)
             .zip(self.master.iter_mut())
@@ -607,13 +705,57 @@ impl<'d> GpuTrainer<'d> {
             &mut slots,
             AdamWHyper {
                 lr,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
+                beta1: self.adamw.beta1,
+                beta2: self.adamw.beta2,
+                eps: self.adamw.eps,
                 step: self.steps,
             },
             Some(norm_scale.view(1..2)),
         )?;
-        Ok(loss)
+        let grad_norm = dev.download(&norm_scale.view(0..1))?[0];
+        Ok(StepOut {
+            loss,
+            ce,
+            grad_norm,
+        })
+    }
+
+    /// Mean cross-entropy (no z-losses) of the current weights over `batches` of `t`-token
+    /// sequences; None when there are none.
+    pub fn valid_ce(&self, batches: &[(Vec<u32>, Vec<u32>)], t: usize) -> Result<Option<f32>> {
+        if batches.is_empty() {
+            return Ok(None);
+        }
+        let (mut sum, mut n) = (0f64, 0usize);
+        for (inp, tgt) in batches {
+            let b = inp.len() / t;
+            ensure!(
+                b * t == inp.len(),
+                "validation batch is not a multiple of seq"
+            );
+            let ce = self.model.cross_entropy(inp, tgt, b, t)?;
+            sum += ce as f64 * tgt.len() as f64;
+            n += tgt.len();
+        }
+        Ok(Some((sum / n.max(1) as f64) as f32))
+    }
+}
+
+impl GpuModel<'_> {
+    /// Mean next-token cross-entropy of `inputs` -> `targets` (forward only).
+    pub fn cross_entropy(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<f32> {
+        let n = b * t;
+        let (xn, _) = self.hidden(inputs, b, t, None, None)?;
+        let logits = self.linear(&xn, &self.lm_head, n, self.vocab)?;
+        Ok(self
+            .dev
+            .cross_entropy(&logits, n, self.vocab, targets, 0.0)?
+            .ce)
     }
 }
