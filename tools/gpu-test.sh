@@ -10,6 +10,9 @@
 #   target/gpu-test/run.sh                   # every test binary, then memcheck of the kernel tests
 #   ONLY=gpu_kernels target/gpu-test/run.sh  # only binaries whose name contains "gpu_kernels"
 #
+# It also writes OUT.tar.xz, the same folder compressed (~17 MiB), for copies that are size-limited;
+# tools/gpu-check.sh runs everything from it.
+#
 # run.sh sets FLEXRUN_REQUIRE_GPU=1 (a missing GPU fails the CUDA tests instead of skipping
 # them), logs every binary to $LOG_DIR (default OUT/logs) and exits non-zero on any failure.
 # Binaries are stripped of debug info to keep the folder small (about 60 MiB).
@@ -147,4 +150,7 @@ echo "logs in $LOG" | tee -a "$SUMMARY"
 exit $fail
 EOF
 chmod +x "$OUT/run.sh"
-log "packed $(ls "$OUT/bin" | wc -l) test binaries into $OUT ($(du -sh "$OUT" | cut -f1)); run $OUT/run.sh on the GPU machine"
+# One compressed archive of the folder (~17 MiB instead of ~95): what a size-limited copy to the GPU
+# machine carries; tools/gpu-check.sh unpacks and runs it there.
+tar -C "$(dirname "$OUT")" -cJf "$OUT.tar.xz" "$(basename "$OUT")"
+log "packed $(ls "$OUT/bin" | wc -l) test binaries into $OUT ($(du -sh "$OUT" | cut -f1)) and $OUT.tar.xz ($(du -sh "$OUT.tar.xz" | cut -f1)); run $OUT/run.sh (or tools/gpu-check.sh) on the GPU machine"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call on the GPU machine, from the repository root, with the
+# archive tools/gpu-test.sh made on the build machine (carry target/gpu-test.tar.xz along):
+#
+#   tools/gpu-check.sh [ARCHIVE] [RESULTS]   # defaults: target/gpu-test.tar.xz, $OUT or gpu-results
+#
+# 1. every GPU test binary (gpu_*) with FLEXRUN_REQUIRE_GPU=1;
+# 2. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
+# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0.
+# Logs and benchmark JSON are packed into RESULTS/gpu-check.tgz after each phase (so a call cut
+# short still returns what was done); a summary goes to stdout. Exits non-zero if anything failed.
+set -uo pipefail
+ARCHIVE="${1:-target/gpu-test.tar.xz}"
+RESULTS="${2:-${OUT:-gpu-results}}"
+WORK="$(mktemp -d)"
+mkdir -p "$RESULTS" "$WORK/logs" "$WORK/bench"
+tar -C "$WORK" -xJf "$ARCHIVE" || { echo "gpu-check: cannot unpack $ARCHIVE"; exit 1; }
+G="$WORK/gpu-test"
+pack() { tar -C "$WORK" -czf "$RESULTS/gpu-check.tgz" logs bench; }
+fail=0
+nvidia-smi -L
+echo "== tests"
+LOG_DIR="$WORK/logs" MEMCHECK=0 ONLY=gpu_ "$G/run.sh" || fail=1
+grep -hE "panicked" -A2 "$WORK"/logs/gpu_*.log | head -40
+pack
+if [[ "${BENCH:-1}" != 0 ]]; then
+  echo "== benchmarks"
+  BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}" tools/gpu-bench.sh "$G/flexrun" "$WORK/bench" || fail=1
+  pack
+fi
+if [[ "${MEMCHECK:-1}" != 0 ]]; then
+  echo "== compute-sanitizer"
+  LOG_DIR="$WORK/logs/memcheck" TESTS=0 ONLY=gpu_ "$G/run.sh" || fail=1
+  pack
+fi
+echo "results in $RESULTS/gpu-check.tgz"
+exit $fail
