@@ -498,13 +498,24 @@ fn trainer_on_gpu(dev: &Device) -> R {
         );
     }
     let (cv, gv) = (cpu[19].valid_ce.unwrap(), gpu[19].valid_ce.unwrap());
-    assert!((gv - cv).abs() <= 0.05 * cv, "valid ce: gpu {gv} vs cpu {cv}");
-    assert!(gpu[19].loss < 0.8 * gpu[0].loss, "the GPU run did not learn");
+    assert!(
+        (gv - cv).abs() <= 0.05 * cv,
+        "valid ce: gpu {gv} vs cpu {cv}"
+    );
+    assert!(
+        gpu[19].loss < 0.8 * gpu[0].loss,
+        "the GPU run did not learn"
+    );
     run("resumed", true, Some(10), false)?;
     let resumed = run("resumed", true, None, true)?;
     assert_eq!(log_of(&root.join("resumed")), gpu, "resumed GPU run's log");
     for (a, b) in whole.params.params.iter().zip(&resumed.params.params) {
-        assert_eq!(a.value.data(), b.value.data(), "{}: weights after resuming", a.name);
+        assert_eq!(
+            a.value.data(),
+            b.value.data(),
+            "{}: weights after resuming",
+            a.name
+        );
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())

@@ -17,8 +17,7 @@ pub struct MoePermutation {
     pub n: usize,
     pub k: usize,
     pub e: usize,
-    /// Host copy of `offsets` (`[e+1]`), to slice the per-expert batches for GEMMs.
-    pub offsets_host: Vec<u32>,
+    /// `[e+1]` start of each expert's batch (the grouped GEMMs read it on the device).
     pub offsets: Buf<u32>,
     /// `[n*k]` row of each copy within its expert's batch.
     pub row_of: Buf<u32>,
@@ -29,12 +28,13 @@ pub struct MoePermutation {
 }
 
 impl MoePermutation {
-    /// Tokens per expert.
-    pub fn histogram(&self) -> Vec<usize> {
-        self.offsets_host
+    /// Tokens per expert (brings the offsets to the host: synchronises).
+    pub fn histogram(&self, dev: &Device) -> Result<Vec<usize>> {
+        Ok(dev
+            .download(&self.offsets)?
             .windows(2)
             .map(|w| (w[1] - w[0]) as usize)
-            .collect()
+            .collect())
     }
 }
 
@@ -97,7 +97,8 @@ impl Device {
     }
 
     /// Group the copies of `indices [n, k]` (from [`Device::route`]) by expert, tokens ascending
-    /// within an expert. Synchronises once to bring the offsets to the host.
+    /// within an expert. Stream-ordered: nothing comes back to the host (the grouped GEMMs size
+    /// their grids from an upper bound and read the offsets on the device).
     pub fn moe_permutation(
         &self,
         indices: &impl DeviceRead<u32>,
@@ -122,12 +123,10 @@ impl Device {
         launch!(self, "moe", "moe_permute_index", grid, SCAN_BLOCK;
             indices.dptr(), counts.dptr(), offsets.dptr(), row_of.dptr(), pos.dptr(), sorted_tokens.dptr(), nk,
             int(k, "top-k")?, int(e, "experts")?)?;
-        let offsets_host = self.download(&offsets)?;
         Ok(MoePermutation {
             n,
             k,
             e,
-            offsets_host,
             offsets,
             row_of,
             pos,
