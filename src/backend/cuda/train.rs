@@ -601,25 +601,13 @@ impl<'d> GpuTrainer<'d> {
     pub fn to_host(&mut self, model: &mut Model, opt: &mut AdamW) -> Result<()> {
         let dev = self.model.dev;
         let layout = self.model.host_layout();
-        let own: Vec<Option<Buf<f32>>> = self
-            .model
-            .weights_mut()
-            .into_iter()
-            .map(|w| match w {
-                WeightMut::F32(b) => {
-                    let mut c = dev.alloc::<f32>(b.len())?;
-                    dev.copy(&*b, &mut c)?;
-                    Ok(Some(c))
-                }
-                WeightMut::Bf16(..) => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        for (i, ids) in layout.iter().enumerate() {
-            let w = self.master[i]
-                .as_ref()
-                .or(own[i].as_ref())
-                .expect("a master or an f32 weight");
-            for (id, seg) in split_to_host(dev, w, ids)? {
+        for (i, (ids, w)) in layout.iter().zip(self.model.weights_mut()).enumerate() {
+            let values = match (&self.master[i], &w) {
+                (Some(master), _) => master,
+                (None, WeightMut::F32(own)) => &**own,
+                (None, WeightMut::Bf16(..)) => unreachable!("every bf16 weight has a master copy"),
+            };
+            for (id, seg) in split_to_host(dev, values, ids)? {
                 let shape = model.params.value(id).shape().to_vec();
                 model.params.params[id].value = Tensor::from_vec(seg, &shape);
             }
