@@ -6,7 +6,8 @@
 #
 # 1. every GPU test binary (gpu_*) with FLEXRUN_REQUIRE_GPU=1;
 # 2. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
-# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0.
+# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0;
+# 4. with CRITERION=1, the criterion GPU benchmarks (benches/gpu.rs).
 # Logs and benchmark JSON are packed into RESULTS/gpu-check.tgz after each phase (so a call cut
 # short still returns what was done); a summary goes to stdout. Exits non-zero if anything failed.
 set -uo pipefail
@@ -31,6 +32,11 @@ fi
 if [[ "${MEMCHECK:-1}" != 0 ]]; then
   echo "== compute-sanitizer"
   LOG_DIR="$WORK/logs/memcheck" TESTS=0 ONLY=gpu_ "$G/run.sh" || fail=1
+  pack
+fi
+if [[ "${CRITERION:-0}" == 1 && -x "$G/bench-gpu" ]]; then
+  echo "== criterion"
+  "$G/bench-gpu" --bench 2>&1 | tee "$WORK/bench/criterion.txt" | grep -E "time:|thrpt:|^[a-z_]+/" || fail=1
   pack
 fi
 echo "results in $RESULTS/gpu-check.tgz"

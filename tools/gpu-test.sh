@@ -63,7 +63,18 @@ EOF
 python3 -c 'import sys; sys.exit(0 if b"\x50\xed\x55\xba" in open(sys.argv[1], "rb").read() else
   "gpu-test: the test binaries hold no CUDA kernels (no nvcc at build time? see the cargo warning)")' "$OUT/bin/gpu_kernels"
 cp target/release/flexrun "$OUT/flexrun"
-strip -g "$OUT"/bin/* "$OUT/flexrun" 2>/dev/null || log "strip failed; binaries keep their debug info"
+# The criterion GPU benchmarks (benches/gpu.rs), run there as `bench-gpu --bench`.
+cargo bench --no-run --bench gpu --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        shutil.copy2(m["executable"], sys.argv[1])
+' "$OUT/bench-gpu"
+strip -g "$OUT"/bin/* "$OUT/flexrun" "$OUT/bench-gpu" 2>/dev/null || log "strip failed; binaries keep their debug info"
 cp -r tests/fixtures "$OUT/tests/fixtures"
 
 # The tests locate fixtures, the flexrun binary and scratch space through paths compiled in by
