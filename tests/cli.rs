@@ -320,3 +320,39 @@ fn logits_and_opt_out_from_the_command_line() {
         "--exclude 2 equals the checkpoint without expert 2"
     );
 }
+
+/// A reader that stops early (`flexrun logits ... | head -c 10`) ends flexrun quietly, as it
+/// would any Unix tool: no panic, no backtrace.
+#[test]
+fn closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let ids: Vec<String> = (0..64).map(|i| (i % 90).to_string()).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flexrun"))
+        .args([
+            "logits",
+            "--model",
+            &fixture("flexolmo_tiny"),
+            "--ids",
+            &ids.join(","),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe's read end is closed here; the rest of the output has nowhere to go.
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "flexrun panicked on a closed stdout: {err}"
+    );
+}

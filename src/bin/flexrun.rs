@@ -1217,6 +1217,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`flexrun ... | head`)
+    // instead of panicking on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of SIGPIPE, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Some(t) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
