@@ -356,3 +356,30 @@ fn closed_stdout_is_not_a_panic() {
         "flexrun panicked on a closed stdout: {err}"
     );
 }
+
+/// `bench decode` on the CPU: prefill and per-token throughput of a tiny model, as JSON.
+#[test]
+fn bench_decode_reports_throughput() {
+    let (code, out, err) = flexrun(&[
+        "bench",
+        "decode",
+        "--config",
+        &format!("{}/config.json", fixture("flexolmo_tiny")),
+        "--batch",
+        "2",
+        "--prompt",
+        "5",
+        "--new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["batch"], 2);
+    assert_eq!(v["new_tokens"], 3);
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "step_ms"] {
+        let x = v[key].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"));
+}
