@@ -94,16 +94,23 @@ pub(super) struct LayerSaved {
 }
 
 /// The FFN's forward state: the grouped rows `xp` (the permuted token copies, or the tokens
-/// themselves for a dense FFN) with their expert `offsets`, the pre-activations, the SwiGLU
-/// output, the experts' outputs `yp` (permuted) and, for MoE, the routing.
+/// themselves for a dense FFN), the pre-activations, the SwiGLU output, the experts' outputs
+/// `yp` (permuted) and, for MoE, the routing.
 pub(super) struct FfnSaved {
     pub(super) xp: Buf<bf16>,
-    pub(super) offsets: Buf<u32>,
     pub(super) gate: Buf<bf16>,
     pub(super) up: Buf<bf16>,
     pub(super) act: Buf<bf16>,
     pub(super) yp: Option<Buf<bf16>>,
     pub(super) route: Option<RouteSaved>,
+}
+
+impl FfnSaved {
+    /// The expert offsets of the grouped rows: the routing's, or `dense` (`[0, n]`: every token
+    /// through the one expert).
+    pub(super) fn offsets<'a>(&'a self, dense: &'a Buf<u32>) -> &'a Buf<u32> {
+        self.route.as_ref().map_or(dense, |r| &r.perm.offsets)
+    }
 }
 
 pub(super) struct RouteSaved {
@@ -309,19 +316,21 @@ impl<'d> GpuModel<'d> {
 
     /// The FFN output `[n, H]` (bf16, before the post-FFN norm) for the residual stream `x`,
     /// and (with `save`) what its backward needs.
+    /// `dense_offsets` is `[0, n]`, the offsets of a dense FFN's one expert.
     fn ffn(
         &self,
         f: &GpuFfn,
         x: &Buf<f32>,
         n: usize,
+        dense_offsets: &Buf<u32>,
         save: bool,
     ) -> Result<(Buf<bf16>, Option<FfnSaved>)> {
         let dev = self.dev;
         let (h, i) = (self.h, self.inter);
         let xb = self.bf16_of(x)?;
         // Rows in expert order with their offsets: the tokens themselves for a dense FFN.
-        let (xp, offsets, route, e, rows) = match &f.router {
-            None => (xb, dev.upload(&[0u32, n as u32])?, None, 1, n),
+        let (xp, route, e, rows) = match &f.router {
+            None => (xb, None, 1, n),
             Some((router, bias)) => {
                 let (e, k) = (f.e, self.top_k.clamp(1, f.e));
                 let mut z = dev.alloc::<f32>(n * e)?;
@@ -343,8 +352,6 @@ impl<'d> GpuModel<'d> {
                 let perm = dev.moe_permutation(&indices, n, k, e)?;
                 let mut xp = dev.alloc::<bf16>(n * k * h)?;
                 dev.moe_permute(&xb, &perm, h, &mut xp)?;
-                let mut offsets = dev.alloc::<u32>(e + 1)?;
-                dev.copy(&perm.offsets, &mut offsets)?;
                 let r = RouteSaved {
                     z,
                     probs,
@@ -353,9 +360,10 @@ impl<'d> GpuModel<'d> {
                     perm,
                     k,
                 };
-                (xp, offsets, Some(r), e, n * k)
+                (xp, Some(r), e, n * k)
             }
         };
+        let offsets = route.as_ref().map_or(dense_offsets, |r| &r.perm.offsets);
         let mut act = dev.alloc::<bf16>(rows * i)?;
         let (mut gate, mut up) = if save {
             (dev.alloc::<bf16>(rows * i)?, dev.alloc::<bf16>(rows * i)?)
@@ -363,9 +371,9 @@ impl<'d> GpuModel<'d> {
             (dev.alloc::<bf16>(0)?, dev.alloc::<bf16>(0)?)
         };
         let saved_pre = save.then(|| (gate.view_mut(..), up.view_mut(..)));
-        dev.grouped_gateup_fwd(&xp, &offsets, &f.gate, &f.up, e, h, i, &mut act, saved_pre)?;
+        dev.grouped_gateup_fwd(&xp, offsets, &f.gate, &f.up, e, h, i, &mut act, saved_pre)?;
         let mut yp = dev.alloc::<bf16>(rows * h)?;
-        dev.grouped_nt(&act, &offsets, &f.down, e, i, h, &mut yp)?;
+        dev.grouped_nt(&act, offsets, &f.down, e, i, h, &mut yp)?;
         let (y, yp) = match &route {
             Some(r) => {
                 let mut y = dev.alloc::<bf16>(n * h)?;
@@ -376,7 +384,6 @@ impl<'d> GpuModel<'d> {
         };
         let saved = save.then_some(FfnSaved {
             xp,
-            offsets,
             gate,
             up,
             act,
@@ -448,6 +455,7 @@ impl<'d> GpuModel<'d> {
         dev.embedding_fwd(&self.embed, self.vocab, h, ids, &mut e0)?;
         let mut x = dev.alloc::<f32>(n * h)?;
         dev.cast_bf16_to_f32(&e0, &mut x)?;
+        let dense_offsets = dev.upload(&[0u32, n as u32])?;
         for (li, l) in self.layers.iter().enumerate() {
             let xb = self.bf16_of(&x)?;
             let q_pre = self.linear(&xb, &l.q, n, nh * hd)?;
@@ -492,7 +500,7 @@ impl<'d> GpuModel<'d> {
             let o_pre = self.linear(&a, &l.o, n, h)?;
             let (o, rstd_o) = self.norm(&o_pre, &l.post_attn_norm, n)?;
             let x_mid = self.residual(&x, &o)?;
-            let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, save.is_some())?;
+            let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, &dense_offsets, save.is_some())?;
             let (m, rstd_m) = self.norm(&y, &l.post_ffn_norm, n)?;
             x = self.residual(&x_mid, &m)?;
             if let (Some(sv), Some(ffn)) = (save.as_deref_mut(), ffn) {

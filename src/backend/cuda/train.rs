@@ -179,12 +179,23 @@ impl GpuModel<'_> {
         let mut dx = dev.alloc::<f32>(n * h)?;
         dev.cast_bf16_to_f32(&dxf, &mut dx)?;
 
+        let dense_offsets = dev.upload(&[0u32, n as u32])?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for ((l, s), zl) in self.layers.iter().zip(&saved).zip(&zlse).rev() {
             // x_out = x_mid + norm(ffn(x_mid)).
             let dm = self.bf16_of(&dx)?;
             let (dy, post_ffn_norm) = self.norm_bwd(&s.y, &l.post_ffn_norm, &dm, &s.rstd_m, n)?;
-            let ffn = self.ffn_bwd(&l.ffn, s, &s.ffn, zl.as_ref(), rz_scale, &dy, &mut dx, n)?;
+            let ffn = self.ffn_bwd(
+                &l.ffn,
+                s,
+                &s.ffn,
+                zl.as_ref(),
+                rz_scale,
+                &dense_offsets,
+                &dy,
+                &mut dx,
+                n,
+            )?;
             // x_mid = x_in + norm(a Wo^T).
             let do_ = self.bf16_of(&dx)?;
             let (do_pre, post_attn_norm) =
@@ -248,6 +259,7 @@ impl GpuModel<'_> {
 
     /// Backward of one FFN from `dy` (the gradient of its output): the weight, router and bias
     /// gradients; the gradient of its input (the residual stream) is added to `dx`.
+    /// `dense_offsets` is `[0, n]` (a dense FFN's one expert).
     #[allow(clippy::too_many_arguments)]
     fn ffn_bwd(
         &self,
@@ -256,6 +268,7 @@ impl GpuModel<'_> {
         fs: &FfnSaved,
         zlse: Option<&Buf<f32>>,
         rz_scale: f32,
+        dense_offsets: &Buf<u32>,
         dy: &Buf<bf16>,
         dx: &mut Buf<f32>,
         n: usize,
@@ -263,6 +276,7 @@ impl GpuModel<'_> {
         let dev = self.dev;
         let (h, i, e) = (self.h, self.inter, f.e);
         let rows = fs.xp.len() / h;
+        let offsets = fs.offsets(dense_offsets);
         // The experts' output gradient in the grouped layout (and the routing weights' gradient).
         let dyp_moe;
         let (dyp, dweights) = match (&fs.route, &fs.yp) {
@@ -278,34 +292,14 @@ impl GpuModel<'_> {
         let mut dgate = dev.alloc::<bf16>(rows * i)?;
         let mut dup = dev.alloc::<bf16>(rows * i)?;
         dev.grouped_nn_swiglu_bwd(
-            dyp,
-            &fs.offsets,
-            &f.down,
-            &fs.gate,
-            &fs.up,
-            e,
-            h,
-            i,
-            &mut dgate,
-            &mut dup,
+            dyp, offsets, &f.down, &fs.gate, &fs.up, e, h, i, &mut dgate, &mut dup,
         )?;
         let mut down = dev.alloc::<f32>(e * h * i)?;
-        dev.grouped_wgrad(
-            dyp,
-            &fs.act,
-            &fs.offsets,
-            None,
-            None,
-            e,
-            h,
-            i,
-            false,
-            &mut down,
-        )?;
+        dev.grouped_wgrad(dyp, &fs.act, offsets, None, None, e, h, i, false, &mut down)?;
         let mut dxp = dev.alloc::<bf16>(rows * h)?;
         dev.grouped_nn(
             &dgate,
-            &fs.offsets,
+            offsets,
             &f.gate,
             Some((dup.as_view(), f.up.as_view())),
             e,
@@ -318,7 +312,7 @@ impl GpuModel<'_> {
         dev.grouped_wgrad(
             &dgate,
             &fs.xp,
-            &fs.offsets,
+            offsets,
             None,
             Some((dup.as_view(), up.view_mut(..))),
             e,
@@ -637,6 +631,8 @@ impl<'d> GpuTrainer<'d> {
         ensure!(!micro.is_empty(), "a step needs at least one micro-batch");
         let scale = 1.0 / micro.len() as f32;
         let (mut loss, mut ce) = (0f32, 0f32);
+        // One micro-batch: its gradients as they are. Several: their mean, accumulated.
+        let mut single: Option<GpuGrads> = None;
         let mut acc: Vec<Buf<f32>> = Vec::new();
         for (inp, tgt) in micro {
             let (l, grads) = self
@@ -644,6 +640,10 @@ impl<'d> GpuTrainer<'d> {
                 .loss_and_grads(inp, tgt, b, t, z_loss, router_z_loss)?;
             loss += scale * l.loss;
             ce += scale * l.ce;
+            if micro.len() == 1 {
+                single = Some(grads);
+                continue;
+            }
             let bufs = grads.buffers();
             if acc.is_empty() {
                 for g in bufs {
@@ -659,7 +659,11 @@ impl<'d> GpuTrainer<'d> {
                 }
             }
         }
-        let views: Vec<_> = acc.iter().map(|g| g.as_view()).collect();
+        let grads: Vec<&Buf<f32>> = match &single {
+            Some(g) => g.buffers(),
+            None => acc.iter().collect(),
+        };
+        let views: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
         let norm_scale = dev.grad_norm(&views, self.clip)?;
         self.steps += 1;
         let wd = self.adamw.weight_decay;
