@@ -544,6 +544,11 @@ impl<'d> GpuModel<'d> {
     /// The logits of the last position of each of the `b` sequences, `[b, V]` on the host.
     pub fn last_logits(&self, logits: &Buf<f32>, b: usize, t: usize) -> Result<Vec<Vec<f32>>> {
         let v = self.vocab;
+        if t == 1 {
+            // A decode step: the last rows are all of them, one copy.
+            let all = self.dev.download(logits)?;
+            return Ok(all.chunks(v).map(|r| r.to_vec()).collect());
+        }
         (0..b)
             .map(|bi| {
                 let r = (bi * t + t - 1) * v;
