@@ -6,7 +6,8 @@
 // Multi-tensor launch: the wrapper uploads one descriptor per tensor and one span per block
 // (tensor index, first element); a block handles elements [start, min(start + chunk, n)) of its
 // tensor. Master weights, gradients and moments are f32; an optional bf16 copy of the updated
-// weight is written for the forward pass.
+// weight is written for the forward pass. Weight decay pulls toward zero, or toward a per-tensor
+// target (the CPU's `Param::decay_to`).
 #include "common.cuh"
 
 // Layouts mirrored by #[repr(C)] structs in src/backend/cuda/optim.rs.
@@ -15,7 +16,8 @@ struct AdamWTensor {
   const float *g;
   float *m;
   float *v;
-  bf16 *p_bf16;  // null: no bf16 copy
+  bf16 *p_bf16;    // null: no bf16 copy
+  const float *t;  // null: decay toward 0; else toward t (an expert's copy of the public FFN)
   unsigned long long n;
   float wd;
   unsigned pad;
@@ -46,7 +48,7 @@ extern "C" __global__ void adamw_f32(const AdamWTensor *ts, const Span *spans, i
       const float mh = m / bc1;
       const float vh = v / bc2;
       float w = t.p[i];
-      w -= lr * t.wd * w;
+      w -= lr * t.wd * (t.t ? w - t.t[i] : w);
       w -= lr * mh / (sqrtf(vh) + eps);
       t.m[i] = m;
       t.v[i] = v;

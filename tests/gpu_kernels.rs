@@ -128,6 +128,8 @@ backend_tests!(
     embedding,
     cross_entropy,
     router_zloss,
+    router_ce,
+    rel_sq_err,
     router,
     gather_rows,
     moe_permute_combine,
@@ -512,6 +514,110 @@ fn router_zloss(b: &Backend) -> R {
     Ok(())
 }
 
+/// Expert training's router cross-entropy (own-text and public-text losses): the loss
+/// `coef * mean(ce)` over the valid rows and its gradient added to a `dz` that already holds
+/// values (the routing's gradient); rows with IGNORE, and a batch with no valid row.
+fn router_ce(b: &Backend) -> R {
+    let mut r = rng(81);
+    for &(n, e, ignore_every) in &[(1, 2, 0), (17, 2, 3), (300, 7, 4), (5, 4, 1)] {
+        let z = randn(&[n, e], 2.0, &mut r);
+        let dz0 = randn(&[n, e], 0.1, &mut r);
+        let targets: Vec<u32> = (0..n)
+            .map(|i| {
+                if ignore_every > 0 && i % ignore_every == 0 {
+                    IGNORE
+                } else {
+                    r.random_range(0..e as u32)
+                }
+            })
+            .collect();
+        let coef = 0.3;
+        let cpu = || {
+            let mut tape = Tape::new();
+            let zv = tape.leaf(z.clone());
+            let out = ops::cross_entropy(&mut tape, zv, &targets, 0.0);
+            let valid = out.n_valid > 0;
+            let loss = if valid {
+                coef * tape.value(out.loss).data()[0]
+            } else {
+                0.0
+            };
+            let g = tape.backward_with(out.loss, Tensor::scalar(coef));
+            let d = match (valid, g.get(zv)) {
+                (true, Some(t)) => t
+                    .data()
+                    .iter()
+                    .zip(dz0.data())
+                    .map(|(a, b)| b + a)
+                    .collect(),
+                _ => dz0.data().to_vec(),
+            };
+            (loss, d)
+        };
+        let want = cpu();
+        let got = match b {
+            Backend::Cpu => cpu(),
+            Backend::Cuda(dev) => {
+                let zd = up32(dev, &z)?;
+                let mut dz = up32(dev, &dz0)?;
+                let loss = dev.router_ce(&zd, &targets, n, e, coef, &mut dz)?;
+                (loss, dev.download(&dz)?)
+            }
+        };
+        let what = format!("router cross-entropy {n}x{e}");
+        assert_scalar(b, &format!("{what} loss"), got.0, want.0);
+        assert_close(b, &format!("{what} dz"), &got.1, &want.1, F32_TOL);
+    }
+    Ok(())
+}
+
+/// The public anchor's relative squared error over marked rows (bf16 operands): the value,
+/// `da` accumulated onto existing values, `db` (bf16); ragged widths, one row, no marked row.
+fn rel_sq_err(b: &Backend) -> R {
+    let mut r = rng(82);
+    for &(n, h, mark) in &[(1, 8, 1), (37, 24, 2), (300, 64, 3), (9, 16, 0)] {
+        let x = randn(&[n, h], 1.0, &mut r);
+        let y = randn(&[n, h], 1.0, &mut r);
+        let da0 = randn(&[n, h], 0.1, &mut r);
+        let rows: Vec<bool> = (0..n).map(|i| mark > 0 && i % mark == 0).collect();
+        let coef = 2.5;
+        let cpu = || {
+            let mut tape = Tape::new();
+            let (a, bb) = (tape.leaf(x.clone()), tape.leaf(y.clone()));
+            let l = ops::rel_sq_err(&mut tape, a, bb, &std::sync::Arc::new(rows.clone()));
+            let value = tape.value(l).data()[0];
+            let g = tape.backward_with(l, Tensor::scalar(coef));
+            let da: Vec<f32> = g
+                .get(a)
+                .unwrap()
+                .data()
+                .iter()
+                .zip(da0.data())
+                .map(|(g, d)| d + g)
+                .collect();
+            (value, da, g.get(bb).unwrap().data().to_vec())
+        };
+        let want = cpu();
+        let got = match b {
+            Backend::Cpu => cpu(),
+            Backend::Cuda(dev) => {
+                let (xd, yd) = (up(dev, &x)?, up(dev, &y)?);
+                let mask = dev.upload(&rows.iter().map(|&m| u32::from(m)).collect::<Vec<_>>())?;
+                let (value, sums) = dev.rel_sq_err(&xd, &yd, &mask, n, h)?;
+                let mut da = up32(dev, &da0)?;
+                let mut db = dev.alloc::<bf16>(n * h)?;
+                dev.rel_sq_err_bwd(&xd, &yd, &mask, &sums, n, h, coef, &mut da, &mut db)?;
+                (value, dev.download(&da)?, down(dev, &db)?)
+            }
+        };
+        let what = format!("relative error {n}x{h}");
+        assert_scalar(b, &format!("{what} value"), got.0, want.0);
+        assert_close(b, &format!("{what} da"), &got.1, &want.1, F32_TOL);
+        assert_close(b, &format!("{what} db"), &got.2, &want.2, BF16_TOL);
+    }
+    Ok(())
+}
+
 /// Router logits on a grid of 1/4: rows have exact ties (broken to the lower expert on every
 /// backend) and non-tied probabilities differ by at least e^(1/4), far beyond rounding.
 fn quantized(shape: &[usize], std: f32, r: &mut StdRng) -> Tensor {
@@ -867,6 +973,8 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
         .iter()
         .map(|s| Tensor::randn(s, 1.0, &mut r))
         .collect();
+    // The [33, 65] matrix decays toward a target (an expert's copy of the public FFN), not 0.
+    let target = Tensor::randn(shapes[4], 1.0, &mut r);
     let grads: Vec<Vec<Tensor>> = (0..steps)
         .map(|step| {
             shapes
@@ -880,6 +988,7 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
         for (i, t) in init.iter().enumerate() {
             ps.add(format!("p{i}"), t.clone());
         }
+        ps.params[4].decay_to = Some(target.clone());
         let mut opt = AdamW::new(cfg, shapes.len());
         let mut norms = Vec::new();
         for g in &grads {
@@ -923,6 +1032,7 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
                 .iter()
                 .map(|s| dev.alloc(s.iter().product()))
                 .collect::<flexrun::Result<_>>()?;
+            let target_d = up32(dev, &target)?;
             let mut norms = Vec::new();
             for (step, g) in grads.iter().enumerate() {
                 let gd: Vec<Buf<f32>> = g
@@ -939,13 +1049,15 @@ fn adamw_and_grad_norm(b: &Backend) -> R {
                     .zip(p16.iter_mut())
                     .zip(&gd)
                     .zip(&shapes)
-                    .map(|(((((p, m), v), p16), g), s)| AdamWSlot {
-                        param: p,
+                    .enumerate()
+                    .map(|(i, (((((p, m), v), p16), g), s))| AdamWSlot {
+                        param: p.view_mut(..),
                         grad: g.as_view(),
-                        m,
-                        v,
+                        m: m.view_mut(..),
+                        v: v.view_mut(..),
                         weight_decay: if decays(s) { cfg.weight_decay } else { 0.0 },
-                        param_bf16: Some(p16),
+                        decay_to: (i == 4).then(|| target_d.as_view()),
+                        param_bf16: Some(p16.view_mut(..)),
                     })
                     .collect();
                 let hp = AdamWHyper {

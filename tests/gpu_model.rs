@@ -27,7 +27,10 @@ cuda_tests!(
     gradients_moe,
     gradients_dense,
     training_follows_cpu,
-    trainer_on_gpu
+    trainer_on_gpu,
+    gradients_expert_training,
+    gradients_router_tuning,
+    expert_training_follows_cpu
 );
 
 /// A random model with weights large enough that every block moves the logits (norm weights
@@ -255,16 +258,30 @@ fn greedy_generation(dev: &Device) -> R {
 /// the loss agrees to 1%, every parameter's gradient to `GRAD_TOL` relative (L2), and all of
 /// them together to `MEAN_TOL`.
 fn check_gradients(dev: &Device, m: &Model, b: usize, t: usize, seed: u64) -> R {
+    check_gradients_with(dev, m, b, t, seed, &LossCoefs::default(), &[])
+}
+
+/// [`check_gradients`] under `coefs`, with `anchored` marking the public rows; only the
+/// model's trainable parameters get gradients, on both sides.
+fn check_gradients_with(
+    dev: &Device,
+    m: &Model,
+    b: usize,
+    t: usize,
+    seed: u64,
+    coefs: &LossCoefs,
+    anchored: &[bool],
+) -> R {
     let v = m.cfg.vocab_size;
     let inp = ids(b * t, v, seed);
     let tgt = ids(b * t, v, seed + 1);
-    let coefs = LossCoefs::default();
     let mut tape = Tape::new();
-    let out = m.loss(&mut tape, &inp, &tgt, b, t, &coefs)?;
+    let out = m.loss_anchored(&mut tape, &inp, &tgt, b, t, coefs, anchored)?;
     let cpu_loss = tape.value(out.loss).data()[0];
     let cpu = tape.backward(out.loss).params;
-    let g = GpuModel::upload(dev, m)?;
-    let (loss, grads) = g.loss_and_grads(&inp, &tgt, b, t, coefs.z_loss, coefs.router_z_loss)?;
+    let mut g = GpuModel::upload(dev, m)?;
+    g.train_as(m)?;
+    let (loss, grads) = g.loss_and_grads(&inp, &tgt, b, t, coefs, anchored)?;
     assert!(
         (loss.loss - cpu_loss).abs() <= 0.01 * cpu_loss.abs(),
         "loss: gpu {} vs cpu {cpu_loss}",
@@ -384,9 +401,7 @@ fn training_follows_cpu(dev: &Device) -> R {
         clip_grad_norm(&mut grads, 1.0);
         opt.update(&mut cpu.params, &grads, lr);
         let c = LossCoefs::default();
-        let gl = trainer
-            .step(&[(inp, tgt)], b, t, lr, c.z_loss, c.router_z_loss)?
-            .loss;
+        let gl = trainer.step(&[(inp, tgt)], &[], b, t, lr, &c)?.loss;
         assert!(
             (gl - cl).abs() <= 0.05 * cl,
             "step {step}: gpu loss {gl} vs cpu {cl}"
@@ -518,5 +533,130 @@ fn trainer_on_gpu(dev: &Device) -> R {
         );
     }
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// A small public model and its 2-expert training model (flexrun::flex::expert_training_model:
+/// [public FFN frozen, copy trained], r_pub frozen, r_i and b_i trained), the new expert moved
+/// away from its copy so that the public anchor has a gradient.
+fn expert_model(seed: u64) -> Model {
+    let public = model(Config::olmo2(200, 64, 96, 2, 4, 2), seed);
+    let h = public.cfg.hidden_size;
+    let mut rng = StdRng::seed_from_u64(seed + 7);
+    let r_pub: Vec<f32> = Tensor::randn(&[h], 0.2, &mut rng).round_bf16().into_vec();
+    let r_i: Vec<f32> = Tensor::randn(&[h], 0.2, &mut rng).round_bf16().into_vec();
+    let mut m = flexrun::flex::expert_training_model(&public, &r_pub, &r_i, Some(-0.3)).unwrap();
+    for p in m.params.params.iter_mut() {
+        if p.trainable && p.name.contains("experts.1.") {
+            let noise = Tensor::randn(p.value.shape(), 0.05, &mut rng);
+            let v: Vec<f32> = p
+                .value
+                .data()
+                .iter()
+                .zip(noise.data())
+                .map(|(a, b)| a + b)
+                .collect();
+            p.value = Tensor::from_vec(v, p.value.shape()).round_bf16();
+        }
+    }
+    m
+}
+
+/// Expert training's loss on the GPU (cross-entropy, z-losses, router own-text and public-text
+/// cross-entropies, public anchor weighted per layer) and the gradients of exactly the trained
+/// parameters (new FFN, r_i, b_i; frozen weights get none) agree with the CPU tape's.
+fn gradients_expert_training(dev: &Device) -> R {
+    let m = expert_model(41);
+    let coefs = LossCoefs {
+        public_anchor: 1.0,
+        public_anchor_layers: vec![4.0, 1.0],
+        router_own: 0.3,
+        router_public: 0.3,
+        ..LossCoefs::default()
+    };
+    check_gradients_with(dev, &m, 4, 21, 42, &coefs, &[false, true, false, true])
+}
+
+/// Router tuning trains every router row and bias of a merged model and nothing else.
+fn gradients_router_tuning(dev: &Device) -> R {
+    let mut m = model_with_router(moe_cfg(3, 3), 43, 0.2);
+    for p in m.params.params.iter_mut() {
+        p.trainable = p.name.contains(".mlp.gate.");
+    }
+    check_gradients_with(dev, &m, 2, 19, 44, &LossCoefs::default(), &[])
+}
+
+/// 30 steps of expert training (the demo's loss terms, weight decay toward the public FFN copy)
+/// on the GPU follow the CPU's losses within 5%; the frozen weights come back from the GPU
+/// bit-identical, and the trained ones moved.
+fn expert_training_follows_cpu(dev: &Device) -> R {
+    let init = expert_model(51);
+    let mut cpu = init.clone();
+    let coefs = LossCoefs {
+        public_anchor: 1.0,
+        public_anchor_layers: vec![4.0, 1.0],
+        router_own: 0.3,
+        ..LossCoefs::default()
+    };
+    let mut opt = AdamW::new(AdamWConfig::default(), cpu.params.len());
+    let mut trainer = GpuTrainer::from_host(dev, &cpu, &opt, 1.0)?;
+    let (b, t, lr) = (4, 32, 2e-3);
+    let anchored = vec![false, false, false, true];
+    let mut rng = StdRng::seed_from_u64(52);
+    for step in 0..30 {
+        let mut inp = Vec::new();
+        let mut tgt = Vec::new();
+        for _ in 0..b {
+            let s: u32 = rng.random_range(0..200);
+            inp.extend((0..t as u32).map(|i| (s + 3 * i) % 200));
+            tgt.extend((0..t as u32).map(|i| (s + 3 * i + 3) % 200));
+        }
+        let mut tape = Tape::new();
+        let out = cpu.loss_anchored(&mut tape, &inp, &tgt, b, t, &coefs, &anchored)?;
+        let cl = tape.value(out.loss).data()[0];
+        let mut grads = tape.backward(out.loss).params;
+        clip_grad_norm(&mut grads, 1.0);
+        opt.update(&mut cpu.params, &grads, lr);
+        let gl = trainer
+            .step(
+                &[(inp, tgt)],
+                std::slice::from_ref(&anchored),
+                b,
+                t,
+                lr,
+                &coefs,
+            )?
+            .loss;
+        assert!(
+            (gl - cl).abs() <= 0.05 * cl,
+            "step {step}: gpu loss {gl} vs cpu {cl}"
+        );
+    }
+    let mut back = init.clone();
+    let mut opt_back = AdamW::new(AdamWConfig::default(), back.params.len());
+    trainer.to_host(&mut back, &mut opt_back)?;
+    for ((p, q), c) in back
+        .params
+        .params
+        .iter()
+        .zip(&init.params.params)
+        .zip(&cpu.params.params)
+    {
+        if p.trainable {
+            assert!(p.value.data() != q.value.data(), "{} did not train", p.name);
+            assert!(opt_back.moments[back.params.id(&p.name).unwrap()].is_some());
+            let d: f64 = p
+                .value
+                .data()
+                .iter()
+                .zip(c.value.data())
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let rel = (d / c.value.sq_norm().max(1e-30)).sqrt();
+            assert!(rel < 0.05, "{}: gpu and cpu weights {rel:.3} apart", p.name);
+        } else {
+            assert_eq!(p.value.data(), q.value.data(), "{} is frozen", p.name);
+        }
+    }
     Ok(())
 }

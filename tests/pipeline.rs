@@ -240,6 +240,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         &root.join("tune-run"),
         false,
         true,
+        None,
     )
     .unwrap();
     let tm = flex::Manifest::load(&tuned).unwrap().unwrap();

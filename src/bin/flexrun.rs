@@ -312,8 +312,7 @@ struct DemoArgs {
     /// Run on this corpus (one sub-directory per domain, public/ among them) instead of FlexMix.
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// Where the models are evaluated: auto (the GPU when present), cpu or cuda. Training runs
-    /// on the CPU.
+    /// Where the models are trained and evaluated: auto (the GPU when present), cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long)]
@@ -415,8 +414,9 @@ struct TrainOpts {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// cpu, or cuda: train on the GPU with flexrun's kernels (pretrain and finetune: every weight
-    /// trained on the plain loss; bf16 compute, f32 master weights and optimizer state).
+    /// cpu, or cuda: train on the GPU with flexrun's kernels (bf16 compute, f32 master weights
+    /// and optimizer state; frozen weights hold no gradients; every loss term but
+    /// --expert-loudness).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -646,15 +646,6 @@ fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<To
         path.display()
     );
     Tokenizer::load(&path)
-}
-
-/// Commands whose training runs on the CPU only (frozen weights, the expert-training losses).
-fn cpu_only(device: &str, command: &str) -> Result<()> {
-    ensure!(
-        device == "cpu",
-        "{command} trains on the CPU (--device {device} is for pretrain and finetune)"
-    );
-    Ok(())
 }
 
 /// The GPU for `--device cuda` (None for cpu), or a one-line reason why there is none.
@@ -951,7 +942,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::TrainExpert(a) => {
-            cpu_only(&a.train.device, "train-expert")?;
+            let gpu = gpu_for(&a.train.device)?;
             let run_dir = a
                 .run_dir
                 .clone()
@@ -979,7 +970,7 @@ fn run(cli: Cli) -> Result<()> {
                 resume: a.train.resume,
                 quiet: a.train.quiet,
             };
-            let (art, s) = flex::train_expert(&opts)?;
+            let (art, s) = flex::train_expert(&opts, gpu.as_ref())?;
             println!(
                 "expert '{}' ({} steps, {} tokens, train ce {:.4}, valid ce {}) written to {}",
                 art.meta.name,
@@ -1017,7 +1008,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             train,
         } => {
-            cpu_only(&train.device, "router-tune")?;
+            let gpu = gpu_for(&train.device)?;
             let run_dir = out.with_extension("run");
             let s = flex::router_tune(
                 &model,
@@ -1027,6 +1018,7 @@ fn run(cli: Cli) -> Result<()> {
                 &run_dir,
                 train.resume,
                 train.quiet,
+                gpu.as_ref(),
             )?;
             println!("router tuned for {} steps (valid ce {}); written to {} (strict opt-out no longer holds)", s.steps, s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()), out.display());
         }

@@ -64,8 +64,8 @@ pub struct DemoConfig {
     /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
     /// instead of the built-in FlexMix; tasks are then not evaluated.
     pub corpus: Option<PathBuf>,
-    /// Where the evaluation runs: "auto" (the GPU when one is present and the model's widths
-    /// suit the kernels), "cpu" or "cuda". Training runs on the CPU.
+    /// Where training and evaluation run: "auto" (the GPU when one is present and the model's
+    /// widths suit the kernels), "cpu" or "cuda".
     pub device: String,
 }
 
@@ -227,6 +227,7 @@ fn model_config(c: &DemoConfig, vocab: usize) -> Config {
 }
 
 /// Train one set of experts (one per closed domain) with the given router init and bias, merge.
+#[allow(clippy::too_many_arguments)]
 fn experts_and_merge(
     c: &DemoConfig,
     w: &Work,
@@ -235,6 +236,7 @@ fn experts_and_merge(
     init: RouterInit,
     bias: Option<f32>,
     quiet: bool,
+    gpu: Option<&Device>,
 ) -> Result<PathBuf> {
     let mut arts = Vec::new();
     for (i, d) in closed.iter().enumerate() {
@@ -266,7 +268,7 @@ fn experts_and_merge(
             resume: false,
             quiet,
         };
-        train_expert(&opts)?;
+        train_expert(&opts, gpu)?;
         arts.push(out);
     }
     let dir = w.p(&format!("models/flexolmo-{tag}"));
@@ -294,7 +296,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
     // A bad model shape, anchor-weight list or device is an error before any work is done.
     model_config(c, c.vocab.max(1)).validate()?;
-    let gpu = eval_gpu(c)?;
+    let gpu = demo_gpu(c)?;
     ensure!(
         c.anchor_layers().len() == c.layers,
         "{} public-anchor layer weights for {} layers",
@@ -345,7 +347,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         &w.p("models/public"),
         false,
         quiet,
-        None,
+        gpu.as_ref(),
     )?;
     let mut dense_dirs = Vec::new();
     for (i, d) in closed.iter().enumerate() {
@@ -363,7 +365,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             &w.p(&format!("runs/dense-{d}")),
             false,
             quiet,
-            None,
+            gpu.as_ref(),
         )?;
         dense_dirs.push((d.clone(), out));
     }
@@ -375,6 +377,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         RouterInit::Domain,
         Some(c.bias_init),
         quiet,
+        gpu.as_ref(),
     )?;
 
     step("evaluate", quiet);
@@ -466,7 +469,16 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             )?;
             ablations.push(ev_model(&format!("FlexOlmo top-{k}"), &m.model)?);
         }
-        let nb = experts_and_merge(c, &w, &closed, "nobias", RouterInit::Domain, None, quiet)?;
+        let nb = experts_and_merge(
+            c,
+            &w,
+            &closed,
+            "nobias",
+            RouterInit::Domain,
+            None,
+            quiet,
+            gpu.as_ref(),
+        )?;
         ablations.push(ev_model(
             "FlexOlmo, no bias",
             &load_model(&nb, &Selection::default())?.model,
@@ -479,6 +491,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             RouterInit::Random,
             Some(c.bias_init),
             quiet,
+            gpu.as_ref(),
         )?;
         ablations.push(ev_model(
             "FlexOlmo, random router init",
@@ -508,8 +521,8 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     Ok(report)
 }
 
-/// The GPU that evaluates the demo's models (`DemoConfig::device`), if any.
-fn eval_gpu(c: &DemoConfig) -> Result<Option<Device>> {
+/// The GPU that trains and evaluates the demo's models (`DemoConfig::device`), if any.
+fn demo_gpu(c: &DemoConfig) -> Result<Option<Device>> {
     match c.device.as_str() {
         "cpu" => Ok(None),
         "cuda" => Device::new(0)

@@ -220,7 +220,13 @@ pub fn router_rows(
 }
 
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
-pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSummary)> {
+///
+/// With `device`, the training runs on that GPU ([`crate::backend::cuda::GpuTrainer`]: only the
+/// new FFN, r_i and b_i hold gradients and optimizer state there too).
+pub fn train_expert(
+    opts: &ExpertTrainOpts,
+    device: Option<&crate::backend::cuda::Device>,
+) -> Result<(ExpertArtifact, TrainSummary)> {
     ensure!(
         (0.0..1.0).contains(&opts.public_mix),
         "--public-mix must be in [0, 1)"
@@ -275,6 +281,7 @@ pub fn train_expert(opts: &ExpertTrainOpts) -> Result<(ExpertArtifact, TrainSumm
     let summary = {
         let mut tr = Trainer::new(&mut model, opts.train.clone(), &opts.run_dir)?;
         tr.quiet = opts.quiet;
+        tr.device = device;
         tr.tag = serde_json::json!({ "kind": "expert", "name": opts.name, "public_hash": hash });
         if opts.resume {
             tr.resume()?;
@@ -769,6 +776,7 @@ impl Batches for MixedBatches<'_> {
 
 /// Router tuning: everything frozen but the router rows (and biases); trained on proxy data.
 /// The manifest records that strict opt-out no longer holds.
+#[allow(clippy::too_many_arguments)]
 pub fn router_tune(
     model_dir: &Path,
     data: &[PathBuf],
@@ -777,6 +785,7 @@ pub fn router_tune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
+    device: Option<&crate::backend::cuda::Device>,
 ) -> Result<TrainSummary> {
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
@@ -799,6 +808,7 @@ pub fn router_tune(
     let summary = {
         let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
         tr.quiet = quiet;
+        tr.device = device;
         if resume {
             tr.resume()?;
         }
@@ -838,7 +848,7 @@ pub fn router_tune(
 /// `only` non-empty, just the parameters whose Hugging Face name contains one of its strings are
 /// trained (e.g. `mlp` and `lm_head`: how much of a dense expert's gain the FFNs and the output
 /// layer carry); the rest stay frozen, with no gradient memory. With `device`, the training
-/// runs on that GPU (every weight trained: not with `only`).
+/// runs on that GPU.
 #[allow(clippy::too_many_arguments)]
 pub fn finetune(
     public_dir: &Path,

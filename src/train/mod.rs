@@ -144,8 +144,9 @@ pub struct Trainer<'a> {
     pub tag: serde_json::Value,
     /// Stop (with a checkpoint) once this step is reached, as an interruption would.
     pub stop_at: Option<u64>,
-    /// Train on this GPU ([`GpuTrainer`]: the plain loss, every weight trainable); the host
-    /// model and optimizer state are brought up to date at each validation and checkpoint.
+    /// Train on this GPU ([`GpuTrainer`]: the same loss terms, except the expert loudness; the
+    /// frozen parameters stay frozen); the host model and optimizer state are brought up to
+    /// date at each checkpoint.
     pub device: Option<&'a Device>,
 }
 
@@ -287,12 +288,8 @@ impl<'a> Trainer<'a> {
         let mut gpu = match self.device {
             Some(dev) => {
                 ensure!(
-                    c.public_anchor == 0.0
-                        && c.router_own == 0.0
-                        && c.router_public == 0.0
-                        && c.expert_loudness == 0.0,
-                    "training on the GPU takes the plain loss (cross-entropy and z-losses): no public \
-                     anchor, router or loudness terms"
+                    c.expert_loudness == 0.0,
+                    "--expert-loudness has no GPU path: train on the CPU"
                 );
                 Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
             }
@@ -305,7 +302,10 @@ impl<'a> Trainer<'a> {
                     let micro = (0..c.grad_accum as u64)
                         .map(|m| data.train(self.step, m))
                         .collect::<Result<Vec<_>>>()?;
-                    let o = g.step(&micro, c.batch, c.seq, lr, c.z_loss, c.router_z_loss)?;
+                    let anchored: Vec<Vec<bool>> = (0..c.grad_accum as u64)
+                        .map(|m| data.anchored(self.step, m))
+                        .collect();
+                    let o = g.step(&micro, &anchored, c.batch, c.seq, lr, &coefs)?;
                     last_ce = o.ce;
                     (o.loss, o.grad_norm)
                 }

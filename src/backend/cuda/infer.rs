@@ -15,7 +15,7 @@
 //! copies by expert, runs the grouped gate/up + SwiGLU and down GEMMs in one launch each and
 //! combines with the routing weights -> x += RMSNorm(y). Last: RMSNorm and the LM head.
 
-use super::{Buf, Device, RopeTableGpu};
+use super::{Buf, Device, DeviceRead, RopeTableGpu};
 use crate::ensure;
 use crate::error::Result;
 use crate::model::{Ffn, Layer, Model};
@@ -67,6 +67,17 @@ pub(super) struct GpuLayer {
     pub(super) post_attn_norm: Buf<bf16>,
     pub(super) post_ffn_norm: Buf<bf16>,
     pub(super) ffn: GpuFfn,
+}
+
+impl GpuLayer {
+    /// Number of weights: 8 of attention and norms, 3 of the FFN, the router rows and bias.
+    pub(super) fn weights(&self) -> usize {
+        11 + self
+            .ffn
+            .router
+            .as_ref()
+            .map_or(0, |(_, b)| 1 + usize::from(b.is_some()))
+    }
 }
 
 /// What the backward (train.rs) needs of one layer's forward.
@@ -156,6 +167,10 @@ pub struct GpuModel<'d> {
     pub(super) lm_head: Buf<bf16>,
     pub(super) rope: RopeTableGpu,
     pub(super) layers: Vec<GpuLayer>,
+    /// Per weight, in [`super::GpuGrads::buffers`] order: the first expert whose part of the
+    /// weight gets a gradient (0: all of it; the weight's expert count, 1 for an unstacked
+    /// weight: frozen, no gradient). All zeros after [`GpuModel::upload`].
+    pub(super) grad_from: Vec<usize>,
 }
 
 impl<'d> GpuModel<'d> {
@@ -240,6 +255,7 @@ impl<'d> GpuModel<'d> {
             final_norm: w(model.final_norm)?,
             lm_head: w(model.lm_head)?,
             rope: dev.rope_table(hd, cfg.rope_theta(), cfg.max_position_embeddings)?,
+            grad_from: vec![0; 3 + layers.iter().map(GpuLayer::weights).sum::<usize>()],
             layers,
         })
     }
@@ -290,7 +306,12 @@ impl<'d> GpuModel<'d> {
     }
 
     /// RMSNorm of the rows of `x` with weight `w`: (y, rstd).
-    fn norm(&self, x: &Buf<bf16>, w: &Buf<bf16>, n: usize) -> Result<(Buf<bf16>, Buf<f32>)> {
+    pub(super) fn norm(
+        &self,
+        x: &impl DeviceRead<bf16>,
+        w: &Buf<bf16>,
+        n: usize,
+    ) -> Result<(Buf<bf16>, Buf<f32>)> {
         let d = w.len();
         let mut y = self.dev.alloc::<bf16>(n * d)?;
         let mut rstd = self.dev.alloc::<f32>(n)?;

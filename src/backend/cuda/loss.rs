@@ -136,3 +136,94 @@ impl Device {
             z.dptr(), lse.dptr(), dz.dptr(), int(n, "rows")?, int(e, "experts")?, scale)
     }
 }
+
+impl Device {
+    /// Router cross-entropy of `z [n, e]` (f32) toward `targets [n]` (`IGNORE`: the row takes
+    /// no part), averaged over the valid rows and times `coef`; its gradient is added to `dz`.
+    /// Returns `coef * mean(ce)` (0 without valid rows; synchronises).
+    pub fn router_ce(
+        &self,
+        z: &impl DeviceRead<f32>,
+        targets: &[u32],
+        n: usize,
+        e: usize,
+        coef: f32,
+        dz: &mut impl DeviceWrite<f32>,
+    ) -> Result<f32> {
+        ensure!(
+            z.len() == n * e && targets.len() == n && dz.len() == n * e,
+            "router cross-entropy: sizes do not match {n}x{e}"
+        );
+        if let Some(t) = targets.iter().find(|&&t| t != IGNORE && t as usize >= e) {
+            crate::bail!("router cross-entropy: target {t} out of range ({e} experts)");
+        }
+        let n_valid = targets.iter().filter(|&&t| t != IGNORE).count();
+        if n_valid == 0 {
+            return Ok(0.0);
+        }
+        let tg = self.upload(targets)?;
+        let ce = self.alloc::<f32>(n)?;
+        let sum = self.alloc::<f64>(1)?;
+        let ni = int(n, "rows")?;
+        let scale = coef / n_valid as f32;
+        launch!(self, "loss", "router_ce_f32", (blocks_for(n, BLOCK), 1, 1), BLOCK;
+            z.dptr(), tg.dptr(), ce.dptr(), dz.dptr(), ni, int(e, "experts")?, scale)?;
+        launch!(self, "loss", "sum_reduce_f32", (1, 1, 1), REDUCE_BLOCK; ce.dptr(), sum.dptr(), ni)?;
+        Ok((coef as f64 * self.download(&sum)?[0] / n_valid as f64) as f32)
+    }
+
+    /// Relative squared error `S / T` of `a` against `b` (`[n, h]` bf16 each) over the rows
+    /// with `mask[row] != 0` (`S = sum |a - b|^2`, `T = sum |b|^2`; 0 when T is 0), as the
+    /// CPU's `ops::rel_sq_err`. Returns the value (synchronises) and `[S, T]` on the device
+    /// for [`Device::rel_sq_err_bwd`].
+    pub fn rel_sq_err(
+        &self,
+        a: &impl DeviceRead<bf16>,
+        b: &impl DeviceRead<bf16>,
+        mask: &Buf<u32>,
+        n: usize,
+        h: usize,
+    ) -> Result<(f32, Buf<f64>)> {
+        ensure!(
+            a.len() == n * h && b.len() == n * h && mask.len() == n,
+            "relative error: sizes do not match {n}x{h}"
+        );
+        let (s, t) = (self.alloc::<f32>(n)?, self.alloc::<f32>(n)?);
+        let sums = self.alloc::<f64>(2)?;
+        let ni = int(n, "rows")?;
+        launch!(self, "loss", "rel_err_rows_bf16", (blocks_for(n, 1), 1, 1), BLOCK;
+            a.dptr(), b.dptr(), mask.dptr(), s.dptr(), t.dptr(), ni, int(h, "width")?)?;
+        launch!(self, "loss", "pair_sum_reduce_f32", (1, 1, 1), REDUCE_BLOCK; s.dptr(), t.dptr(), sums.dptr(), ni)?;
+        let st = self.download(&sums)?;
+        let value = if st[1] > 0.0 { st[0] / st[1] } else { 0.0 };
+        Ok((value as f32, sums))
+    }
+
+    /// Backward of `coef * rel_sq_err(a, b)`: `da += coef * d/da` (f32, accumulated) and
+    /// `db = coef * d/db` (bf16, overwritten; 0 on unmarked rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rel_sq_err_bwd(
+        &self,
+        a: &impl DeviceRead<bf16>,
+        b: &impl DeviceRead<bf16>,
+        mask: &Buf<u32>,
+        sums: &Buf<f64>,
+        n: usize,
+        h: usize,
+        coef: f32,
+        da: &mut impl DeviceWrite<f32>,
+        db: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
+        ensure!(
+            a.len() == n * h
+                && b.len() == n * h
+                && mask.len() == n
+                && sums.len() == 2
+                && da.len() == n * h
+                && db.len() == n * h,
+            "relative error backward: sizes do not match {n}x{h}"
+        );
+        launch!(self, "loss", "rel_err_bwd_bf16", (blocks_for(n * h, BLOCK), 1, 1), BLOCK;
+            a.dptr(), b.dptr(), mask.dptr(), sums.dptr(), da.dptr(), db.dptr(), int(n, "rows")?, int(h, "width")?, coef)
+    }
+}

@@ -1,7 +1,7 @@
 //! Fused multi-tensor AdamW and the global gradient norm (kernels/optim.cu; CPU reference
 //! src/train/optim.rs).
 
-use super::{launch, Buf, Device, DeviceRead, View, BLOCK, MAX_BLOCKS};
+use super::{launch, Buf, Device, DeviceRead, View, ViewMut, BLOCK, MAX_BLOCKS};
 use crate::ensure;
 use crate::error::Result;
 use half::bf16;
@@ -13,15 +13,17 @@ const CHUNK: usize = 1 << 16;
 const REDUCE_BLOCK: u32 = 1024;
 
 /// One tensor of an AdamW step: f32 master weight, gradient and moments of equal length, its
-/// weight decay (0 for norms and biases, as the CPU's rule), and optionally a bf16 copy of the
-/// weight to refresh for the forward pass.
+/// weight decay (0 for norms and biases, as the CPU's rule) and what the decay pulls toward
+/// (None: zero), and optionally a bf16 copy of the weight to refresh for the forward pass.
+/// Windows, so that a slot can be the trainable part of a stacked weight.
 pub struct AdamWSlot<'a> {
-    pub param: &'a mut Buf<f32>,
+    pub param: ViewMut<'a, f32>,
     pub grad: View<'a, f32>,
-    pub m: &'a mut Buf<f32>,
-    pub v: &'a mut Buf<f32>,
+    pub m: ViewMut<'a, f32>,
+    pub v: ViewMut<'a, f32>,
     pub weight_decay: f32,
-    pub param_bf16: Option<&'a mut Buf<bf16>>,
+    pub decay_to: Option<View<'a, f32>>,
+    pub param_bf16: Option<ViewMut<'a, bf16>>,
 }
 
 /// Hyper-parameters of one AdamW step; `step` counts from 1 (the CPU's `AdamW::step` after its
@@ -44,6 +46,7 @@ struct AdamWTensor {
     m: u64,
     v: u64,
     p_bf16: u64,
+    t: u64,
     n: u64,
     wd: f32,
     pad: u32,
@@ -105,12 +108,20 @@ impl Device {
                     b.len()
                 );
             }
+            if let Some(t) = &s.decay_to {
+                ensure!(
+                    t.len() == n,
+                    "adamw: tensor {i}: decay target holds {} of {n}",
+                    t.len()
+                );
+            }
             desc.push(AdamWTensor {
                 p: s.param.dptr(),
                 g: s.grad.dptr(),
                 m: s.m.dptr(),
                 v: s.v.dptr(),
                 p_bf16: s.param_bf16.as_ref().map_or(0, |b| b.dptr()),
+                t: s.decay_to.as_ref().map_or(0, |t| t.dptr()),
                 n: n as u64,
                 wd: s.weight_decay,
                 pad: 0,
@@ -173,7 +184,7 @@ mod tests {
     fn spans_cover_every_tensor_in_chunks() {
         let s = spans(&[0, 1, CHUNK, CHUNK + 1]);
         assert_eq!(s, vec![1, 0, 2, 0, 3, 0, 3, CHUNK as u64]);
-        assert_eq!(std::mem::size_of::<AdamWTensor>(), 56);
+        assert_eq!(std::mem::size_of::<AdamWTensor>(), 64);
         assert_eq!(std::mem::size_of::<GradTensor>(), 16);
     }
 }

@@ -1,23 +1,23 @@
 //! The training loss and its gradients on the GPU: [`GpuModel::loss_and_grads`] runs the forward
-//! of infer.rs keeping each layer's activations, the fused cross-entropy (+ LM z-loss) and the
-//! router z-loss, then the backward of every block in reverse with flexrun's backward kernels,
-//! giving f32 gradients of every weight (the same loss as the CPU's [`crate::model::Model::loss`]:
-//! mean next-token cross-entropy + `z_loss * mean(lse^2)` + `router_z_loss * mean over MoE layers
-//! of mean(logsumexp(z)^2)`). tests/gpu_model.rs compares them with the CPU tape's gradients.
+//! of infer.rs keeping each layer's activations, the fused cross-entropy (+ LM z-loss), the
+//! router z-loss and expert training's terms (the public anchor, the router's own-text and
+//! public-text cross-entropies), then the backward of every block in reverse with flexrun's
+//! backward kernels, giving f32 gradients of the trainable weights (the same loss as the CPU's
+//! [`crate::model::Model::loss_anchored`]). Frozen weights get no gradient memory: the backward
+//! still passes gradients through them. tests/gpu_model.rs compares with the CPU tape.
 //!
 //! Gradients flow in f32 along the residual stream; every other activation gradient is bf16 (as
 //! the activations). Weight gradients are f32: cuBLAS `dW = dY^T X` for the dense projections and
 //! the grouped weight-gradient kernel per expert.
 
 use super::infer::{FfnSaved, GpuFfn, LayerSaved};
-use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel};
-use crate::ensure;
+use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel, View};
 use crate::error::Result;
-use crate::model::Ffn;
-use crate::model::Model;
-use crate::ops::AttnShape;
+use crate::model::{Ffn, LossCoefs, Model};
+use crate::ops::{AttnShape, IGNORE};
 use crate::tensor::Tensor;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::{bail, ensure};
 use half::bf16;
 
 /// The loss of one batch (as the CPU's `LossOut`): the total and the mean cross-entropy.
@@ -27,60 +27,43 @@ pub struct GpuLoss {
     pub ce: f32,
 }
 
-/// f32 gradients of one FFN's stacked weights (`[E, I, H]`, `[E, I, H]`, `[E, H, I]`), router
-/// rows `[E, H]` and bias `[E]`.
-pub struct FfnGrads {
-    pub gate: Buf<f32>,
-    pub up: Buf<f32>,
-    pub down: Buf<f32>,
-    pub router: Option<Buf<f32>>,
-    pub bias: Option<Buf<f32>>,
-}
-
-pub struct LayerGrads {
-    pub q: Buf<f32>,
-    pub k: Buf<f32>,
-    pub v: Buf<f32>,
-    pub o: Buf<f32>,
-    pub q_norm: Buf<f32>,
-    pub k_norm: Buf<f32>,
-    pub post_attn_norm: Buf<f32>,
-    pub post_ffn_norm: Buf<f32>,
-    pub ffn: FfnGrads,
-}
-
-/// Gradients of every weight of a [`GpuModel`], on the device.
+/// Gradients of a [`GpuModel`]'s weights, on the device: one entry per weight in the fixed
+/// order of [`GpuModel::host_layout`] (embedding, final norm, lm_head, then per layer q, k, v,
+/// o, q/k norms, post-attention and post-FFN norms, FFN gate, up, down, router rows, bias).
+/// None for a frozen weight; a stacked weight's gradient covers its trainable experts only
+/// (those from [`GpuModel::grad_from`] on).
 pub struct GpuGrads {
-    pub embed: Buf<f32>,
-    pub final_norm: Buf<f32>,
-    pub lm_head: Buf<f32>,
-    pub layers: Vec<LayerGrads>,
+    pub grads: Vec<Option<Buf<f32>>>,
 }
 
 impl GpuGrads {
-    /// Every gradient buffer (for the gradient norm and the optimizer), in a fixed order.
+    /// The gradient buffers that exist, in order (for the gradient norm and the optimizer).
     pub fn buffers(&self) -> Vec<&Buf<f32>> {
-        let mut v = vec![&self.embed, &self.final_norm, &self.lm_head];
-        for l in &self.layers {
-            v.extend([
-                &l.q,
-                &l.k,
-                &l.v,
-                &l.o,
-                &l.q_norm,
-                &l.k_norm,
-                &l.post_attn_norm,
-                &l.post_ffn_norm,
-                &l.ffn.gate,
-                &l.ffn.up,
-                &l.ffn.down,
-            ]);
-            v.extend(l.ffn.router.iter());
-            v.extend(l.ffn.bias.iter());
-        }
-        v
+        self.grads.iter().flatten().collect()
     }
 }
+
+// Positions of a layer's weights after its first (see [`GpuGrads`]).
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const Q_NORM: usize = 4;
+const K_NORM: usize = 5;
+const POST_ATTN: usize = 6;
+const POST_FFN: usize = 7;
+/// The FFN's weights (gate, up, down, router rows, bias) start here; [`GpuModel::ffn_bwd`]
+/// gets them from there on.
+const FFN: usize = 8;
+const F_GATE: usize = 0;
+const F_UP: usize = 1;
+const F_DOWN: usize = 2;
+const F_ROUTER: usize = 3;
+const F_BIAS: usize = 4;
+// The model-wide weights.
+const EMBED: usize = 0;
+const FINAL_NORM: usize = 1;
+const LM_HEAD: usize = 2;
 
 /// `dW [out, in] = dy^T x` (dy `[n, out]`, x `[n, in]`, bf16), f32.
 fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<Buf<f32>> {
@@ -90,34 +73,110 @@ fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<
     Ok(dw)
 }
 
+/// `Some(f())` when `want`.
+fn when<T>(want: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    want.then(f).transpose()
+}
+
+/// Per MoE layer: what the extra loss terms need in the backward.
+struct LayerExtra {
+    /// Gradient of the loss terms on the router logits (z-loss, router cross-entropies), added
+    /// to the routing's in the backward.
+    dz: Option<Buf<f32>>,
+    /// The public anchor: its weight, the layer's normed output and expert 0's alone
+    /// (`m`, `m0`, `[n, H]`), the norm statistics of `m0` and the sums `[S, T]`.
+    anchor: Option<AnchorSaved>,
+}
+
+struct AnchorSaved {
+    coef: f32,
+    m: Buf<bf16>,
+    m0: Buf<bf16>,
+    rstd0: Buf<f32>,
+    sums: Buf<f64>,
+}
+
 impl GpuModel<'_> {
-    /// RMSNorm backward: (dx bf16, dw f32) for `y = norm(x) * w` given `dy`.
+    /// Index of layer `l`'s first weight in [`GpuGrads::grads`].
+    fn layer_base(&self, l: usize) -> usize {
+        3 + self.layers[..l].iter().map(|x| x.weights()).sum::<usize>()
+    }
+
+    /// Whether the unstacked weight at `idx` gets a gradient.
+    fn wants(&self, idx: usize) -> bool {
+        self.grad_from[idx] == 0
+    }
+
+    /// Per weight, the first expert whose part of it is trained (0: all; the weight's expert
+    /// count: frozen), in [`GpuGrads`] order.
+    pub fn grad_from(&self) -> &[usize] {
+        &self.grad_from
+    }
+
+    /// Compute gradients only for `model`'s trainable parameters (the model this was uploaded
+    /// from). A stacked weight (experts, router rows, biases) may be trained for a suffix of
+    /// its experts only, e.g. [public FFN (frozen), new FFN (trained)] in expert training, or
+    /// every router row and no FFN in router tuning.
+    pub fn train_as(&mut self, model: &Model) -> Result<()> {
+        let layout = self.host_layout();
+        let mut from = Vec::with_capacity(layout.len());
+        for ids in &layout {
+            let trained: Vec<bool> = ids
+                .iter()
+                .map(|id| id.is_some_and(|id| model.params.params[id].trainable))
+                .collect();
+            let f = trained.iter().position(|&t| t).unwrap_or(trained.len());
+            if trained[f..].iter().any(|&t| !t) {
+                let names: Vec<&str> = ids
+                    .iter()
+                    .flatten()
+                    .map(|&id| model.params.params[id].name.as_str())
+                    .collect();
+                bail!(
+                    "training on the GPU needs the trained experts of a stacked weight to be its \
+                     last ones: {names:?}"
+                );
+            }
+            from.push(f);
+        }
+        self.grad_from = from;
+        Ok(())
+    }
+
+    /// RMSNorm backward: (dx bf16, dw f32 when `want_dw`) for `y = norm(x) * w` given `dy`.
     fn norm_bwd(
         &self,
-        x: &Buf<bf16>,
+        x: &impl super::DeviceRead<bf16>,
         w: &Buf<bf16>,
         dy: &Buf<bf16>,
         rstd: &Buf<f32>,
         n: usize,
-    ) -> Result<(Buf<bf16>, Buf<f32>)> {
+        want_dw: bool,
+    ) -> Result<(Buf<bf16>, Option<Buf<f32>>)> {
         let d = w.len();
         let mut dx = self.dev.alloc::<bf16>(n * d)?;
         self.dev.rmsnorm_bwd_dx(x, w, dy, rstd, &mut dx, n, d)?;
-        let mut dw = self.dev.alloc::<f32>(d)?;
-        self.dev.rmsnorm_bwd_dw(x, dy, rstd, &mut dw, n, d)?;
+        let dw = when(want_dw, || {
+            let mut dw = self.dev.alloc::<f32>(d)?;
+            self.dev.rmsnorm_bwd_dw(x, dy, rstd, &mut dw, n, d)?;
+            Ok(dw)
+        })?;
         Ok((dx, dw))
     }
 
-    /// The loss of `inputs` -> `targets` (`b` sequences of `t` tokens) and the gradient of every
-    /// weight. `z_loss` and `router_z_loss` as in [`crate::model::LossCoefs`].
+    /// The loss of `inputs` -> `targets` (`b` sequences of `t` tokens) under `coefs` and the
+    /// gradient of every trainable weight. `anchored` marks the sequences the public anchor and
+    /// the router's public-text loss apply to (and which the own-text loss skips); empty for
+    /// none. The expert loudness term has no GPU path.
+    #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(
         &self,
         inputs: &[u32],
         targets: &[u32],
         b: usize,
         t: usize,
-        z_loss: f32,
-        router_z_loss: f32,
+        coefs: &LossCoefs,
+        anchored: &[bool],
     ) -> Result<(GpuLoss, GpuGrads)> {
         let dev = self.dev;
         let (h, v) = (self.h, self.vocab);
@@ -127,40 +186,36 @@ impl GpuModel<'_> {
             "{} targets for {n} tokens",
             targets.len()
         );
+        ensure!(
+            anchored.is_empty() || anchored.len() == b,
+            "{} anchored-row flags for a batch of {b}",
+            anchored.len()
+        );
+        ensure!(
+            coefs.expert_loudness == 0.0,
+            "the expert loudness loss is not available on the GPU (train on the CPU)"
+        );
         let mut saved = Vec::with_capacity(self.layers.len());
         let (xn, (xf, rstd_f)) = self.hidden(inputs, b, t, None, Some(&mut saved))?;
         let logits = self.linear(&xn, &self.lm_head, n, v)?;
-        let ce = dev.cross_entropy(&logits, n, v, targets, z_loss)?;
-        // Router z-loss: the mean over MoE layers, each the mean of lse(z)^2 over tokens.
-        let moe_layers = saved.iter().filter(|s| s.ffn.route.is_some()).count();
-        let rz_scale = if moe_layers > 0 {
-            router_z_loss / moe_layers as f32
-        } else {
-            0.0
-        };
-        let mut zlse = Vec::with_capacity(saved.len());
-        let mut rz = 0f32;
-        for s in &saved {
-            zlse.push(match &s.ffn.route {
-                Some(r) => {
-                    let e = r.z.len() / n;
-                    let mut lse = dev.alloc::<f32>(n)?;
-                    rz += rz_scale * dev.router_zloss(&r.z, n, e, &mut lse)?;
-                    Some(lse)
-                }
-                None => None,
-            });
-        }
+        let ce = dev.cross_entropy(&logits, n, v, targets, coefs.z_loss)?;
+        // The public rows' tokens, for the anchor.
+        let anchor = coefs.public_anchor > 0.0 && anchored.iter().any(|&a| a);
+        let mask = when(anchor, || self.row_mask(anchored, t))?;
+        let (extra, extra_loss) =
+            self.extra_losses(&saved, coefs, anchored, mask.as_ref(), b, t)?;
         let loss = GpuLoss {
-            loss: ce.loss + rz,
+            loss: ce.loss + extra_loss,
             ce: ce.ce,
         };
+        let mut grads: Vec<Option<Buf<f32>>> = Vec::new();
+        grads.resize_with(self.grad_from.len(), || None);
 
         // LM head and final norm.
         let mut dlogits = dev.alloc::<bf16>(n * v)?;
         dev.cross_entropy_bwd(&logits, &ce, 1.0, &mut dlogits)?;
         drop(logits);
-        let lm_head = weight_grad(dev, &dlogits, &xn, n)?;
+        grads[LM_HEAD] = when(self.wants(LM_HEAD), || weight_grad(dev, &dlogits, &xn, n))?;
         let mut dxn = dev.alloc::<bf16>(n * h)?;
         dev.gemm(
             n,
@@ -174,33 +229,71 @@ impl GpuModel<'_> {
             false,
         )?;
         drop(dlogits);
-        let (dxf, final_norm) = self.norm_bwd(&xf, &self.final_norm, &dxn, &rstd_f, n)?;
+        let (dxf, g) = self.norm_bwd(
+            &xf,
+            &self.final_norm,
+            &dxn,
+            &rstd_f,
+            n,
+            self.wants(FINAL_NORM),
+        )?;
+        grads[FINAL_NORM] = g;
         // The residual stream's gradient, f32.
         let mut dx = dev.alloc::<f32>(n * h)?;
         dev.cast_bf16_to_f32(&dxf, &mut dx)?;
 
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for ((l, s), zl) in self.layers.iter().zip(&saved).zip(&zlse).rev() {
-            // x_out = x_mid + norm(ffn(x_mid)).
-            let dm = self.bf16_of(&dx)?;
-            let (dy, post_ffn_norm) = self.norm_bwd(&s.y, &l.post_ffn_norm, &dm, &s.rstd_m, n)?;
-            let ffn = self.ffn_bwd(
+        for (li, ((l, s), ex)) in self.layers.iter().zip(&saved).zip(&extra).enumerate().rev() {
+            let base = self.layer_base(li);
+            let want = |w: usize| self.wants(base + w);
+            // x_out = x_mid + m, m = norm(ffn(x_mid)); the anchor adds to dm and, through
+            // m0 = norm(y0), to expert 0's output.
+            let (dm, dy0) = match &ex.anchor {
+                Some(a) => {
+                    let mut dmf = dev.alloc::<f32>(n * h)?;
+                    dev.copy(&dx, &mut dmf)?;
+                    let mut dm0 = dev.alloc::<bf16>(n * h)?;
+                    let mask = mask.as_ref().expect("an anchored layer has the row mask");
+                    dev.rel_sq_err_bwd(
+                        &a.m, &a.m0, mask, &a.sums, n, h, a.coef, &mut dmf, &mut dm0,
+                    )?;
+                    let yp = s.ffn.yp.as_ref().expect("the anchor needs MoE");
+                    let y0 = yp.view(0..n * h);
+                    let (dy0, dw) =
+                        self.norm_bwd(&y0, &l.post_ffn_norm, &dm0, &a.rstd0, n, want(POST_FFN))?;
+                    grads[base + POST_FFN] = dw;
+                    (self.bf16_of(&dmf)?, Some(dy0))
+                }
+                None => (self.bf16_of(&dx)?, None),
+            };
+            let (dy, dw) =
+                self.norm_bwd(&s.y, &l.post_ffn_norm, &dm, &s.rstd_m, n, want(POST_FFN))?;
+            grads[base + POST_FFN] = sum_opt(dev, grads[base + POST_FFN].take(), dw)?;
+            self.ffn_bwd(
                 &l.ffn,
                 s,
                 &s.ffn,
-                zl.as_ref(),
-                rz_scale,
+                ex.dz.as_ref(),
+                dy0.as_ref(),
                 &dense_offsets,
                 &dy,
                 &mut dx,
                 n,
+                &self.grad_from[base + FFN..base + l.weights()],
+                &mut grads[base + FFN..base + l.weights()],
             )?;
             // x_mid = x_in + norm(a Wo^T).
             let do_ = self.bf16_of(&dx)?;
-            let (do_pre, post_attn_norm) =
-                self.norm_bwd(&s.o_pre, &l.post_attn_norm, &do_, &s.rstd_o, n)?;
-            let o = weight_grad(dev, &do_pre, &s.a, n)?;
+            let (do_pre, g) = self.norm_bwd(
+                &s.o_pre,
+                &l.post_attn_norm,
+                &do_,
+                &s.rstd_o,
+                n,
+                want(POST_ATTN),
+            )?;
+            grads[base + POST_ATTN] = g;
+            grads[base + O] = when(want(O), || weight_grad(dev, &do_pre, &s.a, n))?;
             let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
             let mut da = dev.alloc::<bf16>(n * nh * hd)?;
             dev.gemm(n, nh * hd, h, &do_pre, false, &l.o, false, &mut da, false)?;
@@ -223,56 +316,166 @@ impl GpuModel<'_> {
             dev.rope(&dqr, &mut dqn, &self.rope, n, nh * hd, t, 0, true)?;
             let mut dkn = dev.alloc::<bf16>(dkr.len())?;
             dev.rope(&dkr, &mut dkn, &self.rope, n, nkv * hd, t, 0, true)?;
-            let (dq, q_norm) = self.norm_bwd(&s.q_pre, &l.q_norm, &dqn, &s.rstd_q, n)?;
-            let (dk, k_norm) = self.norm_bwd(&s.k_pre, &l.k_norm, &dkn, &s.rstd_k, n)?;
+            let (dq, g) = self.norm_bwd(&s.q_pre, &l.q_norm, &dqn, &s.rstd_q, n, want(Q_NORM))?;
+            grads[base + Q_NORM] = g;
+            let (dk, g) = self.norm_bwd(&s.k_pre, &l.k_norm, &dkn, &s.rstd_k, n, want(K_NORM))?;
+            grads[base + K_NORM] = g;
             // dx_in = dx_mid + dq Wq + dk Wk + dv Wv (accumulated into the f32 residual grad).
             for (g, w) in [(&dq, &l.q), (&dk, &l.k), (&dv, &l.v)] {
                 let out = g.len() / n;
                 dev.gemm(n, h, out, g, false, w, false, &mut dx, true)?;
             }
-            layers.push(LayerGrads {
-                q: weight_grad(dev, &dq, &s.xb, n)?,
-                k: weight_grad(dev, &dk, &s.xb, n)?,
-                v: weight_grad(dev, &dv, &s.xb, n)?,
-                o,
-                q_norm,
-                k_norm,
-                post_attn_norm,
-                post_ffn_norm,
-                ffn,
-            });
+            for (slot, g) in [(Q, &dq), (K, &dk), (V, &dv)] {
+                grads[base + slot] = when(want(slot), || weight_grad(dev, g, &s.xb, n))?;
+            }
         }
-        layers.reverse();
-        let dxb = self.bf16_of(&dx)?;
-        let mut embed = dev.alloc::<f32>(self.embed.len())?;
-        dev.embedding_bwd(&dxb, inputs, v, h, &mut embed)?;
-        Ok((
-            loss,
-            GpuGrads {
-                embed,
-                final_norm,
-                lm_head,
-                layers,
-            },
-        ))
+        if self.wants(EMBED) {
+            let dxb = self.bf16_of(&dx)?;
+            let mut embed = dev.alloc::<f32>(self.embed.len())?;
+            dev.embedding_bwd(&dxb, inputs, v, h, &mut embed)?;
+            grads[EMBED] = Some(embed);
+        }
+        Ok((loss, GpuGrads { grads }))
     }
 
-    /// Backward of one FFN from `dy` (the gradient of its output): the weight, router and bias
-    /// gradients; the gradient of its input (the residual stream) is added to `dx`.
-    /// `dense_offsets` is `[0, n]` (a dense FFN's one expert).
+    /// `[b*t]` flags (u32) on the device: 1 for the tokens of the `anchored` sequences.
+    fn row_mask(&self, anchored: &[bool], t: usize) -> Result<Buf<u32>> {
+        let rows: Vec<u32> = anchored
+            .iter()
+            .flat_map(|&a| std::iter::repeat_n(u32::from(a), t))
+            .collect();
+        self.dev.upload(&rows)
+    }
+
+    /// The loss terms on the router logits and the per-layer outputs (as the CPU's
+    /// `loss_anchored`): router z-loss, router own-text and public-text cross-entropies, public
+    /// anchor (on the tokens `mask` marks; None: no anchor). Returns, per layer, what their
+    /// backward needs, and their total.
+    fn extra_losses(
+        &self,
+        saved: &[LayerSaved],
+        coefs: &LossCoefs,
+        anchored: &[bool],
+        mask: Option<&Buf<u32>>,
+        b: usize,
+        t: usize,
+    ) -> Result<(Vec<LayerExtra>, f32)> {
+        let dev = self.dev;
+        let (n, h) = (b * t, self.h);
+        let moe = saved.iter().filter(|s| s.ffn.route.is_some()).count();
+        let per_layer = 1.0 / moe.max(1) as f32;
+        let is_public = |r: usize| anchored.get(r).copied().unwrap_or(false);
+        // Router cross-entropy targets: own rows (not anchored) toward expert 1, public rows
+        // toward expert 0.
+        let mut router_ce = Vec::new();
+        for (w, public) in [(coefs.router_own, false), (coefs.router_public, true)] {
+            if w <= 0.0 || moe == 0 {
+                continue;
+            }
+            ensure!(
+                self.layers
+                    .iter()
+                    .all(|l| l.ffn.router.is_none() || l.ffn.e == 2),
+                "the router's own-text and public-text losses are for 2-expert (expert) \
+                 training"
+            );
+            let target: Vec<u32> = (0..b)
+                .flat_map(|r| {
+                    let x = match (public, is_public(r)) {
+                        (false, false) => 1,
+                        (true, true) => 0,
+                        _ => IGNORE,
+                    };
+                    std::iter::repeat_n(x, t)
+                })
+                .collect();
+            if target.iter().any(|&x| x != IGNORE) {
+                router_ce.push((w * per_layer, target));
+            }
+        }
+        if mask.is_some() && moe > 0 {
+            ensure!(
+                coefs.public_anchor_layers.is_empty() || coefs.public_anchor_layers.len() == moe,
+                "{} public-anchor layer weights for {moe} MoE layers",
+                coefs.public_anchor_layers.len()
+            );
+        }
+        let rz = coefs.router_z_loss * per_layer;
+        let (mut total, mut out, mut ml) = (0f32, Vec::with_capacity(saved.len()), 0usize);
+        for (s, l) in saved.iter().zip(&self.layers) {
+            let Some(r) = &s.ffn.route else {
+                out.push(LayerExtra {
+                    dz: None,
+                    anchor: None,
+                });
+                continue;
+            };
+            let e = l.ffn.e;
+            let mut dz = None;
+            if coefs.router_z_loss != 0.0 {
+                let mut lse = dev.alloc::<f32>(n)?;
+                total += rz * dev.router_zloss(&r.z, n, e, &mut lse)?;
+                let mut d = dev.alloc::<f32>(n * e)?;
+                dev.router_zloss_bwd(&r.z, &lse, n, e, rz, &mut d)?;
+                dz = Some(d);
+            }
+            for (w, target) in &router_ce {
+                let d = match &mut dz {
+                    Some(d) => d,
+                    None => dz.insert(dev.zeros::<f32>(n * e)?),
+                };
+                total += dev.router_ce(&r.z, target, n, e, *w, d)?;
+            }
+            let anchor = match mask {
+                Some(mask) => {
+                    ensure!(
+                        r.k == e,
+                        "the public anchor needs every token to use expert 0 (top-k = number of experts)"
+                    );
+                    let w = coefs.public_anchor_layers.get(ml).copied().unwrap_or(1.0);
+                    let coef = coefs.public_anchor * w * per_layer;
+                    let (m, _) = self.norm(&s.y, &l.post_ffn_norm, n)?;
+                    // Every token is in expert 0's batch, in token order: its first n rows.
+                    let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
+                    let (m0, rstd0) = self.norm(&yp.view(0..n * h), &l.post_ffn_norm, n)?;
+                    let (value, sums) = dev.rel_sq_err(&m, &m0, mask, n, h)?;
+                    total += coef * value;
+                    Some(AnchorSaved {
+                        coef,
+                        m,
+                        m0,
+                        rstd0,
+                        sums,
+                    })
+                }
+                None => None,
+            };
+            ml += 1;
+            out.push(LayerExtra { dz, anchor });
+        }
+        Ok((out, total))
+    }
+
+    /// Backward of one FFN from `dy` (the gradient of its output) and, for the anchor, `dy0`
+    /// (a gradient on expert 0's own output, every token in its batch): the gradients of its
+    /// trainable weights (`from`, `grads`: its gate, up, down, router and bias entries); the
+    /// gradient of its input (the residual stream) is added to `dx`. `dz_extra` is added to
+    /// the router logits' gradient. `dense_offsets` is `[0, n]` (a dense FFN's one expert).
     #[allow(clippy::too_many_arguments)]
     fn ffn_bwd(
         &self,
         f: &GpuFfn,
         s: &LayerSaved,
         fs: &FfnSaved,
-        zlse: Option<&Buf<f32>>,
-        rz_scale: f32,
+        dz_extra: Option<&Buf<f32>>,
+        dy0: Option<&Buf<bf16>>,
         dense_offsets: &Buf<u32>,
         dy: &Buf<bf16>,
         dx: &mut Buf<f32>,
         n: usize,
-    ) -> Result<FfnGrads> {
+        from: &[usize],
+        grads: &mut [Option<Buf<f32>>],
+    ) -> Result<()> {
         let dev = self.dev;
         let (h, i, e) = (self.h, self.inter, f.e);
         let rows = fs.xp.len() / h;
@@ -284,6 +487,11 @@ impl GpuModel<'_> {
                 let mut dyp = dev.alloc::<bf16>(rows * h)?;
                 let mut dw = dev.alloc::<f32>(n * r.k)?;
                 dev.moe_combine_bwd(dy, yp, &r.weights, &r.perm, h, &mut dyp, &mut dw)?;
+                if let Some(d0) = dy0 {
+                    let mut sum = dev.alloc::<bf16>(n * h)?;
+                    dev.add_scaled(&dyp.view(0..n * h), d0, &mut sum, 1.0)?;
+                    dev.copy(&sum, &mut dyp.view_mut(0..n * h))?;
+                }
                 dyp_moe = dyp;
                 (&dyp_moe, Some(dw))
             }
@@ -294,8 +502,21 @@ impl GpuModel<'_> {
         dev.grouped_nn_swiglu_bwd(
             dyp, offsets, &f.down, &fs.gate, &fs.up, e, h, i, &mut dgate, &mut dup,
         )?;
-        let mut down = dev.alloc::<f32>(e * h * i)?;
-        dev.grouped_wgrad(dyp, &fs.act, offsets, None, None, e, h, i, false, &mut down)?;
+        // Weight gradients of the trained experts only: experts from..e, whose rows the
+        // offsets from `from` on delimit (row indices are absolute).
+        let trained = |w: usize| {
+            let f = *from.get(w)?;
+            (f < e).then_some((f, e - f))
+        };
+        grads[F_DOWN] = match trained(F_DOWN) {
+            Some((f0, ne)) => {
+                let mut down = dev.alloc::<f32>(ne * h * i)?;
+                let off = offsets.view(f0..);
+                dev.grouped_wgrad(dyp, &fs.act, &off, None, None, ne, h, i, false, &mut down)?;
+                Some(down)
+            }
+            None => None,
+        };
         let mut dxp = dev.alloc::<bf16>(rows * h)?;
         dev.grouped_nn(
             &dgate,
@@ -307,20 +528,33 @@ impl GpuModel<'_> {
             h,
             &mut dxp,
         )?;
-        let mut gate = dev.alloc::<f32>(e * i * h)?;
-        let mut up = dev.alloc::<f32>(e * i * h)?;
-        dev.grouped_wgrad(
-            &dgate,
-            &fs.xp,
-            offsets,
-            None,
-            Some((dup.as_view(), up.view_mut(..))),
-            e,
-            i,
-            h,
-            false,
-            &mut gate,
-        )?;
+        match (trained(F_GATE), trained(F_UP)) {
+            (Some((f0, ne)), Some(u)) => {
+                ensure!(
+                    u == (f0, ne),
+                    "the gate and up projections of an FFN are trained together"
+                );
+                let mut gate = dev.alloc::<f32>(ne * i * h)?;
+                let mut up = dev.alloc::<f32>(ne * i * h)?;
+                let off = offsets.view(f0..);
+                dev.grouped_wgrad(
+                    &dgate,
+                    &fs.xp,
+                    &off,
+                    None,
+                    Some((dup.as_view(), up.view_mut(..))),
+                    ne,
+                    i,
+                    h,
+                    false,
+                    &mut gate,
+                )?;
+                grads[F_GATE] = Some(gate);
+                grads[F_UP] = Some(up);
+            }
+            (None, None) => {}
+            _ => bail!("the gate and up projections of an FFN are trained together"),
+        }
         let (Some(r), Some(dweights), Some((router_w, bias))) = (&fs.route, dweights, &f.router)
         else {
             // Dense: the rows are the tokens.
@@ -329,13 +563,7 @@ impl GpuModel<'_> {
             let mut sum = dev.alloc::<f32>(n * h)?;
             dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
             *dx = sum;
-            return Ok(FfnGrads {
-                gate,
-                up,
-                down,
-                router: None,
-                bias: None,
-            });
+            return Ok(());
         };
         // Token copies back to tokens.
         let mut dxb = dev.alloc::<bf16>(n * h)?;
@@ -345,7 +573,7 @@ impl GpuModel<'_> {
         let mut sum = dev.alloc::<f32>(n * h)?;
         dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
         *dx = sum;
-        // Router: dz from the routing weights and from the router z-loss.
+        // Router: dz from the routing weights and from the extra loss terms.
         let mut dz = dev.alloc::<f32>(n * e)?;
         dev.route_bwd(
             &r.probs,
@@ -358,38 +586,28 @@ impl GpuModel<'_> {
             self.renorm,
             &mut dz,
         )?;
-        let db = match bias {
-            Some(bv) => {
-                let mut db = dev.alloc::<f32>(e)?;
-                dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
-                Some(db)
-            }
-            None => None,
-        };
-        if let Some(lse) = zlse {
-            if rz_scale != 0.0 {
-                let mut dzz = dev.alloc::<f32>(n * e)?;
-                dev.router_zloss_bwd(&r.z, lse, n, e, rz_scale, &mut dzz)?;
-                let mut sum = dev.alloc::<f32>(n * e)?;
-                dev.add_scaled(&dz, &dzz, &mut sum, 1.0)?;
-                dz = sum;
-            }
+        if let Some(extra) = dz_extra {
+            let mut sum = dev.alloc::<f32>(n * e)?;
+            dev.add_scaled(&dz, extra, &mut sum, 1.0)?;
+            dz = sum;
         }
-        let mut router = dev.alloc::<f32>(e * h)?;
-        dev.gemm(e, h, n, &dz, true, &s.x_mid, false, &mut router, false)?;
+        if let (Some(bv), Some((f0, ne))) = (bias, trained(F_BIAS)) {
+            let mut db = dev.alloc::<f32>(e)?;
+            dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
+            grads[F_BIAS] = Some(suffix(dev, &db, f0, ne)?);
+        }
+        if let Some((f0, ne)) = trained(F_ROUTER) {
+            let mut router = dev.alloc::<f32>(e * h)?;
+            dev.gemm(e, h, n, &dz, true, &s.x_mid, false, &mut router, false)?;
+            grads[F_ROUTER] = Some(suffix(dev, &router, f0, ne)?);
+        }
         dev.gemm(n, h, e, &dz, false, router_w, false, dx, true)?;
-        Ok(FfnGrads {
-            gate,
-            up,
-            down,
-            router: Some(router),
-            bias: db,
-        })
+        Ok(())
     }
 
-    /// The host parameter ids behind each weight, in [`GpuGrads::buffers`] order: one id for a
-    /// plain weight, E for the experts' stacked weights, router rows and biases (equal
-    /// segments; None for an expert without a bias, whose segment holds 0).
+    /// The host parameter ids behind each weight, in [`GpuGrads`] order: one id for a plain
+    /// weight, E for the experts' stacked weights, router rows and biases (equal segments; None
+    /// for an expert without a bias, whose segment holds 0).
     pub fn host_layout(&self) -> Vec<Vec<Option<usize>>> {
         let one = |id: usize| vec![Some(id)];
         let mut out = vec![
@@ -437,8 +655,9 @@ impl GpuModel<'_> {
         model: &crate::model::Model,
     ) -> Result<Vec<(usize, Tensor)>> {
         let mut out = Vec::new();
-        for (ids, buf) in self.host_layout().iter().zip(g.buffers()) {
-            for (id, seg) in split_to_host(self.dev, buf, ids)? {
+        for ((ids, buf), &from) in self.host_layout().iter().zip(&g.grads).zip(&self.grad_from) {
+            let Some(buf) = buf else { continue };
+            for (id, seg) in split_to_host(self.dev, &buf.as_view(), &ids[from..])? {
                 out.push((id, Tensor::from_vec(seg, model.params.value(id).shape())));
             }
         }
@@ -447,10 +666,29 @@ impl GpuModel<'_> {
     }
 }
 
+/// `a + b` where both exist; either alone otherwise.
+fn sum_opt(dev: &Device, a: Option<Buf<f32>>, b: Option<Buf<f32>>) -> Result<Option<Buf<f32>>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut s = dev.alloc::<f32>(a.len())?;
+            dev.add_scaled(&a, &b, &mut s, 1.0)?;
+            Some(s)
+        }
+        (a, b) => a.or(b),
+    })
+}
+
+/// The segments `from..from + count` of `x` (`from + count` equal segments, one per expert).
+fn suffix(dev: &Device, x: &Buf<f32>, from: usize, count: usize) -> Result<Buf<f32>> {
+    let per = x.len() / (from + count).max(1);
+    let mut out = dev.alloc::<f32>(count * per)?;
+    dev.copy(&x.view(from * per..), &mut out)?;
+    Ok(out)
+}
 /// `buf` brought to the host and cut into `ids.len()` equal segments, one per id (None: skipped).
 fn split_to_host(
     dev: &Device,
-    buf: &Buf<f32>,
+    buf: &View<'_, f32>,
     ids: &[Option<usize>],
 ) -> Result<Vec<(usize, Vec<f32>)>> {
     let all = dev.download(buf)?;
@@ -480,18 +718,30 @@ fn concat_from_host(
 
 /// Training on the GPU: the [`GpuModel`]'s bf16 weights are the compute copies of f32 master
 /// weights (router rows and biases are f32 themselves), updated by the fused AdamW kernel after
-/// global-norm clipping, with f32 moments. Made from, and written back to, the host model and
+/// global-norm clipping, with f32 moments. Only the host model's trainable parameters are
+/// trained (and hold masters, moments and gradients); weight decay pulls toward each
+/// parameter's `decay_to` where it has one. Made from, and written back to, the host model and
 /// its [`AdamW`] state, so that checkpoints and resumption work as on the CPU.
 pub struct GpuTrainer<'d> {
     pub model: GpuModel<'d>,
-    /// Per weight (in [`GpuGrads::buffers`] order): its f32 master copy (None where the model's
-    /// own buffer is f32), and the AdamW moments.
-    master: Vec<Option<Buf<f32>>>,
-    m: Vec<Buf<f32>>,
-    v: Vec<Buf<f32>>,
+    /// The trained weights, in [`GpuGrads`] order.
+    slots: Vec<TrainSlot>,
     steps: u64,
     adamw: AdamWConfig,
     clip: f32,
+}
+
+/// One trained weight: its index in [`GpuGrads`] order, the trained experts (segments `from..`
+/// of `per` elements; 0 for an unstacked weight), the f32 master of that part (None where the
+/// model's own buffer is f32), the decay target, and the AdamW moments.
+struct TrainSlot {
+    idx: usize,
+    from: usize,
+    per: usize,
+    master: Option<Buf<f32>>,
+    decay_to: Option<Buf<f32>>,
+    m: Buf<f32>,
+    v: Buf<f32>,
 }
 
 /// One optimizer step's scalars.
@@ -505,7 +755,7 @@ pub struct StepOut {
 }
 
 impl<'d> GpuModel<'d> {
-    /// Every weight, in [`GpuGrads::buffers`] order: bf16 ones and f32 ones (router, bias).
+    /// Every weight, in [`GpuGrads`] order: bf16 ones and f32 ones (router, bias).
     fn weights_mut(&mut self) -> Vec<WeightMut<'_>> {
         let mut w = vec![
             WeightMut::Bf16(&mut self.embed, true),
@@ -544,69 +794,100 @@ enum WeightMut<'a> {
     F32(&'a mut Buf<f32>),
 }
 
+impl WeightMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            WeightMut::Bf16(b, _) => b.len(),
+            WeightMut::F32(b) => b.len(),
+        }
+    }
+}
+
 impl<'d> GpuTrainer<'d> {
-    /// Upload `model` (every parameter trainable) with its optimizer state `opt` (moments and
-    /// step; absent moments start at zero). Master weights are the host's f32 values exactly.
+    /// Upload `model` with its optimizer state `opt` (moments and step; absent moments start at
+    /// zero). Master weights are the host's f32 values exactly. Frozen parameters get no
+    /// gradients and no optimizer state; a stacked weight may be trained for its last experts
+    /// only ([`GpuModel::train_as`]).
     pub fn from_host(dev: &'d Device, model: &Model, opt: &AdamW, clip: f32) -> Result<Self> {
-        ensure!(
-            model
-                .params
-                .params
-                .iter()
-                .all(|p| p.trainable && p.decay_to.is_none()),
-            "training on the GPU updates every weight with plain weight decay (no frozen \
-             parameters, no decay targets)"
-        );
         let mut g = GpuModel::upload(dev, model)?;
+        g.train_as(model)?;
         let layout = g.host_layout();
+        let grad_from = g.grad_from.clone();
         let host = |id: usize| model.params.value(id).clone().into_vec();
-        let (mut master, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
-        for (w, ids) in g.weights_mut().into_iter().zip(&layout) {
-            let n = match &w {
-                WeightMut::Bf16(b, _) => b.len(),
-                WeightMut::F32(b) => b.len(),
-            };
-            let per = n / ids.len();
-            master.push(match w {
+        let mut slots = Vec::new();
+        for (idx, (w, ids)) in g.weights_mut().into_iter().zip(&layout).enumerate() {
+            let from = grad_from[idx];
+            if from == ids.len() {
+                continue;
+            }
+            let per = w.len() / ids.len();
+            let ids = &ids[from..];
+            let master = match w {
                 WeightMut::Bf16(..) => Some(dev.upload(&concat_from_host(ids, per, host))?),
                 WeightMut::F32(_) => None,
-            });
+            };
+            let decays_to = ids
+                .iter()
+                .flatten()
+                .any(|&id| model.params.params[id].decay_to.is_some());
+            let decay_to = when(decays_to, || {
+                dev.upload(&concat_from_host(ids, per, |id| {
+                    match &model.params.params[id].decay_to {
+                        Some(t) => t.clone().into_vec(),
+                        None => vec![0.0; per],
+                    }
+                }))
+            })?;
             let moment = |which: usize| {
                 concat_from_host(ids, per, |id| match &opt.moments[id] {
                     Some((mm, vv)) => [mm, vv][which].clone(),
                     None => vec![0.0; per],
                 })
             };
-            m.push(dev.upload(&moment(0))?);
-            v.push(dev.upload(&moment(1))?);
+            slots.push(TrainSlot {
+                idx,
+                from,
+                per,
+                master,
+                decay_to,
+                m: dev.upload(&moment(0))?,
+                v: dev.upload(&moment(1))?,
+            });
         }
+        ensure!(!slots.is_empty(), "the model has no trainable parameters");
         Ok(GpuTrainer {
             model: g,
-            master,
-            m,
-            v,
+            slots,
             steps: opt.step,
             adamw: opt.cfg,
             clip,
         })
     }
 
-    /// Write the master weights into `model` (f32) and the moments and step count into `opt`.
+    /// Write the trained master weights into `model` (f32) and their moments and the step
+    /// count into `opt`.
     pub fn to_host(&mut self, model: &mut Model, opt: &mut AdamW) -> Result<()> {
         let dev = self.model.dev;
         let layout = self.model.host_layout();
-        for (i, (ids, w)) in layout.iter().zip(self.model.weights_mut()).enumerate() {
-            let values = match (&self.master[i], &w) {
-                (Some(master), _) => master,
-                (None, WeightMut::F32(own)) => &**own,
-                (None, WeightMut::Bf16(..)) => unreachable!("every bf16 weight has a master copy"),
+        let mut weights: Vec<Option<WeightMut>> =
+            self.model.weights_mut().into_iter().map(Some).collect();
+        for s in &self.slots {
+            let ids = &layout[s.idx][s.from..];
+            let own;
+            let values = match (&s.master, weights[s.idx].take()) {
+                (Some(master), _) => master.as_view(),
+                (None, Some(WeightMut::F32(b))) => {
+                    own = b;
+                    own.view(s.from * s.per..)
+                }
+                _ => unreachable!("every bf16 weight has a master copy"),
             };
-            for (id, seg) in split_to_host(dev, values, ids)? {
+            for (id, seg) in split_to_host(dev, &values, ids)? {
                 let shape = model.params.value(id).shape().to_vec();
                 model.params.params[id].value = Tensor::from_vec(seg, &shape);
             }
-            let ms = split_to_host(dev, &self.m[i], ids)?;
-            let vs = split_to_host(dev, &self.v[i], ids)?;
+            let ms = split_to_host(dev, &s.m.as_view(), ids)?;
+            let vs = split_to_host(dev, &s.v.as_view(), ids)?;
             for ((id, mm), (_, vv)) in ms.into_iter().zip(vs) {
                 opt.moments[id] = Some((mm, vv));
             }
@@ -616,28 +897,35 @@ impl<'d> GpuTrainer<'d> {
     }
 
     /// One optimizer step over the micro-batches `(inputs, targets)` (`b` sequences of `t`
-    /// tokens each; gradients averaged over them) at learning rate `lr`.
+    /// tokens each; gradients averaged over them) at learning rate `lr`, with the loss terms of
+    /// `coefs`; `anchored[i]` marks micro-batch i's public rows (see
+    /// [`GpuModel::loss_and_grads`]; empty: none anywhere).
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         micro: &[(Vec<u32>, Vec<u32>)],
+        anchored: &[Vec<bool>],
         b: usize,
         t: usize,
         lr: f32,
-        z_loss: f32,
-        router_z_loss: f32,
+        coefs: &LossCoefs,
     ) -> Result<StepOut> {
         let dev = self.model.dev;
         ensure!(!micro.is_empty(), "a step needs at least one micro-batch");
+        ensure!(
+            anchored.is_empty() || anchored.len() == micro.len(),
+            "{} anchored-row lists for {} micro-batches",
+            anchored.len(),
+            micro.len()
+        );
         let scale = 1.0 / micro.len() as f32;
         let (mut loss, mut ce) = (0f32, 0f32);
         // One micro-batch: its gradients as they are. Several: their mean, accumulated.
         let mut single: Option<GpuGrads> = None;
         let mut acc: Vec<Buf<f32>> = Vec::new();
-        for (inp, tgt) in micro {
-            let (l, grads) = self
-                .model
-                .loss_and_grads(inp, tgt, b, t, z_loss, router_z_loss)?;
+        for (i, (inp, tgt)) in micro.iter().enumerate() {
+            let rows = anchored.get(i).map_or(&[][..], |a| &a[..]);
+            let (l, grads) = self.model.loss_and_grads(inp, tgt, b, t, coefs, rows)?;
             loss += scale * l.loss;
             ce += scale * l.ce;
             if micro.len() == 1 {
@@ -663,33 +951,37 @@ impl<'d> GpuTrainer<'d> {
             Some(g) => g.buffers(),
             None => acc.iter().collect(),
         };
+        ensure!(
+            grads.len() == self.slots.len(),
+            "{} gradients for {} trained weights",
+            grads.len(),
+            self.slots.len()
+        );
         let views: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
         let norm_scale = dev.grad_norm(&views, self.clip)?;
         self.steps += 1;
         let wd = self.adamw.weight_decay;
+        let mut weights: Vec<Option<WeightMut>> =
+            self.model.weights_mut().into_iter().map(Some).collect();
         let mut slots = Vec::with_capacity(views.len());
-        for ((((w, g), master), m), v) in self
-            .model
-            .weights_mut()
-            .into_iter()
-            .zip(&views)
-            .zip(self.master.iter_mut())
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
-        {
-            let (param, param_bf16, decay) = match (w, master) {
-                (WeightMut::Bf16(b, decays), Some(mw)) => {
-                    (mw, Some(b), if decays { wd } else { 0.0 })
-                }
-                (WeightMut::F32(p), _) => (p, None, 0.0),
-                (WeightMut::Bf16(..), None) => unreachable!("every bf16 weight has a master copy"),
+        for (s, g) in self.slots.iter_mut().zip(&views) {
+            let part = s.from * s.per..;
+            let (param, param_bf16, decay) = match (weights[s.idx].take(), s.master.as_mut()) {
+                (Some(WeightMut::Bf16(b, decays)), Some(mw)) => (
+                    mw.view_mut(..),
+                    Some(b.view_mut(part)),
+                    if decays { wd } else { 0.0 },
+                ),
+                (Some(WeightMut::F32(p)), _) => (p.view_mut(part), None, 0.0),
+                _ => unreachable!("every bf16 weight has a master copy"),
             };
             slots.push(AdamWSlot {
                 param,
                 grad: *g,
-                m,
-                v,
+                m: s.m.view_mut(..),
+                v: s.v.view_mut(..),
                 weight_decay: decay,
+                decay_to: s.decay_to.as_ref().map(|t| t.as_view()),
                 param_bf16,
             });
         }
