@@ -5,9 +5,11 @@
 #   tools/gpu-check.sh [ARCHIVE] [RESULTS]   # defaults: target/gpu-test.tar.xz, $OUT or gpu-results
 #
 # 1. every GPU test binary (gpu_*) with FLEXRUN_REQUIRE_GPU=1;
-# 2. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
-# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0;
-# 4. with CRITERION=1, the criterion GPU benchmarks (benches/gpu.rs).
+# 2. the main job trained and evaluated on the GPU: `flexrun demo --quick`, then the full demo
+#    (its table in logs/demo-results.md), unless DEMO=0;
+# 3. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
+# 4. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0;
+# 5. with CRITERION=1, the criterion GPU benchmarks (benches/gpu.rs).
 # Logs and benchmark JSON are packed into RESULTS/gpu-check.tgz after each phase (so a call cut
 # short still returns what was done); a summary goes to stdout. Exits non-zero if anything failed.
 set -uo pipefail
@@ -24,6 +26,20 @@ echo "== tests"
 LOG_DIR="$WORK/logs" MEMCHECK=0 ONLY=gpu_ "$G/run.sh" || fail=1
 grep -hE "panicked" -A2 "$WORK"/logs/gpu_*.log | head -40
 pack
+if [[ "${DEMO:-1}" != 0 ]]; then
+  echo "== demo on the GPU"
+  for run in demo-quick:--quick demo:; do
+    name="${run%%:*}"
+    start=$SECONDS
+    if "$G/flexrun" demo ${run#*:} --device cuda --quiet --out "$WORK/$name" >"$WORK/logs/$name.log" 2>&1; then
+      echo "$name: ok in $((SECONDS - start)) s"
+    else
+      echo "$name: FAILED"; tail -5 "$WORK/logs/$name.log"; fail=1
+    fi
+  done
+  cp "$WORK/demo/results.md" "$WORK/logs/demo-results.md" 2>/dev/null && grep -E "^- \[" "$WORK/logs/demo-results.md"
+  pack
+fi
 if [[ "${BENCH:-1}" != 0 ]]; then
   echo "== benchmarks"
   BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}" tools/gpu-bench.sh "$G/flexrun" "$WORK/bench" || fail=1

@@ -594,12 +594,12 @@ impl GpuModel<'_> {
         if let (Some(bv), Some((f0, ne))) = (bias, trained(F_BIAS)) {
             let mut db = dev.alloc::<f32>(e)?;
             dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
-            grads[F_BIAS] = Some(suffix(dev, &db, f0, ne)?);
+            grads[F_BIAS] = Some(suffix(dev, db, f0, ne)?);
         }
         if let Some((f0, ne)) = trained(F_ROUTER) {
             let mut router = dev.alloc::<f32>(e * h)?;
             dev.gemm(e, h, n, &dz, true, &s.x_mid, false, &mut router, false)?;
-            grads[F_ROUTER] = Some(suffix(dev, &router, f0, ne)?);
+            grads[F_ROUTER] = Some(suffix(dev, router, f0, ne)?);
         }
         dev.gemm(n, h, e, &dz, false, router_w, false, dx, true)?;
         Ok(())
@@ -678,8 +678,12 @@ fn sum_opt(dev: &Device, a: Option<Buf<f32>>, b: Option<Buf<f32>>) -> Result<Opt
     })
 }
 
-/// The segments `from..from + count` of `x` (`from + count` equal segments, one per expert).
-fn suffix(dev: &Device, x: &Buf<f32>, from: usize, count: usize) -> Result<Buf<f32>> {
+/// The segments `from..from + count` of `x` (`from + count` equal segments, one per expert):
+/// `x` itself when that is all of it.
+fn suffix(dev: &Device, x: Buf<f32>, from: usize, count: usize) -> Result<Buf<f32>> {
+    if from == 0 {
+        return Ok(x);
+    }
     let per = x.len() / (from + count).max(1);
     let mut out = dev.alloc::<f32>(count * per)?;
     dev.copy(&x.view(from * per..), &mut out)?;
