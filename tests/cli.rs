@@ -287,6 +287,37 @@ fn out_of_range_ids_and_bad_selections() {
             ],
             "--device cuda",
         );
+        // Training commands too, before any work.
+        let dir = std::env::temp_dir().join("flexrun-cli-train-device");
+        let out = dir.join("x.safetensors");
+        for cmd in [
+            vec![
+                "train-expert",
+                "--public",
+                "missing-public",
+                "--data",
+                "missing-data",
+                "--name",
+                "x",
+                "--out",
+                out.to_str().unwrap(),
+                "--device",
+                "cuda",
+            ],
+            vec![
+                "router-tune",
+                "--model",
+                "missing-model",
+                "--data",
+                "missing-data",
+                "--out",
+                dir.to_str().unwrap(),
+                "--device",
+                "cuda",
+            ],
+        ] {
+            assert_clean_error(&cmd, "--device cuda");
+        }
     }
 }
 
