@@ -169,7 +169,16 @@ fn dense(dev: &Device) -> R {
     let (b, t) = (2, 53);
     let x = ids(b * t, 300, 6);
     let cpu = m.logits(&x, b, t)?;
-    assert_rows_close("dense", &gpu_logits(dev, &m, &x, b, t)?, &cpu);
+    let g = GpuModel::upload(dev, &m)?;
+    assert_rows_close("dense", &g.logits(&x, b, t)?, &cpu);
+    // The final hidden states (router init's domain embeddings read them).
+    let mut tape = Tape::inference();
+    let out = m.forward(&mut tape, &x, b, t, None)?;
+    assert_rows_close(
+        "dense final hidden states",
+        &g.final_hidden(&x, b, t)?,
+        tape.value(out.hidden),
+    );
     Ok(())
 }
 

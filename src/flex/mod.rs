@@ -10,6 +10,7 @@ pub mod demo;
 pub use artifact::{model_hash, ExpertArtifact, ExpertLayer, ExpertMeta};
 
 use crate::autograd::Tape;
+use crate::backend::cuda::{Device, GpuModel};
 use crate::data::shards::{self, Dataset, TokenShard};
 use crate::error::{Context, Result};
 use crate::fsutil::write_bytes_atomic;
@@ -54,9 +55,11 @@ impl RouterInit {
 }
 
 /// Embedding of a domain: the unit-normalised mean over `n_docs` sampled documents of the
-/// public model's mean-pooled final hidden states (documents truncated to `max_len` tokens).
+/// public model's mean-pooled final hidden states (documents truncated to `max_len` tokens),
+/// computed by `gpu` (the same model on a GPU) when given.
 pub fn domain_embedding(
     model: &Model,
+    gpu: Option<&GpuModel>,
     shard: &TokenShard,
     n_docs: usize,
     max_len: usize,
@@ -76,9 +79,14 @@ pub fn domain_embedding(
     let h = model.cfg.hidden_size;
     let mut acc = vec![0f64; h];
     for doc in &docs {
-        let mut tape = Tape::inference();
-        let out = model.forward(&mut tape, doc, 1, doc.len(), None)?;
-        let hid = tape.value(out.hidden);
+        let hid = match gpu {
+            Some(g) => g.final_hidden(doc, 1, doc.len())?,
+            None => {
+                let mut tape = Tape::inference();
+                let out = model.forward(&mut tape, doc, 1, doc.len(), None)?;
+                tape.value(out.hidden).clone()
+            }
+        };
         for r in 0..hid.rows() {
             for (a, x) in acc.iter_mut().zip(hid.row(r)) {
                 *a += *x as f64 / hid.rows() as f64;
@@ -181,6 +189,7 @@ pub fn router_rows(
     hash: &str,
     opts: &ExpertTrainOpts,
     data: &Dataset,
+    device: Option<&Device>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let h = public.cfg.hidden_size;
     let seed_pub = u64::from_str_radix(&hash[..16.min(hash.len())], 16).unwrap_or(0);
@@ -191,9 +200,13 @@ pub fn router_rows(
             )?;
             let pub_data = Dataset::open(pd)?;
             let max_len = opts.train.seq.max(64);
-            let r_pub = domain_embedding(public, &pub_data.train, opts.embed_docs, max_len, 0)?;
+            let gpu = device.map(|d| GpuModel::upload(d, public)).transpose()?;
+            let gpu = gpu.as_ref();
+            let r_pub =
+                domain_embedding(public, gpu, &pub_data.train, opts.embed_docs, max_len, 0)?;
             let r_i = domain_embedding(
                 public,
+                gpu,
                 &data.train,
                 opts.embed_docs,
                 max_len,
@@ -225,7 +238,7 @@ pub fn router_rows(
 /// new FFN, r_i and b_i hold gradients and optimizer state there too).
 pub fn train_expert(
     opts: &ExpertTrainOpts,
-    device: Option<&crate::backend::cuda::Device>,
+    device: Option<&Device>,
 ) -> Result<(ExpertArtifact, TrainSummary)> {
     ensure!(
         (0.0..1.0).contains(&opts.public_mix),
@@ -276,7 +289,7 @@ pub fn train_expert(
         (None, true) => bail!("--public-mix needs --public-data"),
         _ => None,
     };
-    let (r_pub, r_i) = router_rows(&public, &hash, opts, &data)?;
+    let (r_pub, r_i) = router_rows(&public, &hash, opts, &data, device)?;
     let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
     let summary = {
         let mut tr = Trainer::new(&mut model, opts.train.clone(), &opts.run_dir)?;
@@ -785,7 +798,7 @@ pub fn router_tune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
-    device: Option<&crate::backend::cuda::Device>,
+    device: Option<&Device>,
 ) -> Result<TrainSummary> {
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
@@ -859,7 +872,7 @@ pub fn finetune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
-    device: Option<&crate::backend::cuda::Device>,
+    device: Option<&Device>,
 ) -> Result<(Model, TrainSummary)> {
     ensure!(
         only.iter().all(|s| !s.is_empty()),

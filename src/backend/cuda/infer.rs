@@ -553,6 +553,16 @@ impl<'d> GpuModel<'d> {
         Ok((xn, (xf, rstd)))
     }
 
+    /// The final normed hidden states (the input of the LM head) of `ids` (`b` sequences of
+    /// `t` tokens), brought to the host as `[b*t, H]` f32.
+    pub fn final_hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        let (xn, _) = self.hidden(ids, b, t, None, None)?;
+        Ok(Tensor::from_vec(
+            self.dev.download_bf16_as_f32(&xn)?,
+            &[b * t, self.h],
+        ))
+    }
+
     /// [`GpuModel::forward`] without a cache, the logits brought to the host as `[b*t, V]`.
     pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
         let l = self.forward(ids, b, t, None)?;
