@@ -30,7 +30,8 @@ cuda_tests!(
     trainer_on_gpu,
     gradients_expert_training,
     gradients_router_tuning,
-    expert_training_follows_cpu
+    expert_training_follows_cpu,
+    btm_on_gpu
 );
 
 /// A random model with weights large enough that every block moves the logits (norm weights
@@ -667,5 +668,34 @@ fn expert_training_follows_cpu(dev: &Device) -> R {
             assert_eq!(p.value.data(), q.value.data(), "{} is frozen", p.name);
         }
     }
+    Ok(())
+}
+
+/// A BTM ensemble of models on the GPU scores as the same ensemble on the CPU (mean loss within
+/// 1%): each member's log-probabilities come from the device, the mixing is shared.
+fn btm_on_gpu(dev: &Device) -> R {
+    use flexrun::eval::Evaluated;
+    let cfg = Config::olmo2(300, 128, 200, 2, 4, 4);
+    let members: Vec<Model> = (0..3).map(|i| model(cfg.clone(), 61 + i)).collect();
+    let on_gpu: Vec<GpuModel> = members
+        .iter()
+        .map(|m| GpuModel::upload(dev, m))
+        .collect::<flexrun::Result<_>>()?;
+    let (seq, n) = (48, 4);
+    let x = ids(seq * n + 1, 300, 62);
+    let batches = vec![(x[..seq * n].to_vec(), x[1..].to_vec())];
+    fn btm(models: Vec<Evaluated<'_>>) -> Evaluated<'_> {
+        Evaluated::Btm {
+            models,
+            temperature: 1.0,
+            top_k: 2,
+        }
+    }
+    let cpu = btm(members.iter().map(Evaluated::Model).collect()).loss(&batches, seq)?;
+    let gpu = btm(on_gpu.iter().map(Evaluated::Gpu).collect()).loss(&batches, seq)?;
+    assert!(
+        (gpu - cpu).abs() <= 0.01 * cpu,
+        "BTM loss: gpu {gpu} vs cpu {cpu}"
+    );
     Ok(())
 }

@@ -237,8 +237,8 @@ struct EvalArgs {
     /// Experts per token (default: the checkpoint's).
     #[arg(long)]
     expert_top_k: Option<usize>,
-    /// cpu (f32), or cuda: flexrun's kernels on the GPU, bf16 weights and activations (not
-    /// with --btm).
+    /// cpu (f32), or cuda: flexrun's kernels on the GPU, bf16 weights and activations (every
+    /// member of a --btm ensemble too).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// BTM ensemble of these dense models instead of --model.
@@ -1062,11 +1062,8 @@ fn run(cli: Cli) -> Result<()> {
             let domains = parse_domains(&a.data)?;
             let loaded;
             let btm_models: Vec<flexrun::model::Model>;
+            let btm_gpu: Vec<GpuModel>;
             let gpu = gpu_for(&a.device)?;
-            ensure!(
-                gpu.is_none() || a.btm.is_empty(),
-                "--device cuda evaluates one model, not a --btm ensemble"
-            );
             let gpu_model;
             let (name, e, tok_dir) = if a.btm.is_empty() {
                 let sel = SelectOpts {
@@ -1091,8 +1088,18 @@ fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|m| checkpoint::load_with(m, true))
                     .collect::<Result<_>>()?;
+                btm_gpu = match &gpu {
+                    Some(dev) => btm_models
+                        .iter()
+                        .map(|m| GpuModel::upload(dev, m))
+                        .collect::<Result<_>>()?,
+                    None => Vec::new(),
+                };
                 let e = Evaluated::Btm {
-                    models: btm_models.iter().collect(),
+                    models: match &gpu {
+                        Some(_) => btm_gpu.iter().map(Evaluated::Gpu).collect(),
+                        None => btm_models.iter().map(Evaluated::Model).collect(),
+                    },
                     temperature: a.btm_temperature,
                     top_k: a.btm_top_k,
                 };

@@ -21,8 +21,9 @@ pub enum Evaluated<'a> {
     Gpu(&'a GpuModel<'a>),
     /// `p = sum_j w_j p_j`, `w = softmax(-meanNLL_j(context) / temperature)` restricted to the
     /// `top_k` largest weights (renormalised). At the first position the weights are uniform.
+    /// The members are single models, each on the CPU or a GPU.
     Btm {
-        models: Vec<&'a Model>,
+        models: Vec<Evaluated<'a>>,
         temperature: f32,
         top_k: usize,
     },
@@ -44,7 +45,7 @@ impl Evaluated<'_> {
         match self {
             Evaluated::Model(m) => m.cfg.vocab_size,
             Evaluated::Gpu(g) => g.vocab(),
-            Evaluated::Btm { models, .. } => models[0].cfg.vocab_size,
+            Evaluated::Btm { models, .. } => models.first().map_or(0, Evaluated::vocab),
         }
     }
 
@@ -61,9 +62,13 @@ impl Evaluated<'_> {
             } => {
                 ensure!(!models.is_empty(), "BTM needs at least one model");
                 let t = ids.len();
+                ensure!(
+                    models.iter().all(|m| m.vocab() == v),
+                    "BTM members have different vocabularies"
+                );
                 let lps: Vec<Vec<f32>> = models
                     .iter()
-                    .map(|m| Ok(log_softmax_rows(m.logits(ids, 1, t)?.data(), v)))
+                    .map(|m| m.log_probs(ids))
                     .collect::<Result<_>>()?;
                 let mut out = vec![0f32; t * v];
                 let mut nll = vec![0f64; models.len()];
@@ -99,15 +104,25 @@ impl Evaluated<'_> {
         }
     }
 
+    /// Whether anything runs on a GPU.
+    fn on_gpu(&self) -> bool {
+        match self {
+            Evaluated::Model(_) => false,
+            Evaluated::Gpu(_) => true,
+            Evaluated::Btm { models, .. } => models.iter().any(Evaluated::on_gpu),
+        }
+    }
+
     /// `f` over `items`: in parallel on the CPU, one after the other on the GPU (one stream).
     fn map<T: Sync, R: Send>(
         &self,
         items: &[T],
         f: impl Fn(&T) -> Result<R> + Sync + Send,
     ) -> Result<Vec<R>> {
-        match self {
-            Evaluated::Gpu(_) => items.iter().map(f).collect(),
-            _ => items.par_iter().map(f).collect(),
+        if self.on_gpu() {
+            items.iter().map(f).collect()
+        } else {
+            items.par_iter().map(f).collect()
         }
     }
 

@@ -417,8 +417,18 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         rows.push(ev_model(&format!("dense {d}"), m)?);
     }
     rows.push(ev_model("soup", &soup)?);
+    let dense_gpu = match &gpu {
+        Some(dev) => dense
+            .iter()
+            .map(|(_, m)| GpuModel::upload(dev, m))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
     let btm = Evaluated::Btm {
-        models: dense.iter().map(|(_, m)| m).collect(),
+        models: match &gpu {
+            Some(_) => dense_gpu.iter().map(Evaluated::Gpu).collect(),
+            None => dense.iter().map(|(_, m)| Evaluated::Model(m)).collect(),
+        },
         temperature: c.btm_temperature,
         top_k: c.btm_top_k,
     };
