@@ -261,6 +261,16 @@ fn out_of_range_ids_and_bad_selections() {
         ],
         "unknown device",
     );
+    assert_clean_error(
+        &[
+            "extract",
+            "--model",
+            &fixture("flexolmo_tiny"),
+            "--data",
+            "no-such-data-dir",
+        ],
+        "no-such-data-dir",
+    );
     let out = std::env::temp_dir().join("flexrun-cli-demo-device");
     assert_clean_error(
         &[

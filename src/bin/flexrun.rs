@@ -120,8 +120,49 @@ enum Cmd {
         #[arg(long, default_value = "routing.svg")]
         out: PathBuf,
     },
+    /// Training-data extraction check: how often sampled continuations of a document's prefix
+    /// reproduce the document (FlexOlmo's data extraction check).
+    Extract(ExtractArgs),
     /// The main job: the whole FlexOlmo pipeline on the built-in corpus, with baselines.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    #[command(flatten)]
+    sel: SelectOpts,
+    /// The prepared domain whose training documents are checked.
+    #[arg(long)]
+    data: PathBuf,
+    /// Documents to check (the paper: 10000).
+    #[arg(long, default_value_t = 1000)]
+    docs: usize,
+    /// Prefix length in tokens, at a random offset of each document.
+    #[arg(long, default_value_t = 32)]
+    prefix: usize,
+    /// Longest true continuation compared (the samples are as long as it).
+    #[arg(long, default_value_t = 256)]
+    max_new: usize,
+    /// Shortest true continuation: shorter documents are skipped.
+    #[arg(long, default_value_t = 16)]
+    min_new: usize,
+    /// Samples per document.
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Normalised Levenshtein similarity (on tokens) at which a sample counts as the document.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// A model directory and the experts to use from it (opt-out at load time).
@@ -1165,6 +1206,54 @@ fn run(cli: Cli) -> Result<()> {
             );
             flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
             println!("heatmap written to {}", out.display());
+        }
+        Cmd::Extract(a) => {
+            let gpu = gpu_for(&a.sel.device)?;
+            let loaded = a.sel.load()?;
+            let ds = data::Dataset::open(&a.data)?;
+            let cfg = eval::extract::ExtractConfig {
+                docs: a.docs,
+                prefix: a.prefix,
+                max_continuation: a.max_new,
+                min_continuation: a.min_new,
+                samples: a.samples,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                temperature: a.temperature,
+                threshold: a.threshold,
+                seed: a.seed,
+            };
+            let gpu_model;
+            let e = match &gpu {
+                Some(dev) => {
+                    gpu_model = GpuModel::upload(dev, &loaded.model)?;
+                    Evaluated::Gpu(&gpu_model)
+                }
+                None => Evaluated::Model(&loaded.model),
+            };
+            let r = eval::extract::extraction(&e, &ds.train, &cfg)?;
+            let what = match loaded.expert_names.len() {
+                0 => a.sel.model.display().to_string(),
+                _ => format!(
+                    "{} [{}]",
+                    a.sel.model.display(),
+                    loaded.expert_names.join(", ")
+                ),
+            };
+            println!(
+                "{what}: {} of {} documents extracted ({:.2}%), mean best similarity {:.3}",
+                r.extracted,
+                r.docs,
+                100.0 * r.rate,
+                r.mean_best_similarity
+            );
+            if let Some(j) = a.json {
+                let v = serde_json::json!({ "model": a.sel.model, "data": a.data, "config": cfg, "result": r });
+                flexrun::fsutil::write_bytes_atomic(
+                    &j,
+                    serde_json::to_string_pretty(&v)?.as_bytes(),
+                )?;
+            }
         }
         Cmd::Demo(a) => {
             let mut c = if a.quick {

@@ -1,6 +1,7 @@
 //! Evaluation: per-domain held-out loss and perplexity, exact-match task accuracy, for single
 //! models (any expert subset) and for the BTM ensemble baseline; tables as markdown and JSON.
 
+pub mod extract;
 pub mod routing;
 
 use crate::backend::cuda::GpuModel;

@@ -10,6 +10,7 @@ use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
 use crate::ensure;
 use crate::error::{Context, Result};
+use crate::eval::extract::{self, ExtractConfig, Extraction};
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
 use crate::fsutil::write_bytes_atomic;
 use crate::model::{checkpoint, Config, Model};
@@ -58,6 +59,10 @@ pub struct DemoConfig {
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
+    /// The data extraction check: training documents per closed domain (0: skipped) and the
+    /// longest continuation compared (the check's other settings are the paper's).
+    pub extract_docs: usize,
+    pub extract_max_new: usize,
     pub btm_temperature: f32,
     pub btm_top_k: usize,
     pub ablations: bool,
@@ -98,6 +103,8 @@ impl Default for DemoConfig {
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
+            extract_docs: 200,
+            extract_max_new: 64,
             btm_temperature: 1.0,
             btm_top_k: 2,
             ablations: false,
@@ -141,6 +148,8 @@ impl DemoConfig {
             embed_docs: 4,
             eval_tokens: 256,
             tasks: 4,
+            extract_docs: 4,
+            extract_max_new: 16,
             ..Default::default()
         }
     }
@@ -162,7 +171,21 @@ pub struct DemoReport {
     pub checks: Vec<Check>,
     pub ablations: Vec<Row>,
     pub routing: Vec<routing::RoutingStats>,
+    /// The data extraction check per closed domain: public, dense expert, FlexOlmo, and
+    /// FlexOlmo without that domain's expert.
+    pub extraction: Vec<ExtractionRow>,
     pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExtractionRow {
+    pub domain: String,
+    pub public: Extraction,
+    /// The domain's dense expert.
+    pub dense: Extraction,
+    pub flexolmo: Extraction,
+    /// FlexOlmo with the domain's expert opted out.
+    pub flexolmo_without: Extraction,
 }
 
 fn step(msg: &str, quiet: bool) {
@@ -437,6 +460,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
         &flex.model,
     )?);
+    let mut without = Vec::new();
     for d in &closed {
         let m = load_model(
             &flex_dir,
@@ -446,6 +470,39 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             },
         )?;
         rows.push(ev_model(&format!("FlexOlmo without {d}"), &m.model)?);
+        without.push(m.model);
+    }
+
+    let mut extraction = Vec::new();
+    if c.extract_docs > 0 {
+        step("data extraction check", quiet);
+        let xc = ExtractConfig {
+            docs: c.extract_docs,
+            max_continuation: c.extract_max_new,
+            min_continuation: c.extract_max_new.min(16),
+            seed: c.seed,
+            ..Default::default()
+        };
+        let extract = |m: &Model, ds: &Dataset| match &gpu {
+            Some(dev) => {
+                extract::extraction(&Evaluated::Gpu(&GpuModel::upload(dev, m)?), &ds.train, &xc)
+            }
+            None => extract::extraction(&Evaluated::Model(m), &ds.train, &xc),
+        };
+        for ((d, (_, dm)), wm) in closed.iter().zip(&dense).zip(&without) {
+            let ds = &sets
+                .iter()
+                .find(|(n, _)| n == d)
+                .expect("every domain is prepared")
+                .1;
+            extraction.push(ExtractionRow {
+                domain: d.clone(),
+                public: extract(&public, ds)?,
+                dense: extract(dm, ds)?,
+                flexolmo: extract(&flex.model, ds)?,
+                flexolmo_without: extract(wm, ds)?,
+            });
+        }
     }
 
     step("routing analysis", quiet);
@@ -518,6 +575,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         checks,
         ablations,
         routing: routing_stats,
+        extraction,
         seconds: t0.elapsed().as_secs_f64(),
     };
     write_bytes_atomic(
@@ -689,6 +747,35 @@ pub fn render(r: &DemoReport, experts: &[String]) -> String {
     }
     s.push_str("\n### Routing (per layer: fraction of tokens using each expert, and in brackets its mean router probability)\n\n");
     s.push_str(&routing::markdown(&r.routing, experts));
+    if !r.extraction.is_empty() {
+        let c = &r.config;
+        s.push_str(&format!(
+            "\n### Data extraction (training documents reproduced: {} per domain, a 32-token prefix at a random offset, 10 samples of as many tokens as the true continuation, up to {}, top-k 50, top-p 0.95; extracted at normalised Levenshtein similarity >= 0.9)\n\n",
+            c.extract_docs, c.extract_max_new
+        ));
+        s.push_str("| domain | public | dense expert | FlexOlmo | FlexOlmo without it |\n|---|---:|---:|---:|---:|\n");
+        let cell = |x: &Extraction| {
+            format!(
+                " {:.1}% ({}/{}; similarity {:.2}) |",
+                100.0 * x.rate,
+                x.extracted,
+                x.docs,
+                x.mean_best_similarity
+            )
+        };
+        for row in &r.extraction {
+            s.push_str(&format!("| {} |", row.domain));
+            for x in [
+                &row.public,
+                &row.dense,
+                &row.flexolmo,
+                &row.flexolmo_without,
+            ] {
+                s.push_str(&cell(x));
+            }
+            s.push('\n');
+        }
+    }
     s.push_str(&format!("\nTotal time {:.0} s.\n", r.seconds));
     s
 }

@@ -132,6 +132,76 @@ pub fn generate_gpu(
     })
 }
 
+/// `n` independent samples of `new` tokens each continuing `prompt`, decoded together as one
+/// batch with a KV cache (the prompt is fed once per row); no stop token. Row r draws from
+/// `rng` after rows 0..r at every position, so the result depends only on the seed.
+pub fn sample_batch(
+    model: &Model,
+    prompt: &[u32],
+    n: usize,
+    new: usize,
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let total = prompt.len() + new;
+    ensure!(
+        total <= model.cfg.max_position_embeddings,
+        "prompt ({}) + new tokens ({new}) exceed max_position_embeddings {}",
+        prompt.len(),
+        model.cfg.max_position_embeddings
+    );
+    model.check_input(prompt, prompt.len())?;
+    let mut cache = KvCache::new(&model.cfg, n, total);
+    sample_batch_with(prompt, n, new, cfg, rng, |ids, t| {
+        let mut tape = Tape::inference();
+        let f = model.forward(&mut tape, ids, n, t, Some(&mut cache))?;
+        let logits = tape.value(f.logits);
+        Ok((0..n).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
+    })
+}
+
+/// [`sample_batch`] on the GPU.
+pub fn sample_batch_gpu(
+    model: &GpuModel<'_>,
+    prompt: &[u32],
+    n: usize,
+    new: usize,
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let mut cache = model.new_cache(n, prompt.len() + new)?;
+    sample_batch_with(prompt, n, new, cfg, rng, |ids, t| {
+        let logits = model.forward(ids, n, t, Some(&mut cache))?;
+        model.last_logits(&logits, n, t)
+    })
+}
+
+/// The batched sampling loop: `step(ids, t)` feeds `t` new tokens per row (`[n, t]`) to a
+/// cached forward and returns each row's last logits.
+fn sample_batch_with(
+    prompt: &[u32],
+    n: usize,
+    new: usize,
+    cfg: &SamplingConfig,
+    rng: &mut StdRng,
+    mut step: impl FnMut(&[u32], usize) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<u32>>> {
+    let mut out = vec![Vec::with_capacity(new); n];
+    let mut next: Vec<u32> = prompt.repeat(n);
+    let mut t = prompt.len();
+    for _ in 0..new {
+        let logits = step(&next, t)?;
+        next = logits.iter().map(|l| sample(l, cfg, rng)).collect();
+        for (o, &tok) in out.iter_mut().zip(&next) {
+            o.push(tok);
+        }
+        t = 1;
+    }
+    Ok(out)
+}
+
 /// The sampling loop: `step(ids)` feeds the new tokens (the prompt first, then one token at a
 /// time) to a cached forward and returns the logits of the last position.
 fn generate_with(
