@@ -238,7 +238,8 @@ fn opt_out(dev: &Device) -> R {
 }
 
 /// Greedy generation of 32 tokens on the GPU equals the argmax, at every position, of one
-/// uncached GPU forward over prompt + generated tokens (cache and sampling loop consistent).
+/// uncached GPU forward over prompt + generated tokens (cache and sampling loop consistent),
+/// and a batch of 3 greedy samples decodes the same tokens in every row.
 fn greedy_generation(dev: &Device) -> R {
     let m = model(moe_cfg(3, 3), 11);
     let g = GpuModel::upload(dev, &m)?;
@@ -249,18 +250,28 @@ fn greedy_generation(dev: &Device) -> R {
     };
     let out = generate_gpu(&g, &prompt, &cfg, |_| {})?;
     assert_eq!(out.len(), 32);
-    let all: Vec<u32> = prompt.iter().chain(&out).cloned().collect();
-    let l = g.logits(&all, 1, all.len())?;
-    for (i, &tok) in out.iter().enumerate() {
-        let row = l.row(prompt.len() - 1 + i);
-        let best = row[tok as usize];
-        let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        // Equal up to the cached vs uncached attention kernels' rounding.
-        assert!(
-            top - best <= 0.02 * top.abs().max(1.0),
-            "step {i}: generated {tok} (logit {best}) but the uncached argmax has {top}"
-        );
-    }
+    // Each generated token is the argmax of one uncached forward over prompt + tokens.
+    let check = |what: &str, out: &[u32]| -> R {
+        let all: Vec<u32> = prompt.iter().chain(out).cloned().collect();
+        let l = g.logits(&all, 1, all.len())?;
+        for (i, &tok) in out.iter().enumerate() {
+            let row = l.row(prompt.len() - 1 + i);
+            let best = row[tok as usize];
+            let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            // Equal up to the cached vs uncached attention kernels' rounding.
+            assert!(
+                top - best <= 0.02 * top.abs().max(1.0),
+                "{what}: step {i}: generated {tok} (logit {best}) but the uncached argmax has {top}"
+            );
+        }
+        Ok(())
+    };
+    check("generate", &out)?;
+    // Batched greedy sampling (the extraction check's): identical rows, each a greedy decode.
+    let mut rng = StdRng::seed_from_u64(0);
+    let rows = flexrun::generate::sample_batch_gpu(&g, &prompt, 3, 32, &cfg, &mut rng)?;
+    assert!(rows.iter().all(|r| r == &rows[0]), "batch rows differ: {rows:?}");
+    check("batched", &rows[0])?;
     Ok(())
 }
 
