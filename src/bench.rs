@@ -34,6 +34,12 @@ pub struct TrainBench {
 /// head, and causal attention (half of the `seq x seq` score and value products). The embedding
 /// lookup, norms and element-wise work are not counted (the usual MFU convention).
 pub fn train_flops(cfg: &Config, batch: usize, seq: usize) -> f64 {
+    step_flops(cfg, batch, seq, None)
+}
+
+/// Weights a token multiplies in the forward (every projection, the experts it uses, the
+/// router, the LM head), and the causal attention's multiply-adds per token.
+fn per_token(cfg: &Config, seq: usize) -> (f64, f64) {
     let (h, i, l) = (
         cfg.hidden_size as f64,
         cfg.intermediate_size as f64,
@@ -47,11 +53,85 @@ pub fn train_flops(cfg: &Config, batch: usize, seq: usize) -> f64 {
     let e = cfg.experts() as f64;
     let k = cfg.top_k() as f64;
     let router = if cfg.is_moe() { h * e } else { 0.0 };
-    let per_token_params = l * (h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * i * k + router)
+    let params = l * (h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * i * k + router)
         + h * cfg.vocab_size as f64;
-    let attn_per_token = l * 2.0 * nh * hd * seq as f64; // QK^T and PV, causal half of 4 seq d
-    let tokens = (batch * seq) as f64;
-    3.0 * tokens * (2.0 * per_token_params + attn_per_token)
+    let attn = l * 2.0 * nh * hd * seq as f64; // QK^T and PV, causal half of 4 seq d
+    (params, attn)
+}
+
+/// FLOPs of a step whose weight gradients cover `trained` of the per-token weights (None:
+/// all): forward and input gradient through every weight, weight gradients of the trained
+/// ones only, attention three times.
+fn step_flops(cfg: &Config, batch: usize, seq: usize, trained: Option<f64>) -> f64 {
+    let (p, attn) = per_token(cfg, seq);
+    let w = trained.unwrap_or(p);
+    (batch * seq) as f64 * (2.0 * p + 2.0 * p + 2.0 * w + 3.0 * attn)
+}
+
+/// What `bench train` times: a full training step of the configured model, or one data owner's
+/// expert-training step with the configured (dense, public) model as the frozen anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainMode {
+    Full,
+    /// The public model upcycled to [public FFN (frozen), copy (trained)] in every layer, r_i and
+    /// b_i trained, everything else frozen; the demo's loss terms (public anchor 1 on a quarter
+    /// of the rows, router own-text loss 0.3 on the others).
+    Expert,
+}
+
+/// The model, loss terms and anchored rows a benchmark step trains with.
+fn bench_setup(
+    cfg: &Config,
+    mode: TrainMode,
+    batch: usize,
+) -> Result<(Model, LossCoefs, Vec<bool>)> {
+    let model = Model::new_random(cfg, 0)?;
+    match mode {
+        TrainMode::Full => Ok((model, LossCoefs::default(), Vec::new())),
+        TrainMode::Expert => {
+            ensure!(
+                !cfg.is_moe(),
+                "--expert trains against a public model: give a dense (OLMo-2) config"
+            );
+            let h = cfg.hidden_size;
+            let mut rng = StdRng::seed_from_u64(1);
+            let row = |rng: &mut StdRng| crate::tensor::Tensor::randn(&[h], 0.02, rng).into_vec();
+            let (r_pub, r_i) = (row(&mut rng), row(&mut rng));
+            let m = crate::flex::expert_training_model(&model, &r_pub, &r_i, Some(-2.0))?;
+            let coefs = LossCoefs {
+                public_anchor: 1.0,
+                router_own: 0.3,
+                ..LossCoefs::default()
+            };
+            Ok((m, coefs, (0..batch).map(|r| r % 4 == 3).collect()))
+        }
+    }
+}
+
+/// Model FLOPs of one step in `mode` (see [`train_flops`]; expert training computes weight
+/// gradients for the new FFN and router row only).
+pub fn mode_flops(cfg: &Config, mode: TrainMode, batch: usize, seq: usize) -> Result<f64> {
+    Ok(match mode {
+        TrainMode::Full => train_flops(cfg, batch, seq),
+        TrainMode::Expert => {
+            let up = expert_config(cfg)?;
+            let (h, i, l) = (
+                cfg.hidden_size as f64,
+                cfg.intermediate_size as f64,
+                cfg.num_hidden_layers as f64,
+            );
+            step_flops(&up, batch, seq, Some(l * (3.0 * h * i + h)))
+        }
+    })
+}
+
+/// The 2-expert (top-2 of 2) configuration expert training runs for the public `cfg`.
+fn expert_config(cfg: &Config) -> Result<Config> {
+    let mut up = cfg.clone();
+    up.num_experts = Some(2);
+    up.num_experts_per_tok = Some(2);
+    up.validate()?;
+    Ok(up)
 }
 
 /// Dense bf16 tensor-core peak of a known GPU (FLOP/s), by name.
@@ -93,6 +173,7 @@ fn random_batch(rng: &mut StdRng, v: u32, batch: usize, seq: usize) -> (Vec<u32>
 /// model on random tokens.
 pub fn train_step(
     cfg: &Config,
+    mode: TrainMode,
     batch: usize,
     seq: usize,
     steps: usize,
@@ -102,7 +183,7 @@ pub fn train_step(
     // Keep freed activation buffers in the process (see `tune_allocator`); the training loop
     // should do the same.
     crate::backend::cpu::tune_allocator();
-    let mut model = Model::new_random(cfg, 0)?;
+    let (mut model, coefs, anchored) = bench_setup(cfg, mode, batch)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut rng = StdRng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
@@ -115,7 +196,7 @@ pub fn train_step(
         // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
         rayon::scope(|_| -> Result<()> {
             let mut tape = Tape::new();
-            let out = model.loss(&mut tape, &inp, &tgt, batch, seq, &LossCoefs::default())?;
+            let out = model.loss_anchored(&mut tape, &inp, &tgt, batch, seq, &coefs, &anchored)?;
             let mut grads = tape.backward(out.loss).params;
             drop(tape);
             clip_grad_norm(&mut grads, 1.0);
@@ -149,6 +230,7 @@ pub fn train_step(
 /// each step ends with the loss read back (a synchronisation).
 pub fn train_step_gpu(
     cfg: &Config,
+    mode: TrainMode,
     batch: usize,
     seq: usize,
     steps: usize,
@@ -157,7 +239,7 @@ pub fn train_step_gpu(
 ) -> Result<TrainBench> {
     use crate::backend::cuda::GpuTrainer;
     ensure!(steps > 0, "--steps must be positive");
-    let model = Model::new_random(cfg, 0)?;
+    let (model, coefs, anchored) = bench_setup(cfg, mode, batch)?;
     let params = model.params.numel();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
@@ -168,7 +250,8 @@ pub fn train_step_gpu(
     for i in 0..warmup + steps {
         let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
         let t0 = Instant::now();
-        trainer.step(&[(inp, tgt)], &[], batch, seq, 1e-4, &LossCoefs::default())?;
+        let rows = std::slice::from_ref(&anchored);
+        trainer.step(&[(inp, tgt)], rows, batch, seq, 1e-4, &coefs)?;
         dev.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if i >= warmup {
@@ -177,7 +260,7 @@ pub fn train_step_gpu(
     }
     let step_ms = median(&times);
     let name = dev.name()?;
-    let tflops = train_flops(cfg, batch, seq) / (step_ms / 1e3) / 1e12;
+    let tflops = mode_flops(cfg, mode, batch, seq)? / (step_ms / 1e3) / 1e12;
     Ok(TrainBench {
         framework: "flexrun",
         mfu: gpu_peak_bf16(&name).map(|p| tflops * 1e12 / p),

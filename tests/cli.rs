@@ -424,3 +424,36 @@ fn bench_decode_reports_throughput() {
     }
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
 }
+
+/// `bench train --expert` on the CPU: an expert-training step against a dense public config
+/// (the upcycled model holds the copy's parameters too); an MoE config is a one-line error.
+#[test]
+fn bench_train_expert_reports_throughput() {
+    let dense = format!("{}/config.json", fixture("olmo2_tiny_bf16"));
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "train", "--config", &dense, "--batch", "4", "--seq", "16", "--steps", "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = flexrun(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let (full, expert) = (run(&[]), run(&["--expert"]));
+    let p = |v: &serde_json::Value| v["params"].as_u64().unwrap();
+    // One more FFN per layer (2 x 3 x 64 x 48) and two router rows and a bias per layer.
+    assert_eq!(p(&expert), p(&full) + 2 * (3 * 64 * 48 + 2 * 64 + 1));
+    let t = expert["tokens_per_s"].as_f64().unwrap();
+    assert!(t.is_finite() && t > 0.0, "tokens_per_s = {t}");
+    assert_clean_error(
+        &[
+            "bench",
+            "train",
+            "--expert",
+            "--config",
+            &format!("{}/config.json", fixture("flexolmo_tiny")),
+        ],
+        "dense",
+    );
+}

@@ -270,7 +270,10 @@ fn greedy_generation(dev: &Device) -> R {
     // Batched greedy sampling (the extraction check's): identical rows, each a greedy decode.
     let mut rng = StdRng::seed_from_u64(0);
     let rows = flexrun::generate::sample_batch_gpu(&g, &prompt, 3, 32, &cfg, &mut rng)?;
-    assert!(rows.iter().all(|r| r == &rows[0]), "batch rows differ: {rows:?}");
+    assert!(
+        rows.iter().all(|r| r == &rows[0]),
+        "batch rows differ: {rows:?}"
+    );
     check("batched", &rows[0])?;
     Ok(())
 }

@@ -44,4 +44,10 @@ for cfg in moe_small moe_medium; do
   run "train_${cfg}_torch" env FLEXRUN_TORCH_NO_VENV=1 python3 tools/bench_torch.py --config "benches/configs/$cfg.json" \
     --batch 8 --seq 1024 --device cuda --clip 1.0 --json
 done
+# A data owner's expert-training step (frozen public model upcycled to [public FFN, trained copy],
+# the public anchor and router own-text loss), next to a full step of the same dense model.
+for cfg in dense_medium; do
+  run "train_${cfg}"        "$FR" bench train --config "benches/configs/$cfg.json" --batch 8 --seq 1024 --device cuda --json
+  run "train_${cfg}_expert" "$FR" bench train --config "benches/configs/$cfg.json" --expert --batch 8 --seq 1024 --device cuda --json
+done
 exit $fail

@@ -651,6 +651,10 @@ enum BenchCmd {
     Train {
         #[arg(long)]
         config: PathBuf,
+        /// Time a data owner's expert-training step instead: the (dense) config is the frozen
+        /// public model, upcycled to [public FFN, trained copy], with the demo's loss terms.
+        #[arg(long)]
+        expert: bool,
         #[arg(long, default_value_t = 8)]
         batch: usize,
         #[arg(long, default_value_t = 256)]
@@ -952,6 +956,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Train {
             config,
+            expert,
             batch,
             seq,
             steps,
@@ -960,9 +965,16 @@ fn run(cli: Cli) -> Result<()> {
             json,
         }) => {
             let cfg = Config::load(&config)?;
+            let mode = if expert {
+                flexrun::bench::TrainMode::Expert
+            } else {
+                flexrun::bench::TrainMode::Full
+            };
             let r = match gpu_for(&device)? {
-                Some(dev) => flexrun::bench::train_step_gpu(&cfg, batch, seq, steps, warmup, &dev)?,
-                None => flexrun::bench::train_step(&cfg, batch, seq, steps, warmup)?,
+                Some(dev) => {
+                    flexrun::bench::train_step_gpu(&cfg, mode, batch, seq, steps, warmup, &dev)?
+                }
+                None => flexrun::bench::train_step(&cfg, mode, batch, seq, steps, warmup)?,
             };
             if json {
                 println!("{}", serde_json::to_string(&r)?);
