@@ -88,6 +88,36 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// A CPU KV cache for `batch` copies of `prompt` followed by `new` tokens, after checking that
+/// the prompt is non-empty, in the vocabulary and that everything fits the model's positions.
+fn cpu_cache(model: &Model, prompt: &[u32], new: usize, batch: usize) -> Result<KvCache> {
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let total = prompt.len() + new;
+    ensure!(
+        total <= model.cfg.max_position_embeddings,
+        "prompt ({}) + new tokens ({new}) exceed max_position_embeddings {}",
+        prompt.len(),
+        model.cfg.max_position_embeddings
+    );
+    model.check_input(prompt, prompt.len())?;
+    Ok(KvCache::new(&model.cfg, batch, total))
+}
+
+/// One cached CPU forward of `t` new tokens per row (`ids` is `[n, t]`): each row's last
+/// logits.
+fn cpu_step(
+    model: &Model,
+    cache: &mut KvCache,
+    ids: &[u32],
+    n: usize,
+    t: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut tape = Tape::inference();
+    let f = model.forward(&mut tape, ids, n, t, Some(cache))?;
+    let logits = tape.value(f.logits);
+    Ok((0..n).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
+}
+
 /// Generate a continuation of `prompt`; `on_token` is called with each new token as it is chosen.
 /// Returns the new tokens.
 pub fn generate(
@@ -96,22 +126,9 @@ pub fn generate(
     cfg: &SamplingConfig,
     on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    ensure!(!prompt.is_empty(), "the prompt is empty");
-    let total = prompt.len() + cfg.max_new_tokens;
-    ensure!(
-        total <= model.cfg.max_position_embeddings,
-        "prompt ({}) + new tokens ({}) exceed max_position_embeddings {}",
-        prompt.len(),
-        cfg.max_new_tokens,
-        model.cfg.max_position_embeddings
-    );
-    model.check_input(prompt, prompt.len())?;
-    let mut cache = KvCache::new(&model.cfg, 1, total);
+    let mut cache = cpu_cache(model, prompt, cfg.max_new_tokens, 1)?;
     generate_with(prompt, cfg, on_token, |ids| {
-        let mut tape = Tape::inference();
-        let t = ids.len();
-        let f = model.forward(&mut tape, ids, 1, t, Some(&mut cache))?;
-        Ok(tape.value(f.logits).row(t - 1).to_vec())
+        Ok(cpu_step(model, &mut cache, ids, 1, ids.len())?.remove(0))
     })
 }
 
@@ -143,21 +160,9 @@ pub fn sample_batch(
     cfg: &SamplingConfig,
     rng: &mut StdRng,
 ) -> Result<Vec<Vec<u32>>> {
-    ensure!(!prompt.is_empty(), "the prompt is empty");
-    let total = prompt.len() + new;
-    ensure!(
-        total <= model.cfg.max_position_embeddings,
-        "prompt ({}) + new tokens ({new}) exceed max_position_embeddings {}",
-        prompt.len(),
-        model.cfg.max_position_embeddings
-    );
-    model.check_input(prompt, prompt.len())?;
-    let mut cache = KvCache::new(&model.cfg, n, total);
+    let mut cache = cpu_cache(model, prompt, new, n)?;
     sample_batch_with(prompt, n, new, cfg, rng, |ids, t| {
-        let mut tape = Tape::inference();
-        let f = model.forward(&mut tape, ids, n, t, Some(&mut cache))?;
-        let logits = tape.value(f.logits);
-        Ok((0..n).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
+        cpu_step(model, &mut cache, ids, n, t)
     })
 }
 
