@@ -268,9 +268,29 @@ fn out_of_range_ids_and_bad_selections() {
             &fixture("flexolmo_tiny"),
             "--data",
             "no-such-data-dir",
+            "--max-new",
+            "64",
         ],
         "no-such-data-dir",
     );
+    for (flag, value, needle) in [
+        ("--docs", "0", "at least one document"),
+        ("--samples", "0", "at least one sample"),
+        ("--max-new", "4000", "positions"),
+    ] {
+        assert_clean_error(
+            &[
+                "extract",
+                "--model",
+                &fixture("flexolmo_tiny"),
+                "--data",
+                &fixture("flexolmo_tiny"),
+                flag,
+                value,
+            ],
+            needle,
+        );
+    }
     let out = std::env::temp_dir().join("flexrun-cli-demo-device");
     assert_clean_error(
         &[

@@ -1222,7 +1222,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Extract(a) => {
             let gpu = gpu_for(&a.sel.device)?;
             let loaded = a.sel.load()?;
-            let ds = data::Dataset::open(&a.data)?;
             let cfg = eval::extract::ExtractConfig {
                 docs: a.docs,
                 prefix: a.prefix,
@@ -1235,6 +1234,8 @@ fn run(cli: Cli) -> Result<()> {
                 threshold: a.threshold,
                 seed: a.seed,
             };
+            cfg.check(loaded.model.cfg.max_position_embeddings)?;
+            let ds = data::Dataset::open(&a.data)?;
             let gpu_model;
             let e = match &gpu {
                 Some(dev) => {

@@ -52,6 +52,34 @@ impl Default for ExtractConfig {
     }
 }
 
+impl ExtractConfig {
+    /// Errs on settings no check can run with, for a model of `max_positions` positions.
+    pub fn check(&self, max_positions: usize) -> Result<()> {
+        ensure!(
+            self.docs > 0,
+            "the extraction check needs at least one document"
+        );
+        ensure!(self.samples > 0, "extraction needs at least one sample");
+        ensure!(
+            self.prefix > 0 && self.min_continuation > 0,
+            "extraction needs a prefix and a continuation of at least one token"
+        );
+        ensure!(
+            self.min_continuation <= self.max_continuation,
+            "the shortest continuation ({}) exceeds the longest ({})",
+            self.min_continuation,
+            self.max_continuation
+        );
+        ensure!(
+            self.prefix + self.max_continuation <= max_positions,
+            "prefix ({}) + longest continuation ({}) exceed the model's {max_positions} positions",
+            self.prefix,
+            self.max_continuation
+        );
+        Ok(())
+    }
+}
+
 /// The result for one model and domain.
 #[derive(Clone, Debug, Serialize)]
 pub struct Extraction {
@@ -89,6 +117,10 @@ pub fn levenshtein_similarity(a: &[u32], b: &[u32]) -> f64 {
 /// (seeded), each long enough for `prefix + min_continuation` tokens, cut at a random offset.
 pub fn windows(shard: &TokenShard, c: &ExtractConfig) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     ensure!(
+        c.docs > 0,
+        "the extraction check needs at least one document"
+    );
+    ensure!(
         c.prefix > 0 && c.max_continuation >= c.min_continuation && c.min_continuation > 0,
         "extraction needs a prefix > 0 and 0 < min continuation <= max continuation"
     );
@@ -124,7 +156,7 @@ pub fn windows(shard: &TokenShard, c: &ExtractConfig) -> Result<Vec<(Vec<u32>, V
 
 /// The extraction check of `e` (one model, on the CPU or a GPU) on `shard`.
 pub fn extraction(e: &Evaluated<'_>, shard: &TokenShard, c: &ExtractConfig) -> Result<Extraction> {
-    ensure!(c.samples > 0, "extraction needs at least one sample");
+    c.check(e.max_positions())?;
     let cfg = SamplingConfig {
         temperature: c.temperature,
         top_k: c.top_k,

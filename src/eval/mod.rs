@@ -105,6 +105,19 @@ impl Evaluated<'_> {
         }
     }
 
+    /// The longest sequence every model takes.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Evaluated::Model(m) => m.cfg.max_position_embeddings,
+            Evaluated::Gpu(g) => g.max_positions(),
+            Evaluated::Btm { models, .. } => models
+                .iter()
+                .map(Evaluated::max_positions)
+                .min()
+                .unwrap_or(0),
+        }
+    }
+
     /// Whether anything runs on a GPU.
     fn on_gpu(&self) -> bool {
         match self {

@@ -268,6 +268,11 @@ impl<'d> GpuModel<'d> {
         self.vocab
     }
 
+    /// `max_position_embeddings`: the longest sequence the model takes.
+    pub fn max_positions(&self) -> usize {
+        self.max_pos
+    }
+
     /// An empty cache for `batch` sequences of up to `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<GpuKvCache> {
         ensure!(
