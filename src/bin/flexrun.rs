@@ -1244,7 +1244,17 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => Evaluated::Model(&loaded.model),
             };
-            let r = eval::extract::extraction(&e, &ds.train, &cfg)?;
+            let bar = indicatif::ProgressBar::new(cfg.docs as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "extract [{bar:30}] {pos}/{len} docs eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let r = eval::extract::extraction(&e, &ds.train, &cfg, Some(&bar));
+            bar.finish_and_clear();
+            let r = r?;
             let what = match loaded.expert_names.len() {
                 0 => a.sel.model.display().to_string(),
                 _ => format!(

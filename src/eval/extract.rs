@@ -13,6 +13,7 @@ use crate::data::shards::TokenShard;
 use crate::error::Result;
 use crate::generate::{sample_batch, sample_batch_gpu, SamplingConfig};
 use crate::{bail, ensure};
+use indicatif::ProgressBar;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -154,8 +155,14 @@ pub fn windows(shard: &TokenShard, c: &ExtractConfig) -> Result<Vec<(Vec<u32>, V
     Ok(out)
 }
 
-/// The extraction check of `e` (one model, on the CPU or a GPU) on `shard`.
-pub fn extraction(e: &Evaluated<'_>, shard: &TokenShard, c: &ExtractConfig) -> Result<Extraction> {
+/// The extraction check of `e` (one model, on the CPU or a GPU) on `shard`; `progress`, if
+/// given, advances by one per document checked.
+pub fn extraction(
+    e: &Evaluated<'_>,
+    shard: &TokenShard,
+    c: &ExtractConfig,
+    progress: Option<&ProgressBar>,
+) -> Result<Extraction> {
     c.check(e.max_positions())?;
     let cfg = SamplingConfig {
         temperature: c.temperature,
@@ -176,6 +183,9 @@ pub fn extraction(e: &Evaluated<'_>, shard: &TokenShard, c: &ExtractConfig) -> R
             }
             Evaluated::Btm { .. } => bail!("the extraction check takes one model, not an ensemble"),
         };
+        if let Some(p) = progress {
+            p.inc(1);
+        }
         Ok(samples
             .iter()
             .map(|s| levenshtein_similarity(s, truth))
@@ -277,11 +287,11 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         };
-        let own = extraction(&Evaluated::Model(&m), &sh, &c).unwrap();
+        let own = extraction(&Evaluated::Model(&m), &sh, &c, None).unwrap();
         assert_eq!((own.docs, own.extracted), (12, 12));
         assert!((own.mean_best_similarity - 1.0).abs() < 1e-12);
         let other = Model::new_random(&cfg, 4).unwrap();
-        let o = extraction(&Evaluated::Model(&other), &sh, &c).unwrap();
+        let o = extraction(&Evaluated::Model(&other), &sh, &c, None).unwrap();
         assert!(o.extracted <= 1 && o.mean_best_similarity < 0.5, "{o:?}");
     }
 

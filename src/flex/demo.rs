@@ -484,10 +484,13 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             ..Default::default()
         };
         let extract = |m: &Model, ds: &Dataset| match &gpu {
-            Some(dev) => {
-                extract::extraction(&Evaluated::Gpu(&GpuModel::upload(dev, m)?), &ds.train, &xc)
-            }
-            None => extract::extraction(&Evaluated::Model(m), &ds.train, &xc),
+            Some(dev) => extract::extraction(
+                &Evaluated::Gpu(&GpuModel::upload(dev, m)?),
+                &ds.train,
+                &xc,
+                None,
+            ),
+            None => extract::extraction(&Evaluated::Model(m), &ds.train, &xc, None),
         };
         for ((d, (_, dm)), wm) in closed.iter().zip(&dense).zip(&without) {
             let ds = &sets
