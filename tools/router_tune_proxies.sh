@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Optional router tuning of a finished demo's merged model (FLEXOLMO.md: everything frozen but
+# the router rows, on public data plus small per-domain proxy sets; strict opt-out is given up),
+# then its acceptance figures (tools/optout_check.sh):
+#
+#   tools/router_tune_proxies.sh [WORKDIR (runs/demo)] [DOCS (20)] [STEPS (200)] [LR (2e-3)]
+#
+# The proxy of each closed domain is its first DOCS training documents (DOCS=0: public data
+# only), tokenized with the demo's tokenizer; every set gets an equal share of the rows.
+# env FLEXRUN: the binary (default target/release/flexrun, built if missing).
+set -euo pipefail
+W=${1:-runs/demo}
+DOCS=${2:-20}
+STEPS=${3:-200}
+LR=${4:-2e-3}
+B=${FLEXRUN:-target/release/flexrun}
+[ -x "$B" ] || cargo build --release --quiet
+[ -d "$W/models/flexolmo-main" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+OUT="$W/router-tune/docs$DOCS-steps$STEPS-lr$LR"
+mkdir -p "$OUT"
+sets=("$W/data/public")
+if [ "$DOCS" -gt 0 ]; then
+  for d in $(ls "$W/data" | grep -vx public); do
+    head -n "$DOCS" "$W/corpus/$d/train.jsonl" > "$OUT/$d.jsonl"
+    "$B" data prepare --input "$OUT/$d.jsonl" --tokenizer "$W/tokenizer.json" --out "$OUT/proxy-$d" > /dev/null
+    sets+=("$OUT/proxy-$d")
+  done
+fi
+"$B" router-tune --model "$W/models/flexolmo-main" --data "${sets[@]}" --out "$OUT/model" \
+  --steps "$STEPS" --lr "$LR" --warmup $((STEPS / 10)) --quiet
+tools/optout_check.sh "$OUT/model" "$W"
