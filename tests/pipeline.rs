@@ -87,6 +87,13 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
     for (p, q) in a.params.params.iter().zip(&b.params.params) {
         assert_eq!(p.value.data(), q.value.data(), "{} differs", p.name);
     }
+    // The resumed run's loss curve image covers all 8 steps, once each.
+    assert_eq!(
+        flexrun::train::read_log(&root.join("b/train_log.jsonl")).unwrap(),
+        la
+    );
+    let svg = std::fs::read_to_string(root.join("b/loss.svg")).unwrap();
+    assert!(svg.contains("<polyline") && svg.contains(">valid<"));
     // Changed settings are refused.
     let mut m = Model::new_random(&cfg, 0).unwrap();
     let mut tr = Trainer::new(
@@ -116,7 +123,9 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         1 + 3 + 2 + 1 + 3,
         "public, 3 dense, soup, BTM, FlexOlmo, 3 opt-outs"
     );
-    assert!(root.join("routing.svg").exists() && root.join("results.md").exists());
+    for f in ["routing.svg", "loss_curves.svg", "results.md"] {
+        assert!(root.join(f).exists(), "the demo writes {f}");
+    }
     let flex_dir = root.join("models/flexolmo-main");
     let manifest = flex::Manifest::load(&flex_dir).unwrap().unwrap();
     let names: Vec<&str> = manifest.experts.iter().map(|e| e.name.as_str()).collect();

@@ -2,6 +2,7 @@
 //! models (any expert subset) and for the BTM ensemble baseline; tables as markdown and JSON.
 
 pub mod extract;
+pub mod plot;
 pub mod routing;
 
 use crate::backend::cuda::GpuModel;

@@ -83,7 +83,7 @@ pub fn markdown(stats: &[RoutingStats], experts: &[String]) -> String {
     s
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

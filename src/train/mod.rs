@@ -123,6 +123,61 @@ pub struct RunDir {
     pub dir: PathBuf,
 }
 
+/// The entries of a `train_log.jsonl`, one per step (a step logged again after a resume from an
+/// earlier checkpoint keeps its last entry), in step order.
+pub fn read_log(path: &Path) -> Result<Vec<LogEntry>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::Error(format!("reading {}: {e}", path.display())))?;
+    let mut by_step = std::collections::BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let e: LogEntry = serde_json::from_str(line)
+            .map_err(|err| crate::Error(format!("{} line {}: {err}", path.display(), i + 1)))?;
+        by_step.insert(e.step, e);
+    }
+    Ok(by_step.into_values().collect())
+}
+
+/// Loss curves of training runs as an SVG line chart: per run, its training cross-entropy
+/// (smoothed; the raw per-step values are noisy) and its validation cross-entropy (dots),
+/// labelled with the run's name (none for a single run).
+pub fn loss_chart_svg(title: &str, runs: &[(&str, &[LogEntry])]) -> String {
+    use crate::eval::plot::{ema, line_chart_svg, Series};
+    let mut series = Vec::new();
+    for (name, entries) in runs {
+        let ce: Vec<f64> = entries.iter().map(|e| e.ce as f64).collect();
+        let smooth = ema(&ce, 0.9);
+        let label = |part: &str| match name.is_empty() {
+            true => part.to_string(),
+            false => format!("{name} ({part})"),
+        };
+        series.push(Series {
+            name: label("train"),
+            points: entries
+                .iter()
+                .zip(smooth)
+                .map(|(e, y)| (e.step as f64, y))
+                .collect(),
+            dots: false,
+        });
+        let valid: Vec<(f64, f64)> = entries
+            .iter()
+            .filter_map(|e| e.valid_ce.map(|v| (e.step as f64, v as f64)))
+            .collect();
+        if !valid.is_empty() {
+            series.push(Series {
+                name: label("valid"),
+                points: valid,
+                dots: true,
+            });
+        }
+    }
+    line_chart_svg(title, "step", "cross-entropy (nats)", &series)
+}
+
 impl RunDir {
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint")
@@ -360,6 +415,14 @@ impl<'a> Trainer<'a> {
             }
         }
         bar.finish();
+        drop(log);
+        // The loss curve of the whole run (resumed parts included), as an image.
+        let entries = read_log(&self.run.log())?;
+        let svg = loss_chart_svg(
+            &format!("Training loss, {}", self.run.dir.display()),
+            &[("", &entries)],
+        );
+        crate::fsutil::write_bytes_atomic(&self.run.dir.join("loss.svg"), svg.as_bytes())?;
         let seconds = start.elapsed().as_secs_f64();
         let trained = (self.step - start_step) * tokens_per_step;
         Ok(TrainSummary {
