@@ -1317,10 +1317,11 @@ fn run(cli: Cli) -> Result<()> {
             flex::demo::run(&c, &a.out, a.quiet)?;
             print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
             println!(
-                "\nresults: {}, {}; routing heatmap: {}",
+                "\nresults: {}, {}; routing heatmap: {}; loss curves: {}",
                 a.out.join("results.md").display(),
                 a.out.join("results.json").display(),
-                a.out.join("routing.svg").display()
+                a.out.join("routing.svg").display(),
+                a.out.join("loss_curves.svg").display()
             );
         }
     }
