@@ -403,26 +403,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         gpu.as_ref(),
     )?;
 
-    // Every training run's loss curve in one image.
-    let mut logs = vec![("public".to_string(), w.p("models/public/train_log.jsonl"))];
-    for d in &closed {
-        logs.push((
-            format!("dense {d}"),
-            w.p(&format!("runs/dense-{d}/train_log.jsonl")),
-        ));
-        logs.push((
-            format!("expert {d}"),
-            w.p(&format!("runs/expert-main-{d}/train_log.jsonl")),
-        ));
-    }
-    let entries: Vec<(String, Vec<crate::train::LogEntry>)> = logs
-        .into_iter()
-        .map(|(n, p)| Ok((n, crate::train::read_log(&p)?)))
-        .collect::<Result<_>>()?;
-    let runs: Vec<(&str, &[crate::train::LogEntry])> =
-        entries.iter().map(|(n, e)| (n.as_str(), &e[..])).collect();
-    let svg = crate::train::loss_chart_svg("Training loss of every run in the demo", &runs);
-    write_bytes_atomic(&w.p("loss_curves.svg"), svg.as_bytes())?;
+    write_loss_curves(&w, &closed)?;
 
     step("evaluate", quiet);
     let domains: Vec<DomainEval> = sets
@@ -611,6 +592,31 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// Every training run's loss curve in one image, `loss_curves.svg`: public pretraining, each
+/// dense expert and each FlexOlmo expert.
+fn write_loss_curves(w: &Work, closed: &[String]) -> Result<()> {
+    use crate::train::{loss_chart_svg, read_log, LogEntry};
+    let mut logs = vec![("public".to_string(), w.p("models/public/train_log.jsonl"))];
+    for d in closed {
+        logs.push((
+            format!("dense {d}"),
+            w.p(&format!("runs/dense-{d}/train_log.jsonl")),
+        ));
+        logs.push((
+            format!("expert {d}"),
+            w.p(&format!("runs/expert-main-{d}/train_log.jsonl")),
+        ));
+    }
+    let entries: Vec<(String, Vec<LogEntry>)> = logs
+        .into_iter()
+        .map(|(n, p)| Ok((n, read_log(&p)?)))
+        .collect::<Result<_>>()?;
+    let runs: Vec<(&str, &[LogEntry])> =
+        entries.iter().map(|(n, e)| (n.as_str(), &e[..])).collect();
+    let svg = loss_chart_svg("Training loss of every run in the demo", &runs);
+    write_bytes_atomic(&w.p("loss_curves.svg"), svg.as_bytes())
 }
 
 /// The GPU that trains and evaluates the demo's models (`DemoConfig::device`), if any.
