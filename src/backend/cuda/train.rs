@@ -125,8 +125,7 @@ impl GpuModel<'_> {
                 .iter()
                 .map(|id| id.is_some_and(|id| model.params.params[id].trainable))
                 .collect();
-            let f = trained.iter().position(|&t| t).unwrap_or(trained.len());
-            if trained[f..].iter().any(|&t| !t) {
+            let Some(f) = trained_suffix(&trained) else {
                 let names: Vec<&str> = ids
                     .iter()
                     .flatten()
@@ -136,7 +135,7 @@ impl GpuModel<'_> {
                     "training on the GPU needs the trained experts of a stacked weight to be its \
                      last ones: {names:?}"
                 );
-            }
+            };
             from.push(f);
         }
         self.grad_from = from;
@@ -666,6 +665,14 @@ impl GpuModel<'_> {
     }
 }
 
+/// Where the trained segments of a stacked weight start, when they are its last ones
+/// (`trained[f..]` all true, `trained[..f]` all false; `trained.len()` when none is); None
+/// otherwise.
+fn trained_suffix(trained: &[bool]) -> Option<usize> {
+    let f = trained.iter().position(|&t| t).unwrap_or(trained.len());
+    trained[f..].iter().all(|&t| t).then_some(f)
+}
+
 /// `a + b` where both exist; either alone otherwise.
 fn sum_opt(dev: &Device, a: Option<Buf<f32>>, b: Option<Buf<f32>>) -> Result<Option<Buf<f32>>> {
     Ok(match (a, b) {
@@ -1045,5 +1052,23 @@ impl GpuModel<'_> {
             .dev
             .cross_entropy(&logits, n, self.vocab, targets, 0.0)?
             .ce)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trained_suffix;
+
+    #[test]
+    fn trained_experts_must_be_the_last_ones() {
+        assert_eq!(trained_suffix(&[true]), Some(0));
+        assert_eq!(trained_suffix(&[false]), Some(1));
+        assert_eq!(trained_suffix(&[false, true]), Some(1));
+        assert_eq!(trained_suffix(&[true, true, true]), Some(0));
+        assert_eq!(trained_suffix(&[false, false, false]), Some(3));
+        assert_eq!(trained_suffix(&[false, true, true]), Some(1));
+        assert_eq!(trained_suffix(&[true, false]), None);
+        assert_eq!(trained_suffix(&[false, true, false, true]), None);
+        assert_eq!(trained_suffix(&[]), Some(0));
     }
 }
