@@ -146,6 +146,24 @@ impl Default for LossCoefs {
     }
 }
 
+/// Per-token targets of expert training's router cross-entropy for `b` sequences of `t`
+/// tokens: the own-text loss (`public` false) asks for expert 1 on the rows `anchored` does not
+/// mark (the owner's text), the public-text loss for expert 0 on the marked (public) rows; the
+/// other rows are `IGNORE`.
+pub fn router_ce_targets(anchored: &[bool], b: usize, t: usize, public: bool) -> Vec<u32> {
+    (0..b)
+        .flat_map(|r| {
+            let is_public = anchored.get(r).copied().unwrap_or(false);
+            let x = match (public, is_public) {
+                (false, false) => 1,
+                (true, true) => 0,
+                _ => ops::IGNORE,
+            };
+            std::iter::repeat_n(x, t)
+        })
+        .collect()
+}
+
 /// A KV cache of `batch` sequences and `capacity` positions can take `b` sequences up to
 /// position `end` (the CPU's [`KvCache`] and the GPU's).
 pub fn check_cache(batch: usize, capacity: usize, b: usize, end: usize) -> Result<()> {
@@ -581,18 +599,7 @@ impl Model {
                  training, not {} experts",
                 self.cfg.experts()
             );
-            // Own rows (not anchored) ask for expert 1, public rows (anchored) for expert 0.
-            let target: Vec<u32> = (0..b)
-                .flat_map(|r| {
-                    let is_public = anchored.get(r).copied().unwrap_or(false);
-                    let x = match (public, is_public) {
-                        (false, false) => 1,
-                        (true, true) => 0,
-                        _ => ops::IGNORE,
-                    };
-                    std::iter::repeat_n(x, t)
-                })
-                .collect();
+            let target = router_ce_targets(anchored, b, t, public);
             if target.iter().any(|&x| x != ops::IGNORE) {
                 let n = out.router_logits.len() as f32;
                 for &z in &out.router_logits {

@@ -13,7 +13,7 @@
 use super::infer::{FfnSaved, GpuFfn, LayerSaved};
 use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel, View};
 use crate::error::Result;
-use crate::model::{Ffn, LossCoefs, Model};
+use crate::model::{router_ce_targets, Ffn, LossCoefs, Model};
 use crate::ops::{AttnShape, IGNORE};
 use crate::tensor::Tensor;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -363,7 +363,6 @@ impl GpuModel<'_> {
         let (n, h) = (b * t, self.h);
         let moe = saved.iter().filter(|s| s.ffn.route.is_some()).count();
         let per_layer = 1.0 / moe.max(1) as f32;
-        let is_public = |r: usize| anchored.get(r).copied().unwrap_or(false);
         // Router cross-entropy targets: own rows (not anchored) toward expert 1, public rows
         // toward expert 0.
         let mut router_ce = Vec::new();
@@ -378,16 +377,7 @@ impl GpuModel<'_> {
                 "the router's own-text and public-text losses are for 2-expert (expert) \
                  training"
             );
-            let target: Vec<u32> = (0..b)
-                .flat_map(|r| {
-                    let x = match (public, is_public(r)) {
-                        (false, false) => 1,
-                        (true, true) => 0,
-                        _ => IGNORE,
-                    };
-                    std::iter::repeat_n(x, t)
-                })
-                .collect();
+            let target = router_ce_targets(anchored, b, t, public);
             if target.iter().any(|&x| x != IGNORE) {
                 router_ce.push((w * per_layer, target));
             }
