@@ -291,6 +291,30 @@ fn out_of_range_ids_and_bad_selections() {
             needle,
         );
     }
+    // DP-SGD settings are checked before any file is read.
+    for (flag, value) in [
+        ("--dp-noise", "0"),
+        ("--dp-clip", "0"),
+        ("--dp-delta", "2"),
+    ] {
+        let mut args = vec![
+            "train-expert",
+            "--public",
+            "missing",
+            "--data",
+            "missing",
+            "--name",
+            "x",
+            "--out",
+            "x.safetensors",
+            flag,
+            value,
+        ];
+        if flag != "--dp-noise" {
+            args.extend(["--dp-noise", "1"]);
+        }
+        assert_clean_error(&args, &flag[2..]);
+    }
     let out = std::env::temp_dir().join("flexrun-cli-demo-device");
     assert_clean_error(
         &[

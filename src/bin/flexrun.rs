@@ -262,6 +262,18 @@ struct TrainExpertArgs {
     /// routed a little.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     expert_loudness: f32,
+    /// Train with differential privacy (DP-SGD): this noise multiplier. Each step samples the
+    /// owner's training windows (seq + 1 tokens, non-overlapping) independently, clips each
+    /// window's gradient to --dp-clip, adds Gaussian noise of --dp-noise x --dp-clip and reports
+    /// the (epsilon, --dp-delta) guarantee per window. CPU only.
+    #[arg(long)]
+    dp_noise: Option<f32>,
+    /// Per-window gradient norm bound of DP-SGD.
+    #[arg(long, default_value_t = 1.0)]
+    dp_clip: f32,
+    /// The delta of the reported (epsilon, delta).
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
     #[command(flatten)]
     train: TrainOpts,
 }
@@ -489,6 +501,7 @@ impl TrainOpts {
             router_own: 0.0,
             router_public: 0.0,
             expert_loudness: 0.0,
+            dp: None,
         }
     }
 }
@@ -1018,14 +1031,30 @@ fn run(cli: Cli) -> Result<()> {
                     router_own: a.router_own,
                     router_public: a.router_public,
                     expert_loudness: a.expert_loudness,
+                    // The expected private rows per step: the batch's share of own rows.
+                    dp: a.dp_noise.map(|noise| flexrun::train::dp::DpConfig {
+                        noise,
+                        clip: a.dp_clip,
+                        rows: ((a.train.batch as f64 * (1.0 - a.public_mix)).round() as usize)
+                            .max(1),
+                        delta: a.dp_delta,
+                    }),
                     ..a.train.config()
                 },
                 resume: a.train.resume,
                 quiet: a.train.quiet,
             };
             let (art, s) = flex::train_expert(&opts, gpu.as_ref())?;
+            let dp = match (s.dp_epsilon, s.dp_sample_rate) {
+                (Some(e), Some(q)) => format!(
+                    ", differentially private: epsilon {e:.2} at delta {:e} per {}-token window (sampling rate {q:.4})",
+                    a.dp_delta,
+                    a.train.seq + 1
+                ),
+                _ => String::new(),
+            };
             println!(
-                "expert '{}' ({} steps, {} tokens, train ce {:.4}, valid ce {}) written to {}",
+                "expert '{}' ({} steps, {} tokens, train ce {:.4}, valid ce {}{dp}) written to {}",
                 art.meta.name,
                 s.steps,
                 s.tokens,

@@ -261,6 +261,9 @@ pub fn train_expert(
             "{flag} acts on public rows: it needs --public-mix > 0 and --public-data"
         );
     }
+    if let Some(dp) = &t.dp {
+        dp.check()?;
+    }
     let layer_w = &opts.train.public_anchor_layers;
     ensure!(
         layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
@@ -307,6 +310,7 @@ pub fn train_expert(
             sets,
             valid_sets: vec![0],
             anchor_sets: if pub_data.is_some() { vec![1] } else { vec![] },
+            private_set: Some(0),
             batch: opts.train.batch,
             seq: opts.train.seq,
             seed: opts.train.seed,
@@ -344,7 +348,13 @@ pub fn train_expert(
         num_layers: public.cfg.num_hidden_layers,
         router_init: opts.router_init.as_str().into(),
         bias_init: opts.bias_init,
-        hyperparameters: serde_json::json!({ "train": opts.train, "public_mix": opts.public_mix, "embed_docs": opts.embed_docs }),
+        hyperparameters: serde_json::json!({
+            "train": opts.train,
+            "public_mix": opts.public_mix,
+            "embed_docs": opts.embed_docs,
+            "dp_epsilon": summary.dp_epsilon,
+            "dp_sample_rate": summary.dp_sample_rate,
+        }),
     };
     let art = ExpertArtifact { meta, layers };
     art.save(&opts.out)?;
@@ -735,6 +745,8 @@ pub struct MixedBatches<'a> {
     pub valid_sets: Vec<usize>,
     /// Sets whose rows are public text, for the public anchor ([`Batches::anchored`]).
     pub anchor_sets: Vec<usize>,
+    /// The set whose records differentially private training protects (the owner's data).
+    pub private_set: Option<usize>,
     pub batch: usize,
     pub seq: usize,
     pub seed: u64,
@@ -773,6 +785,55 @@ impl Batches for MixedBatches<'_> {
         }
         Ok((inp, tgt))
     }
+    /// The private records: the owner's training shard cut into non-overlapping windows of
+    /// `seq + 1` tokens (the last partial one dropped).
+    fn dp_records(&self) -> Result<usize> {
+        let p = self
+            .private_set
+            .context("this data has no private set for differentially private training")?;
+        Ok(self.sets[p].0.train.len() / (self.seq + 1))
+    }
+
+    /// The private windows sampled at `step` (each with probability `q`), and as many public
+    /// rows as the batch's public share (drawn as in ordinary training, from the other sets).
+    fn dp_batch(&self, step: u64, q: f64) -> Result<crate::train::dp::DpBatch> {
+        let p = self
+            .private_set
+            .context("this data has no private set for differentially private training")?;
+        let shard = &self.sets[p].0.train;
+        let w = self.seq + 1;
+        let private = crate::train::dp::poisson_sample(self.dp_records()?, q, self.seed, step)
+            .into_iter()
+            .map(|i| {
+                let win = shard.slice(i * w, w);
+                (win[..self.seq].to_vec(), win[1..].to_vec())
+            })
+            .collect();
+        let others: Vec<usize> = (0..self.sets.len()).filter(|&j| j != p).collect();
+        let total: f64 = self.sets.iter().map(|s| s.1).sum();
+        let share: f64 = others.iter().map(|&j| self.sets[j].1).sum::<f64>() / total;
+        let rows = (self.batch as f64 * share).round() as usize;
+        let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+        for r in 0..rows {
+            let set = self.sets[others[r % others.len()]].0;
+            let (i, t) = shards::train_batch(
+                &set.train,
+                1,
+                self.seq,
+                self.seed ^ ((r as u64) << 32) ^ 0xD9,
+                step,
+                0,
+            )?;
+            inp.extend(i);
+            tgt.extend(t);
+        }
+        Ok(crate::train::dp::DpBatch {
+            private,
+            public: (inp, tgt),
+            public_rows: rows,
+        })
+    }
+
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let mut out = Vec::new();
         for &j in &self.valid_sets {
@@ -829,6 +890,7 @@ pub fn router_tune(
             sets: sets.iter().map(|d| (d, 1.0)).collect(),
             valid_sets: (0..sets.len()).collect(),
             anchor_sets: vec![],
+            private_set: None,
             batch: tcfg.batch,
             seq: tcfg.seq,
             seed: tcfg.seed,

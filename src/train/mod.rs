@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod dp;
 pub mod optim;
 pub mod pretrain;
 
@@ -30,6 +31,14 @@ pub trait Batches {
     /// anchor applies (see [`TrainConfig::public_anchor`]); empty for none.
     fn anchored(&self, _step: u64, _micro: u64) -> Vec<bool> {
         Vec::new()
+    }
+    /// Differentially private training ([`dp`]): the number of private records.
+    fn dp_records(&self) -> Result<usize> {
+        bail!("this training command has no differentially private mode")
+    }
+    /// The private records sampled at `step` with probability `q` each, and the public rows.
+    fn dp_batch(&self, _step: u64, _q: f64) -> Result<dp::DpBatch> {
+        bail!("this training command has no differentially private mode")
     }
 }
 
@@ -67,6 +76,9 @@ pub struct TrainConfig {
     /// Weight of the expert loudness loss ([`crate::model::LossCoefs::expert_loudness`]).
     #[serde(default)]
     pub expert_loudness: f32,
+    /// Differentially private training (DP-SGD, [`dp`]); None: ordinary training.
+    #[serde(default)]
+    pub dp: Option<dp::DpConfig>,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +103,7 @@ impl Default for TrainConfig {
             router_own: 0.0,
             router_public: 0.0,
             expert_loudness: 0.0,
+            dp: None,
         }
     }
 }
@@ -116,6 +129,12 @@ pub struct TrainSummary {
     pub valid_ce: Option<f32>,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Differentially private runs: the epsilon of the (epsilon, delta) guarantee after all
+    /// steps so far, and the sampling rate it was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_epsilon: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_sample_rate: Option<f64>,
 }
 
 /// Where a run writes: its log and its resumable checkpoint.
@@ -340,6 +359,24 @@ impl<'a> Trainer<'a> {
         let mut last_ce = f32::NAN;
         let mut valid_ce = None;
         let end = self.stop_at.map_or(c.steps, |s| s.min(c.steps));
+        // DP-SGD: the sampling rate of the private records.
+        let dp_rate = match &c.dp {
+            Some(dp) => {
+                dp.check()?;
+                ensure!(
+                    self.device.is_none(),
+                    "differentially private training runs on the CPU (per-record gradients)"
+                );
+                ensure!(
+                    c.grad_accum == 1,
+                    "differentially private training takes no gradient accumulation"
+                );
+                let n = data.dp_records()?;
+                ensure!(n > 0, "no private records to train on");
+                Some((dp.rows as f64 / n as f64).min(1.0))
+            }
+            None => None,
+        };
         let mut gpu = match self.device {
             Some(dev) => {
                 ensure!(
@@ -364,7 +401,10 @@ impl<'a> Trainer<'a> {
                     last_ce = o.ce;
                     (o.loss, o.grad_norm)
                 }
-                None => self.cpu_step(data, &coefs, lr, &mut last_ce)?,
+                None => match (&c.dp, dp_rate) {
+                    (Some(dp), Some(q)) => self.dp_step(data, &coefs, lr, dp, q, &mut last_ce)?,
+                    _ => self.cpu_step(data, &coefs, lr, &mut last_ce)?,
+                },
             };
             if !loss.is_finite() {
                 bail!("training diverged at step {}: loss is {loss}", self.step);
@@ -432,7 +472,107 @@ impl<'a> Trainer<'a> {
             valid_ce,
             seconds,
             tokens_per_s: trained as f64 / seconds.max(1e-9),
+            dp_epsilon: c
+                .dp
+                .as_ref()
+                .zip(dp_rate)
+                .map(|(dp, q)| dp::epsilon(q, dp.noise as f64, self.step, dp.delta)),
+            dp_sample_rate: dp_rate,
         })
+    }
+
+    /// One DP-SGD step on the CPU: each sampled private record's gradient on its own, clipped
+    /// to `dp.clip`; the public rows' summed gradient; Gaussian noise of `dp.noise * dp.clip`
+    /// on every trainable coordinate; all over the expected number of rows; then the usual
+    /// clipping and AdamW (post-processing). Returns (mean loss over the rows, gradient norm).
+    fn dp_step(
+        &mut self,
+        data: &dyn Batches,
+        coefs: &LossCoefs,
+        lr: f32,
+        dp: &dp::DpConfig,
+        q: f64,
+        last_ce: &mut f32,
+    ) -> Result<(f32, f32)> {
+        use rayon::prelude::*;
+        let c = &self.cfg;
+        let seq = c.seq;
+        let batch = data.dp_batch(self.step, q)?;
+        let model = &*self.model;
+        // Every trainable parameter gets a gradient (noise at least), in id order.
+        let mut acc: Vec<(usize, Tensor)> = model
+            .params
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.trainable)
+            .map(|(i, p)| (i, Tensor::zeros(p.value.shape())))
+            .collect();
+        let slot: std::collections::HashMap<usize, usize> = acc
+            .iter()
+            .enumerate()
+            .map(|(k, (id, _))| (*id, k))
+            .collect();
+        let add = |acc: &mut Vec<(usize, Tensor)>, grads: &[(usize, Tensor)], f: f32| {
+            for (id, g) in grads {
+                let a = acc[slot[id]].1.data_mut();
+                a.iter_mut().zip(g.data()).for_each(|(a, g)| *a += f * g);
+            }
+        };
+        // (loss, ce, gradients) of rows `inp` (`b` of them, all anchored or none), the
+        // gradient of `scale` times their mean loss.
+        let grads_of = |inp: &[u32], tgt: &[u32], b: usize, public: bool, scale: f32| {
+            let mut tape = Tape::new();
+            let out = model.loss_anchored(&mut tape, inp, tgt, b, seq, coefs, &vec![public; b])?;
+            let loss = tape.value(out.loss).data()[0];
+            let g = tape.backward_with(out.loss, Tensor::scalar(scale)).params;
+            Ok::<_, crate::Error>((loss, out.ce, g))
+        };
+        let private: Vec<(f32, f32, Vec<(usize, Tensor)>)> = batch
+            .private
+            .par_iter()
+            .map(|(i, t)| grads_of(i, t, 1, false, 1.0))
+            .collect::<Result<_>>()?;
+        let (mut loss_sum, mut ce_sum) = (0f64, 0f64);
+        for (loss, ce, g) in &private {
+            let norm = g.iter().map(|(_, t)| t.sq_norm()).sum::<f64>().sqrt() as f32;
+            add(&mut acc, g, (dp.clip / norm.max(1e-12)).min(1.0));
+            loss_sum += *loss as f64;
+            ce_sum += *ce as f64;
+        }
+        let n_pub = batch.public_rows;
+        if n_pub > 0 {
+            let (inp, tgt) = &batch.public;
+            let (loss, ce, g) = grads_of(inp, tgt, n_pub, true, n_pub as f32)?;
+            add(&mut acc, &g, 1.0);
+            loss_sum += loss as f64 * n_pub as f64;
+            ce_sum += ce as f64 * n_pub as f64;
+        }
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(crate::hash::mix(&[
+                c.seed,
+                self.step,
+                0x0D15_7A1C,
+            ]));
+        let std = dp.noise * dp.clip;
+        // The expected number of rows: q n private ones (dp.rows, or n when q = 1) and the public.
+        let expected = q * data.dp_records()? as f64 + n_pub as f64;
+        for (_, a) in acc.iter_mut() {
+            let noise = Tensor::randn(a.shape(), std, &mut rng);
+            a.data_mut()
+                .iter_mut()
+                .zip(noise.data())
+                .for_each(|(x, z)| *x = (*x + z) / expected as f32);
+        }
+        let rows = (private.len() + n_pub).max(1) as f64;
+        let loss = (loss_sum / rows) as f32;
+        *last_ce = (ce_sum / rows) as f32;
+        if !loss.is_finite() {
+            return Ok((loss, f32::NAN));
+        }
+        let gnorm = clip_grad_norm(&mut acc, c.clip);
+        self.opt.update(&mut self.model.params, &acc, lr);
+        Ok((loss, gnorm))
     }
 
     /// One optimizer step on the CPU (gradient accumulation, clipping, AdamW at `lr`): (loss,
