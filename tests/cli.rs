@@ -292,11 +292,7 @@ fn out_of_range_ids_and_bad_selections() {
         );
     }
     // DP-SGD settings are checked before any file is read.
-    for (flag, value) in [
-        ("--dp-noise", "0"),
-        ("--dp-clip", "0"),
-        ("--dp-delta", "2"),
-    ] {
+    for (flag, value) in [("--dp-noise", "0"), ("--dp-clip", "0"), ("--dp-delta", "2")] {
         let mut args = vec![
             "train-expert",
             "--public",

@@ -137,6 +137,9 @@ pub struct TrainSummary {
     pub dp_sample_rate: Option<f64>,
 }
 
+/// One row's (loss, cross-entropy, parameter gradients) in DP-SGD.
+type RowGrads = (f32, f32, Vec<(usize, Tensor)>);
+
 /// Where a run writes: its log and its resumable checkpoint.
 pub struct RunDir {
     pub dir: PathBuf,
@@ -528,7 +531,7 @@ impl<'a> Trainer<'a> {
             let g = tape.backward_with(out.loss, Tensor::scalar(scale)).params;
             Ok::<_, crate::Error>((loss, out.ce, g))
         };
-        let private: Vec<(f32, f32, Vec<(usize, Tensor)>)> = batch
+        let private: Vec<RowGrads> = batch
             .private
             .par_iter()
             .map(|(i, t)| grads_of(i, t, 1, false, 1.0))
