@@ -531,17 +531,19 @@ impl<'a> Trainer<'a> {
             let g = tape.backward_with(out.loss, Tensor::scalar(scale)).params;
             Ok::<_, crate::Error>((loss, out.ce, g))
         };
-        let private: Vec<RowGrads> = batch
-            .private
-            .par_iter()
-            .map(|(i, t)| grads_of(i, t, 1, false, 1.0))
-            .collect::<Result<_>>()?;
+        // Records in parallel, a few at a time (each holds a whole gradient), summed in order.
         let (mut loss_sum, mut ce_sum) = (0f64, 0f64);
-        for (loss, ce, g) in &private {
-            let norm = g.iter().map(|(_, t)| t.sq_norm()).sum::<f64>().sqrt() as f32;
-            add(&mut acc, g, (dp.clip / norm.max(1e-12)).min(1.0));
-            loss_sum += *loss as f64;
-            ce_sum += *ce as f64;
+        for chunk in batch.private.chunks(2 * rayon::current_num_threads()) {
+            let rows: Vec<RowGrads> = chunk
+                .par_iter()
+                .map(|(i, t)| grads_of(i, t, 1, false, 1.0))
+                .collect::<Result<_>>()?;
+            for (loss, ce, g) in &rows {
+                let norm = g.iter().map(|(_, t)| t.sq_norm()).sum::<f64>().sqrt() as f32;
+                add(&mut acc, g, (dp.clip / norm.max(1e-12)).min(1.0));
+                loss_sum += *loss as f64;
+                ce_sum += *ce as f64;
+            }
         }
         let n_pub = batch.public_rows;
         if n_pub > 0 {
@@ -567,7 +569,7 @@ impl<'a> Trainer<'a> {
                 .zip(noise.data())
                 .for_each(|(x, z)| *x = (*x + z) / expected as f32);
         }
-        let rows = (private.len() + n_pub).max(1) as f64;
+        let rows = (batch.private.len() + n_pub).max(1) as f64;
         let loss = (loss_sum / rows) as f32;
         *last_ce = (ce_sum / rows) as f32;
         if !loss.is_finite() {
