@@ -263,12 +263,12 @@ struct TrainExpertArgs {
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     expert_loudness: f32,
     /// Train with differential privacy (DP-SGD): this noise multiplier. Each step samples the
-    /// owner's training windows (seq + 1 tokens, non-overlapping) independently, clips each
-    /// window's gradient to --dp-clip, adds Gaussian noise of --dp-noise x --dp-clip and reports
-    /// the (epsilon, --dp-delta) guarantee per window. CPU only.
+    /// owner's training documents independently (one window of each), clips each document's
+    /// gradient to --dp-clip, adds Gaussian noise of --dp-noise x --dp-clip and reports the
+    /// (epsilon, --dp-delta) guarantee per document. CPU only.
     #[arg(long)]
     dp_noise: Option<f32>,
-    /// Per-window gradient norm bound of DP-SGD.
+    /// Per-document gradient norm bound of DP-SGD.
     #[arg(long, default_value_t = 1.0)]
     dp_clip: f32,
     /// The delta of the reported (epsilon, delta).
@@ -1031,7 +1031,7 @@ fn run(cli: Cli) -> Result<()> {
                     router_own: a.router_own,
                     router_public: a.router_public,
                     expert_loudness: a.expert_loudness,
-                    // The expected private rows per step: the batch's share of own rows.
+                    // The expected private documents per step: the batch's share of own rows.
                     dp: a.dp_noise.map(|noise| flexrun::train::dp::DpConfig {
                         noise,
                         clip: a.dp_clip,
@@ -1047,9 +1047,8 @@ fn run(cli: Cli) -> Result<()> {
             let (art, s) = flex::train_expert(&opts, gpu.as_ref())?;
             let dp = match (s.dp_epsilon, s.dp_sample_rate) {
                 (Some(e), Some(q)) => format!(
-                    ", differentially private: epsilon {e:.2} at delta {:e} per {}-token window (sampling rate {q:.4})",
-                    a.dp_delta,
-                    a.train.seq + 1
+                    ", differentially private: epsilon {e:.2} at delta {:e} per document (sampling rate {q:.4})",
+                    a.dp_delta
                 ),
                 _ => String::new(),
             };

@@ -785,28 +785,45 @@ impl Batches for MixedBatches<'_> {
         }
         Ok((inp, tgt))
     }
-    /// The private records: the owner's training shard cut into non-overlapping windows of
-    /// `seq + 1` tokens (the last partial one dropped).
+    /// The private records: the documents of the owner's training shard.
     fn dp_records(&self) -> Result<usize> {
         let p = self
             .private_set
             .context("this data has no private set for differentially private training")?;
-        Ok(self.sets[p].0.train.len() / (self.seq + 1))
+        Ok(self.sets[p].0.train.n_docs())
     }
 
-    /// The private windows sampled at `step` (each with probability `q`), and as many public
-    /// rows as the batch's public share (drawn as in ordinary training, from the other sets).
+    /// The owner's documents sampled at `step` (each with probability `q`), one window of each
+    /// (at a random offset; a shorter document whole, its targets padded with `IGNORE`), and as
+    /// many public rows as the batch's public share (drawn as in ordinary training, from the
+    /// other sets).
     fn dp_batch(&self, step: u64, q: f64) -> Result<crate::train::dp::DpBatch> {
+        use rand::Rng;
         let p = self
             .private_set
             .context("this data has no private set for differentially private training")?;
         let shard = &self.sets[p].0.train;
-        let w = self.seq + 1;
-        let private = crate::train::dp::poisson_sample(self.dp_records()?, q, self.seed, step)
+        let seq = self.seq;
+        let private = crate::train::dp::poisson_sample(shard.n_docs(), q, self.seed, step)
             .into_iter()
             .map(|i| {
-                let win = shard.slice(i * w, w);
-                (win[..self.seq].to_vec(), win[1..].to_vec())
+                let doc = shard.doc(i);
+                if doc.len() > seq {
+                    let mut rng = StdRng::seed_from_u64(crate::hash::mix(&[
+                        self.seed, step, i as u64, 0xD0C,
+                    ]));
+                    let at = rng.random_range(0..=doc.len() - seq - 1);
+                    (
+                        doc[at..at + seq].to_vec(),
+                        doc[at + 1..at + seq + 1].to_vec(),
+                    )
+                } else {
+                    let mut inp = doc[..doc.len() - 1].to_vec();
+                    let mut tgt = doc[1..].to_vec();
+                    inp.resize(seq, *doc.last().unwrap_or(&0));
+                    tgt.resize(seq, crate::ops::IGNORE);
+                    (inp, tgt)
+                }
             })
             .collect();
         let others: Vec<usize> = (0..self.sets.len()).filter(|&j| j != p).collect();

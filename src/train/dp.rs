@@ -1,13 +1,11 @@
 //! Differentially private training (DP-SGD) for a data owner's expert: every step samples the
-//! owner's training records independently with probability q (Poisson sampling), clips each
-//! record's gradient to norm `clip`, adds Gaussian noise of standard deviation `noise * clip` to
-//! their sum and divides by the expected number of records; public rows (public data, no
-//! privacy needed) join unclipped. The privacy loss is tracked with the Renyi-DP accountant of
-//! the sampled Gaussian mechanism (Mironov, Talwar, Zhang 2019; integer orders) and converted
-//! to (epsilon, delta).
-//!
-//! A record is one non-overlapping window of `seq + 1` tokens of the owner's training shard, so
-//! the guarantee is per window; a document spanning k windows is protected as a group of k.
+//! owner's training documents independently with probability q (Poisson sampling), takes one
+//! window of each, clips each document's gradient to norm `clip`, adds Gaussian noise of
+//! standard deviation `noise * clip` to their sum and divides by the expected number of
+//! documents; public rows (public data, no privacy needed) join unclipped. The privacy loss is
+//! tracked with the Renyi-DP accountant of the sampled Gaussian mechanism (Mironov, Talwar,
+//! Zhang 2019; integer orders) and converted to (epsilon, delta). The unit of privacy is one
+//! document of the owner's training data: each contributes at most one clipped gradient a step.
 
 use crate::ensure;
 use crate::error::Result;
@@ -20,7 +18,7 @@ pub struct DpConfig {
     pub noise: f32,
     /// Per-record gradient norm bound C.
     pub clip: f32,
-    /// Expected private records per step (q times the number of records).
+    /// Expected private documents per step (q times the number of documents).
     pub rows: usize,
     /// The delta of the reported (epsilon, delta).
     pub delta: f64,
