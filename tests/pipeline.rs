@@ -445,3 +445,36 @@ fn dp_sgd_clips_records_and_calibrates_noise() {
     run(&root.join("b"), 1.0, 1.0, None, true);
     assert_eq!(log(&root.join("a")), log(&root.join("b")));
 }
+
+/// The owner's DP records are its documents: all of them at rate 1, one window of each in
+/// which the targets are the inputs shifted by one, and the batch's public share alongside.
+#[test]
+fn dp_records_are_the_owners_documents() {
+    use flexrun::train::Batches;
+    let root = tmp("dp-docs");
+    let data_dir = small_dataset(&root);
+    let own = Dataset::open(&data_dir).unwrap();
+    let public = Dataset::open(&data_dir).unwrap();
+    let b = flex::MixedBatches {
+        sets: vec![(&own, 0.75), (&public, 0.25)],
+        valid_sets: vec![0],
+        anchor_sets: vec![1],
+        private_set: Some(0),
+        batch: 8,
+        seq: 16,
+        seed: 1,
+    };
+    let n = own.train.n_docs();
+    assert_eq!(b.dp_records().unwrap(), n);
+    let batch = b.dp_batch(0, 1.0).unwrap();
+    assert_eq!(batch.private.len(), n);
+    assert_eq!(batch.public_rows, 2);
+    assert_eq!(batch.public.0.len(), 2 * 16);
+    for (inp, tgt) in &batch.private {
+        assert_eq!((inp.len(), tgt.len()), (16, 16));
+        assert_eq!(inp[1..], tgt[..15], "targets are the next tokens");
+    }
+    // Another step draws other windows of the same documents, the same step the same ones.
+    assert_eq!(b.dp_batch(0, 1.0).unwrap().private, batch.private);
+    assert_ne!(b.dp_batch(1, 1.0).unwrap().private, batch.private);
+}
