@@ -437,30 +437,33 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         Some(dev) => ev(name, &Evaluated::Gpu(&GpuModel::upload(dev, m)?)),
         None => ev(name, &Evaluated::Model(m)),
     };
-    rows.push(ev_model("public", &public)?);
-    for (d, m) in &dense {
-        rows.push(ev_model(&format!("dense {d}"), m)?);
+    // Each model goes to the GPU (when there is one) once; its row, BTM and the extraction
+    // check share it.
+    let upload = |m: &Model| gpu.as_ref().map(|d| GpuModel::upload(d, m)).transpose();
+    let public_g = upload(&public)?;
+    rows.push(ev("public", &evaluated(&public, &public_g))?);
+    let dense_g: Vec<Option<GpuModel>> = dense
+        .iter()
+        .map(|(_, m)| upload(m))
+        .collect::<Result<_>>()?;
+    for ((d, m), g) in dense.iter().zip(&dense_g) {
+        rows.push(ev(&format!("dense {d}"), &evaluated(m, g))?);
     }
     rows.push(ev_model("soup", &soup)?);
-    let dense_gpu = match &gpu {
-        Some(dev) => dense
-            .iter()
-            .map(|(_, m)| GpuModel::upload(dev, m))
-            .collect::<Result<Vec<_>>>()?,
-        None => Vec::new(),
-    };
     let btm = Evaluated::Btm {
-        models: match &gpu {
-            Some(_) => dense_gpu.iter().map(Evaluated::Gpu).collect(),
-            None => dense.iter().map(|(_, m)| Evaluated::Model(m)).collect(),
-        },
+        models: dense
+            .iter()
+            .zip(&dense_g)
+            .map(|((_, m), g)| evaluated(m, g))
+            .collect(),
         temperature: c.btm_temperature,
         top_k: c.btm_top_k,
     };
     rows.push(ev("BTM", &btm)?);
-    rows.push(ev_model(
+    let flex_g = upload(&flex.model)?;
+    rows.push(ev(
         &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
-        &flex.model,
+        &evaluated(&flex.model, &flex_g),
     )?);
     let mut without = Vec::new();
     for d in &closed {
@@ -470,9 +473,11 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
                 exclude: vec![d.clone()],
                 ..Default::default()
             },
-        )?;
-        rows.push(ev_model(&format!("FlexOlmo without {d}"), &m.model)?);
-        without.push(m.model);
+        )?
+        .model;
+        let g = upload(&m)?;
+        rows.push(ev(&format!("FlexOlmo without {d}"), &evaluated(&m, &g))?);
+        without.push((m, g));
     }
 
     let mut extraction = Vec::new();
@@ -485,16 +490,10 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             seed: c.seed,
             ..Default::default()
         };
-        let extract = |m: &Model, ds: &Dataset| match &gpu {
-            Some(dev) => extract::extraction(
-                &Evaluated::Gpu(&GpuModel::upload(dev, m)?),
-                &ds.train,
-                &xc,
-                None,
-            ),
-            None => extract::extraction(&Evaluated::Model(m), &ds.train, &xc, None),
-        };
-        for ((d, (_, dm)), wm) in closed.iter().zip(&dense).zip(&without) {
+        let extract =
+            |e: Evaluated<'_>, ds: &Dataset| extract::extraction(&e, &ds.train, &xc, None);
+        for (((d, (_, dm)), dg), (wm, wg)) in closed.iter().zip(&dense).zip(&dense_g).zip(&without)
+        {
             let ds = &sets
                 .iter()
                 .find(|(n, _)| n == d)
@@ -502,10 +501,10 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
                 .1;
             extraction.push(ExtractionRow {
                 domain: d.clone(),
-                public: extract(&public, ds)?,
-                dense: extract(dm, ds)?,
-                flexolmo: extract(&flex.model, ds)?,
-                flexolmo_without: extract(wm, ds)?,
+                public: extract(evaluated(&public, &public_g), ds)?,
+                dense: extract(evaluated(dm, dg), ds)?,
+                flexolmo: extract(evaluated(&flex.model, &flex_g), ds)?,
+                flexolmo_without: extract(evaluated(wm, wg), ds)?,
             });
         }
     }
@@ -592,6 +591,14 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
+}
+
+/// `m` as evaluated: its GPU copy when it has one, else the model itself on the CPU.
+fn evaluated<'a>(m: &'a Model, g: &'a Option<GpuModel<'a>>) -> Evaluated<'a> {
+    match g {
+        Some(g) => Evaluated::Gpu(g),
+        None => Evaluated::Model(m),
+    }
 }
 
 /// Every training run's loss curve in one image, `loss_curves.svg`: public pretraining, each
