@@ -169,6 +169,30 @@ fn random_batch(rng: &mut StdRng, v: u32, batch: usize, seq: usize) -> (Vec<u32>
     (inp, tgt)
 }
 
+/// Wall times (ms) of `step` on random batches (`batch` x `seq` tokens below the vocabulary),
+/// the `warmup` first ones left out.
+fn time_steps(
+    cfg: &Config,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    mut step: impl FnMut(Vec<u32>, Vec<u32>) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let v = cfg.vocab_size as u32;
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
+        let t0 = Instant::now();
+        step(inp, tgt)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times)
+}
+
 /// Time full training steps (forward, backward, clipping, AdamW) of a randomly initialised
 /// model on random tokens.
 pub fn train_step(
@@ -185,12 +209,7 @@ pub fn train_step(
     crate::backend::cpu::tune_allocator();
     let (mut model, coefs, anchored) = bench_setup(cfg, mode, batch)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
-    let mut rng = StdRng::seed_from_u64(0);
-    let v = cfg.vocab_size as u32;
-    let mut times = Vec::new();
-    for i in 0..warmup + steps {
-        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
-        let t0 = Instant::now();
+    let times = time_steps(cfg, batch, seq, steps, warmup, |inp, tgt| {
         // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
         // inside the pool instead of each one injecting a job from outside and putting the
         // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
@@ -201,14 +220,9 @@ pub fn train_step(
             drop(tape);
             clip_grad_norm(&mut grads, 1.0);
             opt.update(&mut model.params, &grads, 1e-4);
-            drop(grads);
             Ok(())
-        })?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if i >= warmup {
-            times.push(ms);
-        }
-    }
+        })
+    })?;
     let step_ms = median(&times);
     Ok(TrainBench {
         framework: "flexrun",
@@ -244,20 +258,18 @@ pub fn train_step_gpu(
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
     drop(model);
-    let mut rng = StdRng::seed_from_u64(0);
-    let v = cfg.vocab_size as u32;
-    let mut times = Vec::new();
-    for i in 0..warmup + steps {
-        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
-        let t0 = Instant::now();
-        let rows = std::slice::from_ref(&anchored);
-        trainer.step(&[(inp, tgt)], rows, batch, seq, 1e-4, &coefs)?;
-        dev.synchronize()?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if i >= warmup {
-            times.push(ms);
-        }
-    }
+    let rows = std::slice::from_ref(&anchored);
+    let times = time_steps(cfg, batch, seq, steps, warmup, |inp, tgt| {
+        trainer.step(
+            &[(inp.to_vec(), tgt.to_vec())],
+            rows,
+            batch,
+            seq,
+            1e-4,
+            &coefs,
+        )?;
+        dev.synchronize()
+    })?;
     let step_ms = median(&times);
     let name = dev.name()?;
     let tflops = mode_flops(cfg, mode, batch, seq)? / (step_ms / 1e3) / 1e12;
