@@ -376,7 +376,8 @@ impl<'a> Trainer<'a> {
                 );
                 let n = data.dp_records()?;
                 ensure!(n > 0, "no private records to train on");
-                Some((dp.rows as f64 / n as f64).min(1.0))
+                let q = (dp.rows as f64 / n as f64).min(1.0);
+                Some((q, q * n as f64))
             }
             None => None,
         };
@@ -405,7 +406,9 @@ impl<'a> Trainer<'a> {
                     (o.loss, o.grad_norm)
                 }
                 None => match (&c.dp, dp_rate) {
-                    (Some(dp), Some(q)) => self.dp_step(data, &coefs, lr, dp, q, &mut last_ce)?,
+                    (Some(dp), Some((q, expected))) => {
+                        self.dp_step(data, &coefs, lr, dp, q, expected, &mut last_ce)?
+                    }
                     _ => self.cpu_step(data, &coefs, lr, &mut last_ce)?,
                 },
             };
@@ -479,15 +482,18 @@ impl<'a> Trainer<'a> {
                 .dp
                 .as_ref()
                 .zip(dp_rate)
-                .map(|(dp, q)| dp::epsilon(q, dp.noise as f64, self.step, dp.delta)),
-            dp_sample_rate: dp_rate,
+                .map(|(dp, (q, _))| dp::epsilon(q, dp.noise as f64, self.step, dp.delta)),
+            dp_sample_rate: dp_rate.map(|(q, _)| q),
         })
     }
 
     /// One DP-SGD step on the CPU: each sampled private record's gradient on its own, clipped
     /// to `dp.clip`; the public rows' summed gradient; Gaussian noise of `dp.noise * dp.clip`
     /// on every trainable coordinate; all over the expected number of rows; then the usual
-    /// clipping and AdamW (post-processing). Returns (mean loss over the rows, gradient norm).
+    /// clipping and AdamW (post-processing). `q` is the sampling rate and `expected_private`
+    /// the expected number of private records a step. Returns (mean loss over the rows,
+    /// gradient norm).
+    #[allow(clippy::too_many_arguments)]
     fn dp_step(
         &mut self,
         data: &dyn Batches,
@@ -495,6 +501,7 @@ impl<'a> Trainer<'a> {
         lr: f32,
         dp: &dp::DpConfig,
         q: f64,
+        expected_private: f64,
         last_ce: &mut f32,
     ) -> Result<(f32, f32)> {
         use rayon::prelude::*;
@@ -560,8 +567,8 @@ impl<'a> Trainer<'a> {
                 0x0D15_7A1C,
             ]));
         let std = dp.noise * dp.clip;
-        // The expected number of rows: q n private ones (dp.rows, or n when q = 1) and the public.
-        let expected = q * data.dp_records()? as f64 + n_pub as f64;
+        // The expected number of rows: q n private ones and the public ones.
+        let expected = expected_private + n_pub as f64;
         for (_, a) in acc.iter_mut() {
             let noise = Tensor::randn(a.shape(), std, &mut rng);
             a.data_mut()
