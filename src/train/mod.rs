@@ -324,7 +324,7 @@ impl<'a> Trainer<'a> {
 
     /// Mean validation cross-entropy over the fixed validation windows.
     pub fn validate(&self, data: &dyn Batches) -> Result<Option<f32>> {
-        evaluate_ce(self.model, &data.valid()?, self.cfg.batch, self.cfg.seq)
+        evaluate_ce(self.model, &data.valid()?, self.cfg.seq)
     }
 
     /// Run until `cfg.steps`; returns a summary. Writes `train_log.jsonl` and checkpoints.
@@ -633,12 +633,13 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
-pub fn evaluate_ce(
-    model: &Model,
+/// Token-weighted mean cross-entropy over validation `batches` of `seq`-token rows, `ce` giving
+/// one batch's (mean cross-entropy, scored tokens) for its inputs, targets and row count; None
+/// when there are no batches. The CPU and GPU validation share it.
+pub fn mean_ce(
     batches: &[(Vec<u32>, Vec<u32>)],
-    batch: usize,
     seq: usize,
+    mut ce: impl FnMut(&[u32], &[u32], usize) -> Result<(f32, usize)>,
 ) -> Result<Option<f32>> {
     if batches.is_empty() {
         return Ok(None);
@@ -647,18 +648,30 @@ pub fn evaluate_ce(
     for (inp, tgt) in batches {
         let b = inp.len() / seq;
         ensure!(
-            b * seq == inp.len() && b <= batch.max(b),
+            b * seq == inp.len(),
             "validation batch is not a multiple of seq"
         );
-        let mut tape = Tape::inference();
-        let coefs = LossCoefs {
-            z_loss: 0.0,
-            router_z_loss: 0.0,
-            ..LossCoefs::default()
-        };
-        let out = model.loss(&mut tape, inp, tgt, b, seq, &coefs)?;
-        sum += out.ce as f64 * out.tokens as f64;
-        n += out.tokens;
+        let (c, tokens) = ce(inp, tgt, b)?;
+        sum += c as f64 * tokens as f64;
+        n += tokens;
     }
     Ok(Some((sum / n.max(1) as f64) as f32))
+}
+
+/// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
+pub fn evaluate_ce(
+    model: &Model,
+    batches: &[(Vec<u32>, Vec<u32>)],
+    seq: usize,
+) -> Result<Option<f32>> {
+    let coefs = LossCoefs {
+        z_loss: 0.0,
+        router_z_loss: 0.0,
+        ..LossCoefs::default()
+    };
+    mean_ce(batches, seq, |inp, tgt, b| {
+        let mut tape = Tape::inference();
+        let out = model.loss(&mut tape, inp, tgt, b, seq, &coefs)?;
+        Ok((out.ce, out.tokens))
+    })
 }

@@ -1008,21 +1008,10 @@ impl<'d> GpuTrainer<'d> {
     /// Mean cross-entropy (no z-losses) of the current weights over `batches` of `t`-token
     /// sequences; None when there are none.
     pub fn valid_ce(&self, batches: &[(Vec<u32>, Vec<u32>)], t: usize) -> Result<Option<f32>> {
-        if batches.is_empty() {
-            return Ok(None);
-        }
-        let (mut sum, mut n) = (0f64, 0usize);
-        for (inp, tgt) in batches {
-            let b = inp.len() / t;
-            ensure!(
-                b * t == inp.len(),
-                "validation batch is not a multiple of seq"
-            );
-            let ce = self.model.cross_entropy(inp, tgt, b, t)?;
-            sum += ce as f64 * tgt.len() as f64;
-            n += tgt.len();
-        }
-        Ok(Some((sum / n.max(1) as f64) as f32))
+        crate::train::mean_ce(batches, t, |inp, tgt, b| {
+            let scored = tgt.iter().filter(|&&x| x != IGNORE).count();
+            Ok((self.model.cross_entropy(inp, tgt, b, t)?, scored))
+        })
     }
 }
 
