@@ -167,7 +167,7 @@ pub struct GpuModel<'d> {
     pub(super) lm_head: Buf<bf16>,
     pub(super) rope: RopeTableGpu,
     pub(super) layers: Vec<GpuLayer>,
-    /// Per weight, in [`super::GpuGrads::buffers`] order: the first expert whose part of the
+    /// Per weight, in [`super::GpuGrads`] order: the first expert whose part of the
     /// weight gets a gradient (0: all of it; the weight's expert count, 1 for an unstacked
     /// weight: frozen, no gradient). All zeros after [`GpuModel::upload`].
     pub(super) grad_from: Vec<usize>,

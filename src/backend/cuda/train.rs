@@ -30,8 +30,8 @@ pub struct GpuLoss {
 /// Gradients of a [`GpuModel`]'s weights, on the device: one entry per weight in the fixed
 /// order of [`GpuModel::host_layout`] (embedding, final norm, lm_head, then per layer q, k, v,
 /// o, q/k norms, post-attention and post-FFN norms, FFN gate, up, down, router rows, bias).
-/// None for a frozen weight; a stacked weight's gradient covers its trainable experts only
-/// (those from [`GpuModel::grad_from`] on).
+/// None for a frozen weight; a stacked weight's gradient covers its trained experts only (the
+/// last ones, see [`GpuModel::train_as`]).
 pub struct GpuGrads {
     pub grads: Vec<Option<Buf<f32>>>,
 }
@@ -105,12 +105,6 @@ impl GpuModel<'_> {
     /// Whether the unstacked weight at `idx` gets a gradient.
     fn wants(&self, idx: usize) -> bool {
         self.grad_from[idx] == 0
-    }
-
-    /// Per weight, the first expert whose part of it is trained (0: all; the weight's expert
-    /// count: frozen), in [`GpuGrads`] order.
-    pub fn grad_from(&self) -> &[usize] {
-        &self.grad_from
     }
 
     /// Compute gradients only for `model`'s trainable parameters (the model this was uploaded
