@@ -19,7 +19,8 @@ domains=$(ls "$W/data")
 closed=$(ls "$W/data" | grep -vx public)
 args=()
 for d in $domains; do args+=("$d=$W/data/$d"); done
-ev() { "$B" eval "$@" --data "${args[@]}" --tasks 0 > /dev/null 2>&1; }
+# Quiet on success (a router-tuned model notes that opt-out is no longer exact); the error if not.
+ev() { "$B" eval "$@" --data "${args[@]}" --tasks 0 > /dev/null 2> "$OUT/err" || { cat "$OUT/err" >&2; exit 1; }; }
 ev --model "$M" --json "$OUT/full.json"
 for x in $closed; do
   ev --model "$M" --exclude "$x" --json "$OUT/no-$x.json"
