@@ -278,7 +278,7 @@ impl<'a> Trainer<'a> {
             bail!(
                 "cannot resume {}: the training settings differ from the checkpoint's ({})",
                 self.run.dir.display(),
-                serde_json::to_string(&ck.cfg).unwrap_or_default()
+                settings_diff(&self.cfg, &saved)
             );
         }
         ensure!(
@@ -674,4 +674,54 @@ pub fn evaluate_ce(
         let out = model.loss(&mut tape, inp, tgt, b, seq, &coefs)?;
         Ok((out.ce, out.tokens))
     })
+}
+
+/// The settings in which `now` differs from `saved`, as `name now X, checkpoint Y` (nested
+/// settings dotted: `adamw.beta2`), for a one-line error.
+fn settings_diff(now: &TrainConfig, saved: &TrainConfig) -> String {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                for (k, va) in x {
+                    let vb = y.get(k).unwrap_or(&serde_json::Value::Null);
+                    walk(&format!("{prefix}{k}."), va, vb, out);
+                }
+            }
+            _ if a != b => out.push(format!(
+                "{} now {a}, checkpoint {b}",
+                prefix.trim_end_matches('.')
+            )),
+            _ => {}
+        }
+    }
+    let (Ok(a), Ok(b)) = (serde_json::to_value(now), serde_json::to_value(saved)) else {
+        return "unreadable settings".into();
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_diff_names_what_changed() {
+        let saved = TrainConfig::default();
+        let mut now = saved.clone();
+        now.batch = saved.batch + 1;
+        now.adamw.beta2 = 0.99;
+        let d = settings_diff(&now, &saved);
+        assert!(
+            d.contains(&format!(
+                "batch now {}, checkpoint {}",
+                now.batch, saved.batch
+            )),
+            "{d}"
+        );
+        assert!(d.contains("adamw.beta2 now 0.99"), "{d}");
+        assert_eq!(d.matches("now").count(), 2, "{d}");
+        assert_eq!(settings_diff(&saved, &saved), "");
+    }
 }
