@@ -497,3 +497,126 @@ fn bench_train_expert_reports_throughput() {
         "dense",
     );
 }
+
+/// A model meets data or settings it was not made for, on a finished quick demo: data
+/// tokenized with another tokenizer, a generation longer than the model's positions (refused
+/// before the prompt is echoed), and a resume with other settings (the error names them).
+#[test]
+fn mismatched_data_and_settings() {
+    let d = tmp("mismatch");
+    let w = d.join("w");
+    let ws = w.to_str().unwrap();
+    let (code, _, err) = flexrun(&["demo", "--quick", "--out", ws]);
+    assert_eq!(code, 0, "{err}");
+    let p = |rel: &str| w.join(rel).to_str().unwrap().to_string();
+    let corpus = p("corpus/code/train.jsonl");
+    let tok2 = d.join("tok2.json");
+    let other = d.join("code-other-tokenizer");
+    for args in [
+        vec!["tokenizer", "train", "--input", &corpus, "--vocab", "300"],
+        vec!["data", "prepare", "--input", &corpus],
+    ] {
+        let mut args = args;
+        let (tok2, other) = (tok2.to_str().unwrap(), other.to_str().unwrap());
+        if args[0] == "tokenizer" {
+            args.extend(["--out", tok2]);
+        } else {
+            args.extend(["--tokenizer", tok2, "--out", other]);
+        }
+        let (code, _, err) = flexrun(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    let other = other.to_str().unwrap();
+    let merged = p("models/flexolmo-main");
+    let domain = format!("code={other}");
+    for args in [
+        vec![
+            "eval", "--model", &merged, "--data", &domain, "--tasks", "0",
+        ],
+        vec![
+            "analyze-routing",
+            "--model",
+            &merged,
+            "--data",
+            &domain,
+            "--out",
+            other,
+        ],
+        vec![
+            "extract",
+            "--model",
+            &merged,
+            "--data",
+            other,
+            "--docs",
+            "1",
+            "--max-new",
+            "32",
+        ],
+        vec![
+            "finetune",
+            "--public",
+            &p("models/public"),
+            "--data",
+            other,
+            "--out",
+            other,
+            "--steps",
+            "1",
+        ],
+    ] {
+        assert_clean_error(
+            &args,
+            "was tokenized with a different tokenizer than the model",
+        );
+    }
+    // The same data with the model's own tokenizer passes.
+    let (code, _, err) = flexrun(&[
+        "eval",
+        "--model",
+        &merged,
+        "--data",
+        &format!("code={}", p("data/code")),
+        "--tasks",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let args = [
+        "generate",
+        "--model",
+        &merged,
+        "--prompt",
+        "def",
+        "--max-new-tokens",
+        "99999",
+    ];
+    assert_clean_error(&args, "exceed max_position_embeddings");
+    let (_, out, _) = flexrun(&args);
+    assert_eq!(out, "", "nothing is printed before the error");
+
+    // The quick demo pretrained its public model at batch 4 x seq 32.
+    let public_cfg = p("models/public/config.json");
+    assert_clean_error(
+        &[
+            "pretrain",
+            "--data",
+            &p("data/public"),
+            "--out",
+            &p("models/public"),
+            "--config",
+            &public_cfg,
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--warmup",
+            "1",
+            "--steps",
+            "20",
+            "--resume",
+        ],
+        "differ from the checkpoint's (batch now 2, checkpoint 4)",
+    );
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -807,6 +807,8 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens: a.max_new_tokens,
                 stop_token: model.cfg.eos_id(),
             };
+            // Bad requests fail before anything is printed.
+            generate::check_prompt(&model.cfg, &prompt, cfg.max_new_tokens)?;
             let mut out = std::io::stdout().lock();
             let mut produced: Vec<u32> = Vec::new();
             let mut printed = 0usize;
@@ -1146,7 +1148,9 @@ fn run(cli: Cli) -> Result<()> {
             let btm_gpu: Vec<GpuModel>;
             let gpu = gpu_for(&a.device)?;
             let gpu_model;
-            let (name, e, tok_dir) = if a.btm.is_empty() {
+            // (name, what is evaluated, where its tokenizer is, and every model's directory and
+            // vocabulary: each must read the data with its own tokenizer)
+            let (name, e, tok_dir, models) = if a.btm.is_empty() {
                 let sel = SelectOpts {
                     model: a.model.clone().unwrap(),
                     exclude: a.exclude.clone(),
@@ -1162,7 +1166,13 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     None => Evaluated::Model(&loaded.model),
                 };
-                (sel.model.display().to_string(), e, sel.model.clone())
+                let models = vec![(sel.model.clone(), loaded.model.cfg.vocab_size)];
+                (
+                    sel.model.display().to_string(),
+                    e,
+                    sel.model.clone(),
+                    models,
+                )
             } else {
                 btm_models = a
                     .btm
@@ -1184,7 +1194,13 @@ fn run(cli: Cli) -> Result<()> {
                     temperature: a.btm_temperature,
                     top_k: a.btm_top_k,
                 };
-                ("BTM".to_string(), e, a.btm[0].clone())
+                let models = a
+                    .btm
+                    .iter()
+                    .zip(&btm_models)
+                    .map(|(d, m)| (d.clone(), m.cfg.vocab_size))
+                    .collect();
+                ("BTM".to_string(), e, a.btm[0].clone(), models)
             };
             let tok_path = tok_dir.join("tokenizer.json");
             let tok = if tok_path.exists() && a.tasks > 0 {
@@ -1196,6 +1212,9 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|(n, p)| {
                     let ds = data::Dataset::open(p)?;
+                    for (m, vocab) in &models {
+                        ds.check_for(p, m, *vocab)?;
+                    }
                     let tasks = if synth::is_known_domain(n) && tok.is_some() {
                         synth::tasks(n, a.task_seed, a.tasks)?
                     } else {
@@ -1228,7 +1247,7 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = sel.load()?;
             let mut stats = Vec::new();
             for (n, p) in parse_domains(&data)? {
-                let ds = data::Dataset::open(&p)?;
+                let ds = data::Dataset::open_for(&p, &sel.model, loaded.model.cfg.vocab_size)?;
                 let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, seq, tokens)?
                     .into_iter()
                     .map(|(i, _)| i)
@@ -1263,7 +1282,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
             };
             cfg.check(loaded.model.cfg.max_position_embeddings)?;
-            let ds = data::Dataset::open(&a.data)?;
+            let ds = data::Dataset::open_for(&a.data, &a.sel.model, loaded.model.cfg.vocab_size)?;
             let gpu_model;
             let e = match &gpu {
                 Some(dev) => {

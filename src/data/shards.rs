@@ -382,6 +382,39 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// [`Dataset::open`], then check that the data suits the model in `model_dir` with
+    /// `vocab_size` tokens: every id in range and, when the model ships a `tokenizer.json`, the
+    /// data tokenized with that very tokenizer (ids from another one would be scored silently).
+    pub fn open_for(dir: &Path, model_dir: &Path, vocab_size: usize) -> Result<Self> {
+        let ds = Dataset::open(dir)?;
+        ds.check_for(dir, model_dir, vocab_size)?;
+        Ok(ds)
+    }
+
+    /// The checks of [`Dataset::open_for`] on an open dataset (read from `dir`).
+    pub fn check_for(&self, dir: &Path, model_dir: &Path, vocab_size: usize) -> Result<()> {
+        let ds = self;
+        crate::ensure!(
+            ds.meta.vocab_size <= vocab_size,
+            "{}: vocabulary {} exceeds the model's {} ({})",
+            dir.display(),
+            ds.meta.vocab_size,
+            vocab_size,
+            model_dir.display()
+        );
+        let tok = model_dir.join("tokenizer.json");
+        if tok.exists() {
+            let t = Tokenizer::load(&tok)?;
+            crate::ensure!(
+                t.content_hash() == ds.meta.tokenizer_hash,
+                "{} was tokenized with a different tokenizer than the model in {}",
+                dir.display(),
+                model_dir.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Opens `dir/{meta.json, train.bin, valid.bin}`, checking the token and document counts
     /// against the meta and every token id against its vocab size.
     pub fn open(dir: &Path) -> Result<Self> {

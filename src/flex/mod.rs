@@ -129,20 +129,6 @@ fn require_dense(public: &Model, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_tokenizer(public_dir: &Path, data: &Dataset, data_dir: &Path) -> Result<()> {
-    let tok = public_dir.join("tokenizer.json");
-    if tok.exists() {
-        let t = crate::data::Tokenizer::load(&tok)?;
-        ensure!(
-            t.content_hash() == data.meta.tokenizer_hash,
-            "{} was tokenized with a different tokenizer than the public model in {}",
-            data_dir.display(),
-            public_dir.display()
-        );
-    }
-    Ok(())
-}
-
 /// The 2-expert training model: [public FFN (frozen), copy (trained)], router rows
 /// [r_pub (frozen), r_i (trained)], bias b_i (trained) when given.
 pub fn expert_training_model(
@@ -198,7 +184,7 @@ pub fn router_rows(
             let pd = opts.public_data.as_ref().context(
                 "--public-data is needed to embed the public domain (or use --router-init random)",
             )?;
-            let pub_data = Dataset::open(pd)?;
+            let pub_data = Dataset::open_for(pd, &opts.public, public.cfg.vocab_size)?;
             let max_len = opts.train.seq.max(64);
             let gpu = device.map(|d| GpuModel::upload(d, public)).transpose()?;
             let gpu = gpu.as_ref();
@@ -277,18 +263,10 @@ pub fn train_expert(
         layer_w.len(),
         public.cfg.num_hidden_layers
     );
-    let data = Dataset::open(&opts.data)?;
-    check_tokenizer(&opts.public, &data, &opts.data)?;
-    ensure!(
-        data.meta.vocab_size <= public.cfg.vocab_size,
-        "{}: vocabulary {} exceeds the public model's {}",
-        opts.data.display(),
-        data.meta.vocab_size,
-        public.cfg.vocab_size
-    );
+    let data = Dataset::open_for(&opts.data, &opts.public, public.cfg.vocab_size)?;
     let hash = model_hash(&public);
     let pub_data = match (&opts.public_data, opts.public_mix > 0.0) {
-        (Some(p), true) => Some(Dataset::open(p)?),
+        (Some(p), true) => Some(Dataset::open_for(p, &opts.public, public.cfg.vocab_size)?),
         (None, true) => bail!("--public-mix needs --public-data"),
         _ => None,
     };
@@ -891,7 +869,7 @@ pub fn router_tune(
     );
     let sets: Vec<Dataset> = data
         .iter()
-        .map(|d| Dataset::open(d))
+        .map(|d| Dataset::open_for(d, model_dir, model.cfg.vocab_size))
         .collect::<Result<_>>()?;
     for p in model.params.params.iter_mut() {
         p.trainable = p.name.contains(".mlp.gate.");
@@ -967,8 +945,7 @@ pub fn finetune(
         only.join(","),
         public_dir.display()
     );
-    let data = Dataset::open(data_dir)?;
-    check_tokenizer(public_dir, &data, data_dir)?;
+    let data = Dataset::open_for(data_dir, public_dir, model.cfg.vocab_size)?;
     let summary = {
         let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
         tr.quiet = quiet;

@@ -5,7 +5,7 @@ use crate::autograd::Tape;
 use crate::backend::cuda::GpuModel;
 use crate::ensure;
 use crate::error::Result;
-use crate::model::{KvCache, Model};
+use crate::model::{Config, KvCache, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -91,16 +91,22 @@ pub fn argmax(x: &[f32]) -> u32 {
 /// A CPU KV cache for `batch` copies of `prompt` followed by `new` tokens, after checking that
 /// the prompt is non-empty, in the vocabulary and that everything fits the model's positions.
 fn cpu_cache(model: &Model, prompt: &[u32], new: usize, batch: usize) -> Result<KvCache> {
+    check_prompt(&model.cfg, prompt, new)?;
+    Ok(KvCache::new(&model.cfg, batch, prompt.len() + new))
+}
+
+/// A prompt to continue by `new` tokens: non-empty, in the vocabulary, and the whole sequence
+/// within the model's positions. Every generation path checks this before its first step;
+/// callers that print the prompt check it first.
+pub fn check_prompt(cfg: &Config, prompt: &[u32], new: usize) -> Result<()> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
-    let total = prompt.len() + new;
     ensure!(
-        total <= model.cfg.max_position_embeddings,
+        prompt.len() + new <= cfg.max_position_embeddings,
         "prompt ({}) + new tokens ({new}) exceed max_position_embeddings {}",
         prompt.len(),
-        model.cfg.max_position_embeddings
+        cfg.max_position_embeddings
     );
-    model.check_input(prompt, prompt.len())?;
-    Ok(KvCache::new(&model.cfg, batch, total))
+    cfg.check_input(prompt, prompt.len())
 }
 
 /// One cached CPU forward of `t` new tokens per row (`ids` is `[n, t]`): each row's last

@@ -57,6 +57,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// Every token id in the vocabulary and `positions` within the model's positions.
+    pub fn check_input(&self, ids: &[u32], positions: usize) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            crate::bail!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.vocab_size
+            );
+        }
+        ensure!(
+            positions <= self.max_position_embeddings,
+            "sequence of {positions} positions exceeds max_position_embeddings {}",
+            self.max_position_embeddings
+        );
+        Ok(())
+    }
+
     /// A FlexOlmo MoE config with flexrun's defaults for the fields not given.
     #[allow(clippy::too_many_arguments)]
     pub fn flex_olmo(

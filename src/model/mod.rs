@@ -334,18 +334,7 @@ impl Model {
 
     /// Check token ids and sequence length against the config.
     pub fn check_input(&self, ids: &[u32], positions: usize) -> Result<()> {
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            crate::bail!(
-                "token id {bad} is out of range for vocab_size {}",
-                self.cfg.vocab_size
-            );
-        }
-        ensure!(
-            positions <= self.cfg.max_position_embeddings,
-            "sequence of {positions} positions exceeds max_position_embeddings {}",
-            self.cfg.max_position_embeddings
-        );
-        Ok(())
+        self.cfg.check_input(ids, positions)
     }
 
     /// Forward `ids` (`[B, T]` row-major). With a cache, the tokens continue the cached sequences
