@@ -1384,6 +1384,18 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Training keeps its freed activation buffers in the process (see `tune_allocator`); set
+    // before the first allocation of any worker thread.
+    if matches!(
+        cli.cmd,
+        Cmd::Pretrain(_)
+            | Cmd::TrainExpert(_)
+            | Cmd::Finetune { .. }
+            | Cmd::RouterTune { .. }
+            | Cmd::Demo(_)
+    ) {
+        flexrun::backend::cpu::tune_allocator();
+    }
     if let Some(t) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))

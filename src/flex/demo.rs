@@ -188,9 +188,12 @@ pub struct ExtractionRow {
     pub flexolmo_without: Extraction,
 }
 
+/// Announce a phase of the demo, with the seconds since the first phase began.
 fn step(msg: &str, quiet: bool) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     if !quiet {
-        eprintln!("== {msg}");
+        eprintln!("== [{t:4.0} s] {msg}");
     }
 }
 

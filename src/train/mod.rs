@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// A source of training and validation batches (`inputs`, `targets`, both `[batch*seq]`).
-pub trait Batches {
+pub trait Batches: Sync {
     fn train(&self, step: u64, micro: u64) -> Result<(Vec<u32>, Vec<u32>)>;
     fn valid(&self) -> Result<Vec<(Vec<u32>, Vec<u32>)>>;
     /// Rows of the training batch `(step, micro)` that are public text, on which the public
@@ -405,12 +405,14 @@ impl<'a> Trainer<'a> {
                     last_ce = o.ce;
                     (o.loss, o.grad_norm)
                 }
-                None => match (&c.dp, dp_rate) {
+                // The step runs on a rayon worker, so the ops' parallel loops fork and join
+                // inside the pool (see `bench::train_step`).
+                None => rayon::scope(|_| match (&c.dp, dp_rate) {
                     (Some(dp), Some((q, expected))) => {
-                        self.dp_step(data, &coefs, lr, dp, q, expected, &mut last_ce)?
+                        self.dp_step(data, &coefs, lr, dp, q, expected, &mut last_ce)
                     }
-                    _ => self.cpu_step(data, &coefs, lr, &mut last_ce)?,
-                },
+                    _ => self.cpu_step(data, &coefs, lr, &mut last_ce),
+                })?,
             };
             if !loss.is_finite() {
                 bail!("training diverged at step {}: loss is {loss}", self.step);
