@@ -1384,8 +1384,8 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    // Training keeps its freed activation buffers in the process (see `tune_allocator`); set
-    // before the first allocation of any worker thread.
+    // Training and evaluation keep their freed activation buffers in the process (see
+    // `tune_allocator`); set before the first allocation of any worker thread.
     if matches!(
         cli.cmd,
         Cmd::Pretrain(_)
@@ -1393,6 +1393,8 @@ fn main() {
             | Cmd::Finetune { .. }
             | Cmd::RouterTune { .. }
             | Cmd::Demo(_)
+            | Cmd::Eval(_)
+            | Cmd::Extract(_)
     ) {
         flexrun::backend::cpu::tune_allocator();
     }

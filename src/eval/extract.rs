@@ -11,7 +11,7 @@
 use super::Evaluated;
 use crate::data::shards::TokenShard;
 use crate::error::Result;
-use crate::generate::{sample_batch, sample_batch_gpu, SamplingConfig};
+use crate::generate::{sample_groups, sample_groups_gpu, SampleGroup, SamplingConfig};
 use crate::{bail, ensure};
 use indicatif::ProgressBar;
 use rand::rngs::StdRng;
@@ -171,34 +171,64 @@ pub fn extraction(
         ..Default::default()
     };
     let wins = windows(shard, c)?;
-    // Each document samples from its own seeded stream: the result does not depend on the
-    // order documents are processed in.
-    let best = |(i, (prefix, truth)): (usize, &(Vec<u32>, Vec<u32>))| -> Result<f64> {
-        let mut rng =
-            StdRng::seed_from_u64(c.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
+    // Documents are sampled GROUP at a time in one batch (their prefixes have one length), in
+    // order of continuation length so that a batch decodes little past its shortest document.
+    // Each document draws from its own seeded stream: the result does not depend on the order
+    // or grouping of documents.
+    const GROUP: usize = 8;
+    let mut order: Vec<usize> = (0..wins.len()).collect();
+    order.sort_by_key(|&i| wins[i].1.len());
+    let chunk = |idx: &[usize]| -> Result<Vec<(usize, f64)>> {
+        let mut rngs: Vec<StdRng> = idx
+            .iter()
+            .map(|&i| {
+                StdRng::seed_from_u64(
+                    c.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)),
+                )
+            })
+            .collect();
+        let mut groups: Vec<SampleGroup<'_>> = idx
+            .iter()
+            .zip(rngs.iter_mut())
+            .map(|(&i, rng)| SampleGroup {
+                prompt: &wins[i].0,
+                new: wins[i].1.len(),
+                rng,
+            })
+            .collect();
         let samples = match e {
-            Evaluated::Model(m) => sample_batch(m, prefix, c.samples, truth.len(), &cfg, &mut rng)?,
-            Evaluated::Gpu(g) => {
-                sample_batch_gpu(g, prefix, c.samples, truth.len(), &cfg, &mut rng)?
-            }
+            Evaluated::Model(m) => sample_groups(m, &mut groups, c.samples, &cfg)?,
+            Evaluated::Gpu(g) => sample_groups_gpu(g, &mut groups, c.samples, &cfg)?,
             Evaluated::Btm { .. } => bail!("the extraction check takes one model, not an ensemble"),
         };
         if let Some(p) = progress {
-            p.inc(1);
+            p.inc(idx.len() as u64);
         }
-        Ok(samples
+        Ok(idx
             .iter()
-            .map(|s| levenshtein_similarity(s, truth))
-            .fold(0.0, f64::max))
+            .zip(samples)
+            .map(|(&i, rows)| {
+                let truth = &wins[i].1;
+                let best = rows
+                    .iter()
+                    .map(|s| levenshtein_similarity(s, truth))
+                    .fold(0.0, f64::max);
+                (i, best)
+            })
+            .collect())
     };
-    let sims: Vec<f64> = match e {
-        Evaluated::Model(_) => wins
+    let chunks: Vec<&[usize]> = order.chunks(GROUP).collect();
+    let done: Vec<Vec<(usize, f64)>> = match e {
+        Evaluated::Model(_) => chunks
             .par_iter()
-            .enumerate()
-            .map(best)
+            .map(|ch| chunk(ch))
             .collect::<Result<_>>()?,
-        _ => wins.iter().enumerate().map(best).collect::<Result<_>>()?,
+        _ => chunks.iter().map(|ch| chunk(ch)).collect::<Result<_>>()?,
     };
+    let mut sims = vec![0.0; wins.len()];
+    for (i, s) in done.into_iter().flatten() {
+        sims[i] = s;
+    }
     let extracted = sims.iter().filter(|&&s| s >= c.threshold).count();
     Ok(Extraction {
         docs: sims.len(),
