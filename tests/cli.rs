@@ -618,5 +618,77 @@ fn mismatched_data_and_settings() {
         ],
         "differ from the checkpoint's (batch now 2, checkpoint 4)",
     );
+
+    // An expert's run resumed against another public model (of the same shape) is refused: its
+    // checkpoint holds the first public model's weights.
+    let other_public = d.join("other-public");
+    let other_public = other_public.to_str().unwrap();
+    let (code, _, err) = flexrun(&[
+        "pretrain",
+        "--data",
+        &p("data/public"),
+        "--out",
+        other_public,
+        "--config",
+        &public_cfg,
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--seed",
+        "5",
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::copy(
+        p("models/public/tokenizer.json"),
+        d.join("other-public/tokenizer.json"),
+    )
+    .unwrap();
+    let expert = d.join("e.safetensors");
+    let expert = expert.to_str().unwrap();
+    let (code_data, public_data) = (p("data/code"), p("data/public"));
+    let train = |public: &str, steps: &str, resume: bool| {
+        let mut args = vec![
+            "train-expert",
+            "--public",
+            public,
+            "--data",
+            &code_data,
+            "--public-data",
+            &public_data,
+            "--name",
+            "c",
+            "--out",
+            expert,
+            "--steps",
+            steps,
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--save-every",
+            "2",
+            "--quiet",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let corpus_public = p("models/public");
+    let args = train(&corpus_public, "2", false);
+    let (code, _, err) = flexrun(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let args = train(other_public, "4", true);
+    assert_clean_error(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "its checkpoint belongs to another run (public_hash now",
+    );
+    let args = train(&corpus_public, "4", true);
+    let (code, _, err) = flexrun(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "the same public model resumes: {err}");
     std::fs::remove_dir_all(&d).ok();
 }

@@ -273,13 +273,16 @@ pub fn train_expert(
     let (r_pub, r_i) = router_rows(&public, &hash, opts, &data, device)?;
     let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
     let summary = {
-        let mut tr = Trainer::new(&mut model, opts.train.clone(), &opts.run_dir)?;
-        tr.quiet = opts.quiet;
-        tr.device = device;
-        tr.tag = serde_json::json!({ "kind": "expert", "name": opts.name, "public_hash": hash });
-        if opts.resume {
-            tr.resume()?;
-        }
+        let tag = serde_json::json!({ "kind": "expert", "name": opts.name, "public_hash": hash });
+        let mut tr = Trainer::start(
+            &mut model,
+            opts.train.clone(),
+            &opts.run_dir,
+            tag,
+            opts.quiet,
+            device,
+            opts.resume,
+        )?;
         let mut sets = vec![(&data, 1.0 - opts.public_mix)];
         if let Some(p) = &pub_data {
             sets.push((p, opts.public_mix));
@@ -858,6 +861,7 @@ pub fn router_tune(
 ) -> Result<TrainSummary> {
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
+    let tuned_hash = model_hash(&model);
     ensure!(
         model.cfg.is_moe(),
         "{} is dense: router tuning needs a merged FlexOlmo model",
@@ -875,12 +879,16 @@ pub fn router_tune(
         p.trainable = p.name.contains(".mlp.gate.");
     }
     let summary = {
-        let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
-        tr.quiet = quiet;
-        tr.device = device;
-        if resume {
-            tr.resume()?;
-        }
+        let tag = serde_json::json!({ "kind": "router-tune", "model_hash": tuned_hash });
+        let mut tr = Trainer::start(
+            &mut model,
+            tcfg.clone(),
+            run_dir,
+            tag,
+            quiet,
+            device,
+            resume,
+        )?;
         let b = MixedBatches {
             sets: sets.iter().map(|d| (d, 1.0)).collect(),
             valid_sets: (0..sets.len()).collect(),
@@ -936,6 +944,7 @@ pub fn finetune(
         "--only takes non-empty parameter name parts"
     );
     let mut model = checkpoint::load(public_dir)?;
+    let base_hash = model_hash(&model);
     for p in model.params.params.iter_mut() {
         p.trainable = only.is_empty() || only.iter().any(|s| p.name.contains(s.as_str()));
     }
@@ -947,12 +956,16 @@ pub fn finetune(
     );
     let data = Dataset::open_for(data_dir, public_dir, model.cfg.vocab_size)?;
     let summary = {
-        let mut tr = Trainer::new(&mut model, tcfg.clone(), run_dir)?;
-        tr.quiet = quiet;
-        tr.device = device;
-        if resume {
-            tr.resume()?;
-        }
+        let tag = serde_json::json!({ "kind": "finetune", "base_hash": base_hash, "only": only });
+        let mut tr = Trainer::start(
+            &mut model,
+            tcfg.clone(),
+            run_dir,
+            tag,
+            quiet,
+            device,
+            resume,
+        )?;
         let b = ShardBatches {
             data: &data,
             batch: tcfg.batch,

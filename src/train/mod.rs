@@ -228,6 +228,28 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
+    /// [`Trainer::new`] as the training commands set it up: the run's `tag` (what it trains,
+    /// against what; a resumed checkpoint must carry the same), progress shown unless `quiet`,
+    /// on `device` when given, continued from the run directory's checkpoint with `resume`.
+    pub fn start(
+        model: &'a mut Model,
+        cfg: TrainConfig,
+        dir: &Path,
+        tag: serde_json::Value,
+        quiet: bool,
+        device: Option<&'a Device>,
+        resume: bool,
+    ) -> Result<Self> {
+        let mut tr = Trainer::new(model, cfg, dir)?;
+        tr.tag = tag;
+        tr.quiet = quiet;
+        tr.device = device;
+        if resume {
+            tr.resume()?;
+        }
+        Ok(tr)
+    }
+
     pub fn new(model: &'a mut Model, cfg: TrainConfig, dir: &Path) -> Result<Self> {
         ensure!(
             cfg.batch > 0 && cfg.seq > 0 && cfg.grad_accum > 0,
@@ -267,9 +289,18 @@ impl<'a> Trainer<'a> {
     }
 
     /// Continue from the run directory's checkpoint: parameters, optimizer moments, step, tokens.
-    /// The training config must match the one the checkpoint was written with (steps may grow).
+    /// The training config must match the one the checkpoint was written with (steps may grow),
+    /// and so must the run's tag (e.g. the public model an expert is trained against), when both
+    /// have one: a checkpoint restores every weight, frozen ones included.
     pub fn resume(&mut self) -> Result<()> {
         let ck = checkpoint::read(&self.run.checkpoint(), self.model)?;
+        if !ck.tag.is_null() && !self.tag.is_null() && ck.tag != self.tag {
+            bail!(
+                "cannot resume {}: its checkpoint belongs to another run ({})",
+                self.run.dir.display(),
+                json_diff(&self.tag, &ck.tag)
+            );
+        }
         let mut saved = ck.cfg.clone();
         saved.steps = self.cfg.steps;
         saved.eval_every = self.cfg.eval_every;
@@ -681,11 +712,22 @@ pub fn evaluate_ce(
 /// The settings in which `now` differs from `saved`, as `name now X, checkpoint Y` (nested
 /// settings dotted: `adamw.beta2`), for a one-line error.
 fn settings_diff(now: &TrainConfig, saved: &TrainConfig) -> String {
-    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (serde_json::to_value(now), serde_json::to_value(saved)) {
+        (Ok(a), Ok(b)) => json_diff(&a, &b),
+        _ => "unreadable settings".into(),
+    }
+}
+
+/// [`settings_diff`] of two JSON values (a key missing on one side counts as null).
+fn json_diff(now: &serde_json::Value, saved: &serde_json::Value) -> String {
+    use serde_json::Value;
+    fn walk(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
         match (a, b) {
-            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-                for (k, va) in x {
-                    let vb = y.get(k).unwrap_or(&serde_json::Value::Null);
+            (Value::Object(x), Value::Object(y)) => {
+                let keys = x.keys().chain(y.keys().filter(|k| !x.contains_key(*k)));
+                for k in keys {
+                    let (va, vb) = (x.get(k), y.get(k));
+                    let (va, vb) = (va.unwrap_or(&Value::Null), vb.unwrap_or(&Value::Null));
                     walk(&format!("{prefix}{k}."), va, vb, out);
                 }
             }
@@ -696,11 +738,8 @@ fn settings_diff(now: &TrainConfig, saved: &TrainConfig) -> String {
             _ => {}
         }
     }
-    let (Ok(a), Ok(b)) = (serde_json::to_value(now), serde_json::to_value(saved)) else {
-        return "unreadable settings".into();
-    };
     let mut out = Vec::new();
-    walk("", &a, &b, &mut out);
+    walk("", now, saved, &mut out);
     out.join("; ")
 }
 

@@ -34,12 +34,15 @@ pub fn pretrain(
     );
     let mut model = Model::new_random(cfg, tcfg.seed)?;
     let summary = {
-        let mut tr = Trainer::new(&mut model, tcfg.clone(), out)?;
-        tr.quiet = quiet;
-        tr.device = device;
-        if resume {
-            tr.resume()?;
-        }
+        let mut tr = Trainer::start(
+            &mut model,
+            tcfg.clone(),
+            out,
+            serde_json::Value::Null,
+            quiet,
+            device,
+            resume,
+        )?;
         let batches = ShardBatches {
             data: &data,
             batch: tcfg.batch,
