@@ -685,10 +685,18 @@ fn mismatched_data_and_settings() {
     let args = train(other_public, "4", true);
     assert_clean_error(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        "its checkpoint belongs to another run (public_hash now",
+        "its checkpoint was written for other inputs (public_hash now",
+    );
+    // Nor on another owner's data.
+    let mut args = train(&corpus_public, "4", true);
+    let i = args.iter().position(|a| a == "--data").unwrap();
+    args[i + 1] = p("data/math");
+    assert_clean_error(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "its checkpoint was written for other inputs (data now",
     );
     let args = train(&corpus_public, "4", true);
     let (code, _, err) = flexrun(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(code, 0, "the same public model resumes: {err}");
+    assert_eq!(code, 0, "the same public model and data resume: {err}");
     std::fs::remove_dir_all(&d).ok();
 }

@@ -391,6 +391,13 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// A short hash of the dataset's meta (token and document counts, tokenizer, sources,
+    /// split seed): a run records it so that a resume on other data is refused.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json::to_vec(&self.meta).unwrap_or_default();
+        format!("{:016x}", crate::hash::fnv1a(&bytes))
+    }
+
     /// The checks of [`Dataset::open_for`] on an open dataset (read from `dir`).
     pub fn check_for(&self, dir: &Path, model_dir: &Path, vocab_size: usize) -> Result<()> {
         let ds = self;

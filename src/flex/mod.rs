@@ -273,7 +273,13 @@ pub fn train_expert(
     let (r_pub, r_i) = router_rows(&public, &hash, opts, &data, device)?;
     let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
     let summary = {
-        let tag = serde_json::json!({ "kind": "expert", "name": opts.name, "public_hash": hash });
+        let tag = serde_json::json!({
+            "kind": "expert",
+            "name": opts.name,
+            "public_hash": hash,
+            "data": data.fingerprint(),
+            "public_data": pub_data.as_ref().map(Dataset::fingerprint),
+        });
         let mut tr = Trainer::start(
             &mut model,
             opts.train.clone(),
@@ -879,7 +885,11 @@ pub fn router_tune(
         p.trainable = p.name.contains(".mlp.gate.");
     }
     let summary = {
-        let tag = serde_json::json!({ "kind": "router-tune", "model_hash": tuned_hash });
+        let tag = serde_json::json!({
+            "kind": "router-tune",
+            "model_hash": tuned_hash,
+            "data": sets.iter().map(Dataset::fingerprint).collect::<Vec<_>>(),
+        });
         let mut tr = Trainer::start(
             &mut model,
             tcfg.clone(),
@@ -956,7 +966,12 @@ pub fn finetune(
     );
     let data = Dataset::open_for(data_dir, public_dir, model.cfg.vocab_size)?;
     let summary = {
-        let tag = serde_json::json!({ "kind": "finetune", "base_hash": base_hash, "only": only });
+        let tag = serde_json::json!({
+            "kind": "finetune",
+            "base_hash": base_hash,
+            "only": only,
+            "data": data.fingerprint(),
+        });
         let mut tr = Trainer::start(
             &mut model,
             tcfg.clone(),

@@ -296,7 +296,7 @@ impl<'a> Trainer<'a> {
         let ck = checkpoint::read(&self.run.checkpoint(), self.model)?;
         if !ck.tag.is_null() && !self.tag.is_null() && ck.tag != self.tag {
             bail!(
-                "cannot resume {}: its checkpoint belongs to another run ({})",
+                "cannot resume {}: its checkpoint was written for other inputs ({})",
                 self.run.dir.display(),
                 json_diff(&self.tag, &ck.tag)
             );

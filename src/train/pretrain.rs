@@ -38,7 +38,7 @@ pub fn pretrain(
             &mut model,
             tcfg.clone(),
             out,
-            serde_json::Value::Null,
+            serde_json::json!({ "kind": "pretrain", "data": data.fingerprint() }),
             quiet,
             device,
             resume,
