@@ -614,22 +614,31 @@ mod tests {
         (1, 300, 300, 301, 2, 2, 16),
     ];
 
+    /// A shape of SHAPES and random q, k, v for it.
+    fn random_qkv(
+        (b, tq, tk, stride, nh, nkv, hd): (usize, usize, usize, usize, usize, usize, usize),
+        rng: &mut StdRng,
+    ) -> (AttnShape, Tensor, Tensor, Tensor) {
+        let s = AttnShape {
+            b,
+            tq,
+            tk,
+            tk_stride: stride,
+            nh,
+            nkv,
+            hd,
+        };
+        let q = Tensor::randn(&[b * tq * nh * hd], 1.0, rng);
+        let k = Tensor::randn(&[b * stride * nkv * hd], 1.0, rng);
+        let v = Tensor::randn(&[b * stride * nkv * hd], 1.0, rng);
+        (s, q, k, v)
+    }
+
     #[test]
     fn tiled_forward_matches_reference_with_cache_stride() {
         let mut rng = StdRng::seed_from_u64(1);
-        for &(b, tq, tk, stride, nh, nkv, hd) in SHAPES {
-            let s = AttnShape {
-                b,
-                tq,
-                tk,
-                tk_stride: stride,
-                nh,
-                nkv,
-                hd,
-            };
-            let q = Tensor::randn(&[b * tq * nh * hd], 1.0, &mut rng);
-            let k = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
-            let v = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
+        for &shape in SHAPES {
+            let (s, q, k, v) = random_qkv(shape, &mut rng);
             let (o, lse) = attention_forward(q.data(), k.data(), v.data(), s);
             let r = attention_reference(q.data(), k.data(), v.data(), s);
             let err = o
@@ -645,19 +654,9 @@ mod tests {
     #[test]
     fn tiled_backward_matches_reference_at_ragged_shapes() {
         let mut rng = StdRng::seed_from_u64(2);
-        for &(b, tq, tk, stride, nh, nkv, hd) in SHAPES {
-            let s = AttnShape {
-                b,
-                tq,
-                tk,
-                tk_stride: stride,
-                nh,
-                nkv,
-                hd,
-            };
-            let q = Tensor::randn(&[b * tq * nh * hd], 1.0, &mut rng);
-            let k = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
-            let v = Tensor::randn(&[b * stride * nkv * hd], 1.0, &mut rng);
+        for &shape in SHAPES {
+            let (s, q, k, v) = random_qkv(shape, &mut rng);
+            let (b, tq, tk, stride, nh, nkv, hd) = shape;
             let go = Tensor::randn(&[b * tq * nh * hd], 1.0, &mut rng);
             let (o, lse) = attention_forward(q.data(), k.data(), v.data(), s);
             let got = attention_backward(q.data(), k.data(), v.data(), &o, &lse, go.data(), s);
