@@ -5,7 +5,7 @@
 //! weights are inference-only: they cannot receive a gradient (the input still can).
 
 use crate::autograd::{Backward, Tape, Var};
-use crate::backend::cpu::matmul;
+use crate::backend::cpu::{matmul, matmul_new};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -23,18 +23,20 @@ pub fn linear(tape: &mut Tape, x: Var, w: Var) -> Var {
         "linear: x has {k} features, weight {:?}",
         wv.shape()
     );
-    let mut y = vec![0f32; n * m];
-    match wv.dtype() {
-        DType::F32 => matmul(n, m, k, xv.data(), false, wv.data(), true, &mut y, false),
+    // The GEMM writes every element of a fresh output: no zero-fill first (`matmul_new`).
+    let y = match wv.dtype() {
+        DType::F32 => matmul_new(n, m, k, xv.data(), false, wv.data(), true),
         DType::BF16 => {
             assert!(
                 !tape.requires_grad(w),
                 "linear: a bf16 weight {:?} cannot be trained (bf16 weights are inference-only; load with keep_bf16 = false to train)",
                 wv.shape()
             );
+            let mut y = vec![0f32; n * m];
             linear_bf16(xv.data(), wv, n, k, &mut y);
+            y
         }
-    }
+    };
     let op = LinearBack {
         x: xv.clone(),
         w: wv.clone(),
@@ -74,23 +76,11 @@ impl Backward for LinearBack {
             // A bf16 (frozen) weight is converted whole here: backward is a training path, and
             // training keeps weights in f32 anyway.
             let w = self.w.to_dtype(DType::F32);
-            let mut dx = vec![0f32; n * k];
-            matmul(n, k, m, g.data(), false, w.data(), false, &mut dx, false);
+            let dx = matmul_new(n, k, m, g.data(), false, w.data(), false);
             Tensor::from_vec(dx, self.x.shape())
         });
         let dw = needs[1].then(|| {
-            let mut dw = vec![0f32; m * k];
-            matmul(
-                m,
-                k,
-                n,
-                g.data(),
-                true,
-                self.x.data(),
-                false,
-                &mut dw,
-                false,
-            );
+            let dw = matmul_new(m, k, n, g.data(), true, self.x.data(), false);
             Tensor::from_vec(dw, self.w.shape())
         });
         vec![dx, dw]
