@@ -411,9 +411,8 @@ impl Dataset {
         );
         let tok = model_dir.join("tokenizer.json");
         if tok.exists() {
-            let t = Tokenizer::load(&tok)?;
             crate::ensure!(
-                t.content_hash() == ds.meta.tokenizer_hash,
+                Tokenizer::file_hash(&tok)? == ds.meta.tokenizer_hash,
                 "{} was tokenized with a different tokenizer than the model in {}",
                 dir.display(),
                 model_dir.display()

@@ -110,8 +110,15 @@ impl Tokenizer {
             inner,
             eos,
             pad,
-            hash: format!("{:016x}", fnv1a(&bytes)),
+            hash: bytes_hash(&bytes),
         })
+    }
+
+    /// [`Tokenizer::content_hash`] of the `tokenizer.json` at `path`, without parsing it.
+    pub fn file_hash(path: &Path) -> Result<String> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        Ok(bytes_hash(&bytes))
     }
 
     /// Token ids of `text`, without any special tokens added. As in Hugging Face tokenizers, the
@@ -152,4 +159,9 @@ impl Tokenizer {
     pub fn content_hash(&self) -> &str {
         &self.hash
     }
+}
+
+/// The content hash of a `tokenizer.json`'s bytes.
+fn bytes_hash(bytes: &[u8]) -> String {
+    format!("{:016x}", fnv1a(bytes))
 }
