@@ -92,13 +92,6 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-/// A CPU KV cache for `batch` copies of `prompt` followed by `new` tokens, after checking that
-/// the prompt is non-empty, in the vocabulary and that everything fits the model's positions.
-fn cpu_cache(model: &Model, prompt: &[u32], new: usize, batch: usize) -> Result<KvCache> {
-    check_prompt(&model.cfg, prompt, new)?;
-    Ok(KvCache::new(&model.cfg, batch, prompt.len() + new))
-}
-
 /// A prompt to continue by `new` tokens: non-empty, in the vocabulary, and the whole sequence
 /// within the model's positions. Every generation path checks this before its first step;
 /// callers that print the prompt check it first.
@@ -136,7 +129,8 @@ pub fn generate(
     cfg: &SamplingConfig,
     on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    let mut cache = cpu_cache(model, prompt, cfg.max_new_tokens, 1)?;
+    check_prompt(&model.cfg, prompt, cfg.max_new_tokens)?;
+    let mut cache = KvCache::new(&model.cfg, 1, prompt.len() + cfg.max_new_tokens);
     generate_with(prompt, cfg, on_token, |ids| {
         Ok(cpu_step(model, &mut cache, ids, 1, ids.len())?.remove(0))
     })
