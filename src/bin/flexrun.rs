@@ -1150,9 +1150,9 @@ fn run(cli: Cli) -> Result<()> {
             let btm_gpu: Vec<GpuModel>;
             let gpu = gpu_for(&a.device)?;
             let gpu_model;
-            // (name, what is evaluated, where its tokenizer is, and every model's directory and
-            // vocabulary: each must read the data with its own tokenizer)
-            let (name, e, tok_dir, models) = if a.btm.is_empty() {
+            // (name, what is evaluated, and every model's directory and vocabulary: each must
+            // read the data with its own tokenizer; the first one's tokenizer scores the tasks)
+            let (name, e, models) = if a.btm.is_empty() {
                 let sel = SelectOpts {
                     model: a.model.clone().unwrap(),
                     exclude: a.exclude.clone(),
@@ -1169,12 +1169,7 @@ fn run(cli: Cli) -> Result<()> {
                     None => Evaluated::Model(&loaded.model),
                 };
                 let models = vec![(sel.model.clone(), loaded.model.cfg.vocab_size)];
-                (
-                    sel.model.display().to_string(),
-                    e,
-                    sel.model.clone(),
-                    models,
-                )
+                (sel.model.display().to_string(), e, models)
             } else {
                 btm_models = a
                     .btm
@@ -1202,9 +1197,9 @@ fn run(cli: Cli) -> Result<()> {
                     .zip(&btm_models)
                     .map(|(d, m)| (d.clone(), m.cfg.vocab_size))
                     .collect();
-                ("BTM".to_string(), e, a.btm[0].clone(), models)
+                ("BTM".to_string(), e, models)
             };
-            let tok_path = tok_dir.join("tokenizer.json");
+            let tok_path = models[0].0.join("tokenizer.json");
             let tok = if tok_path.exists() && a.tasks > 0 {
                 Some(Tokenizer::load(&tok_path)?)
             } else {
