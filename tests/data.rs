@@ -40,7 +40,7 @@ fn prepared(name: &str) -> (PathBuf, Tokenizer) {
     let (corpus, tok) = fixture();
     let tok = Tokenizer::load(tok).unwrap();
     let out = scratch(name);
-    shards::prepare(&[corpus.join("math")], &tok, &out, 0.0, 0).unwrap();
+    shards::prepare(&[corpus.join("math")], &tok, &out, 0.0, 0, 0.0).unwrap();
     (out, tok)
 }
 
@@ -545,7 +545,7 @@ fn prepare_keeps_the_corpus_split_and_round_trips() {
 
     // A whole corpus directory: every domain's pre-split files keep their split.
     let all = scratch("prepare-all");
-    let meta = shards::prepare(std::slice::from_ref(corpus), &tok, &all, 0.5, 0).unwrap();
+    let meta = shards::prepare(std::slice::from_ref(corpus), &tok, &all, 0.5, 0, 0.0).unwrap();
     assert_eq!((meta.train_docs, meta.valid_docs), (160, 16));
     assert_eq!(meta.sources.len(), 8);
 }
@@ -569,6 +569,7 @@ fn prepare_splits_plain_text_by_hash() {
             &dir.join(out),
             fraction,
             seed,
+            0.0,
         )
         .unwrap()
     };
@@ -584,10 +585,18 @@ fn prepare_splits_plain_text_by_hash() {
     // Validation is never left empty when asked for, and absent when not.
     assert_eq!(run("d", 1e-9, 1).valid_docs, 1);
     assert_eq!(run("e", 0.0, 1).valid_docs, 0);
-    assert!(shards::prepare(&[dir.join("stories.txt")], &tok, &dir.join("f"), 1.0, 0).is_err());
-    assert!(shards::prepare(&[dir.join("none.txt")], &tok, &dir.join("f"), 0.1, 0).is_err());
+    assert!(shards::prepare(
+        &[dir.join("stories.txt")],
+        &tok,
+        &dir.join("f"),
+        1.0,
+        0,
+        0.0
+    )
+    .is_err());
+    assert!(shards::prepare(&[dir.join("none.txt")], &tok, &dir.join("f"), 0.1, 0, 0.0).is_err());
     fs::write(dir.join("bad.jsonl"), "{\"text\": \"ok\"}\n{\"txt\": 1}\n").unwrap();
-    let err = shards::prepare(&[dir.join("bad.jsonl")], &tok, &dir.join("f"), 0.1, 0).err();
+    let err = shards::prepare(&[dir.join("bad.jsonl")], &tok, &dir.join("f"), 0.1, 0, 0.0).err();
     assert!(err.unwrap().to_string().contains("bad.jsonl:2"));
 }
 
@@ -808,4 +817,59 @@ fn public_text_has_every_character_of_the_closed_domains() {
             assert!(p >= 10, "{d} has {c:?} {n} times, public only {p} times");
         }
     }
+}
+
+#[test]
+fn bpe_dropout_splits_merges_of_training_text_only() {
+    use rand::SeedableRng;
+    let (corpus, _) = fixture();
+    let (_, tok) = prepared("dropout-tok");
+    let text = &synth::generate_docs("facts", 5, 1, Split::Train).unwrap()[0];
+    let ids = tok.encode(text).unwrap();
+    let split = |p: f64, seed: u64| {
+        let rng = &mut rand::rngs::StdRng::seed_from_u64(seed);
+        tok.split_merges(&ids, p, rng).unwrap()
+    };
+    assert_eq!(split(0.0, 1), ids);
+    // The text is unchanged, the segmentation finer, and the same for the same seed.
+    let some = split(0.3, 1);
+    assert_eq!(tok.decode(&some).unwrap(), *text);
+    assert!(some.len() > ids.len(), "{} vs {}", some.len(), ids.len());
+    assert_eq!(some, split(0.3, 1));
+    assert_ne!(some, split(0.3, 2));
+    // Always splitting leaves single bytes: one token per byte of the text.
+    let bytes = split(0.999_999, 3);
+    assert_eq!(bytes.len(), text.len());
+    assert_eq!(tok.decode(&bytes).unwrap(), *text);
+
+    // In `prepare`, training documents get new tokens as targets; validation stays as it was.
+    let out = |name: &str, p: f64| {
+        let dir = scratch(name);
+        shards::prepare(&[corpus.join("facts")], &tok, &dir, 0.0, 0, p).unwrap();
+        Dataset::open(&dir).unwrap()
+    };
+    let (plain, dropped) = (out("dropout-0", 0.0), out("dropout-1", 0.1));
+    assert_eq!(dropped.meta.bpe_dropout, 0.1);
+    assert_eq!(
+        plain.valid.slice(0, plain.valid.len()),
+        dropped.valid.slice(0, dropped.valid.len())
+    );
+    assert!(dropped.meta.train_tokens > plain.meta.train_tokens);
+    let seen = |s: &TokenShard| s.slice(0, s.len()).into_iter().collect::<HashSet<u32>>();
+    assert!(seen(&dropped.train).len() > seen(&plain.train).len());
+    for i in 0..plain.train.n_docs() {
+        assert_eq!(
+            tok.decode(&plain.train.doc(i)).unwrap(),
+            tok.decode(&dropped.train.doc(i)).unwrap()
+        );
+    }
+    assert!(shards::prepare(
+        &[corpus.join("facts")],
+        &tok,
+        &scratch("dropout-bad"),
+        0.0,
+        0,
+        1.0
+    )
+    .is_err());
 }

@@ -349,6 +349,9 @@ struct DemoArgs {
     /// Per-layer weights of the public anchor (one per layer; default 4,1,...,1,4).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     public_anchor_layers: Option<Vec<f32>>,
+    /// BPE-dropout of the public training data (see `data prepare --bpe-dropout`).
+    #[arg(long)]
+    bpe_dropout: Option<f64>,
     /// Tokenizer vocabulary size.
     #[arg(long)]
     vocab: Option<usize>,
@@ -410,6 +413,12 @@ enum DataCmd {
         valid_fraction: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// BPE-dropout of the training split: each merged token is split back into its pair
+        /// with this probability, so that every token of the vocabulary is trained (validation
+        /// stays deterministic). For a public model whose tokenizer has intermediate tokens
+        /// that its data never shows on their own.
+        #[arg(long, default_value_t = 0.0)]
+        bpe_dropout: f64,
     },
 }
 
@@ -743,9 +752,10 @@ fn run(cli: Cli) -> Result<()> {
             out,
             valid_fraction,
             seed,
+            bpe_dropout,
         }) => {
             let tok = Tokenizer::load(&tokenizer)?;
-            let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed)?;
+            let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed, bpe_dropout)?;
             let bytes = std::fs::read(&tokenizer)
                 .with_context(|| format!("reading {}", tokenizer.display()))?;
             flexrun::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
@@ -1343,6 +1353,7 @@ fn run(cli: Cli) -> Result<()> {
             override_fields!(
                 public_mix,
                 public_anchor,
+                bpe_dropout,
                 vocab,
                 hidden,
                 layers,

@@ -54,6 +54,9 @@ pub struct Meta {
     pub sources: Vec<String>,
     pub valid_fraction: f64,
     pub seed: u64,
+    /// BPE-dropout of the training split ([`Tokenizer::split_merges`]; 0: none).
+    #[serde(default)]
+    pub bpe_dropout: f64,
 }
 
 /// Tokenizes `inputs` into `out_dir/{train.bin, valid.bin, meta.json}` and returns the meta.
@@ -64,16 +67,24 @@ pub struct Meta {
 /// `valid_fraction` (so duplicates land together). If that leaves validation empty while
 /// `valid_fraction > 0`, the document with the smallest hash moves there. Tokenization runs in
 /// parallel over documents; the whole input is held in memory.
+///
+/// With `bpe_dropout > 0`, training documents (never validation ones) get BPE-dropout
+/// ([`Tokenizer::split_merges`]), seeded by `seed` and each document's text.
 pub fn prepare(
     inputs: &[PathBuf],
     tokenizer: &Tokenizer,
     out_dir: &Path,
     valid_fraction: f64,
     seed: u64,
+    bpe_dropout: f64,
 ) -> Result<Meta> {
     crate::ensure!(
         (0.0..1.0).contains(&valid_fraction),
         "valid fraction must be in [0, 1), got {valid_fraction}"
+    );
+    crate::ensure!(
+        (0.0..1.0).contains(&bpe_dropout),
+        "BPE-dropout must be in [0, 1), got {bpe_dropout}"
     );
     let files = expand_inputs(inputs)?;
     crate::ensure!(
@@ -112,6 +123,14 @@ pub fn prepare(
         .par_iter()
         .map(|doc| {
             let mut ids = tokenizer.encode(&doc.text)?;
+            if bpe_dropout > 0.0 && !doc.valid {
+                let rng = &mut StdRng::seed_from_u64(mix(&[
+                    seed,
+                    fnv1a(b"bpe-dropout"),
+                    fnv1a(doc.text.as_bytes()),
+                ]));
+                ids = tokenizer.split_merges(&ids, bpe_dropout, rng)?;
+            }
             ids.push(eos);
             Ok((ids, doc.valid))
         })
@@ -138,6 +157,7 @@ pub fn prepare(
         sources: files.iter().map(|f| f.path.display().to_string()).collect(),
         valid_fraction,
         seed,
+        bpe_dropout,
     };
     let json = serde_json::to_string_pretty(&meta)?;
     write_bytes_atomic(&out_dir.join("meta.json"), json.as_bytes())?;

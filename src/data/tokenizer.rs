@@ -4,7 +4,12 @@
 //! `decode(encode(s)) == s` for every string. Ids 0 and 1 are the special tokens
 //! [`EOS_TOKEN`] and [`PAD_TOKEN`].
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rand::rngs::StdRng;
+use rand::Rng;
 
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -87,6 +92,9 @@ pub struct Tokenizer {
     eos: u32,
     pad: u32,
     hash: String,
+    /// For a BPE model: each merged token's id -> the ids of the pair it was merged from (read
+    /// on first use by [`Tokenizer::split_merges`]).
+    parents: OnceLock<HashMap<u32, (u32, u32)>>,
 }
 
 impl Tokenizer {
@@ -111,6 +119,7 @@ impl Tokenizer {
             eos,
             pad,
             hash: bytes_hash(&bytes),
+            parents: OnceLock::new(),
         })
     }
 
@@ -129,6 +138,42 @@ impl Tokenizer {
             .encode_fast(text, false)
             .context("tokenizing text")?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// BPE-dropout for training data: every token of `ids` that BPE merged from a pair is split
+    /// back into that pair with probability `p`, and so on down to single bytes. The text is
+    /// unchanged (`decode` gives the same string); the model then also learns the tokens that
+    /// the deterministic segmentation only passes through on the way to longer ones, which it
+    /// would otherwise never see as targets. Deterministic given `rng`. Tokenizers other than
+    /// BPE have no merges: their ids come back unchanged.
+    pub fn split_merges(&self, ids: &[u32], p: f64, rng: &mut StdRng) -> Result<Vec<u32>> {
+        let parents = match self.parents.get() {
+            Some(m) => m,
+            None => {
+                let json = self
+                    .inner
+                    .to_string(false)
+                    .context("serialising tokenizer")?;
+                let m = bpe_parents(json.as_bytes(), &self.inner)
+                    .map_err(|e| crate::error::Error::msg(format!("BPE merges: {e}")))?;
+                self.parents.get_or_init(|| m)
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        let mut stack = Vec::new();
+        for &id in ids {
+            stack.push(id);
+            while let Some(t) = stack.pop() {
+                match parents.get(&t) {
+                    Some(&(l, r)) if p > 0.0 && rng.random_bool(p) => {
+                        stack.push(r);
+                        stack.push(l);
+                    }
+                    _ => out.push(t),
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The text of `ids`; special tokens are kept as their literal text.
@@ -159,6 +204,45 @@ impl Tokenizer {
     pub fn content_hash(&self) -> &str {
         &self.hash
     }
+}
+
+/// The merge pairs of a BPE `tokenizer.json` (`model.merges`, as `["a", "b"]` or `"a b"`), as
+/// merged id -> (left id, right id); empty for other models.
+fn bpe_parents(
+    bytes: &[u8],
+    inner: &tokenizers::Tokenizer,
+) -> std::result::Result<HashMap<u32, (u32, u32)>, String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        model: Model,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        #[serde(default)]
+        merges: Vec<serde_json::Value>,
+    }
+    let file: File = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let id = |t: &str| {
+        inner
+            .token_to_id(t)
+            .ok_or_else(|| format!("merge token {t:?} is not in the vocabulary"))
+    };
+    let mut parents = HashMap::new();
+    for m in &file.model.merges {
+        let (l, r) = match m {
+            serde_json::Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
+                (Some(l), Some(r)) => (l.to_string(), r.to_string()),
+                _ => return Err(format!("merge {m} is not a pair of strings")),
+            },
+            serde_json::Value::String(s) => match s.split_once(' ') {
+                Some((l, r)) => (l.to_string(), r.to_string()),
+                None => return Err(format!("merge {s:?} is not a pair")),
+            },
+            _ => return Err(format!("merge {m} is not a pair")),
+        };
+        parents.insert(id(&format!("{l}{r}"))?, (id(&l)?, id(&r)?));
+    }
+    Ok(parents)
 }
 
 /// The content hash of a `tokenizer.json`'s bytes.

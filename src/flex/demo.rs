@@ -59,6 +59,8 @@ pub struct DemoConfig {
     pub router_public: f32,
     /// Weight of the expert loudness loss (`train-expert --expert-loudness`).
     pub expert_loudness: f32,
+    /// BPE-dropout of the public training data (`data prepare --bpe-dropout`).
+    pub bpe_dropout: f64,
     pub embed_docs: usize,
     pub eval_tokens: usize,
     pub tasks: usize,
@@ -103,6 +105,7 @@ impl Default for DemoConfig {
             router_own: 0.3,
             router_public: 0.0,
             expert_loudness: 0.0,
+            bpe_dropout: 0.0,
             embed_docs: 64,
             eval_tokens: 8192,
             tasks: 64,
@@ -363,7 +366,10 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let mut sets = Vec::new();
     for d in &all {
         let dir = w.p(&format!("data/{d}"));
-        shards::prepare(&[corpus.join(d)], &tok, &dir, 0.05, c.seed)?;
+        // BPE-dropout on public training text only: the public model then learns every token
+        // of its vocabulary, including those its text only shows inside longer ones.
+        let dropout = if d == &all[0] { c.bpe_dropout } else { 0.0 };
+        shards::prepare(&[corpus.join(d)], &tok, &dir, 0.05, c.seed, dropout)?;
         write_bytes_atomic(&dir.join("tokenizer.json"), &tok_bytes)?;
         sets.push((d.to_string(), Dataset::open(&dir)?));
     }
