@@ -700,3 +700,99 @@ fn mismatched_data_and_settings() {
     assert_eq!(code, 0, "the same public model and data resume: {err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn compare_splits_the_gap_to_a_reference_by_token() {
+    let d = tmp("compare");
+    let w = d.join("w");
+    let (code, _, err) = flexrun(&["demo", "--quick", "--out", w.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let p = |rel: &str| w.join(rel).to_str().unwrap().to_string();
+    let json = d.join("gap.json");
+    let (code, out, err) = flexrun(&[
+        "compare",
+        "--model",
+        &p("models/flexolmo-main"),
+        "--reference",
+        &p("models/dense-code"),
+        "--data",
+        &p("data/code"),
+        "--public",
+        &p("data/public"),
+        "--top",
+        "5",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| target token |"), "{out}");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    // The model's mean loss is eval's, and the parts add up to the whole.
+    let eval_json = d.join("eval.json");
+    let (code, _, err) = flexrun(&[
+        "eval",
+        "--model",
+        &p("models/flexolmo-main"),
+        "--data",
+        &format!("code={}", p("data/code")),
+        "--tasks",
+        "0",
+        "--json",
+        eval_json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&eval_json).unwrap()).unwrap();
+    assert!((f(&g["model_loss"]) - f(&e["scores"][0]["loss"])).abs() < 1e-9);
+    let buckets = g["by_public_count"].as_array().unwrap();
+    assert_eq!(buckets.len(), 4);
+    let n: u64 = buckets
+        .iter()
+        .map(|b| b["positions"].as_u64().unwrap())
+        .sum();
+    assert_eq!(n, g["positions"].as_u64().unwrap());
+    let share: f64 = buckets.iter().map(|b| f(&b["share"])).sum();
+    assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+    let mean = |key: &str| {
+        buckets
+            .iter()
+            .map(|b| f(&b[key]) * b["positions"].as_f64().unwrap())
+            .sum::<f64>()
+            / n as f64
+    };
+    assert!((mean("model_loss") - f(&g["model_loss"])).abs() < 1e-9);
+    assert!((mean("reference_loss") - f(&g["reference_loss"])).abs() < 1e-9);
+    let tokens = g["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5);
+    let excess = |t: &serde_json::Value| {
+        (f(&t["model_loss"]) - f(&t["reference_loss"])) * t["positions"].as_f64().unwrap()
+    };
+    assert!(tokens.windows(2).all(|w| excess(&w[0]) >= excess(&w[1])));
+
+    // Against itself there is no gap; a model of another vocabulary is refused.
+    let (code, out, err) = flexrun(&[
+        "compare",
+        "--model",
+        &p("models/dense-code"),
+        "--reference",
+        &p("models/dense-code"),
+        "--data",
+        &p("data/code"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("gap +0.0000 (+0.0%)"), "{out}");
+    assert_clean_error(
+        &[
+            "compare",
+            "--model",
+            &p("models/dense-code"),
+            "--reference",
+            &fixture("flexolmo_tiny"),
+            "--data",
+            &p("data/code"),
+        ],
+        "tokens",
+    );
+}

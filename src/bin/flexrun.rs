@@ -120,11 +120,41 @@ enum Cmd {
         #[arg(long, default_value = "routing.svg")]
         out: PathBuf,
     },
+    /// Where a model's held-out loss on one domain differs from a reference model's (e.g. a
+    /// merged FlexOlmo model and that domain's dense expert), per target token and by how
+    /// often the token is a target in public training data.
+    Compare(CompareArgs),
     /// Training-data extraction check: how often sampled continuations of a document's prefix
     /// reproduce the document (FlexOlmo's data extraction check).
     Extract(ExtractArgs),
     /// The main job: the whole FlexOlmo pipeline on the built-in corpus, with baselines.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The model studied (with --exclude/--experts, as for eval).
+    #[command(flatten)]
+    sel: SelectOpts,
+    /// The model it is compared with.
+    #[arg(long)]
+    reference: PathBuf,
+    /// The prepared domain whose validation text is scored.
+    #[arg(long)]
+    data: PathBuf,
+    /// Prepared public data: its training split's target counts group the gap.
+    #[arg(long)]
+    public: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 8192)]
+    tokens: usize,
+    /// Target tokens listed (largest share of the gap first).
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -1272,6 +1302,50 @@ fn run(cli: Cli) -> Result<()> {
             );
             flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
             println!("heatmap written to {}", out.display());
+        }
+        Cmd::Compare(a) => {
+            ensure!(
+                a.sel.device == "cpu",
+                "compare runs on the CPU (got --device {})",
+                a.sel.device
+            );
+            let loaded = a.sel.load()?;
+            let reference = checkpoint::load_with(&a.reference, true)?;
+            let vocab = loaded.model.cfg.vocab_size;
+            ensure!(
+                reference.cfg.vocab_size == vocab,
+                "{} has {} tokens, {} has {vocab}",
+                a.reference.display(),
+                reference.cfg.vocab_size,
+                a.sel.model.display()
+            );
+            let ds = data::Dataset::open_for(&a.data, &a.sel.model, vocab)?;
+            ds.check_for(&a.data, &a.reference, vocab)?;
+            let counts = match &a.public {
+                Some(p) => {
+                    let public = data::Dataset::open_for(p, &a.sel.model, vocab)?;
+                    Some(eval::compare::target_counts(&public.train, vocab))
+                }
+                None => None,
+            };
+            let tok = Tokenizer::load(&a.sel.model.join("tokenizer.json"))?;
+            let batches = shards::valid_batches(&ds.valid, 8, a.seq, a.tokens)?;
+            let gap = eval::compare::token_gap(
+                &Evaluated::Model(&loaded.model),
+                &Evaluated::Model(&reference),
+                &batches,
+                a.seq,
+                counts.as_deref(),
+                &tok,
+                a.top,
+            )?;
+            print!("{}", eval::compare::markdown(&gap));
+            if let Some(j) = a.json {
+                flexrun::fsutil::write_bytes_atomic(
+                    &j,
+                    serde_json::to_string_pretty(&gap)?.as_bytes(),
+                )?;
+            }
         }
         Cmd::Extract(a) => {
             let gpu = gpu_for(&a.sel.device)?;

@@ -1,6 +1,7 @@
 //! Evaluation: per-domain held-out loss and perplexity, exact-match task accuracy, for single
 //! models (any expert subset) and for the BTM ensemble baseline; tables as markdown and JSON.
 
+pub mod compare;
 pub mod extract;
 pub mod plot;
 pub mod routing;
@@ -143,23 +144,27 @@ impl Evaluated<'_> {
 
     /// Mean next-token cross-entropy over validation windows.
     pub fn loss(&self, batches: &[(Vec<u32>, Vec<u32>)], seq: usize) -> Result<f64> {
+        let nll = self.token_losses(batches, seq)?;
+        Ok(nll.iter().sum::<f64>() / nll.len().max(1) as f64)
+    }
+
+    /// Next-token cross-entropy at every target position of the windows (rows of `seq`
+    /// tokens), in order: the targets of `batches`, flattened.
+    pub fn token_losses(&self, batches: &[(Vec<u32>, Vec<u32>)], seq: usize) -> Result<Vec<f64>> {
         let v = self.vocab();
         let rows: Vec<(&[u32], &[u32])> = batches
             .iter()
             .flat_map(|(i, t)| i.chunks(seq).zip(t.chunks(seq)))
             .collect();
-        let parts: Vec<(f64, usize)> = self.map(&rows, |(inp, tgt)| {
+        let parts: Vec<Vec<f64>> = self.map(&rows, |(inp, tgt)| {
             let lp = self.log_probs(inp)?;
-            Ok((
-                tgt.iter()
-                    .enumerate()
-                    .map(|(p, &x)| -(lp[p * v + x as usize] as f64))
-                    .sum::<f64>(),
-                tgt.len(),
-            ))
+            Ok(tgt
+                .iter()
+                .enumerate()
+                .map(|(p, &x)| -(lp[p * v + x as usize] as f64))
+                .collect())
         })?;
-        let (s, n) = parts.iter().fold((0.0, 0), |(s, n), (a, b)| (s + a, n + b));
-        Ok(s / n.max(1) as f64)
+        Ok(parts.concat())
     }
 
     /// Greedy continuation of `prompt` for `n` tokens.
