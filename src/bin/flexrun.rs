@@ -371,7 +371,7 @@ struct DemoArgs {
     /// Fraction of each expert's training rows drawn from public data.
     #[arg(long)]
     public_mix: Option<f64>,
-    /// Weight of the public anchor on the public rows of expert training (default 8: opting an
+    /// Weight of the public anchor on the public rows of expert training (default 10: opting an
     /// expert out then moves every other domain by less than 2%; lower weights give lower
     /// losses and more interference).
     #[arg(long)]
@@ -379,7 +379,7 @@ struct DemoArgs {
     /// Per-layer weights of the public anchor (one per layer; default 4,1,...,1,4).
     #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     public_anchor_layers: Option<Vec<f32>>,
-    /// BPE-dropout of the public training data (see `data prepare --bpe-dropout`).
+    /// BPE-dropout of the public training data (default 0.01; see `data prepare --bpe-dropout`).
     #[arg(long)]
     bpe_dropout: Option<f64>,
     /// Tokenizer vocabulary size.
