@@ -29,7 +29,7 @@ fn small_dataset(root: &Path) -> PathBuf {
     tokenizer::train_bpe(&[corpus.join("public")], 300, &tok).unwrap();
     let t = Tokenizer::load(&tok).unwrap();
     let out = root.join("data");
-    shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0).unwrap();
+    shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0, 0.0).unwrap();
     out
 }
 
