@@ -6,7 +6,8 @@
 #   tools/gpu-bench.sh [FLEXRUN] [OUTDIR]     # defaults: target/gpu-test/flexrun, bench-out
 #
 # Each benchmark writes OUTDIR/NAME.json (stdout) and OUTDIR/NAME.err; BENCH_TIMEOUT (seconds,
-# default 300) bounds each one. Prints one status line per benchmark; exits non-zero if any failed.
+# default 300) bounds each one; ONLY=REGEX runs only the benchmarks whose names match. Prints one
+# status line per benchmark; exits non-zero if any failed.
 set -uo pipefail
 FR="${1:-target/gpu-test/flexrun}"
 OUTD="${2:-bench-out}"
@@ -15,6 +16,7 @@ fail=0
 run() {
   local name="$1" start rc
   shift
+  [[ -n "${ONLY:-}" && ! "$name" =~ ${ONLY} ]] && return
   start=$(date +%s)
   timeout "${BENCH_TIMEOUT:-300}" "$@" >"$OUTD/$name.json" 2>"$OUTD/$name.err"
   rc=$?
