@@ -569,15 +569,17 @@ impl GpuModel<'_> {
             self.renorm,
             &mut dz,
         )?;
-        if let Some(extra) = dz_extra {
-            let mut sum = dev.alloc::<f32>(n * e)?;
-            dev.add_scaled(&dz, extra, &mut sum, 1.0)?;
-            dz = sum;
-        }
+        // The bias enters the routing only: the z-loss and router cross-entropies are losses
+        // of the unbiased logits (as on the CPU), so its gradient comes before their terms.
         if let (Some(bv), Some((f0, ne))) = (bias, trained(F_BIAS)) {
             let mut db = dev.alloc::<f32>(e)?;
             dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
             grads[F_BIAS] = Some(suffix(dev, db, f0, ne)?);
+        }
+        if let Some(extra) = dz_extra {
+            let mut sum = dev.alloc::<f32>(n * e)?;
+            dev.add_scaled(&dz, extra, &mut sum, 1.0)?;
+            dz = sum;
         }
         if let Some((f0, ne)) = trained(F_ROUTER) {
             let mut router = dev.alloc::<f32>(e * h)?;
