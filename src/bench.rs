@@ -127,9 +127,11 @@ pub fn mode_flops(cfg: &Config, mode: TrainMode, batch: usize, seq: usize) -> Re
 
 /// The 2-expert (top-2 of 2) configuration expert training runs for the public `cfg`.
 fn expert_config(cfg: &Config) -> Result<Config> {
-    let mut up = cfg.clone();
-    up.num_experts = Some(2);
-    up.num_experts_per_tok = Some(2);
+    ensure!(
+        !cfg.is_moe(),
+        "--expert trains against a public model: give a dense (OLMo-2) config"
+    );
+    let up = cfg.upcycled(2);
     up.validate()?;
     Ok(up)
 }
@@ -392,4 +394,29 @@ pub fn decode(
         step_ms,
         decode_tokens_per_s: batch as f64 / (step_ms / 1e3),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An expert-training step runs both FFNs of every layer forward and through the input
+    /// gradient, and computes weight gradients for the trained FFN (and router row) only.
+    #[test]
+    fn expert_step_flops_count_both_ffns() {
+        let cfg = Config::olmo2(1000, 64, 96, 2, 4, 2);
+        let (b, t) = (2, 16);
+        let (h, i, l, v) = (64.0, 96.0, 2.0, 1000.0);
+        let attn = l * 2.0 * 4.0 * 16.0 * t as f64;
+        let tok = (b * t) as f64;
+        let dense = l * (3.0 * h * h + 3.0 * h * i) + h * v; // q, o: h x h; k, v: h x h/2
+        let full = mode_flops(&cfg, TrainMode::Full, b, t).unwrap();
+        assert!((full - tok * (6.0 * dense + 3.0 * attn)).abs() < 1.0);
+        let up = l * (3.0 * h * h + 2.0 * 3.0 * h * i + 2.0 * h) + h * v;
+        let trained = l * (3.0 * h * i + h);
+        let expert = mode_flops(&cfg, TrainMode::Expert, b, t).unwrap();
+        assert!((expert - tok * (4.0 * up + 2.0 * trained + 3.0 * attn)).abs() < 1.0);
+        let moe = Config::flex_olmo(1000, 64, 96, 2, 4, 2, 4, 2);
+        assert!(mode_flops(&moe, TrainMode::Expert, b, t).is_err());
+    }
 }

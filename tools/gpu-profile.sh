@@ -18,7 +18,7 @@ python3 - "$CSV" "${TOP:-25}" <<'EOF'
 import csv, sys
 from collections import defaultdict
 path, top = sys.argv[1], int(sys.argv[2])
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 lines = [l for l in open(path) if l.startswith('"')]
 total, count = defaultdict(float), defaultdict(int)
 for row in csv.DictReader(lines):

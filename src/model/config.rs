@@ -145,6 +145,18 @@ impl Config {
         self.model_type == "flex_olmo"
     }
 
+    /// This dense config upcycled to a FlexOlmo MoE of `n_experts` experts, every one of them
+    /// used by every token (`flex_olmo` / `FlexOlmoForCausalLM`, top-k = E, no renormalisation).
+    pub fn upcycled(&self, n_experts: usize) -> Config {
+        let mut cfg = self.clone();
+        cfg.model_type = "flex_olmo".into();
+        cfg.architectures = vec!["FlexOlmoForCausalLM".into()];
+        cfg.num_experts = Some(n_experts);
+        cfg.num_experts_per_tok = Some(n_experts);
+        cfg.norm_topk_prob = false;
+        cfg
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

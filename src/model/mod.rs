@@ -720,12 +720,7 @@ impl Model {
             self.cfg.experts()
         );
         ensure!(n_experts > 0, "upcycling needs at least one expert");
-        let mut cfg = self.cfg.clone();
-        cfg.model_type = "flex_olmo".into();
-        cfg.architectures = vec!["FlexOlmoForCausalLM".into()];
-        cfg.num_experts = Some(n_experts);
-        cfg.num_experts_per_tok = Some(n_experts);
-        cfg.norm_topk_prob = false;
+        let cfg = self.cfg.upcycled(n_experts);
         let mut ps = ParamStore::default();
         for p in &self.params.params {
             let ffn_part = p.name.strip_prefix("model.layers.").and_then(|r| {
