@@ -51,7 +51,7 @@ if [[ "${DEMO:-1}" != 0 ]] && phase "demo on the GPU" "${DEMO_S:-100000}"; then
   for run in demo-quick:--quick demo:; do
     name="${run%%:*}"
     start=$SECONDS
-    if timeout "$(left "${DEMO_S:-100000}")" "$G/flexrun" demo ${run#*:} --device cuda --quiet --out "$WORK/$name" >"$WORK/logs/$name.log" 2>&1; then
+    if timeout "$(left "${DEMO_S:-100000}")" "$G/flexrun" demo ${run#*:} --device cuda --out "$WORK/$name" >"$WORK/logs/$name.log" 2>&1; then
       echo "$name: ok in $((SECONDS - start)) s"
     else
       echo "$name: FAILED"; tail -5 "$WORK/logs/$name.log"; fail=1
