@@ -594,6 +594,39 @@ fn mismatched_data_and_settings() {
     assert_clean_error(&args, "exceed max_position_embeddings");
     let (_, out, _) = flexrun(&args);
     assert_eq!(out, "", "nothing is printed before the error");
+    // Sampling and ensemble settings that mean nothing are refused, before any output.
+    for (setting, needle) in [
+        (
+            "--temperature=-1",
+            "temperature must be a finite number >= 0",
+        ),
+        (
+            "--temperature=inf",
+            "temperature must be a finite number >= 0",
+        ),
+        ("--top-p=0", "top-p must be in (0, 1]"),
+        ("--top-p=1.5", "top-p must be in (0, 1]"),
+    ] {
+        let args = ["generate", "--model", &merged, "--prompt", "def", setting];
+        assert_clean_error(&args, needle);
+        assert_eq!(flexrun(&args).1, "", "{setting}: nothing is printed");
+    }
+    let (dense, data) = (p("models/dense-code"), format!("code={}", p("data/code")));
+    let btm = format!("{dense},{dense}");
+    for (setting, needle) in [
+        (
+            "--btm-temperature=0",
+            "BTM temperature must be a finite number > 0",
+        ),
+        ("--btm-top-k=0", "at least one model per position"),
+    ] {
+        assert_clean_error(
+            &[
+                "eval", "--btm", &btm, "--data", &data, "--tasks", "0", setting,
+            ],
+            needle,
+        );
+    }
 
     // The quick demo pretrained its public model at batch 4 x seq 32.
     let public_cfg = p("models/public/config.json");

@@ -327,8 +327,10 @@ struct EvalArgs {
     /// BTM ensemble of these dense models instead of --model.
     #[arg(long, value_delimiter = ',', conflicts_with = "model")]
     btm: Vec<PathBuf>,
+    /// BTM: the ensemble weights are softmax(-context NLL / T) (T > 0).
     #[arg(long, default_value_t = 1.0)]
     btm_temperature: f32,
+    /// BTM: mix the k members with the lowest context NLL at each position (k >= 1).
     #[arg(long, default_value_t = 2)]
     btm_top_k: usize,
     /// Domains as NAME=PREPARED_DIR; built-in domain names also get exact-match tasks.
@@ -850,6 +852,7 @@ fn run(cli: Cli) -> Result<()> {
                 stop_token: model.cfg.eos_id(),
             };
             // Bad requests fail before anything is printed.
+            cfg.check()?;
             generate::check_prompt(&model.cfg, &prompt, cfg.max_new_tokens)?;
             let mut out = std::io::stdout().lock();
             let mut produced: Vec<u32> = Vec::new();

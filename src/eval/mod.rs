@@ -64,6 +64,14 @@ impl Evaluated<'_> {
                 top_k,
             } => {
                 ensure!(!models.is_empty(), "BTM needs at least one model");
+                ensure!(
+                    temperature.is_finite() && *temperature > 0.0,
+                    "the BTM temperature must be a finite number > 0, not {temperature}"
+                );
+                ensure!(
+                    *top_k >= 1,
+                    "BTM mixes at least one model per position (top-k >= 1)"
+                );
                 let t = ids.len();
                 ensure!(
                     models.iter().all(|m| m.vocab() == v),
@@ -88,7 +96,7 @@ impl Evaluated<'_> {
                         .collect();
                     let mut order: Vec<usize> = (0..models.len()).collect();
                     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-                    order.truncate((*top_k).clamp(1, models.len()));
+                    order.truncate((*top_k).min(models.len()));
                     let mx = scores[order[0]];
                     let ws: Vec<f64> = order.iter().map(|&j| (scores[j] - mx).exp()).collect();
                     let z: f64 = ws.iter().sum();

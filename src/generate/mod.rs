@@ -36,6 +36,24 @@ impl Default for SamplingConfig {
     }
 }
 
+impl SamplingConfig {
+    /// Settings that mean something: a finite temperature of at least 0 and a top-p in (0, 1].
+    /// Every sampling path checks them before its first step.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature must be a finite number >= 0 (0: greedy), not {}",
+            self.temperature
+        );
+        ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top-p must be in (0, 1] (1: off), not {}",
+            self.top_p
+        );
+        Ok(())
+    }
+}
+
 /// Pick the next token from one row of logits.
 pub fn sample(logits: &[f32], cfg: &SamplingConfig, rng: &mut StdRng) -> u32 {
     if cfg.temperature <= 0.0 {
@@ -245,6 +263,7 @@ fn sample_groups_with(
     cfg: &SamplingConfig,
     mut step: impl FnMut(&[u32], usize) -> Result<Vec<Vec<f32>>>,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
+    cfg.check()?;
     let mut out: Vec<Vec<Vec<u32>>> = groups
         .iter()
         .map(|g| vec![Vec::with_capacity(g.new); n])
@@ -285,6 +304,7 @@ fn generate_with(
     mut on_token: impl FnMut(u32),
     mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
 ) -> Result<Vec<u32>> {
+    cfg.check()?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut out = Vec::new();
     let mut next_input = prompt.to_vec();
