@@ -171,6 +171,11 @@ fn missing_and_corrupt_inputs() {
         &["--expert-loudness=-1"],
         "--expert-loudness must be a finite weight",
     );
+    run(
+        &["--bias-init", "nan"],
+        "--bias-init must be a finite number",
+    );
+    run(&["--embed-docs", "0"], "--embed-docs must be at least 1");
     // A demo model that cannot exist is refused before any work is done.
     let demo_dir = tmp("demo-shape");
     let demo_out = demo_dir.join("w");

@@ -250,6 +250,16 @@ pub fn train_expert(
     if let Some(dp) = &t.dp {
         dp.check()?;
     }
+    if let Some(b) = opts.bias_init {
+        ensure!(
+            b.is_finite(),
+            "--bias-init must be a finite number, got {b}"
+        );
+    }
+    ensure!(
+        opts.embed_docs > 0 || !matches!(opts.router_init, RouterInit::Domain),
+        "--embed-docs must be at least 1 (the documents the router embedding averages)"
+    );
     let layer_w = &opts.train.public_anchor_layers;
     ensure!(
         layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
