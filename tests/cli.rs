@@ -616,6 +616,41 @@ fn mismatched_data_and_settings() {
         assert_clean_error(&args, needle);
         assert_eq!(flexrun(&args).1, "", "{setting}: nothing is printed");
     }
+    let (pub_data, out) = (p("data/public"), d.join("bad-pretrain"));
+    for (setting, needle) in [
+        ("--clip=-1", "--clip must be a finite norm >= 0"),
+        (
+            "--weight-decay=-1",
+            "--weight-decay must be a finite number >= 0",
+        ),
+    ] {
+        let args = [
+            "pretrain",
+            "--data",
+            &pub_data,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+            setting,
+        ];
+        assert_clean_error(&args, needle);
+    }
+    let expert = p("experts/main/code.safetensors");
+    assert_clean_error(
+        &[
+            "merge",
+            "--public",
+            &p("models/public"),
+            "--experts",
+            &expert,
+            "--out",
+            out.to_str().unwrap(),
+            "--top-k",
+            "3",
+        ],
+        "--top-k 3 must be between 1 and the number of experts (2)",
+    );
     let (dense, data) = (p("models/dense-code"), format!("code={}", p("data/code")));
     let btm = format!("{dense},{dense}");
     for (setting, needle) in [

@@ -1116,7 +1116,8 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             bias_offset,
         } => {
-            let k = top_k.unwrap_or(2).min(experts.len() + 1);
+            // The default fits any merge; an explicit k is checked against the experts.
+            let k = top_k.unwrap_or_else(|| 2.min(experts.len() + 1));
             let offsets = bias_offset
                 .iter()
                 .map(|s| flex::BiasOffset::parse(s))

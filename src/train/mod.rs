@@ -260,6 +260,16 @@ impl<'a> Trainer<'a> {
             "learning rate must be positive"
         );
         ensure!(
+            cfg.clip.is_finite() && cfg.clip >= 0.0,
+            "--clip must be a finite norm >= 0 (0: no clipping), got {}",
+            cfg.clip
+        );
+        let wd = cfg.adamw.weight_decay;
+        ensure!(
+            wd.is_finite() && wd >= 0.0,
+            "--weight-decay must be a finite number >= 0, got {wd}"
+        );
+        ensure!(
             model.params.trainable_numel() > 0,
             "nothing to train: every parameter is frozen"
         );
