@@ -281,6 +281,7 @@ fn out_of_range_ids_and_bad_selections() {
     for (flag, value, needle) in [
         ("--docs", "0", "at least one document"),
         ("--samples", "0", "at least one sample"),
+        ("--threshold", "1.5", "threshold must be in [0, 1]"),
         ("--max-new", "4000", "positions"),
     ] {
         assert_clean_error(

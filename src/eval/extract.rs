@@ -62,6 +62,11 @@ impl ExtractConfig {
         );
         ensure!(self.samples > 0, "extraction needs at least one sample");
         ensure!(
+            (0.0..=1.0).contains(&self.threshold),
+            "the similarity threshold must be in [0, 1], got {}",
+            self.threshold
+        );
+        ensure!(
             self.prefix > 0 && self.min_continuation > 0,
             "extraction needs a prefix and a continuation of at least one token"
         );
