@@ -78,9 +78,11 @@ impl ExtractConfig {
         );
         ensure!(
             self.prefix + self.max_continuation <= max_positions,
-            "prefix ({}) + longest continuation ({}) exceed the model's {max_positions} positions",
+            "prefix ({}) + longest continuation ({}) exceed the model's {max_positions} positions \
+             (give --max-new {} or less)",
             self.prefix,
-            self.max_continuation
+            self.max_continuation,
+            max_positions.saturating_sub(self.prefix)
         );
         Ok(())
     }
