@@ -653,6 +653,13 @@ fn mismatched_data_and_settings() {
         "--top-k 3 must be between 1 and the number of experts (2)",
     );
     let (dense, data) = (p("models/dense-code"), format!("code={}", p("data/code")));
+    // Fewer tokens than one window: an error, not a loss of 0.
+    assert_clean_error(
+        &[
+            "eval", "--model", &merged, "--data", &data, "--tasks", "0", "--tokens", "8",
+        ],
+        "code: no window of",
+    );
     let btm = format!("{dense},{dense}");
     for (setting, needle) in [
         (

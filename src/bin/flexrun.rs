@@ -1289,7 +1289,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut stats = Vec::new();
             for (n, p) in parse_domains(&data)? {
                 let ds = data::Dataset::open_for(&p, &sel.model, loaded.model.cfg.vocab_size)?;
-                let windows: Vec<Vec<u32>> = shards::valid_batches(&ds.valid, 1, seq, tokens)?
+                let windows: Vec<Vec<u32>> = shards::eval_batches(&ds.valid, 1, seq, tokens, &n)?
                     .into_iter()
                     .map(|(i, _)| i)
                     .collect();
@@ -1333,7 +1333,8 @@ fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let tok = Tokenizer::load(&a.sel.model.join("tokenizer.json"))?;
-            let batches = shards::valid_batches(&ds.valid, 8, a.seq, a.tokens)?;
+            let batches =
+                shards::eval_batches(&ds.valid, 8, a.seq, a.tokens, &a.data.display().to_string())?;
             let gap = eval::compare::token_gap(
                 &Evaluated::Model(&loaded.model),
                 &Evaluated::Model(&reference),

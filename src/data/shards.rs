@@ -512,6 +512,25 @@ pub fn train_batch(
     Ok((inputs, targets))
 }
 
+/// [`valid_batches`] for a measurement that needs at least one window: an error naming `what`
+/// when the validation split, or `max_tokens`, holds less than one window of `seq` tokens.
+pub fn eval_batches(
+    shard: &TokenShard,
+    batch: usize,
+    seq: usize,
+    max_tokens: usize,
+    what: &str,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let batches = valid_batches(shard, batch, seq, max_tokens)?;
+    crate::ensure!(
+        !batches.is_empty(),
+        "{what}: no window of {seq} tokens to score (the validation split holds {} tokens, \
+         at most {max_tokens} are used): lower --seq or raise --tokens",
+        shard.len()
+    );
+    Ok(batches)
+}
+
 /// Validation batches: consecutive non-overlapping windows from the start of the shard, at most
 /// `max_tokens` input tokens in all, grouped `batch` rows at a time. The last batch may have
 /// fewer rows (its length is a multiple of `seq`); an empty shard gives no batches.

@@ -235,7 +235,7 @@ impl DomainEval {
     ) -> Result<Self> {
         Ok(DomainEval {
             name: name.into(),
-            batches: shards::valid_batches(&data.valid, 8, seq, max_tokens)?,
+            batches: shards::eval_batches(&data.valid, 8, seq, max_tokens, name)?,
             tasks,
         })
     }

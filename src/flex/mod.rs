@@ -639,8 +639,6 @@ pub struct Selection {
     pub keep_bf16: bool,
 }
 
-impl Selection {}
-
 pub struct Loaded {
     pub model: Model,
     pub manifest: Option<Manifest>,
