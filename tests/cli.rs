@@ -197,7 +197,21 @@ fn missing_and_corrupt_inputs() {
         ],
         "2 public-anchor layer weights for 3 layers",
     );
+    for (setting, needle) in [
+        ("--expert-steps=0", "--expert-steps must be at least 1"),
+        ("--public-mix=1", "--public-mix must be in [0, 1)"),
+        (
+            "--public-anchor=-1",
+            "--public-anchor must be a finite weight",
+        ),
+    ] {
+        assert_clean_error(&["demo", "--quick", "--out", demo_out, setting], needle);
+    }
     assert!(!demo_dir.join("w").join("corpus").exists());
+    assert_clean_error(
+        &["demo", "--quick", "--out", demo_out, "--top-k", "5"],
+        "--top-k 5 must be at most the number of experts (4",
+    );
     // A partial fine-tune that names no parameter is refused before any data is read.
     assert_clean_error(
         &[

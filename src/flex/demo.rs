@@ -140,6 +140,71 @@ impl DemoConfig {
         }
     }
 
+    /// Settings that cannot train or measure anything are errors before any work is done (the
+    /// model's shape is [`Config::validate`]'s, the top-k is checked once the domains are known).
+    pub fn check(&self) -> Result<()> {
+        for (what, n) in [
+            ("--public-steps", self.public_steps),
+            ("--expert-steps", self.expert_steps),
+            ("--dense-steps", self.dense_steps),
+            ("--embed-docs", self.embed_docs as u64),
+            ("--top-k", self.top_k as u64),
+            ("--btm-top-k", self.btm_top_k as u64),
+        ] {
+            ensure!(n > 0, "{what} must be at least 1");
+        }
+        for (what, lr) in [
+            ("--lr", self.lr),
+            ("--expert-lr", self.expert_lr),
+            ("--dense-lr", self.dense_lr),
+            ("--btm-temperature", self.btm_temperature),
+        ] {
+            ensure!(
+                lr.is_finite() && lr > 0.0,
+                "{what} must be a finite number > 0, got {lr}"
+            );
+        }
+        for (what, w) in [
+            ("--public-anchor", self.public_anchor),
+            ("--router-own", self.router_own),
+            ("--router-public", self.router_public),
+            ("--expert-loudness", self.expert_loudness),
+        ] {
+            ensure!(
+                w.is_finite() && w >= 0.0,
+                "{what} must be a finite weight >= 0, got {w}"
+            );
+        }
+        let layer_w = self.anchor_layers();
+        ensure!(
+            layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
+            "--public-anchor-layers must be finite weights >= 0, got {layer_w:?}"
+        );
+        ensure!(
+            layer_w.len() == self.layers,
+            "{} public-anchor layer weights for {} layers",
+            layer_w.len(),
+            self.layers
+        );
+        ensure!(
+            self.bias_init.is_finite(),
+            "--bias-init must be a finite number, got {}",
+            self.bias_init
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.public_mix),
+            "--public-mix must be in [0, 1), got {}",
+            self.public_mix
+        );
+        ensure!(
+            self.eval_tokens >= self.seq,
+            "--eval-tokens ({}) must hold at least one window of --seq ({}) tokens",
+            self.eval_tokens,
+            self.seq
+        );
+        Ok(())
+    }
+
     /// A configuration small enough for an end-to-end test in seconds.
     pub fn quick() -> Self {
         DemoConfig {
@@ -329,14 +394,19 @@ fn experts_and_merge(
 /// and routing.svg there.
 pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
-    // A bad model shape, anchor-weight list or device is an error before any work is done.
+    // A bad setting, model shape or device is an error before any work is done.
+    c.check()?;
     model_config(c, c.vocab.max(1)).validate()?;
     let gpu = demo_gpu(c)?;
+    let domains = match &c.corpus {
+        Some(dir) => corpus_domains(dir)?.len(),
+        None => synth::DOMAINS.len(),
+    };
     ensure!(
-        c.anchor_layers().len() == c.layers,
-        "{} public-anchor layer weights for {} layers",
-        c.anchor_layers().len(),
-        c.layers
+        c.top_k <= domains,
+        "--top-k {} must be at most the number of experts ({domains}: public and {} closed domains)",
+        c.top_k,
+        domains - 1
     );
     let w = Work {
         root: work_dir.to_path_buf(),
@@ -358,6 +428,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     };
     let all = corpus_domains(&corpus)?;
     let closed: Vec<String> = all[1..].to_vec();
+
     let with_tasks = c.corpus.is_none();
     // The tokenizer belongs to the public model: it is trained on public data only, since the
     // closed domains never leave their owners. Their text is tokenized with it as it is.
