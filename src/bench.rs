@@ -79,12 +79,24 @@ pub enum TrainMode {
     Expert,
 }
 
-/// The model, loss terms and anchored rows a benchmark step trains with.
+/// The model, loss terms and anchored rows a benchmark step trains with; the step's shape is
+/// checked first.
 fn bench_setup(
     cfg: &Config,
     mode: TrainMode,
     batch: usize,
+    seq: usize,
+    steps: usize,
 ) -> Result<(Model, LossCoefs, Vec<bool>)> {
+    ensure!(
+        batch > 0 && seq > 0 && steps > 0,
+        "--batch, --seq and --steps must be positive"
+    );
+    ensure!(
+        seq <= cfg.max_position_embeddings,
+        "--seq {seq} exceeds max_position_embeddings {}",
+        cfg.max_position_embeddings
+    );
     let model = Model::new_random(cfg, 0)?;
     match mode {
         TrainMode::Full => Ok((model, LossCoefs::default(), Vec::new())),
@@ -205,11 +217,10 @@ pub fn train_step(
     steps: usize,
     warmup: usize,
 ) -> Result<TrainBench> {
-    ensure!(steps > 0, "--steps must be positive");
     // Keep freed activation buffers in the process (see `tune_allocator`); the training loop
     // should do the same.
     crate::backend::cpu::tune_allocator();
-    let (mut model, coefs, anchored) = bench_setup(cfg, mode, batch)?;
+    let (mut model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let times = time_steps(cfg, batch, seq, steps, warmup, |inp, tgt| {
         // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
@@ -254,8 +265,7 @@ pub fn train_step_gpu(
     dev: &crate::backend::cuda::Device,
 ) -> Result<TrainBench> {
     use crate::backend::cuda::GpuTrainer;
-    ensure!(steps > 0, "--steps must be positive");
-    let (model, coefs, anchored) = bench_setup(cfg, mode, batch)?;
+    let (model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
     let params = model.params.numel();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;

@@ -516,6 +516,13 @@ fn bench_train_expert_reports_throughput() {
         ],
         "dense",
     );
+    let cfg = format!("{}/config.json", fixture("flexolmo_tiny"));
+    for setting in ["--batch=0", "--seq=0"] {
+        assert_clean_error(
+            &["bench", "train", "--config", &cfg, setting],
+            "--batch, --seq and --steps must be positive",
+        );
+    }
 }
 
 /// A model meets data or settings it was not made for, on a finished quick demo: data
