@@ -242,6 +242,10 @@ fn out_of_range_ids_and_bad_selections() {
         "'x' is not a token id",
     );
     assert_clean_error(
+        &["logits", "--model", &model, "--ids", "1,,2"],
+        "'' is not a token id",
+    );
+    assert_clean_error(
         &["logits", "--model", &model, "--ids", "1", "--exclude", "7"],
         "no expert '7'",
     );

@@ -98,7 +98,8 @@ enum Cmd {
     },
     /// Baseline: uniform parameter average of dense experts.
     Soup {
-        #[arg(long, required = true, num_args = 1..)]
+        /// The dense models to average (space- or comma-separated).
+        #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
         models: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
@@ -726,13 +727,16 @@ enum BenchCmd {
     },
 }
 
+/// Comma-separated token ids ("" gives none; an empty item between commas is an error).
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     s.split(',')
-        .filter(|x| !x.trim().is_empty())
         .map(|x| {
-            x.trim()
-                .parse::<u32>()
-                .map_err(|_| flexrun::Error(format!("'{x}' is not a token id")))
+            x.trim().parse::<u32>().map_err(|_| {
+                flexrun::Error(format!("'{}' is not a token id (in --ids {s})", x.trim()))
+            })
         })
         .collect()
 }
@@ -1185,7 +1189,8 @@ fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<_>>()?;
             let s = flex::soup(&ms)?;
             flex::write_model(&s, None, &models[0], &out)?;
-            println!("averaged {} models into {}", ms.len(), out.display());
+            let plural = if ms.len() == 1 { "" } else { "s" };
+            println!("averaged {} model{plural} into {}", ms.len(), out.display());
         }
         Cmd::Eval(a) => {
             let domains = parse_domains(&a.data)?;
