@@ -164,37 +164,23 @@ impl DemoConfig {
                 "{what} must be a finite number > 0, got {lr}"
             );
         }
-        for (what, w) in [
-            ("--public-anchor", self.public_anchor),
-            ("--router-own", self.router_own),
-            ("--router-public", self.router_public),
-            ("--expert-loudness", self.expert_loudness),
-        ] {
-            ensure!(
-                w.is_finite() && w >= 0.0,
-                "{what} must be a finite weight >= 0, got {w}"
-            );
-        }
         let layer_w = self.anchor_layers();
-        ensure!(
-            layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
-            "--public-anchor-layers must be finite weights >= 0, got {layer_w:?}"
-        );
+        super::check_expert_settings(
+            self.public_mix,
+            [
+                self.public_anchor,
+                self.router_own,
+                self.router_public,
+                self.expert_loudness,
+            ],
+            &layer_w,
+            Some(self.bias_init),
+        )?;
         ensure!(
             layer_w.len() == self.layers,
             "{} public-anchor layer weights for {} layers",
             layer_w.len(),
             self.layers
-        );
-        ensure!(
-            self.bias_init.is_finite(),
-            "--bias-init must be a finite number, got {}",
-            self.bias_init
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.public_mix),
-            "--public-mix must be in [0, 1), got {}",
-            self.public_mix
         );
         ensure!(
             self.eval_tokens >= self.seq,

@@ -218,6 +218,50 @@ pub fn router_rows(
     }
 }
 
+/// Expert-training settings that cannot work, as one-line errors before any data is read: the
+/// public share of the rows; the loss weights `[public anchor, router own-text, router
+/// public-text, expert loudness]` (finite, >= 0; the anchor and the public-text loss act on
+/// public rows, so they need a public share); the anchor's per-layer weights; the initial bias.
+/// [`train_expert`] and the demo check them alike.
+pub(crate) fn check_expert_settings(
+    public_mix: f64,
+    weights: [f32; 4],
+    anchor_layers: &[f32],
+    bias_init: Option<f32>,
+) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&public_mix),
+        "--public-mix must be in [0, 1), got {public_mix}"
+    );
+    let flags = [
+        ("--public-anchor", true),
+        ("--router-own", false),
+        ("--router-public", true),
+        ("--expert-loudness", false),
+    ];
+    for ((flag, on_public_rows), w) in flags.into_iter().zip(weights) {
+        ensure!(
+            w.is_finite() && w >= 0.0,
+            "{flag} must be a finite weight >= 0, got {w}"
+        );
+        ensure!(
+            !on_public_rows || w == 0.0 || public_mix > 0.0,
+            "{flag} acts on public rows: it needs --public-mix > 0 and --public-data"
+        );
+    }
+    ensure!(
+        anchor_layers.iter().all(|w| w.is_finite() && *w >= 0.0),
+        "--public-anchor-layers must be finite weights >= 0, got {anchor_layers:?}"
+    );
+    if let Some(b) = bias_init {
+        ensure!(
+            b.is_finite(),
+            "--bias-init must be a finite number, got {b}"
+        );
+    }
+    Ok(())
+}
+
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
 ///
 /// With `device`, the training runs on that GPU ([`crate::backend::cuda::GpuTrainer`]: only the
@@ -226,45 +270,26 @@ pub fn train_expert(
     opts: &ExpertTrainOpts,
     device: Option<&Device>,
 ) -> Result<(ExpertArtifact, TrainSummary)> {
-    ensure!(
-        (0.0..1.0).contains(&opts.public_mix),
-        "--public-mix must be in [0, 1)"
-    );
     let t = &opts.train;
-    // (flag, weight, whether it acts on the public rows only)
-    for (flag, w, on_public_rows) in [
-        ("--public-anchor", t.public_anchor, true),
-        ("--router-own", t.router_own, false),
-        ("--expert-loudness", t.expert_loudness, false),
-        ("--router-public", t.router_public, true),
-    ] {
-        ensure!(
-            w.is_finite() && w >= 0.0,
-            "{flag} must be a finite weight >= 0, got {w}"
-        );
-        ensure!(
-            !on_public_rows || w == 0.0 || opts.public_mix > 0.0,
-            "{flag} acts on public rows: it needs --public-mix > 0 and --public-data"
-        );
-    }
+    check_expert_settings(
+        opts.public_mix,
+        [
+            t.public_anchor,
+            t.router_own,
+            t.router_public,
+            t.expert_loudness,
+        ],
+        &t.public_anchor_layers,
+        opts.bias_init,
+    )?;
     if let Some(dp) = &t.dp {
         dp.check()?;
-    }
-    if let Some(b) = opts.bias_init {
-        ensure!(
-            b.is_finite(),
-            "--bias-init must be a finite number, got {b}"
-        );
     }
     ensure!(
         opts.embed_docs > 0 || !matches!(opts.router_init, RouterInit::Domain),
         "--embed-docs must be at least 1 (the documents the router embedding averages)"
     );
     let layer_w = &opts.train.public_anchor_layers;
-    ensure!(
-        layer_w.iter().all(|w| w.is_finite() && *w >= 0.0),
-        "--public-anchor-layers must be finite weights >= 0, got {layer_w:?}"
-    );
     let public = checkpoint::load(&opts.public)?;
     require_dense(&public, &opts.public)?;
     ensure!(
