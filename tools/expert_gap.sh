@@ -17,12 +17,11 @@ set -euo pipefail
 W=${1:-runs/demo}
 STEPS=${2:-400}
 LR=${3:-5e-3}
-B=${FLEXRUN:-target/release/flexrun}
-[ -x "$B" ] || cargo build --release --quiet
-[ -d "$W/models/public" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+source "$(dirname "$0")/demo_lib.sh"
+need_demo "$W" models/public
 OUT="$W/gap"
 mkdir -p "$OUT"
-domains=$(ls "$W/experts/main" | sed -n 's/\.safetensors$//p')
+domains=$(closed_domains "$W")
 i=0
 for d in $domains; do
   ev() { "$B" eval --model "$1" --data "$d=$W/data/$d" --tasks 0 --json "$OUT/$2-$d.json" > /dev/null; }
@@ -30,9 +29,7 @@ for d in $domains; do
   for only in mlp mlp,lm_head; do
     tag=only-${only/,/+}
     if [ ! -f "$OUT/$tag-$d/model.safetensors" ]; then
-      "$B" finetune --public "$W/models/public" --data "$W/data/$d" --out "$OUT/$tag-$d" \
-        --only "$only" --steps "$STEPS" --lr "$LR" --warmup $((STEPS / 10)) --seed $((20 + i)) \
-        --save-every 0 --quiet > /dev/null
+      finetune_as_dense "$W" "$d" $i "$OUT/$tag-$d" "$STEPS" "$LR" --only "$only"
     fi
     ev "$OUT/$tag-$d" "$tag"
   done

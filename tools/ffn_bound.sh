@@ -14,12 +14,11 @@ set -euo pipefail
 W=${1:-runs/demo}
 STEPS=${2:-400}
 LRS=${3:-1e-3,2e-3,3e-3,5e-3,1e-2}
-B=${FLEXRUN:-target/release/flexrun}
-[ -x "$B" ] || cargo build --release --quiet
-[ -d "$W/models/public" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+source "$(dirname "$0")/demo_lib.sh"
+need_demo "$W" models/public
 OUT="$W/bound"
 mkdir -p "$OUT"
-domains=$(ls "$W/experts/main" | sed -n 's/\.safetensors$//p')
+domains=$(closed_domains "$W")
 i=0
 for d in $domains; do
   ev() { "$B" eval --model "$1" --data "$d=$W/data/$d" --tasks 0 --json "$2" > /dev/null; }
@@ -30,9 +29,7 @@ for d in $domains; do
       if [ ! -f "$run.json" ]; then
         flags=()
         [ $only = all ] || flags=(--only "$only")
-        "$B" finetune --public "$W/models/public" --data "$W/data/$d" --out "$run" "${flags[@]}" \
-          --steps "$STEPS" --lr "$lr" --warmup $((STEPS / 10)) --seed $((20 + i)) \
-          --save-every 0 --quiet > /dev/null
+        finetune_as_dense "$W" "$d" $i "$run" "$STEPS" "$lr" "${flags[@]}"
         ev "$run" "$run.json"
         rm -rf "$run"
       fi

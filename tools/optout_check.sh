@@ -10,13 +10,12 @@
 set -euo pipefail
 M=${1:?usage: tools/optout_check.sh MODEL [WORKDIR]}
 W=${2:-runs/demo}
-B=${FLEXRUN:-target/release/flexrun}
-[ -x "$B" ] || cargo build --release --quiet
-[ -d "$W/data/public" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+source "$(dirname "$0")/demo_lib.sh"
+need_demo "$W" data/public
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 domains=$(ls "$W/data")
-closed=$(ls "$W/data" | grep -vx public)
+closed=$(closed_domains "$W")
 args=()
 for d in $domains; do args+=("$d=$W/data/$d"); done
 # Quiet on success (a router-tuned model notes that opt-out is no longer exact); the error if not.

@@ -13,14 +13,13 @@ W=${1:-runs/demo}
 DOCS=${2:-20}
 STEPS=${3:-200}
 LR=${4:-2e-3}
-B=${FLEXRUN:-target/release/flexrun}
-[ -x "$B" ] || cargo build --release --quiet
-[ -d "$W/models/flexolmo-main" ] || { echo "error: $W has no finished demo (run: flexrun demo --out $W)" >&2; exit 1; }
+source "$(dirname "$0")/demo_lib.sh"
+need_demo "$W" models/flexolmo-main
 OUT="$W/router-tune/docs$DOCS-steps$STEPS-lr$LR"
 mkdir -p "$OUT"
 sets=("$W/data/public")
 if [ "$DOCS" -gt 0 ]; then
-  for d in $(ls "$W/data" | grep -vx public); do
+  for d in $(closed_domains "$W"); do
     head -n "$DOCS" "$W/corpus/$d/train.jsonl" > "$OUT/$d.jsonl"
     "$B" data prepare --input "$OUT/$d.jsonl" --tokenizer "$W/tokenizer.json" --out "$OUT/proxy-$d" > /dev/null
     sets+=("$OUT/proxy-$d")

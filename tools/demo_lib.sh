@@ -1,0 +1,25 @@
+# Shared by the tools that study a finished demo's work directory; sourced, not run.
+#   B                       the binary: $FLEXRUN, or target/release/flexrun (built if missing)
+#   need_demo W PATH        a one-line error and exit 1 unless W/PATH exists (a finished demo)
+#   closed_domains W        the demo's closed domains, one per line
+#   finetune_as_dense W D I OUT STEPS LR [FLAGS...]
+#                           fine-tune W's public model on domain D with the schedule and seed of
+#                           the demo's I-th dense expert (warmup STEPS/10, seed 20+I), quietly
+B=${FLEXRUN:-target/release/flexrun}
+[ -x "$B" ] || cargo build --release --quiet
+
+need_demo() {
+  [ -e "$1/$2" ] || { echo "error: $1 has no finished demo (run: flexrun demo --out $1)" >&2; exit 1; }
+}
+
+closed_domains() {
+  ls "$1/data" | grep -vx public
+}
+
+finetune_as_dense() {
+  local w=$1 d=$2 i=$3 out=$4 steps=$5 lr=$6
+  shift 6
+  "$B" finetune --public "$w/models/public" --data "$w/data/$d" --out "$out" "$@" \
+    --steps "$steps" --lr "$lr" --warmup $((steps / 10)) --seed $((20 + i)) \
+    --save-every 0 --quiet > /dev/null
+}
