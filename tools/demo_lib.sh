@@ -2,6 +2,7 @@
 #   B                       the binary: $FLEXRUN, or target/release/flexrun (built if missing)
 #   need_demo W PATH        a one-line error and exit 1 unless W/PATH exists (a finished demo)
 #   closed_domains W        the demo's closed domains, one per line
+#   eval_on W D MODEL JSON  MODEL's held-out loss on W's domain D (no tasks), written to JSON
 #   finetune_as_dense W D I OUT STEPS LR [FLAGS...]
 #                           fine-tune W's public model on domain D with the schedule and seed of
 #                           the demo's I-th dense expert (warmup STEPS/10, seed 20+I), quietly
@@ -14,6 +15,10 @@ need_demo() {
 
 closed_domains() {
   ls "$1/data" | grep -vx public
+}
+
+eval_on() {
+  "$B" eval --model "$3" --data "$2=$1/data/$2" --tasks 0 --json "$4" > /dev/null
 }
 
 finetune_as_dense() {

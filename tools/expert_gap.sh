@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 domains=$(closed_domains "$W")
 i=0
 for d in $domains; do
-  ev() { "$B" eval --model "$1" --data "$d=$W/data/$d" --tasks 0 --json "$OUT/$2-$d.json" > /dev/null; }
+  ev() { eval_on "$W" "$d" "$1" "$OUT/$2-$d.json"; }
   ev "$W/models/dense-$d" dense
   for only in mlp mlp,lm_head; do
     tag=only-${only/,/+}

@@ -21,8 +21,7 @@ mkdir -p "$OUT"
 domains=$(closed_domains "$W")
 i=0
 for d in $domains; do
-  ev() { "$B" eval --model "$1" --data "$d=$W/data/$d" --tasks 0 --json "$2" > /dev/null; }
-  [ -f "$OUT/demo-dense-$d.json" ] || ev "$W/models/dense-$d" "$OUT/demo-dense-$d.json"
+  [ -f "$OUT/demo-dense-$d.json" ] || eval_on "$W" "$d" "$W/models/dense-$d" "$OUT/demo-dense-$d.json"
   for lr in ${LRS//,/ }; do
     for only in all mlp; do
       run="$OUT/$only-$lr-$d"
@@ -30,7 +29,7 @@ for d in $domains; do
         flags=()
         [ $only = all ] || flags=(--only "$only")
         finetune_as_dense "$W" "$d" $i "$run" "$STEPS" "$lr" "${flags[@]}"
-        ev "$run" "$run.json"
+        eval_on "$W" "$d" "$run" "$run.json"
         rm -rf "$run"
       fi
     done
