@@ -100,6 +100,7 @@ fn bench_setup(
         "--seq {seq} exceeds max_position_embeddings {}",
         cfg.max_position_embeddings
     );
+    cfg.check_training_memory(batch, seq, None)?;
     let model = Model::new_random(cfg, 0)?;
     match mode {
         TrainMode::Full => Ok((model, LossCoefs::default(), Vec::new())),
@@ -332,6 +333,29 @@ pub fn decode(
         batch > 0 && prompt > 0 && new_tokens > 0,
         "--batch, --prompt and --new-tokens must be positive"
     );
+    crate::limits::check_dim(
+        "--batch",
+        batch,
+        crate::limits::MAX_BATCH,
+        "far beyond any batch",
+    )?;
+    let positions = prompt
+        .checked_add(new_tokens)
+        .filter(|&t| t <= cfg.max_position_embeddings);
+    ensure!(
+        positions.is_some(),
+        "--prompt {prompt} + --new-tokens {new_tokens} exceed max_position_embeddings {}",
+        cfg.max_position_embeddings
+    );
+    // The KV cache, the prefill's logits and activations, and the weights.
+    let (b, t) = (batch as u128, (prompt + new_tokens) as u128);
+    let kv = 2 * cfg.num_hidden_layers as u128 * (cfg.kv_heads() * cfg.head_dim()) as u128;
+    let per_prompt_token =
+        (cfg.vocab_size + 4 * cfg.hidden_size + 3 * cfg.intermediate_size) as u128;
+    crate::limits::check_memory(
+        &format!("decoding {batch} sequences of {prompt} + {new_tokens} tokens"),
+        4 * (cfg.param_count() + b * t * kv + b * prompt as u128 * per_prompt_token),
+    )?;
     let model = Model::new_random(cfg, 0)?;
     let mut rng = StdRng::seed_from_u64(0);
     let v = cfg.vocab_size;

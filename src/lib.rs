@@ -6,6 +6,7 @@ pub mod eval;
 pub mod flex;
 pub mod fsutil;
 pub mod hash;
+pub mod limits;
 
 pub mod autograd;
 pub mod backend;

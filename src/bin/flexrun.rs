@@ -772,6 +772,7 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             if let Some(d) = docs {
+                ensure!(d >= 1, "--docs must be at least 1");
                 cfg.docs_per_domain = d;
             }
             synth::write_corpus(&out, &cfg)?;
@@ -792,8 +793,11 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let tok = Tokenizer::load(&tokenizer)?;
             let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed, bpe_dropout)?;
-            let bytes = std::fs::read(&tokenizer)
-                .with_context(|| format!("reading {}", tokenizer.display()))?;
+            let bytes = flexrun::fsutil::read_regular(
+                &tokenizer,
+                "tokenizer",
+                flexrun::fsutil::MAX_JSON_BYTES,
+            )?;
             flexrun::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
             println!(
                 "{}: {} train tokens ({} docs), {} valid tokens ({} docs), vocab {}",
@@ -1467,6 +1471,43 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// `--help` and `--version` print and exit 0; any other argument error is one line on stderr and
+/// exit status 1, like every other error (clap's own report is several lines with exit 2).
+fn exit_on_parse_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        std::process::exit(0);
+    }
+    let what = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        "no command given".to_string()
+    } else {
+        // clap's first paragraph, on one line: "the following required arguments were not
+        // provided: --public <PUBLIC> --data <DATA>".
+        let text = e.render().to_string();
+        let para: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| l.is_empty())
+            .take_while(|l| !l.is_empty())
+            .collect();
+        let line = para.join(" ");
+        line.strip_prefix("error: ").unwrap_or(&line).to_string()
+    };
+    // The command the arguments were for, so that its help is one copy-paste away.
+    let cmd: Vec<String> = std::env::args()
+        .skip(1)
+        .take_while(|a| !a.starts_with('-'))
+        .take(2)
+        .collect();
+    let help = match cmd.is_empty() {
+        true => "flexrun --help".to_string(),
+        false => format!("flexrun {} --help", cmd.join(" ")),
+    };
+    eprintln!("error: {what} (see {help})");
+    std::process::exit(1);
+}
+
 fn main() {
     // Like other Unix tools, end quietly when the reader of stdout goes away (`flexrun ... | head`)
     // instead of panicking on the broken pipe.
@@ -1475,7 +1516,10 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => exit_on_parse_error(e),
+    };
     // Training and evaluation keep their freed activation buffers in the process (see
     // `tune_allocator`); set before the first allocation of any worker thread.
     if matches!(

@@ -14,7 +14,7 @@
 //! | 0-7        | zero padding to a multiple of 8 bytes                        |
 //! | `D*8`      | document start offsets (u64, in tokens; 0 first, increasing) |
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -233,8 +233,7 @@ impl TokenShard {
     /// Maps and validates a shard: magic, version, width, that the file length matches the
     /// header, and that the document offsets are well formed.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .with_context(|| format!("cannot open token shard {}", path.display()))?;
+        let (file, _) = crate::fsutil::open_regular(path, "token shard")?;
         // SAFETY: the map is read-only. Shards are written atomically (rename) and never modified
         // in place, so the mapped bytes do not change underneath us in normal use.
         let map = unsafe { Mmap::map(&file) }
@@ -445,8 +444,9 @@ impl Dataset {
     /// against the meta and every token id against its vocab size.
     pub fn open(dir: &Path) -> Result<Self> {
         let meta_path = dir.join("meta.json");
-        let text = fs::read_to_string(&meta_path)
-            .with_context(|| format!("cannot read {}", meta_path.display()))?;
+        let text =
+            crate::fsutil::read_text(&meta_path, "dataset meta", crate::fsutil::MAX_JSON_BYTES)
+                .with_context(|| format!("cannot read the prepared dataset {}", dir.display()))?;
         let meta: Meta = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid dataset meta", meta_path.display()))?;
         crate::ensure!(
@@ -455,6 +455,13 @@ impl Dataset {
             meta_path.display(),
             meta.format_version
         );
+        crate::limits::check_dim(
+            "vocab_size",
+            meta.vocab_size,
+            crate::limits::MAX_VOCAB,
+            "token ids are 32-bit",
+        )
+        .with_context(|| format!("{}", meta_path.display()))?;
         let train = TokenShard::open(&dir.join("train.bin"))?;
         let valid = TokenShard::open(&dir.join("valid.bin"))?;
         for (shard, tokens, docs) in [

@@ -105,8 +105,8 @@ fn is_text_file(path: &Path) -> bool {
 /// `.jsonl`: one JSON object per line with a string field `"text"` (other fields are ignored,
 /// blank lines skipped). `.txt`: documents separated by blank lines.
 pub(crate) fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let content =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Any size (the documents are held in memory anyway), but only a regular file.
+    let content = crate::fsutil::read_text(path, "input", u64::MAX - 1)?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         #[derive(Deserialize)]
         struct Line {

@@ -55,6 +55,12 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         vocab_size >= MIN_VOCAB,
         "vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB}"
     );
+    crate::limits::check_dim(
+        "--vocab",
+        vocab_size,
+        crate::limits::MAX_TOKENIZER_VOCAB,
+        "far beyond any trained BPE vocabulary",
+    )?;
     let mut docs = Vec::new();
     for file in expand_inputs(files)? {
         docs.extend(read_documents(&file.path)?);
@@ -86,6 +92,36 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
     write_bytes_atomic(out, json.as_bytes())
 }
 
+/// Texts longer than this are tokenized in pieces (see [`Tokenizer::encode`]).
+pub const ENCODE_CHUNK: usize = 1 << 20;
+
+/// `text` in pieces of at least `target` bytes (the last may be shorter), each cut before a
+/// space that follows a non-space character and precedes one, found within `target / 8` bytes
+/// past `target`; a text without such a space there is cut at a character boundary.
+fn chunks(text: &str, target: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.len() > target + target / 8 {
+        let b = rest.as_bytes();
+        let window = target..(target + target / 8).min(b.len() - 1);
+        let cut = window
+            .clone()
+            .find(|&i| {
+                b[i] == b' ' && !b[i - 1].is_ascii_whitespace() && !b[i + 1].is_ascii_whitespace()
+            })
+            .unwrap_or_else(|| {
+                (target..)
+                    .find(|&i| rest.is_char_boundary(i))
+                    .unwrap_or(rest.len())
+            });
+        let (head, tail) = rest.split_at(cut);
+        out.push(head);
+        rest = tail;
+    }
+    out.push(rest);
+    out
+}
+
 /// A loaded tokenizer: ours or any Hugging Face `tokenizer.json`.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -101,8 +137,7 @@ impl Tokenizer {
     /// Loads a `tokenizer.json`; finds the eos token by common names (see [`EOS_TOKEN`]) and the
     /// pad token likewise, falling back to eos when there is no pad token.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        let bytes = crate::fsutil::read_regular(path, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .with_context(|| format!("{} is not a valid tokenizer.json", path.display()))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
@@ -125,19 +160,31 @@ impl Tokenizer {
 
     /// [`Tokenizer::content_hash`] of the `tokenizer.json` at `path`, without parsing it.
     pub fn file_hash(path: &Path) -> Result<String> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        let bytes = crate::fsutil::read_regular(path, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?;
         Ok(bytes_hash(&bytes))
     }
 
     /// Token ids of `text`, without any special tokens added. As in Hugging Face tokenizers, the
     /// literal text of a special token (e.g. `<|endoftext|>`) still maps to its id.
+    ///
+    /// Long texts are encoded in pieces of about [`ENCODE_CHUNK`] bytes, split before a single
+    /// space between two non-space characters, where pre-tokenization splits anyway, so the ids
+    /// are those of the whole text; the tokenizer library keeps per-byte state many times the
+    /// text's size, which a document of hundreds of megabytes would not fit in.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .context("tokenizing text")?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_pieces(text, ENCODE_CHUNK)
+    }
+
+    fn encode_pieces(&self, text: &str, target: usize) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for piece in chunks(text, target) {
+            let enc = self
+                .inner
+                .encode_fast(piece, false)
+                .context("tokenizing text")?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        Ok(ids)
     }
 
     /// BPE-dropout for training data: every token of `ids` that BPE merged from a pair is split
@@ -248,4 +295,52 @@ fn bpe_parents(
 /// The content hash of a `tokenizer.json`'s bytes.
 fn bytes_hash(bytes: &[u8]) -> String {
     format!("{:016x}", fnv1a(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_encode_in_pieces_as_a_whole() {
+        let dir = std::env::temp_dir().join(format!("flexrun-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let corpus = dir.join("c.txt");
+        let text: String = (0..4000)
+            .map(|i| format!("word{} the  cat, sat\t on {}-mat. ", i % 37, i % 11))
+            .collect();
+        std::fs::write(&corpus, &text).unwrap();
+        let out = dir.join("tok.json");
+        train_bpe(&[corpus], 400, &out).unwrap();
+        let tok = Tokenizer::load(&out).unwrap();
+        let whole = tok
+            .inner
+            .encode_fast(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        for target in [256, 1000, 4096] {
+            assert!(chunks(&text, target).len() > 1);
+            assert_eq!(chunks(&text, target).concat(), text);
+            let got = tok.encode_pieces(&text, target).unwrap();
+            if got != whole {
+                let at = got.iter().zip(&whole).position(|(a, b)| a != b).unwrap();
+                let show = |ids: &[u32]| {
+                    tok.inner
+                        .decode(&ids[at.saturating_sub(3)..(at + 4).min(ids.len())], false)
+                        .unwrap()
+                };
+                let pieces = chunks(&text, target);
+                panic!(
+                    "pieces of {target} differ at token {at}: {:?} vs {:?}; first pieces {:?}",
+                    show(&got),
+                    show(&whole),
+                    &pieces[..2]
+                );
+            }
+        }
+        // No space to cut at: pieces still cover the text, cut at character boundaries.
+        let solid = "\u{e9}".repeat(300);
+        assert_eq!(chunks(&solid, 64).concat(), solid);
+    }
 }

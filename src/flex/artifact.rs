@@ -17,6 +17,31 @@ use std::path::Path;
 
 pub const ARTIFACT_FORMAT: u32 = 1;
 
+/// The name of the public model's FFN in a merged model: no owner's expert may take it.
+pub const PUBLIC_EXPERT: &str = "public";
+
+/// An expert's name must be selectable on every command line and in every request: 1 to 64
+/// letters, digits, '_', '-' or '.', starting with a letter or digit, not only digits (bare
+/// numbers select experts by index), and not `public`.
+pub fn check_expert_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && !name.chars().all(|c| c.is_ascii_digit());
+    ensure!(
+        ok,
+        "expert name {name:?} is not valid: use 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit and not only digits"
+    );
+    ensure!(
+        name != PUBLIC_EXPERT,
+        "expert name '{PUBLIC_EXPERT}' is reserved for the public model's FFN"
+    );
+    Ok(())
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ExpertMeta {
     pub format: u32,
@@ -95,8 +120,11 @@ impl ExpertArtifact {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("reading expert {}", path.display()))?;
+        let (file, _) = crate::fsutil::open_regular(path, "expert artifact")?;
+        // SAFETY: read-only map of a regular file, dropped before returning; artifacts are
+        // written atomically and never modified in place.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("mapping expert {}", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).with_context(|| {
             format!(
                 "{} is not a valid expert artifact (safetensors)",
@@ -115,6 +143,7 @@ impl ExpertArtifact {
             })?;
         let meta: ExpertMeta = serde_json::from_str(meta_json)
             .with_context(|| format!("{}: corrupt expert metadata", path.display()))?;
+        check_expert_name(&meta.name).with_context(|| format!("{}", path.display()))?;
         ensure!(
             meta.format == ARTIFACT_FORMAT,
             "{}: expert format {} (this build reads {ARTIFACT_FORMAT})",

@@ -14,7 +14,7 @@ use crate::eval::extract::{self, ExtractConfig, Extraction};
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
 use crate::fsutil::write_bytes_atomic;
 use crate::model::{checkpoint, Config, Model};
-use crate::train::{pretrain, TrainConfig};
+use crate::train::{pretrain, RunDir, TrainConfig};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -354,6 +354,8 @@ fn experts_and_merge(
             resume: false,
             quiet,
         };
+        // The demo owns its run directories: each run starts over.
+        RunDir::clear(&opts.run_dir)?;
         train_expert(&opts, gpu)?;
         arts.push(out);
     }
@@ -414,6 +416,10 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     };
     let all = corpus_domains(&corpus)?;
     let closed: Vec<String> = all[1..].to_vec();
+    for d in &closed {
+        super::artifact::check_expert_name(d)
+            .with_context(|| format!("domain directory {}", corpus.join(d).display()))?;
+    }
 
     let with_tasks = c.corpus.is_none();
     // The tokenizer belongs to the public model: it is trained on public data only, since the
@@ -435,6 +441,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     }
     step("pretrain the public model on public data", quiet);
     let cfg = model_config(c, tok.vocab_size());
+    RunDir::clear(&w.p("models/public"))?;
     pretrain::pretrain(
         &w.p("data/public"),
         &cfg,
@@ -451,6 +458,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             quiet,
         );
         let out = w.p(&format!("models/dense-{d}"));
+        RunDir::clear(&w.p(&format!("runs/dense-{d}")))?;
         finetune(
             &w.p("models/public"),
             &w.p(&format!("data/{d}")),

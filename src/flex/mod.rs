@@ -13,7 +13,6 @@ use crate::autograd::Tape;
 use crate::backend::cuda::{Device, GpuModel};
 use crate::data::shards::{self, Dataset, TokenShard};
 use crate::error::{Context, Result};
-use crate::fsutil::write_bytes_atomic;
 use crate::model::{
     checkpoint, expert_prefix, router_bias_name, router_row_name, Ffn, Model, ParamStore,
 };
@@ -262,6 +261,21 @@ pub(crate) fn check_expert_settings(
     Ok(())
 }
 
+/// An expert artifact can be written at `out`: not a directory, and named like a file.
+pub fn check_artifact_out(out: &Path) -> Result<()> {
+    ensure!(
+        out.file_name().is_some() && !out.as_os_str().to_string_lossy().ends_with('/'),
+        "--out {} must name a file (the expert artifact, .safetensors)",
+        out.display()
+    );
+    ensure!(
+        !out.is_dir(),
+        "--out {} is a directory; it must name the expert artifact file (.safetensors)",
+        out.display()
+    );
+    Ok(())
+}
+
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
 ///
 /// With `device`, the training runs on that GPU ([`crate::backend::cuda::GpuTrainer`]: only the
@@ -271,6 +285,11 @@ pub fn train_expert(
     device: Option<&Device>,
 ) -> Result<(ExpertArtifact, TrainSummary)> {
     let t = &opts.train;
+    artifact::check_expert_name(&opts.name)?;
+    t.check()?;
+    check_artifact_out(&opts.out)?;
+    // One writer per artifact: a second run for the same --out is refused now, not at the end.
+    let _lock = crate::fsutil::PathLock::acquire(&opts.out)?;
     check_expert_settings(
         opts.public_mix,
         [
@@ -410,22 +429,34 @@ pub struct ManifestExpert {
 }
 
 impl Manifest {
+    /// The manifest of model directory `dir`, if it has one: expert 0 is `public`, every other
+    /// name is a valid expert name ([`artifact::check_expert_name`]) and appears once.
     pub fn load(dir: &Path) -> Result<Option<Manifest>> {
-        let p = dir.join(MANIFEST);
+        let p = crate::fsutil::confined(dir, MANIFEST, "manifest")?;
         if !p.exists() {
             return Ok(None);
         }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        Ok(Some(
-            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?,
-        ))
+        let text = crate::fsutil::read_text(&p, "manifest", crate::fsutil::MAX_JSON_BYTES)?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("{} is corrupt", p.display()))?;
+        m.check().with_context(|| format!("{}", p.display()))?;
+        Ok(Some(m))
     }
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        write_bytes_atomic(
-            &dir.join(MANIFEST),
-            serde_json::to_string_pretty(self)?.as_bytes(),
-        )
+
+    fn check(&self) -> Result<()> {
+        let first = self.experts.first().map(|e| e.name.as_str());
+        ensure!(
+            first == Some(artifact::PUBLIC_EXPERT),
+            "expert 0 must be '{}' (the public model's FFN), not {first:?}",
+            artifact::PUBLIC_EXPERT
+        );
+        for (i, e) in self.experts.iter().enumerate().skip(1) {
+            artifact::check_expert_name(&e.name)?;
+            if self.experts[..i].iter().any(|x| x.name == e.name) {
+                bail!("expert '{}' is listed twice", e.name);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +516,7 @@ pub fn merge(
     out: &Path,
 ) -> Result<(Model, Manifest)> {
     ensure!(!experts.is_empty(), "merge needs at least one expert");
+    crate::fsutil::check_model_out(out)?;
     let public = checkpoint::load(public_dir)?;
     require_dense(&public, public_dir)?;
     let hash = model_hash(&public);
@@ -519,7 +551,6 @@ pub fn merge(
         );
     }
     for (i, a) in arts.iter().enumerate() {
-        ensure!(a.meta.name != "public", "expert name 'public' is reserved");
         if let Some(b) = arts[..i].iter().find(|b| b.meta.name == a.meta.name) {
             bail!("two experts are named '{}'", b.meta.name);
         }
@@ -606,7 +637,7 @@ pub fn merge(
     mcfg.num_experts_per_tok = Some(top_k);
     model = Model::from_params(mcfg, ps)?;
     let mut manifest_experts = vec![ManifestExpert {
-        name: "public".into(),
+        name: artifact::PUBLIC_EXPERT.into(),
         domain: "public".into(),
         tokens_seen: 0,
         bias: None,
@@ -641,15 +672,18 @@ pub fn write_model(
     tokenizer_from: &Path,
     out: &Path,
 ) -> Result<()> {
-    checkpoint::save(model, out, DType::F32)?;
+    let mut extra = Vec::new();
     if let Some(m) = manifest {
-        m.save(out)?;
+        extra.push((MANIFEST, serde_json::to_string_pretty(m)?.into_bytes()));
     }
     let tok = tokenizer_from.join("tokenizer.json");
-    if tok.exists() && tokenizer_from != out {
-        write_bytes_atomic(&out.join("tokenizer.json"), &std::fs::read(&tok)?)?;
+    if tok.exists() {
+        extra.push((
+            "tokenizer.json",
+            crate::fsutil::read_regular(&tok, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?,
+        ));
     }
-    Ok(())
+    checkpoint::save_with(model, out, DType::F32, &extra)
 }
 
 /// Which experts to keep when loading: `exclude` names (or indices for checkpoints without a
@@ -898,6 +932,8 @@ pub fn router_tune(
     quiet: bool,
     device: Option<&Device>,
 ) -> Result<TrainSummary> {
+    tcfg.check()?;
+    crate::fsutil::check_model_out(out)?;
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
     let tuned_hash = model_hash(&model);
@@ -986,6 +1022,8 @@ pub fn finetune(
         only.iter().all(|s| !s.is_empty()),
         "--only takes non-empty parameter name parts"
     );
+    tcfg.check()?;
+    crate::fsutil::check_model_out(out)?;
     let mut model = checkpoint::load(public_dir)?;
     let base_hash = model_hash(&model);
     for p in model.params.params.iter_mut() {

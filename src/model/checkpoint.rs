@@ -14,7 +14,7 @@ use super::{
     Model, ParamStore,
 };
 use crate::error::{Context, Result};
-use crate::fsutil::write_bytes_atomic;
+use crate::fsutil::{confined, open_regular, read_text, write_bytes_atomic, MAX_JSON_BYTES};
 use crate::tensor::{DType, Tensor};
 use crate::{bail, ensure};
 use half::{bf16, f16};
@@ -59,28 +59,42 @@ fn to_tensor(name: &str, view: &TensorView<'_>, keep_bf16: bool) -> Result<Tenso
             bail!("tensor {name} has unsupported dtype {other:?} (flexrun reads F32, BF16 and F16)")
         }
     };
+    check_finite(name, &t)?;
     Ok(t)
 }
 
+/// Weights must be finite: a NaN or an infinity would turn every output it touches into NaN.
+fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let bad = match t.bf16_data() {
+        Some(v) => v.iter().position(|x| !x.to_f32().is_finite()),
+        None => t.data().iter().position(|x| !x.is_finite()),
+    };
+    if let Some(at) = bad {
+        bail!("tensor {name} holds a non-finite value (NaN or infinity) at element {at}");
+    }
+    Ok(())
+}
+
 /// The safetensors files of a model directory: the single file, or the shards of the index.
+/// Every shard the index names must be a plain file name inside `dir` (see
+/// [`crate::fsutil::confined`]).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     ensure!(
         dir.is_dir(),
         "model directory {} does not exist",
         dir.display()
     );
-    let single = dir.join("model.safetensors");
+    let single = confined(dir, "model.safetensors", "weights")?;
     if single.exists() {
         return Ok(vec![single]);
     }
-    let index = dir.join("model.safetensors.index.json");
+    let index = confined(dir, "model.safetensors.index.json", "index")?;
     ensure!(
         index.exists(),
         "{} holds neither model.safetensors nor model.safetensors.index.json",
         dir.display()
     );
-    let text =
-        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+    let text = read_text(&index, "index", MAX_JSON_BYTES)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}", index.display()))?;
     let map = v
@@ -100,14 +114,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     ensure!(!files.is_empty(), "{} lists no tensors", index.display());
-    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-    for p in &paths {
+    let mut paths = Vec::new();
+    for f in &files {
+        let p = confined(dir, f, "shard").with_context(|| format!("{}", index.display()))?;
         ensure!(
             p.exists(),
-            "shard {} named in {} is missing",
-            p.display(),
+            "shard {f} named in {} is missing",
             index.display()
         );
+        paths.push(p);
     }
     Ok(paths)
 }
@@ -117,7 +132,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn read_tensors(files: &[PathBuf], keep_bf16: bool) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for f in files {
-        let file = std::fs::File::open(f).with_context(|| format!("opening {}", f.display()))?;
+        let (file, _) = open_regular(f, "weights file")?;
         // SAFETY: the map is read-only and dropped before this function returns; a concurrent
         // writer truncating the file is outside what any reader can defend against.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
@@ -365,7 +380,7 @@ pub fn load_with(dir: &Path, keep_bf16: bool) -> Result<Model> {
         "model directory {} does not exist",
         dir.display()
     );
-    let cfg_path = dir.join("config.json");
+    let cfg_path = confined(dir, "config.json", "config")?;
     ensure!(cfg_path.exists(), "{} has no config.json", dir.display());
     let cfg = Config::load(&cfg_path)?;
     check_architecture(&cfg, &cfg_path)?;
@@ -448,9 +463,9 @@ pub fn safetensors_bytes(
     Ok(safetensors::tensor::serialize(views, metadata)?)
 }
 
-/// Write `model` as `dir/config.json` + `dir/model.safetensors` (atomically, each file).
-pub fn save(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Write `model`'s files, `config.json` and `model.safetensors`, into the existing directory
+/// `dir` (each file atomically). For a model directory as a whole, use [`save`].
+pub fn write_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
     let mut cfg = model.cfg.clone();
     // transformers >= 4.56 reads `dtype` (`torch_dtype` is its deprecated alias): keep one, true.
     cfg.extra.remove("torch_dtype");
@@ -470,4 +485,23 @@ pub fn save(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
     write_bytes_atomic(&dir.join("model.safetensors"), &bytes)?;
     write_bytes_atomic(&dir.join("config.json"), cfg.to_json().as_bytes())?;
     Ok(())
+}
+
+/// Write the model directory `dir`: `config.json` + `model.safetensors`, and `extra` files
+/// (name, bytes) beside them, as one directory that replaces what `dir` held as a whole (see
+/// [`crate::fsutil::write_dir_atomic`]: no stale model file survives, a training run in it is
+/// kept, and a concurrent writer of the same directory is refused).
+pub fn save_with(model: &Model, dir: &Path, dtype: DType, extra: &[(&str, Vec<u8>)]) -> Result<()> {
+    crate::fsutil::write_dir_atomic(dir, |tmp| {
+        write_files(model, tmp, dtype)?;
+        for (name, bytes) in extra {
+            write_bytes_atomic(&tmp.join(name), bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// [`save_with`] and no extra files.
+pub fn save(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
+    save_with(model, dir, dtype, &[])
 }

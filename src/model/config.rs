@@ -128,8 +128,7 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::fsutil::read_text(path, "config", crate::fsutil::MAX_JSON_BYTES)?;
         let cfg: Config = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid model config", path.display()))?;
         cfg.validate()
@@ -209,6 +208,108 @@ impl Config {
         Self::token_id(&self.pad_token_id)
     }
 
+    /// Every dimension within [`crate::limits`], before any arithmetic on them.
+    fn check_sizes(&self) -> Result<()> {
+        use crate::limits::*;
+        check_dim(
+            "vocab_size",
+            self.vocab_size,
+            MAX_VOCAB,
+            "token ids are 32-bit",
+        )?;
+        let width = "the widest published models are about 25k";
+        check_dim("hidden_size", self.hidden_size, MAX_HIDDEN, width)?;
+        check_dim(
+            "intermediate_size",
+            self.intermediate_size,
+            MAX_INTERMEDIATE,
+            width,
+        )?;
+        check_dim(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            MAX_LAYERS,
+            "far beyond any model",
+        )?;
+        check_dim(
+            "num_attention_heads",
+            self.num_attention_heads,
+            MAX_HEADS,
+            "far beyond any model",
+        )?;
+        if let Some(kv) = self.num_key_value_heads {
+            check_dim("num_key_value_heads", kv, MAX_HEADS, "far beyond any model")?;
+        }
+        if let Some(hd) = self.head_dim {
+            check_dim("head_dim", hd, MAX_HEAD_DIM, "far beyond any model")?;
+        }
+        check_dim(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_POSITIONS,
+            "flexrun precomputes the RoPE table of every position",
+        )?;
+        if let Some(e) = self.num_experts {
+            check_dim(
+                "num_experts",
+                e,
+                MAX_EXPERTS,
+                "far beyond any mixture of experts",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Parameters of a model of this config (u128: no overflow at the limits).
+    pub fn param_count(&self) -> u128 {
+        let (h, i, v) = (
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.vocab_size as u128,
+        );
+        let hd = self.head_dim() as u128;
+        let (qw, kvw) = (
+            self.num_attention_heads as u128 * hd,
+            self.kv_heads() as u128 * hd,
+        );
+        let e = self.experts() as u128;
+        let router = if self.is_moe() { e * (h + 1) } else { 0 };
+        let layer = 2 * qw * h + 2 * kvw * h + qw + kvw + 2 * h + e * 3 * h * i + router;
+        2 * v * h + h + self.num_hidden_layers as u128 * layer
+    }
+
+    /// A lower bound on the host memory that training this model on `batch x seq` tokens takes
+    /// (f32 weights, gradients and AdamW moments; the activations the tape keeps), refused when
+    /// over this machine's memory. `trained` is the number of trained parameters (None: all).
+    pub fn check_training_memory(
+        &self,
+        batch: usize,
+        seq: usize,
+        trained: Option<u128>,
+    ) -> Result<()> {
+        crate::limits::check_dim(
+            "--batch",
+            batch,
+            crate::limits::MAX_BATCH,
+            "far beyond any step",
+        )?;
+        let params = self.param_count();
+        let trained = trained.unwrap_or(params);
+        let tokens = batch as u128 * seq as u128;
+        let (h, i, v) = (
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.vocab_size as u128,
+        );
+        let per_token =
+            self.num_hidden_layers as u128 * (8 * h + 3 * i * self.top_k() as u128) + 2 * v;
+        let bytes = 4 * params + 12 * trained + 4 * tokens * per_token;
+        crate::limits::check_memory(
+            &format!("training {} parameters on {batch} x {seq} tokens", params),
+            bytes,
+        )
+    }
+
     /// Reject configs that cannot describe a working model, with the reason.
     pub fn validate(&self) -> Result<()> {
         match self.model_type.as_str() {
@@ -218,6 +319,7 @@ impl Config {
                 self.architectures
             ),
         }
+        self.check_sizes()?;
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(self.hidden_size > 0, "hidden_size must be positive");
         ensure!(
@@ -247,8 +349,16 @@ impl Config {
             "head dim {} must be even for RoPE",
             self.head_dim()
         );
-        ensure!(self.rms_norm_eps > 0.0, "rms_norm_eps must be positive");
-        ensure!(self.rope_theta() > 0.0, "rope_theta must be positive");
+        ensure!(
+            self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 1.0,
+            "rms_norm_eps must be in (0, 1] (a small constant added to the mean square), got {}",
+            self.rms_norm_eps
+        );
+        ensure!(
+            self.rope_theta().is_finite() && self.rope_theta() > 0.0 && self.rope_theta() < 1e30,
+            "rope_theta must be a positive number below 1e30, got {}",
+            self.rope_theta()
+        );
         ensure!(
             self.max_position_embeddings > 0,
             "max_position_embeddings must be positive"

@@ -198,6 +198,10 @@ impl Model {
     /// A freshly initialised model (normal(0, INIT_STD) weights, unit norms), deterministic in `seed`.
     pub fn new_random(cfg: &Config, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        crate::limits::check_memory(
+            &format!("a model of {} parameters", cfg.param_count()),
+            4 * cfg.param_count(),
+        )?;
         let mut rng = StdRng::seed_from_u64(seed);
         let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qw, kvw) = (

@@ -21,6 +21,9 @@ struct State {
     cfg: TrainConfig,
     #[serde(default)]
     tag: serde_json::Value,
+    /// Parameters with AdamW moments when written (absent in older checkpoints).
+    #[serde(default)]
+    moments: Option<usize>,
 }
 
 pub struct Restored {
@@ -49,7 +52,8 @@ pub fn write(
     let tmp = parent.join(format!(".{name}.tmp"));
     let old = parent.join(format!(".{name}.old"));
     let _ = std::fs::remove_dir_all(&tmp);
-    mckpt::save(model, &tmp, DType::F32)?;
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    mckpt::write_files(model, &tmp, DType::F32)?;
     let mut moments = Vec::new();
     for (id, m) in opt.moments.iter().enumerate() {
         if let Some((m, v)) = m {
@@ -74,6 +78,7 @@ pub fn write(
         adam_step: opt.step,
         cfg: cfg.clone(),
         tag: tag.clone(),
+        moments: Some(opt.moments.iter().filter(|m| m.is_some()).count()),
     };
     write_bytes_atomic(
         &tmp.join("trainer_state.json"),
@@ -109,8 +114,8 @@ pub fn read(dir: &Path, model: &mut Model) -> Result<Restored> {
         dir = old;
     }
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("reading {}", state_path.display()))?;
+    let text =
+        crate::fsutil::read_text(&state_path, "trainer state", crate::fsutil::MAX_JSON_BYTES)?;
     let state: State = serde_json::from_str(&text)
         .with_context(|| format!("{} is corrupt", state_path.display()))?;
     let saved = mckpt::load(&dir)?;
@@ -145,8 +150,23 @@ pub fn read(dir: &Path, model: &mut Model) -> Result<Restored> {
             by_name.get(&format!("m.{}", p.name)),
             by_name.get(&format!("v.{}", p.name)),
         ) {
+            ensure!(
+                m.shape() == p.value.shape() && v.shape() == p.value.shape(),
+                "{}: the optimizer moments of {} have the wrong shape",
+                dir.display(),
+                p.name
+            );
             opt.moments[id] = Some((m.data().to_vec(), v.data().to_vec()));
         }
+    }
+    // Restarting the moments of a trained parameter would not continue the run exactly.
+    let found = opt.moments.iter().filter(|m| m.is_some()).count();
+    if let Some(want) = state.moments {
+        ensure!(
+            found == want,
+            "{}: optimizer.safetensors holds the AdamW moments of {found} parameters, the checkpoint was written with {want}: the run cannot resume exactly",
+            dir.display()
+        );
     }
     Ok(Restored {
         step: state.step,

@@ -81,6 +81,80 @@ pub struct TrainConfig {
     pub dp: Option<dp::DpConfig>,
 }
 
+impl TrainConfig {
+    /// Settings that cannot train, as a one-line error naming the flag, before any work.
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.steps >= 1, "--steps must be at least 1");
+        ensure!(
+            self.batch > 0 && self.seq > 0 && self.grad_accum > 0,
+            "--batch, --seq and --grad-accum must be positive"
+        );
+        crate::limits::check_dim(
+            "--batch",
+            self.batch,
+            crate::limits::MAX_BATCH,
+            "far beyond any step",
+        )?;
+        crate::limits::check_dim(
+            "--seq",
+            self.seq,
+            crate::limits::MAX_POSITIONS,
+            "the longest context flexrun allows",
+        )?;
+        crate::limits::check_dim(
+            "--grad-accum",
+            self.grad_accum,
+            crate::limits::MAX_BATCH,
+            "far beyond any step",
+        )?;
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be a positive number, got {}",
+            self.lr
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "--min-lr-ratio must be in [0, 1] (the final learning rate as a fraction of --lr), got {}",
+            self.min_lr_ratio
+        );
+        let a = &self.adamw;
+        ensure!(
+            (0.0..1.0).contains(&a.beta1),
+            "--beta1 must be in [0, 1), got {}",
+            a.beta1
+        );
+        ensure!(
+            (0.0..1.0).contains(&a.beta2),
+            "--beta2 must be in [0, 1), got {}",
+            a.beta2
+        );
+        ensure!(
+            a.eps > 0.0 && a.eps.is_finite(),
+            "AdamW eps must be positive"
+        );
+        ensure!(
+            self.clip.is_finite() && self.clip >= 0.0,
+            "--clip must be a finite norm >= 0 (0: no clipping), got {}",
+            self.clip
+        );
+        let wd = a.weight_decay;
+        ensure!(
+            wd.is_finite() && wd >= 0.0,
+            "--weight-decay must be a finite number >= 0, got {wd}"
+        );
+        for (flag, w) in [
+            ("--z-loss", self.z_loss),
+            ("--router-z-loss", self.router_z_loss),
+        ] {
+            ensure!(
+                w.is_finite() && w >= 0.0,
+                "{flag} must be a finite weight >= 0, got {w}"
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -207,6 +281,35 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.dir.join("train_log.jsonl")
     }
+    /// Whether the directory holds (part of) an earlier run: a checkpoint or a log.
+    pub fn holds_run(&self) -> bool {
+        let old = self.dir.join(".checkpoint.old");
+        self.checkpoint().exists()
+            || old.exists()
+            || std::fs::metadata(self.log()).is_ok_and(|m| m.len() > 0)
+    }
+    /// Remove an earlier run's checkpoint and log (the rest of the directory stays), so that a
+    /// pipeline that owns this directory can start the run over.
+    pub fn clear(dir: &Path) -> Result<()> {
+        let run = RunDir {
+            dir: dir.to_path_buf(),
+        };
+        for d in [
+            run.checkpoint(),
+            dir.join(".checkpoint.old"),
+            dir.join(".checkpoint.tmp"),
+        ] {
+            if d.exists() {
+                std::fs::remove_dir_all(&d)
+                    .map_err(|e| crate::Error(format!("removing {}: {e}", d.display())))?;
+            }
+        }
+        if run.log().exists() {
+            std::fs::remove_file(run.log())
+                .map_err(|e| crate::Error(format!("removing {}: {e}", run.log().display())))?;
+        }
+        Ok(())
+    }
 }
 
 pub struct Trainer<'a> {
@@ -225,6 +328,7 @@ pub struct Trainer<'a> {
     /// frozen parameters stay frozen); the host model and optimizer state are brought up to
     /// date at each checkpoint.
     pub device: Option<&'a Device>,
+    _lock: crate::fsutil::PathLock,
 }
 
 impl<'a> Trainer<'a> {
@@ -246,29 +350,18 @@ impl<'a> Trainer<'a> {
         tr.device = device;
         if resume {
             tr.resume()?;
+        } else {
+            ensure!(
+                !tr.run.holds_run(),
+                "{} already holds a training run; pass --resume to continue it, or remove it (or choose another directory) to start over",
+                dir.display()
+            );
         }
         Ok(tr)
     }
 
     pub fn new(model: &'a mut Model, cfg: TrainConfig, dir: &Path) -> Result<Self> {
-        ensure!(
-            cfg.batch > 0 && cfg.seq > 0 && cfg.grad_accum > 0,
-            "batch, seq and grad_accum must be positive"
-        );
-        ensure!(
-            cfg.lr > 0.0 && cfg.lr.is_finite(),
-            "learning rate must be positive"
-        );
-        ensure!(
-            cfg.clip.is_finite() && cfg.clip >= 0.0,
-            "--clip must be a finite norm >= 0 (0: no clipping), got {}",
-            cfg.clip
-        );
-        let wd = cfg.adamw.weight_decay;
-        ensure!(
-            wd.is_finite() && wd >= 0.0,
-            "--weight-decay must be a finite number >= 0, got {wd}"
-        );
+        cfg.check()?;
         ensure!(
             model.params.trainable_numel() > 0,
             "nothing to train: every parameter is frozen"
@@ -279,6 +372,8 @@ impl<'a> Trainer<'a> {
             cfg.seq,
             model.cfg.max_position_embeddings
         );
+        // One process per run directory: a second one would interleave checkpoints and logs.
+        let lock = crate::fsutil::PathLock::acquire(dir)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
         let opt = AdamW::new(cfg.adamw, model.params.len());
@@ -295,6 +390,7 @@ impl<'a> Trainer<'a> {
             tag: serde_json::Value::Null,
             stop_at: None,
             device: None,
+            _lock: lock,
         })
     }
 

@@ -25,6 +25,10 @@ pub fn pretrain(
     quiet: bool,
     device: Option<&Device>,
 ) -> Result<(Model, TrainSummary)> {
+    tcfg.check()?;
+    crate::fsutil::check_model_out(out)?;
+    cfg.validate()?;
+    cfg.check_training_memory(tcfg.batch, tcfg.seq, None)?;
     let data = Dataset::open(data_dir)?;
     ensure!(
         data.meta.vocab_size <= cfg.vocab_size,
@@ -58,11 +62,11 @@ pub fn pretrain(
 
 /// Write the final model and copy the data's tokenizer beside it.
 pub fn export(model: &Model, data_dir: &Path, out: &Path) -> Result<()> {
-    checkpoint::save(model, out, DType::F32)?;
     let tok = data_dir.join("tokenizer.json");
+    let mut extra = Vec::new();
     if tok.exists() {
-        let bytes = std::fs::read(&tok)?;
-        crate::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
+        let bytes = crate::fsutil::read_regular(&tok, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?;
+        extra.push(("tokenizer.json", bytes));
     }
-    Ok(())
+    checkpoint::save_with(model, out, DType::F32, &extra)
 }

@@ -1,4 +1,15 @@
-//! Atomic file writes: write a temporary file in the target directory, fsync, rename.
+//! Files in and out: atomic file writes (a temporary file in the target directory, fsync,
+//! rename), whole-directory writes for models ([`write_dir_atomic`]), one writer per output
+//! ([`PathLock`]), and reads that only touch regular files of bounded size inside the directory
+//! that names them ([`read_regular`], [`confined`]).
+
+mod dirwrite;
+mod lock;
+mod read;
+
+pub use dirwrite::{check_model_out, is_model_file, write_dir_atomic};
+pub use lock::PathLock;
+pub use read::{confined, open_regular, read_regular, read_text, MAX_JSON_BYTES};
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
