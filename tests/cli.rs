@@ -48,6 +48,9 @@ fn fixture(name: &str) -> String {
 fn missing_and_corrupt_inputs() {
     let d = tmp("bad");
     let ds = d.to_str().unwrap();
+    // Outputs go to a path that does not exist yet (`ds` holds files that are not a model).
+    let fresh = d.join("out");
+    let fresh = fresh.to_str().unwrap();
     assert_clean_error(
         &["generate", "--model", "/nonexistent/model", "--ids", "1,2"],
         "does not exist",
@@ -102,7 +105,7 @@ fn missing_and_corrupt_inputs() {
             "--experts",
             m.join("config.json").to_str().unwrap(),
             "--out",
-            ds,
+            fresh,
         ],
         "not a valid expert artifact",
     );
@@ -115,7 +118,7 @@ fn missing_and_corrupt_inputs() {
             "--experts",
             ds,
             "--out",
-            ds,
+            fresh,
             "--bias-offset",
             "math=-1,x",
         ],
@@ -132,7 +135,7 @@ fn missing_and_corrupt_inputs() {
             "--name",
             "x",
             "--out",
-            ds,
+            fresh,
         ];
         args.extend_from_slice(extra);
         args.into_iter().map(String::from).collect::<Vec<_>>()
@@ -221,7 +224,7 @@ fn missing_and_corrupt_inputs() {
             "--data",
             ds,
             "--out",
-            ds,
+            fresh,
             "--only",
             "no_such_weight",
         ],
@@ -591,7 +594,7 @@ fn mismatched_data_and_settings() {
             "--data",
             other,
             "--out",
-            other,
+            &p("models/dense-other"),
             "--steps",
             "1",
         ],
