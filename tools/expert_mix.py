@@ -30,7 +30,7 @@ Usage (from the repository root; build nothing, only the checkpoint and data are
 Options: ``--top-k`` is not needed (every expert is evaluated on every token; p is the full
 softmax); ``--json`` prints one JSON object instead of the table.
 
-Virtual environment: as tools/check_hf_load.py (``.venv-torch``, ``FLEXRUN_TORCH_VENV``,
+Virtual environment: as benches/torch/check_hf_load.py (``.venv-torch``, ``FLEXRUN_TORCH_VENV``,
 ``FLEXRUN_TORCH_NO_VENV=1``).
 """
 
@@ -42,7 +42,7 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches" / "torch"))
 import torchenv  # noqa: E402
 
 torchenv.ensure_venv(__file__)
