@@ -1,6 +1,6 @@
 //! Hugging Face interop: flexrun against logits recorded with transformers (tests/fixtures, made
-//! by tools/make_hf_fixtures.py), checkpoint round trips, bf16 weights kept in bf16, upcycling a
-//! dense OLMo-2 model, and one-line errors for broken model directories.
+//! by tests/fixtures/make_hf_fixtures.py), checkpoint round trips, bf16 weights kept in bf16,
+//! upcycling a dense OLMo-2 model, and one-line errors for broken model directories.
 //!
 //! Saved models stay under `target/tmp/hf_parity/` so that `benches/torch/check_hf_load.py` can
 //! load them with transformers afterwards.

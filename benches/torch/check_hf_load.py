@@ -19,7 +19,7 @@ Usage (from the repository root; any cwd works; build flexrun first with
 ids of tests/fixtures), ``--flexrun PATH`` (default target/release/flexrun),
 ``--tol`` (default 1e-4), ``--json`` (one JSON object per directory on stdout).
 
-Virtual environment: as tools/make_hf_fixtures.py, it creates/updates
+Virtual environment: as tests/fixtures/make_hf_fixtures.py, it creates/updates
 ``<repo>/.venv-torch`` from ``benches/torch/requirements-torch.txt`` and re-executes
 itself inside it; ``FLEXRUN_TORCH_VENV`` and ``FLEXRUN_TORCH_NO_VENV=1`` work
 the same way.
