@@ -24,7 +24,7 @@ another domain's text moves that text by about its share.
 
 Usage (from the repository root; build nothing, only the checkpoint and data are read):
 
-    python3 tools/expert_mix.py runs/demo/models/flexolmo \
+    python3 studies/expert_mix.py runs/demo/models/flexolmo \
         public=runs/demo/data/public code=runs/demo/data/code --windows 32 --seq 128
 
 Options: ``--top-k`` is not needed (every expert is evaluated on every token; p is the full
