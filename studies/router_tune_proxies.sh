@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Optional router tuning of a finished demo's merged model (FLEXOLMO.md: everything frozen but
+# Optional router tuning of a finished demo's merged model (docs/METHOD.md: everything frozen but
 # the router rows, on public data plus small per-domain proxy sets; strict opt-out is given up),
 # then its acceptance figures (studies/optout_check.sh):
 #
