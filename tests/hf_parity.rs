@@ -1,9 +1,9 @@
 //! Hugging Face interop: flexrun against logits recorded with transformers (tests/fixtures, made
-//! by tools/make_hf_fixtures.py), checkpoint round trips, bf16 weights kept in bf16, upcycling a
-//! dense OLMo-2 model, and one-line errors for broken model directories.
+//! by tests/fixtures/make_hf_fixtures.py), checkpoint round trips, bf16 weights kept in bf16,
+//! upcycling a dense OLMo-2 model, and one-line errors for broken model directories.
 //!
-//! Saved models stay under `target/tmp/hf_parity/` so that `tools/check_hf_load.py` can load them
-//! with transformers afterwards.
+//! Saved models stay under `target/tmp/hf_parity/` so that `benches/torch/check_hf_load.py` can
+//! load them with transformers afterwards.
 
 use flexrun::autograd::Tape;
 use flexrun::model::{checkpoint, Model};
@@ -358,7 +358,7 @@ fn upcycled_olmo2_computes_the_dense_model() {
         println!("olmo2_tiny_bf16 upcycled to {n} experts: max |logit diff| vs dense = {d:.3e}");
         assert!(d <= 1e-5, "{n} experts: {d}");
     }
-    // Saved, it is an ordinary FlexOlmo checkpoint (tools/check_hf_load.py loads it with
+    // Saved, it is an ordinary FlexOlmo checkpoint (benches/torch/check_hf_load.py loads it with
     // transformers).
     let out = scratch("saved_olmo2_upcycled4");
     checkpoint::save(&dense.upcycle(4).unwrap(), &out, DType::F32).unwrap();

@@ -25,25 +25,25 @@ run() {
 }
 # Causal attention, hd 128, T = 1k..16k, 16k tokens per call (issue goal: >= SDPA's flash backend).
 run attention        "$FR" bench attention --json
-run attention_sdpa   python3 tools/bench_sdpa.py
+run attention_sdpa   python3 benches/torch/bench_sdpa.py
 # GQA (32 query heads on 8 kv heads), as in the larger OLMo-2 / FlexOlmo configurations.
 run attention_gqa      "$FR" bench attention --heads 32 --kv-heads 8 --seq 2048,8192 --json
-run attention_gqa_sdpa python3 tools/bench_sdpa.py --heads 32 --kv-heads 8 --seq 2048,8192
+run attention_gqa_sdpa python3 benches/torch/bench_sdpa.py --heads 32 --kv-heads 8 --seq 2048,8192
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
-run moe_torch        python3 tools/bench_moe_torch.py --json
+run moe_torch        python3 benches/torch/bench_moe_torch.py --json
 # Greedy decoding with a KV cache, batch 1 and 16, against transformers (bf16, sdpa, DynamicCache):
 # moe_small (11.8 M parameters) and moe_medium (hd 128, 8 layers, 4 experts top-2, ~380 M).
 for cfg in moe_small moe_medium; do
   for b in 1 16; do
     run "decode_${cfg}_b$b"       "$FR" bench decode --config "benches/configs/$cfg.json" --batch "$b" --device cuda --json
-    run "decode_${cfg}_b${b}_torch" python3 tools/bench_decode_torch.py --config "benches/configs/$cfg.json" --batch "$b"
+    run "decode_${cfg}_b${b}_torch" python3 benches/torch/bench_decode_torch.py --config "benches/configs/$cfg.json" --batch "$b"
   done
 done
 # Training steps (forward, backward, clipping, AdamW) against transformers with bf16 autocast.
 for cfg in moe_small moe_medium; do
   run "train_${cfg}"       "$FR" bench train --config "benches/configs/$cfg.json" --batch 8 --seq 1024 --device cuda --json
-  run "train_${cfg}_torch" env FLEXRUN_TORCH_NO_VENV=1 python3 tools/bench_torch.py --config "benches/configs/$cfg.json" \
+  run "train_${cfg}_torch" env FLEXRUN_TORCH_NO_VENV=1 python3 benches/torch/bench_torch.py --config "benches/configs/$cfg.json" \
     --batch 8 --seq 1024 --device cuda --clip 1.0 --json
 done
 # A data owner's expert-training step (frozen public model upcycled to [public FFN, trained copy],

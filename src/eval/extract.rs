@@ -1,4 +1,4 @@
-//! Training-data extraction check (FLEXOLMO.md, "Data extraction check"): how often a model
+//! Training-data extraction check (docs/METHOD.md, "Data extraction check"): how often a model
 //! reproduces a document it may have been trained on. For sampled documents of a domain's
 //! training shard, a `prefix`-token window at a random offset is given to the model, which
 //! samples `samples` continuations (top-k / top-p / temperature) as long as the document's true

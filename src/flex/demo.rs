@@ -46,7 +46,7 @@ pub struct DemoConfig {
     /// Weight of the public anchor on those public rows. It sets the trade-off between the
     /// merged model's loss on each closed domain and how little opting an expert out moves the
     /// other domains: 10 keeps every other domain within 2% (1 gives lower losses and moves
-    /// them by up to 4%; RESULTS.md has the whole range).
+    /// them by up to 4%; studies/NOTES.md, "Choosing the anchor weight", has the whole range).
     pub public_anchor: f32,
     /// Its per-layer weights; None: 4 on the first and last layer, 1 on the others (the
     /// first layer's router sees little more than the token, so it cannot keep its expert off
@@ -62,7 +62,7 @@ pub struct DemoConfig {
     /// BPE-dropout of the public training data (`data prepare --bpe-dropout`): without it the
     /// public model never predicts the tokens its text only holds inside longer ones (`=` of
     /// `+=`, pieces of invented names), and no FFN-only expert can teach its frozen output
-    /// layer to (RESULTS.md, "Tokens the public model never predicts").
+    /// layer to (studies/NOTES.md, "Tokens the public model never predicts").
     pub bpe_dropout: f64,
     pub embed_docs: usize,
     pub eval_tokens: usize,

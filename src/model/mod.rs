@@ -1,4 +1,4 @@
-//! The OLMo-2 / FlexOlmo transformer (see FLEXOLMO.md): post-norm blocks, full-width QK-norm,
+//! The OLMo-2 / FlexOlmo transformer (see docs/METHOD.md): post-norm blocks, full-width QK-norm,
 //! GQA attention with rotate-half RoPE, untied embeddings, no biases, and either a dense SwiGLU
 //! FFN or a mixture of SwiGLU experts with a softmax top-k router.
 

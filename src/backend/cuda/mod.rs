@@ -13,7 +13,7 @@
 //! missing, so every entry point checks `is_culib_present` first.)
 //!
 //! Numerics: activations bf16, statistics and accumulation f32, parameter gradients, master
-//! weights and optimizer state f32 (DESIGN.md, Numerics).
+//! weights and optimizer state f32 (docs/NUMERICS.md).
 
 mod attention;
 mod elementwise;

@@ -8,7 +8,7 @@
 # dense-expert steps, warmup and seeds, and prints each loss and the gap of the best FFN-only
 # run to the best dense run and to the demo's own dense expert.
 #
-# usage: tools/ffn_bound.sh [WORKDIR (default runs/demo)] [STEPS (400)] [LRS (1e-3,2e-3,3e-3,5e-3,1e-2)]
+# usage: studies/ffn_bound.sh [WORKDIR (default runs/demo)] [STEPS (400)] [LRS (1e-3,2e-3,3e-3,5e-3,1e-2)]
 # env FLEXRUN: the binary (default target/release/flexrun, built if missing).
 set -euo pipefail
 W=${1:-runs/demo}

@@ -10,7 +10,7 @@ the argmax of the last logits; one untimed warm-up generation of 4 tokens first.
 
 Meant for the GPU machine (system PyTorch, no venv), from the repository root:
 
-    python3 tools/bench_decode_torch.py --config benches/configs/moe_small.json --batch 1 \
+    python3 benches/torch/bench_decode_torch.py --config benches/configs/moe_small.json --batch 1 \
         --prompt 128 --new-tokens 128
 
 Prints one JSON object: {"framework": "pytorch", "torch", "transformers", "device", "batch",
@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> int:

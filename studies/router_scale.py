@@ -3,7 +3,7 @@
 router logits times S, i.e. a softmax temperature of 1/S, set with no data. Each expert's row
 and bias are scaled alike, so opting an expert out still equals a merge without it.
 
-usage: python3 tools/router_scale.py SRC_DIR DST_DIR S[,S1,...]   (one S, or one per layer)
+usage: python3 studies/router_scale.py SRC_DIR DST_DIR S[,S1,...]   (one S, or one per layer)
 
 Standard library only; the checkpoint must hold f32 tensors (as `flexrun merge` writes).
 Then `flexrun eval --model DST_DIR ...` with and without `--exclude NAME`.
@@ -18,7 +18,7 @@ import sys
 
 def main():
     if len(sys.argv) != 4:
-        sys.exit(__doc__.strip().splitlines()[3])
+        sys.exit(next(l for l in __doc__.splitlines() if l.startswith("usage:")))
     src, dst = sys.argv[1], sys.argv[2]
     try:
         scales = [float(x) for x in sys.argv[3].split(",")]

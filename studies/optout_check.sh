@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The open acceptance figures of a merged model, on a finished demo's data:
 #
-#   tools/optout_check.sh MODEL [WORKDIR (default runs/demo)]
+#   studies/optout_check.sh MODEL [WORKDIR (default runs/demo)]
 #
 # prints MODEL's held-out loss per domain and on average, each closed domain's gap to its dense
 # expert (WORKDIR/models/dense-X), and, for each closed expert X, how much every other domain's
 # loss changes when X is opted out (`--exclude X`; the acceptance asks for < 2%).
 # env FLEXRUN: the binary (default target/release/flexrun, built if missing).
 set -euo pipefail
-M=${1:?usage: tools/optout_check.sh MODEL [WORKDIR]}
+M=${1:?usage: studies/optout_check.sh MODEL [WORKDIR]}
 W=${2:-runs/demo}
 source "$(dirname "$0")/demo_lib.sh"
 need_demo "$W" data/public

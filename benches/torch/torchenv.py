@@ -1,7 +1,7 @@
-"""The project-local PyTorch venv shared by the tools (stdlib only).
+"""The project-local PyTorch venv shared by the Python scripts (stdlib only).
 
 `ensure_venv(script)` creates `.venv-torch` (or $FLEXRUN_TORCH_VENV) on first use, installs
-tools/requirements-torch.txt whenever that file changes (a hash is kept in the venv), and re-runs
+benches/torch/requirements-torch.txt whenever that file changes (a hash is kept in the venv), and re-runs
 `script` with the same arguments inside it. FLEXRUN_TORCH_NO_VENV=1 skips all of this.
 """
 
@@ -11,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "tools" / "requirements-torch.txt"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+REQUIREMENTS = HERE / "requirements-torch.txt"
 VENV = Path(os.environ.get("FLEXRUN_TORCH_VENV", str(ROOT / ".venv-torch")))
 
 

@@ -11,7 +11,7 @@
 # public training data (`flexrun compare`): the frozen output layer never learned them.
 # Partial fine-tunes use the demo's dense-expert settings (steps, seeds), at the experts' lr.
 #
-# usage: tools/expert_gap.sh [WORKDIR (default runs/demo)] [STEPS (400)] [LR (5e-3)]
+# usage: studies/expert_gap.sh [WORKDIR (default runs/demo)] [STEPS (400)] [LR (5e-3)]
 # env FLEXRUN: the binary (default target/release/flexrun, built if missing).
 set -euo pipefail
 W=${1:-runs/demo}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Optional router tuning of a finished demo's merged model (FLEXOLMO.md: everything frozen but
+# Optional router tuning of a finished demo's merged model (docs/METHOD.md: everything frozen but
 # the router rows, on public data plus small per-domain proxy sets; strict opt-out is given up),
-# then its acceptance figures (tools/optout_check.sh):
+# then its acceptance figures (studies/optout_check.sh):
 #
-#   tools/router_tune_proxies.sh [WORKDIR (runs/demo)] [DOCS (20)] [STEPS (200)] [LR (2e-3)]
+#   studies/router_tune_proxies.sh [WORKDIR (runs/demo)] [DOCS (20)] [STEPS (200)] [LR (2e-3)]
 #
 # The proxy of each closed domain is its first DOCS training documents (DOCS=0: public data
 # only), tokenized with the demo's tokenizer; every set gets an equal share of the rows.
@@ -27,4 +27,4 @@ if [ "$DOCS" -gt 0 ]; then
 fi
 "$B" router-tune --model "$W/models/flexolmo-main" --data "${sets[@]}" --out "$OUT/model" \
   --steps "$STEPS" --lr "$LR" --warmup $((STEPS / 10)) --quiet
-tools/optout_check.sh "$OUT/model" "$W"
+"$(dirname "$0")/optout_check.sh" "$OUT/model" "$W"

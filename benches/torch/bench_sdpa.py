@@ -17,8 +17,8 @@ pairs, backward 2.5x the forward (FlashAttention's convention).
 
 Meant for the GPU machine, which has PyTorch (no venv needed), from the repository root:
 
-    python3 tools/bench_sdpa.py                       # hd 128, 16 heads, T = 1k..16k, 16k tokens
-    python3 tools/bench_sdpa.py --seq 1024,4096 --heads 32 --kv-heads 8 --backend cudnn
+    python3 benches/torch/bench_sdpa.py                       # hd 128, 16 heads, T = 1k..16k, 16k tokens
+    python3 benches/torch/bench_sdpa.py --seq 1024,4096 --heads 32 --kv-heads 8 --backend cudnn
 
 Exactly one JSON object is printed on stdout:
 

@@ -11,7 +11,7 @@ directory does not load cleanly or differs by more than ``--tol``.
 Usage (from the repository root; any cwd works; build flexrun first with
 ``cargo build --release``):
 
-    python3 tools/check_hf_load.py target/tmp/hf_parity/saved_flexolmo_tiny \
+    python3 benches/torch/check_hf_load.py target/tmp/hf_parity/saved_flexolmo_tiny \
         target/tmp/hf_parity/saved_olmo2_upcycled4
 
 (``cargo test --release --test hf_parity`` leaves such flexrun-saved models in
@@ -19,8 +19,8 @@ Usage (from the repository root; any cwd works; build flexrun first with
 ids of tests/fixtures), ``--flexrun PATH`` (default target/release/flexrun),
 ``--tol`` (default 1e-4), ``--json`` (one JSON object per directory on stdout).
 
-Virtual environment: as tools/make_hf_fixtures.py, it creates/updates
-``<repo>/.venv-torch`` from ``tools/requirements-torch.txt`` and re-executes
+Virtual environment: as tests/fixtures/make_hf_fixtures.py, it creates/updates
+``<repo>/.venv-torch`` from ``benches/torch/requirements-torch.txt`` and re-executes
 itself inside it; ``FLEXRUN_TORCH_VENV`` and ``FLEXRUN_TORCH_NO_VENV=1`` work
 the same way.
 """
@@ -34,8 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
 from torchenv import ensure_venv  # noqa: E402
 # The ids every fixture in tests/fixtures runs (see tests/fixtures/README.md).
 FIXTURE_IDS = [3, 17, 42, 0, 95, 61, 29, 1, 88, 12, 50, 73]

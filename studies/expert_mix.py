@@ -24,13 +24,13 @@ another domain's text moves that text by about its share.
 
 Usage (from the repository root; build nothing, only the checkpoint and data are read):
 
-    python3 tools/expert_mix.py runs/demo/models/flexolmo \
+    python3 studies/expert_mix.py runs/demo/models/flexolmo \
         public=runs/demo/data/public code=runs/demo/data/code --windows 32 --seq 128
 
 Options: ``--top-k`` is not needed (every expert is evaluated on every token; p is the full
 softmax); ``--json`` prints one JSON object instead of the table.
 
-Virtual environment: as tools/check_hf_load.py (``.venv-torch``, ``FLEXRUN_TORCH_VENV``,
+Virtual environment: as benches/torch/check_hf_load.py (``.venv-torch``, ``FLEXRUN_TORCH_VENV``,
 ``FLEXRUN_TORCH_NO_VENV=1``).
 """
 
@@ -42,7 +42,7 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches" / "torch"))
 import torchenv  # noqa: E402
 
 torchenv.ensure_venv(__file__)

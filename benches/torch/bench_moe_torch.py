@@ -26,7 +26,7 @@ forward + backward = 18 m H I flops, the backward being input and weight gradien
 
 Usage (from the repository root):
 
-    python3 tools/bench_moe_torch.py --experts 8 --tokens-per-expert 4096 \
+    python3 benches/torch/bench_moe_torch.py --experts 8 --tokens-per-expert 4096 \
         --hidden 4096 --intermediate 11008 --top-k 4 --iters 20 --warmup 3 --json
 
 With --json exactly one JSON object goes to stdout:

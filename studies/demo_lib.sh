@@ -1,4 +1,4 @@
-# Shared by the tools that study a finished demo's work directory; sourced, not run.
+# Shared by the study scripts that work on a finished demo's work directory; sourced, not run.
 #   B                       the binary: $FLEXRUN, or the checkout's target/release/flexrun
 #                           (built if missing), wherever the script is run from
 #   need_demo W PATH        a one-line error and exit 1 unless W/PATH exists (a finished demo)
