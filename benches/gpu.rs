@@ -10,7 +10,8 @@
 //! (tools/gpu-bench.sh).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flexrun::backend::cuda::{flash, Buf, Device, GpuModel};
+use flexrun::backend::cuda::{flash, Buf, Device};
+use flexrun::model::gpu::GpuModel;
 use flexrun::model::{Config, Model};
 use flexrun::ops::AttnShape;
 use half::bf16;

@@ -252,7 +252,7 @@ pub fn train_step(
     })
 }
 
-/// [`train_step`] on the GPU: [`crate::backend::cuda::GpuTrainer`] steps (forward, backward,
+/// [`train_step`] on the GPU: [`crate::model::gpu::GpuTrainer`] steps (forward, backward,
 /// clipping, fused AdamW, all on the device) of a randomly initialised model on random tokens;
 /// each step ends with the loss read back (a synchronisation).
 pub fn train_step_gpu(
@@ -264,7 +264,7 @@ pub fn train_step_gpu(
     warmup: usize,
     dev: &crate::backend::cuda::Device,
 ) -> Result<TrainBench> {
-    use crate::backend::cuda::GpuTrainer;
+    use crate::model::gpu::GpuTrainer;
     let (model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
     let params = model.params.numel();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
@@ -327,8 +327,8 @@ pub fn decode(
     new_tokens: usize,
     gpu: Option<&crate::backend::cuda::Device>,
 ) -> Result<DecodeBench> {
-    use crate::backend::cuda::GpuModel;
     use crate::generate::argmax;
+    use crate::model::gpu::GpuModel;
     ensure!(
         batch > 0 && prompt > 0 && new_tokens > 0,
         "--batch, --prompt and --new-tokens must be positive"

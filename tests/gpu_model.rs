@@ -6,8 +6,9 @@
 //! GPU; FLEXRUN_REQUIRE_GPU=1 turns that into a failure (tests/common).
 
 use flexrun::autograd::Tape;
-use flexrun::backend::cuda::{Device, GpuModel, GpuTrainer};
+use flexrun::backend::cuda::Device;
 use flexrun::generate::{generate_gpu, SamplingConfig};
+use flexrun::model::gpu::{GpuModel, GpuTrainer};
 use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
 use flexrun::tensor::Tensor;
 use flexrun::train::optim::{clip_grad_norm, AdamW, AdamWConfig};

@@ -2,7 +2,8 @@
 //! opt-out identical to a merge without the expert, refusal of foreign experts).
 
 use flexrun::data::{shards, synth, tokenizer, Dataset, Tokenizer};
-use flexrun::flex::{self, demo, Selection};
+use flexrun::demo;
+use flexrun::flex::{self, Selection};
 use flexrun::model::{checkpoint, Config, Model};
 use flexrun::train::{data::ShardBatches, LogEntry, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};

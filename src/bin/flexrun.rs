@@ -2,12 +2,12 @@
 //! Every error is printed as one line on stderr with exit status 1.
 
 use clap::{Args, Parser, Subcommand};
-use flexrun::backend::cuda::GpuModel;
 use flexrun::data::{self, shards, synth, tokenizer, Tokenizer};
 use flexrun::error::{Context, Result};
 use flexrun::eval::{self, routing, DomainEval, Evaluated};
 use flexrun::flex;
 use flexrun::generate::{self, SamplingConfig};
+use flexrun::model::gpu::GpuModel;
 use flexrun::model::{checkpoint, Config};
 use flexrun::train::{self, optim::AdamWConfig, TrainConfig};
 use flexrun::{bail, ensure};
@@ -1422,9 +1422,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Demo(a) => {
             let mut c = if a.quick {
-                flex::demo::DemoConfig::quick()
+                demo::DemoConfig::quick()
             } else {
-                flex::demo::DemoConfig::default()
+                demo::DemoConfig::default()
             };
             c.seed = a.seed;
             c.ablations = a.ablations;
@@ -1457,7 +1457,7 @@ fn run(cli: Cli) -> Result<()> {
                 c.expert_steps = s;
                 c.dense_steps = s;
             }
-            flex::demo::run(&c, &a.out, a.quiet)?;
+            demo::run(&c, &a.out, a.quiet)?;
             print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
             println!(
                 "\nresults: {}, {}; routing heatmap: {}; loss curves: {}",

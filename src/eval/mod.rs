@@ -6,13 +6,13 @@ pub mod extract;
 pub mod plot;
 pub mod routing;
 
-use crate::backend::cuda::GpuModel;
 use crate::data::shards::{self, Dataset};
 use crate::data::synth::Task;
 use crate::data::Tokenizer;
 use crate::ensure;
 use crate::error::Result;
 use crate::generate::{self, argmax, SamplingConfig};
+use crate::model::gpu::GpuModel;
 use crate::model::Model;
 use rayon::prelude::*;
 use serde::Serialize;

@@ -2,9 +2,9 @@
 //! seeded, streaming each token to a callback as it is produced.
 
 use crate::autograd::Tape;
-use crate::backend::cuda::GpuModel;
 use crate::ensure;
 use crate::error::Result;
+use crate::model::gpu::GpuModel;
 use crate::model::{Config, KvCache, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -2,8 +2,10 @@
 //! GQA attention with rotate-half RoPE, untied embeddings, no biases, and either a dense SwiGLU
 //! FFN or a mixture of SwiGLU experts with a softmax top-k router.
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod config;
+pub mod gpu;
 pub mod params;
 
 pub use config::Config;
@@ -752,4 +754,29 @@ impl Model {
         }
         Model::from_params(cfg, ps)
     }
+}
+
+/// Token-weighted mean cross-entropy over validation `batches` of `seq`-token rows, `ce` giving
+/// one batch's (mean cross-entropy, scored tokens) for its inputs, targets and row count; None
+/// when there are no batches. The CPU and GPU validation share it.
+pub fn mean_ce(
+    batches: &[(Vec<u32>, Vec<u32>)],
+    seq: usize,
+    mut ce: impl FnMut(&[u32], &[u32], usize) -> Result<(f32, usize)>,
+) -> Result<Option<f32>> {
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (inp, tgt) in batches {
+        let b = inp.len() / seq;
+        crate::ensure!(
+            b * seq == inp.len(),
+            "validation batch is not a multiple of seq"
+        );
+        let (c, tokens) = ce(inp, tgt, b)?;
+        sum += c as f64 * tokens as f64;
+        n += tokens;
+    }
+    Ok(Some((sum / n.max(1) as f64) as f32))
 }

@@ -6,8 +6,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-/// Target id that contributes no loss (padding).
-pub const IGNORE: u32 = u32::MAX;
+pub use crate::backend::shapes::IGNORE;
 
 pub struct CrossEntropyOut {
     /// `mean(ce) + z_coef * mean(lse^2)` over non-ignored rows, differentiable.

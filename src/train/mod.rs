@@ -11,8 +11,9 @@ pub mod optim;
 pub mod pretrain;
 
 use crate::autograd::Tape;
-use crate::backend::cuda::{Device, GpuTrainer};
+use crate::backend::cuda::Device;
 use crate::error::Result;
+use crate::model::gpu::GpuTrainer;
 use crate::model::{LossCoefs, Model};
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
@@ -772,30 +773,7 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// Token-weighted mean cross-entropy over validation `batches` of `seq`-token rows, `ce` giving
-/// one batch's (mean cross-entropy, scored tokens) for its inputs, targets and row count; None
-/// when there are no batches. The CPU and GPU validation share it.
-pub fn mean_ce(
-    batches: &[(Vec<u32>, Vec<u32>)],
-    seq: usize,
-    mut ce: impl FnMut(&[u32], &[u32], usize) -> Result<(f32, usize)>,
-) -> Result<Option<f32>> {
-    if batches.is_empty() {
-        return Ok(None);
-    }
-    let (mut sum, mut n) = (0f64, 0usize);
-    for (inp, tgt) in batches {
-        let b = inp.len() / seq;
-        ensure!(
-            b * seq == inp.len(),
-            "validation batch is not a multiple of seq"
-        );
-        let (c, tokens) = ce(inp, tgt, b)?;
-        sum += c as f64 * tokens as f64;
-        n += tokens;
-    }
-    Ok(Some((sum / n.max(1) as f64) as f32))
-}
+pub use crate::model::mean_ce;
 
 /// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
 pub fn evaluate_ce(

@@ -1,9 +1,9 @@
 //! Attention wrappers (kernels/attention.cu; CPU reference src/ops/attention.rs).
 
 use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite};
+use crate::backend::shapes::AttnShape;
 use crate::ensure;
 use crate::error::Result;
-use crate::ops::AttnShape;
 use half::bf16;
 
 /// Warps per block of the simple attention kernels (one warp per query or key row).

@@ -10,9 +10,9 @@
 //! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
 
 use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, BLOCK};
+use crate::backend::shapes::AttnShape;
 use crate::ensure;
 use crate::error::{Error, Result};
-use crate::ops::AttnShape;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::CudaFunction;
 use half::bf16;

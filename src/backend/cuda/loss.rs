@@ -1,9 +1,9 @@
 //! Cross-entropy and router z-loss wrappers (kernels/loss.cu; CPU reference src/ops/loss.rs).
 
 use super::{blocks_for, int, launch, Buf, Device, DeviceRead, DeviceWrite, BLOCK};
+use crate::backend::shapes::IGNORE;
 use crate::ensure;
 use crate::error::Result;
-use crate::ops::IGNORE;
 use half::bf16;
 
 /// Threads per row of the cross-entropy kernels: a vocabulary row of ~100k logits is swept

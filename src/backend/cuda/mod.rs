@@ -21,7 +21,6 @@ mod embedding;
 pub mod flash;
 mod gemm;
 pub mod grouped;
-pub mod infer;
 mod loss;
 mod memory;
 mod moe;
@@ -29,15 +28,12 @@ mod optim;
 mod rmsnorm;
 mod rope;
 mod router;
-pub mod train;
 
-pub use infer::{GpuKvCache, GpuModel};
 pub use loss::CrossEntropyGpu;
 pub use memory::{Buf, DeviceRead, DeviceType, DeviceWrite, PoolStats, View, ViewMut};
 pub use moe::MoePermutation;
 pub use optim::{AdamWHyper, AdamWSlot};
 pub use rope::RopeTableGpu;
-pub use train::{GpuGrads, GpuLoss, GpuTrainer};
 
 use crate::ensure;
 use crate::error::{Error, Result};
@@ -76,7 +72,7 @@ impl From<cudarc::cublas::result::CublasError> for Error {
     }
 }
 
-fn libcuda_present() -> bool {
+pub(crate) fn libcuda_present() -> bool {
     // SAFETY: only tries to dlopen libcuda; no CUDA call is made.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }

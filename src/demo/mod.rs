@@ -4,15 +4,18 @@
 //! routing and check the FlexOlmo acceptance criteria. Optional ablations: no bias, random router
 //! init, and a top-k sweep.
 
-use super::{finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection};
-use crate::backend::cuda::{self, Device, GpuModel};
+use crate::backend::cuda::{self, Device};
 use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
 use crate::ensure;
 use crate::error::{Context, Result};
 use crate::eval::extract::{self, ExtractConfig, Extraction};
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
+use crate::flex::{
+    finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection,
+};
 use crate::fsutil::write_bytes_atomic;
+use crate::model::gpu::GpuModel;
 use crate::model::{checkpoint, Config, Model};
 use crate::train::{pretrain, RunDir, TrainConfig};
 use serde::Serialize;
@@ -165,7 +168,7 @@ impl DemoConfig {
             );
         }
         let layer_w = self.anchor_layers();
-        super::check_expert_settings(
+        crate::flex::check_expert_settings(
             self.public_mix,
             [
                 self.public_anchor,
@@ -417,7 +420,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let all = corpus_domains(&corpus)?;
     let closed: Vec<String> = all[1..].to_vec();
     for d in &closed {
-        super::artifact::check_expert_name(d)
+        crate::flex::artifact::check_expert_name(d)
             .with_context(|| format!("domain directory {}", corpus.join(d).display()))?;
     }
 
@@ -502,7 +505,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         .iter()
         .map(|(d, p)| Ok((d.clone(), checkpoint::load(p)?)))
         .collect::<Result<_>>()?;
-    let soup = super::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
+    let soup = crate::flex::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
     let flex = load_model(&flex_dir, &Selection::default())?;
     let mut rows = Vec::new();
     let eval_device = match &gpu {

@@ -11,12 +11,13 @@
 //! the grouped weight-gradient kernel per expert.
 
 use super::infer::{FfnSaved, GpuFfn, LayerSaved};
-use super::{AdamWHyper, AdamWSlot, Buf, Device, GpuModel, View};
+use super::GpuModel;
+use crate::backend::cuda::{AdamWHyper, AdamWSlot, Buf, Device, View};
+use crate::backend::shapes::{AttnShape, IGNORE};
 use crate::error::Result;
+use crate::model::adamw::{AdamW, AdamWConfig};
 use crate::model::{router_ce_targets, Ffn, LossCoefs, Model};
-use crate::ops::{AttnShape, IGNORE};
 use crate::tensor::Tensor;
-use crate::train::optim::{AdamW, AdamWConfig};
 use crate::{bail, ensure};
 use half::bf16;
 
@@ -139,7 +140,7 @@ impl GpuModel<'_> {
     /// RMSNorm backward: (dx bf16, dw f32 when `want_dw`) for `y = norm(x) * w` given `dy`.
     fn norm_bwd(
         &self,
-        x: &impl super::DeviceRead<bf16>,
+        x: &impl crate::backend::cuda::DeviceRead<bf16>,
         w: &Buf<bf16>,
         dy: &Buf<bf16>,
         rstd: &Buf<f32>,
@@ -1004,7 +1005,7 @@ impl<'d> GpuTrainer<'d> {
     /// Mean cross-entropy (no z-losses) of the current weights over `batches` of `t`-token
     /// sequences; None when there are none.
     pub fn valid_ce(&self, batches: &[(Vec<u32>, Vec<u32>)], t: usize) -> Result<Option<f32>> {
-        crate::train::mean_ce(batches, t, |inp, tgt, b| {
+        crate::model::mean_ce(batches, t, |inp, tgt, b| {
             let scored = tgt.iter().filter(|&&x| x != IGNORE).count();
             Ok((self.model.cross_entropy(inp, tgt, b, t)?, scored))
         })

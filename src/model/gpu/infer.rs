@@ -15,11 +15,11 @@
 //! copies by expert, runs the grouped gate/up + SwiGLU and down GEMMs in one launch each and
 //! combines with the routing weights -> x += RMSNorm(y). Last: RMSNorm and the LM head.
 
-use super::{Buf, Device, DeviceRead, RopeTableGpu};
+use crate::backend::cuda::{Buf, Device, DeviceRead, RopeTableGpu};
+use crate::backend::shapes::AttnShape;
 use crate::ensure;
 use crate::error::Result;
 use crate::model::{Ffn, Layer, Model};
-use crate::ops::AttnShape;
 use crate::tensor::Tensor;
 use half::bf16;
 
@@ -130,7 +130,7 @@ pub(super) struct RouteSaved {
     pub(super) probs: Buf<f32>,
     pub(super) weights: Buf<f32>,
     pub(super) indices: Buf<u32>,
-    pub(super) perm: super::MoePermutation,
+    pub(super) perm: crate::backend::cuda::MoePermutation,
     pub(super) k: usize,
 }
 
