@@ -152,6 +152,7 @@ fn train_step(c: &mut Criterion) {
                     seq,
                     iters as usize,
                     1,
+                    &flexrun::backend::Device::cpu(),
                 )
                 .expect("train step");
                 Duration::from_secs_f64(r.step_ms_all.iter().sum::<f64>() / 1e3)

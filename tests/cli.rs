@@ -285,7 +285,7 @@ fn out_of_range_ids_and_bad_selections() {
             "--device",
             "tpu",
         ],
-        "unknown device",
+        "invalid value 'tpu' for '--device",
     );
     assert_clean_error(
         &[
@@ -348,7 +348,7 @@ fn out_of_range_ids_and_bad_selections() {
             "--out",
             out.to_str().unwrap(),
         ],
-        "unknown device",
+        "invalid value 'tpu' for '--device",
     );
     // Without a GPU (CI), --device cuda is a one-line error, not a panic.
     if flexrun::backend::cuda::Device::new(0).is_err() {

@@ -672,7 +672,7 @@ fn grouped_shape_checks(b: &Backend) -> R {
 /// a positive, finite rate for every operation.
 fn grouped_bench_smoke(b: &Backend) -> R {
     let Backend::Cuda(dev) = b else { return Ok(()) };
-    let r = flexrun::backend::cuda::grouped::bench_grouped(dev, 3, 40, 64, 96, 2, 1)?;
+    let r = flexrun::bench::moe::bench_grouped(dev, 3, 40, 64, 96, 2, 1)?;
     assert_eq!(r.rows, 120);
     for op in &r.ops {
         assert!(

@@ -7,8 +7,9 @@
 
 use flexrun::autograd::Tape;
 use flexrun::backend::cuda::Device;
-use flexrun::generate::{generate_gpu, SamplingConfig};
+use flexrun::generate::{generate, SamplingConfig};
 use flexrun::model::gpu::{GpuModel, GpuTrainer};
+use flexrun::model::runner::Runner;
 use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
 use flexrun::tensor::Tensor;
 use flexrun::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -249,7 +250,7 @@ fn greedy_generation(dev: &Device) -> R {
         max_new_tokens: 32,
         ..Default::default()
     };
-    let out = generate_gpu(&g, &prompt, &cfg, |_| {})?;
+    let out = generate(Runner::Gpu(&g), &prompt, &cfg, |_| {})?;
     assert_eq!(out.len(), 32);
     // Each generated token is the argmax of one uncached forward over prompt + tokens.
     let check = |what: &str, out: &[u32]| -> R {
@@ -270,7 +271,7 @@ fn greedy_generation(dev: &Device) -> R {
     check("generate", &out)?;
     // Batched greedy sampling (the extraction check's): identical rows, each a greedy decode.
     let mut rng = StdRng::seed_from_u64(0);
-    let rows = flexrun::generate::sample_batch_gpu(&g, &prompt, 3, 32, &cfg, &mut rng)?;
+    let rows = flexrun::generate::sample_batch(Runner::Gpu(&g), &prompt, 3, 32, &cfg, &mut rng)?;
     assert!(
         rows.iter().all(|r| r == &rows[0]),
         "batch rows differ: {rows:?}"
@@ -706,8 +707,12 @@ fn btm_on_gpu(dev: &Device) -> R {
             top_k: 2,
         }
     }
-    let cpu = btm(members.iter().map(Evaluated::Model).collect()).loss(&batches, seq)?;
-    let gpu = btm(on_gpu.iter().map(Evaluated::Gpu).collect()).loss(&batches, seq)?;
+    let cpu = btm(members.iter().map(Evaluated::cpu).collect()).loss(&batches, seq)?;
+    let gpu = btm(on_gpu
+        .iter()
+        .map(|g| Evaluated::One(Runner::Gpu(g)))
+        .collect())
+    .loss(&batches, seq)?;
     assert!(
         (gpu - cpu).abs() <= 0.01 * cpu,
         "BTM loss: gpu {gpu} vs cpu {cpu}"

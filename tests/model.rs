@@ -3,6 +3,7 @@
 
 use flexrun::autograd::Tape;
 use flexrun::generate::{generate, SamplingConfig};
+use flexrun::model::runner::Runner;
 use flexrun::model::{checkpoint, Config, KvCache, LossCoefs, Model};
 use flexrun::tensor::{DType, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
@@ -143,7 +144,7 @@ fn kv_cache_decoding_equals_full_recomputation() {
         max_new_tokens: 5,
         ..Default::default()
     };
-    let out = generate(&m, &ids, &cfg, |_| {}).unwrap();
+    let out = generate(Runner::Cpu(&m), &ids, &cfg, |_| {}).unwrap();
     let mut seq = ids.clone();
     for &tok in &out {
         let l = m.logits(&seq, 1, seq.len()).unwrap();
@@ -163,10 +164,16 @@ fn sampling_is_seeded() {
         max_new_tokens: 12,
         stop_token: None,
     };
-    let a = generate(&m, &[1, 2, 3], &cfg, |_| {}).unwrap();
-    let b = generate(&m, &[1, 2, 3], &cfg, |_| {}).unwrap();
+    let a = generate(Runner::Cpu(&m), &[1, 2, 3], &cfg, |_| {}).unwrap();
+    let b = generate(Runner::Cpu(&m), &[1, 2, 3], &cfg, |_| {}).unwrap();
     assert_eq!(a, b);
-    let c = generate(&m, &[1, 2, 3], &SamplingConfig { seed: 12, ..cfg }, |_| {}).unwrap();
+    let c = generate(
+        Runner::Cpu(&m),
+        &[1, 2, 3],
+        &SamplingConfig { seed: 12, ..cfg },
+        |_| {},
+    )
+    .unwrap();
     assert_ne!(a, c, "a different seed should change a 12-token sample");
 }
 

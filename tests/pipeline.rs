@@ -1,6 +1,7 @@
 //! End-to-end: exact resume of training, and the FlexOlmo pipeline (independent experts, merge,
 //! opt-out identical to a merge without the expert, refusal of foreign experts).
 
+use flexrun::backend::Device;
 use flexrun::data::{shards, synth, tokenizer, Dataset, Tokenizer};
 use flexrun::demo;
 use flexrun::flex::{self, Selection};
@@ -118,7 +119,7 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
 fn flexolmo_pipeline_merge_and_opt_out() {
     let root = tmp("pipeline");
     let c = demo::DemoConfig::quick();
-    let report = demo::run(&c, &root, true).unwrap();
+    let report = demo::run(&c, &root, &Device::cpu(), true).unwrap();
     assert_eq!(
         report.rows.len(),
         1 + 3 + 2 + 1 + 3,
@@ -250,7 +251,7 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         &root.join("tune-run"),
         false,
         true,
-        None,
+        &Device::cpu(),
     )
     .unwrap();
     let tm = flex::Manifest::load(&tuned).unwrap().unwrap();
@@ -312,7 +313,16 @@ fn partial_finetune_trains_only_the_named_weights() {
         ..Default::default()
     };
     let public = root.join("public");
-    flexrun::train::pretrain::pretrain(&data_dir, &cfg, &tcfg, &public, false, true, None).unwrap();
+    flexrun::train::pretrain::pretrain(
+        &data_dir,
+        &cfg,
+        &tcfg,
+        &public,
+        false,
+        true,
+        &Device::cpu(),
+    )
+    .unwrap();
     let only = ["mlp".to_string(), "lm_head".to_string()];
     let out = root.join("partial");
     flex::finetune(
@@ -324,7 +334,7 @@ fn partial_finetune_trains_only_the_named_weights() {
         &root.join("run"),
         false,
         true,
-        None,
+        &Device::cpu(),
     )
     .unwrap();
     let (before, after) = (

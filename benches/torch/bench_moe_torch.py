@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch baselines for flexrun's grouped expert GEMMs (kernels/grouped_gemm.cu,
-``flexrun bench moe --device cuda``, src/backend/cuda/grouped.rs ``bench_grouped``).
+``flexrun bench moe --device cuda``, src/bench/moe.rs ``bench_grouped``).
 
 Runs on the GPU machine with the system PyTorch (no venv, no network). The problem is the one
 ``bench_grouped`` times: E experts, T tokens per expert (a uniform routing: m = E*T rows in the

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch scaled_dot_product_attention throughput: the baseline for flexrun's flash attention
-benchmark (src/backend/cuda/flash.rs, ``bench_attention``; ``flexrun bench attention --device cuda``).
+benchmark (src/bench/attention.rs, ``bench_attention``; ``flexrun bench attention --device cuda``).
 
 Causal self-attention in bf16 on one CUDA GPU, forced onto one SDPA backend (default: the flash
 backend). Inputs are laid out like flexrun's, q/k/v ``[batch, seq, heads, hd]`` in memory, and

@@ -4,7 +4,7 @@
 //! routing and check the FlexOlmo acceptance criteria. Optional ablations: no bias, random router
 //! init, and a top-k sweep.
 
-use crate::backend::cuda::{self, Device};
+use crate::backend::Device;
 use crate::data::shards::{self, Dataset};
 use crate::data::{synth, tokenizer, Tokenizer};
 use crate::ensure;
@@ -15,7 +15,7 @@ use crate::flex::{
     finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection,
 };
 use crate::fsutil::write_bytes_atomic;
-use crate::model::gpu::GpuModel;
+use crate::model::runner::Placed;
 use crate::model::{checkpoint, Config, Model};
 use crate::train::{pretrain, RunDir, TrainConfig};
 use serde::Serialize;
@@ -80,9 +80,6 @@ pub struct DemoConfig {
     /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
     /// instead of the built-in FlexMix; tasks are then not evaluated.
     pub corpus: Option<PathBuf>,
-    /// Where training and evaluation run: "auto" (the GPU when one is present and the model's
-    /// widths suit the kernels), "cpu" or "cuda".
-    pub device: String,
 }
 
 impl Default for DemoConfig {
@@ -121,7 +118,6 @@ impl Default for DemoConfig {
             btm_top_k: 2,
             ablations: false,
             corpus: None,
-            device: "auto".into(),
         }
     }
 }
@@ -325,7 +321,7 @@ fn experts_and_merge(
     init: RouterInit,
     bias: Option<f32>,
     quiet: bool,
-    gpu: Option<&Device>,
+    device: &Device,
 ) -> Result<PathBuf> {
     let mut arts = Vec::new();
     for (i, d) in closed.iter().enumerate() {
@@ -359,7 +355,7 @@ fn experts_and_merge(
         };
         // The demo owns its run directories: each run starts over.
         RunDir::clear(&opts.run_dir)?;
-        train_expert(&opts, gpu)?;
+        train_expert(&opts, device)?;
         arts.push(out);
     }
     let dir = w.p(&format!("models/flexolmo-{tag}"));
@@ -383,12 +379,28 @@ fn experts_and_merge(
 
 /// Run the whole pipeline in `work_dir`; returns the report and writes results.md, results.json
 /// and routing.svg there.
-pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
+pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Result<DemoReport> {
     let t0 = Instant::now();
-    // A bad setting, model shape or device is an error before any work is done.
+    // A bad setting or model shape is an error before any work is done.
     c.check()?;
     model_config(c, c.vocab.max(1)).validate()?;
-    let gpu = demo_gpu(c)?;
+    // The kernels need widths that are multiples of 8 (16-byte rows): an automatic choice of
+    // the GPU falls back to the CPU for a demo shape they cannot run.
+    let cpu = Device::cpu();
+    let fits = c.hidden.is_multiple_of(8) && c.intermediate.is_multiple_of(8);
+    let device = match (device.gpu(), fits) {
+        (Some(_), false) if device.is_auto() => {
+            eprintln!("note: the demo's widths are not multiples of 8, which the GPU kernels need; running on the CPU");
+            &cpu
+        }
+        (Some(_), false) => crate::bail!(
+            "--device cuda needs --hidden and --intermediate that are multiples of 8 (got {} and {})",
+            c.hidden,
+            c.intermediate
+        ),
+        _ => device,
+    };
+    let gpu = device.gpu();
     let domains = match &c.corpus {
         Some(dir) => corpus_domains(dir)?.len(),
         None => synth::DOMAINS.len(),
@@ -452,7 +464,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         &w.p("models/public"),
         false,
         quiet,
-        gpu.as_ref(),
+        device,
     )?;
     let mut dense_dirs = Vec::new();
     for (i, d) in closed.iter().enumerate() {
@@ -471,7 +483,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             &w.p(&format!("runs/dense-{d}")),
             false,
             quiet,
-            gpu.as_ref(),
+            device,
         )?;
         dense_dirs.push((d.clone(), out));
     }
@@ -483,7 +495,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         RouterInit::Domain,
         Some(c.bias_init),
         quiet,
-        gpu.as_ref(),
+        device,
     )?;
 
     write_loss_curves(&w, &closed)?;
@@ -508,7 +520,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     let soup = crate::flex::soup(&dense.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>())?;
     let flex = load_model(&flex_dir, &Selection::default())?;
     let mut rows = Vec::new();
-    let eval_device = match &gpu {
+    let eval_device = match gpu {
         Some(d) => format!("{} (bf16)", d.name()?),
         None => "cpu (f32)".into(),
     };
@@ -516,51 +528,49 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         eval::evaluate(name, e, &domains, c.seq, with_tasks.then_some(&tok))
     };
     // One model, on the GPU when there is one.
-    let ev_model = |name: &str, m: &Model| match &gpu {
-        Some(dev) => ev(name, &Evaluated::Gpu(&GpuModel::upload(dev, m)?)),
-        None => ev(name, &Evaluated::Model(m)),
-    };
-    // Each model goes to the GPU (when there is one) once; its row, BTM and the extraction
-    // check share it.
-    let upload = |m: &Model| gpu.as_ref().map(|d| GpuModel::upload(d, m)).transpose();
-    let public_g = upload(&public)?;
-    rows.push(ev("public", &evaluated(&public, &public_g))?);
-    let dense_g: Vec<Option<GpuModel>> = dense
+    let ev_model =
+        |name: &str, m: &Model| ev(name, &Evaluated::One(Placed::new(m, device)?.runner()));
+    // Each model goes to the device once; its row, BTM and the extraction check share it.
+    let public_g = Placed::new(&public, device)?;
+    rows.push(ev("public", &Evaluated::One(public_g.runner()))?);
+    let dense_g: Vec<Placed> = dense
         .iter()
-        .map(|(_, m)| upload(m))
+        .map(|(_, m)| Placed::new(m, device))
         .collect::<Result<_>>()?;
-    for ((d, m), g) in dense.iter().zip(&dense_g) {
-        rows.push(ev(&format!("dense {d}"), &evaluated(m, g))?);
+    for ((d, _), g) in dense.iter().zip(&dense_g) {
+        rows.push(ev(&format!("dense {d}"), &Evaluated::One(g.runner()))?);
     }
     rows.push(ev_model("soup", &soup)?);
     let btm = Evaluated::Btm {
-        models: dense
-            .iter()
-            .zip(&dense_g)
-            .map(|((_, m), g)| evaluated(m, g))
-            .collect(),
+        models: dense_g.iter().map(|g| Evaluated::One(g.runner())).collect(),
         temperature: c.btm_temperature,
         top_k: c.btm_top_k,
     };
     rows.push(ev("BTM", &btm)?);
-    let flex_g = upload(&flex.model)?;
+    let flex_g = Placed::new(&flex.model, device)?;
     rows.push(ev(
         &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
-        &evaluated(&flex.model, &flex_g),
+        &Evaluated::One(flex_g.runner()),
     )?);
-    let mut without = Vec::new();
-    for d in &closed {
-        let m = load_model(
-            &flex_dir,
-            &Selection {
+    let without_models: Vec<Model> = closed
+        .iter()
+        .map(|d| {
+            let sel = Selection {
                 exclude: vec![d.clone()],
                 ..Default::default()
-            },
-        )?
-        .model;
-        let g = upload(&m)?;
-        rows.push(ev(&format!("FlexOlmo without {d}"), &evaluated(&m, &g))?);
-        without.push((m, g));
+            };
+            Ok(load_model(&flex_dir, &sel)?.model)
+        })
+        .collect::<Result<_>>()?;
+    let without: Vec<Placed> = without_models
+        .iter()
+        .map(|m| Placed::new(m, device))
+        .collect::<Result<_>>()?;
+    for (d, g) in closed.iter().zip(&without) {
+        rows.push(ev(
+            &format!("FlexOlmo without {d}"),
+            &Evaluated::One(g.runner()),
+        )?);
     }
 
     let mut extraction = Vec::new();
@@ -575,8 +585,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
         };
         let extract =
             |e: Evaluated<'_>, ds: &Dataset| extract::extraction(&e, &ds.train, &xc, None);
-        for (((d, (_, dm)), dg), (wm, wg)) in closed.iter().zip(&dense).zip(&dense_g).zip(&without)
-        {
+        for ((d, dg), wg) in closed.iter().zip(&dense_g).zip(&without) {
             let ds = &sets
                 .iter()
                 .find(|(n, _)| n == d)
@@ -584,10 +593,10 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
                 .1;
             extraction.push(ExtractionRow {
                 domain: d.clone(),
-                public: extract(evaluated(&public, &public_g), ds)?,
-                dense: extract(evaluated(dm, dg), ds)?,
-                flexolmo: extract(evaluated(&flex.model, &flex_g), ds)?,
-                flexolmo_without: extract(evaluated(wm, wg), ds)?,
+                public: extract(Evaluated::One(public_g.runner()), ds)?,
+                dense: extract(Evaluated::One(dg.runner()), ds)?,
+                flexolmo: extract(Evaluated::One(flex_g.runner()), ds)?,
+                flexolmo_without: extract(Evaluated::One(wg.runner()), ds)?,
             });
         }
     }
@@ -631,7 +640,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             RouterInit::Domain,
             None,
             quiet,
-            gpu.as_ref(),
+            device,
         )?;
         ablations.push(ev_model(
             "FlexOlmo, no bias",
@@ -645,7 +654,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
             RouterInit::Random,
             Some(c.bias_init),
             quiet,
-            gpu.as_ref(),
+            device,
         )?;
         ablations.push(ev_model(
             "FlexOlmo, random router init",
@@ -676,14 +685,6 @@ pub fn run(c: &DemoConfig, work_dir: &Path, quiet: bool) -> Result<DemoReport> {
     Ok(report)
 }
 
-/// `m` as evaluated: its GPU copy when it has one, else the model itself on the CPU.
-fn evaluated<'a>(m: &'a Model, g: &'a Option<GpuModel<'a>>) -> Evaluated<'a> {
-    match g {
-        Some(g) => Evaluated::Gpu(g),
-        None => Evaluated::Model(m),
-    }
-}
-
 /// Every training run's loss curve in one image, `loss_curves.svg`: public pretraining, each
 /// dense expert and each FlexOlmo expert.
 fn write_loss_curves(w: &Work, closed: &[String]) -> Result<()> {
@@ -707,26 +708,6 @@ fn write_loss_curves(w: &Work, closed: &[String]) -> Result<()> {
         entries.iter().map(|(n, e)| (n.as_str(), &e[..])).collect();
     let svg = loss_chart_svg("Training loss of every run in the demo", &runs);
     write_bytes_atomic(&w.p("loss_curves.svg"), svg.as_bytes())
-}
-
-/// The GPU that trains and evaluates the demo's models (`DemoConfig::device`), if any.
-fn demo_gpu(c: &DemoConfig) -> Result<Option<Device>> {
-    match c.device.as_str() {
-        "cpu" => Ok(None),
-        "cuda" => Device::new(0)
-            .map(Some)
-            .map_err(|e| crate::Error(format!("--device cuda: {e}"))),
-        // The kernels need widths that are multiples of 8 (16-byte rows).
-        "auto"
-            if c.hidden.is_multiple_of(8)
-                && c.intermediate.is_multiple_of(8)
-                && cuda::available() =>
-        {
-            Ok(Device::new(0).ok())
-        }
-        "auto" => Ok(None),
-        other => crate::bail!("unknown device '{other}' (expected auto, cpu or cuda)"),
-    }
 }
 
 fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {

@@ -11,7 +11,7 @@
 use super::Evaluated;
 use crate::data::shards::TokenShard;
 use crate::error::Result;
-use crate::generate::{sample_groups, sample_groups_gpu, SampleGroup, SamplingConfig};
+use crate::generate::{sample_groups, SampleGroup, SamplingConfig};
 use crate::{bail, ensure};
 use indicatif::ProgressBar;
 use rand::rngs::StdRng;
@@ -204,8 +204,7 @@ pub fn extraction(
             })
             .collect();
         let samples = match e {
-            Evaluated::Model(m) => sample_groups(m, &mut groups, c.samples, &cfg)?,
-            Evaluated::Gpu(g) => sample_groups_gpu(g, &mut groups, c.samples, &cfg)?,
+            Evaluated::One(r) => sample_groups(*r, &mut groups, c.samples, &cfg)?,
             Evaluated::Btm { .. } => bail!("the extraction check takes one model, not an ensemble"),
         };
         if let Some(p) = progress {
@@ -226,7 +225,7 @@ pub fn extraction(
     };
     let chunks: Vec<&[usize]> = order.chunks(GROUP).collect();
     let done: Vec<Vec<(usize, f64)>> = match e {
-        Evaluated::Model(_) => chunks
+        Evaluated::One(r) if !r.on_gpu() => chunks
             .par_iter()
             .map(|ch| chunk(ch))
             .collect::<Result<_>>()?,
@@ -310,7 +309,15 @@ mod tests {
             .map(|i| {
                 let prompt: Vec<u32> = (0..8).map(|j| (i * 5 + j * 7) % 64).collect();
                 let mut d = prompt.clone();
-                d.extend(generate(&m, &prompt, &greedy, |_| {}).unwrap());
+                d.extend(
+                    generate(
+                        crate::model::runner::Runner::Cpu(&m),
+                        &prompt,
+                        &greedy,
+                        |_| {},
+                    )
+                    .unwrap(),
+                );
                 d
             })
             .collect();
@@ -324,11 +331,11 @@ mod tests {
             temperature: 0.0,
             ..Default::default()
         };
-        let own = extraction(&Evaluated::Model(&m), &sh, &c, None).unwrap();
+        let own = extraction(&Evaluated::cpu(&m), &sh, &c, None).unwrap();
         assert_eq!((own.docs, own.extracted), (12, 12));
         assert!((own.mean_best_similarity - 1.0).abs() < 1e-12);
         let other = Model::new_random(&cfg, 4).unwrap();
-        let o = extraction(&Evaluated::Model(&other), &sh, &c, None).unwrap();
+        let o = extraction(&Evaluated::cpu(&other), &sh, &c, None).unwrap();
         assert!(o.extracted <= 1 && o.mean_best_similarity < 0.5, "{o:?}");
     }
 

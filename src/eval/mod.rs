@@ -12,16 +12,15 @@ use crate::data::Tokenizer;
 use crate::ensure;
 use crate::error::Result;
 use crate::generate::{self, argmax, SamplingConfig};
-use crate::model::gpu::GpuModel;
+use crate::model::runner::Runner;
 use crate::model::Model;
 use rayon::prelude::*;
 use serde::Serialize;
 
 /// What is evaluated: one model, or a BTM ensemble of dense experts.
 pub enum Evaluated<'a> {
-    Model(&'a Model),
-    /// A model on the GPU (`--device cuda`): evaluated one sequence at a time on the device.
-    Gpu(&'a GpuModel<'a>),
+    /// One model on its device (on a GPU: evaluated one sequence at a time on the device).
+    One(Runner<'a>),
     /// `p = sum_j w_j p_j`, `w = softmax(-meanNLL_j(context) / temperature)` restricted to the
     /// `top_k` largest weights (renormalised). At the first position the weights are uniform.
     /// The members are single models, each on the CPU or a GPU.
@@ -43,11 +42,15 @@ fn log_softmax_rows(logits: &[f32], v: usize) -> Vec<f32> {
     out
 }
 
-impl Evaluated<'_> {
+impl<'a> Evaluated<'a> {
+    /// The CPU model `m`.
+    pub fn cpu(m: &'a Model) -> Self {
+        Evaluated::One(Runner::Cpu(m))
+    }
+
     fn vocab(&self) -> usize {
         match self {
-            Evaluated::Model(m) => m.cfg.vocab_size,
-            Evaluated::Gpu(g) => g.vocab(),
+            Evaluated::One(r) => r.vocab(),
             Evaluated::Btm { models, .. } => models.first().map_or(0, Evaluated::vocab),
         }
     }
@@ -56,8 +59,7 @@ impl Evaluated<'_> {
     pub fn log_probs(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let v = self.vocab();
         match self {
-            Evaluated::Model(m) => Ok(log_softmax_rows(m.logits(ids, 1, ids.len())?.data(), v)),
-            Evaluated::Gpu(g) => Ok(log_softmax_rows(g.logits(ids, 1, ids.len())?.data(), v)),
+            Evaluated::One(r) => Ok(log_softmax_rows(r.logits(ids, 1, ids.len())?.data(), v)),
             Evaluated::Btm {
                 models,
                 temperature,
@@ -118,8 +120,7 @@ impl Evaluated<'_> {
     /// The longest sequence every model takes.
     pub fn max_positions(&self) -> usize {
         match self {
-            Evaluated::Model(m) => m.cfg.max_position_embeddings,
-            Evaluated::Gpu(g) => g.max_positions(),
+            Evaluated::One(r) => r.max_positions(),
             Evaluated::Btm { models, .. } => models
                 .iter()
                 .map(Evaluated::max_positions)
@@ -131,8 +132,7 @@ impl Evaluated<'_> {
     /// Whether anything runs on a GPU.
     fn on_gpu(&self) -> bool {
         match self {
-            Evaluated::Model(_) => false,
-            Evaluated::Gpu(_) => true,
+            Evaluated::One(r) => r.on_gpu(),
             Evaluated::Btm { models, .. } => models.iter().any(Evaluated::on_gpu),
         }
     }
@@ -183,8 +183,7 @@ impl Evaluated<'_> {
             ..Default::default()
         };
         match self {
-            Evaluated::Model(m) => generate::generate(m, prompt, &cfg, |_| {}),
-            Evaluated::Gpu(g) => generate::generate_gpu(g, prompt, &cfg, |_| {}),
+            Evaluated::One(r) => generate::generate(*r, prompt, &cfg, |_| {}),
             Evaluated::Btm { .. } => {
                 let v = self.vocab();
                 let mut seq = prompt.to_vec();

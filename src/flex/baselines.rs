@@ -2,7 +2,7 @@
 //! and router tuning on proxy data ([`router_tune`]), which gives up strict opt-out.
 
 use super::*;
-use crate::backend::cuda::Device;
+use crate::backend::Device;
 use crate::data::shards::Dataset;
 use crate::ensure;
 use crate::error::{Context, Result};
@@ -24,7 +24,7 @@ pub fn router_tune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
-    device: Option<&Device>,
+    device: &Device,
 ) -> Result<TrainSummary> {
     tcfg.check()?;
     crate::fsutil::check_model_out(out)?;
@@ -110,7 +110,7 @@ pub fn finetune(
     run_dir: &Path,
     resume: bool,
     quiet: bool,
-    device: Option<&Device>,
+    device: &Device,
 ) -> Result<(Model, TrainSummary)> {
     ensure!(
         only.iter().all(|s| !s.is_empty()),

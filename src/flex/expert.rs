@@ -3,11 +3,10 @@
 //! text for the public anchor).
 
 use super::*;
-use crate::autograd::Tape;
-use crate::backend::cuda::Device;
+use crate::backend::Device;
 use crate::data::shards::{self, Dataset, TokenShard};
 use crate::error::{Context, Result};
-use crate::model::gpu::GpuModel;
+use crate::model::runner::Placed;
 use crate::model::{
     checkpoint, expert_prefix, router_bias_name, router_row_name, Ffn, Model, ParamStore,
 };
@@ -47,13 +46,13 @@ impl RouterInit {
 /// public model's mean-pooled final hidden states (documents truncated to `max_len` tokens),
 /// computed by `gpu` (the same model on a GPU) when given.
 pub fn domain_embedding(
-    model: &Model,
-    gpu: Option<&GpuModel>,
+    placed: &Placed,
     shard: &TokenShard,
     n_docs: usize,
     max_len: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    let model = placed.host;
     let docs = shards::sample_docs(
         shard,
         n_docs,
@@ -68,14 +67,7 @@ pub fn domain_embedding(
     let h = model.cfg.hidden_size;
     let mut acc = vec![0f64; h];
     for doc in &docs {
-        let hid = match gpu {
-            Some(g) => g.final_hidden(doc, 1, doc.len())?,
-            None => {
-                let mut tape = Tape::inference();
-                let out = model.forward(&mut tape, doc, 1, doc.len(), None)?;
-                tape.value(out.hidden).clone()
-            }
-        };
+        let hid = placed.runner().final_hidden(doc, 1, doc.len())?;
         for r in 0..hid.rows() {
             for (a, x) in acc.iter_mut().zip(hid.row(r)) {
                 *a += *x as f64 / hid.rows() as f64;
@@ -164,7 +156,7 @@ pub fn router_rows(
     hash: &str,
     opts: &ExpertTrainOpts,
     data: &Dataset,
-    device: Option<&Device>,
+    device: &Device,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let h = public.cfg.hidden_size;
     let seed_pub = u64::from_str_radix(&hash[..16.min(hash.len())], 16).unwrap_or(0);
@@ -175,13 +167,10 @@ pub fn router_rows(
             )?;
             let pub_data = Dataset::open_for(pd, &opts.public, public.cfg.vocab_size)?;
             let max_len = opts.train.seq.max(64);
-            let gpu = device.map(|d| GpuModel::upload(d, public)).transpose()?;
-            let gpu = gpu.as_ref();
-            let r_pub =
-                domain_embedding(public, gpu, &pub_data.train, opts.embed_docs, max_len, 0)?;
+            let placed = Placed::new(public, device)?;
+            let r_pub = domain_embedding(&placed, &pub_data.train, opts.embed_docs, max_len, 0)?;
             let r_i = domain_embedding(
-                public,
-                gpu,
+                &placed,
                 &data.train,
                 opts.embed_docs,
                 max_len,
@@ -272,7 +261,7 @@ pub fn check_artifact_out(out: &Path) -> Result<()> {
 /// new FFN, r_i and b_i hold gradients and optimizer state there too).
 pub fn train_expert(
     opts: &ExpertTrainOpts,
-    device: Option<&Device>,
+    device: &Device,
 ) -> Result<(ExpertArtifact, TrainSummary)> {
     let t = &opts.train;
     artifact::check_expert_name(&opts.name)?;

@@ -1,11 +1,10 @@
 //! Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling,
 //! seeded, streaming each token to a callback as it is produced.
 
-use crate::autograd::Tape;
 use crate::ensure;
 use crate::error::Result;
-use crate::model::gpu::GpuModel;
-use crate::model::{Config, KvCache, Model};
+use crate::model::runner::Runner;
+use crate::model::Config;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -124,50 +123,22 @@ pub fn check_prompt(cfg: &Config, prompt: &[u32], new: usize) -> Result<()> {
     cfg.check_input(prompt, prompt.len())
 }
 
-/// One cached CPU forward of `t` new tokens per row (`ids` is `[n, t]`): each row's last
-/// logits.
-fn cpu_step(
-    model: &Model,
-    cache: &mut KvCache,
-    ids: &[u32],
-    n: usize,
-    t: usize,
-) -> Result<Vec<Vec<f32>>> {
-    let mut tape = Tape::inference();
-    let f = model.forward(&mut tape, ids, n, t, Some(cache))?;
-    let logits = tape.value(f.logits);
-    Ok((0..n).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
-}
-
-/// Generate a continuation of `prompt`; `on_token` is called with each new token as it is chosen.
-/// Returns the new tokens.
+/// Generate a continuation of `prompt` with `model` (on the CPU, or on the GPU with a device KV
+/// cache and the split-KV decode kernel for every new token); `on_token` is called with each new
+/// token as it is chosen. Returns the new tokens.
 pub fn generate(
-    model: &Model,
+    model: Runner<'_>,
     prompt: &[u32],
     cfg: &SamplingConfig,
     on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    check_prompt(&model.cfg, prompt, cfg.max_new_tokens)?;
-    let mut cache = KvCache::new(&model.cfg, 1, prompt.len() + cfg.max_new_tokens);
-    generate_with(prompt, cfg, on_token, |ids| {
-        Ok(cpu_step(model, &mut cache, ids, 1, ids.len())?.remove(0))
-    })
-}
-
-/// [`generate`] on the GPU: the same sampling loop over [`GpuModel::forward`] with a device KV
-/// cache (the split-KV decode kernel for every new token).
-pub fn generate_gpu(
-    model: &GpuModel<'_>,
-    prompt: &[u32],
-    cfg: &SamplingConfig,
-    on_token: impl FnMut(u32),
-) -> Result<Vec<u32>> {
+    if let Some(c) = model.cpu_config() {
+        check_prompt(c, prompt, cfg.max_new_tokens)?;
+    }
     ensure!(!prompt.is_empty(), "the prompt is empty");
     let mut cache = model.new_cache(1, prompt.len() + cfg.max_new_tokens)?;
     generate_with(prompt, cfg, on_token, |ids| {
-        let t = ids.len();
-        let logits = model.forward(ids, 1, t, Some(&mut cache))?;
-        Ok(model.last_logits(&logits, 1, t)?.remove(0))
+        Ok(model.step(&mut cache, ids, 1, ids.len())?.remove(0))
     })
 }
 
@@ -175,7 +146,7 @@ pub fn generate_gpu(
 /// batch with a KV cache (the prompt is fed once per row); no stop token. Row r draws from
 /// `rng` after rows 0..r at every position, so the result depends only on the seed.
 pub fn sample_batch(
-    model: &Model,
+    model: Runner<'_>,
     prompt: &[u32],
     n: usize,
     new: usize,
@@ -184,19 +155,6 @@ pub fn sample_batch(
 ) -> Result<Vec<Vec<u32>>> {
     let mut groups = [SampleGroup { prompt, new, rng }];
     Ok(sample_groups(model, &mut groups, n, cfg)?.remove(0))
-}
-
-/// [`sample_batch`] on the GPU.
-pub fn sample_batch_gpu(
-    model: &GpuModel<'_>,
-    prompt: &[u32],
-    n: usize,
-    new: usize,
-    cfg: &SamplingConfig,
-    rng: &mut StdRng,
-) -> Result<Vec<Vec<u32>>> {
-    let mut groups = [SampleGroup { prompt, new, rng }];
-    Ok(sample_groups_gpu(model, &mut groups, n, cfg)?.remove(0))
 }
 
 /// One prompt of a [`sample_groups`] batch: `n` samples of `new` tokens drawn from `rng`.
@@ -211,35 +169,21 @@ pub struct SampleGroup<'a> {
 /// it has its tokens). Each group's samples are those [`sample_batch`] draws from its rng alone,
 /// up to the last bits of the logits (a batch of other rows may round them differently).
 pub fn sample_groups(
-    model: &Model,
+    model: Runner<'_>,
     groups: &mut [SampleGroup<'_>],
     n: usize,
     cfg: &SamplingConfig,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let (prompt_len, longest) = group_shape(groups)?;
     let rows = groups.len() * n;
-    for g in groups.iter() {
-        check_prompt(&model.cfg, g.prompt, longest)?;
+    if let Some(c) = model.cpu_config() {
+        for g in groups.iter() {
+            check_prompt(c, g.prompt, longest)?;
+        }
     }
-    let mut cache = KvCache::new(&model.cfg, rows, prompt_len + longest);
-    sample_groups_with(groups, n, cfg, |ids, t| {
-        cpu_step(model, &mut cache, ids, rows, t)
-    })
-}
-
-/// [`sample_groups`] on the GPU.
-pub fn sample_groups_gpu(
-    model: &GpuModel<'_>,
-    groups: &mut [SampleGroup<'_>],
-    n: usize,
-    cfg: &SamplingConfig,
-) -> Result<Vec<Vec<Vec<u32>>>> {
-    let (prompt_len, longest) = group_shape(groups)?;
-    let rows = groups.len() * n;
     let mut cache = model.new_cache(rows, prompt_len + longest)?;
     sample_groups_with(groups, n, cfg, |ids, t| {
-        let logits = model.forward(ids, rows, t, Some(&mut cache))?;
-        model.last_logits(&logits, rows, t)
+        model.step(&mut cache, ids, rows, t)
     })
 }
 
@@ -324,7 +268,7 @@ fn generate_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Config;
+    use crate::model::{Config, Model};
 
     /// Prompts sampled together in one batch draw what each draws alone from its own rng, for
     /// groups of different lengths (a finished group's rows draw nothing more), and the rngs end
@@ -352,7 +296,7 @@ mod tests {
                 let rows = if new == 0 {
                     vec![vec![]; 4]
                 } else {
-                    sample_batch(&m, p, 4, new, &sc, &mut rng).unwrap()
+                    sample_batch(Runner::Cpu(&m), p, 4, new, &sc, &mut rng).unwrap()
                 };
                 (rows, rng.random())
             })
@@ -364,7 +308,7 @@ mod tests {
             .zip(rngs.iter_mut())
             .map(|((prompt, new), rng)| SampleGroup { prompt, new, rng })
             .collect();
-        let together = sample_groups(&m, &mut groups, 4, &sc).unwrap();
+        let together = sample_groups(Runner::Cpu(&m), &mut groups, 4, &sc).unwrap();
         for (g, ((rows, next), rng)) in alone.iter().zip(rngs.iter_mut()).enumerate() {
             assert_eq!(&together[g], rows, "group {g}");
             assert!(rows.iter().all(|r| r.len() == news[g]));
@@ -385,7 +329,7 @@ mod tests {
                 rng: &mut r1,
             },
         ];
-        assert!(sample_groups(&m, &mut mixed, 2, &sc).is_err());
+        assert!(sample_groups(Runner::Cpu(&m), &mut mixed, 2, &sc).is_err());
     }
 
     /// Top-k sampling draws from exactly the k highest logits, ties broken by id, in order:

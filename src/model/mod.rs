@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod gpu;
 pub mod params;
+pub mod runner;
 
 pub use config::Config;
 pub use params::{Param, ParamStore, ParamVars};

@@ -342,13 +342,13 @@ impl<'a> Trainer<'a> {
         dir: &Path,
         tag: serde_json::Value,
         quiet: bool,
-        device: Option<&'a Device>,
+        device: &'a crate::backend::Device,
         resume: bool,
     ) -> Result<Self> {
         let mut tr = Trainer::new(model, cfg, dir)?;
         tr.tag = tag;
         tr.quiet = quiet;
-        tr.device = device;
+        tr.device = device.gpu();
         if resume {
             tr.resume()?;
         } else {
@@ -524,6 +524,10 @@ impl<'a> Trainer<'a> {
                 ensure!(
                     c.expert_loudness == 0.0,
                     "--expert-loudness has no GPU path: train on the CPU"
+                );
+                ensure!(
+                    c.dp.is_none(),
+                    "DP-SGD (--dp-noise) has no GPU path: train on the CPU"
                 );
                 Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
             }

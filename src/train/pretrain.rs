@@ -2,7 +2,7 @@
 
 use super::data::ShardBatches;
 use super::{TrainConfig, TrainSummary, Trainer};
-use crate::backend::cuda::Device;
+use crate::backend::Device;
 use crate::data::shards::Dataset;
 use crate::ensure;
 use crate::error::Result;
@@ -23,7 +23,7 @@ pub fn pretrain(
     out: &Path,
     resume: bool,
     quiet: bool,
-    device: Option<&Device>,
+    device: &Device,
 ) -> Result<(Model, TrainSummary)> {
     tcfg.check()?;
     crate::fsutil::check_model_out(out)?;

@@ -208,8 +208,24 @@ fn time_steps(
 }
 
 /// Time full training steps (forward, backward, clipping, AdamW) of a randomly initialised
-/// model on random tokens.
+/// model on random tokens, on `device`.
 pub fn train_step(
+    cfg: &Config,
+    mode: TrainMode,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+    device: &crate::backend::Device,
+) -> Result<TrainBench> {
+    match device.gpu() {
+        Some(dev) => train_step_on_gpu(cfg, mode, batch, seq, steps, warmup, dev),
+        None => train_step_on_cpu(cfg, mode, batch, seq, steps, warmup),
+    }
+}
+
+/// [`train_step`] on the CPU: the tape's forward and backward, clipping and AdamW.
+fn train_step_on_cpu(
     cfg: &Config,
     mode: TrainMode,
     batch: usize,
@@ -255,7 +271,7 @@ pub fn train_step(
 /// [`train_step`] on the GPU: [`crate::model::gpu::GpuTrainer`] steps (forward, backward,
 /// clipping, fused AdamW, all on the device) of a randomly initialised model on random tokens;
 /// each step ends with the loss read back (a synchronisation).
-pub fn train_step_gpu(
+fn train_step_on_gpu(
     cfg: &Config,
     mode: TrainMode,
     batch: usize,
@@ -325,10 +341,10 @@ pub fn decode(
     batch: usize,
     prompt: usize,
     new_tokens: usize,
-    gpu: Option<&crate::backend::cuda::Device>,
+    device: &crate::backend::Device,
 ) -> Result<DecodeBench> {
+    let gpu = device.gpu();
     use crate::generate::argmax;
-    use crate::model::gpu::GpuModel;
     ensure!(
         batch > 0 && prompt > 0 && new_tokens > 0,
         "--batch, --prompt and --new-tokens must be positive"
@@ -363,48 +379,24 @@ pub fn decode(
         .map(|_| rng.random_range(0..v as u32))
         .collect();
     let total = prompt + new_tokens;
-    let gpu_model = gpu.map(|d| GpuModel::upload(d, &model)).transpose()?;
+    let placed = crate::model::runner::Placed::new(&model, device)?;
+    let runner = placed.runner();
     // One generation: returns (prefill ms, per-step ms).
     let run = |steps: usize| -> Result<(f64, Vec<f64>)> {
-        let argmax_rows = |rows: &[Vec<f32>]| rows.iter().map(|r| argmax(r)).collect::<Vec<_>>();
         let mut times = Vec::with_capacity(steps);
         let mut prefill = 0.0;
-        match &gpu_model {
-            Some(g) => {
-                let mut cache = g.new_cache(batch, total)?;
-                let mut inp = ids.clone();
-                for s in 0..=steps {
-                    let t = inp.len() / batch;
-                    let t0 = Instant::now();
-                    let logits = g.forward(&inp, batch, t, Some(&mut cache))?;
-                    inp = argmax_rows(&g.last_logits(&logits, batch, t)?);
-                    let ms = t0.elapsed().as_secs_f64() * 1e3;
-                    if s == 0 {
-                        prefill = ms
-                    } else {
-                        times.push(ms)
-                    }
-                }
-            }
-            None => {
-                let mut cache = crate::model::KvCache::new(cfg, batch, total);
-                let mut inp = ids.clone();
-                for s in 0..=steps {
-                    let t = inp.len() / batch;
-                    let t0 = Instant::now();
-                    let mut tape = Tape::inference();
-                    let f = model.forward(&mut tape, &inp, batch, t, Some(&mut cache))?;
-                    let l = tape.value(f.logits);
-                    let rows: Vec<Vec<f32>> =
-                        (0..batch).map(|b| l.row(b * t + t - 1).to_vec()).collect();
-                    inp = argmax_rows(&rows);
-                    let ms = t0.elapsed().as_secs_f64() * 1e3;
-                    if s == 0 {
-                        prefill = ms
-                    } else {
-                        times.push(ms)
-                    }
-                }
+        let mut cache = runner.new_cache(batch, total)?;
+        let mut inp = ids.clone();
+        for s in 0..=steps {
+            let t = inp.len() / batch;
+            let t0 = Instant::now();
+            let rows = runner.step(&mut cache, &inp, batch, t)?;
+            inp = rows.iter().map(|r| argmax(r)).collect();
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if s == 0 {
+                prefill = ms
+            } else {
+                times.push(ms)
             }
         }
         Ok((prefill, times))
@@ -453,3 +445,6 @@ mod tests {
         assert!(mode_flops(&moe, TrainMode::Expert, b, t).is_err());
     }
 }
+
+pub mod attention;
+pub mod moe;

@@ -1,0 +1,151 @@
+//! `flexrun bench attention`: TFLOP/s of the flash attention kernels, forward and backward, on
+//! the GPU.
+
+use crate::backend::cuda::flash::{causal_attention_flops, select, vectorizable, Pass};
+use crate::backend::cuda::*;
+use crate::backend::shapes::AttnShape;
+use crate::ensure;
+use crate::error::Result;
+use cudarc::driver::sys::CUevent_flags;
+use half::bf16;
+use serde::Serialize;
+
+/// What `bench_attention` measures: causal training-shape attention (Tq = Tk = seq) with
+/// `batch = max(1, tokens / seq)` sequences, so that every row does similar total work.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub seqs: Vec<usize>,
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    /// Timed launches per pass (after `warmup` untimed ones).
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+impl Default for BenchConfig {
+    /// FlashAttention-2's benchmark shape: 16k tokens per step, 16 heads of 128.
+    fn default() -> Self {
+        BenchConfig {
+            seqs: vec![1024, 2048, 4096, 8192, 16384],
+            tokens: 16384,
+            heads: 16,
+            kv_heads: 16,
+            hd: 128,
+            iters: 10,
+            warmup: 2,
+        }
+    }
+}
+
+/// One measured shape. Times are means over the timed launches (CUDA events on the device's
+/// stream); TFLOP/s use [`causal_attention_flops`] (backward = 2.5x forward).
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub seq: usize,
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub fwd_tflops: f64,
+    pub bwd_tflops: f64,
+    pub fwd_kernel: &'static str,
+}
+
+/// Mean milliseconds of `f` over `iters` launches after `warmup` untimed ones.
+fn time_ms(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let ctx = dev.context();
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    start.record(dev.stream())?;
+    for _ in 0..iters {
+        f()?;
+    }
+    end.record(dev.stream())?;
+    let ms = start.elapsed_ms(&end)? as f64;
+    Ok(ms / iters.max(1) as f64)
+}
+
+/// Forward and backward throughput of the flash kernels at each sequence length of `cfg`
+/// (random bf16 inputs; the backward includes the D = rowsum(dO * O) pass).
+pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    ensure!(cfg.iters > 0, "attention bench: iters must be positive");
+    ensure!(
+        !cfg.seqs.is_empty() && cfg.seqs.iter().all(|&t| t > 0),
+        "attention bench: sequence lengths must be positive"
+    );
+    let mut rows = Vec::new();
+    for &seq in &cfg.seqs {
+        let batch = (cfg.tokens / seq).max(1);
+        let s = AttnShape {
+            b: batch,
+            tq: seq,
+            tk: seq,
+            tk_stride: seq,
+            nh: cfg.heads,
+            nkv: cfg.kv_heads,
+            hd: cfg.hd,
+        };
+        let (nq, nk) = (
+            batch * seq * cfg.heads * cfg.hd,
+            batch * seq * cfg.kv_heads * cfg.hd,
+        );
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seq as u64;
+        // Uniform in [-2, 2): values only matter for not overflowing.
+        let mut rand = |n: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    bf16::from_f32((state >> 40) as f32 / (1u64 << 22) as f32 - 2.0)
+                })
+                .collect()
+        };
+        let (q, k, v, dout) = (
+            dev.upload(&rand(nq))?,
+            dev.upload(&rand(nk))?,
+            dev.upload(&rand(nk))?,
+            dev.upload(&rand(nq))?,
+        );
+        let mut out = dev.alloc::<bf16>(nq)?;
+        let mut lse = dev.alloc::<f32>(batch * cfg.heads * seq)?;
+        let (mut dq, mut dk, mut dv) = (
+            dev.alloc::<bf16>(nq)?,
+            dev.alloc::<bf16>(nk)?,
+            dev.alloc::<bf16>(nk)?,
+        );
+        let fwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || {
+            dev.flash_attention_fwd(&q, &k, &v, s, &mut out, &mut lse)
+        })?;
+        let bwd_ms = time_ms(dev, cfg.warmup, cfg.iters, || {
+            dev.flash_attention_bwd(&q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv)
+        })?;
+        let flops = causal_attention_flops(&s);
+        let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()]);
+        rows.push(BenchRow {
+            seq,
+            batch,
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            hd: cfg.hd,
+            fwd_ms,
+            bwd_ms,
+            fwd_tflops: flops / (fwd_ms * 1e-3) / 1e12,
+            bwd_tflops: 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
+            fwd_kernel: select(Pass::Fwd, s.hd, vec)?.kernel,
+        });
+    }
+    Ok(rows)
+}

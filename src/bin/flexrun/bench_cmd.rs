@@ -1,0 +1,246 @@
+//! `flexrun bench`: throughput of the kernels, of decoding and of training steps.
+
+use crate::opts::{parse_ids, DeviceOpts};
+use clap::Subcommand;
+use flexrun::backend::{cuda, Device};
+use flexrun::error::{Context, Result};
+use flexrun::model::Config;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Flash attention forward and backward throughput on the GPU (causal, bf16, random inputs).
+    Attention {
+        /// Comma-separated sequence lengths.
+        #[arg(long, default_value = "1024,2048,4096,8192,16384")]
+        seq: String,
+        /// Tokens per call: batch = max(1, tokens / seq).
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        /// KV heads (GQA when fewer than --heads; default: --heads).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        hd: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grouped expert GEMMs of the MoE FFN (forward + backward) on the GPU: TFLOP/s per kernel,
+    /// plus cuBLAS per-expert-loop and dense baselines.
+    Moe {
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        #[arg(long, default_value_t = 4096)]
+        tokens_per_expert: usize,
+        #[arg(long, default_value_t = 4096)]
+        hidden: usize,
+        #[arg(long, default_value_t = 11008)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy decoding with a KV cache: prefill and per-token throughput of a randomly
+    /// initialised model (cpu, or cuda with flexrun's kernels).
+    Decode {
+        #[arg(long)]
+        config: PathBuf,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Full training steps (forward, backward, AdamW) on random tokens.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Time a data owner's expert-training step instead: the (dense) config is the frozen
+        /// public model, upcycled to [public FFN, trained copy], with the demo's loss terms.
+        #[arg(long)]
+        expert: bool,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The GPU of a kernel benchmark (they time CUDA kernels only).
+fn gpu_only<'a>(device: &'a Device, what: &str) -> Result<&'a cuda::Device> {
+    device
+        .gpu()
+        .with_context(|| format!("{what}: it needs a GPU (--device cuda), and none is in use"))
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Attention {
+            seq,
+            tokens,
+            heads,
+            kv_heads,
+            hd,
+            iters,
+            warmup,
+            device,
+            json,
+        } => {
+            let seqs = parse_ids(&seq)?.into_iter().map(|x| x as usize).collect();
+            let device = device.open()?;
+            let dev = gpu_only(&device, "bench attention times the CUDA flash kernels")?;
+            let cfg = flexrun::bench::attention::BenchConfig {
+                seqs,
+                tokens,
+                heads,
+                kv_heads: kv_heads.unwrap_or(heads),
+                hd,
+                iters,
+                warmup,
+            };
+            let rows = flexrun::bench::attention::bench_attention(dev, &cfg)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
+                );
+            } else {
+                println!(
+                    "{}: causal bf16 attention, {heads} heads ({} kv) of {hd}",
+                    dev.name()?,
+                    cfg.kv_heads
+                );
+                for r in &rows {
+                    println!(
+                        "seq {:>6} x batch {:>3}: fwd {:8.3} ms {:6.1} TFLOP/s | bwd {:8.3} ms {:6.1} TFLOP/s ({})",
+                        r.seq, r.batch, r.fwd_ms, r.fwd_tflops, r.bwd_ms, r.bwd_tflops, r.fwd_kernel
+                    );
+                }
+            }
+        }
+        BenchCmd::Moe {
+            experts,
+            tokens_per_expert,
+            hidden,
+            intermediate,
+            iters,
+            warmup,
+            device,
+            json,
+        } => {
+            let device = device.open()?;
+            let dev = gpu_only(&device, "bench moe times the CUDA grouped GEMM kernels")?;
+            let r = flexrun::bench::moe::bench_grouped(
+                dev,
+                experts,
+                tokens_per_expert,
+                hidden,
+                intermediate,
+                iters,
+                warmup,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: {} experts x {} tokens, H={} I={}",
+                    r.device, r.experts, r.tokens_per_expert, r.hidden, r.intermediate
+                );
+                for op in &r.ops {
+                    println!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
+                }
+            }
+        }
+        BenchCmd::Decode {
+            config,
+            batch,
+            prompt,
+            new_tokens,
+            device,
+            json,
+        } => {
+            let cfg = Config::load(&config)?;
+            let device = device.open()?;
+            let r = flexrun::bench::decode(&cfg, batch, prompt, new_tokens, &device)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: batch {batch}, prompt {prompt}, {} params: prefill {:.1} ms ({:.0} tokens/s), decode {:.2} ms/step ({:.0} tokens/s)",
+                    config.display(),
+                    r.device,
+                    r.params,
+                    r.prefill_ms,
+                    r.prefill_tokens_per_s,
+                    r.step_ms,
+                    r.decode_tokens_per_s
+                );
+            }
+        }
+        BenchCmd::Train {
+            config,
+            expert,
+            batch,
+            seq,
+            steps,
+            warmup,
+            device,
+            json,
+        } => {
+            let cfg = Config::load(&config)?;
+            let mode = if expert {
+                flexrun::bench::TrainMode::Expert
+            } else {
+                flexrun::bench::TrainMode::Full
+            };
+            let device = device.open()?;
+            let r = flexrun::bench::train_step(&cfg, mode, batch, seq, steps, warmup, &device)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mfu = match (r.model_tflops, r.mfu) {
+                    (Some(t), Some(m)) => format!(", {t:.1} TFLOP/s, MFU {:.1}%", 100.0 * m),
+                    (Some(t), None) => format!(", {t:.1} TFLOP/s"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}",
+                    config.display(),
+                    r.device,
+                    r.params,
+                    r.step_ms,
+                    r.tokens_per_s,
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! A model placed on the device chosen for a command: the decision of where a forward pass runs
+//! is made here, once, and every consumer (generation, evaluation, extraction, the demo, the
+//! benchmarks, the CLI) takes a [`Runner`] instead of choosing between a CPU and a GPU function.
+
+use super::gpu::{GpuKvCache, GpuModel};
+use super::{Config, KvCache, Model};
+use crate::backend::Device;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// A model on its device: the host model, and its upload when the device is a GPU.
+pub struct Placed<'a> {
+    pub host: &'a Model,
+    gpu: Option<GpuModel<'a>>,
+}
+
+impl<'a> Placed<'a> {
+    /// Place `model` on `device` (uploads it to the GPU, as bf16 weights, when that is the device).
+    pub fn new(model: &'a Model, device: &'a Device) -> Result<Self> {
+        let gpu = match device.gpu() {
+            Some(dev) => Some(GpuModel::upload(dev, model)?),
+            None => None,
+        };
+        Ok(Placed { host: model, gpu })
+    }
+
+    /// The forward passes of this placement.
+    pub fn runner(&self) -> Runner<'_> {
+        match &self.gpu {
+            Some(g) => Runner::Gpu(g),
+            None => Runner::Cpu(self.host),
+        }
+    }
+}
+
+/// Where a forward pass runs: the CPU model (f32) or its GPU upload (flexrun's kernels).
+#[derive(Clone, Copy)]
+pub enum Runner<'a> {
+    Cpu(&'a Model),
+    Gpu(&'a GpuModel<'a>),
+}
+
+impl Runner<'_> {
+    pub fn vocab(&self) -> usize {
+        match self {
+            Runner::Cpu(m) => m.cfg.vocab_size,
+            Runner::Gpu(g) => g.vocab(),
+        }
+    }
+
+    /// The longest sequence the model takes.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Runner::Cpu(m) => m.cfg.max_position_embeddings,
+            Runner::Gpu(g) => g.max_positions(),
+        }
+    }
+
+    /// Logits `[b * t, vocab]` (f32 on the host) of `ids` (`[b, t]` row-major).
+    pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        match self {
+            Runner::Cpu(m) => m.logits(ids, b, t),
+            Runner::Gpu(g) => g.logits(ids, b, t),
+        }
+    }
+
+    /// The final hidden states `[b * t, hidden]` (after the last norm) of `ids`.
+    pub fn final_hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
+        match self {
+            Runner::Cpu(m) => {
+                let mut tape = crate::autograd::Tape::inference();
+                let out = m.forward(&mut tape, ids, b, t, None)?;
+                Ok(tape.value(out.hidden).clone())
+            }
+            Runner::Gpu(g) => g.final_hidden(ids, b, t),
+        }
+    }
+
+    /// A KV cache for `batch` sequences of up to `capacity` positions, where the model runs.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
+        Ok(match self {
+            Runner::Cpu(m) => {
+                crate::ensure!(
+                    capacity <= m.cfg.max_position_embeddings,
+                    "kv cache of {capacity} positions exceeds max_position_embeddings {}",
+                    m.cfg.max_position_embeddings
+                );
+                Cache::Cpu(KvCache::new(&m.cfg, batch, capacity))
+            }
+            Runner::Gpu(g) => Cache::Gpu(g.new_cache(batch, capacity)?),
+        })
+    }
+
+    /// One cached forward of `t` new tokens for each of `b` sequences (`ids` is `[b, t]`,
+    /// continuing what `cache` holds): each sequence's last logits, on the host.
+    pub fn step(
+        &self,
+        cache: &mut Cache,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        match (self, cache) {
+            (Runner::Cpu(m), Cache::Cpu(c)) => {
+                let mut tape = crate::autograd::Tape::inference();
+                let f = m.forward(&mut tape, ids, b, t, Some(c))?;
+                let logits = tape.value(f.logits);
+                Ok((0..b).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
+            }
+            (Runner::Gpu(g), Cache::Gpu(c)) => {
+                let logits = g.forward(ids, b, t, Some(c))?;
+                g.last_logits(&logits, b, t)
+            }
+            _ => crate::bail!("a KV cache is used with a model on another device"),
+        }
+    }
+
+    pub fn on_gpu(&self) -> bool {
+        matches!(self, Runner::Gpu(_))
+    }
+
+    /// The config of a CPU model (a GPU model keeps the shapes it needs only).
+    pub fn cpu_config(&self) -> Option<&Config> {
+        match self {
+            Runner::Cpu(m) => Some(&m.cfg),
+            Runner::Gpu(_) => None,
+        }
+    }
+}
+
+/// A KV cache on the device of the [`Runner`] that made it.
+pub enum Cache {
+    Cpu(KvCache),
+    Gpu(GpuKvCache),
+}
