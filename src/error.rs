@@ -77,3 +77,13 @@ impl<T> Context<T> for Option<T> {
         self.ok_or_else(|| Error(f().to_string()))
     }
 }
+
+/// `note!("fmt", args)` writes one line to stderr, ignoring a stderr that cannot be written
+/// (`eprintln!` would panic there).
+#[macro_export]
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}

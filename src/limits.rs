@@ -23,13 +23,17 @@ pub const MAX_HEAD_DIM: usize = 1 << 12;
 pub const MAX_EXPERTS: usize = 1 << 12;
 /// flexrun precomputes the RoPE table of every position a model allows.
 pub const MAX_POSITIONS: usize = 1 << 21;
+/// Entries of the precomputed RoPE table (`max_position_embeddings x head_dim`: 2 GiB of f32 cos
+/// and sin at the limit; a 1M-token context at head dim 128 is half of it).
+pub const MAX_ROPE_ENTRIES: usize = 1 << 28;
 /// Rows of one training or decoding batch.
 pub const MAX_BATCH: usize = 1 << 20;
 /// Vocabulary a BPE tokenizer is trained to (the trainer keeps per-merge state).
 pub const MAX_TOKENIZER_VOCAB: usize = 1 << 21;
-/// One document of a text corpus: the tokenizer keeps per-byte alignment state, so a document
-/// takes many times its size while it is tokenized. Larger ones must be split.
-pub const MAX_DOCUMENT_BYTES: usize = 64 << 20;
+/// Documents, samples or tasks a command is asked to process (far beyond any evaluation).
+pub const MAX_COUNT: usize = 1 << 24;
+/// Worker threads.
+pub const MAX_THREADS: usize = 1 << 10;
 
 /// `value` (named `what`) must be at most `max`, for `why`.
 pub fn check_dim(what: &str, value: usize, max: usize, why: &str) -> Result<()> {

@@ -48,8 +48,9 @@ fn fixture(name: &str) -> String {
 fn missing_and_corrupt_inputs() {
     let d = tmp("bad");
     let ds = d.to_str().unwrap();
-    // Outputs go to a path that does not exist yet (`ds` holds files that are not a model).
-    let fresh = d.join("out");
+    // Outputs go to a path that does not exist yet, outside the inputs (`ds` holds files that
+    // are not a model, and is passed as every input).
+    let fresh = tmp("bad-out").join("out");
     let fresh = fresh.to_str().unwrap();
     assert_clean_error(
         &["generate", "--model", "/nonexistent/model", "--ids", "1,2"],

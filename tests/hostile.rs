@@ -337,7 +337,7 @@ fn hostile_checkpoints_and_datasets() {
     cases.push(case(
         "rms_norm_eps 1e300",
         &["logits", "--model", &s(&m), "--ids", "1"],
-        "rms_norm_eps must be in (0, 1]",
+        "rms_norm_eps must be in [1e-12, 1]",
     ));
 
     // 12. A hand-edited manifest naming one expert twice (or a hostile name).

@@ -38,7 +38,7 @@ impl Device {
                 Ok(d) => Some(d),
                 Err(e) => {
                     if cuda::libcuda_present() {
-                        eprintln!("note: no usable GPU ({e}); running on the CPU");
+                        crate::note!("note: no usable GPU ({e}); running on the CPU");
                     }
                     None
                 }

@@ -81,6 +81,8 @@ fn time_ms(
 /// (random bf16 inputs; the backward includes the D = rowsum(dO * O) pass).
 pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     ensure!(cfg.iters > 0, "attention bench: iters must be positive");
+    crate::limits::check_dim("--iters", cfg.iters, 1 << 20, "far beyond any benchmark")?;
+    crate::limits::check_dim("--warmup", cfg.warmup, 1 << 20, "far beyond any benchmark")?;
     ensure!(
         !cfg.seqs.is_empty() && cfg.seqs.iter().all(|&t| t > 0),
         "attention bench: sequence lengths must be positive"

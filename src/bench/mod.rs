@@ -95,6 +95,7 @@ fn bench_setup(
         batch > 0 && seq > 0 && steps > 0,
         "--batch, --seq and --steps must be positive"
     );
+    crate::limits::check_dim("--steps", steps, 1 << 20, "far beyond any benchmark")?;
     ensure!(
         seq <= cfg.max_position_embeddings,
         "--seq {seq} exceeds max_position_embeddings {}",
@@ -218,6 +219,7 @@ pub fn train_step(
     warmup: usize,
     device: &crate::backend::Device,
 ) -> Result<TrainBench> {
+    crate::limits::check_dim("--warmup", warmup, 1 << 20, "far beyond any benchmark")?;
     match device.gpu() {
         Some(dev) => train_step_on_gpu(cfg, mode, batch, seq, steps, warmup, dev),
         None => train_step_on_cpu(cfg, mode, batch, seq, steps, warmup),

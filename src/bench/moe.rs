@@ -107,6 +107,8 @@ pub fn bench_grouped(
     warmup: usize,
 ) -> Result<GroupedBench> {
     ensure!(iters > 0, "bench moe: --iters must be positive");
+    crate::limits::check_dim("--iters", iters, 1 << 20, "far beyond any benchmark")?;
+    crate::limits::check_dim("--warmup", warmup, 1 << 20, "far beyond any benchmark")?;
     ensure!(
         tokens_per_expert > 0,
         "bench moe: --tokens-per-expert must be positive"

@@ -14,7 +14,6 @@
 //! | 0-7        | zero padding to a multiple of 8 bytes                        |
 //! | `D*8`      | document start offsets (u64, in tokens; 0 first, increasing) |
 
-use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -59,7 +58,8 @@ pub struct Meta {
     pub bpe_dropout: f64,
 }
 
-/// Tokenizes `inputs` into `out_dir/{train.bin, valid.bin, meta.json}` and returns the meta.
+/// Tokenizes `inputs` into `out_dir/{train.bin, valid.bin, meta.json, tokenizer.json}` (written as
+/// one directory) and returns the meta.
 ///
 /// Inputs are `.txt` files (documents separated by blank lines), `.jsonl` files (`{"text": ..}`
 /// per line) or directories of them. A directory holding both `train.*` and `valid.*` keeps that
@@ -86,6 +86,7 @@ pub fn prepare(
         (0.0..1.0).contains(&bpe_dropout),
         "BPE-dropout must be in [0, 1), got {bpe_dropout}"
     );
+    crate::fsutil::check_out(out_dir, &crate::fsutil::DATASET_DIR)?;
     let files = expand_inputs(inputs)?;
     crate::ensure!(
         !files.is_empty(),
@@ -139,10 +140,7 @@ pub fn prepare(
     let train: Vec<Vec<u32>> = train.into_iter().map(|(ids, _)| ids).collect();
     let valid: Vec<Vec<u32>> = valid.into_iter().map(|(ids, _)| ids).collect();
 
-    fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let vocab_size = tokenizer.vocab_size();
-    write_shard(&out_dir.join("train.bin"), &train, vocab_size)?;
-    write_shard(&out_dir.join("valid.bin"), &valid, vocab_size)?;
     let count = |docs: &[Vec<u32>]| docs.iter().map(|d| d.len() as u64).sum::<u64>();
     let meta = Meta {
         format_version: FORMAT_VERSION,
@@ -160,7 +158,14 @@ pub fn prepare(
         bpe_dropout,
     };
     let json = serde_json::to_string_pretty(&meta)?;
-    write_bytes_atomic(&out_dir.join("meta.json"), json.as_bytes())?;
+    // The dataset is written as one directory (shards, meta and the tokenizer together), so a
+    // kill or a concurrent `data prepare` leaves the old dataset or the new one.
+    crate::fsutil::write_dir_atomic_as(out_dir, &crate::fsutil::DATASET_DIR, |tmp| {
+        write_shard(&tmp.join("train.bin"), &train, vocab_size)?;
+        write_shard(&tmp.join("valid.bin"), &valid, vocab_size)?;
+        write_bytes_atomic(&tmp.join("tokenizer.json"), tokenizer.json_bytes())?;
+        write_bytes_atomic(&tmp.join("meta.json"), json.as_bytes())
+    })?;
     Ok(meta)
 }
 
@@ -428,7 +433,7 @@ impl Dataset {
             vocab_size,
             model_dir.display()
         );
-        let tok = model_dir.join("tokenizer.json");
+        let tok = crate::fsutil::confined(model_dir, "tokenizer.json", "tokenizer")?;
         if tok.exists() {
             crate::ensure!(
                 Tokenizer::file_hash(&tok)? == ds.meta.tokenizer_hash,

@@ -31,11 +31,14 @@ pub(crate) struct InputFile {
 /// named explicitly must be `.txt` or `.jsonl`; its documents are split by hash.
 pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputFile>> {
     let mut out: Vec<InputFile> = Vec::new();
+    // Directories already walked (canonical paths): a symbolic link back up the tree is walked
+    // once, not until the path grows too long.
+    let mut visited = std::collections::HashSet::new();
     for input in inputs {
         let meta = fs::metadata(input)
             .with_context(|| format!("cannot read input {}", input.display()))?;
         if meta.is_dir() {
-            walk_dir(input, &mut out)?;
+            walk_dir(input, &mut out, &mut visited)?;
         } else {
             crate::ensure!(
                 is_text_file(input),
@@ -48,12 +51,23 @@ pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<InputFile>> {
             });
         }
     }
+    // A file reached twice (named twice, or through a link) is read once.
     let mut seen = std::collections::HashSet::new();
-    out.retain(|f| seen.insert(f.path.clone()));
+    out.retain(|f| seen.insert(f.path.canonicalize().unwrap_or_else(|_| f.path.clone())));
     Ok(out)
 }
 
-fn walk_dir(dir: &Path, out: &mut Vec<InputFile>) -> Result<()> {
+fn walk_dir(
+    dir: &Path,
+    out: &mut Vec<InputFile>,
+    visited: &mut std::collections::HashSet<PathBuf>,
+) -> Result<()> {
+    let real = dir
+        .canonicalize()
+        .with_context(|| format!("cannot list {}", dir.display()))?;
+    if !visited.insert(real) {
+        return Ok(());
+    }
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry
@@ -88,7 +102,7 @@ fn walk_dir(dir: &Path, out: &mut Vec<InputFile>) -> Result<()> {
         });
     }
     for sub in entries.iter().filter(|p| p.is_dir()) {
-        walk_dir(sub, out)?;
+        walk_dir(sub, out, visited)?;
     }
     Ok(())
 }
@@ -105,7 +119,10 @@ fn is_text_file(path: &Path) -> bool {
 /// `.jsonl`: one JSON object per line with a string field `"text"` (other fields are ignored,
 /// blank lines skipped). `.txt`: documents separated by blank lines.
 pub(crate) fn read_documents(path: &Path) -> Result<Vec<String>> {
-    // Any size (the documents are held in memory anyway), but only a regular file.
+    // Only a regular file, and only one that fits in memory with its documents (they are all
+    // held in memory while a dataset is prepared).
+    let (_, len) = crate::fsutil::open_regular(path, "input")?;
+    crate::limits::check_memory(&format!("reading {}", path.display()), 3 * len as u128)?;
     let content = crate::fsutil::read_text(path, "input", u64::MAX - 1)?;
     if path.extension().is_some_and(|e| e == "jsonl") {
         #[derive(Deserialize)]

@@ -55,6 +55,13 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         vocab_size >= MIN_VOCAB,
         "vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB}"
     );
+    let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    // The output must not replace a corpus file (a directory of inputs may hold it).
+    for f in &inputs {
+        if f.is_file() {
+            crate::fsutil::check_not_input(out, "--out", &[f])?;
+        }
+    }
     crate::limits::check_dim(
         "--vocab",
         vocab_size,
@@ -66,6 +73,13 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         docs.extend(read_documents(&file.path)?);
     }
     crate::ensure!(!docs.is_empty(), "no documents to train a tokenizer on");
+    // The BPE trainer's time grows with the square of a word's length: a run of thousands of
+    // characters without a space (a base64 blob, a minified line) is cut into pieces of at most
+    // MAX_TRAIN_WORD characters for training, which changes no ordinary word.
+    let docs: Vec<String> = docs
+        .into_iter()
+        .map(|d| bounded_words(d, MAX_TRAIN_WORD))
+        .collect();
 
     let byte_level = ByteLevel::new(false, false, true);
     let mut trainer = BpeTrainerBuilder::new()
@@ -90,6 +104,58 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         .context("training tokenizer")?;
     let json = tok.to_string(true).context("serialising tokenizer")?;
     write_bytes_atomic(out, json.as_bytes())
+}
+
+/// The longest run of non-space characters the BPE trainer sees (see [`train_bpe`]).
+const MAX_TRAIN_WORD: usize = 256;
+
+/// `doc` with a space inserted into every run of more than `max` non-whitespace characters.
+fn bounded_words(doc: String, max: usize) -> String {
+    let mut run = 0;
+    if doc.chars().all(|c| {
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        run <= max
+    }) {
+        return doc;
+    }
+    let mut out = String::with_capacity(doc.len() + doc.len() / max);
+    run = 0;
+    for c in doc.chars() {
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        if run > max {
+            out.push(' ');
+            run = 1;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A tokenizer whose normalizer or pre-tokenizer replaces text with more than this many bytes
+/// is refused: it multiplies the size of whatever it reads.
+const MAX_REPLACE_BYTES: usize = 256;
+
+/// Refuse `Replace` rules (anywhere in a tokenizer.json) whose replacement is longer than
+/// [`MAX_REPLACE_BYTES`].
+fn check_expansion(path: &Path, v: &serde_json::Value) -> Result<()> {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("type").and_then(|t| t.as_str()) == Some("Replace") {
+                let n = m
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map_or(0, str::len);
+                crate::ensure!(
+                    n <= MAX_REPLACE_BYTES,
+                    "{}: a Replace rule writes {n} bytes for each match (at most {MAX_REPLACE_BYTES} are accepted: it would multiply the text's size)",
+                    path.display()
+                );
+            }
+            m.values().try_for_each(|x| check_expansion(path, x))
+        }
+        serde_json::Value::Array(a) => a.iter().try_for_each(|x| check_expansion(path, x)),
+        _ => Ok(()),
+    }
 }
 
 /// Texts longer than this are tokenized in pieces (see [`Tokenizer::encode`]).
@@ -128,6 +194,8 @@ pub struct Tokenizer {
     eos: u32,
     pad: u32,
     hash: String,
+    /// The tokenizer.json it was read from, as read.
+    json: Vec<u8>,
     /// For a BPE model: each merged token's id -> the ids of the pair it was merged from (read
     /// on first use by [`Tokenizer::split_merges`]).
     parents: OnceLock<HashMap<u32, (u32, u32)>>,
@@ -138,6 +206,9 @@ impl Tokenizer {
     /// pad token likewise, falling back to eos when there is no pad token.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = crate::fsutil::read_regular(path, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a valid tokenizer.json", path.display()))?;
+        check_expansion(path, &json)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .with_context(|| format!("{} is not a valid tokenizer.json", path.display()))?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
@@ -154,6 +225,7 @@ impl Tokenizer {
             eos,
             pad,
             hash: bytes_hash(&bytes),
+            json: bytes,
             parents: OnceLock::new(),
         })
     }
@@ -248,6 +320,10 @@ impl Tokenizer {
     }
 
     /// Hex FNV-1a hash of the `tokenizer.json` bytes; datasets record it to detect mismatches.
+    pub fn json_bytes(&self) -> &[u8] {
+        &self.json
+    }
+
     pub fn content_hash(&self) -> &str {
         &self.hash
     }

@@ -252,7 +252,7 @@ fn step(msg: &str, quiet: bool) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     if !quiet {
-        eprintln!("== [{t:4.0} s] {msg}");
+        crate::note!("== [{t:4.0} s] {msg}");
     }
 }
 
@@ -390,7 +390,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
     let fits = c.hidden.is_multiple_of(8) && c.intermediate.is_multiple_of(8);
     let device = match (device.gpu(), fits) {
         (Some(_), false) if device.is_auto() => {
-            eprintln!("note: the demo's widths are not multiples of 8, which the GPU kernels need; running on the CPU");
+            crate::note!("note: the demo's widths are not multiples of 8, which the GPU kernels need; running on the CPU");
             &cpu
         }
         (Some(_), false) => crate::bail!(
@@ -443,7 +443,6 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
     let tok_path = w.p("tokenizer.json");
     tokenizer::train_bpe(&[corpus.join("public")], c.vocab, &tok_path)?;
     let tok = Tokenizer::load(&tok_path)?;
-    let tok_bytes = std::fs::read(&tok_path)?;
     let mut sets = Vec::new();
     for d in &all {
         let dir = w.p(&format!("data/{d}"));
@@ -451,7 +450,6 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         // of its vocabulary, including those its text only shows inside longer ones.
         let dropout = if d == &all[0] { c.bpe_dropout } else { 0.0 };
         shards::prepare(&[corpus.join(d)], &tok, &dir, 0.05, c.seed, dropout)?;
-        write_bytes_atomic(&dir.join("tokenizer.json"), &tok_bytes)?;
         sets.push((d.to_string(), Dataset::open(&dir)?));
     }
     step("pretrain the public model on public data", quiet);

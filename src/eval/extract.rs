@@ -61,6 +61,19 @@ impl ExtractConfig {
             "the extraction check needs at least one document"
         );
         ensure!(self.samples > 0, "extraction needs at least one sample");
+        use crate::limits::{check_dim, MAX_COUNT};
+        check_dim(
+            "--docs",
+            self.docs,
+            MAX_COUNT,
+            "far beyond any extraction check",
+        )?;
+        check_dim(
+            "--samples",
+            self.samples,
+            1 << 16,
+            "far beyond any extraction check",
+        )?;
         ensure!(
             (0.0..=1.0).contains(&self.threshold),
             "the similarity threshold must be in [0, 1], got {}",
@@ -77,7 +90,9 @@ impl ExtractConfig {
             self.max_continuation
         );
         ensure!(
-            self.prefix + self.max_continuation <= max_positions,
+            self.prefix
+                .checked_add(self.max_continuation)
+                .is_some_and(|n| n <= max_positions),
             "prefix ({}) + longest continuation ({}) exceed the model's {max_positions} positions \
              (give --max-new {} or less)",
             self.prefix,

@@ -28,6 +28,9 @@ pub fn router_tune(
 ) -> Result<TrainSummary> {
     tcfg.check()?;
     crate::fsutil::check_model_out(out)?;
+    let mut inputs: Vec<&Path> = vec![model_dir];
+    inputs.extend(data.iter().map(PathBuf::as_path));
+    crate::fsutil::check_not_input(out, "--out", &inputs)?;
     let loaded = load_model(model_dir, &Selection::default())?;
     let mut model = loaded.model;
     let tuned_hash = model_hash(&model);
@@ -47,6 +50,10 @@ pub fn router_tune(
     for p in model.params.params.iter_mut() {
         p.trainable = p.name.contains(".mlp.gate.");
     }
+    let trained = model.params.trainable_numel() as u128;
+    model
+        .cfg
+        .check_training_memory(tcfg.batch, tcfg.seq, Some(trained))?;
     let summary = {
         let tag = serde_json::json!({
             "kind": "router-tune",
@@ -118,6 +125,7 @@ pub fn finetune(
     );
     tcfg.check()?;
     crate::fsutil::check_model_out(out)?;
+    crate::fsutil::check_not_input(out, "--out", &[public_dir, data_dir])?;
     let mut model = checkpoint::load(public_dir)?;
     let base_hash = model_hash(&model);
     for p in model.params.params.iter_mut() {
@@ -129,6 +137,10 @@ pub fn finetune(
         only.join(","),
         public_dir.display()
     );
+    let trained = model.params.trainable_numel() as u128;
+    model
+        .cfg
+        .check_training_memory(tcfg.batch, tcfg.seq, Some(trained))?;
     let data = Dataset::open_for(data_dir, public_dir, model.cfg.vocab_size)?;
     let summary = {
         let tag = serde_json::json!({

@@ -267,6 +267,14 @@ pub fn train_expert(
     artifact::check_expert_name(&opts.name)?;
     t.check()?;
     check_artifact_out(&opts.out)?;
+    let mut inputs = vec![opts.public.as_path(), opts.data.as_path()];
+    inputs.extend(opts.public_data.as_deref());
+    crate::fsutil::check_not_input(&opts.out, "--out", &inputs)?;
+    ensure!(
+        opts.out != opts.run_dir,
+        "--out and --run-dir are both {}: the artifact and the run need two paths",
+        opts.out.display()
+    );
     // One writer per artifact: a second run for the same --out is refused now, not at the end.
     let _lock = crate::fsutil::PathLock::acquire(&opts.out)?;
     check_expert_settings(
@@ -290,6 +298,12 @@ pub fn train_expert(
     let layer_w = &opts.train.public_anchor_layers;
     let public = checkpoint::load(&opts.public)?;
     require_dense(&public, &opts.public)?;
+    // Trained: the new FFN, its router row and bias, in every layer.
+    let c = &public.cfg;
+    let trained = c.num_hidden_layers as u128
+        * (3 * c.hidden_size as u128 * c.intermediate_size as u128 + c.hidden_size as u128 + 1);
+    c.upcycled(2)
+        .check_training_memory(t.batch, t.seq, Some(trained))?;
     ensure!(
         layer_w.is_empty() || layer_w.len() == public.cfg.num_hidden_layers,
         "--public-anchor-layers has {} weights but the public model has {} layers",

@@ -126,6 +126,9 @@ pub fn merge(
 ) -> Result<(Model, Manifest)> {
     ensure!(!experts.is_empty(), "merge needs at least one expert");
     crate::fsutil::check_model_out(out)?;
+    let mut inputs: Vec<&Path> = vec![public_dir];
+    inputs.extend(experts.iter().map(PathBuf::as_path));
+    crate::fsutil::check_not_input(out, "--out", &inputs)?;
     let public = checkpoint::load(public_dir)?;
     require_dense(&public, public_dir)?;
     let hash = model_hash(&public);
@@ -205,6 +208,15 @@ pub fn merge(
             })
         })
         .collect();
+    for (a, b) in arts.iter().zip(&biases) {
+        if let Some(b) = b {
+            ensure!(
+                b.iter().all(|x| x.is_finite()),
+                "expert '{}': its bias plus --bias-offset is not a finite number",
+                a.meta.name
+            );
+        }
+    }
     let n = arts.len() + 1;
     ensure!(
         top_k >= 1 && top_k <= n,
@@ -285,7 +297,7 @@ pub fn write_model(
     if let Some(m) = manifest {
         extra.push((MANIFEST, serde_json::to_string_pretty(m)?.into_bytes()));
     }
-    let tok = tokenizer_from.join("tokenizer.json");
+    let tok = crate::fsutil::confined(tokenizer_from, "tokenizer.json", "tokenizer")?;
     if tok.exists() {
         extra.push((
             "tokenizer.json",

@@ -27,8 +27,16 @@ pub struct Loaded {
 
 /// Load a model directory and apply an expert selection (opt-out at load time).
 pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
-    let model = checkpoint::load_with(dir, sel.keep_bf16)?;
-    let manifest = Manifest::load(dir)?;
+    crate::ensure!(
+        dir.is_dir(),
+        "model directory {} does not exist",
+        dir.display()
+    );
+    // The weights and the manifest come from one directory, even if a merge replaces it
+    // meanwhile: an expert's name must never select another expert's weights.
+    let pin = crate::fsutil::PinnedDir::open(dir)?;
+    let model = checkpoint::load_with(pin.path(), sel.keep_bf16).map_err(|e| pin.explain(e))?;
+    let manifest = Manifest::load(pin.path()).map_err(|e| pin.explain(e))?;
     if !model.cfg.is_moe() {
         ensure!(
             sel.exclude.is_empty() && sel.only.is_empty(),
@@ -87,7 +95,7 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
     ensure!(!keep.is_empty(), "the selection leaves no expert");
     if let Some(m) = &manifest {
         if !m.strict_opt_out && keep.len() < e {
-            eprintln!("note: {} was router-tuned; without expert(s) it is not identical to a model that never had them", dir.display());
+            crate::note!("note: {} was router-tuned; without expert(s) it is not identical to a model that never had them", dir.display());
         }
     }
     let mut model = if keep.len() == e {

@@ -29,23 +29,78 @@ pub fn is_model_file(name: &str) -> bool {
         || (name.starts_with('.') && name.contains(".tmp"))
 }
 
+/// What kind of directory is written as a whole: the entries that say a directory is one (so it
+/// may be replaced), and which of its entries belong to it (replaced by the next write; the rest
+/// is kept).
+pub struct DirKind {
+    pub what: &'static str,
+    pub markers: &'static [&'static str],
+    pub owns: fn(&str) -> bool,
+}
+
+/// A model directory (a training run may share it).
+pub const MODEL_DIR: DirKind = DirKind {
+    what: "a flexrun model or run",
+    markers: &["config.json", "train_log.jsonl", "checkpoint", "run"],
+    owns: is_model_file,
+};
+
+/// A prepared dataset (`data prepare`).
+pub const DATASET_DIR: DirKind = DirKind {
+    what: "a prepared dataset",
+    markers: &["meta.json"],
+    owns: |n| {
+        matches!(
+            n,
+            "meta.json" | "train.bin" | "valid.bin" | "tokenizer.json"
+        ) || (n.starts_with('.') && n.contains(".tmp"))
+    },
+};
+
+/// Refuse an output `out` (named by `flag`) that is one of `inputs`, or lies inside one of them:
+/// writing it would destroy or change what the command reads.
+pub fn check_not_input(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    let real = |p: &Path| -> Option<PathBuf> {
+        // A path that does not exist yet is resolved through its parent.
+        p.canonicalize().ok().or_else(|| {
+            let parent = p.parent().filter(|d| !d.as_os_str().is_empty())?;
+            Some(parent.canonicalize().ok()?.join(p.file_name()?))
+        })
+    };
+    let Some(o) = real(out) else { return Ok(()) };
+    for input in inputs {
+        if let Some(i) = real(input) {
+            crate::ensure!(
+                o != i && !o.starts_with(&i),
+                "{flag} {} would overwrite an input ({}): write to another path",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Refuse to write a model into `out` when it is something else: a file, or a directory that
 /// holds files but neither a model nor a training run (writing there would bury them).
 pub fn check_model_out(out: &Path) -> Result<()> {
+    check_out(out, &MODEL_DIR)
+}
+
+/// Refuse to write a directory of `kind` over `out` when `out` is something else.
+pub fn check_out(out: &Path, kind: &DirKind) -> Result<()> {
     let meta = match fs::symlink_metadata(out) {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
     ensure_dir(out, &meta)?;
     let names = entry_names(out)?;
-    let ours = names.is_empty()
-        || names.iter().any(|n| {
-            n == "config.json" || n == "train_log.jsonl" || n == "checkpoint" || n == "run"
-        });
+    let ours = names.is_empty() || names.iter().any(|n| kind.markers.contains(&n.as_str()));
     crate::ensure!(
         ours,
-        "{} already holds files that are not a flexrun model or run; give a new or empty directory",
-        out.display()
+        "{} already holds files that are not {}; give a new or empty directory",
+        out.display(),
+        kind.what
     );
     Ok(())
 }
@@ -80,10 +135,10 @@ fn sibling(out: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
 }
 
-/// Move the entries of `from` that are not model files into `to` (those `to` does not have).
-fn carry_over(from: &Path, to: &Path) -> Result<()> {
+/// Move the entries of `from` that `kind` does not own into `to` (those `to` does not have).
+fn carry_over(from: &Path, to: &Path, kind: &DirKind) -> Result<()> {
     for name in entry_names(from)? {
-        if is_model_file(&name) || to.join(&name).exists() {
+        if (kind.owns)(&name) || to.join(&name).exists() {
             continue;
         }
         fs::rename(from.join(&name), to.join(&name))
@@ -136,10 +191,10 @@ fn exchange(a: &Path, b: &Path) -> Result<bool> {
 /// Finish or undo what an interrupted write of `out` left behind: a filled or swapped-out
 /// temporary directory, or (on file systems without an atomic exchange) the old directory moved
 /// aside before the new one was renamed in.
-fn recover(out: &Path, tmp: &Path, old: &Path) -> Result<()> {
+fn recover(out: &Path, tmp: &Path, old: &Path, kind: &DirKind) -> Result<()> {
     if old.exists() {
         if out.exists() {
-            carry_over(old, out)?;
+            carry_over(old, out, kind)?;
             fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
         } else {
             fs::rename(old, out).with_context(|| format!("restoring {}", out.display()))?;
@@ -147,21 +202,42 @@ fn recover(out: &Path, tmp: &Path, old: &Path) -> Result<()> {
     }
     if tmp.exists() {
         if out.exists() {
-            carry_over(tmp, out)?;
+            carry_over(tmp, out, kind)?;
         }
         fs::remove_dir_all(tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     Ok(())
 }
 
+/// Finish or undo an interrupted [`write_dir_atomic`] of `out` (under its lock): afterwards `out`
+/// is the old directory or the new one, with what was kept beside the model moved back into it.
+pub fn recover_interrupted(out: &Path) -> Result<()> {
+    let _lock = PathLock::acquire(out)?;
+    recover(
+        out,
+        &sibling(out, "tmp")?,
+        &sibling(out, "old")?,
+        &MODEL_DIR,
+    )
+}
+
 /// Write the directory `out` as a whole: `fill` writes the new content into an empty temporary
 /// directory, which then replaces `out` in one atomic step (see the module documentation).
 pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    write_dir_atomic_as(out, &MODEL_DIR, fill)
+}
+
+/// [`write_dir_atomic`] for a directory of `kind`.
+pub fn write_dir_atomic_as(
+    out: &Path,
+    kind: &DirKind,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let _lock = PathLock::acquire(out)?;
-    check_model_out(out)?;
+    check_out(out, kind)?;
     let tmp = sibling(out, "tmp")?;
     let old = sibling(out, "old")?;
-    recover(out, &tmp, &old)?;
+    recover(out, &tmp, &old, kind)?;
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     if let Err(e) = fill(&tmp) {
         let _ = fs::remove_dir_all(&tmp);
@@ -172,12 +248,12 @@ pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         fs::rename(&tmp, out).with_context(|| format!("installing {}", out.display()))?;
     } else if exchange(&tmp, out)? {
         // `tmp` now holds the old directory: keep what is not the model, drop the rest.
-        carry_over(&tmp, out)?;
+        carry_over(&tmp, out, kind)?;
         fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     } else {
         fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
         fs::rename(&tmp, out).with_context(|| format!("installing {}", out.display()))?;
-        carry_over(&old, out)?;
+        carry_over(&old, out, kind)?;
         fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -7,9 +7,12 @@ mod dirwrite;
 mod lock;
 mod read;
 
-pub use dirwrite::{check_model_out, is_model_file, write_dir_atomic};
+pub use dirwrite::{
+    check_model_out, check_not_input, check_out, is_model_file, recover_interrupted,
+    write_dir_atomic, write_dir_atomic_as, DirKind, DATASET_DIR, MODEL_DIR,
+};
 pub use lock::PathLock;
-pub use read::{confined, open_regular, read_regular, read_text, MAX_JSON_BYTES};
+pub use read::{confined, open_regular, read_regular, read_text, PinnedDir, MAX_JSON_BYTES};
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};

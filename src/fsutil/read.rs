@@ -126,6 +126,50 @@ fn in_hf_blobs(root: &Path, target: &Path) -> bool {
     }
 }
 
+/// A directory held open while its files are read, so that a concurrent whole-directory write
+/// (which swaps a new directory in) cannot make a reader mix the old directory's files with the
+/// new one's: on Linux every file is read through `/proc/self/fd/N`, the directory opened first.
+pub struct PinnedDir {
+    _dir: std::fs::File,
+    path: PathBuf,
+    shown: PathBuf,
+}
+
+impl PinnedDir {
+    pub fn open(dir: &Path) -> Result<PinnedDir> {
+        let file = std::fs::File::open(dir)
+            .map_err(|e| Error(format!("cannot open the directory {}: {e}", dir.display())))?;
+        #[cfg(target_os = "linux")]
+        let path = {
+            use std::os::unix::io::AsRawFd;
+            let p = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            if p.is_dir() {
+                p
+            } else {
+                dir.to_path_buf()
+            }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let path = dir.to_path_buf();
+        Ok(PinnedDir {
+            _dir: file,
+            path,
+            shown: dir.to_path_buf(),
+        })
+    }
+
+    /// The path to read the directory's files through.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `e` with the pinned path shown as the directory's own name.
+    pub fn explain(&self, e: Error) -> Error {
+        let pinned = self.path.display().to_string();
+        Error(e.0.replace(&pinned, &self.shown.display().to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

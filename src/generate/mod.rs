@@ -115,7 +115,10 @@ pub fn argmax(x: &[f32]) -> u32 {
 pub fn check_prompt(cfg: &Config, prompt: &[u32], new: usize) -> Result<()> {
     ensure!(!prompt.is_empty(), "the prompt is empty");
     ensure!(
-        prompt.len() + new <= cfg.max_position_embeddings,
+        prompt
+            .len()
+            .checked_add(new)
+            .is_some_and(|n| n <= cfg.max_position_embeddings),
         "prompt ({}) + new tokens ({new}) exceed max_position_embeddings {}",
         prompt.len(),
         cfg.max_position_embeddings

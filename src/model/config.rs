@@ -70,7 +70,30 @@ impl Config {
             "sequence of {positions} positions exceeds max_position_embeddings {}",
             self.max_position_embeddings
         );
-        Ok(())
+        // The activations of a forward pass over these tokens: logits and their softmax, the
+        // residual stream and the FFN of each layer (a lower bound).
+        let per_token = 2 * self.vocab_size as u128
+            + self.num_hidden_layers as u128
+                * (8 * self.hidden_size as u128
+                    + 3 * self.intermediate_size as u128 * self.top_k() as u128);
+        crate::limits::check_memory(
+            &format!("a forward pass over {} tokens", ids.len()),
+            4 * ids.len() as u128 * per_token,
+        )
+    }
+
+    /// Refuse a KV cache of `batch` sequences of `capacity` positions that this machine cannot hold.
+    pub fn check_cache_memory(&self, batch: usize, capacity: usize) -> Result<()> {
+        let bytes = 4
+            * 2
+            * self.num_hidden_layers as u128
+            * batch as u128
+            * capacity as u128
+            * (self.kv_heads() * self.head_dim()) as u128;
+        crate::limits::check_memory(
+            &format!("a KV cache of {batch} x {capacity} positions"),
+            bytes,
+        )
     }
 
     /// A FlexOlmo MoE config with flexrun's defaults for the fields not given.
@@ -257,6 +280,21 @@ impl Config {
                 "far beyond any mixture of experts",
             )?;
         }
+        if self.num_attention_heads > 0 {
+            let hd = self.head_dim();
+            check_dim("head_dim", hd, MAX_HEAD_DIM, "far beyond any model")?;
+            ensure!(
+                hd >= 2,
+                "head_dim must be at least 2 (RoPE rotates pairs), got {hd}"
+            );
+            // The RoPE table holds cos and sin of every (position, frequency) pair.
+            check_dim(
+                "max_position_embeddings x head_dim",
+                self.max_position_embeddings * hd,
+                MAX_ROPE_ENTRIES,
+                "the RoPE table of every position is precomputed",
+            )?;
+        }
         Ok(())
     }
 
@@ -350,13 +388,13 @@ impl Config {
             self.head_dim()
         );
         ensure!(
-            self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 1.0,
-            "rms_norm_eps must be in (0, 1] (a small constant added to the mean square), got {}",
+            (1e-12..=1.0).contains(&self.rms_norm_eps),
+            "rms_norm_eps must be in [1e-12, 1] (a small constant added to the mean square), got {}",
             self.rms_norm_eps
         );
         ensure!(
-            self.rope_theta().is_finite() && self.rope_theta() > 0.0 && self.rope_theta() < 1e30,
-            "rope_theta must be a positive number below 1e30, got {}",
+            (1.0..1e30).contains(&self.rope_theta()),
+            "rope_theta must be in [1, 1e30) (the RoPE base; models use 1e4 to 1e7), got {}",
             self.rope_theta()
         );
         ensure!(

@@ -58,10 +58,12 @@ impl Runner<'_> {
 
     /// Logits `[b * t, vocab]` (f32 on the host) of `ids` (`[b, t]` row-major).
     pub fn logits(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        match self {
-            Runner::Cpu(m) => m.logits(ids, b, t),
-            Runner::Gpu(g) => g.logits(ids, b, t),
-        }
+        let l = match self {
+            Runner::Cpu(m) => m.logits(ids, b, t)?,
+            Runner::Gpu(g) => g.logits(ids, b, t)?,
+        };
+        finite(l.data())?;
+        Ok(l)
     }
 
     /// The final hidden states `[b * t, hidden]` (after the last norm) of `ids`.
@@ -85,6 +87,7 @@ impl Runner<'_> {
                     "kv cache of {capacity} positions exceeds max_position_embeddings {}",
                     m.cfg.max_position_embeddings
                 );
+                m.cfg.check_cache_memory(batch, capacity)?;
                 Cache::Cpu(KvCache::new(&m.cfg, batch, capacity))
             }
             Runner::Gpu(g) => Cache::Gpu(g.new_cache(batch, capacity)?),
@@ -105,11 +108,16 @@ impl Runner<'_> {
                 let mut tape = crate::autograd::Tape::inference();
                 let f = m.forward(&mut tape, ids, b, t, Some(c))?;
                 let logits = tape.value(f.logits);
-                Ok((0..b).map(|r| logits.row(r * t + t - 1).to_vec()).collect())
+                let rows: Vec<Vec<f32>> =
+                    (0..b).map(|r| logits.row(r * t + t - 1).to_vec()).collect();
+                rows.iter().try_for_each(|r| finite(r))?;
+                Ok(rows)
             }
             (Runner::Gpu(g), Cache::Gpu(c)) => {
                 let logits = g.forward(ids, b, t, Some(c))?;
-                g.last_logits(&logits, b, t)
+                let rows = g.last_logits(&logits, b, t)?;
+                rows.iter().try_for_each(|r| finite(r))?;
+                Ok(rows)
             }
             _ => crate::bail!("a KV cache is used with a model on another device"),
         }
@@ -126,6 +134,16 @@ impl Runner<'_> {
             Runner::Gpu(_) => None,
         }
     }
+}
+
+/// Outputs must be finite: finite weights can still overflow f32 on the way (weights near 3e38),
+/// and a NaN logit would print as `null` or sample nothing.
+fn finite(v: &[f32]) -> Result<()> {
+    crate::ensure!(
+        v.iter().all(|x| x.is_finite()),
+        "the model's output is not finite (NaN or infinity): its weights overflow f32 on the way"
+    );
+    Ok(())
 }
 
 /// A KV cache on the device of the [`Runner`] that made it.

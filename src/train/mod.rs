@@ -216,6 +216,9 @@ pub struct TrainSummary {
 type RowGrads = (f32, f32, Vec<(usize, Tensor)>);
 
 /// Where a run writes: its log and its resumable checkpoint.
+/// The largest training log read back (a line per step is about 200 bytes).
+const MAX_LOG_BYTES: u64 = 1 << 32;
+
 pub struct RunDir {
     pub dir: PathBuf,
 }
@@ -223,8 +226,7 @@ pub struct RunDir {
 /// The entries of a `train_log.jsonl`, one per step (a step logged again after a resume from an
 /// earlier checkpoint keeps its last entry), in step order.
 pub fn read_log(path: &Path) -> Result<Vec<LogEntry>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::Error(format!("reading {}: {e}", path.display())))?;
+    let text = crate::fsutil::read_text(path, "training log", MAX_LOG_BYTES)?;
     let mut by_step = std::collections::BTreeMap::new();
     for (i, line) in text
         .lines()
@@ -282,12 +284,10 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.dir.join("train_log.jsonl")
     }
-    /// Whether the directory holds (part of) an earlier run: a checkpoint or a log.
+    /// Whether the directory holds an earlier run that can be resumed: a checkpoint (a log
+    /// without one is what a run killed before its first checkpoint leaves, and starts over).
     pub fn holds_run(&self) -> bool {
-        let old = self.dir.join(".checkpoint.old");
-        self.checkpoint().exists()
-            || old.exists()
-            || std::fs::metadata(self.log()).is_ok_and(|m| m.len() > 0)
+        self.checkpoint().exists() || self.dir.join(".checkpoint.old").exists()
     }
     /// Remove an earlier run's checkpoint and log (the rest of the directory stays), so that a
     /// pipeline that owns this directory can start the run over.
@@ -352,6 +352,12 @@ impl<'a> Trainer<'a> {
         if resume {
             tr.resume()?;
         } else {
+            // A log left by a run killed before its first checkpoint starts over.
+            if !tr.run.holds_run() && tr.run.log().exists() {
+                std::fs::remove_file(tr.run.log()).map_err(|e| {
+                    crate::Error(format!("removing {}: {e}", tr.run.log().display()))
+                })?;
+            }
             ensure!(
                 !tr.run.holds_run(),
                 "{} already holds a training run; pass --resume to continue it, or remove it (or choose another directory) to start over",
@@ -375,8 +381,36 @@ impl<'a> Trainer<'a> {
         );
         // One process per run directory: a second one would interleave checkpoints and logs.
         let lock = crate::fsutil::PathLock::acquire(dir)?;
+        // A model write into this directory that was interrupted (pretrain's run directory is
+        // also its model directory) is finished first, so the run's checkpoint is in place.
+        crate::fsutil::recover_interrupted(dir)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
+        let run = RunDir {
+            dir: dir.to_path_buf(),
+        };
+        for (p, what) in [
+            (run.log(), "training log"),
+            (run.checkpoint(), "checkpoint"),
+        ] {
+            if let Ok(m) = std::fs::metadata(&p) {
+                let ok = if what == "checkpoint" {
+                    m.is_dir()
+                } else {
+                    m.is_file()
+                };
+                ensure!(
+                    ok,
+                    "{} is not a {what} (not a regular {})",
+                    p.display(),
+                    if what == "checkpoint" {
+                        "directory"
+                    } else {
+                        "file"
+                    }
+                );
+            }
+        }
         let opt = AdamW::new(cfg.adamw, model.params.len());
         Ok(Trainer {
             model,
@@ -430,7 +464,7 @@ impl<'a> Trainer<'a> {
         self.tokens = ck.tokens;
         // Drop log lines written after the checkpoint (an interrupted run).
         let log = self.run.log();
-        if let Ok(text) = std::fs::read_to_string(&log) {
+        if let Ok(text) = crate::fsutil::read_text(&log, "training log", MAX_LOG_BYTES) {
             let kept: Vec<&str> = text
                 .lines()
                 .filter(|l| {
@@ -597,7 +631,7 @@ impl<'a> Trainer<'a> {
             {
                 // No terminal (logs, CI): a plain progress line every tenth of the run.
                 let eta = (c.steps - self.step) as f64 * tokens_per_step as f64 / tps.max(1e-9);
-                eprintln!("step {}/{} {msg} eta {eta:.0}s", self.step, c.steps);
+                crate::note!("step {}/{} {msg} eta {eta:.0}s", self.step, c.steps);
             }
             bar.set_message(msg);
             if save {

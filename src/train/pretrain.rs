@@ -30,6 +30,16 @@ pub fn pretrain(
     cfg.validate()?;
     cfg.check_training_memory(tcfg.batch, tcfg.seq, None)?;
     let data = Dataset::open(data_dir)?;
+    // The tokenizer copied beside the model must be the one the data was prepared with.
+    let tok = crate::fsutil::confined(data_dir, "tokenizer.json", "tokenizer")?;
+    if tok.exists() {
+        ensure!(
+            crate::data::Tokenizer::file_hash(&tok)? == data.meta.tokenizer_hash,
+            "{} is not the tokenizer {} was prepared with",
+            tok.display(),
+            data_dir.display()
+        );
+    }
     ensure!(
         data.meta.vocab_size <= cfg.vocab_size,
         "the data's vocabulary ({}) exceeds the model's vocab_size ({})",
@@ -62,7 +72,7 @@ pub fn pretrain(
 
 /// Write the final model and copy the data's tokenizer beside it.
 pub fn export(model: &Model, data_dir: &Path, out: &Path) -> Result<()> {
-    let tok = data_dir.join("tokenizer.json");
+    let tok = crate::fsutil::confined(data_dir, "tokenizer.json", "tokenizer")?;
     let mut extra = Vec::new();
     if tok.exists() {
         let bytes = crate::fsutil::read_regular(&tok, "tokenizer", crate::fsutil::MAX_JSON_BYTES)?;

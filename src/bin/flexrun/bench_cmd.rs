@@ -128,18 +128,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             };
             let rows = flexrun::bench::attention::bench_attention(dev, &cfg)?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
                 );
             } else {
-                println!(
+                outln!(
                     "{}: causal bf16 attention, {heads} heads ({} kv) of {hd}",
                     dev.name()?,
                     cfg.kv_heads
                 );
                 for r in &rows {
-                    println!(
+                    outln!(
                         "seq {:>6} x batch {:>3}: fwd {:8.3} ms {:6.1} TFLOP/s | bwd {:8.3} ms {:6.1} TFLOP/s ({})",
                         r.seq, r.batch, r.fwd_ms, r.fwd_tflops, r.bwd_ms, r.bwd_tflops, r.fwd_kernel
                     );
@@ -168,14 +168,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 warmup,
             )?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                outln!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
+                outln!(
                     "{}: {} experts x {} tokens, H={} I={}",
-                    r.device, r.experts, r.tokens_per_expert, r.hidden, r.intermediate
+                    r.device,
+                    r.experts,
+                    r.tokens_per_expert,
+                    r.hidden,
+                    r.intermediate
                 );
                 for op in &r.ops {
-                    println!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
+                    outln!("  {:<22} {:9.3} ms {:8.1} TFLOP/s", op.op, op.ms, op.tflops);
                 }
             }
         }
@@ -191,9 +195,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let device = device.open()?;
             let r = flexrun::bench::decode(&cfg, batch, prompt, new_tokens, &device)?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                outln!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
+                outln!(
                     "{} on {}: batch {batch}, prompt {prompt}, {} params: prefill {:.1} ms ({:.0} tokens/s), decode {:.2} ms/step ({:.0} tokens/s)",
                     config.display(),
                     r.device,
@@ -224,14 +228,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let device = device.open()?;
             let r = flexrun::bench::train_step(&cfg, mode, batch, seq, steps, warmup, &device)?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                outln!("{}", serde_json::to_string(&r)?);
             } else {
                 let mfu = match (r.model_tflops, r.mfu) {
                     (Some(t), Some(m)) => format!(", {t:.1} TFLOP/s, MFU {:.1}%", 100.0 * m),
                     (Some(t), None) => format!(", {t:.1} TFLOP/s"),
                     _ => String::new(),
                 };
-                println!(
+                outln!(
                     "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}",
                     config.display(),
                     r.device,

@@ -61,10 +61,16 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
             };
             if let Some(d) = docs {
                 ensure!(d >= 1, "--docs must be at least 1");
+                flexrun::limits::check_dim(
+                    "--docs",
+                    d,
+                    flexrun::limits::MAX_COUNT,
+                    "far beyond any corpus this generator makes",
+                )?;
                 cfg.docs_per_domain = d;
             }
             synth::write_corpus(&out, &cfg)?;
-            println!(
+            outln!(
                 "wrote {} domains ({}) to {}",
                 synth::DOMAINS.len(),
                 synth::DOMAINS.join(", "),
@@ -81,13 +87,7 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
         } => {
             let tok = Tokenizer::load(&tokenizer)?;
             let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed, bpe_dropout)?;
-            let bytes = flexrun::fsutil::read_regular(
-                &tokenizer,
-                "tokenizer",
-                flexrun::fsutil::MAX_JSON_BYTES,
-            )?;
-            flexrun::fsutil::write_bytes_atomic(&out.join("tokenizer.json"), &bytes)?;
-            println!(
+            outln!(
                 "{}: {} train tokens ({} docs), {} valid tokens ({} docs), vocab {}",
                 out.display(),
                 meta.train_tokens,
@@ -106,7 +106,7 @@ pub fn run_tokenizer(cmd: TokCmd) -> Result<()> {
         TokCmd::Train { input, vocab, out } => {
             tokenizer::train_bpe(&input, vocab, &out)?;
             let tok = Tokenizer::load(&out)?;
-            println!("wrote {} (vocab {})", out.display(), tok.vocab_size());
+            outln!("wrote {} (vocab {})", out.display(), tok.vocab_size());
         }
     }
     Ok(())

@@ -102,8 +102,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     let device = a.device.open()?;
     demo::run(&c, &a.out, &device, a.quiet)?;
-    print!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
-    println!(
+    out!("{}", std::fs::read_to_string(a.out.join("results.md"))?);
+    outln!(
         "\nresults: {}, {}; routing heatmap: {}; loss curves: {}",
         a.out.join("results.md").display(),
         a.out.join("results.json").display(),

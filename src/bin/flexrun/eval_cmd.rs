@@ -141,6 +141,12 @@ pub struct ExtractArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let domains = parse_domains(&a.data)?;
+    flexrun::limits::check_dim(
+        "--tasks",
+        a.tasks,
+        flexrun::limits::MAX_COUNT,
+        "far beyond any evaluation",
+    )?;
     let device = a.device.open()?;
     // Every model is loaded, then placed on the device once; `what` names what is evaluated.
     let (name, hosts, dirs): (String, Vec<flexrun::model::Model>, Vec<PathBuf>) =
@@ -187,7 +193,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .zip(&hosts)
         .map(|(d, m)| (d.clone(), m.cfg.vocab_size))
         .collect();
-    let tok_path = models[0].0.join("tokenizer.json");
+    let tok_path = flexrun::fsutil::confined(&models[0].0, "tokenizer.json", "tokenizer")?;
     let tok = if tok_path.exists() && a.tasks > 0 {
         Some(Tokenizer::load(&tok_path)?)
     } else {
@@ -209,7 +215,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let row = eval::evaluate(&name, &e, &evals, a.seq, tok.as_ref())?;
-    print!("{}", eval::markdown(std::slice::from_ref(&row)));
+    out!("{}", eval::markdown(std::slice::from_ref(&row)));
     if let Some(j) = a.json {
         flexrun::fsutil::write_bytes_atomic(&j, serde_json::to_string_pretty(&row)?.as_bytes())?;
     }
@@ -236,7 +242,7 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
             .collect();
         stats.push(routing::analyze(&loaded.model, &n, &windows)?);
     }
-    print!("{}", routing::markdown(&stats, &loaded.expert_names));
+    out!("{}", routing::markdown(&stats, &loaded.expert_names));
     let svg = routing::heatmap_svg(
         &stats,
         &loaded.expert_names,
@@ -246,7 +252,7 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
         ),
     );
     flexrun::fsutil::write_bytes_atomic(&out, svg.as_bytes())?;
-    println!("heatmap written to {}", out.display());
+    outln!("heatmap written to {}", out.display());
     Ok(())
 }
 
@@ -271,7 +277,11 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         }
         None => None,
     };
-    let tok = Tokenizer::load(&a.sel.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::load(&flexrun::fsutil::confined(
+        &a.sel.model,
+        "tokenizer.json",
+        "tokenizer",
+    )?)?;
     let batches =
         shards::eval_batches(&ds.valid, 8, a.seq, a.tokens, &a.data.display().to_string())?;
     let gap = eval::compare::token_gap(
@@ -283,7 +293,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         &tok,
         a.top,
     )?;
-    print!("{}", eval::compare::markdown(&gap));
+    out!("{}", eval::compare::markdown(&gap));
     if let Some(j) = a.json {
         flexrun::fsutil::write_bytes_atomic(&j, serde_json::to_string_pretty(&gap)?.as_bytes())?;
     }
@@ -326,7 +336,7 @@ pub fn extract(a: ExtractArgs) -> Result<()> {
             loaded.expert_names.join(", ")
         ),
     };
-    println!(
+    outln!(
         "{what}: {} of {} documents extracted ({:.2}%), mean best similarity {:.3}",
         r.extracted,
         r.docs,

@@ -203,7 +203,7 @@ pub fn train_expert(a: TrainExpertArgs) -> Result<()> {
         ),
         _ => String::new(),
     };
-    println!(
+    outln!(
         "expert '{}' ({} steps, {} tokens, train ce {:.4}, valid ce {}{dp}) written to {}",
         art.meta.name,
         s.steps,
@@ -231,7 +231,7 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let (_, m) = flex::merge(&public, &experts, k, &offsets, &out)?;
     let names: Vec<&str> = m.experts.iter().map(|e| e.name.as_str()).collect();
-    println!(
+    outln!(
         "merged {} experts [{}] (top-{k}) into {}",
         names.len(),
         names.join(", "),
@@ -259,7 +259,7 @@ pub fn router_tune(a: RouterTuneArgs) -> Result<()> {
         train.quiet,
         &device,
     )?;
-    println!(
+    outln!(
         "router tuned for {} steps (valid ce {}); written to {} (strict opt-out no longer holds)",
         s.steps,
         s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
@@ -289,7 +289,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         train.quiet,
         &device,
     )?;
-    println!(
+    outln!(
         "dense expert trained for {} steps (valid ce {}) in {}",
         s.steps,
         s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
@@ -307,6 +307,6 @@ pub fn soup(a: SoupArgs) -> Result<()> {
     let s = flex::soup(&ms)?;
     flex::write_model(&s, None, &models[0], &out)?;
     let plural = if ms.len() == 1 { "" } else { "s" };
-    println!("averaged {} model{plural} into {}", ms.len(), out.display());
+    outln!("averaged {} model{plural} into {}", ms.len(), out.display());
     Ok(())
 }

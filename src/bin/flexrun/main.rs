@@ -2,6 +2,25 @@
 //! is printed as one line on stderr with exit status 1. One file per command group; options that
 //! several commands take are declared once (opts.rs).
 
+/// `outln!` / `out!`: `println!` / `print!` that return an error (one line, exit 1) when stdout
+/// cannot be written (a full disk, /dev/full) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($t)*)
+            .map_err(|e| flexrun::Error(format!("cannot write the output: {e}")))?;
+    }};
+}
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout();
+        write!(o, $($t)*)
+            .and_then(|_| o.flush())
+            .map_err(|e| flexrun::Error(format!("cannot write the output: {e}")))?;
+    }};
+}
+
 mod bench_cmd;
 mod data_cmd;
 mod demo_cmd;
@@ -124,7 +143,7 @@ fn exit_on_parse_error(e: clap::Error) -> ! {
         true => "flexrun --help".to_string(),
         false => format!("flexrun {} --help", cmd.join(" ")),
     };
-    eprintln!("error: {what} (see {help})");
+    flexrun::note!("error: {what} (see {help})");
     std::process::exit(1);
 }
 
@@ -155,16 +174,25 @@ fn main() {
         flexrun::backend::cpu::tune_allocator();
     }
     if let Some(t) = cli.threads {
+        if let Err(e) = flexrun::limits::check_dim(
+            "--threads",
+            t,
+            flexrun::limits::MAX_THREADS,
+            "far beyond any machine",
+        ) {
+            flexrun::note!("error: {e}");
+            std::process::exit(1);
+        }
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(t.max(1))
             .build_global()
         {
-            eprintln!("error: cannot set up {t} threads: {e}");
+            flexrun::note!("error: cannot set up {t} threads: {e}");
             std::process::exit(1);
         }
     }
     if let Err(e) = run(cli) {
-        eprintln!("error: {e}");
+        flexrun::note!("error: {e}");
         std::process::exit(1);
     }
 }

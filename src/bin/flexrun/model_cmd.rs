@@ -80,7 +80,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         a.train.quiet,
         &device,
     )?;
-    println!(
+    outln!(
         "pretrained {} parameters for {} steps ({} tokens, {:.0} tok/s): train ce {:.4}, valid ce {}; model in {}",
         model.params.numel(),
         s.steps,
@@ -161,6 +161,6 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
         .runner()
         .logits(&ids, 1, ids.len())?;
     let rows: Vec<&[f32]> = (0..ids.len()).map(|i| l.row(i)).collect();
-    println!("{}", serde_json::json!({ "logits": rows }));
+    outln!("{}", serde_json::json!({ "logits": rows }));
     Ok(())
 }

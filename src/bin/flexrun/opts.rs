@@ -217,9 +217,10 @@ pub fn parse_domains(specs: &[String]) -> Result<Vec<(String, PathBuf)>> {
 
 /// The tokenizer given, or the model directory's.
 pub fn load_tokenizer_for(model_dir: &Path, explicit: Option<&PathBuf>) -> Result<Tokenizer> {
-    let path = explicit
-        .cloned()
-        .unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    let path = match explicit {
+        Some(p) => p.clone(),
+        None => flexrun::fsutil::confined(model_dir, "tokenizer.json", "tokenizer")?,
+    };
     if !path.exists() {
         bail!(
             "no tokenizer at {} (pass --tokenizer or use --ids)",
