@@ -796,3 +796,386 @@ fn races_stale_files_and_resume() {
     });
     run_table(cases);
 }
+
+/// A second round of hostile input: sizes hidden in products and sums, loops, expansion, outputs
+/// that cannot be written or would overwrite inputs.
+#[test]
+fn second_round() {
+    let d = tmp("round2");
+    let w = demo();
+    let public = s(&w.join("models/public"));
+    let merged = s(&w.join("models/flexolmo-main"));
+    let math = s(&w.join("experts/main/math.safetensors"));
+    let tok = s(&w.join("tokenizer.json"));
+    let max = u64::MAX.to_string();
+    let mut cases = Vec::new();
+    // Sizes: the RoPE table, a fine-tune's batch, counts, sums that wrap.
+    cases.push(case(
+        "RoPE table of 2^21 positions x head dim 4096",
+        &[
+            "pretrain",
+            "--data",
+            &s(&w.join("data/public")),
+            "--out",
+            &s(&d.join("p")),
+            "--hidden",
+            "4096",
+            "--heads",
+            "1",
+            "--layers",
+            "1",
+            "--intermediate",
+            "8",
+            "--max-pos",
+            "2097152",
+            "--steps",
+            "1",
+        ],
+        "max_position_embeddings x head_dim",
+    ));
+    cases.push(case(
+        "finetune --batch 2^20 x --seq 256",
+        &[
+            "finetune",
+            "--public",
+            &public,
+            "--data",
+            &s(&w.join("data/math")),
+            "--out",
+            &s(&d.join("f")),
+            "--steps",
+            "1",
+            "--batch",
+            "1048576",
+            "--seq",
+            "256",
+        ],
+        "GiB of memory",
+    ));
+    cases.push(case(
+        "data synth --docs 2^64-1",
+        &["data", "synth", "--out", &s(&d.join("c")), "--docs", &max],
+        "--docs = 18446744073709551615 is larger",
+    ));
+    cases.push(case(
+        "eval --tasks 10^12",
+        &[
+            "eval",
+            "--model",
+            &merged,
+            "--data",
+            &format!("math={}", s(&w.join("data/math"))),
+            "--tasks",
+            "1000000000000",
+        ],
+        "--tasks = 1000000000000 is larger",
+    ));
+    cases.push(case(
+        "extract --docs 10^12",
+        &[
+            "extract",
+            "--model",
+            &merged,
+            "--data",
+            &s(&w.join("data/math")),
+            "--docs",
+            "1000000000000",
+        ],
+        "--docs = 1000000000000 is larger",
+    ));
+    cases.push(case(
+        "extract --max-new 2^64-1 (wraps)",
+        &[
+            "extract",
+            "--model",
+            &merged,
+            "--data",
+            &s(&w.join("data/math")),
+            "--docs",
+            "2",
+            "--prefix",
+            "1",
+            "--max-new",
+            &max,
+            "--min-new",
+            "1",
+        ],
+        "exceed the model's",
+    ));
+    cases.push(case(
+        "generate --max-new-tokens 2^64-1 (wraps)",
+        &[
+            "generate",
+            "--model",
+            &merged,
+            "--ids",
+            "1,2",
+            "--max-new-tokens",
+            &max,
+        ],
+        "exceed max_position_embeddings",
+    ));
+    cases.push(case(
+        "bench train --warmup 2^64-1",
+        &[
+            "bench",
+            "train",
+            "--config",
+            &s(&fixture("olmo2_tiny_bf16/config.json")),
+            "--warmup",
+            &max,
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+        ],
+        "--warmup",
+    ));
+    cases.push(case(
+        "--threads 10^8",
+        &[
+            "--threads",
+            "100000000",
+            "logits",
+            "--model",
+            &merged,
+            "--ids",
+            "3",
+        ],
+        "--threads = 100000000 is larger",
+    ));
+    // Configs whose values become 0 or infinity in f32.
+    for (name, key, value, needle) in [
+        (
+            "head_dim 0",
+            "head_dim",
+            serde_json::json!(0),
+            "head_dim must be at least 2",
+        ),
+        (
+            "rope_theta 1e-300",
+            "rope_theta",
+            serde_json::json!(1e-300),
+            "rope_theta must be in [1",
+        ),
+        (
+            "rms_norm_eps 1e-300",
+            "rms_norm_eps",
+            serde_json::json!(1e-300),
+            "rms_norm_eps must be in [1e-12",
+        ),
+    ] {
+        let m = d.join(format!("cfg-{key}"));
+        copy_dir(&fixture("olmo2_tiny_bf16"), &m);
+        let mut v = read_json(&m.join("config.json"));
+        v[key] = value;
+        write_json(&m.join("config.json"), &v);
+        cases.push(Case {
+            name,
+            args: vec![
+                "logits".into(),
+                "--model".into(),
+                s(&m),
+                "--ids".into(),
+                "1".into(),
+            ],
+            needle,
+        });
+    }
+    // A tokenizer that multiplies text, and one linked from outside the model directory.
+    let m = d.join("tok-expand");
+    copy_dir(&w.join("models/public"), &m);
+    let mut v = read_json(&m.join("tokenizer.json"));
+    v["normalizer"] = serde_json::json!({"type": "Replace", "pattern": {"String": "a"}, "content": "b".repeat(100_000)});
+    write_json(&m.join("tokenizer.json"), &v);
+    cases.push(case(
+        "Replace rule of 100 kB",
+        &["generate", "--model", &s(&m), "--prompt", "aaaa"],
+        "a Replace rule writes 100000 bytes",
+    ));
+    let m = d.join("tok-link");
+    copy_dir(&w.join("models/public"), &m);
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
+    std::fs::write(d.join("secret.json"), "{}").unwrap();
+    std::os::unix::fs::symlink(d.join("secret.json"), m.join("tokenizer.json")).unwrap();
+    cases.push(case(
+        "tokenizer.json linked outside",
+        &[
+            "merge",
+            "--public",
+            &s(&m),
+            "--experts",
+            &math,
+            "--out",
+            &s(&d.join("o-link")),
+        ],
+        "leaves the model directory",
+    ));
+    // A training log that is a FIFO.
+    let run = d.join("fifo-run");
+    std::fs::create_dir_all(&run).unwrap();
+    mkfifo(&run.join("train_log.jsonl"));
+    cases.push(case(
+        "FIFO as train_log.jsonl",
+        &[
+            "pretrain",
+            "--data",
+            &s(&w.join("data/public")),
+            "--out",
+            &s(&run),
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+        ],
+        "is not a training log",
+    ));
+    // Outputs that would overwrite inputs, or a directory of another kind.
+    cases.push(case(
+        "merge --out = --public",
+        &[
+            "merge",
+            "--public",
+            &public,
+            "--experts",
+            &math,
+            "--out",
+            &public,
+        ],
+        "would overwrite an input",
+    ));
+    cases.push(case(
+        "train-expert --out inside --public",
+        &[
+            "train-expert",
+            "--public",
+            &public,
+            "--data",
+            &s(&w.join("data/math")),
+            "--name",
+            "m",
+            "--out",
+            &s(&w.join("models/public/model.safetensors")),
+            "--steps",
+            "1",
+        ],
+        "would overwrite an input",
+    ));
+    let corpus_file = s(&w.join("corpus/math/train.jsonl"));
+    cases.push(case(
+        "tokenizer train --out = its input",
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            &corpus_file,
+            "--vocab",
+            "300",
+            "--out",
+            &corpus_file,
+        ],
+        "would overwrite an input",
+    ));
+    cases.push(case(
+        "data prepare --out a model directory",
+        &[
+            "data",
+            "prepare",
+            "--input",
+            &s(&w.join("corpus/math")),
+            "--tokenizer",
+            &tok,
+            "--out",
+            &public,
+        ],
+        "not a prepared dataset",
+    ));
+    run_table(cases);
+
+    // Output that cannot be written: one line, exit 1, no panic.
+    let out = Command::new(bin())
+        .args(["logits", "--model", &merged, "--ids", "3"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write the output") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+
+    // A corpus with a link back up the tree is read once, not until the path is too long.
+    let c = d.join("loop");
+    std::fs::create_dir_all(&c).unwrap();
+    std::fs::write(c.join("a.txt"), "one document here\n").unwrap();
+    std::fs::write(c.join("b.txt"), "another document\n").unwrap();
+    std::os::unix::fs::symlink(".", c.join("self")).unwrap();
+    std::os::unix::fs::symlink(".", c.join("again")).unwrap();
+    let (code, stdout, err) = flexrun(&[
+        "data".into(),
+        "prepare".into(),
+        "--input".into(),
+        s(&c),
+        "--tokenizer".into(),
+        tok.clone(),
+        "--out".into(),
+        s(&d.join("loop-data")),
+        "--valid-fraction".into(),
+        "0".into(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("(2 docs)"), "{stdout}");
+
+    // A word of 200k letters does not make BPE training quadratic.
+    let long = d.join("long.txt");
+    std::fs::write(
+        &long,
+        format!("{}\n\nsome ordinary words\n", "a".repeat(200_000)),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let (code, _, err) = flexrun(&[
+        "tokenizer".into(),
+        "train".into(),
+        "--input".into(),
+        s(&long),
+        "--vocab".into(),
+        "300".into(),
+        "--out".into(),
+        s(&d.join("long-tok.json")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "tokenizer train took {:?}",
+        t.elapsed()
+    );
+
+    // A run killed before its first checkpoint left only a log: a new run starts over.
+    let run = d.join("killed");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("train_log.jsonl"), "{\"step\":1}\n").unwrap();
+    let (code, _, err) = flexrun(&[
+        "pretrain".into(),
+        "--data".into(),
+        s(&w.join("data/public")),
+        "--out".into(),
+        s(&run),
+        "--steps".into(),
+        "1".into(),
+        "--batch".into(),
+        "2".into(),
+        "--seq".into(),
+        "16".into(),
+        "--quiet".into(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    // Inference sized beyond memory is refused before allocating.
+    let cfg = flexrun::model::Config::olmo2(1 << 24, 64, 64, 1, 1, 1);
+    let e = cfg.check_input(&vec![0u32; 1 << 20], 1).unwrap_err().0;
+    assert!(e.contains("GiB of memory"), "{e}");
+}
