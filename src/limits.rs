@@ -44,7 +44,9 @@ pub fn check_dim(what: &str, value: usize, max: usize, why: &str) -> Result<()> 
     Ok(())
 }
 
-/// Physical memory plus swap of this machine, in bytes (None where it cannot be read).
+/// The memory this process may use, in bytes: physical memory plus swap, or less where the
+/// process's address-space limit (`ulimit -v`) or its cgroup's `memory.max` says so (None where
+/// none of them can be read).
 pub fn machine_memory() -> Option<u128> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u128> {
@@ -52,7 +54,27 @@ pub fn machine_memory() -> Option<u128> {
         let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
     };
-    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
+    let mut have = field("MemTotal:")? + field("SwapTotal:").unwrap_or(0);
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0
+            && lim.rlim_cur != libc::RLIM_INFINITY
+        {
+            have = have.min(lim.rlim_cur as u128);
+        }
+    }
+    if let Some(max) = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u128>().ok())
+    {
+        have = have.min(max);
+    }
+    Some(have)
 }
 
 fn gib(bytes: u128) -> f64 {

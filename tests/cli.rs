@@ -575,7 +575,7 @@ fn mismatched_data_and_settings() {
             "--data",
             &domain,
             "--out",
-            other,
+            &p("routing-other.svg"),
         ],
         vec![
             "extract",

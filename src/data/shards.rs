@@ -467,8 +467,25 @@ impl Dataset {
             "token ids are 32-bit",
         )
         .with_context(|| format!("{}", meta_path.display()))?;
+        crate::ensure!(
+            (meta.eos_id as usize) < meta.vocab_size,
+            "{}: eos_id {} is not below vocab_size {}",
+            meta_path.display(),
+            meta.eos_id,
+            meta.vocab_size
+        );
         let train = TokenShard::open(&dir.join("train.bin"))?;
         let valid = TokenShard::open(&dir.join("valid.bin"))?;
+        for shard in [&train, &valid] {
+            crate::ensure!(
+                shard.width == meta.token_bytes as usize,
+                "{}: token_bytes {} but {} stores {}-byte tokens",
+                meta_path.display(),
+                meta.token_bytes,
+                shard.path().display(),
+                shard.width
+            );
+        }
         for (shard, tokens, docs) in [
             (&train, meta.train_tokens, meta.train_docs),
             (&valid, meta.valid_tokens, meta.valid_docs),

@@ -55,13 +55,11 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         vocab_size >= MIN_VOCAB,
         "vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB}"
     );
-    let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-    // The output must not replace a corpus file (a directory of inputs may hold it).
-    for f in &inputs {
-        if f.is_file() {
-            crate::fsutil::check_not_input(out, "--out", &[f])?;
-        }
-    }
+    // The output must not replace a corpus file (named, or found in a directory of inputs), nor
+    // a file of a model or dataset.
+    let corpus: Vec<PathBuf> = expand_inputs(files)?.into_iter().map(|f| f.path).collect();
+    let inputs: Vec<&Path> = corpus.iter().map(PathBuf::as_path).collect();
+    crate::fsutil::check_output_file(out, "--out", &inputs)?;
     crate::limits::check_dim(
         "--vocab",
         vocab_size,

@@ -20,6 +20,19 @@ pub const ARTIFACT_FORMAT: u32 = 1;
 /// The name of the public model's FFN in a merged model: no owner's expert may take it.
 pub const PUBLIC_EXPERT: &str = "public";
 
+/// A domain label is free text shown in reports: at most 256 characters, none of them control
+/// characters (a newline or a direction override would forge lines of a report).
+pub fn check_domain(domain: &str) -> Result<()> {
+    ensure!(
+        domain.chars().count() <= 256
+            && !domain.chars().any(|c| {
+                c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            }),
+        "domain label {domain:?} is not valid: at most 256 characters, no control characters"
+    );
+    Ok(())
+}
+
 /// An expert's name must be selectable on every command line and in every request: 1 to 64
 /// letters, digits, '_', '-' or '.', starting with a letter or digit, not only digits (bare
 /// numbers select experts by index), and not `public`.
@@ -144,6 +157,7 @@ impl ExpertArtifact {
         let meta: ExpertMeta = serde_json::from_str(meta_json)
             .with_context(|| format!("{}: corrupt expert metadata", path.display()))?;
         check_expert_name(&meta.name).with_context(|| format!("{}", path.display()))?;
+        check_domain(&meta.domain).with_context(|| format!("{}", path.display()))?;
         ensure!(
             meta.format == ARTIFACT_FORMAT,
             "{}: expert format {} (this build reads {ARTIFACT_FORMAT})",

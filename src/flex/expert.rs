@@ -265,6 +265,7 @@ pub fn train_expert(
 ) -> Result<(ExpertArtifact, TrainSummary)> {
     let t = &opts.train;
     artifact::check_expert_name(&opts.name)?;
+    artifact::check_domain(&opts.domain)?;
     t.check()?;
     check_artifact_out(&opts.out)?;
     let mut inputs = vec![opts.public.as_path(), opts.data.as_path()];

@@ -59,8 +59,15 @@ impl Manifest {
             "expert 0 must be '{}' (the public model's FFN), not {first:?}",
             artifact::PUBLIC_EXPERT
         );
+        ensure!(
+            self.top_k >= 1 && self.top_k <= self.experts.len(),
+            "top_k {} must be between 1 and the {} experts listed",
+            self.top_k,
+            self.experts.len()
+        );
         for (i, e) in self.experts.iter().enumerate().skip(1) {
             artifact::check_expert_name(&e.name)?;
+            artifact::check_domain(&e.domain)?;
             if self.experts[..i].iter().any(|x| x.name == e.name) {
                 bail!("expert '{}' is listed twice", e.name);
             }

@@ -81,6 +81,35 @@ pub fn check_not_input(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// A single-file output (a JSON report, a plot, a tokenizer) named by `flag`: not a directory, not
+/// a file of a model or dataset directory, and not one of `inputs`.
+pub fn check_output_file(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    crate::ensure!(
+        !out.is_dir(),
+        "{flag} {} is a directory; it must name a file",
+        out.display()
+    );
+    if let (Some(dir), Some(name)) = (out.parent(), out.file_name()) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let name = name.to_string_lossy();
+        for kind in [&MODEL_DIR, &DATASET_DIR] {
+            let marked = kind.markers.iter().any(|m| dir.join(m).exists());
+            crate::ensure!(
+                !(marked && (kind.owns)(&name)),
+                "{flag} {} would overwrite a file of {} in {}: write to another path",
+                out.display(),
+                kind.what,
+                dir.display()
+            );
+        }
+    }
+    check_not_input(out, flag, inputs)
+}
+
 /// Refuse to write a model into `out` when it is something else: a file, or a directory that
 /// holds files but neither a model nor a training run (writing there would bury them).
 pub fn check_model_out(out: &Path) -> Result<()> {

@@ -8,8 +8,8 @@ mod lock;
 mod read;
 
 pub use dirwrite::{
-    check_model_out, check_not_input, check_out, is_model_file, recover_interrupted,
-    write_dir_atomic, write_dir_atomic_as, DirKind, DATASET_DIR, MODEL_DIR,
+    check_model_out, check_not_input, check_out, check_output_file, is_model_file,
+    recover_interrupted, write_dir_atomic, write_dir_atomic_as, DirKind, DATASET_DIR, MODEL_DIR,
 };
 pub use lock::PathLock;
 pub use read::{confined, open_regular, read_regular, read_text, PinnedDir, MAX_JSON_BYTES};

@@ -70,12 +70,13 @@ impl Config {
             "sequence of {positions} positions exceeds max_position_embeddings {}",
             self.max_position_embeddings
         );
-        // The activations of a forward pass over these tokens: logits and their softmax, the
-        // residual stream and the FFN of each layer (a lower bound).
-        let per_token = 2 * self.vocab_size as u128
+        // The activations of a forward pass over these tokens: logits, their softmax and the
+        // rows read from them, and what each layer keeps (projections, norms, attention, the FFN
+        // of every expert a token uses).
+        let per_token = 3 * self.vocab_size as u128
             + self.num_hidden_layers as u128
-                * (8 * self.hidden_size as u128
-                    + 3 * self.intermediate_size as u128 * self.top_k() as u128);
+                * (16 * self.hidden_size as u128
+                    + 6 * self.intermediate_size as u128 * self.top_k() as u128);
         crate::limits::check_memory(
             &format!("a forward pass over {} tokens", ids.len()),
             4 * ids.len() as u128 * per_token,
@@ -359,6 +360,24 @@ impl Config {
         }
         self.check_sizes()?;
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
+        for (key, v) in [
+            ("eos_token_id", &self.eos_token_id),
+            ("pad_token_id", &self.pad_token_id),
+            ("bos_token_id", &self.bos_token_id),
+        ] {
+            let ids: Vec<&Value> = match v {
+                None | Some(Value::Null) => vec![],
+                Some(Value::Array(a)) => a.iter().collect(),
+                Some(x) => vec![x],
+            };
+            for id in ids {
+                ensure!(
+                    id.as_u64().is_some_and(|i| i < self.vocab_size as u64),
+                    "{key} {id} is not a token id below vocab_size {}",
+                    self.vocab_size
+                );
+            }
+        }
         ensure!(self.hidden_size > 0, "hidden_size must be positive");
         ensure!(
             self.intermediate_size > 0,

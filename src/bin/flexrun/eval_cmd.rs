@@ -141,6 +141,12 @@ pub struct ExtractArgs {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let domains = parse_domains(&a.data)?;
+    if let Some(j) = &a.json {
+        let mut inputs: Vec<&std::path::Path> = domains.iter().map(|(_, p)| p.as_path()).collect();
+        inputs.extend(a.model.as_deref());
+        inputs.extend(a.btm.iter().map(PathBuf::as_path));
+        flexrun::fsutil::check_output_file(j, "--json", &inputs)?;
+    }
     flexrun::limits::check_dim(
         "--tasks",
         a.tasks,
@@ -232,6 +238,10 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
         ..
     } = a;
     a.device.cpu_only("analyze-routing")?;
+    let domains = parse_domains(&data)?;
+    let mut inputs: Vec<&std::path::Path> = domains.iter().map(|(_, p)| p.as_path()).collect();
+    inputs.push(&sel.model);
+    flexrun::fsutil::check_output_file(&out, "--out", &inputs)?;
     let loaded = sel.load()?;
     let mut stats = Vec::new();
     for (n, p) in parse_domains(&data)? {
@@ -258,6 +268,15 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
 
 pub fn compare(a: CompareArgs) -> Result<()> {
     a.device.cpu_only("compare")?;
+    if let Some(j) = &a.json {
+        let mut inputs = vec![
+            a.sel.model.as_path(),
+            a.reference.as_path(),
+            a.data.as_path(),
+        ];
+        inputs.extend(a.public.as_deref());
+        flexrun::fsutil::check_output_file(j, "--json", &inputs)?;
+    }
     let loaded = a.sel.load()?;
     let reference = checkpoint::load_with(&a.reference, true)?;
     let vocab = loaded.model.cfg.vocab_size;
@@ -301,6 +320,9 @@ pub fn compare(a: CompareArgs) -> Result<()> {
 }
 
 pub fn extract(a: ExtractArgs) -> Result<()> {
+    if let Some(j) = &a.json {
+        flexrun::fsutil::check_output_file(j, "--json", &[&a.sel.model, &a.data])?;
+    }
     let device = a.device.open()?;
     let loaded = a.sel.load()?;
     let cfg = eval::extract::ExtractConfig {

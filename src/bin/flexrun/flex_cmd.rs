@@ -300,6 +300,9 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
 
 pub fn soup(a: SoupArgs) -> Result<()> {
     let SoupArgs { models, out } = a;
+    flexrun::fsutil::check_model_out(&out)?;
+    let inputs: Vec<&std::path::Path> = models.iter().map(PathBuf::as_path).collect();
+    flexrun::fsutil::check_not_input(&out, "--out", &inputs)?;
     let ms: Vec<_> = models
         .iter()
         .map(|m| checkpoint::load(m))

@@ -115,7 +115,12 @@ fn run(cli: Cli) -> Result<()> {
 fn exit_on_parse_error(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        let _ = e.print();
+        use std::io::Write as _;
+        let shown = e.print().and_then(|_| std::io::stdout().flush());
+        if let Err(err) = shown {
+            flexrun::note!("error: cannot write the output: {err}");
+            std::process::exit(1);
+        }
         std::process::exit(0);
     }
     let what = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {

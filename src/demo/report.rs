@@ -1,0 +1,183 @@
+//! The demo's acceptance checks and its report (results.md).
+
+use super::{Check, DemoReport};
+use crate::eval::extract::Extraction;
+use crate::eval::{self, routing, Row};
+
+fn find<'a>(rows: &'a [Row], name: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.model == name || (name == "FlexOlmo" && r.model.starts_with("FlexOlmo (")))
+}
+
+fn loss(r: &Row, d: &str) -> f64 {
+    r.scores
+        .iter()
+        .find(|s| s.domain == d)
+        .map(|s| s.loss)
+        .unwrap_or(f64::NAN)
+}
+
+fn acc(r: &Row, d: &str) -> f64 {
+    r.scores
+        .iter()
+        .find(|s| s.domain == d)
+        .and_then(|s| s.accuracy)
+        .unwrap_or(f64::NAN)
+}
+
+/// The FlexOlmo acceptance criteria, each with the numbers behind it.
+pub fn acceptance(rows: &[Row], closed: &[&str]) -> Vec<Check> {
+    let (Some(public), Some(flex), Some(soup), Some(btm)) = (
+        find(rows, "public"),
+        find(rows, "FlexOlmo"),
+        find(rows, "soup"),
+        find(rows, "BTM"),
+    ) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    let worse: Vec<String> = closed
+        .iter()
+        .filter(|d| loss(flex, d) >= loss(public, d))
+        .map(|d| d.to_string())
+        .collect();
+    out.push(Check {
+        name: "FlexOlmo beats the public model on every closed domain".into(),
+        passed: worse.is_empty(),
+        detail: closed
+            .iter()
+            .map(|d| format!("{d} {:.3} vs {:.3}", loss(flex, d), loss(public, d)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    });
+    out.push(Check {
+        name: "FlexOlmo's average loss beats soup and BTM".into(),
+        passed: flex.avg_loss < soup.avg_loss && flex.avg_loss < btm.avg_loss,
+        detail: format!(
+            "FlexOlmo {:.4}, soup {:.4}, BTM {:.4}",
+            flex.avg_loss, soup.avg_loss, btm.avg_loss
+        ),
+    });
+    let mut within = true;
+    let mut det = Vec::new();
+    for d in closed {
+        if let Some(de) = find(rows, &format!("dense {d}")) {
+            let rel = loss(flex, d) / loss(de, d) - 1.0;
+            within &= rel <= 0.05;
+            det.push(format!("{d} {:+.1}%", 100.0 * rel));
+        }
+    }
+    out.push(Check {
+        name: "FlexOlmo within 5% of each domain's dense expert".into(),
+        passed: within,
+        detail: det.join(", "),
+    });
+    for x in closed {
+        let Some(opt) = find(rows, &format!("FlexOlmo without {x}")) else {
+            continue;
+        };
+        let own = loss(opt, x) / loss(flex, x) - 1.0;
+        let acc_text = if acc(flex, x).is_nan() {
+            String::new()
+        } else {
+            format!(
+                ", acc {:.0}% -> {:.0}% (public {:.0}%)",
+                100.0 * acc(flex, x),
+                100.0 * acc(opt, x),
+                100.0 * acc(public, x)
+            )
+        };
+        let others: Vec<(String, f64)> = rows[0]
+            .scores
+            .iter()
+            .map(|s| s.domain.clone())
+            .filter(|d| d != x)
+            .map(|d| {
+                let r = (loss(opt, &d) / loss(flex, &d) - 1.0).abs();
+                (d, r)
+            })
+            .collect();
+        let max_other = others.iter().map(|o| o.1).fold(0.0, f64::max);
+        out.push(Check {
+            name: format!("opting out '{x}' hurts {x} only"),
+            passed: own > 0.05 && max_other < 0.02 && toward_public(flex, opt, public, x),
+            detail: format!(
+                "{x} loss {:+.1}%{acc_text}; other domains max change {:.2}% ({})",
+                100.0 * own,
+                100.0 * max_other,
+                others
+                    .iter()
+                    .map(|(d, r)| format!("{d} {:.2}%", 100.0 * r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    out
+}
+
+/// Whether opting out leaves task accuracy on `d` at least as close to the public model's as
+/// the full model's (true without tasks).
+fn toward_public(flex: &Row, opt: &Row, public: &Row, d: &str) -> bool {
+    let p = acc(public, d);
+    p.is_nan() || (acc(opt, d) - p).abs() <= (acc(flex, d) - p).abs()
+}
+
+/// results.md: the main table, the checks, ablations and the routing table.
+pub fn render(r: &DemoReport, experts: &[String]) -> String {
+    let c = &r.config;
+    let mut s = format!(
+        "## FlexOlmo on {}\n\nPublic model: dense OLMo-2, H={} L={} heads={} I={}, vocab {}, seq {}; \
+         public pretraining {} steps, each expert {} steps (trained alone on its domain), dense experts {} steps; \
+         batch {}, seed {}. Merged FlexOlmo: top-{} of {} experts. Held-out loss per domain (lower is better) and exact-match task accuracy (%), evaluated on {}.\n\n",
+        c.corpus.as_ref().map(|p| format!("the corpus in {}", p.display())).unwrap_or("the built-in FlexMix corpus".into()),
+        c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len(), r.eval_device
+    );
+    s.push_str(&eval::markdown(&r.rows));
+    s.push_str("\n### Acceptance checks\n\n");
+    for ch in &r.checks {
+        s.push_str(&format!(
+            "- [{}] {}: {}\n",
+            if ch.passed { "x" } else { " " },
+            ch.name,
+            ch.detail
+        ));
+    }
+    if !r.ablations.is_empty() {
+        s.push_str("\n### Ablations\n\n");
+        s.push_str(&eval::markdown(&r.ablations));
+    }
+    s.push_str("\n### Routing (per layer: fraction of tokens using each expert, and in brackets its mean router probability)\n\n");
+    s.push_str(&routing::markdown(&r.routing, experts));
+    if !r.extraction.is_empty() {
+        let c = &r.config;
+        s.push_str(&format!(
+            "\n### Data extraction (training documents reproduced: {} per domain, a 32-token prefix at a random offset, 10 samples of as many tokens as the true continuation, up to {}, top-k 50, top-p 0.95; extracted at normalised Levenshtein similarity >= 0.9)\n\n",
+            c.extract_docs, c.extract_max_new
+        ));
+        s.push_str("| domain | public | dense expert | FlexOlmo | FlexOlmo without it |\n|---|---:|---:|---:|---:|\n");
+        let cell = |x: &Extraction| {
+            format!(
+                " {:.1}% ({}/{}; similarity {:.2}) |",
+                100.0 * x.rate,
+                x.extracted,
+                x.docs,
+                x.mean_best_similarity
+            )
+        };
+        for row in &r.extraction {
+            s.push_str(&format!("| {} |", row.domain));
+            for x in [
+                &row.public,
+                &row.dense,
+                &row.flexolmo,
+                &row.flexolmo_without,
+            ] {
+                s.push_str(&cell(x));
+            }
+            s.push('\n');
+        }
+    }
+    s.push_str(&format!("\nTotal time {:.0} s.\n", r.seconds));
+    s
+}
