@@ -1179,3 +1179,231 @@ fn second_round() {
     let e = cfg.check_input(&vec![0u32; 1 << 20], 1).unwrap_err().0;
     assert!(e.contains("GiB of memory"), "{e}");
 }
+
+/// A third round: single-file outputs over the files of models, datasets and inputs, and metadata
+/// that contradicts itself.
+#[test]
+fn third_round() {
+    let d = tmp("round3");
+    let w = demo();
+    // Work on copies: a failing case must not damage the shared demo.
+    let public = d.join("public");
+    copy_dir(&w.join("models/public"), &public);
+    let merged = d.join("merged");
+    copy_dir(&w.join("models/flexolmo-main"), &merged);
+    let data = d.join("math");
+    copy_dir(&w.join("data/math"), &data);
+    let corpus = d.join("corpus");
+    copy_dir(&w.join("corpus/math"), &corpus);
+    let (p, m, dm) = (s(&public), s(&merged), s(&data));
+    let domain = format!("math={dm}");
+    let dense = s(&w.join("models/dense-math"));
+    let mut cases = vec![
+        case(
+            "eval --json over the weights",
+            &[
+                "eval",
+                "--model",
+                &p,
+                "--data",
+                &domain,
+                "--tasks",
+                "0",
+                "--json",
+                &s(&public.join("model.safetensors")),
+            ],
+            "would overwrite a file of a flexrun model",
+        ),
+        case(
+            "eval --json over a manifest",
+            &[
+                "eval",
+                "--model",
+                &p,
+                "--data",
+                &domain,
+                "--tasks",
+                "0",
+                "--json",
+                &s(&merged.join("flexolmo.json")),
+            ],
+            "would overwrite a file of a flexrun model",
+        ),
+        case(
+            "analyze-routing --out over config.json",
+            &[
+                "analyze-routing",
+                "--model",
+                &m,
+                "--data",
+                &domain,
+                "--out",
+                &s(&merged.join("config.json")),
+            ],
+            "would overwrite a file of a flexrun model",
+        ),
+        case(
+            "extract --json over a shard",
+            &[
+                "extract",
+                "--model",
+                &p,
+                "--data",
+                &dm,
+                "--docs",
+                "2",
+                "--json",
+                &s(&data.join("train.bin")),
+            ],
+            "would overwrite a file of a prepared dataset",
+        ),
+        case(
+            "compare --json over meta.json",
+            &[
+                "compare",
+                "--model",
+                &m,
+                "--reference",
+                &p,
+                "--data",
+                &dm,
+                "--json",
+                &s(&data.join("meta.json")),
+            ],
+            "would overwrite a file of a prepared dataset",
+        ),
+        case(
+            "tokenizer train --out over config.json",
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                &s(&corpus),
+                "--vocab",
+                "300",
+                "--out",
+                &s(&public.join("config.json")),
+            ],
+            "would overwrite a file of a flexrun model",
+        ),
+        case(
+            "tokenizer train --out over a corpus file in an input directory",
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                &s(&corpus),
+                "--vocab",
+                "300",
+                "--out",
+                &s(&corpus.join("train.jsonl")),
+            ],
+            "would overwrite an input",
+        ),
+        case(
+            "soup --out = one of its models",
+            &["soup", "--models", &format!("{p},{dense}"), "--out", &p],
+            "would overwrite an input",
+        ),
+        case(
+            "train-expert --domain with a newline",
+            &[
+                "train-expert",
+                "--public",
+                &p,
+                "--data",
+                &dm,
+                "--name",
+                "m",
+                "--domain",
+                "a\nb",
+                "--out",
+                &s(&d.join("e.safetensors")),
+            ],
+            "domain label",
+        ),
+    ];
+    // Metadata that contradicts itself.
+    let cfg_case =
+        |name: &'static str, key: &str, value: serde_json::Value, needle: &'static str| {
+            let dir = d.join(format!("cfg-{key}"));
+            copy_dir(&w.join("models/public"), &dir);
+            let mut v = read_json(&dir.join("config.json"));
+            v[key] = value;
+            write_json(&dir.join("config.json"), &v);
+            Case {
+                name,
+                args: vec![
+                    "logits".into(),
+                    "--model".into(),
+                    s(&dir),
+                    "--ids".into(),
+                    "1".into(),
+                ],
+                needle,
+            }
+        };
+    cases.push(cfg_case(
+        "eos_token_id beyond the vocabulary",
+        "eos_token_id",
+        serde_json::json!(99999),
+        "eos_token_id 99999 is not a token id",
+    ));
+    cases.push(cfg_case(
+        "negative pad_token_id",
+        "pad_token_id",
+        serde_json::json!(-5),
+        "pad_token_id -5 is not a token id",
+    ));
+    let mm = d.join("manifest-topk");
+    copy_dir(&w.join("models/flexolmo-main"), &mm);
+    let mut v = read_json(&mm.join("flexolmo.json"));
+    v["top_k"] = 99.into();
+    write_json(&mm.join("flexolmo.json"), &v);
+    cases.push(case(
+        "manifest top_k 99",
+        &["logits", "--model", &s(&mm), "--ids", "1"],
+        "top_k 99 must be between 1",
+    ));
+    let dd = d.join("meta-width");
+    copy_dir(&w.join("data/math"), &dd);
+    let mut v = read_json(&dd.join("meta.json"));
+    v["token_bytes"] = 4.into();
+    write_json(&dd.join("meta.json"), &v);
+    cases.push(case(
+        "meta token_bytes against the shards",
+        &[
+            "eval",
+            "--model",
+            &p,
+            "--data",
+            &format!("math={}", s(&dd)),
+            "--tasks",
+            "0",
+        ],
+        "token_bytes 4 but",
+    ));
+    run_table(cases);
+    // Every protected file is as it was.
+    for (dir, from) in [
+        (&public, "models/public"),
+        (&merged, "models/flexolmo-main"),
+        (&data, "data/math"),
+    ] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "flexolmo.json",
+            "train.bin",
+            "meta.json",
+        ] {
+            if w.join(from).join(f).exists() {
+                assert_eq!(
+                    std::fs::read(dir.join(f)).unwrap(),
+                    std::fs::read(w.join(from).join(f)).unwrap(),
+                    "{from}/{f} changed"
+                );
+            }
+        }
+    }
+}
