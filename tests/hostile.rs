@@ -1212,7 +1212,7 @@ fn third_round() {
                 "--json",
                 &s(&public.join("model.safetensors")),
             ],
-            "would overwrite a file of a flexrun model",
+            "would overwrite a weights file",
         ),
         case(
             "eval --json over a manifest",
@@ -1405,5 +1405,140 @@ fn third_round() {
                 );
             }
         }
+    }
+}
+
+/// A fourth round: outputs onto special files, trailing `/.`, corpora over models and datasets,
+/// weights overwritten by reports, a dataset replaced while its own tokenizer is the input.
+#[test]
+fn fourth_round() {
+    let d = tmp("round4");
+    let w = demo();
+    let public = d.join("public");
+    copy_dir(&w.join("models/public"), &public);
+    let data = d.join("math");
+    copy_dir(&w.join("data/math"), &data);
+    let experts = d.join("experts");
+    copy_dir(&w.join("experts/main"), &experts);
+    let (p, dm) = (s(&public), s(&data));
+    let domain = format!("math={dm}");
+    let fifo = d.join("out.fifo");
+    mkfifo(&fifo);
+    let cases = vec![
+        case(
+            "eval --json onto a FIFO",
+            &[
+                "eval",
+                "--model",
+                &p,
+                "--data",
+                &domain,
+                "--tasks",
+                "0",
+                "--json",
+                &s(&fifo),
+            ],
+            "is not a regular file",
+        ),
+        case(
+            "tokenizer train --out onto a FIFO",
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                &s(&w.join("corpus/math")),
+                "--vocab",
+                "300",
+                "--out",
+                &s(&fifo),
+            ],
+            "is not a regular file",
+        ),
+        case(
+            "eval --json over an expert artifact",
+            &[
+                "eval",
+                "--model",
+                &p,
+                "--data",
+                &domain,
+                "--tasks",
+                "0",
+                "--json",
+                &s(&experts.join("code.safetensors")),
+            ],
+            "would overwrite a weights file",
+        ),
+        case(
+            "merge --out DIR/.",
+            &[
+                "merge",
+                "--public",
+                &p,
+                "--experts",
+                &s(&experts.join("code.safetensors")),
+                "--out",
+                &format!("{}/.", s(&d.join("m"))),
+            ],
+            "without a trailing",
+        ),
+        case(
+            "soup --out DIR/",
+            &[
+                "soup",
+                "--models",
+                &p,
+                "--out",
+                &format!("{}/", s(&d.join("soup"))),
+            ],
+            "without a trailing",
+        ),
+        case(
+            "data synth --out a dataset",
+            &["data", "synth", "--out", &dm, "--docs", "2"],
+            "not a corpus written by data synth",
+        ),
+        case(
+            "data synth --out a model",
+            &["data", "synth", "--out", &p, "--docs", "2"],
+            "not a corpus written by data synth",
+        ),
+        case(
+            "data prepare with the output's own tokenizer",
+            &[
+                "data",
+                "prepare",
+                "--input",
+                &s(&w.join("corpus/math")),
+                "--tokenizer",
+                &s(&data.join("tokenizer.json")),
+                "--out",
+                &dm,
+            ],
+            "would overwrite an input",
+        ),
+    ];
+    run_table(cases);
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo_like());
+    for f in ["code.safetensors", "math.safetensors"] {
+        assert_eq!(
+            std::fs::read(experts.join(f)).unwrap(),
+            std::fs::read(w.join("experts/main").join(f)).unwrap()
+        );
+    }
+    assert!(
+        !d.join(".m.tmp").exists() && !d.join(".soup.tmp").exists(),
+        "no staging directory left"
+    );
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
     }
 }

@@ -87,6 +87,8 @@ pub fn prepare(
         "BPE-dropout must be in [0, 1), got {bpe_dropout}"
     );
     crate::fsutil::check_out(out_dir, &crate::fsutil::DATASET_DIR)?;
+    let input_paths: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::fsutil::check_not_input(out_dir, "--out", &input_paths)?;
     let files = expand_inputs(inputs)?;
     crate::ensure!(
         !files.is_empty(),

@@ -66,6 +66,17 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()>
         crate::limits::MAX_TOKENIZER_VOCAB,
         "far beyond any trained BPE vocabulary",
     )?;
+    // The trainer keeps per-byte state of its whole input (pre-token offsets and words): about
+    // 25 times the text's size.
+    let total: u64 = expand_inputs(files)?
+        .iter()
+        .filter_map(|f| std::fs::metadata(&f.path).ok())
+        .map(|m| m.len())
+        .sum();
+    crate::limits::check_memory(
+        &format!("training a tokenizer on {total} bytes of text"),
+        25 * total as u128,
+    )?;
     let mut docs = Vec::new();
     for file in expand_inputs(files)? {
         docs.extend(read_documents(&file.path)?);

@@ -104,7 +104,7 @@ pub fn load_model(dir: &Path, sel: &Selection) -> Result<Loaded> {
         model.select_experts(&keep)?
     };
     if let Some(k) = sel.top_k {
-        ensure!(k >= 1, "--top-k must be at least 1");
+        ensure!(k >= 1, "--expert-top-k must be at least 1");
         model.cfg.num_experts_per_tok = Some(k.min(keep.len()));
     }
     let mut manifest = manifest;

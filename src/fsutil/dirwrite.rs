@@ -71,7 +71,7 @@ pub fn check_not_input(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
     for input in inputs {
         if let Some(i) = real(input) {
             crate::ensure!(
-                o != i && !o.starts_with(&i),
+                o != i && !o.starts_with(&i) && !i.starts_with(&o),
                 "{flag} {} would overwrite an input ({}): write to another path",
                 out.display(),
                 input.display()
@@ -84,9 +84,23 @@ pub fn check_not_input(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
 /// A single-file output (a JSON report, a plot, a tokenizer) named by `flag`: not a directory, not
 /// a file of a model or dataset directory, and not one of `inputs`.
 pub fn check_output_file(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    super::check_output_syntax(out)?;
     crate::ensure!(
         !out.is_dir(),
         "{flag} {} is a directory; it must name a file",
+        out.display()
+    );
+    if let Ok(m) = fs::metadata(out) {
+        crate::ensure!(
+            m.is_file(),
+            "{flag} {} exists and is not a regular file: write to another path",
+            out.display()
+        );
+    }
+    // Weights (an expert artifact, a shard) are never replaced by a report or a tokenizer.
+    crate::ensure!(
+        !(out.exists() && out.to_string_lossy().ends_with(".safetensors")),
+        "{flag} {} would overwrite a weights file: write to another path",
         out.display()
     );
     if let (Some(dir), Some(name)) = (out.parent(), out.file_name()) {
@@ -118,6 +132,7 @@ pub fn check_model_out(out: &Path) -> Result<()> {
 
 /// Refuse to write a directory of `kind` over `out` when `out` is something else.
 pub fn check_out(out: &Path, kind: &DirKind) -> Result<()> {
+    super::check_output_syntax(out)?;
     let meta = match fs::symlink_metadata(out) {
         Ok(m) => m,
         Err(_) => return Ok(()),
@@ -273,17 +288,40 @@ pub fn write_dir_atomic_as(
         return Err(e);
     }
     sync_dir(&tmp);
-    if !out.exists() {
-        fs::rename(&tmp, out).with_context(|| format!("installing {}", out.display()))?;
-    } else if exchange(&tmp, out)? {
-        // `tmp` now holds the old directory: keep what is not the model, drop the rest.
-        carry_over(&tmp, out, kind)?;
-        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    install(out, &tmp, &old, kind)
+}
+
+/// Swap the filled `tmp` in as `out` (see [`write_dir_atomic_as`]).
+fn install(out: &Path, tmp: &Path, old: &Path, kind: &DirKind) -> Result<()> {
+    // Until the swap succeeds, `tmp` holds only the new content: a failure drops it, and `out`
+    // is as it was.
+    let swapped = if !out.exists() {
+        fs::rename(tmp, out).with_context(|| format!("installing {}", out.display()))
     } else {
-        fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
-        fs::rename(&tmp, out).with_context(|| format!("installing {}", out.display()))?;
-        carry_over(&old, out, kind)?;
-        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        match exchange(tmp, out) {
+            Ok(true) => Ok(()),
+            Ok(false) => fs::rename(out, old)
+                .with_context(|| format!("moving {} aside", out.display()))
+                .and_then(|_| {
+                    fs::rename(tmp, out).with_context(|| format!("installing {}", out.display()))
+                }),
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = swapped {
+        let _ = fs::remove_dir_all(tmp);
+        if old.exists() && !out.exists() {
+            let _ = fs::rename(old, out);
+        }
+        return Err(e);
+    }
+    // `tmp` (exchanged) or `old` (moved aside) now holds the old directory: keep what is not
+    // the model, drop the rest.
+    for prev in [tmp, old] {
+        if prev.exists() {
+            carry_over(prev, out, kind)?;
+            fs::remove_dir_all(prev).with_context(|| format!("removing {}", prev.display()))?;
+        }
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         sync_dir(parent);

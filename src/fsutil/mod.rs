@@ -34,6 +34,16 @@ pub fn write_atomic(
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
+    // Replacing a device, a FIFO or a directory by a regular file would destroy it (as root,
+    // `--json /dev/null` would turn /dev/null into a file).
+    if let Ok(m) = std::fs::metadata(path) {
+        crate::ensure!(
+            m.is_file(),
+            "{} exists and is not a regular file: write to another path",
+            path.display()
+        );
+    }
+    check_output_syntax(path)?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         name.to_string_lossy(),
@@ -55,6 +65,25 @@ pub fn write_atomic(
         let _ = fs::remove_file(&tmp);
     }
     result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// An output path must name its file or directory plainly: one ending in `/`, `/.` or `/..`
+/// resolves to another name than the one a sibling temporary file is made from.
+pub fn check_output_syntax(path: &Path) -> Result<()> {
+    let s = path.as_os_str().to_string_lossy();
+    let last = path.components().next_back();
+    crate::ensure!(
+        !s.ends_with('/')
+            && !matches!(
+                last,
+                Some(std::path::Component::CurDir | std::path::Component::ParentDir) | None
+            )
+            && !s.ends_with("/.")
+            && s != ".",
+        "output {} must name a file or directory without a trailing '/', '.' or '..'",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Write `bytes` to `path` atomically.

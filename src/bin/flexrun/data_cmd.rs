@@ -85,6 +85,8 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
             seed,
             bpe_dropout,
         } => {
+            // The dataset directory is replaced whole: its tokenizer cannot be an input.
+            flexrun::fsutil::check_not_input(&out, "--out", &[&tokenizer])?;
             let tok = Tokenizer::load(&tokenizer)?;
             let meta = shards::prepare(&input, &tok, &out, valid_fraction, seed, bpe_dropout)?;
             outln!(

@@ -149,6 +149,15 @@ pub fn generate_docs(domain: &str, seed: u64, n: usize, split: Split) -> Result<
 /// `{"text": ...}` object per line; each domain directory is what one data owner holds) and
 /// `out_dir/flexmix.json` with the config, so evaluation can regenerate the tasks.
 pub fn write_corpus(out_dir: &Path, cfg: &SynthConfig) -> Result<()> {
+    // Only into a new or empty directory, or over a corpus this command wrote.
+    crate::fsutil::check_out(
+        out_dir,
+        &crate::fsutil::DirKind {
+            what: "a corpus written by data synth",
+            markers: &["public"],
+            owns: |_| false,
+        },
+    )?;
     for &domain in DOMAINS {
         let dir = out_dir.join(domain);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
