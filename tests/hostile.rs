@@ -1227,7 +1227,7 @@ fn third_round() {
                 "--json",
                 &s(&merged.join("flexolmo.json")),
             ],
-            "would overwrite a file of a flexrun model",
+            "would overwrite a file of",
         ),
         case(
             "analyze-routing --out over config.json",
@@ -1240,7 +1240,7 @@ fn third_round() {
                 "--out",
                 &s(&merged.join("config.json")),
             ],
-            "would overwrite a file of a flexrun model",
+            "would overwrite a file of",
         ),
         case(
             "extract --json over a shard",
@@ -1255,7 +1255,7 @@ fn third_round() {
                 "--json",
                 &s(&data.join("train.bin")),
             ],
-            "would overwrite a file of a prepared dataset",
+            "would overwrite a file of",
         ),
         case(
             "compare --json over meta.json",
@@ -1270,7 +1270,7 @@ fn third_round() {
                 "--json",
                 &s(&data.join("meta.json")),
             ],
-            "would overwrite a file of a prepared dataset",
+            "would overwrite a file of",
         ),
         case(
             "tokenizer train --out over config.json",
@@ -1284,7 +1284,7 @@ fn third_round() {
                 "--out",
                 &s(&public.join("config.json")),
             ],
-            "would overwrite a file of a flexrun model",
+            "would overwrite a file of",
         ),
         case(
             "tokenizer train --out over a corpus file in an input directory",
@@ -1541,4 +1541,114 @@ impl FifoLike for std::fs::FileType {
         use std::os::unix::fs::FileTypeExt;
         self.is_fifo()
     }
+}
+
+/// A fifth round: run files replaced by reports, another expert's artifact replaced by training,
+/// a demo into a directory it did not make.
+#[test]
+fn fifth_round() {
+    let d = tmp("round5");
+    let w = demo();
+    let public = d.join("public");
+    copy_dir(&w.join("models/public"), &public);
+    let experts = d.join("experts");
+    copy_dir(&w.join("experts/main"), &experts);
+    std::fs::write(d.join("notes.txt"), "mine").unwrap();
+    // A checkpoint directory, as a training run leaves it.
+    std::fs::create_dir_all(public.join("checkpoint")).unwrap();
+    std::fs::write(public.join("checkpoint/trainer_state.json"), "{}").unwrap();
+    let merged = s(&w.join("models/flexolmo-main"));
+    let domain = format!("code={}", s(&w.join("data/code")));
+    let cases = vec![
+        case(
+            "analyze-routing --out over a run's loss.svg",
+            &[
+                "analyze-routing",
+                "--model",
+                &merged,
+                "--data",
+                &domain,
+                "--out",
+                &s(&public.join("loss.svg")),
+            ],
+            "would overwrite a file of the model, run or dataset",
+        ),
+        case(
+            "tokenizer train --out over a run's log",
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                &s(&w.join("corpus/code")),
+                "--vocab",
+                "300",
+                "--out",
+                &s(&public.join("train_log.jsonl")),
+            ],
+            "would overwrite a file of the model, run or dataset",
+        ),
+        case(
+            "eval --json over a checkpoint's state",
+            &[
+                "eval",
+                "--model",
+                &merged,
+                "--data",
+                &domain,
+                "--tasks",
+                "0",
+                "--json",
+                &s(&public.join("checkpoint/trainer_state.json")),
+            ],
+            "would overwrite a file of the model, run or dataset",
+        ),
+        case(
+            "train-expert over another expert's artifact",
+            &[
+                "train-expert",
+                "--public",
+                &s(&public),
+                "--data",
+                &s(&w.join("data/math")),
+                "--name",
+                "math",
+                "--out",
+                &s(&experts.join("code.safetensors")),
+                "--steps",
+                "1",
+            ],
+            "holds expert 'code'",
+        ),
+        case(
+            "train-expert over a file that is not an artifact",
+            &[
+                "train-expert",
+                "--public",
+                &s(&public),
+                "--data",
+                &s(&w.join("data/math")),
+                "--name",
+                "math",
+                "--out",
+                &s(&d.join("notes.txt")),
+                "--steps",
+                "1",
+            ],
+            "is not an expert artifact",
+        ),
+        case(
+            "demo into a directory it did not make",
+            &["demo", "--quick", "--out", &s(&d)],
+            "not an earlier demo",
+        ),
+    ];
+    run_table(cases);
+    assert_eq!(
+        std::fs::read_to_string(d.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read(experts.join("code.safetensors")).unwrap(),
+        std::fs::read(w.join("experts/main/code.safetensors")).unwrap()
+    );
 }

@@ -417,7 +417,24 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
     let w = Work {
         root: work_dir.to_path_buf(),
     };
-    std::fs::create_dir_all(work_dir)?;
+    // Only into a new or empty directory, or over an earlier demo.
+    crate::fsutil::check_out(
+        work_dir,
+        &crate::fsutil::DirKind {
+            what: "an earlier demo",
+            markers: &[
+                "results.json",
+                "corpus",
+                "data",
+                "models",
+                "runs",
+                "tokenizer.json",
+            ],
+            owns: |_| false,
+        },
+    )?;
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
     let corpus = match &c.corpus {
         Some(dir) => dir.clone(),
         None => {

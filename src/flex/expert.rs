@@ -252,7 +252,41 @@ pub fn check_artifact_out(out: &Path) -> Result<()> {
         "--out {} is a directory; it must name the expert artifact file (.safetensors)",
         out.display()
     );
+    crate::fsutil::check_output_syntax(out)?;
     Ok(())
+}
+
+/// An existing file at `out` may be replaced only by a new version of the same expert (a
+/// resumed or extended run): never a file that is not an expert artifact, nor another expert's.
+fn check_replaces_own_artifact(out: &Path, name: &str) -> Result<()> {
+    let Ok(m) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    ensure!(
+        m.is_file(),
+        "--out {} exists and is not a regular file: write to another path",
+        out.display()
+    );
+    let (file, _) = crate::fsutil::open_regular(out, "expert artifact")?;
+    // SAFETY: a read-only map of a regular file, dropped before returning.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("mapping {}", out.display()))?;
+    let owner = safetensors::SafeTensors::read_metadata(&map)
+        .ok()
+        .and_then(|(_, h)| h.metadata().as_ref()?.get("flexrun_expert").cloned())
+        .and_then(|m| serde_json::from_str::<ExpertMeta>(&m).ok())
+        .map(|m| m.name);
+    match owner {
+        Some(n) if n == name => Ok(()),
+        Some(n) => bail!(
+            "--out {} holds expert '{n}': training '{name}' would replace it; write to another path",
+            out.display()
+        ),
+        None => bail!(
+            "--out {} exists and is not an expert artifact: write to another path",
+            out.display()
+        ),
+    }
 }
 
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
@@ -276,6 +310,7 @@ pub fn train_expert(
         "--out and --run-dir are both {}: the artifact and the run need two paths",
         opts.out.display()
     );
+    check_replaces_own_artifact(&opts.out, &opts.name)?;
     // One writer per artifact: a second run for the same --out is refused now, not at the end.
     let _lock = crate::fsutil::PathLock::acquire(&opts.out)?;
     check_expert_settings(

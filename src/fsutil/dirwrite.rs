@@ -110,6 +110,24 @@ pub fn check_output_file(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()>
             dir
         };
         let name = name.to_string_lossy();
+        // Nothing in a model, run, checkpoint or dataset directory is replaced by a report.
+        let kept = [
+            "trainer_state.json",
+            "optimizer.safetensors",
+            "train_log.jsonl",
+        ];
+        let marked = MODEL_DIR
+            .markers
+            .iter()
+            .chain(DATASET_DIR.markers)
+            .chain(&kept)
+            .any(|m| dir.join(m).exists());
+        crate::ensure!(
+            !(marked && out.exists()),
+            "{flag} {} would overwrite a file of the model, run or dataset in {}: write to another path",
+            out.display(),
+            dir.display()
+        );
         for kind in [&MODEL_DIR, &DATASET_DIR] {
             let marked = kind.markers.iter().any(|m| dir.join(m).exists());
             crate::ensure!(
