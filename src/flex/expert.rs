@@ -311,6 +311,7 @@ pub fn train_expert(
         opts.out.display()
     );
     check_replaces_own_artifact(&opts.out, &opts.name)?;
+    crate::fsutil::check_model_out(&opts.run_dir)?;
     // One writer per artifact: a second run for the same --out is refused now, not at the end.
     let _lock = crate::fsutil::PathLock::acquire(&opts.out)?;
     check_expert_settings(

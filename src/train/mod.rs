@@ -192,6 +192,9 @@ impl<'a> Trainer<'a> {
         // A model write into this directory that was interrupted (pretrain's run directory is
         // also its model directory) is finished first, so the run's checkpoint is in place.
         crate::fsutil::recover_interrupted(dir)?;
+        // A run directory is new, empty, or an earlier run or model: never a dataset or a
+        // directory of other files (a run's checkpoint and log would be mixed into them).
+        crate::fsutil::check_model_out(dir)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| crate::Error(format!("creating {}: {e}", dir.display())))?;
         let run = RunDir {
