@@ -121,6 +121,7 @@ impl TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
+        let loss = crate::model::LossCoefs::default();
         TrainConfig {
             steps: 200,
             batch: 8,
@@ -134,13 +135,14 @@ impl Default for TrainConfig {
             seed: 0,
             eval_every: 0,
             save_every: 0,
-            z_loss: 1e-5,
-            router_z_loss: 1e-3,
-            public_anchor: 0.0,
-            public_anchor_layers: Vec::new(),
-            router_own: 0.0,
-            router_public: 0.0,
-            expert_loudness: 0.0,
+            // The loss weights default as the model's loss does.
+            z_loss: loss.z_loss,
+            router_z_loss: loss.router_z_loss,
+            public_anchor: loss.public_anchor,
+            public_anchor_layers: loss.public_anchor_layers,
+            router_own: loss.router_own,
+            router_public: loss.router_public,
+            expert_loudness: loss.expert_loudness,
             dp: None,
         }
     }
