@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod gpu;
+pub mod infer;
 pub mod params;
 pub mod runner;
 

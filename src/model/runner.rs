@@ -3,7 +3,8 @@
 //! benchmarks, the CLI) takes a [`Runner`] instead of choosing between a CPU and a GPU function.
 
 use super::gpu::{GpuKvCache, GpuModel};
-use super::{Config, KvCache, Model};
+use super::infer::{SeqCache, SeqStep};
+use super::{Config, Model};
 use crate::backend::Device;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -82,13 +83,12 @@ impl Runner<'_> {
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<Cache> {
         Ok(match self {
             Runner::Cpu(m) => {
-                crate::ensure!(
-                    capacity <= m.cfg.max_position_embeddings,
-                    "kv cache of {capacity} positions exceeds max_position_embeddings {}",
-                    m.cfg.max_position_embeddings
-                );
                 m.cfg.check_cache_memory(batch, capacity)?;
-                Cache::Cpu(KvCache::new(&m.cfg, batch, capacity))
+                Cache::Cpu(
+                    (0..batch)
+                        .map(|_| SeqCache::new(&m.cfg, capacity))
+                        .collect::<Result<_>>()?,
+                )
             }
             Runner::Gpu(g) => Cache::Gpu(g.new_cache(batch, capacity)?),
         })
@@ -105,11 +105,22 @@ impl Runner<'_> {
     ) -> Result<Vec<Vec<f32>>> {
         match (self, cache) {
             (Runner::Cpu(m), Cache::Cpu(c)) => {
-                let mut tape = crate::autograd::Tape::inference();
-                let f = m.forward(&mut tape, ids, b, t, Some(c))?;
-                let logits = tape.value(f.logits);
-                let rows: Vec<Vec<f32>> =
-                    (0..b).map(|r| logits.row(r * t + t - 1).to_vec()).collect();
+                crate::ensure!(
+                    ids.len() == b * t && b == c.len(),
+                    "step: {} ids for {b} x {t} with a cache of {} sequences",
+                    ids.len(),
+                    c.len()
+                );
+                let mut seqs: Vec<SeqStep<'_>> = c
+                    .iter_mut()
+                    .zip(ids.chunks_exact(t.max(1)))
+                    .map(|(cache, ids)| SeqStep {
+                        ids,
+                        cache,
+                        allowed: None,
+                    })
+                    .collect();
+                let rows = m.step_seqs(&mut seqs)?.logits;
                 rows.iter().try_for_each(|r| finite(r))?;
                 Ok(rows)
             }
@@ -138,7 +149,7 @@ impl Runner<'_> {
 
 /// Outputs must be finite: finite weights can still overflow f32 on the way (weights near 3e38),
 /// and a NaN logit would print as `null` or sample nothing.
-fn finite(v: &[f32]) -> Result<()> {
+pub fn finite(v: &[f32]) -> Result<()> {
     crate::ensure!(
         v.iter().all(|x| x.is_finite()),
         "the model's output is not finite (NaN or infinity): its weights overflow f32 on the way"
@@ -146,8 +157,9 @@ fn finite(v: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// A KV cache on the device of the [`Runner`] that made it.
+/// A KV cache on the device of the [`Runner`] that made it (on the CPU, one per sequence: the
+/// batch-invariant path of `model::infer`).
 pub enum Cache {
-    Cpu(KvCache),
+    Cpu(Vec<SeqCache>),
     Gpu(GpuKvCache),
 }

@@ -41,6 +41,28 @@ impl RopeTable {
     pub fn max_pos(&self) -> usize {
         self.max_pos
     }
+
+    /// Rotate one row `[heads * hd]` in place as position `pos` (the arithmetic of [`rope`]).
+    pub fn apply_row(&self, x: &mut [f32], pos: usize) {
+        let (hd, half) = (self.hd, self.hd / 2);
+        assert!(
+            pos < self.max_pos,
+            "rope: position {pos} beyond table {}",
+            self.max_pos
+        );
+        let (c, s) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
+        for h in x.chunks_mut(hd) {
+            let (x1, x2) = h.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
 }
 
 /// Apply RoPE to `x` `[B*T, heads*hd]` with positions `offset + t` (t = row index within a sequence).
