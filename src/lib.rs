@@ -16,6 +16,7 @@ pub mod demo;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod serve;
 pub mod tensor;
 pub mod train;
 

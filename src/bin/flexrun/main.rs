@@ -28,6 +28,7 @@ mod eval_cmd;
 mod flex_cmd;
 mod model_cmd;
 mod opts;
+mod serve_cmd;
 
 use clap::{Parser, Subcommand};
 use flexrun::error::Result;
@@ -87,6 +88,8 @@ enum Cmd {
     Extract(eval_cmd::ExtractArgs),
     /// The main job: the whole FlexOlmo pipeline on the built-in corpus, with baselines.
     Demo(demo_cmd::DemoArgs),
+    /// An OpenAI-compatible HTTP server: continuous batching, and experts opted out per request.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -107,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compare(a) => eval_cmd::compare(a),
         Cmd::Extract(a) => eval_cmd::extract(a),
         Cmd::Demo(a) => demo_cmd::run(a),
+        Cmd::Serve(a) => serve_cmd::serve(a),
     }
 }
 
