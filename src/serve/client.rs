@@ -83,8 +83,14 @@ fn send(
         req += &format!("{k}: {v}\r\n");
     }
     req += "\r\n";
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
+    // A server may answer before the body is sent (413 for a body too large) and close: the
+    // answer is still read.
+    if let Err(e) = s.write_all(req.as_bytes()).and_then(|_| s.write_all(body)) {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        if !matches!(e.kind(), BrokenPipe | ConnectionReset) {
+            return Err(e.into());
+        }
+    }
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line)?;

@@ -273,7 +273,7 @@ async fn prepare(st: &St, headers: &HeaderMap, body: Body) -> Result<Prepared, A
             ),
         ));
     }
-    if prompt.len() as u64 + req.max_tokens > ctx {
+    if (prompt.len() as u64).saturating_add(req.max_tokens) > ctx {
         return Err(ApiError::bad(
             "max_tokens",
             format!(

@@ -76,13 +76,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Some(p) => Some(Policy::load(p, &experts)?),
         None => None,
     };
-    let loopback = matches!(a.host.as_str(), "127.0.0.1" | "localhost" | "::1");
-    if policy.is_none() && !loopback {
-        flexrun::note!(
-            "warning: serving on {} without --policy: anyone who can reach it may use every expert",
-            a.host
-        );
-    }
     if loaded.manifest.as_ref().is_some_and(|m| !m.strict_opt_out) {
         flexrun::note!("note: this model was router-tuned: a request that excludes experts is not identical to a model that never had them");
     }
@@ -110,7 +103,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tokenizer: tokenizer.map(Arc::new),
         policy,
     };
+    let open = served.policy.is_none();
     let server = Server::start(served, cfg, true)?;
+    if open && !server.addr.ip().is_loopback() {
+        flexrun::note!(
+            "warning: serving on {} without --policy: anyone who can reach it may use every expert",
+            server.addr
+        );
+    }
     outln!(
         "serving {model_id} on http://{} ({}; up to {} sequences per step, on the CPU)",
         server.addr,
