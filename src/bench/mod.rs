@@ -450,3 +450,4 @@ mod tests {
 
 pub mod attention;
 pub mod moe;
+pub mod serve;

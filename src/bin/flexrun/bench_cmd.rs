@@ -1,6 +1,6 @@
 //! `flexrun bench`: throughput of the kernels, of decoding and of training steps.
 
-use crate::opts::{parse_ids, DeviceOpts};
+use crate::opts::{parse_ids, DeviceOpts, SelectOpts};
 use clap::Subcommand;
 use flexrun::backend::{cuda, Device};
 use flexrun::error::{Context, Result};
@@ -87,6 +87,31 @@ pub enum BenchCmd {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
+    /// `flexrun serve` on the loopback: the same streamed requests (cycling through expert
+    /// selections) one after another, then from concurrent clients; tokens/s, p50/p99 latency
+    /// and time to first token, and whether every request's tokens were the same both times.
+    Serve {
+        #[command(flatten)]
+        sel: SelectOpts,
+        /// Concurrent streaming clients (also the server's batch size).
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 64)]
+        requests: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Seconds any one request may take.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
         #[command(flatten)]
         device: DeviceOpts,
         #[arg(long)]
@@ -242,6 +267,57 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     r.params,
                     r.step_ms,
                     r.tokens_per_s,
+                );
+            }
+        }
+        BenchCmd::Serve {
+            sel,
+            clients,
+            requests,
+            prompt_tokens,
+            max_tokens,
+            temperature,
+            timeout,
+            device,
+            json,
+        } => {
+            device.cpu_only("serve")?;
+            let loaded = sel.load()?;
+            let served = flexrun::serve::Served {
+                model: std::sync::Arc::new(loaded.model),
+                experts: loaded.expert_names,
+                tokenizer: None,
+                policy: None,
+            };
+            let b = flexrun::bench::serve::ServeBench {
+                clients,
+                requests,
+                prompt_tokens,
+                max_tokens,
+                temperature,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            let r = flexrun::bench::serve::serve(served, &b)?;
+            if json {
+                outln!("{}", serde_json::to_string(&r)?);
+            } else {
+                outln!(
+                    "{} requests ({prompt_tokens} prompt tokens, up to {max_tokens} new, temperature {temperature}), experts cycling through {}, on the CPU",
+                    r.requests,
+                    r.selections.join(" ")
+                );
+                for p in [&r.sequential, &r.concurrent] {
+                    outln!(
+                        "{:>3} client(s): {:6} tokens in {:6.2} s = {:8.1} tokens/s | latency p50 {:8.1} ms p99 {:8.1} ms | first token p50 {:7.1} ms p99 {:7.1} ms",
+                        p.clients, p.tokens, p.seconds, p.tokens_per_s, p.latency_p50_ms,
+                        p.latency_p99_ms, p.ttft_p50_ms, p.ttft_p99_ms
+                    );
+                }
+                outln!(
+                    "speed-up {:.1}x; bit-exact alone and batched: {}/{} requests",
+                    r.speedup,
+                    r.bit_exact,
+                    r.requests
                 );
             }
         }
