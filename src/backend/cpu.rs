@@ -9,6 +9,10 @@ use gemm::Parallelism;
 #[path = "simd.rs"]
 pub mod simd;
 
+#[path = "rowdot.rs"]
+pub mod rowdot;
+pub use rowdot::rows_abt;
+
 /// Below this many multiply-adds a GEMM runs on the calling thread: threading costs more.
 const GEMM_PARALLEL_MIN_FLOPS: usize = 1 << 16;
 
@@ -209,58 +213,6 @@ unsafe fn skinny_abt(
                 }
             }
         });
-}
-
-/// Output columns per task of [`rows_abt`]: 32 rows of `W` (128 KiB at K = 1024 in f32) stay in
-/// L2 while every input row passes over them.
-const ROWS_ABT_COLS: usize = 32;
-
-/// `y[m, n] = x[m, k] @ w[n, k]^T` where every element is the one [`simd::dot`] of its input row
-/// and weight row: a row's result is bit-identical whatever other rows share the call, how many
-/// there are, and how many threads run it (batch-invariant; the serving engine's linear layers).
-/// `w` may be stored in bf16 (converted per block of 32 rows). Tasks own blocks of output
-/// columns; the cost against the GEMM is prefill speed (one load of each operand per FMA).
-pub fn rows_abt(x: &[f32], m: usize, w: &crate::tensor::Tensor) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (n, k) = (w.rows(), w.cols());
-    assert_eq!(
-        x.len(),
-        m * k,
-        "rows_abt: x holds {} values for {m} x {k}",
-        x.len()
-    );
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let yp = SendPtr(y.as_mut_ptr());
-    let block = |j0: usize| {
-        let j1 = (j0 + ROWS_ABT_COLS).min(n);
-        let mut buf = Vec::new();
-        let wf: &[f32] = match w.dtype() {
-            crate::tensor::DType::F32 => &w.data()[j0 * k..j1 * k],
-            crate::tensor::DType::BF16 => {
-                buf.resize((j1 - j0) * k, 0f32);
-                w.rows_to_f32(j0, j1 - j0, &mut buf);
-                &buf
-            }
-        };
-        for i in 0..m {
-            let xi = &x[i * k..(i + 1) * k];
-            for j in j0..j1 {
-                let v = simd::dot(xi, &wf[(j - j0) * k..(j - j0 + 1) * k]);
-                // SAFETY: element (i, j) lies inside the m*n buffer; columns j0..j1 are this
-                // task's alone.
-                unsafe { yp.get().add(i * n + j).write(v) };
-            }
-        }
-    };
-    let starts = (0..n).step_by(ROWS_ABT_COLS);
-    if m * n * k < GEMM_PARALLEL_MIN_FLOPS {
-        starts.for_each(block);
-    } else {
-        starts.collect::<Vec<_>>().into_par_iter().for_each(block);
-    }
-    // SAFETY: the blocks cover every column of every row.
-    unsafe { y.set_len(m * n) };
-    y
 }
 
 #[derive(Clone, Copy)]
@@ -569,41 +521,6 @@ mod tests {
         add_assign(&mut d, &x);
         assert!(d.iter().zip(&x).all(|(a, b)| *a == 2.0 * b));
         assert_eq!(matmul_new(3, 2, 0, &[], false, &[], false), vec![0.0; 6]);
-    }
-
-    /// Each row of the batch-invariant product is bit-identical alone and in any batch, in f32
-    /// and bf16 storage, and close to the GEMM.
-    #[test]
-    fn rows_abt_rows_do_not_depend_on_the_batch() {
-        use crate::tensor::{DType, Tensor};
-        use rand::{Rng, SeedableRng};
-        let mut r = rand::rngs::StdRng::seed_from_u64(3);
-        for (m, n, k) in [(1, 1, 1), (7, 45, 33), (70, 100, 129), (3, 600, 64)] {
-            let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-1.0..1.0)).collect();
-            let w = Tensor::randn(&[n, k], 1.0, &mut r);
-            for w in [w.clone(), w.to_dtype(DType::BF16)] {
-                let all = rows_abt(&x, m, &w);
-                let wf = w.to_dtype(DType::F32);
-                let want = naive(m, n, k, &x, false, wf.data(), true);
-                for (a, b) in all.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "{m}x{n}x{k}: {a} vs {b}"
-                    );
-                }
-                for i in [0, m / 2, m - 1] {
-                    let one = rows_abt(&x[i * k..(i + 1) * k], 1, &w);
-                    assert_eq!(
-                        one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        all[i * n..(i + 1) * n]
-                            .iter()
-                            .map(|v| v.to_bits())
-                            .collect::<Vec<_>>(),
-                        "{m}x{n}x{k} row {i}"
-                    );
-                }
-            }
-        }
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+type Headers = Vec<(String, String)>;
+
 /// The largest response body read.
 const MAX_BODY: usize = 64 << 20;
 
@@ -67,7 +69,7 @@ fn send(
     headers: &[(&str, &str)],
     body: &[u8],
     timeout: Duration,
-) -> Result<(BufReader<TcpStream>, u16, Vec<(String, String)>)> {
+) -> Result<(BufReader<TcpStream>, u16, Headers)> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
