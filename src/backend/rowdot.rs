@@ -9,7 +9,8 @@
 //! micro-kernel at 1 row or 1 column, which performs the very same operations per element; the
 //! portable kernel (no AVX2) performs them too, so every path gives the same bits. What batch
 //! invariance costs against a GEMM: no blocking along `k` across calls, and a horizontal
-//! reduction per element (a sixth more work at k = 256, little at k = 4096).
+//! reduction per element (a sixth more work at k = 256, little at k = 4096). Measured against
+//! the tape's GEMM on the decode benchmark: BENCHMARKS.md, "CPU decoding and serving".
 
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -18,8 +19,9 @@ use rayon::prelude::*;
 const L: usize = 8;
 /// Output columns per task: their weight rows stay in L2 while every input row passes.
 const COLS: usize = 64;
-/// Below this many multiply-adds the product runs on the calling thread.
-const PARALLEL_MIN: usize = 1 << 16;
+/// Below this many multiply-adds the product runs on the calling thread (one-row products of
+/// the small configs are 1.5-3x faster so: they are memory-bound, and a fork costs more).
+const PARALLEL_MIN: usize = 1 << 20;
 
 #[derive(Clone, Copy)]
 struct P(*mut f32);
