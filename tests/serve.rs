@@ -800,3 +800,23 @@ print(json.dumps({"models": ids, "text": r.choices[0].text, "stream": s,
     assert_eq!(ids(&v["ids"]), want);
     assert_eq!(v["usage"], json!(3 + want.len()));
 }
+
+/// A load check on the loopback: `flexrun bench serve` with 16 concurrent streams (bounded in
+/// count and time) finishes every request, and every request's tokens match its run alone.
+#[test]
+fn a_load_of_concurrent_streams_stays_bit_exact() {
+    let o = Command::new(bin())
+        .args(["bench", "serve", "--model"])
+        .arg(demo_model())
+        .args(["--expert-top-k", "2", "--clients", "16", "--requests", "48", "--max-tokens", "24"])
+        .args(["--timeout", "60", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["requests"], 48);
+    assert_eq!(v["bit_exact"], 48, "{v}");
+    assert_eq!(v["concurrent"]["tokens"], v["sequential"]["tokens"]);
+    assert!(v["concurrent"]["tokens"].as_u64().unwrap() > 0);
+    assert_eq!(v["concurrent"]["clients"], 16);
+}
