@@ -906,3 +906,111 @@ fn compare_splits_the_gap_to_a_reference_by_token() {
         "tokens",
     );
 }
+
+/// The BTX and prompt-routing baselines from the command line: `btx` writes a merged model
+/// whose experts are the public and dense FFNs (it generates, and says strict opt-out does not
+/// hold), `eval --route` scores a routed ensemble; bad settings are one-line errors.
+#[test]
+fn btx_and_prompt_routing_baselines() {
+    let d = tmp("btx");
+    let w = d.join("w");
+    let (code, _, err) = flexrun(&["demo", "--quick", "--out", w.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let p = |rel: &str| w.join(rel).to_str().unwrap().to_string();
+    let out = d.join("btx");
+    let out_s = out.to_str().unwrap();
+    let (public, code_m, math_m) = (
+        p("models/public"),
+        p("models/dense-code"),
+        p("models/dense-math"),
+    );
+    let (dc, dm) = (format!("code={code_m}"), format!("math={math_m}"));
+    let pdata = p("data/public");
+    let base = [
+        "btx", "--public", &public, "--data", &pdata, "--steps", "3", "--batch", "2", "--seq",
+        "16", "--quiet",
+    ];
+    let mut ok: Vec<&str> = base.to_vec();
+    ok.extend(["--dense", &dc, &dm, "--out", out_s]);
+    let (code, stdout, err) = flexrun(&ok);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("top-3"), "{stdout}");
+    let manifest = std::fs::read_to_string(out.join("flexolmo.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let names: Vec<&str> = m["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["public", "code", "math"]);
+    assert_eq!(m["strict_opt_out"], false);
+    let (code, stdout, err) = flexrun(&[
+        "generate",
+        "--model",
+        out_s,
+        "--ids",
+        "5,6,7",
+        "--max-new-tokens",
+        "4",
+        "--exclude",
+        "math",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!stdout.trim().is_empty());
+    let other = d.join("btx2");
+    let other_s = other.to_str().unwrap();
+    for (extra, needle) in [
+        (vec!["--dense", &dc, &dc, "--out", other_s], "given twice"),
+        (vec!["--dense", "public=x", "--out", other_s], "reserved"),
+        (
+            vec!["--dense", &dc, "--top-k", "3", "--out", other_s],
+            "--top-k 3",
+        ),
+        (vec!["--dense", "code", "--out", other_s], "NAME=DIR"),
+        (vec!["--dense", &dc, "--out", &public], "--out"),
+    ] {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(extra);
+        assert_clean_error(&args, needle);
+    }
+    let route = format!("public={public},code={code_m},math={math_m}");
+    let (dp, dcd, dmd) = (
+        format!("public={pdata}"),
+        format!("code={}", p("data/code")),
+        format!("math={}", p("data/math")),
+    );
+    let (code, stdout, err) = flexrun(&[
+        "eval",
+        "--route",
+        &route,
+        "--data",
+        &dp,
+        &dcd,
+        &dmd,
+        "--tokens",
+        "64",
+        "--seq",
+        "16",
+        "--tasks",
+        "0",
+        "--route-queries",
+        "4",
+        "--route-prompt",
+        "8",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("| prompt routing |"), "{stdout}");
+    assert_clean_error(
+        &["eval", "--route", &format!("code={code_m}"), "--data", &dcd],
+        "named public",
+    );
+    assert_clean_error(
+        &["eval", "--route", &route, "--data", &dp, &dcd],
+        "no --data domain named math",
+    );
+    assert_clean_error(
+        &["eval", "--route", &route, "--model", &public, "--data", &dp],
+        "cannot be used with",
+    );
+}

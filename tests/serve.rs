@@ -808,7 +808,16 @@ fn a_load_of_concurrent_streams_stays_bit_exact() {
     let o = Command::new(bin())
         .args(["bench", "serve", "--model"])
         .arg(demo_model())
-        .args(["--expert-top-k", "2", "--clients", "16", "--requests", "48", "--max-tokens", "24"])
+        .args([
+            "--expert-top-k",
+            "2",
+            "--clients",
+            "16",
+            "--requests",
+            "48",
+            "--max-tokens",
+            "24",
+        ])
         .args(["--timeout", "60", "--json"])
         .output()
         .unwrap();

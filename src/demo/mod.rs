@@ -1,6 +1,7 @@
 //! `flexrun demo`, the main job: on the built-in FlexMix corpus, pretrain a public model, train
 //! each closed-domain expert independently, merge them, and evaluate the public model, each dense
-//! expert, the soup, BTM, FlexOlmo with all experts and with each expert opted out; then analyse
+//! expert, the soup, BTM, BTX, prompt routing, FlexOlmo with all experts and with each expert
+//! opted out; then analyse
 //! routing and check the FlexOlmo acceptance criteria. Optional ablations: no bias, random router
 //! init, and a top-k sweep.
 
@@ -19,6 +20,7 @@ use crate::model::runner::Placed;
 use crate::model::{checkpoint, Config, Model};
 use crate::train::{pretrain, RunDir, TrainConfig};
 
+mod baselines;
 mod report;
 pub use report::{acceptance, render};
 use serde::Serialize;
@@ -79,6 +81,11 @@ pub struct DemoConfig {
     pub extract_max_new: usize,
     pub btm_temperature: f32,
     pub btm_top_k: usize,
+    /// BTX baseline: router-training steps on public data.
+    pub btx_steps: u64,
+    /// Prompt-routing baseline: labelled queries per domain, and the tokens of each query.
+    pub route_queries: usize,
+    pub route_prompt: usize,
     pub ablations: bool,
     /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
     /// instead of the built-in FlexMix; tasks are then not evaluated.
@@ -119,6 +126,9 @@ impl Default for DemoConfig {
             extract_max_new: 64,
             btm_temperature: 1.0,
             btm_top_k: 2,
+            btx_steps: 200,
+            route_queries: 32,
+            route_prompt: 32,
             ablations: false,
             corpus: None,
         }
@@ -152,6 +162,9 @@ impl DemoConfig {
             ("--embed-docs", self.embed_docs as u64),
             ("--top-k", self.top_k as u64),
             ("--btm-top-k", self.btm_top_k as u64),
+            ("--btx-steps", self.btx_steps),
+            ("--route-queries", self.route_queries as u64),
+            ("--route-prompt", self.route_prompt as u64),
         ] {
             ensure!(n > 0, "{what} must be at least 1");
         }
@@ -212,6 +225,9 @@ impl DemoConfig {
             tasks: 4,
             extract_docs: 4,
             extract_max_new: 16,
+            btx_steps: 6,
+            route_queries: 6,
+            route_prompt: 8,
             ..Default::default()
         }
     }
@@ -236,6 +252,9 @@ pub struct DemoReport {
     /// The data extraction check per closed domain: public, dense expert, FlexOlmo, and
     /// FlexOlmo without that domain's expert.
     pub extraction: Vec<ExtractionRow>,
+    /// The prompt-routing baseline's router: per domain, the fraction of held-out windows it sent
+    /// to that domain's own model (the public model for public text).
+    pub prompt_routing: Vec<(String, f64)>,
     pub seconds: f64,
 }
 
@@ -251,7 +270,7 @@ pub struct ExtractionRow {
 }
 
 /// Announce a phase of the demo, with the seconds since the first phase began.
-fn step(msg: &str, quiet: bool) {
+pub(crate) fn step(msg: &str, quiet: bool) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     if !quiet {
@@ -259,7 +278,7 @@ fn step(msg: &str, quiet: bool) {
     }
 }
 
-fn train_cfg(c: &DemoConfig, steps: u64, lr: f32, seed: u64) -> TrainConfig {
+pub(crate) fn train_cfg(c: &DemoConfig, steps: u64, lr: f32, seed: u64) -> TrainConfig {
     TrainConfig {
         steps,
         batch: c.batch,
@@ -273,12 +292,12 @@ fn train_cfg(c: &DemoConfig, steps: u64, lr: f32, seed: u64) -> TrainConfig {
     }
 }
 
-struct Work {
+pub(crate) struct Work {
     root: PathBuf,
 }
 
 impl Work {
-    fn p(&self, rel: &str) -> PathBuf {
+    pub(crate) fn p(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 }
@@ -505,6 +524,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         )?;
         dense_dirs.push((d.clone(), out));
     }
+    let btx_dir = baselines::train_btx(c, &w, &dense_dirs, quiet, device)?;
     let flex_dir = experts_and_merge(
         c,
         &w,
@@ -565,6 +585,22 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         top_k: c.btm_top_k,
     };
     rows.push(ev("BTM", &btm)?);
+    let btx = load_model(&btx_dir, &Selection::default())?;
+    rows.push(ev_model("BTX", &btx.model)?);
+    let router = baselines::prompt_router(c, public_g.runner(), &sets)?;
+    let prompt_routing = baselines::routing_accuracy(&router, public_g.runner(), &domains, c.seq)?;
+    let routed_models = std::iter::once(&public_g)
+        .chain(dense_g.iter())
+        .map(|g| Evaluated::One(g.runner()))
+        .collect();
+    rows.push(ev(
+        "prompt routing",
+        &Evaluated::Routed {
+            router: &router,
+            embed: public_g.runner(),
+            models: routed_models,
+        },
+    )?);
     let flex_g = Placed::new(&flex.model, device)?;
     rows.push(ev(
         &format!("FlexOlmo (top-{})", flex.model.cfg.top_k()),
@@ -690,6 +726,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         ablations,
         routing: routing_stats,
         extraction,
+        prompt_routing,
         seconds: t0.elapsed().as_secs_f64(),
     };
     write_bytes_atomic(

@@ -134,6 +134,22 @@ pub fn render(r: &DemoReport, experts: &[String]) -> String {
         c.hidden, c.layers, c.heads, c.intermediate, c.vocab, c.seq, c.public_steps, c.expert_steps, c.dense_steps, c.batch, c.seed, c.top_k, experts.len(), r.eval_device
     );
     s.push_str(&eval::markdown(&r.rows));
+    s.push_str(&format!(
+        "\nBaselines: soup averages the dense experts' weights; BTM mixes the {} dense experts with the lowest context loss at each position; \
+         BTX makes the public and dense FFNs the experts of one MoE (top-{}), averages every other weight and trains only its router, {} steps on public data; \
+         prompt routing sends each window to one model (public or a dense expert) by a classifier on the public model's mean hidden state of its first {} tokens, \
+         trained on {} documents per domain; it sent held-out windows to their own domain's model at: {}.\n",
+        c.btm_top_k,
+        c.top_k.min(experts.len()),
+        c.btx_steps,
+        c.route_prompt,
+        c.route_queries,
+        r.prompt_routing
+            .iter()
+            .map(|(d, a)| format!("{d} {:.0}%", 100.0 * a))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     s.push_str("\n### Acceptance checks\n\n");
     for ch in &r.checks {
         s.push_str(&format!(

@@ -220,7 +220,9 @@ pub fn extraction(
             .collect();
         let samples = match e {
             Evaluated::One(r) => sample_groups(*r, &mut groups, c.samples, &cfg)?,
-            Evaluated::Btm { .. } => bail!("the extraction check takes one model, not an ensemble"),
+            Evaluated::Btm { .. } | Evaluated::Routed { .. } => {
+                bail!("the extraction check takes one model, not an ensemble or a router")
+            }
         };
         if let Some(p) = progress {
             p.inc(idx.len() as u64);

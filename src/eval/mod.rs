@@ -4,6 +4,7 @@
 pub mod compare;
 pub mod extract;
 pub mod plot;
+pub mod routed;
 pub mod routing;
 
 use crate::data::shards::{self, Dataset};
@@ -29,6 +30,13 @@ pub enum Evaluated<'a> {
         temperature: f32,
         top_k: usize,
     },
+    /// Prompt-based routing: `router` reads the query (embedded by `embed`) and one of `models`
+    /// scores or continues the whole sequence ([`routed`]).
+    Routed {
+        router: &'a routed::PromptRouter,
+        embed: Runner<'a>,
+        models: Vec<Evaluated<'a>>,
+    },
 }
 
 /// Log-probabilities of a `[T, V]` logits block, row-wise.
@@ -51,7 +59,9 @@ impl<'a> Evaluated<'a> {
     fn vocab(&self) -> usize {
         match self {
             Evaluated::One(r) => r.vocab(),
-            Evaluated::Btm { models, .. } => models.first().map_or(0, Evaluated::vocab),
+            Evaluated::Btm { models, .. } | Evaluated::Routed { models, .. } => {
+                models.first().map_or(0, Evaluated::vocab)
+            }
         }
     }
 
@@ -60,6 +70,15 @@ impl<'a> Evaluated<'a> {
         let v = self.vocab();
         match self {
             Evaluated::One(r) => Ok(log_softmax_rows(r.logits(ids, 1, ids.len())?.data(), v)),
+            Evaluated::Routed {
+                router,
+                embed,
+                models,
+            } => {
+                let k = router.route(*embed, ids)?;
+                ensure!(k < models.len(), "prompt routing: no model for class {k}");
+                models[k].log_probs(ids)
+            }
             Evaluated::Btm {
                 models,
                 temperature,
@@ -126,6 +145,12 @@ impl<'a> Evaluated<'a> {
                 .map(Evaluated::max_positions)
                 .min()
                 .unwrap_or(0),
+            Evaluated::Routed { embed, models, .. } => models
+                .iter()
+                .map(Evaluated::max_positions)
+                .chain([embed.max_positions()])
+                .min()
+                .unwrap_or(0),
         }
     }
 
@@ -134,6 +159,9 @@ impl<'a> Evaluated<'a> {
         match self {
             Evaluated::One(r) => r.on_gpu(),
             Evaluated::Btm { models, .. } => models.iter().any(Evaluated::on_gpu),
+            Evaluated::Routed { embed, models, .. } => {
+                embed.on_gpu() || models.iter().any(Evaluated::on_gpu)
+            }
         }
     }
 
@@ -184,6 +212,15 @@ impl<'a> Evaluated<'a> {
         };
         match self {
             Evaluated::One(r) => generate::generate(*r, prompt, &cfg, |_| {}),
+            Evaluated::Routed {
+                router,
+                embed,
+                models,
+            } => {
+                let k = router.route(*embed, prompt)?;
+                ensure!(k < models.len(), "prompt routing: no model for class {k}");
+                models[k].greedy(prompt, n, stop)
+            }
             Evaluated::Btm { .. } => {
                 let v = self.vocab();
                 let mut seq = prompt.to_vec();

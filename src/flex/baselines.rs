@@ -47,39 +47,12 @@ pub fn router_tune(
         .iter()
         .map(|d| Dataset::open_for(d, model_dir, model.cfg.vocab_size))
         .collect::<Result<_>>()?;
-    for p in model.params.params.iter_mut() {
-        p.trainable = p.name.contains(".mlp.gate.");
-    }
-    let trained = model.params.trainable_numel() as u128;
-    model
-        .cfg
-        .check_training_memory(tcfg.batch, tcfg.seq, Some(trained))?;
-    let summary = {
-        let tag = serde_json::json!({
-            "kind": "router-tune",
-            "model_hash": tuned_hash,
-            "data": sets.iter().map(Dataset::fingerprint).collect::<Vec<_>>(),
-        });
-        let mut tr = Trainer::start(
-            &mut model,
-            tcfg.clone(),
-            run_dir,
-            tag,
-            quiet,
-            device,
-            resume,
-        )?;
-        let b = MixedBatches {
-            sets: sets.iter().map(|d| (d, 1.0)).collect(),
-            valid_sets: (0..sets.len()).collect(),
-            anchor_sets: vec![],
-            private_set: None,
-            batch: tcfg.batch,
-            seq: tcfg.seq,
-            seed: tcfg.seed,
-        };
-        tr.run(&b)?
-    };
+    let tag = serde_json::json!({
+        "kind": "router-tune",
+        "model_hash": tuned_hash,
+        "data": sets.iter().map(Dataset::fingerprint).collect::<Vec<_>>(),
+    });
+    let summary = train_router(&mut model, &sets, tcfg, run_dir, tag, resume, quiet, device)?;
     let mut manifest = loaded.manifest.unwrap_or_else(|| Manifest {
         public_hash: String::new(),
         experts: (0..model.cfg.experts())
@@ -100,6 +73,39 @@ pub fn router_tune(
     manifest.strict_opt_out = false;
     write_model(&model, Some(&manifest), model_dir, out)?;
     Ok(summary)
+}
+
+/// Train only the router rows (and biases) of `model` on `sets`, mixed evenly; everything else
+/// stays frozen (router tuning, and the router of the BTX baseline).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn train_router(
+    model: &mut Model,
+    sets: &[Dataset],
+    tcfg: &TrainConfig,
+    run_dir: &Path,
+    tag: serde_json::Value,
+    resume: bool,
+    quiet: bool,
+    device: &Device,
+) -> Result<TrainSummary> {
+    for p in model.params.params.iter_mut() {
+        p.trainable = p.name.contains(".mlp.gate.");
+    }
+    let trained = model.params.trainable_numel() as u128;
+    model
+        .cfg
+        .check_training_memory(tcfg.batch, tcfg.seq, Some(trained))?;
+    let mut tr = Trainer::start(model, tcfg.clone(), run_dir, tag, quiet, device, resume)?;
+    let b = MixedBatches {
+        sets: sets.iter().map(|d| (d, 1.0)).collect(),
+        valid_sets: (0..sets.len()).collect(),
+        anchor_sets: vec![],
+        private_set: None,
+        batch: tcfg.batch,
+        seq: tcfg.seq,
+        seed: tcfg.seed,
+    };
+    tr.run(&b)
 }
 
 /// Dense expert baseline: the public model with every weight fine-tuned on one domain. With

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Model to evaluate (omit with --btm).
-    #[arg(long, required_unless_present = "btm")]
+    /// Model to evaluate (omit with --btm or --route).
+    #[arg(long, required_unless_present_any = ["btm", "route"])]
     pub model: Option<PathBuf>,
     #[arg(long, value_delimiter = ',')]
     pub exclude: Vec<String>,
@@ -35,6 +35,16 @@ pub struct EvalArgs {
     /// BTM: mix the k members with the lowest context NLL at each position (k >= 1).
     #[arg(long, default_value_t = 2)]
     pub btm_top_k: usize,
+    /// Prompt-routing baseline instead of --model: one model per domain as NAME=MODEL_DIR (one
+    /// named `public`, whose hidden states embed the queries). A classifier trained on
+    /// --route-queries documents of each named --data domain's training split sends each window
+    /// (by its first --route-prompt tokens) or task prompt to one of them.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["model", "btm"])]
+    pub route: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    pub route_queries: usize,
+    #[arg(long, default_value_t = 32)]
+    pub route_prompt: usize,
     /// Domains as NAME=PREPARED_DIR; built-in domain names also get exact-match tasks.
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<String>,
@@ -145,6 +155,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let mut inputs: Vec<&std::path::Path> = domains.iter().map(|(_, p)| p.as_path()).collect();
         inputs.extend(a.model.as_deref());
         inputs.extend(a.btm.iter().map(PathBuf::as_path));
+        let routes = parse_domains(&a.route)?;
+        inputs.extend(routes.iter().map(|(_, p)| p.as_path()));
         flexrun::fsutil::check_output_file(j, "--json", &inputs)?;
     }
     flexrun::limits::check_dim(
@@ -153,10 +165,37 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         flexrun::limits::MAX_COUNT,
         "far beyond any evaluation",
     )?;
+    let routes = parse_domains(&a.route)?;
+    if !routes.is_empty() {
+        ensure!(
+            routes.iter().any(|(n, _)| n == "public"),
+            "--route needs a model named public (its hidden states embed the queries)"
+        );
+        for (n, _) in &routes {
+            ensure!(
+                domains.iter().any(|(d, _)| d == n),
+                "--route {n}=...: no --data domain named {n} to take its labelled queries from"
+            );
+        }
+        ensure!(
+            a.route_queries >= 1 && a.route_prompt >= 1,
+            "--route-queries and --route-prompt must be at least 1"
+        );
+    }
     let device = a.device.open()?;
     // Every model is loaded, then placed on the device once; `what` names what is evaluated.
     let (name, hosts, dirs): (String, Vec<flexrun::model::Model>, Vec<PathBuf>) =
-        if a.btm.is_empty() {
+        if !routes.is_empty() {
+            let ms = routes
+                .iter()
+                .map(|(_, m)| checkpoint::load_with(m, true))
+                .collect::<Result<_>>()?;
+            (
+                "prompt routing".to_string(),
+                ms,
+                routes.iter().map(|(_, p)| p.clone()).collect(),
+            )
+        } else if a.btm.is_empty() {
             let sel = SelectOpts {
                 model: a
                     .model
@@ -184,14 +223,42 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|m| Placed::new(m, &device))
         .collect::<Result<_>>()?;
-    let e = if a.btm.is_empty() {
-        Evaluated::One(placed[0].runner())
+    let router = if routes.is_empty() {
+        None
     } else {
-        Evaluated::Btm {
+        let embed = routes.iter().position(|(n, _)| n == "public").unwrap_or(0);
+        let mut examples = Vec::new();
+        for (k, (n, dir)) in routes.iter().enumerate() {
+            let (_, p) = domains.iter().find(|(d, _)| d == n).expect("checked above");
+            let ds = data::Dataset::open_for(p, dir, hosts[k].cfg.vocab_size)?;
+            for doc in shards::sample_docs(&ds.train, a.route_queries, a.route_prompt, a.task_seed)
+            {
+                if !doc.is_empty() {
+                    examples.push((doc, k));
+                }
+            }
+        }
+        let classes = routes.iter().map(|(n, _)| n.clone()).collect();
+        let r = eval::routed::PromptRouter::train(
+            placed[embed].runner(),
+            &examples,
+            classes,
+            a.route_prompt,
+        )?;
+        Some((r, embed))
+    };
+    let e = match &router {
+        Some((r, embed)) => Evaluated::Routed {
+            router: r,
+            embed: placed[*embed].runner(),
+            models: placed.iter().map(|p| Evaluated::One(p.runner())).collect(),
+        },
+        None if a.btm.is_empty() => Evaluated::One(placed[0].runner()),
+        None => Evaluated::Btm {
             models: placed.iter().map(|p| Evaluated::One(p.runner())).collect(),
             temperature: a.btm_temperature,
             top_k: a.btm_top_k,
-        }
+        },
     };
     // Each model must read the data with its own tokenizer; the first one's scores the tasks.
     let models: Vec<(PathBuf, usize)> = dirs

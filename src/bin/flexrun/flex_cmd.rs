@@ -127,6 +127,26 @@ pub struct RouterTuneArgs {
 }
 
 #[derive(Args)]
+pub struct BtxArgs {
+    /// The public model the dense experts were fine-tuned from.
+    #[arg(long)]
+    pub public: PathBuf,
+    /// Dense experts as NAME=MODEL_DIR (from `flexrun finetune`).
+    #[arg(long, required = true, num_args = 1..)]
+    pub dense: Vec<String>,
+    /// Prepared public data: the only data the router is trained on.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Experts per token.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainOpts,
+}
+
+#[derive(Args)]
 pub struct FinetuneArgs {
     #[arg(long)]
     pub public: PathBuf,
@@ -264,6 +284,33 @@ pub fn router_tune(a: RouterTuneArgs) -> Result<()> {
         s.steps,
         s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
         out.display()
+    );
+    Ok(())
+}
+
+pub fn btx(a: BtxArgs) -> Result<()> {
+    let dense = crate::opts::parse_domains(&a.dense)?;
+    let top_k = a.top_k.unwrap_or(dense.len() + 1);
+    let device = a.train.device.open()?;
+    let run_dir = a.out.with_extension("run");
+    let s = flex::btx(
+        &a.public,
+        &dense,
+        &a.data,
+        top_k,
+        &a.train.config()?,
+        &a.out,
+        &run_dir,
+        a.train.resume,
+        a.train.quiet,
+        &device,
+    )?;
+    outln!(
+        "BTX of the public model and {} dense experts (top-{top_k}), router trained for {} steps on public data (valid ce {}); written to {}",
+        dense.len(),
+        s.steps,
+        s.valid_ce.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+        a.out.display()
     );
     Ok(())
 }

@@ -75,6 +75,9 @@ enum Cmd {
     Finetune(flex_cmd::FinetuneArgs),
     /// Baseline: uniform parameter average of dense experts.
     Soup(flex_cmd::SoupArgs),
+    /// Baseline: BTX, the dense experts' FFNs (and the public one) as the experts of one MoE,
+    /// every other weight averaged, the router trained on public data only.
+    Btx(flex_cmd::BtxArgs),
     /// Per-domain held-out loss and task accuracy of a model, expert subset, or BTM ensemble.
     Eval(eval_cmd::EvalArgs),
     /// Per-layer fraction of each domain's tokens routed to each expert: table and SVG heatmap.
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::RouterTune(a) => flex_cmd::router_tune(a),
         Cmd::Finetune(a) => flex_cmd::finetune(a),
         Cmd::Soup(a) => flex_cmd::soup(a),
+        Cmd::Btx(a) => flex_cmd::btx(a),
         Cmd::Eval(a) => eval_cmd::eval(a),
         Cmd::AnalyzeRouting(a) => eval_cmd::analyze_routing(a),
         Cmd::Compare(a) => eval_cmd::compare(a),
@@ -176,6 +180,7 @@ fn main() {
             | Cmd::TrainExpert(_)
             | Cmd::Finetune(_)
             | Cmd::RouterTune(_)
+            | Cmd::Btx(_)
             | Cmd::Demo(_)
             | Cmd::Eval(_)
             | Cmd::Extract(_)
