@@ -59,11 +59,10 @@ impl PromptRouter {
         );
         let c = classes.len();
         ensure!(c >= 2, "prompt routing needs at least two models");
-        for k in 0..c {
+        for (k, name) in classes.iter().enumerate() {
             ensure!(
                 examples.iter().any(|(_, y)| *y == k),
-                "prompt routing: no labelled query for '{}'",
-                classes[k]
+                "prompt routing: no labelled query for '{name}'"
             );
         }
         ensure!(
