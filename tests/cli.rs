@@ -486,11 +486,77 @@ fn bench_decode_reports_throughput() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["batch"], 2);
     assert_eq!(v["new_tokens"], 3);
-    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "step_ms"] {
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "step_ms",
+        "weight_bytes_per_step",
+        "kv_bytes_per_step",
+        "achieved_gb_per_s",
+        "copy_gb_per_s",
+        "read_gb_per_s",
+        "roofline_fraction",
+    ] {
         let x = v[key].as_f64().unwrap();
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
+    // The tiny fixture is a MoE: the CPU step reports the experts it used.
+    assert_eq!(v["experts_hit_measured"], true);
+    let hit = v["experts_hit"].as_f64().unwrap();
+    assert!((1.0..=4.0).contains(&hit), "{hit}");
+    // A checkpoint, and a config with fewer layers.
+    let (code, out, err) = flexrun(&[
+        "bench",
+        "decode",
+        "--model",
+        &fixture("flexolmo_tiny"),
+        "--batch",
+        "1",
+        "--prompt",
+        "3",
+        "--new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (code, out, err) = flexrun(&[
+        "bench",
+        "decode",
+        "--config",
+        &format!("{}/config.json", fixture("flexolmo_tiny")),
+        "--layers",
+        "1",
+        "--batch",
+        "1",
+        "--prompt",
+        "3",
+        "--new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let one: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        one["params"].as_u64() < m["params"].as_u64(),
+        "{one} vs {m}"
+    );
+    assert_clean_error(
+        &[
+            "bench",
+            "decode",
+            "--model",
+            &fixture("flexolmo_tiny"),
+            "--layers",
+            "1",
+        ],
+        "--config",
+    );
+    assert_clean_error(
+        &["bench", "decode", "--config", "/nonexistent.json"],
+        "nonexistent",
+    );
 }
 
 /// `bench train --expert` on the CPU: an expert-training step against a dense public config

@@ -318,111 +318,6 @@ fn train_step_on_gpu(
     })
 }
 
-#[derive(Serialize, Debug)]
-pub struct DecodeBench {
-    pub framework: &'static str,
-    pub device: String,
-    pub batch: usize,
-    pub prompt: usize,
-    pub new_tokens: usize,
-    pub params: usize,
-    /// The prompt's forward pass (all `batch` sequences at once), filling the KV cache.
-    pub prefill_ms: f64,
-    pub prefill_tokens_per_s: f64,
-    /// Median time of one decode step (one new token for each of the `batch` sequences).
-    pub step_ms: f64,
-    pub decode_tokens_per_s: f64,
-}
-
-/// Greedy decoding of a randomly initialised model: a `prompt`-token prefill of `batch` random
-/// sequences, then `new_tokens` steps of one token per sequence through the KV cache, on the CPU
-/// or (with `gpu`) on the GPU, where each step brings the last logits to the host for the argmax
-/// as a sampler would. One untimed warm-up generation of 4 tokens comes first.
-pub fn decode(
-    cfg: &Config,
-    batch: usize,
-    prompt: usize,
-    new_tokens: usize,
-    device: &crate::backend::Device,
-) -> Result<DecodeBench> {
-    let gpu = device.gpu();
-    use crate::generate::argmax;
-    ensure!(
-        batch > 0 && prompt > 0 && new_tokens > 0,
-        "--batch, --prompt and --new-tokens must be positive"
-    );
-    crate::limits::check_dim(
-        "--batch",
-        batch,
-        crate::limits::MAX_BATCH,
-        "far beyond any batch",
-    )?;
-    let positions = prompt
-        .checked_add(new_tokens)
-        .filter(|&t| t <= cfg.max_position_embeddings);
-    ensure!(
-        positions.is_some(),
-        "--prompt {prompt} + --new-tokens {new_tokens} exceed max_position_embeddings {}",
-        cfg.max_position_embeddings
-    );
-    // The KV cache, the prefill's logits and activations, and the weights.
-    let (b, t) = (batch as u128, (prompt + new_tokens) as u128);
-    let kv = 2 * cfg.num_hidden_layers as u128 * (cfg.kv_heads() * cfg.head_dim()) as u128;
-    let per_prompt_token =
-        (cfg.vocab_size + 4 * cfg.hidden_size + 3 * cfg.intermediate_size) as u128;
-    crate::limits::check_memory(
-        &format!("decoding {batch} sequences of {prompt} + {new_tokens} tokens"),
-        4 * (cfg.param_count() + b * t * kv + b * prompt as u128 * per_prompt_token),
-    )?;
-    let model = Model::new_random(cfg, 0)?;
-    let mut rng = StdRng::seed_from_u64(0);
-    let v = cfg.vocab_size;
-    let ids: Vec<u32> = (0..batch * prompt)
-        .map(|_| rng.random_range(0..v as u32))
-        .collect();
-    let total = prompt + new_tokens;
-    let placed = crate::model::runner::Placed::new(&model, device)?;
-    let runner = placed.runner();
-    // One generation: returns (prefill ms, per-step ms).
-    let run = |steps: usize| -> Result<(f64, Vec<f64>)> {
-        let mut times = Vec::with_capacity(steps);
-        let mut prefill = 0.0;
-        let mut cache = runner.new_cache(batch, total)?;
-        let mut inp = ids.clone();
-        for s in 0..=steps {
-            let t = inp.len() / batch;
-            let t0 = Instant::now();
-            let rows = runner.step(&mut cache, &inp, batch, t)?;
-            inp = rows.iter().map(|r| argmax(r)).collect();
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            if s == 0 {
-                prefill = ms
-            } else {
-                times.push(ms)
-            }
-        }
-        Ok((prefill, times))
-    };
-    run(4.min(new_tokens))?;
-    let (prefill_ms, times) = run(new_tokens)?;
-    let step_ms = median(&times);
-    Ok(DecodeBench {
-        framework: "flexrun",
-        device: match gpu {
-            Some(d) => d.name()?,
-            None => format!("cpu ({} threads)", rayon::current_num_threads()),
-        },
-        batch,
-        prompt,
-        new_tokens,
-        params: model.params.numel(),
-        prefill_ms,
-        prefill_tokens_per_s: (batch * prompt) as f64 / (prefill_ms / 1e3),
-        step_ms,
-        decode_tokens_per_s: batch as f64 / (step_ms / 1e3),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,5 +344,7 @@ mod tests {
 }
 
 pub mod attention;
+mod decode;
+pub use decode::{decode, step_weight_bytes, DecodeBench};
 pub mod moe;
 pub mod serve;

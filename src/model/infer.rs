@@ -90,6 +90,8 @@ pub struct StepOut {
     pub logits: Vec<Vec<f32>>,
     /// Per expert, the (token, layer) pairs routed to it in this step (empty for a dense model).
     pub routed: Vec<u64>,
+    /// Per MoE layer, how many distinct experts the step used (whose weights it had to read).
+    pub layer_hits: Vec<usize>,
 }
 
 impl Model {
@@ -142,6 +144,7 @@ impl Model {
             embed.rows_to_f32(id as usize, 1, &mut x[r * h..(r + 1) * h]);
         }
         let mut routed = vec![0u64; n_exp];
+        let mut layer_hits = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
             let mut q = rows_abt(&x, n, pv(layer.q));
             let mut k = rows_abt(&x, n, pv(layer.k));
@@ -243,6 +246,7 @@ impl Model {
                     for (e, t) in tokens.iter().enumerate() {
                         routed[e] += t.len() as u64;
                     }
+                    layer_hits.push(tokens.iter().filter(|t| !t.is_empty()).count());
                     y
                 }
             };
@@ -263,6 +267,7 @@ impl Model {
         Ok(StepOut {
             logits: logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
             routed,
+            layer_hits,
         })
     }
 }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod gpu;
 pub mod infer;
+mod init;
 pub mod params;
 pub mod runner;
 
@@ -18,7 +19,6 @@ use crate::ensure;
 use crate::error::Result;
 use crate::ops::{self, AttnShape, RopeTable, Routing};
 use crate::tensor::Tensor;
-use rand::{rngs::StdRng, SeedableRng};
 use std::sync::Arc;
 
 /// Standard deviation of the normal initialisation of every weight matrix.
@@ -199,61 +199,6 @@ pub fn expert_prefix(i: usize, e: usize, moe: bool) -> String {
 }
 
 impl Model {
-    /// A freshly initialised model (normal(0, INIT_STD) weights, unit norms), deterministic in `seed`.
-    pub fn new_random(cfg: &Config, seed: u64) -> Result<Self> {
-        cfg.validate()?;
-        crate::limits::check_memory(
-            &format!("a model of {} parameters", cfg.param_count()),
-            4 * cfg.param_count(),
-        )?;
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (h, i_sz, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qw, kvw) = (
-            cfg.num_attention_heads * cfg.head_dim(),
-            cfg.kv_heads() * cfg.head_dim(),
-        );
-        let mut ps = ParamStore::default();
-        let mut mat = |ps: &mut ParamStore, name: String, r: usize, c: usize| {
-            ps.add(name, Tensor::randn(&[r, c], INIT_STD, &mut rng))
-        };
-        mat(&mut ps, "model.embed_tokens.weight".into(), v, h);
-        for l in 0..cfg.num_hidden_layers {
-            let p = layer_prefix(l);
-            mat(&mut ps, format!("{p}self_attn.q_proj.weight"), qw, h);
-            mat(&mut ps, format!("{p}self_attn.k_proj.weight"), kvw, h);
-            mat(&mut ps, format!("{p}self_attn.v_proj.weight"), kvw, h);
-            mat(&mut ps, format!("{p}self_attn.o_proj.weight"), h, qw);
-            ps.add(
-                format!("{p}self_attn.q_norm.weight"),
-                Tensor::full(&[qw], 1.0),
-            );
-            ps.add(
-                format!("{p}self_attn.k_norm.weight"),
-                Tensor::full(&[kvw], 1.0),
-            );
-            ps.add(
-                format!("{p}post_attention_layernorm.weight"),
-                Tensor::full(&[h], 1.0),
-            );
-            ps.add(
-                format!("{p}post_feedforward_layernorm.weight"),
-                Tensor::full(&[h], 1.0),
-            );
-            for e in 0..cfg.experts() {
-                let ep = expert_prefix(l, e, cfg.is_moe());
-                mat(&mut ps, format!("{ep}gate_proj.weight"), i_sz, h);
-                mat(&mut ps, format!("{ep}up_proj.weight"), i_sz, h);
-                mat(&mut ps, format!("{ep}down_proj.weight"), h, i_sz);
-                if cfg.is_moe() {
-                    mat(&mut ps, router_row_name(l, e), 1, h);
-                }
-            }
-        }
-        ps.add("model.norm.weight", Tensor::full(&[h], 1.0));
-        mat(&mut ps, "lm_head.weight".into(), v, h);
-        Self::from_params(cfg.clone(), ps)
-    }
-
     /// Bind a parameter store to the model structure by name. Every expected tensor must be present
     /// with the right shape (router biases are optional).
     pub fn from_params(cfg: Config, params: ParamStore) -> Result<Self> {

@@ -103,6 +103,18 @@ impl Runner<'_> {
         b: usize,
         t: usize,
     ) -> Result<Vec<Vec<f32>>> {
+        Ok(self.step_with_hits(cache, ids, b, t)?.0)
+    }
+
+    /// [`Runner::step`], and on the CPU how many distinct experts each MoE layer used (the
+    /// GPU step does not report them).
+    pub fn step_with_hits(
+        &self,
+        cache: &mut Cache,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<(Vec<Vec<f32>>, Option<Vec<usize>>)> {
         match (self, cache) {
             (Runner::Cpu(m), Cache::Cpu(c)) => {
                 crate::ensure!(
@@ -120,15 +132,15 @@ impl Runner<'_> {
                         allowed: None,
                     })
                     .collect();
-                let rows = m.step_seqs(&mut seqs)?.logits;
-                rows.iter().try_for_each(|r| finite(r))?;
-                Ok(rows)
+                let out = m.step_seqs(&mut seqs)?;
+                out.logits.iter().try_for_each(|r| finite(r))?;
+                Ok((out.logits, Some(out.layer_hits)))
             }
             (Runner::Gpu(g), Cache::Gpu(c)) => {
                 let logits = g.forward(ids, b, t, Some(c))?;
                 let rows = g.last_logits(&logits, b, t)?;
                 rows.iter().try_for_each(|r| finite(r))?;
-                Ok(rows)
+                Ok((rows, None))
             }
             _ => crate::bail!("a KV cache is used with a model on another device"),
         }

@@ -53,11 +53,19 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Greedy decoding with a KV cache: prefill and per-token throughput of a randomly
-    /// initialised model (cpu, or cuda with flexrun's kernels).
+    /// Greedy decoding with a KV cache: prefill and per-token throughput, the bytes a step must
+    /// read and the fraction of the measured copy bandwidth it reaches (cpu, or cuda with
+    /// flexrun's kernels), for a random model of a config or for a checkpoint.
     Decode {
+        /// A model config (random bf16 weights on the GPU, f32 on the CPU).
+        #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+        config: Option<PathBuf>,
+        /// A checkpoint directory instead of --config.
         #[arg(long)]
-        config: PathBuf,
+        model: Option<PathBuf>,
+        /// Override the config's number of layers (quick runs of a large shape).
+        #[arg(long)]
+        layers: Option<usize>,
         /// Sequences decoded together.
         #[arg(long, default_value_t = 1)]
         batch: usize,
@@ -210,27 +218,64 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::Decode {
             config,
+            model,
+            layers,
             batch,
             prompt,
             new_tokens,
             device,
             json,
         } => {
-            let cfg = Config::load(&config)?;
+            flexrun::ensure!(
+                layers.is_none() || config.is_some(),
+                "--layers overrides the layer count of a --config (not of a --model)"
+            );
             let device = device.open()?;
-            let r = flexrun::bench::decode(&cfg, batch, prompt, new_tokens, &device)?;
+            let (what, m) = match (&config, &model) {
+                (Some(c), _) => {
+                    let mut cfg = Config::load(c)?;
+                    if let Some(l) = layers {
+                        flexrun::ensure!(l >= 1, "--layers must be at least 1");
+                        cfg.num_hidden_layers = l;
+                    }
+                    let m =
+                        flexrun::model::Model::new_random_fast(&cfg, 0, device.gpu().is_some())?;
+                    (c.display().to_string(), m)
+                }
+                (None, Some(dir)) => {
+                    let sel = SelectOpts {
+                        model: dir.clone(),
+                        exclude: vec![],
+                        experts: vec![],
+                        expert_top_k: None,
+                    };
+                    (dir.display().to_string(), sel.load()?.model)
+                }
+                (None, None) => flexrun::bail!("give --config or --model"),
+            };
+            let r = flexrun::bench::decode(&m, batch, prompt, new_tokens, &device)?;
             if json {
                 outln!("{}", serde_json::to_string(&r)?);
             } else {
                 outln!(
-                    "{} on {}: batch {batch}, prompt {prompt}, {} params: prefill {:.1} ms ({:.0} tokens/s), decode {:.2} ms/step ({:.0} tokens/s)",
-                    config.display(),
+                    "{what} on {}: batch {batch}, prompt {prompt}, {} params: prefill {:.1} ms ({:.0} tokens/s), decode {:.2} ms/step ({:.0} tokens/s)",
                     r.device,
                     r.params,
                     r.prefill_ms,
                     r.prefill_tokens_per_s,
                     r.step_ms,
                     r.decode_tokens_per_s
+                );
+                outln!(
+                    "  a step reads {:.1} MB of weights ({:.2} experts a layer, {}) + {:.1} MB of KV cache: {:.1} GB/s, {:.0}% of the roofline (measured here: copy {:.1} GB/s{})",
+                    r.weight_bytes_per_step / 1e6,
+                    r.experts_hit,
+                    if r.experts_hit_measured { "measured" } else { "bound" },
+                    r.kv_bytes_per_step / 1e6,
+                    r.achieved_gb_per_s,
+                    100.0 * r.roofline_fraction,
+                    r.copy_gb_per_s,
+                    r.read_gb_per_s.map(|x| format!(", read {x:.1} GB/s")).unwrap_or_default()
                 );
             }
         }
