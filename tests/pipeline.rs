@@ -120,11 +120,35 @@ fn flexolmo_pipeline_merge_and_opt_out() {
     let root = tmp("pipeline");
     let c = demo::DemoConfig::quick();
     let report = demo::run(&c, &root, &Device::cpu(), true).unwrap();
+    let names: Vec<&str> = report.rows.iter().map(|r| r.model.as_str()).collect();
     assert_eq!(
-        report.rows.len(),
-        1 + 3 + 2 + 1 + 3,
-        "public, 3 dense, soup, BTM, FlexOlmo, 3 opt-outs"
+        names,
+        [
+            "public",
+            "dense code",
+            "dense facts",
+            "dense math",
+            "soup",
+            "BTM",
+            "BTX",
+            "prompt routing",
+            "FlexOlmo (top-4)",
+            "FlexOlmo without code",
+            "FlexOlmo without facts",
+            "FlexOlmo without math"
+        ]
     );
+    // The BTX model is written with a manifest naming its experts; strict opt-out does not hold.
+    let btx = flex::Manifest::load(&root.join("models/btx")).unwrap().unwrap();
+    let btx_names: Vec<&str> = btx.experts.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(btx_names, ["public", "code", "facts", "math"]);
+    assert!(!btx.strict_opt_out);
+    // The prompt router reports a rate for every domain.
+    assert_eq!(report.prompt_routing.len(), 4);
+    assert!(report
+        .prompt_routing
+        .iter()
+        .all(|(_, r)| (0.0..=1.0).contains(r)));
     for f in ["routing.svg", "loss_curves.svg", "results.md"] {
         assert!(root.join(f).exists(), "the demo writes {f}");
     }
