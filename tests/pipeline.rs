@@ -139,7 +139,9 @@ fn flexolmo_pipeline_merge_and_opt_out() {
         ]
     );
     // The BTX model is written with a manifest naming its experts; strict opt-out does not hold.
-    let btx = flex::Manifest::load(&root.join("models/btx")).unwrap().unwrap();
+    let btx = flex::Manifest::load(&root.join("models/btx"))
+        .unwrap()
+        .unwrap();
     let btx_names: Vec<&str> = btx.experts.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(btx_names, ["public", "code", "facts", "math"]);
     assert!(!btx.strict_opt_out);
