@@ -162,17 +162,7 @@ impl Model {
                 s.cache.k[li][off * kvw..off * kvw + (b - a)].copy_from_slice(&k[a..b]);
                 s.cache.v[li][off * kvw..off * kvw + (b - a)].copy_from_slice(&v[a..b]);
             }
-            let parts: Vec<Vec<f32>> = seqs
-                .par_iter()
-                .enumerate()
-                .map(|(si, s)| {
-                    let t = s.ids.len();
-                    let shape = AttnShape::cached(1, t, s.cache.len, s.cache.capacity, nh, nkv, hd);
-                    let qs = &q[starts[si] * nh * hd..starts[si + 1] * nh * hd];
-                    attention_forward(qs, &s.cache.k[li], &s.cache.v[li], shape).0
-                })
-                .collect();
-            let a = parts.concat();
+            let a = attend(&q, seqs, &starts, li, (nh, nkv, hd));
             let mut o = rows_abt(&a, n, pv(layer.o));
             norm_rows(&mut o, pv(layer.post_attn_norm).data(), eps);
             add_into(&mut x, &o);
@@ -307,16 +297,117 @@ pub fn route_row(
     out
 }
 
-/// RMSNorm of each row of `x` in place (the arithmetic of `ops::rmsnorm`).
+/// Attention of every sequence's new rows against its own cache (keys and values of this layer
+/// already written): a sequence with several new tokens (a prompt) through the tiled CPU
+/// attention, one with a single new token through [`attend_one`]; which of the two depends only
+/// on the sequence's own token count, so a sequence's result never depends on the batch.
+fn attend(
+    q: &[f32],
+    seqs: &[SeqStep<'_>],
+    starts: &[usize],
+    li: usize,
+    (nh, nkv, hd): (usize, usize, usize),
+) -> Vec<f32> {
+    let qw = nh * hd;
+    let n = *starts.last().unwrap_or(&0);
+    let mut a = vec![0f32; n * qw];
+    for (si, s) in seqs.iter().enumerate() {
+        let t = s.ids.len();
+        if t > 1 {
+            let shape = AttnShape::cached(1, t, s.cache.len, s.cache.capacity, nh, nkv, hd);
+            let (r0, r1) = (starts[si] * qw, starts[si + 1] * qw);
+            let out = attention_forward(&q[r0..r1], &s.cache.k[li], &s.cache.v[li], shape).0;
+            a[r0..r1].copy_from_slice(&out);
+        }
+    }
+    let single: Vec<(usize, &SeqStep<'_>)> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.ids.len() == 1)
+        .map(|(si, s)| (starts[si], s))
+        .collect();
+    let work = single.iter().map(|(_, s)| s.cache.len + 1).sum::<usize>() * qw;
+    let one = |&(row, s): &(usize, &SeqStep<'_>)| -> Vec<f32> {
+        attend_one(&q[row * qw..(row + 1) * qw], s, li, (nh, nkv, hd))
+    };
+    let outs: Vec<Vec<f32>> = if work < 1 << 15 {
+        single.iter().map(one).collect()
+    } else {
+        single.par_iter().with_min_len(2).map(one).collect()
+    };
+    for ((row, _), o) in single.iter().zip(outs) {
+        a[row * qw..(row + 1) * qw].copy_from_slice(&o);
+    }
+    a
+}
+
+/// One new token's attention over its sequence's cache (positions `0..=len`), head by head:
+/// scores by [`dot8`], a softmax in f32, values summed in position order.
+fn attend_one(
+    q: &[f32],
+    s: &SeqStep<'_>,
+    li: usize,
+    (nh, nkv, hd): (usize, usize, usize),
+) -> Vec<f32> {
+    let len = s.cache.len + 1;
+    let kvw = nkv * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (k, v) = (&s.cache.k[li], &s.cache.v[li]);
+    let mut out = vec![0f32; nh * hd];
+    let mut p = vec![0f32; len];
+    for h in 0..nh {
+        let kh = h / (nh / nkv);
+        let qh = &q[h * hd..(h + 1) * hd];
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = dot8(qh, &k[j * kvw + kh * hd..j * kvw + (kh + 1) * hd]) * scale;
+        }
+        let m = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in p.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        let o = &mut out[h * hd..(h + 1) * hd];
+        for (j, &pj) in p.iter().enumerate() {
+            let w = pj * inv;
+            let vj = &v[j * kvw + kh * hd..j * kvw + (kh + 1) * hd];
+            o.iter_mut().zip(vj).for_each(|(a, b)| *a += w * b);
+        }
+    }
+    out
+}
+
+/// A short dot product (a head's width) in 8 lanes and a fixed tree: no dispatch, vectorised in
+/// place.
+#[inline]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// RMSNorm of each row of `x` in place (`w * (x * r)`, `r = 1 / sqrt(mean(x^2) + eps)`).
 fn norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
-    x.par_chunks_mut(d.max(1))
-        .with_min_len(ROWS)
-        .for_each(|row| {
-            let r = 1.0 / (sum_sq(row) / d as f32 + eps).sqrt();
-            let src = row.to_vec();
-            simd::rms_scale(row, w, &src, r);
-        });
+    let norm = |row: &mut [f32]| {
+        let r = 1.0 / (sum_sq(row) / d as f32 + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(x, w)| *x = w * (*x * r));
+    };
+    if x.len() < 1 << 14 {
+        x.chunks_mut(d.max(1)).for_each(norm);
+    } else {
+        x.par_chunks_mut(d.max(1)).with_min_len(ROWS).for_each(norm);
+    }
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
@@ -329,10 +420,17 @@ fn swiglu_ffn(x: &[f32], n: usize, gate: &Tensor, up: &Tensor, down: &Tensor) ->
     let u = rows_abt(x, n, up);
     let i = gate.rows();
     let mut a = vec![0f32; n * i];
-    a.par_chunks_mut(i.max(1))
-        .zip(g.par_chunks(i.max(1)).zip(u.par_chunks(i.max(1))))
-        .with_min_len(ROWS)
-        .for_each(|(a, (g, u))| simd::swiglu_fwd(a, g, u));
+    let act = |(a, (g, u)): (&mut [f32], (&[f32], &[f32]))| simd::swiglu_fwd(a, g, u);
+    if n * i < 1 << 14 {
+        a.chunks_mut(i.max(1))
+            .zip(g.chunks(i.max(1)).zip(u.chunks(i.max(1))))
+            .for_each(act);
+    } else {
+        a.par_chunks_mut(i.max(1))
+            .zip(g.par_chunks(i.max(1)).zip(u.par_chunks(i.max(1))))
+            .with_min_len(ROWS)
+            .for_each(act);
+    }
     rows_abt(&a, n, down)
 }
 
@@ -421,12 +519,22 @@ mod tests {
             if top_k < 4 {
                 assert_ne!(masked, alone, "top-k {top_k}: the mask changes the result");
             }
-            // Close to the tape's forward of the whole prompt.
-            let tape = m.logits(&prompt, 1, prompt.len()).unwrap();
-            let want = tape.row(prompt.len() - 1);
-            let got: Vec<f32> = alone[0].iter().map(|&b| f32::from_bits(b)).collect();
-            for (a, b) in got.iter().zip(want) {
-                assert!((a - b).abs() < 1e-4, "top-k {top_k}: {a} vs tape {b}");
+            // Close to the tape's forward of the whole sequence, at the prompt's last position
+            // and at every decoded one (the one-token attention path).
+            let mut seq = prompt.clone();
+            for l in &alone[..alone.len() - 1] {
+                let l: Vec<f32> = l.iter().map(|&b| f32::from_bits(b)).collect();
+                seq.push(crate::generate::argmax(&l));
+            }
+            let tape = m.logits(&seq, 1, seq.len()).unwrap();
+            for (step, l) in alone.iter().enumerate() {
+                let want = tape.row(prompt.len() - 1 + step);
+                for (a, b) in l.iter().map(|&b| f32::from_bits(b)).zip(want) {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "top-k {top_k} step {step}: {a} vs tape {b}"
+                    );
+                }
             }
         }
     }

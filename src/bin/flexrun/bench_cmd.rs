@@ -267,10 +267,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     r.decode_tokens_per_s
                 );
                 outln!(
-                    "  a step reads {:.1} MB of weights ({:.2} experts a layer, {}) + {:.1} MB of KV cache: {:.1} GB/s, {:.0}% of the roofline (measured here: copy {:.1} GB/s{})",
+                    "  a step reads {:.1} MB of weights{} + {:.1} MB of KV cache: {:.1} GB/s, {:.0}% of the roofline (measured here: copy {:.1} GB/s{})",
                     r.weight_bytes_per_step / 1e6,
-                    r.experts_hit,
-                    if r.experts_hit_measured { "measured" } else { "bound" },
+                    if m.cfg.is_moe() {
+                        format!(
+                            " ({:.2} experts a layer, {})",
+                            r.experts_hit,
+                            if r.experts_hit_measured { "measured" } else { "bound" }
+                        )
+                    } else {
+                        String::new()
+                    },
                     r.kv_bytes_per_step / 1e6,
                     r.achieved_gb_per_s,
                     100.0 * r.roofline_fraction,
