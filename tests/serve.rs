@@ -752,7 +752,7 @@ fn the_openai_python_client_works_unchanged() {
         .output();
     if !py.is_ok_and(|o| o.status.success()) {
         assert!(
-            std::env::var("FLEXRUN_REQUIRE_OPENAI").is_err(),
+            std::env::var("FLEXRUN_REQUIRE_TEST_DEPS").is_err(),
             "the openai package is missing: run tools/setup-test.sh"
         );
         println!(

@@ -130,6 +130,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Read every tensor of a set of safetensors files (memory-mapped; each tensor is copied out once,
 /// in f32, or in bf16 for bf16 tensors when `keep_bf16`, and its mapped pages are released).
 pub fn read_tensors(files: &[PathBuf], keep_bf16: bool) -> Result<Vec<(String, Tensor)>> {
+    read_tensors_where(files, keep_bf16, |_| true)
+}
+
+/// [`read_tensors`] for the tensors whose name passes `keep` only (the others are not read and
+/// may have any dtype: a BERT checkpoint's integer `position_ids`).
+pub fn read_tensors_where(
+    files: &[PathBuf],
+    keep_bf16: bool,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for f in files {
         let (file, _) = open_regular(f, "weights file")?;
@@ -139,7 +149,12 @@ pub fn read_tensors(files: &[PathBuf], keep_bf16: bool) -> Result<Vec<(String, T
             .with_context(|| format!("mapping {}", f.display()))?;
         let st = SafeTensors::deserialize(&mmap)
             .with_context(|| format!("{} is not a valid safetensors file", f.display()))?;
-        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| keep(n))
+            .map(|s| s.to_string())
+            .collect();
         names.sort();
         for name in names {
             let view = st

@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod config;
+pub mod encoder;
 pub mod gpu;
 pub mod infer;
 mod init;
