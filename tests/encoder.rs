@@ -99,3 +99,150 @@ fn bad_encoder_directories_are_refused() {
         assert!(!e.contains('\n'), "one line: {e}");
     }
 }
+
+fn flexrun(args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flexrun"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// `train-expert --router-init encoder`: the router rows come from the encoder's embeddings of
+/// the owner's (and the public) documents, projected to the model's width; the artifact names
+/// the encoder; experts from one encoder merge, an encoder expert and a public-model one do not.
+#[test]
+fn encoder_router_init_trains_records_and_guards_the_merge() {
+    let Some(dir) = encoder_dir() else { return };
+    let enc = dir.to_str().unwrap();
+    let tmp = std::env::temp_dir().join(format!("flexrun-encinit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let w = tmp.join("w");
+    let (code, _, err) = flexrun(&["demo", "--quick", "--out", w.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let p = |rel: &str| w.join(rel).to_str().unwrap().to_string();
+    let art = |name: &str, init: &str| -> (i32, String) {
+        let out = tmp.join(format!("{name}-{init}.safetensors"));
+        let mut args = vec![
+            "train-expert".to_string(),
+            "--public".into(),
+            p("models/public"),
+            "--data".into(),
+            p(&format!("data/{name}")),
+            "--public-data".into(),
+            p("data/public"),
+            "--name".into(),
+            name.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--steps".into(),
+            "2".into(),
+            "--batch".into(),
+            "2".into(),
+            "--seq".into(),
+            "16".into(),
+            "--embed-docs".into(),
+            "3".into(),
+            "--router-init".into(),
+            init.into(),
+            "--quiet".into(),
+        ];
+        if init == "encoder" {
+            args.extend(["--encoder".into(), enc.into()]);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = flexrun(&a);
+        (
+            code,
+            if code == 0 {
+                out.to_str().unwrap().to_string()
+            } else {
+                err
+            },
+        )
+    };
+    let (c1, code_enc) = art("code", "encoder");
+    assert_eq!(c1, 0, "{code_enc}");
+    let (c2, math_enc) = art("math", "encoder");
+    assert_eq!(c2, 0, "{math_enc}");
+    let (c3, math_dom) = art("math", "domain");
+    assert_eq!(c3, 0, "{math_dom}");
+    let meta = flexrun::flex::ExpertArtifact::load(Path::new(&code_enc))
+        .unwrap()
+        .meta;
+    assert_eq!(meta.router_init, "encoder");
+    let rec = meta.router_encoder.unwrap();
+    assert!(rec.ends_with("/gaussian-384x32-v1"), "{rec}");
+    let merged = tmp.join("merged");
+    let (code, _, err) = flexrun(&[
+        "merge",
+        "--public",
+        &p("models/public"),
+        "--experts",
+        &code_enc,
+        &math_enc,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = flexrun(&[
+        "merge",
+        "--public",
+        &p("models/public"),
+        "--experts",
+        &code_enc,
+        &math_dom,
+        "--out",
+        tmp.join("mixed").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("different embeddings") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    // Settings that cannot work.
+    let (public, code_data, pdata) = (p("models/public"), p("data/code"), p("data/public"));
+    let x = tmp.join("x.safetensors");
+    let base = [
+        "train-expert",
+        "--public",
+        &public,
+        "--data",
+        &code_data,
+        "--name",
+        "code",
+        "--out",
+        x.to_str().unwrap(),
+    ];
+    for (extra, needle) in [
+        (
+            vec!["--router-init", "encoder", "--public-data", &pdata],
+            "--encoder",
+        ),
+        (vec!["--encoder", enc], "--router-init encoder"),
+        (
+            vec![
+                "--router-init",
+                "encoder",
+                "--encoder",
+                "/nonexistent",
+                "--public-data",
+                &pdata,
+            ],
+            "does not exist",
+        ),
+    ] {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend(extra.iter().copied());
+        let (code, _, err) = flexrun(&a);
+        assert_eq!(code, 1, "{a:?}: {err}");
+        assert!(
+            err.contains(needle) && err.trim().lines().count() == 1,
+            "{a:?}: {err}"
+        );
+    }
+}

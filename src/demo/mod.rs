@@ -86,6 +86,9 @@ pub struct DemoConfig {
     /// Prompt-routing baseline: labelled queries per domain, and the tokens of each query.
     pub route_queries: usize,
     pub route_prompt: usize,
+    /// A sentence encoder (sentence-transformers directory): with `ablations`, also the
+    /// experts whose router rows come from its embeddings (the paper's router init).
+    pub encoder: Option<PathBuf>,
     pub ablations: bool,
     /// Use this corpus (one sub-directory of .txt/.jsonl files per domain, `public` among them)
     /// instead of the built-in FlexMix; tasks are then not evaluated.
@@ -129,6 +132,7 @@ impl Default for DemoConfig {
             btx_steps: 200,
             route_queries: 32,
             route_prompt: 32,
+            encoder: None,
             ablations: false,
             corpus: None,
         }
@@ -361,6 +365,9 @@ fn experts_and_merge(
             out: out.clone(),
             run_dir: w.p(&format!("runs/expert-{tag}-{d}")),
             router_init: init,
+            encoder: (init == RouterInit::Encoder)
+                .then(|| c.encoder.clone())
+                .flatten(),
             embed_docs: c.embed_docs,
             bias_init: bias,
             public_mix: c.public_mix,
@@ -405,6 +412,13 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
     let t0 = Instant::now();
     // A bad setting or model shape is an error before any work is done.
     c.check()?;
+    if let Some(dir) = &c.encoder {
+        ensure!(
+            c.ablations,
+            "--encoder adds the encoder router-init ablation: use it with --ablations"
+        );
+        crate::model::encoder::Encoder::load(dir)?;
+    }
     model_config(c, c.vocab.max(1)).validate()?;
     // The kernels need widths that are multiples of 8 (16-byte rows): an automatic choice of
     // the GPU falls back to the CPU for a demo shape they cannot run.
@@ -714,6 +728,22 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
             "FlexOlmo, random router init",
             &load_model(&rnd, &Selection::default())?.model,
         )?);
+        if c.encoder.is_some() {
+            let enc = experts_and_merge(
+                c,
+                &w,
+                &closed,
+                "encoder",
+                RouterInit::Encoder,
+                Some(c.bias_init),
+                quiet,
+                device,
+            )?;
+            ablations.push(ev_model(
+                "FlexOlmo, encoder router init",
+                &load_model(&enc, &Selection::default())?.model,
+            )?);
+        }
     }
 
     let closed_refs: Vec<&str> = closed.iter().map(|s| s.as_str()).collect();

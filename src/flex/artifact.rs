@@ -67,8 +67,12 @@ pub struct ExpertMeta {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
-    /// "domain" or "random".
+    /// "domain", "random" or "encoder".
     pub router_init: String,
+    /// For "encoder": the encoder's content hash and the projection to the model's width
+    /// (`HASH/identity` or `HASH/gaussian-DxH-v1`). Experts merged together must agree on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_encoder: Option<String>,
     /// Initial bias value, or None when trained without a bias.
     pub bias_init: Option<f32>,
     pub hyperparameters: serde_json::Value,

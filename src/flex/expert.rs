@@ -24,6 +24,10 @@ pub enum RouterInit {
     /// Normal(0, 0.02); the public row from a seed derived from the public model's hash so that
     /// every owner gets the same one.
     Random,
+    /// Mean of a pretrained sentence encoder's embeddings of sampled domain documents (the
+    /// paper's choice), through a fixed random projection to the model's width when the widths
+    /// differ ([`encoder_projection`]).
+    Encoder,
 }
 
 impl RouterInit {
@@ -31,13 +35,15 @@ impl RouterInit {
         match s {
             "domain" => Ok(RouterInit::Domain),
             "random" => Ok(RouterInit::Random),
-            other => bail!("unknown router init '{other}' (expected domain or random)"),
+            "encoder" => Ok(RouterInit::Encoder),
+            other => bail!("unknown router init '{other}' (expected domain, random or encoder)"),
         }
     }
     pub fn as_str(self) -> &'static str {
         match self {
             RouterInit::Domain => "domain",
             RouterInit::Random => "random",
+            RouterInit::Encoder => "encoder",
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct ExpertTrainOpts {
     /// Run directory (log, resumable checkpoint).
     pub run_dir: PathBuf,
     pub router_init: RouterInit,
+    /// The sentence-encoder directory of `RouterInit::Encoder`.
+    pub encoder: Option<PathBuf>,
     pub embed_docs: usize,
     /// Initial bias; None trains without a bias.
     pub bias_init: Option<f32>,
@@ -150,6 +158,60 @@ pub fn expert_training_model(
     Model::from_params(up.cfg.clone(), ps)
 }
 
+/// The projection of encoder embeddings (width `d`) to router rows (width `h`): none when the
+/// widths agree, else a `[h, d]` matrix of normal(0, 1/d) entries from a fixed seed, so that
+/// every owner makes the same one alone. Returns the matrix (empty: none) and its name, which
+/// the artifact records.
+pub fn encoder_projection(d: usize, h: usize) -> (Vec<f32>, String) {
+    if d == h {
+        return (vec![], "identity".into());
+    }
+    let seed = crate::hash::mix(&[0x454E_434F_4445_5231, d as u64, h as u64]);
+    let p = Tensor::randn(
+        &[h, d],
+        1.0 / (d as f32).sqrt(),
+        &mut StdRng::seed_from_u64(seed),
+    );
+    (p.into_vec(), format!("gaussian-{d}x{h}-v1"))
+}
+
+/// Embedding of a domain by a sentence encoder: documents (token ids of the public model's
+/// tokenizer) back to text, each embedded, averaged, projected to width `h`, unit-normalised.
+pub fn encoder_domain_embedding(
+    enc: &crate::model::encoder::Encoder,
+    tok: &crate::data::Tokenizer,
+    shard: &TokenShard,
+    n_docs: usize,
+    max_len: usize,
+    seed: u64,
+    h: usize,
+) -> Result<Vec<f32>> {
+    let docs = shards::sample_docs(shard, n_docs, max_len, seed);
+    ensure!(
+        !docs.is_empty(),
+        "{} has no documents to embed",
+        shard.path().display()
+    );
+    let d = enc.width();
+    let mut acc = vec![0f64; d];
+    for doc in &docs {
+        let e = enc.embed(&tok.decode(doc)?)?;
+        acc.iter_mut()
+            .zip(&e)
+            .for_each(|(a, &x)| *a += x as f64 / docs.len() as f64);
+    }
+    let (p, _) = encoder_projection(d, h);
+    let row: Vec<f64> = if p.is_empty() {
+        acc
+    } else {
+        p.chunks(d)
+            .map(|r| r.iter().zip(&acc).map(|(&w, &x)| w as f64 * x).sum())
+            .collect()
+    };
+    let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    Ok(row.iter().map(|x| (x / norm) as f32).collect())
+}
+
 /// Router rows for the public expert and the new one, per `init`.
 pub fn router_rows(
     public: &Model,
@@ -175,6 +237,43 @@ pub fn router_rows(
                 opts.embed_docs,
                 max_len,
                 opts.train.seed,
+            )?;
+            Ok((r_pub, r_i))
+        }
+        RouterInit::Encoder => {
+            let dir = opts.encoder.as_ref().context(
+                "--router-init encoder needs --encoder DIR (a sentence-transformers directory)",
+            )?;
+            let pd = opts
+                .public_data
+                .as_ref()
+                .context("--public-data is needed to embed the public domain with the encoder")?;
+            let enc = crate::model::encoder::Encoder::load(dir)?;
+            let tok_path = crate::fsutil::confined(&opts.public, "tokenizer.json", "tokenizer")?;
+            ensure!(
+                tok_path.exists(),
+                "--router-init encoder needs the public model's tokenizer.json to turn documents back into text"
+            );
+            let tok = crate::data::Tokenizer::load(&tok_path)?;
+            let pub_data = Dataset::open_for(pd, &opts.public, public.cfg.vocab_size)?;
+            let max_len = opts.train.seq.max(64);
+            let r_pub = encoder_domain_embedding(
+                &enc,
+                &tok,
+                &pub_data.train,
+                opts.embed_docs,
+                max_len,
+                0,
+                h,
+            )?;
+            let r_i = encoder_domain_embedding(
+                &enc,
+                &tok,
+                &data.train,
+                opts.embed_docs,
+                max_len,
+                opts.train.seed,
+                h,
             )?;
             Ok((r_pub, r_i))
         }
@@ -329,7 +428,7 @@ pub fn train_expert(
         dp.check()?;
     }
     ensure!(
-        opts.embed_docs > 0 || !matches!(opts.router_init, RouterInit::Domain),
+        opts.embed_docs > 0 || matches!(opts.router_init, RouterInit::Random),
         "--embed-docs must be at least 1 (the documents the router embedding averages)"
     );
     let layer_w = &opts.train.public_anchor_layers;
@@ -352,6 +451,19 @@ pub fn train_expert(
     let pub_data = match (&opts.public_data, opts.public_mix > 0.0) {
         (Some(p), true) => Some(Dataset::open_for(p, &opts.public, public.cfg.vocab_size)?),
         (None, true) => bail!("--public-mix needs --public-data"),
+        _ => None,
+    };
+    ensure!(
+        opts.encoder.is_none() || opts.router_init == RouterInit::Encoder,
+        "--encoder is for --router-init encoder"
+    );
+    // The encoder's identity, checked before training: merged experts must share it.
+    let router_encoder = match (&opts.router_init, &opts.encoder) {
+        (RouterInit::Encoder, Some(dir)) => {
+            let enc = crate::model::encoder::Encoder::load(dir)?;
+            let (_, proj) = encoder_projection(enc.width(), public.cfg.hidden_size);
+            Some(format!("{}/{proj}", enc.hash()))
+        }
         _ => None,
     };
     let (r_pub, r_i) = router_rows(&public, &hash, opts, &data, device)?;
@@ -418,6 +530,7 @@ pub fn train_expert(
         intermediate_size: public.cfg.intermediate_size,
         num_layers: public.cfg.num_hidden_layers,
         router_init: opts.router_init.as_str().into(),
+        router_encoder,
         bias_init: opts.bias_init,
         hyperparameters: serde_json::json!({
             "train": opts.train,

@@ -173,6 +173,20 @@ pub fn merge(
         if let Some(b) = arts[..i].iter().find(|b| b.meta.name == a.meta.name) {
             bail!("two experts are named '{}'", b.meta.name);
         }
+        let enc = |x: &ExpertArtifact| {
+            x.meta
+                .router_encoder
+                .clone()
+                .unwrap_or_else(|| format!("the public model ({} init)", x.meta.router_init))
+        };
+        ensure!(
+            a.meta.router_encoder == arts[0].meta.router_encoder,
+            "experts '{}' and '{}' have router rows from different embeddings ({} vs {}): their routers cannot be compared",
+            arts[0].meta.name,
+            a.meta.name,
+            enc(&arts[0]),
+            enc(a)
+        );
         for (l, (x, y)) in a.layers.iter().zip(&arts[0].layers).enumerate() {
             ensure!(
                 x.router_public.data() == y.router_public.data(),

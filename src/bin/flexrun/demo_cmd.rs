@@ -54,6 +54,10 @@ pub struct DemoArgs {
     /// FFN width of the public model and of every expert (default 352).
     #[arg(long)]
     pub intermediate: Option<usize>,
+    /// A sentence encoder (sentence-transformers directory, e.g. all-MiniLM-L6-v2): with
+    /// --ablations, also experts whose router rows come from its embeddings.
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
     /// Run on this corpus (one sub-directory per domain, public/ among them) instead of FlexMix.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
@@ -73,6 +77,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     c.seed = a.seed;
     c.ablations = a.ablations;
     c.corpus = a.corpus.clone();
+    c.encoder = a.encoder.clone();
     // Each flag given overrides the configuration's field of the same name.
     macro_rules! override_fields {
         ($($f:ident),*) => {$(

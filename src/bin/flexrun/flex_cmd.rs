@@ -31,8 +31,14 @@ pub struct TrainExpertArgs {
     /// Run directory for the log and resumable checkpoint (default: OUT with .run).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// How the router row starts: domain (the public model's embedding of the owner's
+    /// documents), random, or encoder (a sentence encoder's, with --encoder).
     #[arg(long, default_value = "domain")]
     pub router_init: String,
+    /// The sentence encoder of --router-init encoder (a sentence-transformers directory: BERT
+    /// config, model.safetensors, tokenizer.json), e.g. all-MiniLM-L6-v2.
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
     /// Documents sampled to embed a domain.
     #[arg(long, default_value_t = 64)]
     pub embed_docs: usize,
@@ -194,6 +200,7 @@ pub fn train_expert(a: TrainExpertArgs) -> Result<()> {
         out: a.out.clone(),
         run_dir,
         router_init: flex::RouterInit::parse(&a.router_init)?,
+        encoder: a.encoder.clone(),
         embed_docs: a.embed_docs,
         bias_init: (!a.no_bias).then_some(a.bias_init),
         public_mix: a.public_mix,
