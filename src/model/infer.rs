@@ -278,14 +278,7 @@ pub fn route_row(
         .filter(|&e| allowed.is_none_or(|a| a[e]))
         .collect();
     let mut p: Vec<f32> = experts.iter().map(|&e| z[e] + bias[e]).collect();
-    let m = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0f32;
-    for x in p.iter_mut() {
-        *x = (*x - m).exp();
-        s += *x;
-    }
-    let inv = 1.0 / s;
-    p.iter_mut().for_each(|x| *x *= inv);
+    crate::ops::softmax_in_place(&mut p);
     let mut order: Vec<usize> = (0..experts.len()).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let k = top_k.clamp(1, experts.len());

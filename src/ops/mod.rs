@@ -22,4 +22,4 @@ pub use loss::{
 pub use moe::{gather_rows, moe_combine};
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, RopeTable};
-pub use router::{route, route_values, Routing};
+pub use router::{route, route_values, softmax_in_place, Routing};

@@ -34,6 +34,12 @@ fn softmax_biased(z: &[f32], bias: Option<&[f32]>, p: &mut [f32]) {
     for (j, x) in z.iter().enumerate() {
         p[j] = x + bias.map_or(0.0, |b| b[j].min(0.0));
     }
+    softmax_in_place(p);
+}
+
+/// Softmax of one row in place, in f32, in index order: the routing's arithmetic, shared with
+/// the serving step's per-row masked routing (`model::infer`).
+pub fn softmax_in_place(p: &mut [f32]) {
     let m = p.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut s = 0f32;
     for x in p.iter_mut() {
