@@ -12,15 +12,15 @@ use crate::ensure;
 use crate::error::{Context, Result};
 use crate::eval::extract::{self, ExtractConfig, Extraction};
 use crate::eval::{self, routing, DomainEval, Evaluated, Row};
-use crate::flex::{
-    finetune, load_model, merge, train_expert, ExpertTrainOpts, RouterInit, Selection,
-};
+use crate::flex::{finetune, load_model, RouterInit, Selection};
 use crate::fsutil::write_bytes_atomic;
 use crate::model::runner::Placed;
 use crate::model::{checkpoint, Config, Model};
 use crate::train::{pretrain, RunDir, TrainConfig};
 
 mod baselines;
+mod experts;
+use experts::{experts_and_merge, write_loss_curves};
 mod report;
 pub use report::{acceptance, render};
 use serde::Serialize;
@@ -335,75 +335,6 @@ fn model_config(c: &DemoConfig, vocab: usize) -> Config {
     let mut cfg = Config::olmo2(vocab, c.hidden, c.intermediate, c.layers, c.heads, c.heads);
     cfg.max_position_embeddings = c.seq.max(256);
     cfg
-}
-
-/// Train one set of experts (one per closed domain) with the given router init and bias, merge.
-#[allow(clippy::too_many_arguments)]
-fn experts_and_merge(
-    c: &DemoConfig,
-    w: &Work,
-    closed: &[String],
-    tag: &str,
-    init: RouterInit,
-    bias: Option<f32>,
-    quiet: bool,
-    device: &Device,
-) -> Result<PathBuf> {
-    let mut arts = Vec::new();
-    for (i, d) in closed.iter().enumerate() {
-        step(
-            &format!("train expert '{d}' ({tag}) on {d} data only"),
-            quiet,
-        );
-        let out = w.p(&format!("experts/{tag}/{d}.safetensors"));
-        let opts = ExpertTrainOpts {
-            public: w.p("models/public"),
-            data: w.p(&format!("data/{d}")),
-            public_data: Some(w.p("data/public")),
-            name: d.clone(),
-            domain: d.clone(),
-            out: out.clone(),
-            run_dir: w.p(&format!("runs/expert-{tag}-{d}")),
-            router_init: init,
-            encoder: (init == RouterInit::Encoder)
-                .then(|| c.encoder.clone())
-                .flatten(),
-            embed_docs: c.embed_docs,
-            bias_init: bias,
-            public_mix: c.public_mix,
-            train: TrainConfig {
-                public_anchor: c.public_anchor,
-                public_anchor_layers: c.anchor_layers(),
-                router_own: c.router_own,
-                router_public: c.router_public,
-                expert_loudness: c.expert_loudness,
-                ..train_cfg(c, c.expert_steps, c.expert_lr, c.seed + 10 + i as u64)
-            },
-            resume: false,
-            quiet,
-        };
-        // The demo owns its run directories: each run starts over.
-        RunDir::clear(&opts.run_dir)?;
-        train_expert(&opts, device)?;
-        arts.push(out);
-    }
-    let dir = w.p(&format!("models/flexolmo-{tag}"));
-    step(
-        &format!(
-            "merge public + {} experts ({tag}) into {}",
-            arts.len(),
-            dir.display()
-        ),
-        quiet,
-    );
-    merge(
-        &w.p("models/public"),
-        &arts,
-        c.top_k.min(arts.len() + 1),
-        &[],
-        &dir,
-    )?;
-    Ok(dir)
 }
 
 /// Run the whole pipeline in `work_dir`; returns the report and writes results.md, results.json
@@ -768,31 +699,6 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
-}
-
-/// Every training run's loss curve in one image, `loss_curves.svg`: public pretraining, each
-/// dense expert and each FlexOlmo expert.
-fn write_loss_curves(w: &Work, closed: &[String]) -> Result<()> {
-    use crate::train::{loss_chart_svg, read_log, LogEntry};
-    let mut logs = vec![("public".to_string(), w.p("models/public/train_log.jsonl"))];
-    for d in closed {
-        logs.push((
-            format!("dense {d}"),
-            w.p(&format!("runs/dense-{d}/train_log.jsonl")),
-        ));
-        logs.push((
-            format!("expert {d}"),
-            w.p(&format!("runs/expert-main-{d}/train_log.jsonl")),
-        ));
-    }
-    let entries: Vec<(String, Vec<LogEntry>)> = logs
-        .into_iter()
-        .map(|(n, p)| Ok((n, read_log(&p)?)))
-        .collect::<Result<_>>()?;
-    let runs: Vec<(&str, &[LogEntry])> =
-        entries.iter().map(|(n, e)| (n.as_str(), &e[..])).collect();
-    let svg = loss_chart_svg("Training loss of every run in the demo", &runs);
-    write_bytes_atomic(&w.p("loss_curves.svg"), svg.as_bytes())
 }
 
 #[cfg(test)]

@@ -104,13 +104,13 @@ impl Encoder {
             "encoder layers",
             cfg.num_hidden_layers,
             crate::limits::MAX_LAYERS,
-            "",
+            "far beyond any encoder",
         )?;
         crate::limits::check_dim(
             "encoder positions",
             cfg.max_position_embeddings,
             crate::limits::MAX_POSITIONS,
-            "",
+            "far beyond any encoder",
         )?;
         let modules = json("modules.json")?;
         let normalize = modules.as_ref().is_some_and(|m| {
