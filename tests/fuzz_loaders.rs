@@ -168,6 +168,7 @@ fn loaders_never_panic_abort_or_hang_on_mutated_files() {
             intermediate_size: i,
             num_layers: public.cfg.num_hidden_layers,
             router_init: "domain".into(),
+            router_encoder: None,
             bias_init: Some(-2.0),
             hyperparameters: serde_json::json!({}),
         };

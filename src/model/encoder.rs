@@ -153,7 +153,7 @@ impl Encoder {
             .map_err(|e| crate::Error(format!("{}: {e}", tok_path.display())))?;
         tokenizer.with_padding(None);
         let weights = confined(dir, "model.safetensors", "weights")?;
-        let tensors = checkpoint::read_tensors_where(&[weights.clone()], false, |n| {
+        let tensors = checkpoint::read_tensors_where(std::slice::from_ref(&weights), false, |n| {
             !n.ends_with("position_ids") && !n.starts_with("pooler.")
         })?;
         let w: HashMap<String, Tensor> = tensors
