@@ -40,6 +40,8 @@ impl DeviceOpts {
 /// A model directory and the experts to use from it (opt-out at load time).
 #[derive(Args, Clone)]
 pub struct SelectOpts {
+    /// The model directory (a checkpoint; a merged FlexOlmo model names its experts in
+    /// flexolmo.json).
     #[arg(long)]
     pub model: PathBuf,
     /// Experts to leave out (names from flexolmo.json, or indices for plain checkpoints).
