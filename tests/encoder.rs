@@ -246,3 +246,63 @@ fn encoder_router_init_trains_records_and_guards_the_merge() {
         );
     }
 }
+
+/// Prompt routing with the encoder's embeddings of the queries (`eval --route-encoder`).
+#[test]
+fn prompt_routing_on_encoder_embeddings() {
+    let Some(dir) = encoder_dir() else { return };
+    let tmp = std::env::temp_dir().join(format!("flexrun-encroute-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let w = tmp.join("w");
+    let (code, _, err) = flexrun(&["demo", "--quick", "--out", w.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let p = |rel: &str| w.join(rel).to_str().unwrap().to_string();
+    let route = format!(
+        "public={},code={},math={}",
+        p("models/public"),
+        p("models/dense-code"),
+        p("models/dense-math")
+    );
+    let (dp, dc, dm) = (
+        format!("public={}", p("data/public")),
+        format!("code={}", p("data/code")),
+        format!("math={}", p("data/math")),
+    );
+    let (code, out, err) = flexrun(&[
+        "eval",
+        "--route",
+        &route,
+        "--route-encoder",
+        dir.to_str().unwrap(),
+        "--data",
+        &dp,
+        &dc,
+        &dm,
+        "--tokens",
+        "64",
+        "--seq",
+        "16",
+        "--tasks",
+        "0",
+        "--route-queries",
+        "4",
+        "--route-prompt",
+        "12",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| prompt routing |"), "{out}");
+    let (code, _, err) = flexrun(&[
+        "eval",
+        "--model",
+        &p("models/public"),
+        "--route-encoder",
+        dir.to_str().unwrap(),
+        "--data",
+        &dp,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--route") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

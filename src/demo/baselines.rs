@@ -6,7 +6,7 @@ use super::{step, train_cfg, DemoConfig, Work};
 use crate::backend::Device;
 use crate::data::shards::{self, Dataset};
 use crate::error::Result;
-use crate::eval::routed::PromptRouter;
+use crate::eval::routed::{PromptRouter, QueryEmbedder};
 use crate::eval::DomainEval;
 use crate::model::runner::Runner;
 use crate::train::RunDir;
@@ -59,7 +59,12 @@ pub(super) fn prompt_router(
         }
     }
     let classes = sets.iter().map(|(d, _)| d.clone()).collect();
-    PromptRouter::train(embed, &examples, classes, c.route_prompt)
+    PromptRouter::train(
+        QueryEmbedder::Model(embed),
+        &examples,
+        classes,
+        c.route_prompt,
+    )
 }
 
 /// Per domain, the fraction of its held-out windows the router sends to the domain's own model.
@@ -80,7 +85,11 @@ pub(super) fn routing_accuracy(
                 .collect();
             let hits = windows
                 .iter()
-                .map(|w| router.route(embed, w).map(|k| Some(k) == own))
+                .map(|w| {
+                    router
+                        .route(QueryEmbedder::Model(embed), w)
+                        .map(|k| Some(k) == own)
+                })
                 .collect::<Result<Vec<bool>>>()?;
             let rate = hits.iter().filter(|&&h| h).count() as f64 / hits.len().max(1) as f64;
             Ok((d.name.clone(), rate))

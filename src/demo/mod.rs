@@ -542,7 +542,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         "prompt routing",
         &Evaluated::Routed {
             router: &router,
-            embed: public_g.runner(),
+            embed: crate::eval::routed::QueryEmbedder::Model(public_g.runner()),
             models: routed_models,
         },
     )?);

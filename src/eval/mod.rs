@@ -34,7 +34,7 @@ pub enum Evaluated<'a> {
     /// scores or continues the whole sequence ([`routed`]).
     Routed {
         router: &'a routed::PromptRouter,
-        embed: Runner<'a>,
+        embed: routed::QueryEmbedder<'a>,
         models: Vec<Evaluated<'a>>,
     },
 }

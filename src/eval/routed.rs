@@ -1,16 +1,68 @@
 //! Prompt-based routing, a baseline of the FlexOlmo paper: a classifier reads an embedding of
 //! the query and sends the whole sequence to one model (the public model or one dense expert).
 //!
-//! The embedding is the mean of the public model's final hidden states over the first
-//! `prompt_tokens` tokens (the paper uses a separate sentence encoder; flexrun has none yet). The
-//! classifier is a softmax regression on standardised embeddings, trained on what a model builder
+//! The embedding ([`QueryEmbedder`]) is the mean of the public model's final hidden states over
+//! the first `prompt_tokens` tokens, or a sentence encoder's embedding of those tokens' text (the
+//! paper's choice; `model::encoder`). The classifier is a softmax regression on standardised embeddings, trained on what a model builder
 //! may see: public text and a few labelled queries per domain. In held-out loss evaluation the
 //! first `prompt_tokens` tokens of each window are the query, and the chosen model scores the
 //! whole window.
 
+use crate::data::Tokenizer;
 use crate::ensure;
 use crate::error::Result;
+use crate::model::encoder::Encoder;
 use crate::model::runner::Runner;
+
+/// What embeds a query for the router.
+#[derive(Clone, Copy)]
+pub enum QueryEmbedder<'a> {
+    /// The mean final hidden state of a model (the public model).
+    Model(Runner<'a>),
+    /// A sentence encoder's embedding of the query's text (`tok` turns the ids back into it).
+    Encoder {
+        enc: &'a Encoder,
+        tok: &'a Tokenizer,
+    },
+}
+
+impl QueryEmbedder<'_> {
+    /// The embedding of the first `prompt_tokens` tokens of `ids`.
+    pub fn embed(&self, ids: &[u32], prompt_tokens: usize) -> Result<Vec<f64>> {
+        ensure!(!ids.is_empty(), "prompt routing: an empty query");
+        let q = &ids[..ids.len().min(prompt_tokens)];
+        match self {
+            QueryEmbedder::Model(model) => {
+                let h = model.final_hidden(q, 1, q.len())?;
+                let d = h.cols();
+                let mut e = vec![0f64; d];
+                for r in 0..q.len() {
+                    for (a, &b) in e.iter_mut().zip(h.row(r)) {
+                        *a += b as f64 / q.len() as f64;
+                    }
+                }
+                Ok(e)
+            }
+            QueryEmbedder::Encoder { enc, tok } => Ok(enc
+                .embed(&tok.decode(q)?)?
+                .into_iter()
+                .map(f64::from)
+                .collect()),
+        }
+    }
+
+    pub fn on_gpu(&self) -> bool {
+        matches!(self, QueryEmbedder::Model(r) if r.on_gpu())
+    }
+
+    /// The longest query it takes.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            QueryEmbedder::Model(r) => r.max_positions(),
+            QueryEmbedder::Encoder { .. } => usize::MAX,
+        }
+    }
+}
 
 /// A trained prompt router.
 pub struct PromptRouter {
@@ -31,24 +83,9 @@ const LR: f64 = 0.5;
 const L2: f64 = 1e-3;
 
 impl PromptRouter {
-    /// The embedding of a query: the mean final hidden state of its first `prompt_tokens` tokens.
-    pub fn embed(model: Runner<'_>, ids: &[u32], prompt_tokens: usize) -> Result<Vec<f64>> {
-        ensure!(!ids.is_empty(), "prompt routing: an empty query");
-        let q = &ids[..ids.len().min(prompt_tokens)];
-        let h = model.final_hidden(q, 1, q.len())?;
-        let d = h.cols();
-        let mut e = vec![0f64; d];
-        for r in 0..q.len() {
-            for (a, &b) in e.iter_mut().zip(h.row(r)) {
-                *a += b as f64 / q.len() as f64;
-            }
-        }
-        Ok(e)
-    }
-
     /// Train on labelled queries `(ids, class)`.
     pub fn train(
-        model: Runner<'_>,
+        model: QueryEmbedder<'_>,
         examples: &[(Vec<u32>, usize)],
         classes: Vec<String>,
         prompt_tokens: usize,
@@ -71,7 +108,7 @@ impl PromptRouter {
         );
         let xs: Vec<Vec<f64>> = examples
             .iter()
-            .map(|(ids, _)| Self::embed(model, ids, prompt_tokens))
+            .map(|(ids, _)| model.embed(ids, prompt_tokens))
             .collect::<Result<_>>()?;
         let d = xs[0].len();
         let n = xs.len() as f64;
@@ -138,8 +175,8 @@ impl PromptRouter {
     }
 
     /// The class (model index) for a query.
-    pub fn route(&self, model: Runner<'_>, ids: &[u32]) -> Result<usize> {
-        let x = Self::embed(model, ids, self.prompt_tokens)?;
+    pub fn route(&self, model: QueryEmbedder<'_>, ids: &[u32]) -> Result<usize> {
+        let x = model.embed(ids, self.prompt_tokens)?;
         ensure!(
             x.len() == self.mean.len(),
             "prompt routing: the embedding model changed width"
@@ -175,7 +212,7 @@ mod tests {
     #[test]
     fn separable_queries_are_routed_to_their_class() {
         let m = Model::new_random(&Config::olmo2(64, 16, 32, 1, 2, 2), 4).unwrap();
-        let r = Runner::Cpu(&m);
+        let r = QueryEmbedder::Model(Runner::Cpu(&m));
         let query = |class: usize, i: u32| -> Vec<u32> {
             (0..8)
                 .map(|j| class as u32 * 32 + (i * 7 + j * 3) % 32)

@@ -41,6 +41,10 @@ pub struct EvalArgs {
     /// (by its first --route-prompt tokens) or task prompt to one of them.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["model", "btm"])]
     pub route: Vec<String>,
+    /// Prompt routing: embed the queries with this sentence encoder (a sentence-transformers
+    /// directory, as for `train-expert --router-init encoder`) instead of the public model.
+    #[arg(long)]
+    pub route_encoder: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     pub route_queries: usize,
     #[arg(long, default_value_t = 32)]
@@ -166,6 +170,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "far beyond any evaluation",
     )?;
     let routes = parse_domains(&a.route)?;
+    ensure!(
+        a.route_encoder.is_none() || !routes.is_empty(),
+        "--route-encoder embeds the queries of prompt routing: it goes with --route"
+    );
     if !routes.is_empty() {
         ensure!(
             routes.iter().any(|(n, _)| n == "public"),
@@ -223,6 +231,28 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|m| Placed::new(m, &device))
         .collect::<Result<_>>()?;
+    // The sentence encoder of --route-encoder, and the public model's tokenizer that turns the
+    // queries back into its input text.
+    let encoder = match &a.route_encoder {
+        Some(dir) => {
+            let public_dir = &routes
+                .iter()
+                .find(|(n, _)| n == "public")
+                .expect("checked above")
+                .1;
+            let tok = Tokenizer::load(&flexrun::fsutil::confined(
+                public_dir,
+                "tokenizer.json",
+                "tokenizer",
+            )?)?;
+            Some((flexrun::model::encoder::Encoder::load(dir)?, tok))
+        }
+        None => None,
+    };
+    let embedder = |i: usize| match &encoder {
+        Some((enc, tok)) => eval::routed::QueryEmbedder::Encoder { enc, tok },
+        None => eval::routed::QueryEmbedder::Model(placed[i].runner()),
+    };
     let router = if routes.is_empty() {
         None
     } else {
@@ -239,18 +269,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             }
         }
         let classes = routes.iter().map(|(n, _)| n.clone()).collect();
-        let r = eval::routed::PromptRouter::train(
-            placed[embed].runner(),
-            &examples,
-            classes,
-            a.route_prompt,
-        )?;
+        let r =
+            eval::routed::PromptRouter::train(embedder(embed), &examples, classes, a.route_prompt)?;
         Some((r, embed))
     };
     let e = match &router {
         Some((r, embed)) => Evaluated::Routed {
             router: r,
-            embed: placed[*embed].runner(),
+            embed: embedder(*embed),
             models: placed.iter().map(|p| Evaluated::One(p.runner())).collect(),
         },
         None if a.btm.is_empty() => Evaluated::One(placed[0].runner()),
