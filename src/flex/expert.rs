@@ -220,6 +220,22 @@ pub fn router_rows(
     data: &Dataset,
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let enc = match (opts.router_init, &opts.encoder) {
+        (RouterInit::Encoder, Some(dir)) => Some(crate::model::encoder::Encoder::load(dir)?),
+        _ => None,
+    };
+    router_rows_with(public, hash, opts, data, device, enc.as_ref())
+}
+
+/// [`router_rows`] with the encoder of `RouterInit::Encoder` already loaded.
+fn router_rows_with(
+    public: &Model,
+    hash: &str,
+    opts: &ExpertTrainOpts,
+    data: &Dataset,
+    device: &Device,
+    enc: Option<&crate::model::encoder::Encoder>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let h = public.cfg.hidden_size;
     let seed_pub = u64::from_str_radix(&hash[..16.min(hash.len())], 16).unwrap_or(0);
     match opts.router_init {
@@ -241,14 +257,13 @@ pub fn router_rows(
             Ok((r_pub, r_i))
         }
         RouterInit::Encoder => {
-            let dir = opts.encoder.as_ref().context(
+            let enc = enc.context(
                 "--router-init encoder needs --encoder DIR (a sentence-transformers directory)",
             )?;
             let pd = opts
                 .public_data
                 .as_ref()
                 .context("--public-data is needed to embed the public domain with the encoder")?;
-            let enc = crate::model::encoder::Encoder::load(dir)?;
             let tok_path = crate::fsutil::confined(&opts.public, "tokenizer.json", "tokenizer")?;
             ensure!(
                 tok_path.exists(),
@@ -258,7 +273,7 @@ pub fn router_rows(
             let pub_data = Dataset::open_for(pd, &opts.public, public.cfg.vocab_size)?;
             let max_len = opts.train.seq.max(64);
             let r_pub = encoder_domain_embedding(
-                &enc,
+                enc,
                 &tok,
                 &pub_data.train,
                 opts.embed_docs,
@@ -267,7 +282,7 @@ pub fn router_rows(
                 h,
             )?;
             let r_i = encoder_domain_embedding(
-                &enc,
+                enc,
                 &tok,
                 &data.train,
                 opts.embed_docs,
@@ -458,15 +473,15 @@ pub fn train_expert(
         "--encoder is for --router-init encoder"
     );
     // The encoder's identity, checked before training: merged experts must share it.
-    let router_encoder = match (&opts.router_init, &opts.encoder) {
-        (RouterInit::Encoder, Some(dir)) => {
-            let enc = crate::model::encoder::Encoder::load(dir)?;
-            let (_, proj) = encoder_projection(enc.width(), public.cfg.hidden_size);
-            Some(format!("{}/{proj}", enc.hash()))
-        }
+    let enc = match (opts.router_init, &opts.encoder) {
+        (RouterInit::Encoder, Some(dir)) => Some(crate::model::encoder::Encoder::load(dir)?),
         _ => None,
     };
-    let (r_pub, r_i) = router_rows(&public, &hash, opts, &data, device)?;
+    let router_encoder = enc.as_ref().map(|e| {
+        let (_, proj) = encoder_projection(e.width(), public.cfg.hidden_size);
+        format!("{}/{proj}", e.hash())
+    });
+    let (r_pub, r_i) = router_rows_with(&public, &hash, opts, &data, device, enc.as_ref())?;
     let mut model = expert_training_model(&public, &r_pub, &r_i, opts.bias_init)?;
     let summary = {
         let tag = serde_json::json!({
