@@ -128,6 +128,9 @@ fn flexolmo_pipeline_merge_and_opt_out() {
             "dense code",
             "dense facts",
             "dense math",
+            "FFN-only code",
+            "FFN-only facts",
+            "FFN-only math",
             "soup",
             "BTM",
             "BTX",
@@ -138,6 +141,52 @@ fn flexolmo_pipeline_merge_and_opt_out() {
             "FlexOlmo without math"
         ]
     );
+    // The retired "within 5% of the dense expert" check is gone; the gap to the FFN-only bound
+    // is reported instead: each dense expert on its domain, FlexOlmo on every closed domain and
+    // each opted-out model on the domains it keeps, as loss / bound - 1.
+    assert!(report.checks.iter().all(|c| !c.name.contains("within 5%")));
+    let bound_models: Vec<&str> = report.bound.iter().map(|b| b.model.as_str()).collect();
+    assert_eq!(
+        bound_models,
+        [
+            "dense code",
+            "dense facts",
+            "dense math",
+            "FlexOlmo (top-4)",
+            "FlexOlmo without code",
+            "FlexOlmo without facts",
+            "FlexOlmo without math"
+        ]
+    );
+    let row_loss = |model: &str, d: &str| {
+        let r = report.rows.iter().find(|r| r.model == model).unwrap();
+        r.scores.iter().find(|s| s.domain == d).unwrap().loss
+    };
+    let flex_gaps = &report.bound[3].gaps;
+    assert_eq!(flex_gaps.len(), 3);
+    for (d, g) in flex_gaps {
+        let want = row_loss("FlexOlmo (top-4)", d) / row_loss(&format!("FFN-only {d}"), d) - 1.0;
+        assert!((g - want).abs() < 1e-12, "{d}: {g} vs {want}");
+    }
+    let kept: Vec<&str> = report.bound[4]
+        .gaps
+        .iter()
+        .map(|(d, _)| d.as_str())
+        .collect();
+    assert_eq!(kept, ["facts", "math"]);
+    let md = std::fs::read_to_string(root.join("results.md")).unwrap();
+    assert!(
+        md.contains("### Gap to the FFN-only bound") && md.contains("| FFN-only bound (loss) |")
+    );
+    // The FFN-only fine-tune trained the FFNs and nothing else.
+    let public_m = flexrun::model::checkpoint::load(&root.join("models/public")).unwrap();
+    let ffn_m = flexrun::model::checkpoint::load(&root.join("models/ffn-code")).unwrap();
+    for (a, b) in public_m.params.params.iter().zip(&ffn_m.params.params) {
+        assert_eq!(a.name, b.name);
+        let same = a.value.data() == b.value.data();
+        assert_eq!(same, !a.name.contains(".mlp."), "{}", a.name);
+    }
+
     // The BTX model is written with a manifest naming its experts; strict opt-out does not hold.
     let btx = flex::Manifest::load(&root.join("models/btx"))
         .unwrap()

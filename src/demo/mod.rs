@@ -1,8 +1,8 @@
 //! `flexrun demo`, the main job: on the built-in FlexMix corpus, pretrain a public model, train
 //! each closed-domain expert independently, merge them, and evaluate the public model, each dense
-//! expert, the soup, BTM, BTX, prompt routing, FlexOlmo with all experts and with each expert
-//! opted out; then analyse
-//! routing and check the FlexOlmo acceptance criteria. Optional ablations: no bias, random router
+//! expert, the FFN-only bound of each domain, the soup, BTM, BTX, prompt routing, FlexOlmo with
+//! all experts and with each expert opted out; then analyse routing, check the FlexOlmo
+//! acceptance criteria and report each merged model's gap to the FFN-only bound. Optional ablations: no bias, random router
 //! init, and a top-k sweep.
 
 use crate::backend::Device;
@@ -251,6 +251,8 @@ pub struct DemoReport {
     pub eval_device: String,
     pub rows: Vec<Row>,
     pub checks: Vec<Check>,
+    /// Each merged model's gap to the FFN-only bound, per closed domain.
+    pub bound: Vec<BoundGap>,
     pub ablations: Vec<Row>,
     pub routing: Vec<routing::RoutingStats>,
     /// The data extraction check per closed domain: public, dense expert, FlexOlmo, and
@@ -260,6 +262,15 @@ pub struct DemoReport {
     /// to that domain's own model (the public model for public text).
     pub prompt_routing: Vec<(String, f64)>,
     pub seconds: f64,
+}
+
+/// One model's held-out loss on each closed domain relative to the FFN-only bound there (the
+/// public model with only its FFNs fine-tuned on the domain): `loss / bound - 1`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BoundGap {
+    pub model: String,
+    /// (domain, relative gap); positive: behind the bound.
+    pub gaps: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -469,6 +480,31 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         )?;
         dense_dirs.push((d.clone(), out));
     }
+    // The FFN-only bound: the public model with only its FFNs fine-tuned on the domain (no MoE,
+    // no public rows, no anchor), on the dense experts' schedule and seeds at the experts'
+    // learning rate. An expert trains FFN weights only, so this is the closest any expert comes
+    // to a dense expert; the report gives each merged model's gap to it.
+    let mut bound_dirs = Vec::new();
+    for (i, d) in closed.iter().enumerate() {
+        step(
+            &format!("bound: fine-tune only the FFNs of the public model on '{d}'"),
+            quiet,
+        );
+        let out = w.p(&format!("models/ffn-{d}"));
+        RunDir::clear(&w.p(&format!("runs/ffn-{d}")))?;
+        finetune(
+            &w.p("models/public"),
+            &w.p(&format!("data/{d}")),
+            &train_cfg(c, c.dense_steps, c.expert_lr, c.seed + 20 + i as u64),
+            &["mlp".to_string()],
+            &out,
+            &w.p(&format!("runs/ffn-{d}")),
+            false,
+            quiet,
+            device,
+        )?;
+        bound_dirs.push(out);
+    }
     let btx_dir = baselines::train_btx(c, &w, &dense_dirs, quiet, device)?;
     let flex_dir = experts_and_merge(
         c,
@@ -522,6 +558,9 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         .collect::<Result<_>>()?;
     for ((d, _), g) in dense.iter().zip(&dense_g) {
         rows.push(ev(&format!("dense {d}"), &Evaluated::One(g.runner()))?);
+    }
+    for (d, p) in closed.iter().zip(&bound_dirs) {
+        rows.push(ev_model(&format!("FFN-only {d}"), &checkpoint::load(p)?)?);
     }
     rows.push(ev_model("soup", &soup)?);
     let btm = Evaluated::Btm {
@@ -679,11 +718,13 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
 
     let closed_refs: Vec<&str> = closed.iter().map(|s| s.as_str()).collect();
     let checks = acceptance(&rows, &closed_refs);
+    let bound = report::bound_gaps(&rows, &ablations, &closed_refs);
     let report = DemoReport {
         config: c.clone(),
         eval_device,
         rows,
         checks,
+        bound,
         ablations,
         routing: routing_stats,
         extraction,
