@@ -33,7 +33,10 @@ cuda_tests!(
     gradients_expert_training,
     gradients_router_tuning,
     expert_training_follows_cpu,
-    btm_on_gpu
+    btm_on_gpu,
+    routing_on_gpu,
+    gradients_expert_loudness,
+    dp_training_follows_cpu
 );
 
 /// A random model with weights large enough that every block moves the logits (norm weights
@@ -717,5 +720,222 @@ fn btm_on_gpu(dev: &Device) -> R {
         (gpu - cpu).abs() <= 0.01 * cpu,
         "BTM loss: gpu {gpu} vs cpu {cpu}"
     );
+    Ok(())
+}
+
+/// `Runner::routing` (analyze-routing, the demo's routing table) on the GPU against the CPU:
+/// per MoE layer, the router probabilities agree to bf16 accuracy and the top-k choices agree
+/// except on near-ties; the routing statistics of `eval::routing::analyze` agree to 1%.
+fn routing_on_gpu(dev: &Device) -> R {
+    let m = model(moe_cfg(4, 2), 71);
+    let (b, t) = (2, 33);
+    let x = ids(b * t, 200, 72);
+    let g = GpuModel::upload(dev, &m)?;
+    let cpu = Runner::Cpu(&m).routing(&x, b, t)?;
+    let gpu = Runner::Gpu(&g).routing(&x, b, t)?;
+    assert_eq!(cpu.len(), 3);
+    assert_eq!(gpu.len(), cpu.len());
+    let mut flips = 0;
+    for (li, (c, gl)) in cpu.iter().zip(&gpu).enumerate() {
+        assert_eq!((gl.experts, gl.k), (4, 2), "layer {li}");
+        assert_eq!(gl.probs.len(), b * t * 4);
+        assert_eq!(gl.topk.len(), b * t * 2);
+        let worst = c
+            .probs
+            .iter()
+            .zip(&gl.probs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.05, "layer {li}: probabilities differ by {worst}");
+        for (tok, (ct, gt)) in c.topk.chunks(2).zip(gl.topk.chunks(2)).enumerate() {
+            let (mut ct, mut gt) = (ct.to_vec(), gt.to_vec());
+            ct.sort();
+            gt.sort();
+            if ct != gt {
+                flips += 1;
+                // Only a near-tie may flip: the 2nd and 3rd probabilities within 0.05.
+                let mut p = c.probs[tok * 4..tok * 4 + 4].to_vec();
+                p.sort_by(|a, b| b.total_cmp(a));
+                assert!(p[1] - p[2] < 0.05, "layer {li} token {tok}: {p:?}");
+            }
+        }
+    }
+    assert!(flips * 20 <= 3 * b * t, "{flips} top-k flips");
+    let windows: Vec<Vec<u32>> = x.chunks(t).map(|w| w.to_vec()).collect();
+    let sc = flexrun::eval::routing::analyze(Runner::Cpu(&m), "d", &windows)?;
+    let sg = flexrun::eval::routing::analyze(Runner::Gpu(&g), "d", &windows)?;
+    assert_eq!(sc.tokens, sg.tokens);
+    for (a, b) in sc.weight.iter().flatten().zip(sg.weight.iter().flatten()) {
+        assert!((a - b).abs() < 0.01, "mean probability {a} vs {b}");
+    }
+    Ok(())
+}
+
+/// The expert loudness term on the GPU: with expert 1 made louder than expert 0 (its down
+/// projection scaled by 1.5), the term is active (it moves the CPU's loss), and the GPU's loss
+/// and gradients agree with the tape's.
+fn gradients_expert_loudness(dev: &Device) -> R {
+    let mut m = expert_model(45);
+    for p in m.params.params.iter_mut() {
+        if p.name.contains("experts.1.down_proj") {
+            let v: Vec<f32> = p.value.data().iter().map(|x| 1.5 * x).collect();
+            p.value = Tensor::from_vec(v, p.value.shape()).round_bf16();
+        }
+    }
+    let coefs = LossCoefs {
+        expert_loudness: 0.5,
+        public_anchor: 1.0,
+        ..LossCoefs::default()
+    };
+    let anchored = [false, true, false, false];
+    let (b, t) = (4, 21);
+    let (inp, tgt) = (ids(b * t, 200, 46), ids(b * t, 200, 47));
+    let loss_with = |c: &LossCoefs| -> flexrun::Result<f32> {
+        let mut tape = Tape::new();
+        let out = m.loss_anchored(&mut tape, &inp, &tgt, b, t, c, &anchored)?;
+        Ok(tape.value(out.loss).data()[0])
+    };
+    let quiet = LossCoefs {
+        expert_loudness: 0.0,
+        ..coefs.clone()
+    };
+    let (loud, plain) = (loss_with(&coefs)?, loss_with(&quiet)?);
+    assert!(
+        loud - plain > 0.01,
+        "the loudness term is inactive: {loud} vs {plain}"
+    );
+    check_gradients_with(dev, &m, b, t, 46, &coefs, &anchored)
+}
+
+/// DP-SGD expert training: private records and public rows, per-record clipping, noise.
+struct DpData {
+    seq: usize,
+    records: usize,
+}
+
+impl DpData {
+    fn record(&self, i: u64) -> (Vec<u32>, Vec<u32>) {
+        let s = (i * 37 % 200) as u32;
+        let inp = (0..self.seq as u32).map(|j| (s + 3 * j) % 200).collect();
+        let tgt = (0..self.seq as u32)
+            .map(|j| (s + 3 * j + 3) % 200)
+            .collect();
+        (inp, tgt)
+    }
+}
+
+impl Batches for DpData {
+    fn train(&self, _step: u64, _micro: u64) -> flexrun::Result<(Vec<u32>, Vec<u32>)> {
+        Err(flexrun::Error("DP training draws dp_batch".into()))
+    }
+    fn valid(&self) -> flexrun::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        Ok(vec![self.record(1001), self.record(1002)])
+    }
+    fn dp_records(&self) -> flexrun::Result<usize> {
+        Ok(self.records)
+    }
+    fn dp_batch(&self, step: u64, q: f64) -> flexrun::Result<flexrun::train::dp::DpBatch> {
+        let private = flexrun::train::dp::poisson_sample(self.records, q, 5, step)
+            .into_iter()
+            .map(|i| self.record(i as u64))
+            .collect();
+        let (mut inp, mut tgt) = (Vec::new(), Vec::new());
+        for r in 0..2 {
+            let (i, t) = self.record(500 + 2 * step + r);
+            inp.extend(i);
+            tgt.extend(t);
+        }
+        Ok(flexrun::train::dp::DpBatch {
+            private,
+            public: (inp, tgt),
+            public_rows: 2,
+        })
+    }
+}
+
+/// `train-expert --dp-noise` on the GPU: 12 DP-SGD steps (per-record clipping at 0.5, noise
+/// multiplier 0.3, the same noise drawn for both devices) follow the CPU's losses within 5%;
+/// the frozen weights stay bit-identical and the trained ones move as on the CPU.
+fn dp_training_follows_cpu(dev: &Device) -> R {
+    let init = expert_model(81);
+    let tcfg = TrainConfig {
+        steps: 12,
+        batch: 4,
+        seq: 24,
+        lr: 2e-3,
+        warmup: 1,
+        save_every: 0,
+        eval_every: 0,
+        dp: Some(flexrun::train::dp::DpConfig {
+            noise: 0.3,
+            clip: 0.5,
+            rows: 4,
+            delta: 1e-5,
+        }),
+        ..Default::default()
+    };
+    let data = DpData {
+        seq: 24,
+        records: 40,
+    };
+    let root = std::env::temp_dir().join(format!("flexrun-gpu-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let run = |name: &str, gpu: bool| -> flexrun::Result<Model> {
+        let mut m = init.clone();
+        {
+            let mut tr = Trainer::new(&mut m, tcfg.clone(), &root.join(name))?;
+            tr.quiet = true;
+            tr.device = gpu.then_some(dev);
+            tr.run(&data)?;
+        }
+        Ok(m)
+    };
+    let cpu_m = run("cpu", false)?;
+    let gpu_m = run("gpu", true)?;
+    let (cpu, gpu) = (log_of(&root.join("cpu")), log_of(&root.join("gpu")));
+    assert_eq!((cpu.len(), gpu.len()), (12, 12));
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert!(
+            (g.loss - c.loss).abs() <= 0.05 * c.loss,
+            "step {}: gpu loss {} vs cpu {}",
+            c.step,
+            g.loss,
+            c.loss
+        );
+    }
+    for ((p, c), q) in gpu_m
+        .params
+        .params
+        .iter()
+        .zip(&cpu_m.params.params)
+        .zip(&init.params.params)
+    {
+        if p.trainable {
+            assert!(p.value.data() != q.value.data(), "{} did not train", p.name);
+            let d: f64 = p
+                .value
+                .data()
+                .iter()
+                .zip(c.value.data())
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let moved: f64 = c
+                .value
+                .data()
+                .iter()
+                .zip(q.value.data())
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            assert!(
+                d <= 0.1 * moved,
+                "{}: the GPU's update is {:.3} of the CPU's off",
+                p.name,
+                (d / moved.max(1e-30)).sqrt()
+            );
+        } else {
+            assert_eq!(p.value.data(), q.value.data(), "{} is frozen", p.name);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

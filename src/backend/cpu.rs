@@ -6,7 +6,7 @@
 
 use gemm::Parallelism;
 
-#[path = "simd.rs"]
+#[path = "simd/mod.rs"]
 pub mod simd;
 
 #[path = "rowdot.rs"]

@@ -648,7 +648,7 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
                     .into_iter()
                     .map(|(i, _)| i)
                     .collect();
-            routing::analyze(&flex.model, d, &windows)
+            routing::analyze(flex_g.runner(), d, &windows)
         })
         .collect::<Result<_>>()?;
     let svg = routing::heatmap_svg(

@@ -1,10 +1,9 @@
 //! Routing analysis: per layer, the fraction of a domain's tokens that use each expert and the
 //! mean router probability of each, as a table and as an SVG heatmap of the probabilities.
 
-use crate::autograd::Tape;
 use crate::ensure;
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::runner::Runner;
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize)]
@@ -17,27 +16,27 @@ pub struct RoutingStats {
     pub tokens: usize,
 }
 
-/// Route every token of `windows` (rows of `seq` ids) and count expert use per layer.
-pub fn analyze(model: &Model, domain: &str, windows: &[Vec<u32>]) -> Result<RoutingStats> {
-    ensure!(
-        model.cfg.is_moe(),
-        "routing analysis needs a mixture-of-experts model"
-    );
-    let (l, e) = (model.cfg.num_hidden_layers, model.cfg.experts());
-    let mut counts = vec![vec![0usize; e]; l];
-    let mut psum = vec![vec![0f64; e]; l];
+/// Route every token of `windows` (rows of ids) on `runner`'s device and count expert use per
+/// layer.
+pub fn analyze(runner: Runner<'_>, domain: &str, windows: &[Vec<u32>]) -> Result<RoutingStats> {
+    let mut counts: Vec<Vec<usize>> = Vec::new();
+    let mut psum: Vec<Vec<f64>> = Vec::new();
     let mut tokens = 0;
     for w in windows {
-        let mut tape = Tape::inference();
-        let out = model.forward(&mut tape, w, 1, w.len(), None)?;
-        for (li, r) in out.routings.iter().enumerate() {
-            for (ex, toks) in r.expert_tokens.iter().enumerate() {
-                counts[li][ex] += toks.len();
+        let layers = runner.routing(w, 1, w.len())?;
+        ensure!(
+            !layers.is_empty(),
+            "routing analysis needs a mixture-of-experts model"
+        );
+        if counts.is_empty() {
+            counts = layers.iter().map(|r| vec![0; r.experts]).collect();
+            psum = layers.iter().map(|r| vec![0.0; r.experts]).collect();
+        }
+        for (li, r) in layers.iter().enumerate() {
+            for &ex in &r.topk {
+                counts[li][ex as usize] += 1;
             }
-            let z = tape.value(out.router_logits[li]);
-            let bias = out.router_bias[li].map(|b| tape.value(b).data().to_vec());
-            let (probs, _, _) = crate::ops::route_values(z, bias.as_deref(), 1, false);
-            for row in probs.chunks(e) {
+            for row in r.probs.chunks(r.experts) {
                 for (acc, p) in psum[li].iter_mut().zip(row) {
                     *acc += *p as f64;
                 }

@@ -146,6 +146,34 @@ impl Runner<'_> {
         }
     }
 
+    /// How every MoE layer routes the tokens of `ids` (`[b, t]`): per layer, the router
+    /// probabilities (softmax over all experts, bias included) and each token's top-k experts.
+    /// Empty for a dense model.
+    pub fn routing(&self, ids: &[u32], b: usize, t: usize) -> Result<Vec<LayerRouting>> {
+        match self {
+            Runner::Cpu(m) => {
+                let mut tape = crate::autograd::Tape::inference();
+                let out = m.forward(&mut tape, ids, b, t, None)?;
+                out.routings
+                    .iter()
+                    .enumerate()
+                    .map(|(li, r)| {
+                        let z = tape.value(out.router_logits[li]);
+                        let bias = out.router_bias[li].map(|b| tape.value(b).data().to_vec());
+                        let (probs, _, _) = crate::ops::route_values(z, bias.as_deref(), 1, false);
+                        Ok(LayerRouting {
+                            experts: r.e,
+                            k: r.k,
+                            probs,
+                            topk: r.indices.clone(),
+                        })
+                    })
+                    .collect()
+            }
+            Runner::Gpu(g) => g.routing(ids, b, t),
+        }
+    }
+
     pub fn on_gpu(&self) -> bool {
         matches!(self, Runner::Gpu(_))
     }
@@ -157,6 +185,17 @@ impl Runner<'_> {
             Runner::Gpu(_) => None,
         }
     }
+}
+
+/// One MoE layer's routing of `n` tokens (see [`Runner::routing`]).
+#[derive(Clone, Debug)]
+pub struct LayerRouting {
+    pub experts: usize,
+    pub k: usize,
+    /// `[n, experts]`: the router's probabilities, bias included.
+    pub probs: Vec<f32>,
+    /// `[n, k]`: each token's experts, most probable first.
+    pub topk: Vec<u32>,
 }
 
 /// Outputs must be finite: finite weights can still overflow f32 on the way (weights near 3e38),

@@ -77,6 +77,25 @@ pub struct TrainSummary {
 /// One row's (loss, cross-entropy, parameter gradients) in DP-SGD.
 type RowGrads = (f32, f32, Vec<(usize, Tensor)>);
 
+/// DP-SGD's Gaussian noise of one step (standard deviation `std`) for every trainable parameter
+/// of `model`, in id order, from a stream seeded by `(seed, step)`: the CPU and the GPU step
+/// draw the same noise.
+fn dp_noise(model: &Model, seed: u64, step: u64, std: f32) -> Vec<(usize, Tensor)> {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(crate::hash::mix(&[
+        seed,
+        step,
+        0x0D15_7A1C,
+    ]));
+    model
+        .params
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.trainable)
+        .map(|(i, p)| (i, Tensor::randn(p.value.shape(), std, &mut rng)))
+        .collect()
+}
+
 /// Where a run writes: its log and its resumable checkpoint.
 /// The largest training log read back (a line per step is about 200 bytes).
 const MAX_LOG_BYTES: u64 = 1 << 32;
@@ -350,10 +369,6 @@ impl<'a> Trainer<'a> {
             Some(dp) => {
                 dp.check()?;
                 ensure!(
-                    self.device.is_none(),
-                    "differentially private training runs on the CPU (per-record gradients)"
-                );
-                ensure!(
                     c.grad_accum == 1,
                     "differentially private training takes no gradient accumulation"
                 );
@@ -365,22 +380,33 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         let mut gpu = match self.device {
-            Some(dev) => {
-                ensure!(
-                    c.expert_loudness == 0.0,
-                    "--expert-loudness has no GPU path: train on the CPU"
-                );
-                ensure!(
-                    c.dp.is_none(),
-                    "DP-SGD (--dp-noise) has no GPU path: train on the CPU"
-                );
-                Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
-            }
+            Some(dev) => Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?),
             None => None,
         };
         while self.step < end {
             let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);
             let (loss, gnorm) = match gpu.as_mut() {
+                Some(g) if c.dp.is_some() => {
+                    let (Some(dp), Some((q, expected))) = (&c.dp, dp_rate) else {
+                        unreachable!("DP training has its sampling rate")
+                    };
+                    let batch = data.dp_batch(self.step, q)?;
+                    let noise = dp_noise(self.model, c.seed, self.step, dp.noise * dp.clip);
+                    let public = (batch.public_rows > 0)
+                        .then(|| (&batch.public.0[..], &batch.public.1[..], batch.public_rows));
+                    let o = g.dp_step(
+                        &batch.private,
+                        public,
+                        c.seq,
+                        lr,
+                        &coefs,
+                        dp.clip,
+                        &noise,
+                        expected + batch.public_rows as f64,
+                    )?;
+                    last_ce = o.ce;
+                    (o.loss, o.grad_norm)
+                }
                 Some(g) => {
                     let micro = (0..c.grad_accum as u64)
                         .map(|m| data.train(self.step, m))
@@ -549,17 +575,10 @@ impl<'a> Trainer<'a> {
             loss_sum += loss as f64 * n_pub as f64;
             ce_sum += ce as f64 * n_pub as f64;
         }
-        let mut rng =
-            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(crate::hash::mix(&[
-                c.seed,
-                self.step,
-                0x0D15_7A1C,
-            ]));
-        let std = dp.noise * dp.clip;
+        let noise = dp_noise(&*self.model, c.seed, self.step, dp.noise * dp.clip);
         // The expected number of rows: q n private ones and the public ones.
         let expected = expected_private + n_pub as f64;
-        for (_, a) in acc.iter_mut() {
-            let noise = Tensor::randn(a.shape(), std, &mut rng);
+        for ((_, a), (_, noise)) in acc.iter_mut().zip(&noise) {
             a.data_mut()
                 .iter_mut()
                 .zip(noise.data())

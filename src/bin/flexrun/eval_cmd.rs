@@ -330,12 +330,13 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
         out,
         ..
     } = a;
-    a.device.cpu_only("analyze-routing")?;
     let domains = parse_domains(&data)?;
     let mut inputs: Vec<&std::path::Path> = domains.iter().map(|(_, p)| p.as_path()).collect();
     inputs.push(&sel.model);
     flexrun::fsutil::check_output_file(&out, "--out", &inputs)?;
+    let device = a.device.open()?;
     let loaded = sel.load()?;
+    let placed = Placed::new(&loaded.model, &device)?;
     let mut stats = Vec::new();
     for (n, p) in parse_domains(&data)? {
         let ds = data::Dataset::open_for(&p, &sel.model, loaded.model.cfg.vocab_size)?;
@@ -343,7 +344,7 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
             .into_iter()
             .map(|(i, _)| i)
             .collect();
-        stats.push(routing::analyze(&loaded.model, &n, &windows)?);
+        stats.push(routing::analyze(placed.runner(), &n, &windows)?);
     }
     out!("{}", routing::markdown(&stats, &loaded.expert_names));
     let svg = routing::heatmap_svg(
@@ -360,7 +361,6 @@ pub fn analyze_routing(a: RoutingArgs) -> Result<()> {
 }
 
 pub fn compare(a: CompareArgs) -> Result<()> {
-    a.device.cpu_only("compare")?;
     if let Some(j) = &a.json {
         let mut inputs = vec![
             a.sel.model.as_path(),
@@ -370,6 +370,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         inputs.extend(a.public.as_deref());
         flexrun::fsutil::check_output_file(j, "--json", &inputs)?;
     }
+    let device = a.device.open()?;
     let loaded = a.sel.load()?;
     let reference = checkpoint::load_with(&a.reference, true)?;
     let vocab = loaded.model.cfg.vocab_size;
@@ -396,9 +397,13 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     )?)?;
     let batches =
         shards::eval_batches(&ds.valid, 8, a.seq, a.tokens, &a.data.display().to_string())?;
+    let (model_g, reference_g) = (
+        Placed::new(&loaded.model, &device)?,
+        Placed::new(&reference, &device)?,
+    );
     let gap = eval::compare::token_gap(
-        &Evaluated::cpu(&loaded.model),
-        &Evaluated::cpu(&reference),
+        &Evaluated::One(model_g.runner()),
+        &Evaluated::One(reference_g.runner()),
         &batches,
         a.seq,
         counts.as_deref(),

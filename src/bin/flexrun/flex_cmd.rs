@@ -178,15 +178,7 @@ pub struct SoupArgs {
 }
 
 pub fn train_expert(a: TrainExpertArgs) -> Result<()> {
-    // DP-SGD and the loudness loss have no GPU path yet: an automatic choice trains them on the
-    // CPU, an explicit --device cuda is an error.
-    let device = if a.dp_noise.is_some() || a.expert_loudness != 0.0 {
-        a.train
-            .device
-            .cpu_only("--dp-noise / --expert-loudness training")?
-    } else {
-        a.train.device.open()?
-    };
+    let device = a.train.device.open()?;
     let run_dir = a
         .run_dir
         .clone()

@@ -419,6 +419,31 @@ impl<'d> GpuModel<'d> {
         Ok((y, saved))
     }
 
+    /// Every MoE layer's routing of `ids` (`b` sequences of `t` tokens): the router
+    /// probabilities and top-k experts the forward computed, downloaded per layer.
+    pub fn routing(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<Vec<crate::model::runner::LayerRouting>> {
+        let mut saved = Vec::with_capacity(self.layers.len());
+        self.hidden(ids, b, t, None, Some(&mut saved))?;
+        saved
+            .iter()
+            .zip(&self.layers)
+            .filter_map(|(s, l)| s.ffn.route.as_ref().map(|r| (r, l.ffn.e)))
+            .map(|(r, e)| {
+                Ok(crate::model::runner::LayerRouting {
+                    experts: e,
+                    k: r.k,
+                    probs: self.dev.download(&r.probs)?,
+                    topk: self.dev.download(&r.indices)?,
+                })
+            })
+            .collect()
+    }
+
     /// Logits `[b*t, V]` (f32, on the device) of `ids` (`b` sequences of `t` tokens). With a
     /// cache, the tokens continue the cached sequences at position `cache.len`, their K/V are
     /// appended, and `cache.len` advances by `t`.

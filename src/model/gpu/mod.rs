@@ -5,6 +5,8 @@
 
 pub mod infer;
 pub mod train;
+pub mod trainer;
 
 pub use infer::{GpuKvCache, GpuModel};
-pub use train::{GpuGrads, GpuLoss, GpuTrainer};
+pub use train::{GpuGrads, GpuLoss};
+pub use trainer::{GpuTrainer, StepOut};

@@ -1,7 +1,7 @@
 //! The training loss and its gradients on the GPU: [`GpuModel::loss_and_grads`] runs the forward
 //! of infer.rs keeping each layer's activations, the fused cross-entropy (+ LM z-loss), the
 //! router z-loss and expert training's terms (the public anchor, the router's own-text and
-//! public-text cross-entropies), then the backward of every block in reverse with flexrun's
+//! public-text cross-entropies, the expert loudness), then the backward of every block in reverse with flexrun's
 //! backward kernels, giving f32 gradients of the trainable weights (the same loss as the CPU's
 //! [`crate::model::Model::loss_anchored`]). Frozen weights get no gradient memory: the backward
 //! still passes gradients through them. tests/gpu_model.rs compares with the CPU tape.
@@ -12,10 +12,9 @@
 
 use super::infer::{FfnSaved, GpuFfn, LayerSaved};
 use super::GpuModel;
-use crate::backend::cuda::{AdamWHyper, AdamWSlot, Buf, Device, View};
+use crate::backend::cuda::{Buf, Device, View};
 use crate::backend::shapes::{AttnShape, IGNORE};
 use crate::error::Result;
-use crate::model::adamw::{AdamW, AdamWConfig};
 use crate::model::{router_ce_targets, Ffn, LossCoefs, Model};
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
@@ -75,7 +74,7 @@ fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<
 }
 
 /// `Some(f())` when `want`.
-fn when<T>(want: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+pub(super) fn when<T>(want: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     want.then(f).transpose()
 }
 
@@ -87,6 +86,9 @@ struct LayerExtra {
     /// The public anchor: its weight, the layer's normed output and expert 0's alone
     /// (`m`, `m0`, `[n, H]`), the norm statistics of `m0` and the sums `[S, T]`.
     anchor: Option<AnchorSaved>,
+    /// The expert loudness term's gradient on the experts' raw outputs: `(ca, cb)`, the
+    /// factors of expert 1's and expert 0's own output (None: the term is off or inactive).
+    loud: Option<(f32, f32)>,
 }
 
 struct AnchorSaved {
@@ -161,7 +163,7 @@ impl GpuModel<'_> {
     /// The loss of `inputs` -> `targets` (`b` sequences of `t` tokens) under `coefs` and the
     /// gradient of every trainable weight. `anchored` marks the sequences the public anchor and
     /// the router's public-text loss apply to (and which the own-text loss skips); empty for
-    /// none. The expert loudness term has no GPU path.
+    /// none.
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grads(
         &self,
@@ -184,10 +186,6 @@ impl GpuModel<'_> {
             anchored.is_empty() || anchored.len() == b,
             "{} anchored-row flags for a batch of {b}",
             anchored.len()
-        );
-        ensure!(
-            coefs.expert_loudness == 0.0,
-            "the expert loudness loss is not available on the GPU (train on the CPU)"
         );
         let mut saved = Vec::with_capacity(self.layers.len());
         let (xn, (xf, rstd_f)) = self.hidden(inputs, b, t, None, Some(&mut saved))?;
@@ -269,6 +267,7 @@ impl GpuModel<'_> {
                 &s.ffn,
                 ex.dz.as_ref(),
                 dy0.as_ref(),
+                ex.loud,
                 &dense_offsets,
                 &dy,
                 &mut dx,
@@ -391,6 +390,7 @@ impl GpuModel<'_> {
                 out.push(LayerExtra {
                     dz: None,
                     anchor: None,
+                    loud: None,
                 });
                 continue;
             };
@@ -434,8 +434,35 @@ impl GpuModel<'_> {
                 }
                 None => None,
             };
+            let loud = match coefs.expert_loudness > 0.0 {
+                true => {
+                    ensure!(
+                        e == 2 && r.k == 2,
+                        "the expert loudness loss is for 2-expert (expert) training with top-2 of 2"
+                    );
+                    // Both experts see every token, in token order: expert 0's rows, then 1's.
+                    let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
+                    let sq = |range: std::ops::Range<usize>| -> Result<f64> {
+                        let mut f = dev.alloc::<f32>(n * h)?;
+                        dev.cast_bf16_to_f32(&yp.view(range), &mut f)?;
+                        let norm = dev.grad_norm(&[f.as_view()], 0.0)?;
+                        Ok((dev.download(&norm.view(0..1))?[0] as f64).powi(2))
+                    };
+                    let (sa, sb) = (sq(n * h..2 * n * h)?, sq(0..n * h)?);
+                    let value = if sb > 0.0 {
+                        (sa / sb - 1.0).max(0.0)
+                    } else {
+                        0.0
+                    };
+                    let w = (coefs.expert_loudness * per_layer) as f64;
+                    total += (w * value) as f32;
+                    (value > 0.0)
+                        .then(|| ((2.0 * w / sb) as f32, (-2.0 * w * sa / (sb * sb)) as f32))
+                }
+                false => None,
+            };
             ml += 1;
-            out.push(LayerExtra { dz, anchor });
+            out.push(LayerExtra { dz, anchor, loud });
         }
         Ok((out, total))
     }
@@ -453,6 +480,7 @@ impl GpuModel<'_> {
         fs: &FfnSaved,
         dz_extra: Option<&Buf<f32>>,
         dy0: Option<&Buf<bf16>>,
+        loud: Option<(f32, f32)>,
         dense_offsets: &Buf<u32>,
         dy: &Buf<bf16>,
         dx: &mut Buf<f32>,
@@ -475,6 +503,19 @@ impl GpuModel<'_> {
                     let mut sum = dev.alloc::<bf16>(n * h)?;
                     dev.add_scaled(&dyp.view(0..n * h), d0, &mut sum, 1.0)?;
                     dev.copy(&sum, &mut dyp.view_mut(0..n * h))?;
+                }
+                // The loudness term: d/d(expert 1's output) = ca * it, expert 0's: cb * it.
+                if let Some((ca, cb)) = loud {
+                    for (range, c) in [(n * h..2 * n * h, ca), (0..n * h, cb)] {
+                        let mut sum = dev.alloc::<bf16>(n * h)?;
+                        dev.add_scaled(
+                            &dyp.view(range.clone()),
+                            &yp.view(range.clone()),
+                            &mut sum,
+                            c,
+                        )?;
+                        dev.copy(&sum, &mut dyp.view_mut(range))?;
+                    }
                 }
                 dyp_moe = dyp;
                 (&dyp_moe, Some(dw))
@@ -684,7 +725,7 @@ fn suffix(dev: &Device, x: Buf<f32>, from: usize, count: usize) -> Result<Buf<f3
     Ok(out)
 }
 /// `buf` brought to the host and cut into `ids.len()` equal segments, one per id (None: skipped).
-fn split_to_host(
+pub(super) fn split_to_host(
     dev: &Device,
     buf: &View<'_, f32>,
     ids: &[Option<usize>],
@@ -699,7 +740,7 @@ fn split_to_host(
 }
 
 /// The host values of `ids` (f32; None: zeros of the segment size `per`) concatenated.
-fn concat_from_host(
+pub(super) fn concat_from_host(
     ids: &[Option<usize>],
     per: usize,
     value: impl Fn(usize) -> Vec<f32>,
@@ -712,304 +753,6 @@ fn concat_from_host(
         }
     }
     all
-}
-
-/// Training on the GPU: the [`GpuModel`]'s bf16 weights are the compute copies of f32 master
-/// weights (router rows and biases are f32 themselves), updated by the fused AdamW kernel after
-/// global-norm clipping, with f32 moments. Only the host model's trainable parameters are
-/// trained (and hold masters, moments and gradients); weight decay pulls toward each
-/// parameter's `decay_to` where it has one. Made from, and written back to, the host model and
-/// its [`AdamW`] state, so that checkpoints and resumption work as on the CPU.
-pub struct GpuTrainer<'d> {
-    pub model: GpuModel<'d>,
-    /// The trained weights, in [`GpuGrads`] order.
-    slots: Vec<TrainSlot>,
-    steps: u64,
-    adamw: AdamWConfig,
-    clip: f32,
-}
-
-/// One trained weight: its index in [`GpuGrads`] order, the trained experts (segments `from..`
-/// of `per` elements; 0 for an unstacked weight), the f32 master of that part (None where the
-/// model's own buffer is f32), the decay target, and the AdamW moments.
-struct TrainSlot {
-    idx: usize,
-    from: usize,
-    per: usize,
-    master: Option<Buf<f32>>,
-    decay_to: Option<Buf<f32>>,
-    m: Buf<f32>,
-    v: Buf<f32>,
-}
-
-/// One optimizer step's scalars.
-#[derive(Clone, Copy, Debug)]
-pub struct StepOut {
-    /// Mean over the micro-batches of the loss and of the cross-entropy.
-    pub loss: f32,
-    pub ce: f32,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f32,
-}
-
-impl<'d> GpuModel<'d> {
-    /// Every weight, in [`GpuGrads`] order: bf16 ones and f32 ones (router, bias).
-    fn weights_mut(&mut self) -> Vec<WeightMut<'_>> {
-        let mut w = vec![
-            WeightMut::Bf16(&mut self.embed, true),
-            WeightMut::Bf16(&mut self.final_norm, false),
-            WeightMut::Bf16(&mut self.lm_head, true),
-        ];
-        for l in &mut self.layers {
-            w.extend([
-                WeightMut::Bf16(&mut l.q, true),
-                WeightMut::Bf16(&mut l.k, true),
-                WeightMut::Bf16(&mut l.v, true),
-                WeightMut::Bf16(&mut l.o, true),
-                WeightMut::Bf16(&mut l.q_norm, false),
-                WeightMut::Bf16(&mut l.k_norm, false),
-                WeightMut::Bf16(&mut l.post_attn_norm, false),
-                WeightMut::Bf16(&mut l.post_ffn_norm, false),
-                WeightMut::Bf16(&mut l.ffn.gate, true),
-                WeightMut::Bf16(&mut l.ffn.up, true),
-                WeightMut::Bf16(&mut l.ffn.down, true),
-            ]);
-            if let Some((r, b)) = &mut l.ffn.router {
-                w.push(WeightMut::F32(r));
-                if let Some(b) = b {
-                    w.push(WeightMut::F32(b));
-                }
-            }
-        }
-        w
-    }
-}
-
-/// A weight to update: bf16 (with whether weight decay applies: matrices, as the CPU's AdamW,
-/// not norm weights) or f32 (router rows `[1, H]` per expert and biases: no decay).
-enum WeightMut<'a> {
-    Bf16(&'a mut Buf<bf16>, bool),
-    F32(&'a mut Buf<f32>),
-}
-
-impl WeightMut<'_> {
-    fn len(&self) -> usize {
-        match self {
-            WeightMut::Bf16(b, _) => b.len(),
-            WeightMut::F32(b) => b.len(),
-        }
-    }
-}
-
-impl<'d> GpuTrainer<'d> {
-    /// Upload `model` with its optimizer state `opt` (moments and step; absent moments start at
-    /// zero). Master weights are the host's f32 values exactly. Frozen parameters get no
-    /// gradients and no optimizer state; a stacked weight may be trained for its last experts
-    /// only ([`GpuModel::train_as`]).
-    pub fn from_host(dev: &'d Device, model: &Model, opt: &AdamW, clip: f32) -> Result<Self> {
-        let mut g = GpuModel::upload(dev, model)?;
-        g.train_as(model)?;
-        let layout = g.host_layout();
-        let grad_from = g.grad_from.clone();
-        let host = |id: usize| model.params.value(id).clone().into_vec();
-        let mut slots = Vec::new();
-        for (idx, (w, ids)) in g.weights_mut().into_iter().zip(&layout).enumerate() {
-            let from = grad_from[idx];
-            if from == ids.len() {
-                continue;
-            }
-            let per = w.len() / ids.len();
-            let ids = &ids[from..];
-            let master = match w {
-                WeightMut::Bf16(..) => Some(dev.upload(&concat_from_host(ids, per, host))?),
-                WeightMut::F32(_) => None,
-            };
-            let decays_to = ids
-                .iter()
-                .flatten()
-                .any(|&id| model.params.params[id].decay_to.is_some());
-            let decay_to = when(decays_to, || {
-                dev.upload(&concat_from_host(ids, per, |id| {
-                    match &model.params.params[id].decay_to {
-                        Some(t) => t.clone().into_vec(),
-                        None => vec![0.0; per],
-                    }
-                }))
-            })?;
-            let moment = |which: usize| {
-                concat_from_host(ids, per, |id| match &opt.moments[id] {
-                    Some((mm, vv)) => [mm, vv][which].clone(),
-                    None => vec![0.0; per],
-                })
-            };
-            slots.push(TrainSlot {
-                idx,
-                from,
-                per,
-                master,
-                decay_to,
-                m: dev.upload(&moment(0))?,
-                v: dev.upload(&moment(1))?,
-            });
-        }
-        ensure!(!slots.is_empty(), "the model has no trainable parameters");
-        Ok(GpuTrainer {
-            model: g,
-            slots,
-            steps: opt.step,
-            adamw: opt.cfg,
-            clip,
-        })
-    }
-
-    /// Write the trained master weights into `model` (f32) and their moments and the step
-    /// count into `opt`.
-    pub fn to_host(&mut self, model: &mut Model, opt: &mut AdamW) -> Result<()> {
-        let dev = self.model.dev;
-        let layout = self.model.host_layout();
-        let mut weights: Vec<Option<WeightMut>> =
-            self.model.weights_mut().into_iter().map(Some).collect();
-        for s in &self.slots {
-            let ids = &layout[s.idx][s.from..];
-            let own;
-            let values = match (&s.master, weights[s.idx].take()) {
-                (Some(master), _) => master.as_view(),
-                (None, Some(WeightMut::F32(b))) => {
-                    own = b;
-                    own.view(s.from * s.per..)
-                }
-                _ => unreachable!("every bf16 weight has a master copy"),
-            };
-            for (id, seg) in split_to_host(dev, &values, ids)? {
-                let shape = model.params.value(id).shape().to_vec();
-                model.params.params[id].value = Tensor::from_vec(seg, &shape);
-            }
-            let ms = split_to_host(dev, &s.m.as_view(), ids)?;
-            let vs = split_to_host(dev, &s.v.as_view(), ids)?;
-            for ((id, mm), (_, vv)) in ms.into_iter().zip(vs) {
-                opt.moments[id] = Some((mm, vv));
-            }
-        }
-        opt.step = self.steps;
-        Ok(())
-    }
-
-    /// One optimizer step over the micro-batches `(inputs, targets)` (`b` sequences of `t`
-    /// tokens each; gradients averaged over them) at learning rate `lr`, with the loss terms of
-    /// `coefs`; `anchored[i]` marks micro-batch i's public rows (see
-    /// [`GpuModel::loss_and_grads`]; empty: none anywhere).
-    #[allow(clippy::too_many_arguments)]
-    pub fn step(
-        &mut self,
-        micro: &[(Vec<u32>, Vec<u32>)],
-        anchored: &[Vec<bool>],
-        b: usize,
-        t: usize,
-        lr: f32,
-        coefs: &LossCoefs,
-    ) -> Result<StepOut> {
-        let dev = self.model.dev;
-        ensure!(!micro.is_empty(), "a step needs at least one micro-batch");
-        ensure!(
-            anchored.is_empty() || anchored.len() == micro.len(),
-            "{} anchored-row lists for {} micro-batches",
-            anchored.len(),
-            micro.len()
-        );
-        let scale = 1.0 / micro.len() as f32;
-        let (mut loss, mut ce) = (0f32, 0f32);
-        // One micro-batch: its gradients as they are. Several: their mean, accumulated.
-        let mut single: Option<GpuGrads> = None;
-        let mut acc: Vec<Buf<f32>> = Vec::new();
-        for (i, (inp, tgt)) in micro.iter().enumerate() {
-            let rows = anchored.get(i).map_or(&[][..], |a| &a[..]);
-            let (l, grads) = self.model.loss_and_grads(inp, tgt, b, t, coefs, rows)?;
-            loss += scale * l.loss;
-            ce += scale * l.ce;
-            if micro.len() == 1 {
-                single = Some(grads);
-                continue;
-            }
-            let bufs = grads.buffers();
-            if acc.is_empty() {
-                for g in bufs {
-                    let mut a = dev.alloc::<f32>(g.len())?;
-                    dev.scale(g, &mut a, scale)?;
-                    acc.push(a);
-                }
-            } else {
-                for (a, g) in acc.iter_mut().zip(bufs) {
-                    let mut sum = dev.alloc::<f32>(g.len())?;
-                    dev.add_scaled(&*a, g, &mut sum, scale)?;
-                    *a = sum;
-                }
-            }
-        }
-        let grads: Vec<&Buf<f32>> = match &single {
-            Some(g) => g.buffers(),
-            None => acc.iter().collect(),
-        };
-        ensure!(
-            grads.len() == self.slots.len(),
-            "{} gradients for {} trained weights",
-            grads.len(),
-            self.slots.len()
-        );
-        let views: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
-        let norm_scale = dev.grad_norm(&views, self.clip)?;
-        self.steps += 1;
-        let wd = self.adamw.weight_decay;
-        let mut weights: Vec<Option<WeightMut>> =
-            self.model.weights_mut().into_iter().map(Some).collect();
-        let mut slots = Vec::with_capacity(views.len());
-        for (s, g) in self.slots.iter_mut().zip(&views) {
-            let part = s.from * s.per..;
-            let (param, param_bf16, decay) = match (weights[s.idx].take(), s.master.as_mut()) {
-                (Some(WeightMut::Bf16(b, decays)), Some(mw)) => (
-                    mw.view_mut(..),
-                    Some(b.view_mut(part)),
-                    if decays { wd } else { 0.0 },
-                ),
-                (Some(WeightMut::F32(p)), _) => (p.view_mut(part), None, 0.0),
-                _ => unreachable!("every bf16 weight has a master copy"),
-            };
-            slots.push(AdamWSlot {
-                param,
-                grad: *g,
-                m: s.m.view_mut(..),
-                v: s.v.view_mut(..),
-                weight_decay: decay,
-                decay_to: s.decay_to.as_ref().map(|t| t.as_view()),
-                param_bf16,
-            });
-        }
-        dev.adamw_step(
-            &mut slots,
-            AdamWHyper {
-                lr,
-                beta1: self.adamw.beta1,
-                beta2: self.adamw.beta2,
-                eps: self.adamw.eps,
-                step: self.steps,
-            },
-            Some(norm_scale.view(1..2)),
-        )?;
-        let grad_norm = dev.download(&norm_scale.view(0..1))?[0];
-        Ok(StepOut {
-            loss,
-            ce,
-            grad_norm,
-        })
-    }
-
-    /// Mean cross-entropy (no z-losses) of the current weights over `batches` of `t`-token
-    /// sequences; None when there are none.
-    pub fn valid_ce(&self, batches: &[(Vec<u32>, Vec<u32>)], t: usize) -> Result<Option<f32>> {
-        crate::model::mean_ce(batches, t, |inp, tgt, b| {
-            let scored = tgt.iter().filter(|&&x| x != IGNORE).count();
-            Ok((self.model.cross_entropy(inp, tgt, b, t)?, scored))
-        })
-    }
 }
 
 impl GpuModel<'_> {
