@@ -478,3 +478,41 @@ fn router_own_and_public_losses_are_router_cross_entropies() {
         .expect("3 experts");
     assert!(err.to_string().contains("2-expert"), "{err}");
 }
+
+/// The benchmark configs load, and the released models' shapes have their published sizes:
+/// OLMo-2 1B 1.48 B parameters, OLMo-2 7B 7.30 B, FlexOlmo-7x7B 33.3 B (7 experts of the 7B
+/// FFN); an expert-training model (public FFN + the new one) on the 7B shape 11.6 B.
+#[test]
+fn bench_configs_have_the_released_sizes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs");
+    let billions = |name: &str| {
+        let c = Config::load(&dir.join(format!("{name}.json"))).unwrap();
+        c.param_count() as f64 / 1e9
+    };
+    let near = |name: &str, want: f64| {
+        let got = billions(name);
+        assert!(
+            (got - want).abs() < 0.01 * want,
+            "{name}: {got:.3} B, want {want} B"
+        );
+    };
+    near("olmo2_1b", 1.485);
+    near("olmo2_7b", 7.299);
+    near("flexolmo_7x7b", 33.27);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        Config::load(&p).unwrap_or_else(|e| panic!("{}: {}", p.display(), e.0));
+    }
+    let c7 = Config::load(&dir.join("olmo2_7b.json")).unwrap();
+    let expert = Config {
+        model_type: "flex_olmo".into(),
+        num_experts: Some(2),
+        num_experts_per_tok: Some(2),
+        ..c7
+    };
+    let b = expert.param_count() as f64 / 1e9;
+    assert!(
+        (b - 11.63).abs() < 0.05,
+        "7B expert-training model: {b:.3} B"
+    );
+}

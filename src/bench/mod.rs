@@ -27,6 +27,13 @@ pub struct TrainBench {
     pub model_tflops: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// GPU runs: the most device memory live buffers held at once during the run (weights,
+    /// master weights, optimizer state, gradients, activations), and the most the allocator held
+    /// from the driver (live and cached), in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_reserved_bytes: Option<usize>,
 }
 
 /// Model FLOPs of one training step (forward + backward = 3x the forward's 2 FLOPs per
@@ -267,6 +274,8 @@ fn train_step_on_cpu(
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
         model_tflops: None,
         mfu: None,
+        peak_device_bytes: None,
+        peak_reserved_bytes: None,
     })
 }
 
@@ -285,6 +294,7 @@ fn train_step_on_gpu(
     use crate::model::gpu::GpuTrainer;
     let (model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
     let params = model.params.numel();
+    dev.reset_peak_memory();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
     drop(model);
@@ -302,6 +312,7 @@ fn train_step_on_gpu(
     })?;
     let step_ms = median(&times);
     let name = dev.name()?;
+    let pool = dev.pool_stats();
     let tflops = mode_flops(cfg, mode, batch, seq)? / (step_ms / 1e3) / 1e12;
     Ok(TrainBench {
         framework: "flexrun",
@@ -315,6 +326,8 @@ fn train_step_on_gpu(
         step_ms_all: times,
         tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
         model_tflops: Some(tflops),
+        peak_device_bytes: Some(pool.peak_in_use),
+        peak_reserved_bytes: Some(pool.peak_reserved),
     })
 }
 

@@ -72,10 +72,17 @@ pub struct TrainSummary {
     pub dp_epsilon: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_sample_rate: Option<f64>,
+    /// GPU runs: the most device memory live buffers held at once (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_bytes: Option<usize>,
 }
 
 /// One row's (loss, cross-entropy, parameter gradients) in DP-SGD.
 type RowGrads = (f32, f32, Vec<(usize, Tensor)>);
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
 
 /// DP-SGD's Gaussian noise of one step (standard deviation `std`) for every trainable parameter
 /// of `model`, in id order, from a stream seeded by `(seed, step)`: the CPU and the GPU step
@@ -380,7 +387,10 @@ impl<'a> Trainer<'a> {
             None => None,
         };
         let mut gpu = match self.device {
-            Some(dev) => Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?),
+            Some(dev) => {
+                dev.reset_peak_memory();
+                Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
+            }
             None => None,
         };
         while self.step < end {
@@ -460,7 +470,11 @@ impl<'a> Trainer<'a> {
             let elapsed = start.elapsed().as_secs_f64();
             let tps = (self.step - start_step) as f64 * tokens_per_step as f64 / elapsed.max(1e-9);
             let v = valid_ce.map(|v| format!(" val {v:.3}")).unwrap_or_default();
-            let msg = format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s");
+            let mem = match self.device {
+                Some(dev) => format!(" mem {:.2} GiB", gib(dev.pool_stats().peak_in_use)),
+                None => String::new(),
+            };
+            let msg = format!("loss {loss:.3}{v} lr {lr:.1e} {tps:.0} tok/s{mem}");
             bar.set_position(self.step);
             if !self.quiet
                 && bar.is_hidden()
@@ -499,6 +513,7 @@ impl<'a> Trainer<'a> {
                 .zip(dp_rate)
                 .map(|(dp, (q, _))| dp::epsilon(q, dp.noise as f64, self.step, dp.delta)),
             dp_sample_rate: dp_rate.map(|(q, _)| q),
+            peak_device_bytes: self.device.map(|d| d.pool_stats().peak_in_use),
         })
     }
 

@@ -48,6 +48,17 @@ pub struct PoolStats {
     pub hits: u64,
     /// Allocations that went to the driver.
     pub misses: u64,
+    /// The most bytes live buffers held at once, and the most the pool held from the driver
+    /// (live and cached) at once, since the pool began or [`Pool::reset_peak`].
+    pub peak_in_use: usize,
+    pub peak_reserved: usize,
+}
+
+impl PoolStats {
+    fn note_peak(&mut self) {
+        self.peak_in_use = self.peak_in_use.max(self.in_use);
+        self.peak_reserved = self.peak_reserved.max(self.in_use + self.cached);
+    }
 }
 
 pub(crate) struct Pool {
@@ -81,6 +92,7 @@ impl Pool {
                 g.stats.cached -= class;
                 g.stats.in_use += class;
                 g.stats.hits += 1;
+                g.stats.note_peak();
                 return Ok(p);
             }
         }
@@ -104,6 +116,7 @@ impl Pool {
         let mut g = self.inner.lock().unwrap();
         g.stats.in_use += class;
         g.stats.misses += 1;
+        g.stats.note_peak();
         Ok(p)
     }
 
@@ -112,6 +125,13 @@ impl Pool {
         g.stats.in_use -= class;
         g.stats.cached += class;
         g.free.entry(class).or_default().push(ptr);
+    }
+
+    /// Start the peaks afresh from what is held now.
+    pub(crate) fn reset_peak(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.stats.peak_in_use = g.stats.in_use;
+        g.stats.peak_reserved = g.stats.in_use + g.stats.cached;
     }
 
     pub(crate) fn release_cached(&self) -> Result<()> {

@@ -222,6 +222,11 @@ impl Device {
         self.pool.stats()
     }
 
+    /// Start the allocator's peak counters ([`PoolStats::peak_in_use`], `peak_reserved`) afresh.
+    pub fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
+
     /// Return every cached (free) block to the driver.
     pub fn empty_cache(&self) -> Result<()> {
         self.synchronize()?;

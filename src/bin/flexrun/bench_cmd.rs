@@ -312,8 +312,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     (Some(t), None) => format!(", {t:.1} TFLOP/s"),
                     _ => String::new(),
                 };
+                let mem = r
+                    .peak_device_bytes
+                    .map(|b| {
+                        format!(
+                            ", peak device memory {:.2} GiB",
+                            b as f64 / (1u64 << 30) as f64
+                        )
+                    })
+                    .unwrap_or_default();
                 outln!(
-                    "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}",
+                    "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}{mem}",
                     config.display(),
                     r.device,
                     r.params,
