@@ -145,16 +145,15 @@ fn train_step(c: &mut Criterion) {
             // Time only the steps (forward, backward, clipping, AdamW), not the model's random init:
             // `flexrun::bench::train_step` reports each step's wall time.
             bch.iter_custom(|iters| {
-                let r = flexrun::bench::train_step(
-                    &cfg,
+                let spec = flexrun::bench::StepSpec::new(
                     flexrun::bench::TrainMode::Full,
                     batch,
                     seq,
                     iters as usize,
                     1,
-                    &flexrun::backend::Device::cpu(),
-                )
-                .expect("train step");
+                );
+                let r = flexrun::bench::train_step(&cfg, &spec, &flexrun::backend::Device::cpu())
+                    .expect("train step");
                 Duration::from_secs_f64(r.step_ms_all.iter().sum::<f64>() / 1e3)
             })
         },

@@ -36,7 +36,8 @@ cuda_tests!(
     btm_on_gpu,
     routing_on_gpu,
     gradients_expert_loudness,
-    dp_training_follows_cpu
+    dp_training_follows_cpu,
+    chunked_loss_and_recompute
 );
 
 /// A random model with weights large enough that every block moves the logits (norm weights
@@ -937,5 +938,102 @@ fn dp_training_follows_cpu(dev: &Device) -> R {
         }
     }
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// Memory for size: the loss over logits a few rows at a time (7 rows: ragged chunks) gives the
+/// loss and gradients of the whole batch's logits at once (the LM head's gradient sums its
+/// chunks in another order: within 1e-5), and recomputing every layer's activations in the
+/// backward gives exactly the same loss and gradients as keeping them (the kernels are
+/// deterministic), both with every expert-training loss term on.
+fn chunked_loss_and_recompute(dev: &Device) -> R {
+    let mut m = expert_model(91);
+    for p in m.params.params.iter_mut() {
+        if p.name.contains("experts.1.down_proj") {
+            let v: Vec<f32> = p.value.data().iter().map(|x| 1.5 * x).collect();
+            p.value = Tensor::from_vec(v, p.value.shape()).round_bf16();
+        }
+    }
+    let coefs = LossCoefs {
+        public_anchor: 1.0,
+        public_anchor_layers: vec![4.0, 1.0],
+        router_own: 0.3,
+        router_public: 0.3,
+        expert_loudness: 0.5,
+        ..LossCoefs::default()
+    };
+    let (b, t) = (4, 21);
+    let (inp, tgt) = (ids(b * t, 200, 92), ids(b * t, 200, 93));
+    let anchored = [false, true, false, true];
+    let run =
+        |chunk: Option<usize>, recompute: bool| -> flexrun::Result<(f32, Vec<(usize, Tensor)>)> {
+            let mut g = GpuModel::upload(dev, &m)?;
+            g.train_as(&m)?;
+            if let Some(c) = chunk {
+                g.set_ce_chunk_rows(c);
+            }
+            g.set_recompute(recompute);
+            let (loss, grads) = g.loss_and_grads(&inp, &tgt, b, t, &coefs, &anchored)?;
+            Ok((loss.loss, g.grads_to_host(&grads, &m)?))
+        };
+    let (base_loss, base) = run(None, false)?;
+    let (rec_loss, rec) = run(None, true)?;
+    assert_eq!(rec_loss.to_bits(), base_loss.to_bits(), "recomputed loss");
+    for ((id, a), (_, b)) in rec.iter().zip(&base) {
+        assert_eq!(
+            a.data(),
+            b.data(),
+            "{}: recomputed gradient",
+            m.params.get(*id).name
+        );
+    }
+    // A dense model trained whole: the LM head's gradient is summed over the chunks.
+    let dense = model(Config::olmo2(300, 128, 200, 2, 4, 4), 94);
+    let (di, dt) = (ids(2 * 33, 300, 95), ids(2 * 33, 300, 96));
+    let dense_run = |chunk: Option<usize>| -> flexrun::Result<Vec<(usize, Tensor)>> {
+        let mut g = GpuModel::upload(dev, &dense)?;
+        if let Some(c) = chunk {
+            g.set_ce_chunk_rows(c);
+        }
+        let (_, grads) = g.loss_and_grads(&di, &dt, 2, 33, &LossCoefs::default(), &[])?;
+        g.grads_to_host(&grads, &dense)
+    };
+    let (whole, chunked) = (dense_run(None)?, dense_run(Some(10))?);
+    for ((id, a), (_, b)) in chunked.iter().zip(&whole) {
+        let d: f64 = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum();
+        let rel = (d / b.sq_norm().max(1e-30)).sqrt();
+        assert!(
+            rel <= 1e-5,
+            "{}: chunked gradient {rel:.2e} off",
+            dense.params.get(*id).name
+        );
+    }
+    for recompute in [false, true] {
+        let (loss, chunked) = run(Some(7), recompute)?;
+        assert!(
+            (loss - base_loss).abs() <= 1e-5 * base_loss.abs(),
+            "chunked loss {loss} vs {base_loss}"
+        );
+        assert_eq!(chunked.len(), base.len());
+        for ((id, a), (_, b)) in chunked.iter().zip(&base) {
+            let d: f64 = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
+            let rel = (d / b.sq_norm().max(1e-30)).sqrt();
+            assert!(
+                rel <= 1e-5,
+                "{}: chunked gradient {rel:.2e} off",
+                m.params.get(*id).name
+            );
+        }
+    }
     Ok(())
 }

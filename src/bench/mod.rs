@@ -9,6 +9,37 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 use std::time::Instant;
 
+/// The shape of a benchmarked training step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSpec {
+    pub mode: TrainMode,
+    /// Sequences per micro-batch, tokens per sequence, micro-batches per optimizer step.
+    pub batch: usize,
+    pub seq: usize,
+    pub grad_accum: usize,
+    /// GPU: keep each layer's input only and recompute its activations in the backward.
+    pub recompute: bool,
+    /// Timed steps, after `warmup` untimed ones.
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+impl StepSpec {
+    /// `steps` timed steps of `batch x seq` tokens (one micro-batch, no recomputation) after
+    /// `warmup` untimed ones.
+    pub fn new(mode: TrainMode, batch: usize, seq: usize, steps: usize, warmup: usize) -> Self {
+        StepSpec {
+            mode,
+            batch,
+            seq,
+            grad_accum: 1,
+            recompute: false,
+            steps,
+            warmup,
+        }
+    }
+}
+
 #[derive(Serialize, Debug)]
 pub struct TrainBench {
     pub framework: &'static str,
@@ -16,8 +47,10 @@ pub struct TrainBench {
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
+    pub grad_accum: usize,
+    pub recompute: bool,
     pub params: usize,
-    /// Median over the timed steps (after warm-up).
+    /// Median over the timed optimizer steps (after warm-up).
     pub step_ms: f64,
     pub step_ms_all: Vec<f64>,
     pub tokens_per_s: f64,
@@ -88,13 +121,10 @@ pub enum TrainMode {
 
 /// The model, loss terms and anchored rows a benchmark step trains with; the step's shape is
 /// checked first.
-fn bench_setup(
-    cfg: &Config,
-    mode: TrainMode,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-) -> Result<(Model, LossCoefs, Vec<bool>)> {
+/// On the GPU (`fast`) the weights are drawn in parallel ([`Model::new_random_fast`]): the
+/// 7B shapes would take minutes one tensor at a time.
+fn bench_setup(cfg: &Config, spec: &StepSpec, fast: bool) -> Result<(Model, LossCoefs, Vec<bool>)> {
+    let (mode, batch, seq, steps) = (spec.mode, spec.batch, spec.seq, spec.steps);
     if mode == TrainMode::Expert {
         expert_config(cfg)?;
     }
@@ -108,8 +138,10 @@ fn bench_setup(
         "--seq {seq} exceeds max_position_embeddings {}",
         cfg.max_position_embeddings
     );
-    cfg.check_training_memory(batch, seq, None)?;
-    let model = Model::new_random(cfg, 0)?;
+    let model = match fast {
+        true => Model::new_random_fast(cfg, 0, false)?,
+        false => Model::new_random(cfg, 0)?,
+    };
     match mode {
         TrainMode::Full => Ok((model, LossCoefs::default(), Vec::new())),
         TrainMode::Expert => {
@@ -191,24 +223,23 @@ fn random_batch(rng: &mut StdRng, v: u32, batch: usize, seq: usize) -> (Vec<u32>
     (inp, tgt)
 }
 
-/// Wall times (ms) of `step` on random batches (`batch` x `seq` tokens below the vocabulary),
-/// the `warmup` first ones left out.
+/// Wall times (ms) of `step` on `grad_accum` random micro-batches (`batch` x `seq` tokens
+/// below the vocabulary) each, the `warmup` first ones left out.
 fn time_steps(
     cfg: &Config,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
-    mut step: impl FnMut(Vec<u32>, Vec<u32>) -> Result<()>,
+    spec: &StepSpec,
+    mut step: impl FnMut(Vec<(Vec<u32>, Vec<u32>)>) -> Result<()>,
 ) -> Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(0);
     let v = cfg.vocab_size as u32;
     let mut times = Vec::new();
-    for i in 0..warmup + steps {
-        let (inp, tgt) = random_batch(&mut rng, v, batch, seq);
+    for i in 0..spec.warmup + spec.steps {
+        let micro = (0..spec.grad_accum)
+            .map(|_| random_batch(&mut rng, v, spec.batch, spec.seq))
+            .collect();
         let t0 = Instant::now();
-        step(inp, tgt)?;
-        if i >= warmup {
+        step(micro)?;
+        if i >= spec.warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -219,43 +250,63 @@ fn time_steps(
 /// model on random tokens, on `device`.
 pub fn train_step(
     cfg: &Config,
-    mode: TrainMode,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
+    spec: &StepSpec,
     device: &crate::backend::Device,
 ) -> Result<TrainBench> {
-    crate::limits::check_dim("--warmup", warmup, 1 << 20, "far beyond any benchmark")?;
+    crate::limits::check_dim("--warmup", spec.warmup, 1 << 20, "far beyond any benchmark")?;
+    crate::limits::check_dim(
+        "--grad-accum",
+        spec.grad_accum,
+        1 << 16,
+        "far beyond any benchmark",
+    )?;
+    ensure!(spec.grad_accum > 0, "--grad-accum must be positive");
     match device.gpu() {
-        Some(dev) => train_step_on_gpu(cfg, mode, batch, seq, steps, warmup, dev),
-        None => train_step_on_cpu(cfg, mode, batch, seq, steps, warmup),
+        Some(dev) => train_step_on_gpu(cfg, spec, dev),
+        None => {
+            ensure!(
+                !spec.recompute,
+                "--recompute is for GPU training (the CPU's tape keeps every activation)"
+            );
+            train_step_on_cpu(cfg, spec)
+        }
     }
 }
 
 /// [`train_step`] on the CPU: the tape's forward and backward, clipping and AdamW.
-fn train_step_on_cpu(
-    cfg: &Config,
-    mode: TrainMode,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
-) -> Result<TrainBench> {
+fn train_step_on_cpu(cfg: &Config, spec: &StepSpec) -> Result<TrainBench> {
+    let (batch, seq) = (spec.batch, spec.seq);
     // Keep freed activation buffers in the process (see `tune_allocator`); the training loop
     // should do the same.
     crate::backend::cpu::tune_allocator();
-    let (mut model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
+    cfg.check_training_memory(batch, seq, None)?;
+    let (mut model, coefs, anchored) = bench_setup(cfg, spec, false)?;
     let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
-    let times = time_steps(cfg, batch, seq, steps, warmup, |inp, tgt| {
+    let scale = 1.0 / spec.grad_accum as f32;
+    let times = time_steps(cfg, spec, |micro| {
         // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
         // inside the pool instead of each one injecting a job from outside and putting the
         // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
         rayon::scope(|_| -> Result<()> {
-            let mut tape = Tape::new();
-            let out = model.loss_anchored(&mut tape, &inp, &tgt, batch, seq, &coefs, &anchored)?;
-            let mut grads = tape.backward(out.loss).params;
-            drop(tape);
+            let mut grads: Vec<(usize, crate::tensor::Tensor)> = Vec::new();
+            for (inp, tgt) in &micro {
+                let mut tape = Tape::new();
+                let out =
+                    model.loss_anchored(&mut tape, inp, tgt, batch, seq, &coefs, &anchored)?;
+                let g = tape
+                    .backward_with(out.loss, crate::tensor::Tensor::scalar(scale))
+                    .params;
+                if grads.is_empty() {
+                    grads = g;
+                } else {
+                    for ((_, a), (_, b)) in grads.iter_mut().zip(&g) {
+                        a.data_mut()
+                            .iter_mut()
+                            .zip(b.data())
+                            .for_each(|(x, y)| *x += y);
+                    }
+                }
+            }
             clip_grad_norm(&mut grads, 1.0);
             opt.update(&mut model.params, &grads, 1e-4);
             Ok(())
@@ -268,10 +319,12 @@ fn train_step_on_cpu(
         threads: rayon::current_num_threads(),
         batch,
         seq,
+        grad_accum: spec.grad_accum,
+        recompute: false,
         params: model.params.numel(),
         step_ms,
         step_ms_all: times,
-        tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
+        tokens_per_s: (batch * seq * spec.grad_accum) as f64 / (step_ms / 1e3),
         model_tflops: None,
         mfu: None,
         peak_device_bytes: None,
@@ -284,36 +337,28 @@ fn train_step_on_cpu(
 /// each step ends with the loss read back (a synchronisation).
 fn train_step_on_gpu(
     cfg: &Config,
-    mode: TrainMode,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    warmup: usize,
+    spec: &StepSpec,
     dev: &crate::backend::cuda::Device,
 ) -> Result<TrainBench> {
     use crate::model::gpu::GpuTrainer;
-    let (model, coefs, anchored) = bench_setup(cfg, mode, batch, seq, steps)?;
+    let (batch, seq) = (spec.batch, spec.seq);
+    let (model, coefs, anchored) = bench_setup(cfg, spec, true)?;
     let params = model.params.numel();
     dev.reset_peak_memory();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
     let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
+    trainer.model.set_recompute(spec.recompute);
     drop(model);
-    let rows = std::slice::from_ref(&anchored);
-    let times = time_steps(cfg, batch, seq, steps, warmup, |inp, tgt| {
-        trainer.step(
-            &[(inp.to_vec(), tgt.to_vec())],
-            rows,
-            batch,
-            seq,
-            1e-4,
-            &coefs,
-        )?;
+    let rows = vec![anchored; spec.grad_accum];
+    let times = time_steps(cfg, spec, |micro| {
+        trainer.step(&micro, &rows, batch, seq, 1e-4, &coefs)?;
         dev.synchronize()
     })?;
     let step_ms = median(&times);
     let name = dev.name()?;
     let pool = dev.pool_stats();
-    let tflops = mode_flops(cfg, mode, batch, seq)? / (step_ms / 1e3) / 1e12;
+    let flops = spec.grad_accum as f64 * mode_flops(cfg, spec.mode, batch, seq)?;
+    let tflops = flops / (step_ms / 1e3) / 1e12;
     Ok(TrainBench {
         framework: "flexrun",
         mfu: gpu_peak_bf16(&name).map(|p| tflops * 1e12 / p),
@@ -321,10 +366,12 @@ fn train_step_on_gpu(
         threads: rayon::current_num_threads(),
         batch,
         seq,
+        grad_accum: spec.grad_accum,
+        recompute: spec.recompute,
         params,
         step_ms,
         step_ms_all: times,
-        tokens_per_s: (batch * seq) as f64 / (step_ms / 1e3),
+        tokens_per_s: (batch * seq * spec.grad_accum) as f64 / (step_ms / 1e3),
         model_tflops: Some(tflops),
         peak_device_bytes: Some(pool.peak_in_use),
         peak_reserved_bytes: Some(pool.peak_reserved),

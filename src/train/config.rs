@@ -43,6 +43,11 @@ pub struct TrainConfig {
     /// Differentially private training (DP-SGD, [`dp`]); None: ordinary training.
     #[serde(default)]
     pub dp: Option<dp::DpConfig>,
+    /// GPU training keeps only each layer's input and recomputes the layer's activations in
+    /// the backward (the same gradients, less memory, about one more forward a step). A memory
+    /// setting: a run may resume with it changed. The CPU's tape keeps every activation.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl TrainConfig {
@@ -143,6 +148,7 @@ impl Default for TrainConfig {
             router_own: loss.router_own,
             router_public: loss.router_public,
             expert_loudness: loss.expert_loudness,
+            recompute: false,
             dp: None,
         }
     }

@@ -283,6 +283,7 @@ impl<'a> Trainer<'a> {
         saved.steps = self.cfg.steps;
         saved.eval_every = self.cfg.eval_every;
         saved.save_every = self.cfg.save_every;
+        saved.recompute = self.cfg.recompute;
         if saved != self.cfg {
             bail!(
                 "cannot resume {}: the training settings differ from the checkpoint's ({})",
@@ -389,9 +390,18 @@ impl<'a> Trainer<'a> {
         let mut gpu = match self.device {
             Some(dev) => {
                 dev.reset_peak_memory();
-                Some(GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?)
+                let mut g = GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?;
+                g.model.set_recompute(c.recompute);
+                Some(g)
             }
-            None => None,
+            None => {
+                if c.recompute && !self.quiet {
+                    crate::note!(
+                        "note: --recompute applies to GPU training; the CPU's tape keeps every activation"
+                    );
+                }
+                None
+            }
         };
         while self.step < end {
             let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);

@@ -95,6 +95,12 @@ pub enum BenchCmd {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Micro-batches of --batch x --seq tokens per optimizer step.
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        /// GPU: keep only each layer's input and recompute its activations in the backward.
+        #[arg(long)]
+        recompute: bool,
         #[command(flatten)]
         device: DeviceOpts,
         #[arg(long)]
@@ -293,6 +299,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             seq,
             steps,
             warmup,
+            grad_accum,
+            recompute,
             device,
             json,
         } => {
@@ -303,7 +311,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 flexrun::bench::TrainMode::Full
             };
             let device = device.open()?;
-            let r = flexrun::bench::train_step(&cfg, mode, batch, seq, steps, warmup, &device)?;
+            let spec = flexrun::bench::StepSpec {
+                grad_accum,
+                recompute,
+                ..flexrun::bench::StepSpec::new(mode, batch, seq, steps, warmup)
+            };
+            let r = flexrun::bench::train_step(&cfg, &spec, &device)?;
             if json {
                 outln!("{}", serde_json::to_string(&r)?);
             } else {
@@ -322,7 +335,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     })
                     .unwrap_or_default();
                 outln!(
-                    "{} on {}: batch {batch} x seq {seq}, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}{mem}",
+                    "{} on {}: batch {batch} x seq {seq} x {grad_accum} micro-batches, {} params: {:.1} ms/step, {:.0} tokens/s{mfu}{mem}",
                     config.display(),
                     r.device,
                     r.params,

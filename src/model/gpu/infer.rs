@@ -134,6 +134,15 @@ pub(super) struct RouteSaved {
     pub(super) k: usize,
 }
 
+/// What [`GpuModel::hidden`] keeps of each layer: nothing (inference), everything its
+/// backward needs (training), or only its input (training with recomputation: the backward
+/// runs [`GpuModel::layer_fwd`] again).
+pub(super) enum Keep<'a> {
+    Nothing,
+    All(&'a mut Vec<LayerSaved>),
+    Inputs(&'a mut Vec<Buf<f32>>),
+}
+
 /// The K/V cache of every layer on the device, `[B, capacity, kv_heads * hd]` bf16 per layer.
 pub struct GpuKvCache {
     k: Vec<Buf<bf16>>,
@@ -171,7 +180,16 @@ pub struct GpuModel<'d> {
     /// weight gets a gradient (0: all of it; the weight's expert count, 1 for an unstacked
     /// weight: frozen, no gradient). All zeros after [`GpuModel::upload`].
     pub(super) grad_from: Vec<usize>,
+    /// Rows of logits the loss computes at once ([`GpuModel::set_ce_chunk_rows`]): the
+    /// cross-entropy over a 100k vocabulary never holds all of a batch's logits.
+    pub(super) ce_chunk_rows: usize,
+    /// Training keeps only each layer's input and recomputes the layer's activations in the
+    /// backward ([`GpuModel::set_recompute`]).
+    pub(super) recompute: bool,
 }
+
+/// The bytes of bf16 logits (and as many of their gradient) the loss holds at once.
+const CE_CHUNK_BYTES: usize = 1 << 30;
 
 impl<'d> GpuModel<'d> {
     /// Upload `model` (after any expert selection) to `dev`.
@@ -257,7 +275,27 @@ impl<'d> GpuModel<'d> {
             rope: dev.rope_table(hd, cfg.rope_theta(), cfg.max_position_embeddings)?,
             grad_from: vec![0; 3 + layers.iter().map(GpuLayer::weights).sum::<usize>()],
             layers,
+            ce_chunk_rows: (CE_CHUNK_BYTES / (2 * cfg.vocab_size.max(1))).max(1),
+            recompute: false,
         })
+    }
+
+    /// The loss's logits are computed `rows` rows at a time (default: 1 GiB of bf16 logits).
+    pub fn set_ce_chunk_rows(&mut self, rows: usize) {
+        self.ce_chunk_rows = rows.max(1);
+    }
+
+    /// Activation recomputation in training: keep each layer's input only and recompute its
+    /// activations when its backward runs (about one more forward per step; the activations of
+    /// one layer at a time instead of every layer's).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    /// The row ranges of `n` rows in chunks of [`GpuModel::set_ce_chunk_rows`].
+    pub(super) fn ce_chunks(&self, n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let c = self.ce_chunk_rows;
+        (0..n.div_ceil(c)).map(move |i| i * c..((i + 1) * c).min(n))
     }
 
     pub fn device(&self) -> &'d Device {
@@ -428,7 +466,7 @@ impl<'d> GpuModel<'d> {
         t: usize,
     ) -> Result<Vec<crate::model::runner::LayerRouting>> {
         let mut saved = Vec::with_capacity(self.layers.len());
-        self.hidden(ids, b, t, None, Some(&mut saved))?;
+        self.hidden(ids, b, t, None, Keep::All(&mut saved))?;
         saved
             .iter()
             .zip(&self.layers)
@@ -454,7 +492,7 @@ impl<'d> GpuModel<'d> {
         t: usize,
         cache: Option<&mut GpuKvCache>,
     ) -> Result<Buf<f32>> {
-        let (xn, _) = self.hidden(ids, b, t, cache, None)?;
+        let (xn, _) = self.hidden(ids, b, t, cache, Keep::Nothing)?;
         let mut logits = self.dev.alloc::<f32>(b * t * self.vocab)?;
         self.dev.gemm(
             b * t,
@@ -479,7 +517,7 @@ impl<'d> GpuModel<'d> {
         b: usize,
         t: usize,
         mut cache: Option<&mut GpuKvCache>,
-        mut save: Option<&mut Vec<LayerSaved>>,
+        mut keep: Keep<'_>,
     ) -> Result<(Buf<bf16>, (Buf<bf16>, Buf<f32>))> {
         let dev = self.dev;
         ensure!(
@@ -500,79 +538,29 @@ impl<'d> GpuModel<'d> {
         if let Some(c) = cache.as_ref() {
             crate::model::check_cache(c.batch, c.capacity, b, offset + t)?;
         }
-        let (h, nh, nkv, hd) = (self.h, self.nh, self.nkv, self.hd);
-        let n = b * t;
+        let (h, n) = (self.h, b * t);
         let mut e0 = dev.alloc::<bf16>(n * h)?;
         dev.embedding_fwd(&self.embed, self.vocab, h, ids, &mut e0)?;
         let mut x = dev.alloc::<f32>(n * h)?;
         dev.cast_bf16_to_f32(&e0, &mut x)?;
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
-        for (li, l) in self.layers.iter().enumerate() {
-            let xb = self.bf16_of(&x)?;
-            let q_pre = self.linear(&xb, &l.q, n, nh * hd)?;
-            let k_pre = self.linear(&xb, &l.k, n, nkv * hd)?;
-            let v = self.linear(&xb, &l.v, n, nkv * hd)?;
-            let (q, rstd_q) = self.norm(&q_pre, &l.q_norm, n)?;
-            let (k, rstd_k) = self.norm(&k_pre, &l.k_norm, n)?;
-            let mut qr = dev.alloc::<bf16>(q.len())?;
-            dev.rope(&q, &mut qr, &self.rope, n, nh * hd, t, offset, false)?;
-            let mut kr = dev.alloc::<bf16>(k.len())?;
-            dev.rope(&k, &mut kr, &self.rope, n, nkv * hd, t, offset, false)?;
-            let mut a = dev.alloc::<bf16>(n * nh * hd)?;
-            let mut lse = dev.alloc::<f32>(b * nh * t)?;
-            match cache.as_deref_mut() {
-                None => dev.flash_attention_fwd(
-                    &qr,
-                    &kr,
-                    &v,
-                    AttnShape::causal(b, t, nh, nkv, hd),
-                    &mut a,
-                    &mut lse,
-                )?,
-                Some(c) => {
-                    let kvw = nkv * hd;
-                    for bi in 0..b {
-                        let src = bi * t * kvw..(bi + 1) * t * kvw;
-                        let d0 = (bi * c.capacity + offset) * kvw;
-                        dev.copy(
-                            &kr.view(src.clone()),
-                            &mut c.k[li].view_mut(d0..d0 + t * kvw),
-                        )?;
-                        dev.copy(&v.view(src), &mut c.v[li].view_mut(d0..d0 + t * kvw))?;
-                    }
-                    let s = AttnShape::cached(b, t, offset, c.capacity, nh, nkv, hd);
-                    if t == 1 {
-                        dev.flash_attention_decode(&qr, &c.k[li], &c.v[li], s, &mut a, &mut lse)?;
-                    } else {
-                        dev.flash_attention_fwd(&qr, &c.k[li], &c.v[li], s, &mut a, &mut lse)?;
-                    }
-                }
-            }
-            let o_pre = self.linear(&a, &l.o, n, h)?;
-            let (o, rstd_o) = self.norm(&o_pre, &l.post_attn_norm, n)?;
-            let x_mid = self.residual(&x, &o)?;
-            let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, &dense_offsets, save.is_some())?;
-            let (m, rstd_m) = self.norm(&y, &l.post_ffn_norm, n)?;
-            x = self.residual(&x_mid, &m)?;
-            if let (Some(sv), Some(ffn)) = (save.as_deref_mut(), ffn) {
-                sv.push(LayerSaved {
-                    xb,
-                    q_pre,
-                    rstd_q,
-                    k_pre,
-                    rstd_k,
-                    qr,
-                    kr,
-                    v,
-                    a,
-                    lse,
-                    o_pre,
-                    rstd_o,
-                    x_mid,
-                    ffn,
-                    y,
-                    rstd_m,
-                });
+        for li in 0..self.layers.len() {
+            let want = matches!(keep, Keep::All(_));
+            let (x_out, saved) = self.layer_fwd(
+                li,
+                &x,
+                b,
+                t,
+                offset,
+                cache.as_deref_mut(),
+                want,
+                &dense_offsets,
+            )?;
+            let x_in = std::mem::replace(&mut x, x_out);
+            match (&mut keep, saved) {
+                (Keep::All(v), Some(s)) => v.push(s),
+                (Keep::Inputs(v), _) => v.push(x_in),
+                _ => {}
             }
         }
         if let Some(c) = cache {
@@ -583,10 +571,99 @@ impl<'d> GpuModel<'d> {
         Ok((xn, (xf, rstd)))
     }
 
+    /// Block `li` on the residual stream `x` (f32 `[b*t, H]`, positions from `offset`, the
+    /// cache's K/V appended when there is one): the block's output and, with `save`, what its
+    /// backward needs. `dense_offsets` is `[0, b*t]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn layer_fwd(
+        &self,
+        li: usize,
+        x: &Buf<f32>,
+        b: usize,
+        t: usize,
+        offset: usize,
+        cache: Option<&mut GpuKvCache>,
+        save: bool,
+        dense_offsets: &Buf<u32>,
+    ) -> Result<(Buf<f32>, Option<LayerSaved>)> {
+        let dev = self.dev;
+        let l = &self.layers[li];
+        let (h, nh, nkv, hd) = (self.h, self.nh, self.nkv, self.hd);
+        let n = b * t;
+        let xb = self.bf16_of(&x)?;
+        let q_pre = self.linear(&xb, &l.q, n, nh * hd)?;
+        let k_pre = self.linear(&xb, &l.k, n, nkv * hd)?;
+        let v = self.linear(&xb, &l.v, n, nkv * hd)?;
+        let (q, rstd_q) = self.norm(&q_pre, &l.q_norm, n)?;
+        let (k, rstd_k) = self.norm(&k_pre, &l.k_norm, n)?;
+        let mut qr = dev.alloc::<bf16>(q.len())?;
+        dev.rope(&q, &mut qr, &self.rope, n, nh * hd, t, offset, false)?;
+        let mut kr = dev.alloc::<bf16>(k.len())?;
+        dev.rope(&k, &mut kr, &self.rope, n, nkv * hd, t, offset, false)?;
+        let mut a = dev.alloc::<bf16>(n * nh * hd)?;
+        let mut lse = dev.alloc::<f32>(b * nh * t)?;
+        match cache {
+            None => dev.flash_attention_fwd(
+                &qr,
+                &kr,
+                &v,
+                AttnShape::causal(b, t, nh, nkv, hd),
+                &mut a,
+                &mut lse,
+            )?,
+            Some(c) => {
+                let kvw = nkv * hd;
+                for bi in 0..b {
+                    let src = bi * t * kvw..(bi + 1) * t * kvw;
+                    let d0 = (bi * c.capacity + offset) * kvw;
+                    dev.copy(
+                        &kr.view(src.clone()),
+                        &mut c.k[li].view_mut(d0..d0 + t * kvw),
+                    )?;
+                    dev.copy(&v.view(src), &mut c.v[li].view_mut(d0..d0 + t * kvw))?;
+                }
+                let s = AttnShape::cached(b, t, offset, c.capacity, nh, nkv, hd);
+                if t == 1 {
+                    dev.flash_attention_decode(&qr, &c.k[li], &c.v[li], s, &mut a, &mut lse)?;
+                } else {
+                    dev.flash_attention_fwd(&qr, &c.k[li], &c.v[li], s, &mut a, &mut lse)?;
+                }
+            }
+        }
+        let o_pre = self.linear(&a, &l.o, n, h)?;
+        let (o, rstd_o) = self.norm(&o_pre, &l.post_attn_norm, n)?;
+        let x_mid = self.residual(&x, &o)?;
+        let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, dense_offsets, save)?;
+        let (m, rstd_m) = self.norm(&y, &l.post_ffn_norm, n)?;
+        let x_out = self.residual(&x_mid, &m)?;
+        let saved = match ffn {
+            Some(ffn) if save => Some(LayerSaved {
+                xb,
+                q_pre,
+                rstd_q,
+                k_pre,
+                rstd_k,
+                qr,
+                kr,
+                v,
+                a,
+                lse,
+                o_pre,
+                rstd_o,
+                x_mid,
+                ffn,
+                y,
+                rstd_m,
+            }),
+            _ => None,
+        };
+        Ok((x_out, saved))
+    }
+
     /// The final normed hidden states (the input of the LM head) of `ids` (`b` sequences of
     /// `t` tokens), brought to the host as `[b*t, H]` f32.
     pub fn final_hidden(&self, ids: &[u32], b: usize, t: usize) -> Result<Tensor> {
-        let (xn, _) = self.hidden(ids, b, t, None, None)?;
+        let (xn, _) = self.hidden(ids, b, t, None, Keep::Nothing)?;
         Ok(Tensor::from_vec(
             self.dev.download_bf16_as_f32(&xn)?,
             &[b * t, self.h],

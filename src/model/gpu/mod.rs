@@ -3,6 +3,7 @@
 //! flexrun's CUDA kernels (`crate::backend::cuda`). The CPU model of the parent module is the
 //! reference these follow (tests/gpu_model.rs).
 
+mod extra;
 pub mod infer;
 pub mod train;
 pub mod trainer;

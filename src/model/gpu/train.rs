@@ -10,12 +10,13 @@
 //! the activations). Weight gradients are f32: cuBLAS `dW = dY^T X` for the dense projections and
 //! the grouped weight-gradient kernel per expert.
 
-use super::infer::{FfnSaved, GpuFfn, LayerSaved};
+use super::extra::LayerExtra;
+use super::infer::{FfnSaved, GpuFfn, Keep, LayerSaved};
 use super::GpuModel;
 use crate::backend::cuda::{Buf, Device, View};
 use crate::backend::shapes::{AttnShape, IGNORE};
 use crate::error::Result;
-use crate::model::{router_ce_targets, Ffn, LossCoefs, Model};
+use crate::model::{Ffn, LossCoefs, Model};
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
 use half::bf16;
@@ -76,27 +77,6 @@ fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<
 /// `Some(f())` when `want`.
 pub(super) fn when<T>(want: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     want.then(f).transpose()
-}
-
-/// Per MoE layer: what the extra loss terms need in the backward.
-struct LayerExtra {
-    /// Gradient of the loss terms on the router logits (z-loss, router cross-entropies), added
-    /// to the routing's in the backward.
-    dz: Option<Buf<f32>>,
-    /// The public anchor: its weight, the layer's normed output and expert 0's alone
-    /// (`m`, `m0`, `[n, H]`), the norm statistics of `m0` and the sums `[S, T]`.
-    anchor: Option<AnchorSaved>,
-    /// The expert loudness term's gradient on the experts' raw outputs: `(ca, cb)`, the
-    /// factors of expert 1's and expert 0's own output (None: the term is off or inactive).
-    loud: Option<(f32, f32)>,
-}
-
-struct AnchorSaved {
-    coef: f32,
-    m: Buf<bf16>,
-    m0: Buf<bf16>,
-    rstd0: Buf<f32>,
-    sums: Buf<f64>,
 }
 
 impl GpuModel<'_> {
@@ -187,40 +167,86 @@ impl GpuModel<'_> {
             "{} anchored-row flags for a batch of {b}",
             anchored.len()
         );
-        let mut saved = Vec::with_capacity(self.layers.len());
-        let (xn, (xf, rstd_f)) = self.hidden(inputs, b, t, None, Some(&mut saved))?;
-        let logits = self.linear(&xn, &self.lm_head, n, v)?;
-        let ce = dev.cross_entropy(&logits, n, v, targets, coefs.z_loss)?;
+        // Every layer's activations, or with recomputation only every layer's input.
+        let (mut saved, mut layer_inputs) = (Vec::new(), Vec::new());
+        let keep = match self.recompute {
+            true => Keep::Inputs(&mut layer_inputs),
+            false => Keep::All(&mut saved),
+        };
+        let (xn, (xf, rstd_f)) = self.hidden(inputs, b, t, None, keep)?;
+        // The LM head and its loss, a chunk of rows at a time: the loss of each chunk, its
+        // logits' gradient (scaled to the whole batch's mean), and from it the chunk's share of
+        // the LM head's gradient and of the final hidden states' gradient.
+        let scored = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f64;
+        let (mut ce_sum, mut loss_sum) = (0f64, 0f64);
+        let want_head = self.wants(LM_HEAD);
+        let mut head_grad = when(want_head, || dev.alloc::<f32>(v * h))?;
+        let mut dxn = dev.alloc::<bf16>(n * h)?;
+        for (ci, rows) in self.ce_chunks(n).enumerate() {
+            let nc = rows.len();
+            let xc = xn.view(rows.start * h..rows.end * h);
+            let mut logits = dev.alloc::<bf16>(nc * v)?;
+            dev.gemm(
+                nc,
+                v,
+                h,
+                &xc,
+                false,
+                &self.lm_head,
+                true,
+                &mut logits,
+                false,
+            )?;
+            let ce = dev.cross_entropy(&logits, nc, v, &targets[rows.clone()], coefs.z_loss)?;
+            ce_sum += ce.ce as f64 * ce.n_valid as f64;
+            loss_sum += ce.loss as f64 * ce.n_valid as f64;
+            let mut dlogits = dev.alloc::<bf16>(nc * v)?;
+            dev.cross_entropy_bwd(
+                &logits,
+                &ce,
+                (ce.n_valid as f64 / scored) as f32,
+                &mut dlogits,
+            )?;
+            drop(logits);
+            if let Some(g) = head_grad.as_mut() {
+                dev.gemm(v, h, nc, &dlogits, true, &xc, false, g, ci > 0)?;
+            }
+            let mut dxc = dxn.view_mut(rows.start * h..rows.end * h);
+            dev.gemm(
+                nc,
+                h,
+                v,
+                &dlogits,
+                false,
+                &self.lm_head,
+                false,
+                &mut dxc,
+                false,
+            )?;
+        }
+        let ce = GpuLoss {
+            loss: (loss_sum / scored) as f32,
+            ce: (ce_sum / scored) as f32,
+        };
         // The public rows' tokens, for the anchor.
         let anchor = coefs.public_anchor > 0.0 && anchored.iter().any(|&a| a);
         let mask = when(anchor, || self.row_mask(anchored, t))?;
-        let (extra, extra_loss) =
-            self.extra_losses(&saved, coefs, anchored, mask.as_ref(), b, t)?;
-        let loss = GpuLoss {
-            loss: ce.loss + extra_loss,
-            ce: ce.ce,
-        };
+        let plan = self.extra_plan(coefs, anchored, mask.as_ref(), b, t)?;
+        // Each layer's extra loss terms: from the saved activations now, or (recomputation)
+        // when the backward reaches the layer; summed in layer order at the end.
+        let mut layer_loss = vec![0f32; self.layers.len()];
+        let mut extra: Vec<Option<LayerExtra>> = Vec::with_capacity(self.layers.len());
+        for (li, s) in saved.iter().enumerate() {
+            let (x, l) = self.layer_extra(li, s, &plan, mask.as_ref(), n)?;
+            layer_loss[li] = l;
+            extra.push(Some(x));
+        }
+        extra.resize_with(self.layers.len(), || None);
         let mut grads: Vec<Option<Buf<f32>>> = Vec::new();
         grads.resize_with(self.grad_from.len(), || None);
 
-        // LM head and final norm.
-        let mut dlogits = dev.alloc::<bf16>(n * v)?;
-        dev.cross_entropy_bwd(&logits, &ce, 1.0, &mut dlogits)?;
-        drop(logits);
-        grads[LM_HEAD] = when(self.wants(LM_HEAD), || weight_grad(dev, &dlogits, &xn, n))?;
-        let mut dxn = dev.alloc::<bf16>(n * h)?;
-        dev.gemm(
-            n,
-            h,
-            v,
-            &dlogits,
-            false,
-            &self.lm_head,
-            false,
-            &mut dxn,
-            false,
-        )?;
-        drop(dlogits);
+        // Final norm.
+        grads[LM_HEAD] = head_grad;
         let (dxf, g) = self.norm_bwd(
             &xf,
             &self.final_norm,
@@ -235,7 +261,31 @@ impl GpuModel<'_> {
         dev.cast_bf16_to_f32(&dxf, &mut dx)?;
 
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
-        for (li, ((l, s), ex)) in self.layers.iter().zip(&saved).zip(&extra).enumerate().rev() {
+        for li in (0..self.layers.len()).rev() {
+            let l = &self.layers[li];
+            // This layer's activations: saved (and freed after its backward), or recomputed
+            // from its input.
+            let s = match saved.pop() {
+                Some(s) => s,
+                None => {
+                    let x = layer_inputs
+                        .pop()
+                        .expect("recomputation keeps every layer's input");
+                    self.layer_fwd(li, &x, b, t, 0, None, true, &dense_offsets)?
+                        .1
+                        .expect("a saving forward returns the layer's activations")
+                }
+            };
+            let s = &s;
+            let ex = match extra[li].take() {
+                Some(x) => x,
+                None => {
+                    let (x, l) = self.layer_extra(li, s, &plan, mask.as_ref(), n)?;
+                    layer_loss[li] = l;
+                    x
+                }
+            };
+            let ex = &ex;
             let base = self.layer_base(li);
             let want = |w: usize| self.wants(base + w);
             // x_out = x_mid + m, m = norm(ffn(x_mid)); the anchor adds to dm and, through
@@ -328,143 +378,11 @@ impl GpuModel<'_> {
             dev.embedding_bwd(&dxb, inputs, v, h, &mut embed)?;
             grads[EMBED] = Some(embed);
         }
+        let loss = GpuLoss {
+            loss: ce.loss + layer_loss.iter().sum::<f32>(),
+            ce: ce.ce,
+        };
         Ok((loss, GpuGrads { grads }))
-    }
-
-    /// `[b*t]` flags (u32) on the device: 1 for the tokens of the `anchored` sequences.
-    fn row_mask(&self, anchored: &[bool], t: usize) -> Result<Buf<u32>> {
-        let rows: Vec<u32> = anchored
-            .iter()
-            .flat_map(|&a| std::iter::repeat_n(u32::from(a), t))
-            .collect();
-        self.dev.upload(&rows)
-    }
-
-    /// The loss terms on the router logits and the per-layer outputs (as the CPU's
-    /// `loss_anchored`): router z-loss, router own-text and public-text cross-entropies, public
-    /// anchor (on the tokens `mask` marks; None: no anchor). Returns, per layer, what their
-    /// backward needs, and their total.
-    fn extra_losses(
-        &self,
-        saved: &[LayerSaved],
-        coefs: &LossCoefs,
-        anchored: &[bool],
-        mask: Option<&Buf<u32>>,
-        b: usize,
-        t: usize,
-    ) -> Result<(Vec<LayerExtra>, f32)> {
-        let dev = self.dev;
-        let (n, h) = (b * t, self.h);
-        let moe = saved.iter().filter(|s| s.ffn.route.is_some()).count();
-        let per_layer = 1.0 / moe.max(1) as f32;
-        // Router cross-entropy targets: own rows (not anchored) toward expert 1, public rows
-        // toward expert 0.
-        let mut router_ce = Vec::new();
-        for (w, public) in [(coefs.router_own, false), (coefs.router_public, true)] {
-            if w <= 0.0 || moe == 0 {
-                continue;
-            }
-            ensure!(
-                self.layers
-                    .iter()
-                    .all(|l| l.ffn.router.is_none() || l.ffn.e == 2),
-                "the router's own-text and public-text losses are for 2-expert (expert) \
-                 training"
-            );
-            let target = router_ce_targets(anchored, b, t, public);
-            if target.iter().any(|&x| x != IGNORE) {
-                router_ce.push((w * per_layer, target));
-            }
-        }
-        if mask.is_some() && moe > 0 {
-            ensure!(
-                coefs.public_anchor_layers.is_empty() || coefs.public_anchor_layers.len() == moe,
-                "{} public-anchor layer weights for {moe} MoE layers",
-                coefs.public_anchor_layers.len()
-            );
-        }
-        let rz = coefs.router_z_loss * per_layer;
-        let (mut total, mut out, mut ml) = (0f32, Vec::with_capacity(saved.len()), 0usize);
-        for (s, l) in saved.iter().zip(&self.layers) {
-            let Some(r) = &s.ffn.route else {
-                out.push(LayerExtra {
-                    dz: None,
-                    anchor: None,
-                    loud: None,
-                });
-                continue;
-            };
-            let e = l.ffn.e;
-            let mut dz = None;
-            if coefs.router_z_loss != 0.0 {
-                let mut lse = dev.alloc::<f32>(n)?;
-                total += rz * dev.router_zloss(&r.z, n, e, &mut lse)?;
-                let mut d = dev.alloc::<f32>(n * e)?;
-                dev.router_zloss_bwd(&r.z, &lse, n, e, rz, &mut d)?;
-                dz = Some(d);
-            }
-            for (w, target) in &router_ce {
-                let d = match &mut dz {
-                    Some(d) => d,
-                    None => dz.insert(dev.zeros::<f32>(n * e)?),
-                };
-                total += dev.router_ce(&r.z, target, n, e, *w, d)?;
-            }
-            let anchor = match mask {
-                Some(mask) => {
-                    ensure!(
-                        r.k == e,
-                        "the public anchor needs every token to use expert 0 (top-k = number of experts)"
-                    );
-                    let w = coefs.public_anchor_layers.get(ml).copied().unwrap_or(1.0);
-                    let coef = coefs.public_anchor * w * per_layer;
-                    let (m, _) = self.norm(&s.y, &l.post_ffn_norm, n)?;
-                    // Every token is in expert 0's batch, in token order: its first n rows.
-                    let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
-                    let (m0, rstd0) = self.norm(&yp.view(0..n * h), &l.post_ffn_norm, n)?;
-                    let (value, sums) = dev.rel_sq_err(&m, &m0, mask, n, h)?;
-                    total += coef * value;
-                    Some(AnchorSaved {
-                        coef,
-                        m,
-                        m0,
-                        rstd0,
-                        sums,
-                    })
-                }
-                None => None,
-            };
-            let loud = match coefs.expert_loudness > 0.0 {
-                true => {
-                    ensure!(
-                        e == 2 && r.k == 2,
-                        "the expert loudness loss is for 2-expert (expert) training with top-2 of 2"
-                    );
-                    // Both experts see every token, in token order: expert 0's rows, then 1's.
-                    let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
-                    let sq = |range: std::ops::Range<usize>| -> Result<f64> {
-                        let mut f = dev.alloc::<f32>(n * h)?;
-                        dev.cast_bf16_to_f32(&yp.view(range), &mut f)?;
-                        let norm = dev.grad_norm(&[f.as_view()], 0.0)?;
-                        Ok((dev.download(&norm.view(0..1))?[0] as f64).powi(2))
-                    };
-                    let (sa, sb) = (sq(n * h..2 * n * h)?, sq(0..n * h)?);
-                    let value = if sb > 0.0 {
-                        (sa / sb - 1.0).max(0.0)
-                    } else {
-                        0.0
-                    };
-                    let w = (coefs.expert_loudness * per_layer) as f64;
-                    total += (w * value) as f32;
-                    (value > 0.0)
-                        .then(|| ((2.0 * w / sb) as f32, (-2.0 * w * sa / (sb * sb)) as f32))
-                }
-                false => None,
-            };
-            ml += 1;
-            out.push(LayerExtra { dz, anchor, loud });
-        }
-        Ok((out, total))
     }
 
     /// Backward of one FFN from `dy` (the gradient of its output) and, for the anchor, `dy0`
@@ -764,13 +682,36 @@ impl GpuModel<'_> {
         b: usize,
         t: usize,
     ) -> Result<f32> {
-        let n = b * t;
-        let (xn, _) = self.hidden(inputs, b, t, None, None)?;
-        let logits = self.linear(&xn, &self.lm_head, n, self.vocab)?;
-        Ok(self
-            .dev
-            .cross_entropy(&logits, n, self.vocab, targets, 0.0)?
-            .ce)
+        let (n, h, v) = (b * t, self.h, self.vocab);
+        ensure!(
+            targets.len() == n,
+            "{} targets for {n} tokens",
+            targets.len()
+        );
+        let (xn, _) = self.hidden(inputs, b, t, None, Keep::Nothing)?;
+        let scored = targets.iter().filter(|&&x| x != IGNORE).count().max(1) as f64;
+        let mut sum = 0f64;
+        for rows in self.ce_chunks(n) {
+            let nc = rows.len();
+            let mut logits = self.dev.alloc::<bf16>(nc * v)?;
+            let xc = xn.view(rows.start * h..rows.end * h);
+            self.dev.gemm(
+                nc,
+                v,
+                h,
+                &xc,
+                false,
+                &self.lm_head,
+                true,
+                &mut logits,
+                false,
+            )?;
+            let ce = self
+                .dev
+                .cross_entropy(&logits, nc, v, &targets[rows], 0.0)?;
+            sum += ce.ce as f64 * ce.n_valid as f64;
+        }
+        Ok((sum / scored) as f32)
     }
 }
 
