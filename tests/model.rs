@@ -223,6 +223,59 @@ fn checkpoint_round_trip_f32_and_bf16() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A model larger than the shard size is written as transformers writes one: shards named
+/// `model-0000k-of-0000n.safetensors`, each within the size (a tensor over it alone), and an
+/// index mapping every tensor to its shard with the total size; it loads back bit for bit, and a
+/// save that fits one file replaces the shards whole.
+#[test]
+fn large_models_are_written_in_shards() {
+    let m = tiny_moe(8);
+    let dir = std::env::temp_dir().join(format!("flexrun-shards-{}", std::process::id()));
+    let max = 6000;
+    checkpoint::save_sharded(&m, &dir, DType::F32, max).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let files: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
+    let n = files.len();
+    assert!(n > 2, "{n} shards");
+    let mut total = 0u64;
+    for (k, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", k + 1));
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data: usize = st.tensors().iter().map(|(_, v)| v.data().len()).sum();
+        assert!(
+            data <= max || st.len() == 1,
+            "{f}: {data} bytes in {} tensors",
+            st.len()
+        );
+        total += data as u64;
+        for (name, _) in st.tensors() {
+            assert_eq!(map[&name].as_str().unwrap(), *f, "{name}");
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
+    assert!(!dir.join("model.safetensors").exists());
+    let back = checkpoint::load(&dir).unwrap();
+    let ids = [1u32, 5, 9, 2];
+    assert_eq!(
+        m.logits(&ids, 1, 4).unwrap().data(),
+        back.logits(&ids, 1, 4).unwrap().data()
+    );
+    checkpoint::save(&m, &dir, DType::F32).unwrap();
+    assert!(dir.join("model.safetensors").exists());
+    assert!(!dir.join("model.safetensors.index.json").exists());
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("model-")));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn impossible_configs_are_rejected_with_a_reason() {
     let base = Config::flex_olmo(32, 16, 24, 2, 4, 2, 4, 2);

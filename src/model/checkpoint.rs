@@ -478,9 +478,26 @@ pub fn safetensors_bytes(
     Ok(safetensors::tensor::serialize(views, metadata)?)
 }
 
-/// Write `model`'s files, `config.json` and `model.safetensors`, into the existing directory
-/// `dir` (each file atomically). For a model directory as a whole, use [`save`].
+/// The largest weight file [`save`] writes: transformers' default `max_shard_size` ("5GB").
+/// A larger model is written as shards `model-00001-of-0000N.safetensors` with
+/// `model.safetensors.index.json`, as transformers writes it.
+pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// Write `model`'s files, `config.json` and its weights (`model.safetensors`, or shards of at
+/// most [`MAX_SHARD_BYTES`] and their index), into the existing directory `dir` (each file
+/// atomically). For a model directory as a whole, use [`save`].
 pub fn write_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
+    write_files_sharded(model, dir, dtype, MAX_SHARD_BYTES)
+}
+
+/// [`write_files`] with shards of at most `max_shard` bytes (a tensor larger than that gets a
+/// shard of its own). Only one shard's bytes are held in memory at a time.
+pub fn write_files_sharded(
+    model: &Model,
+    dir: &Path,
+    dtype: DType,
+    max_shard: usize,
+) -> Result<()> {
     let mut cfg = model.cfg.clone();
     // transformers >= 4.56 reads `dtype` (`torch_dtype` is its deprecated alias): keep one, true.
     cfg.extra.remove("torch_dtype");
@@ -492,12 +509,49 @@ pub fn write_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
         }
         .into(),
     );
-    let bytes = safetensors_bytes(
-        &hf_tensors(model),
-        dtype,
-        Some(HashMap::from([("format".into(), "pt".into())])),
-    )?;
-    write_bytes_atomic(&dir.join("model.safetensors"), &bytes)?;
+    let tensors = hf_tensors(model);
+    let elem = match dtype {
+        DType::F32 => 4,
+        DType::BF16 => 2,
+    };
+    // Consecutive tensors (in name order) into shards of at most `max_shard` bytes.
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let b = t.numel() * elem;
+        if size > 0 && size + b > max_shard {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(i);
+        size += b;
+    }
+    let meta = || Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    if shards.len() == 1 {
+        let bytes = safetensors_bytes(&tensors, dtype, meta())?;
+        write_bytes_atomic(&dir.join("model.safetensors"), &bytes)?;
+    } else {
+        let n = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut total = 0usize;
+        for (k, ids) in shards.iter().enumerate() {
+            let name = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+            let part: Vec<(String, Tensor)> = ids.iter().map(|&i| tensors[i].clone()).collect();
+            for (t, v) in &part {
+                weight_map.insert(t.clone(), name.clone().into());
+                total += v.numel() * elem;
+            }
+            write_bytes_atomic(&dir.join(&name), &safetensors_bytes(&part, dtype, meta())?)?;
+        }
+        let index = serde_json::json!({
+            "metadata": { "total_size": total },
+            "weight_map": weight_map,
+        });
+        write_bytes_atomic(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)?.as_bytes(),
+        )?;
+    }
     write_bytes_atomic(&dir.join("config.json"), cfg.to_json().as_bytes())?;
     Ok(())
 }
@@ -514,6 +568,11 @@ pub fn save_with(model: &Model, dir: &Path, dtype: DType, extra: &[(&str, Vec<u8
         }
         Ok(())
     })
+}
+
+/// [`save`] with weight shards of at most `max_shard` bytes ([`write_files_sharded`]).
+pub fn save_sharded(model: &Model, dir: &Path, dtype: DType, max_shard: usize) -> Result<()> {
+    crate::fsutil::write_dir_atomic(dir, |tmp| write_files_sharded(model, tmp, dtype, max_shard))
 }
 
 /// [`save_with`] and no extra files.
