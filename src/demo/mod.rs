@@ -459,52 +459,47 @@ pub fn run(c: &DemoConfig, work_dir: &Path, device: &Device, quiet: bool) -> Res
         quiet,
         device,
     )?;
-    let mut dense_dirs = Vec::new();
-    for (i, d) in closed.iter().enumerate() {
-        step(
-            &format!("baseline: fine-tune a dense '{d}' expert (all weights)"),
-            quiet,
-        );
-        let out = w.p(&format!("models/dense-{d}"));
-        RunDir::clear(&w.p(&format!("runs/dense-{d}")))?;
-        finetune(
-            &w.p("models/public"),
-            &w.p(&format!("data/{d}")),
-            &train_cfg(c, c.dense_steps, c.dense_lr, c.seed + 20 + i as u64),
+    let tune = |name: &str, what: &str, lr: f32, only: &[String]| -> Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        for (i, d) in closed.iter().enumerate() {
+            step(&format!("{what} on '{d}'"), quiet);
+            let out = w.p(&format!("models/{name}-{d}"));
+            RunDir::clear(&w.p(&format!("runs/{name}-{d}")))?;
+            finetune(
+                &w.p("models/public"),
+                &w.p(&format!("data/{d}")),
+                &train_cfg(c, c.dense_steps, lr, c.seed + 20 + i as u64),
+                only,
+                &out,
+                &w.p(&format!("runs/{name}-{d}")),
+                false,
+                quiet,
+                device,
+            )?;
+            dirs.push(out);
+        }
+        Ok(dirs)
+    };
+    let dense_dirs: Vec<(String, PathBuf)> = closed
+        .iter()
+        .cloned()
+        .zip(tune(
+            "dense",
+            "baseline: fine-tune a dense expert (all weights)",
+            c.dense_lr,
             &[],
-            &out,
-            &w.p(&format!("runs/dense-{d}")),
-            false,
-            quiet,
-            device,
-        )?;
-        dense_dirs.push((d.clone(), out));
-    }
+        )?)
+        .collect();
     // The FFN-only bound: the public model with only its FFNs fine-tuned on the domain (no MoE,
     // no public rows, no anchor), on the dense experts' schedule and seeds at the experts'
     // learning rate. An expert trains FFN weights only, so this is the closest any expert comes
     // to a dense expert; the report gives each merged model's gap to it.
-    let mut bound_dirs = Vec::new();
-    for (i, d) in closed.iter().enumerate() {
-        step(
-            &format!("bound: fine-tune only the FFNs of the public model on '{d}'"),
-            quiet,
-        );
-        let out = w.p(&format!("models/ffn-{d}"));
-        RunDir::clear(&w.p(&format!("runs/ffn-{d}")))?;
-        finetune(
-            &w.p("models/public"),
-            &w.p(&format!("data/{d}")),
-            &train_cfg(c, c.dense_steps, c.expert_lr, c.seed + 20 + i as u64),
-            &["mlp".to_string()],
-            &out,
-            &w.p(&format!("runs/ffn-{d}")),
-            false,
-            quiet,
-            device,
-        )?;
-        bound_dirs.push(out);
-    }
+    let bound_dirs = tune(
+        "ffn",
+        "bound: fine-tune only the FFNs of the public model",
+        c.expert_lr,
+        &["mlp".to_string()],
+    )?;
     let btx_dir = baselines::train_btx(c, &w, &dense_dirs, quiet, device)?;
     let flex_dir = experts_and_merge(
         c,

@@ -337,7 +337,7 @@ impl<'d> GpuModel<'d> {
     /// `x [n, in] @ w^T` with `w [out, in]` (bf16 out).
     pub(super) fn linear(
         &self,
-        x: &Buf<bf16>,
+        x: &impl DeviceRead<bf16>,
         w: &Buf<bf16>,
         n: usize,
         out: usize,

@@ -185,18 +185,7 @@ impl GpuModel<'_> {
         for (ci, rows) in self.ce_chunks(n).enumerate() {
             let nc = rows.len();
             let xc = xn.view(rows.start * h..rows.end * h);
-            let mut logits = dev.alloc::<bf16>(nc * v)?;
-            dev.gemm(
-                nc,
-                v,
-                h,
-                &xc,
-                false,
-                &self.lm_head,
-                true,
-                &mut logits,
-                false,
-            )?;
+            let logits = self.linear(&xc, &self.lm_head, nc, v)?;
             let ce = dev.cross_entropy(&logits, nc, v, &targets[rows.clone()], coefs.z_loss)?;
             ce_sum += ce.ce as f64 * ce.n_valid as f64;
             loss_sum += ce.loss as f64 * ce.n_valid as f64;
@@ -693,19 +682,8 @@ impl GpuModel<'_> {
         let mut sum = 0f64;
         for rows in self.ce_chunks(n) {
             let nc = rows.len();
-            let mut logits = self.dev.alloc::<bf16>(nc * v)?;
             let xc = xn.view(rows.start * h..rows.end * h);
-            self.dev.gemm(
-                nc,
-                v,
-                h,
-                &xc,
-                false,
-                &self.lm_head,
-                true,
-                &mut logits,
-                false,
-            )?;
+            let logits = self.linear(&xc, &self.lm_head, nc, v)?;
             let ce = self
                 .dev
                 .cross_entropy(&logits, nc, v, &targets[rows], 0.0)?;
