@@ -874,6 +874,11 @@ fn mismatched_data_and_settings() {
     let args = train(&corpus_public, "4", true);
     let (code, _, err) = flexrun(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 0, "the same public model and data resume: {err}");
+    // The expert's checkpoint holds its trained tensors only (the frozen public weights are
+    // rebuilt from --public and checked by hash).
+    let ck = d.join("e.run/checkpoint");
+    assert!(ck.join("trained.safetensors").exists());
+    assert!(!ck.join("model.safetensors").exists());
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -115,6 +115,74 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
     std::fs::remove_dir_all(&root).ok();
 }
 
+/// A run with frozen parameters (expert training: the public FFN, attention, embeddings and
+/// r_pub frozen) checkpoints its trained tensors only, with a hash of the frozen ones; resumed
+/// from a model whose trained tensors start elsewhere, it reproduces the uninterrupted run bit
+/// for bit, and a resume over other frozen weights is refused.
+#[test]
+fn resumed_expert_training_restores_the_trained_tensors_only() {
+    let root = tmp("resume-expert");
+    let data_dir = small_dataset(&root);
+    let data = Dataset::open(&data_dir).unwrap();
+    let cfg = Config::olmo2(data.meta.vocab_size, 32, 48, 2, 2, 1);
+    let public = Model::new_random(&cfg, 7).unwrap();
+    let h = cfg.hidden_size;
+    let rows = |s: f32| -> Vec<f32> { (0..h).map(|i| s * ((i as f32).sin())).collect() };
+    let tcfg = TrainConfig {
+        steps: 6,
+        batch: 2,
+        seq: 16,
+        warmup: 2,
+        ..Default::default()
+    };
+    let batches = ShardBatches {
+        data: &data,
+        batch: 2,
+        seq: 16,
+        seed: 0,
+        valid_tokens: 256,
+    };
+    let expert = |r_i: f32| {
+        flex::expert_training_model(&public, &rows(0.1), &rows(r_i), Some(-1.0)).unwrap()
+    };
+    let run = |m: &mut Model, dir: &Path, stop: Option<u64>, resume: bool| -> flexrun::Result<()> {
+        let mut tr = Trainer::new(m, tcfg.clone(), dir)?;
+        tr.quiet = true;
+        tr.stop_at = stop;
+        if resume {
+            tr.resume()?;
+        }
+        tr.run(&batches)?;
+        Ok(())
+    };
+    let mut a = expert(0.2);
+    run(&mut a, &root.join("a"), None, false).unwrap();
+    let mut b = expert(0.2);
+    run(&mut b, &root.join("b"), Some(3), false).unwrap();
+    let ck = root.join("b/checkpoint");
+    assert!(ck.join("trained.safetensors").exists());
+    assert!(!ck.join("model.safetensors").exists());
+    let saved = checkpoint::read_tensors(&[ck.join("trained.safetensors")], false).unwrap();
+    let trained = b.params.params.iter().filter(|p| p.trainable).count();
+    assert_eq!(saved.len(), trained);
+    assert!(trained < b.params.len());
+    // Another start for the trained tensors: the checkpoint brings them back.
+    let mut b = expert(0.5);
+    run(&mut b, &root.join("b"), None, true).unwrap();
+    assert_eq!(log(&root.join("a")), log(&root.join("b")));
+    for (p, q) in a.params.params.iter().zip(&b.params.params) {
+        assert_eq!(p.value.data(), q.value.data(), "{} differs", p.name);
+    }
+    // Over other frozen weights (r_pub here), the resume is refused.
+    let mut c = flex::expert_training_model(&public, &rows(0.3), &rows(0.2), Some(-1.0)).unwrap();
+    run(&mut c, &root.join("c"), Some(3), false).unwrap();
+    let mut other =
+        flex::expert_training_model(&public, &rows(0.4), &rows(0.2), Some(-1.0)).unwrap();
+    let err = run(&mut other, &root.join("c"), None, true).unwrap_err();
+    assert!(err.0.contains("other frozen weights"), "{}", err.0);
+    std::fs::remove_dir_all(&root).ok();
+}
+
 #[test]
 fn flexolmo_pipeline_merge_and_opt_out() {
     let root = tmp("pipeline");

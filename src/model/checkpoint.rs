@@ -84,14 +84,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         "model directory {} does not exist",
         dir.display()
     );
-    let single = confined(dir, "model.safetensors", "weights")?;
+    tensor_files(dir, "model")
+}
+
+/// The safetensors files `{stem}.safetensors`, or the shards `{stem}.safetensors.index.json`
+/// names, in `dir` (see [`write_tensor_files`]).
+pub fn tensor_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = confined(dir, &format!("{stem}.safetensors"), "weights")?;
     if single.exists() {
         return Ok(vec![single]);
     }
-    let index = confined(dir, "model.safetensors.index.json", "index")?;
+    let index = confined(dir, &format!("{stem}.safetensors.index.json"), "index")?;
     ensure!(
         index.exists(),
-        "{} holds neither model.safetensors nor model.safetensors.index.json",
+        "{} holds neither {stem}.safetensors nor {stem}.safetensors.index.json",
         dir.display()
     );
     let text = read_text(&index, "index", MAX_JSON_BYTES)?;
@@ -509,49 +515,7 @@ pub fn write_files_sharded(
         }
         .into(),
     );
-    let tensors = hf_tensors(model);
-    let elem = match dtype {
-        DType::F32 => 4,
-        DType::BF16 => 2,
-    };
-    // Consecutive tensors (in name order) into shards of at most `max_shard` bytes.
-    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut size = 0usize;
-    for (i, (_, t)) in tensors.iter().enumerate() {
-        let b = t.numel() * elem;
-        if size > 0 && size + b > max_shard {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        shards.last_mut().expect("one shard at least").push(i);
-        size += b;
-    }
-    let meta = || Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    if shards.len() == 1 {
-        let bytes = safetensors_bytes(&tensors, dtype, meta())?;
-        write_bytes_atomic(&dir.join("model.safetensors"), &bytes)?;
-    } else {
-        let n = shards.len();
-        let mut weight_map = serde_json::Map::new();
-        let mut total = 0usize;
-        for (k, ids) in shards.iter().enumerate() {
-            let name = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
-            let part: Vec<(String, Tensor)> = ids.iter().map(|&i| tensors[i].clone()).collect();
-            for (t, v) in &part {
-                weight_map.insert(t.clone(), name.clone().into());
-                total += v.numel() * elem;
-            }
-            write_bytes_atomic(&dir.join(&name), &safetensors_bytes(&part, dtype, meta())?)?;
-        }
-        let index = serde_json::json!({
-            "metadata": { "total_size": total },
-            "weight_map": weight_map,
-        });
-        write_bytes_atomic(
-            &dir.join("model.safetensors.index.json"),
-            serde_json::to_string_pretty(&index)?.as_bytes(),
-        )?;
-    }
+    write_tensor_files(dir, "model", &hf_tensors(model), dtype, max_shard)?;
     write_bytes_atomic(&dir.join("config.json"), cfg.to_json().as_bytes())?;
     Ok(())
 }
@@ -568,6 +532,60 @@ pub fn save_with(model: &Model, dir: &Path, dtype: DType, extra: &[(&str, Vec<u8
         }
         Ok(())
     })
+}
+
+/// Write `tensors` into `dir` as `{stem}.safetensors`, or, above `max_shard` bytes, as shards
+/// `{stem}-0000k-of-0000n.safetensors` (consecutive tensors, each shard within the size; a
+/// tensor larger than that alone) with `{stem}.safetensors.index.json` mapping every tensor to
+/// its shard, as transformers writes them; each file atomically, one shard's bytes in memory at
+/// a time. [`tensor_files`] finds them again.
+pub fn write_tensor_files(
+    dir: &Path,
+    stem: &str,
+    tensors: &[(String, Tensor)],
+    dtype: DType,
+    max_shard: usize,
+) -> Result<()> {
+    let elem = match dtype {
+        DType::F32 => 4,
+        DType::BF16 => 2,
+    };
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let b = t.numel() * elem;
+        if size > 0 && size + b > max_shard {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(i);
+        size += b;
+    }
+    let meta = || Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    if shards.len() == 1 {
+        let bytes = safetensors_bytes(tensors, dtype, meta())?;
+        return write_bytes_atomic(&dir.join(format!("{stem}.safetensors")), &bytes);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (k, ids) in shards.iter().enumerate() {
+        let name = format!("{stem}-{:05}-of-{n:05}.safetensors", k + 1);
+        let part: Vec<(String, Tensor)> = ids.iter().map(|&i| tensors[i].clone()).collect();
+        for (t, v) in &part {
+            weight_map.insert(t.clone(), name.clone().into());
+            total += v.numel() * elem;
+        }
+        write_bytes_atomic(&dir.join(&name), &safetensors_bytes(&part, dtype, meta())?)?;
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    write_bytes_atomic(
+        &dir.join(format!("{stem}.safetensors.index.json")),
+        serde_json::to_string_pretty(&index)?.as_bytes(),
+    )
 }
 
 /// [`save`] with weight shards of at most `max_shard` bytes ([`write_files_sharded`]).

@@ -163,6 +163,9 @@ pub struct Trainer<'a> {
     /// frozen parameters stay frozen); the host model and optimizer state are brought up to
     /// date at each checkpoint.
     pub device: Option<&'a Device>,
+    /// The frozen parameters' hash ([`checkpoint::frozen_hash`]), computed at the first
+    /// checkpoint or resume: frozen parameters do not change during a run.
+    frozen: std::sync::OnceLock<Option<String>>,
     _lock: crate::fsutil::PathLock,
 }
 
@@ -262,6 +265,7 @@ impl<'a> Trainer<'a> {
             tag: serde_json::Value::Null,
             stop_at: None,
             device: None,
+            frozen: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -277,6 +281,12 @@ impl<'a> Trainer<'a> {
                 "cannot resume {}: its checkpoint was written for other inputs ({})",
                 self.run.dir.display(),
                 json_diff(&self.tag, &ck.tag)
+            );
+        }
+        if ck.frozen_hash.as_deref() != self.frozen_hash() && ck.frozen_hash.is_some() {
+            bail!(
+                "cannot resume {}: its checkpoint was trained against other frozen weights than this run's (another public model, or other trained parameters)",
+                self.run.dir.display()
             );
         }
         let mut saved = ck.cfg.clone();
@@ -329,7 +339,15 @@ impl<'a> Trainer<'a> {
             self.step,
             self.tokens,
             &self.tag,
+            self.frozen_hash(),
         )
+    }
+
+    /// See [`Trainer::frozen`].
+    fn frozen_hash(&self) -> Option<&str> {
+        self.frozen
+            .get_or_init(|| checkpoint::frozen_hash(self.model))
+            .as_deref()
     }
 
     /// Mean validation cross-entropy over the fixed validation windows.
