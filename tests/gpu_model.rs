@@ -37,7 +37,8 @@ cuda_tests!(
     routing_on_gpu,
     gradients_expert_loudness,
     dp_training_follows_cpu,
-    chunked_loss_and_recompute
+    chunked_loss_and_recompute,
+    expert_from_bf16_checkpoint
 );
 
 /// A random model with weights large enough that every block moves the logits (norm weights
@@ -1017,5 +1018,70 @@ fn chunked_loss_and_recompute(dev: &Device) -> R {
             );
         }
     }
+    Ok(())
+}
+
+/// `train-expert --device cuda` keeps a bf16 public checkpoint in bf16 on the host (no f32
+/// copy): from the same weights saved in bf16 and in f32, the GPU trains bit-identical experts
+/// with the same public hash (the GPU computes on the same bf16 values either way).
+fn expert_from_bf16_checkpoint(_dev: &Device) -> R {
+    use flexrun::backend::{Device as Dev, DeviceChoice};
+    use flexrun::flex::{train_expert, ExpertTrainOpts, RouterInit};
+    use flexrun::model::checkpoint;
+    use flexrun::tensor::DType;
+    let root = std::env::temp_dir().join(format!("flexrun-gpu-bf16-expert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let data = common::small_dataset(&root);
+    let vocab = flexrun::data::Dataset::open(&data)?.meta.vocab_size;
+    let public = model(Config::olmo2(vocab, 64, 96, 2, 4, 2), 101);
+    checkpoint::save(&public, &root.join("bf16"), DType::BF16)?;
+    checkpoint::save(&public, &root.join("f32"), DType::F32)?;
+    let device = Dev::open(DeviceChoice::Cuda)?;
+    let train = |dir: &str| -> flexrun::Result<flexrun::flex::ExpertArtifact> {
+        let opts = ExpertTrainOpts {
+            public: root.join(dir),
+            data: data.clone(),
+            public_data: Some(data.clone()),
+            name: "x".into(),
+            domain: "x".into(),
+            out: root.join(format!("{dir}.safetensors")),
+            run_dir: root.join(format!("{dir}.run")),
+            router_init: RouterInit::Domain,
+            encoder: None,
+            embed_docs: 8,
+            bias_init: Some(-1.0),
+            public_mix: 0.25,
+            train: TrainConfig {
+                steps: 4,
+                batch: 4,
+                seq: 32,
+                warmup: 1,
+                public_anchor: 1.0,
+                router_own: 0.3,
+                ..Default::default()
+            },
+            resume: false,
+            quiet: true,
+        };
+        Ok(train_expert(&opts, &device)?.0)
+    };
+    let (a, b) = (train("bf16")?, train("f32")?);
+    assert_eq!(a.meta.public_hash, b.meta.public_hash);
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        for (p, q) in [
+            (&x.gate, &y.gate),
+            (&x.up, &y.up),
+            (&x.down, &y.down),
+            (&x.router, &y.router),
+        ] {
+            assert_eq!(
+                p.data(),
+                q.data(),
+                "the bf16 and f32 checkpoints train different experts"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }

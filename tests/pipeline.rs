@@ -2,37 +2,21 @@
 //! opt-out identical to a merge without the expert, refusal of foreign experts).
 
 use flexrun::backend::Device;
-use flexrun::data::{shards, synth, tokenizer, Dataset, Tokenizer};
+use flexrun::data::Dataset;
 use flexrun::demo;
 use flexrun::flex::{self, Selection};
 use flexrun::model::{checkpoint, Config, Model};
 use flexrun::train::{data::ShardBatches, LogEntry, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::small_dataset;
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("flexrun-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn small_dataset(root: &Path) -> PathBuf {
-    let corpus = root.join("corpus");
-    synth::write_corpus(
-        &corpus,
-        &synth::SynthConfig {
-            seed: 3,
-            docs_per_domain: 40,
-            valid_docs_per_domain: 5,
-        },
-    )
-    .unwrap();
-    let tok = root.join("tok.json");
-    tokenizer::train_bpe(&[corpus.join("public")], 300, &tok).unwrap();
-    let t = Tokenizer::load(&tok).unwrap();
-    let out = root.join("data");
-    shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0, 0.0).unwrap();
-    out
 }
 
 fn log(dir: &Path) -> Vec<LogEntry> {

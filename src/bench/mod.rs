@@ -121,8 +121,10 @@ pub enum TrainMode {
 
 /// The model, loss terms and anchored rows a benchmark step trains with; the step's shape is
 /// checked first.
-/// On the GPU (`fast`) the weights are drawn in parallel ([`Model::new_random_fast`]): the
-/// 7B shapes would take minutes one tensor at a time.
+/// On the GPU (`fast`) the weights are drawn in parallel and kept in bf16 on the host
+/// ([`Model::new_random_fast`]): the 7B shapes would take minutes one tensor at a time and twice
+/// the host memory, and the GPU computes on bf16 weights anyway (the trained tensors' f32 master
+/// copies are made on the device).
 fn bench_setup(cfg: &Config, spec: &StepSpec, fast: bool) -> Result<(Model, LossCoefs, Vec<bool>)> {
     let (mode, batch, seq, steps) = (spec.mode, spec.batch, spec.seq, spec.steps);
     if mode == TrainMode::Expert {
@@ -139,7 +141,7 @@ fn bench_setup(cfg: &Config, spec: &StepSpec, fast: bool) -> Result<(Model, Loss
         cfg.max_position_embeddings
     );
     let model = match fast {
-        true => Model::new_random_fast(cfg, 0, false)?,
+        true => Model::new_random_fast(cfg, 0, true)?,
         false => Model::new_random(cfg, 0)?,
     };
     match mode {

@@ -447,14 +447,27 @@ pub fn train_expert(
         "--embed-docs must be at least 1 (the documents the router embedding averages)"
     );
     let layer_w = &opts.train.public_anchor_layers;
-    let public = checkpoint::load(&opts.public)?;
+    // On a GPU the public model stays in its checkpoint's dtype on the host (a bf16 7B model:
+    // 15 GB, not 29): the host copy only feeds the upload, and the trained FFN's f32 master
+    // weights live on the device.
+    let on_gpu = device.gpu().is_some();
+    let public = checkpoint::load_with(&opts.public, on_gpu)?;
     require_dense(&public, &opts.public)?;
     // Trained: the new FFN, its router row and bias, in every layer.
     let c = &public.cfg;
     let trained = c.num_hidden_layers as u128
         * (3 * c.hidden_size as u128 * c.intermediate_size as u128 + c.hidden_size as u128 + 1);
-    c.upcycled(2)
-        .check_training_memory(t.batch, t.seq, Some(trained))?;
+    if on_gpu {
+        crate::limits::check_dim(
+            "--batch",
+            t.batch,
+            crate::limits::MAX_BATCH,
+            "far beyond any step",
+        )?;
+    } else {
+        c.upcycled(2)
+            .check_training_memory(t.batch, t.seq, Some(trained))?;
+    }
     ensure!(
         layer_w.is_empty() || layer_w.len() == public.cfg.num_hidden_layers,
         "--public-anchor-layers has {} weights but the public model has {} layers",

@@ -81,3 +81,24 @@ macro_rules! cuda_tests {
         }
     )*};
 }
+
+/// A small prepared dataset of the built-in corpus's public domain under `root` (a 300-token
+/// tokenizer trained on it): `root/data`.
+pub fn small_dataset(root: &std::path::Path) -> std::path::PathBuf {
+    let corpus = root.join("corpus");
+    flexrun::data::synth::write_corpus(
+        &corpus,
+        &flexrun::data::synth::SynthConfig {
+            seed: 3,
+            docs_per_domain: 40,
+            valid_docs_per_domain: 5,
+        },
+    )
+    .unwrap();
+    let tok = root.join("tok.json");
+    flexrun::data::tokenizer::train_bpe(&[corpus.join("public")], 300, &tok).unwrap();
+    let t = flexrun::data::Tokenizer::load(&tok).unwrap();
+    let out = root.join("data");
+    flexrun::data::shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0, 0.0).unwrap();
+    out
+}
