@@ -136,7 +136,9 @@ pub fn merge(
     let mut inputs: Vec<&Path> = vec![public_dir];
     inputs.extend(experts.iter().map(PathBuf::as_path));
     crate::fsutil::check_not_input(out, "--out", &inputs)?;
-    let public = checkpoint::load(public_dir)?;
+    // A bf16 public checkpoint stays bf16 in memory (a 7B model: 15 GB, not 29); the merged
+    // files are written in f32 from the same values.
+    let public = checkpoint::load_with(public_dir, true)?;
     require_dense(&public, public_dir)?;
     let hash = model_hash(&public);
     let arts: Vec<ExpertArtifact> = experts
