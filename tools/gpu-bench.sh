@@ -52,4 +52,16 @@ for cfg in dense_medium; do
   run "train_${cfg}"        "$FR" bench train --config "benches/configs/$cfg.json" --batch 8 --seq 1024 --device cuda --json
   run "train_${cfg}_expert" "$FR" bench train --config "benches/configs/$cfg.json" --expert --batch 8 --seq 1024 --device cuda --json
 done
+# Full size (issue goals: the 7B expert step within memory at >= 8 x 4096 tokens per optimizer
+# step and >= 40% MFU; the 1B pretraining step at >= 45% MFU). Each reports its peak device memory.
+run train_olmo2_7b_expert_recompute "$FR" bench train --config benches/configs/olmo2_7b.json --expert \
+  --batch 2 --seq 4096 --grad-accum 4 --recompute --steps 3 --warmup 1 --device cuda --json
+run train_olmo2_7b_expert           "$FR" bench train --config benches/configs/olmo2_7b.json --expert \
+  --batch 1 --seq 4096 --grad-accum 8 --steps 3 --warmup 1 --device cuda --json
+run train_olmo2_1b                  "$FR" bench train --config benches/configs/olmo2_1b.json \
+  --batch 4 --seq 4096 --steps 5 --warmup 2 --device cuda --json
+run train_olmo2_1b_torch env FLEXRUN_TORCH_NO_VENV=1 python3 benches/torch/bench_torch.py --config benches/configs/olmo2_1b.json \
+  --batch 4 --seq 4096 --device cuda --clip 1.0 --json
+# The released FlexOlmo-7x7B (33 B parameters, bf16) decoding on one GPU.
+run decode_flexolmo_7x7b_b1 "$FR" bench decode --config benches/configs/flexolmo_7x7b.json --batch 1 --device cuda --json
 exit $fail
