@@ -1,4 +1,5 @@
-//! Compiles kernels/*.cu to fatbins (SASS sm_80 + sm_90, PTX compute_90) with nvcc and generates
+//! Compiles kernels/*.cu to fatbins (SASS sm_80 + sm_90, PTX compute_90; `*_sm90.cu`: SASS sm_90a
+//! only) with nvcc and generates
 //! `$OUT_DIR/kernels.rs` (`KERNELS_BUILT` and one `include_bytes!` per module), included by
 //! src/backend/cuda/mod.rs. nvcc is looked up in: $NVCC (authoritative when set), $CUDA_HOME/bin,
 //! $CUDA_PATH/bin, PATH, then the project-local .cuda/toolkit/bin that tools/setup-cuda.sh
@@ -15,6 +16,9 @@ const ARCH_FLAGS: &[&str] = &[
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ];
+/// Kernels named `*_sm90.cu` use Hopper-only instructions (wgmma, setmaxnreg): SASS for sm_90a
+/// only; the wrappers load them on compute capability 9.0 devices only.
+const SM90A_FLAGS: &[&str] = &["-gencode=arch=compute_90a,code=sm_90a"];
 
 fn find_nvcc(root: &Path) -> Result<PathBuf, String> {
     if let Some(p) = env::var_os("NVCC") {
@@ -129,8 +133,13 @@ fn compile(nvcc: &Path, kdir: &Path, src: &Path, out: &Path) -> Result<(), Strin
     let stem = src.file_stem().unwrap().to_str().unwrap();
     let dst = out.join(format!("{stem}.fatbin"));
     let mut cmd = Command::new(nvcc);
+    let arch = if stem.ends_with("_sm90") {
+        SM90A_FLAGS
+    } else {
+        ARCH_FLAGS
+    };
     cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"])
-        .args(ARCH_FLAGS)
+        .args(arch)
         .arg("-I")
         .arg(kdir)
         .arg("-o")

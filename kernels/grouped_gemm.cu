@@ -35,7 +35,7 @@
 // (m-tile, n-tile) inside the expert in GROUP_M-high column-major groups; CTAs past the last tile
 // exit at once. The weight-gradient kernel has a fixed output per expert: grid
 // (tiles of [out, in], E, problems).
-#include "common.cuh"
+#include "grouped_common.cuh"
 
 namespace {
 
@@ -56,7 +56,6 @@ constexpr int TILE_ELEMS = (BM * LDK > BK * LDR) ? BM * LDK : BK * LDR;  // one 
 constexpr int STAGES = 4;     // cp.async pipeline depth: tiles k+1..k+3 in flight while the tensor
                               // cores eat tile k (2 stages left the H100 waiting on global memory)
 constexpr int GROUP_M = 8;    // m-tiles per raster group: 8 consecutive CTAs share one weight tile in L2
-constexpr int MAX_EXPERTS = 64;          // the scheduler's warp scan holds two experts per lane
 constexpr int GATEUP_BN = BN / 2;        // intermediate columns per gate/up CTA (64 gate + 64 up)
 constexpr int CHUNKS_PER_THREAD = (128 * BK / 8) / THREADS;  // 16-byte copies per thread per tile
 
@@ -67,23 +66,6 @@ static_assert(BK % 16 == 0 && STAGES >= 2, "k16 steps, at least double buffering
 // Dynamic shared memory of every GEMM kernel: STAGES stages of the A and B tiles (80 KiB; over the
 // 48 KiB static limit, so the host opts in: src/backend/cuda/grouped.rs SMEM_BYTES).
 constexpr int SMEM_BYTES = 2 * STAGES * TILE_ELEMS * (int)sizeof(bf16);
-
-__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ unsigned smem_addr(const void *p) {
-  return (unsigned)__cvta_generic_to_shared(p);
-}
-
-// 16-byte global -> shared copy; with ok == false nothing is read and the 16 bytes are zeroed.
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(ok ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const bf16 *p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -107,10 +89,6 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a
 
 // Accurate sigmoid (expf), as kernels/elementwise.cu and the CPU's 1 / (1 + exp(-x)).
 __device__ __forceinline__ float sigmoid_acc(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-__device__ __forceinline__ void store_bf16x2(bf16 *p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
-}
 
 // Fill a K-contiguous tile [128][LDK]: smem row r gets elements k0..k0+BK of the global row
 // row_ptr(r) (a row of K elements; nullptr: a row outside the operand, zeros). `any` is a valid
@@ -236,74 +214,6 @@ __device__ __forceinline__ Stages stages() {
   return {reinterpret_cast<bf16 (*)[TILE_ELEMS]>(base), reinterpret_cast<bf16 (*)[TILE_ELEMS]>(base + STAGES * TILE_ELEMS)};
 }
 
-struct Tile {
-  int e;       // expert
-  int row0;    // first row of the tile in the permuted layout
-  int rows;    // rows of the tile (1..BM)
-  int n_tile;  // column tile
-};
-
-// Map blockIdx.x to a tile of the grouped problem (see the header). Returns false for a CTA past
-// the last tile (the whole CTA, uniformly). Rows are clamped to [0, m_total] so that corrupt
-// offsets cannot index outside the operands.
-__device__ __forceinline__ bool schedule(const unsigned *__restrict__ offsets, int m_total, int n_experts,
-                                         int n_tiles, Tile &t) {
-  __shared__ int s_start[MAX_EXPERTS + 1];  // prefix sums of the m-tile counts
-  __shared__ int s_lo[MAX_EXPERTS], s_hi[MAX_EXPERTS];
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int c[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int e = lane + 32 * j;
-      int lo = m_total, hi = m_total;
-      if (e < n_experts) {
-        lo = (int)min(offsets[e], (unsigned)m_total);
-        hi = (int)min(max(offsets[e + 1], (unsigned)lo), (unsigned)m_total);
-      }
-      s_lo[e] = lo;
-      s_hi[e] = hi;
-      c[j] = ceil_div(hi - lo, BM);
-    }
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int y0 = __shfl_up_sync(0xffffffffu, c[0], d), y1 = __shfl_up_sync(0xffffffffu, c[1], d);
-      if (lane >= d) {
-        c[0] += y0;
-        c[1] += y1;
-      }
-    }
-    const int first_half = __shfl_sync(0xffffffffu, c[0], 31);
-    s_start[lane + 1] = c[0];
-    s_start[lane + 33] = c[1] + first_half;
-    if (lane == 0) s_start[0] = 0;
-  }
-  __syncthreads();
-  const long long tile = blockIdx.x;
-  if (tile >= (long long)s_start[n_experts] * n_tiles) return false;
-  // Largest e with s_start[e] * n_tiles <= tile: an empty expert shares its start with the next
-  // one, so the search lands on the expert that owns the tile.
-  int lo = 0, hi = n_experts;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if ((long long)s_start[mid] * n_tiles <= tile) lo = mid; else hi = mid;
-  }
-  const int e = lo;
-  const int local = (int)(tile - (long long)s_start[e] * n_tiles);
-  const int m_tiles = s_start[e + 1] - s_start[e];
-  // Column-major groups of GROUP_M m-tiles: consecutive CTAs walk down the rows of one weight tile.
-  const int group = GROUP_M * n_tiles;
-  const int first_m = (local / group) * GROUP_M;
-  const int group_m = min(m_tiles - first_m, GROUP_M);
-  const int in_group = local % group;
-  const int m_tile = first_m + in_group % group_m;
-  t.e = e;
-  t.n_tile = in_group / group_m;
-  t.row0 = s_lo[e] + m_tile * BM;
-  t.rows = min(BM, s_hi[e] - t.row0);
-  return true;
-}
-
 }  // namespace
 
 // act [M, I] = silu(X Wg_e^T) * (X Wu_e^T) over each expert's rows; gate_out / up_out (nullable)
@@ -317,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
   const Stages st = stages();
   bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
-  if (!schedule(offsets, m_total, n_experts, ceil_div(inter, GATEUP_BN), t)) return;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(inter, GATEUP_BN), t)) return;
   const int n0 = t.n_tile * GATEUP_BN;
   const bf16 *xs = x + (size_t)t.row0 * h;
   const size_t woff = (size_t)t.e * inter * h;
@@ -364,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
   const Stages st = stages();
   bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
-  if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   const int n0 = t.n_tile * BN;
   const bf16 *as = a + (size_t)t.row0 * k;
   const bf16 *we = w + (size_t)t.e * n * k;
@@ -426,7 +336,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
   const Stages st = stages();
   bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
-  if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   float acc[MI][NI][4];
   nn_product(acc, t, dy, w, dy2, w2, k, n, sA, sB);
 
@@ -459,7 +369,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
   const Stages st = stages();
   bf16 (*sA)[TILE_ELEMS] = st.a, (*sB)[TILE_ELEMS] = st.b;
   Tile t;
-  if (!schedule(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   float acc[MI][NI][4];
   nn_product(acc, t, dy, wd, nullptr, nullptr, k, n, sA, sB);
 

@@ -21,6 +21,7 @@
 //! not of the 32/64/128 tiles.
 
 use flexrun::autograd::Tape;
+use flexrun::backend::cuda::grouped::GemmPath;
 use flexrun::backend::cuda::{Buf, Device, DeviceRead};
 use flexrun::ops;
 use flexrun::tensor::Tensor;
@@ -101,6 +102,43 @@ backend_tests!(
     grouped_shape_checks,
     grouped_bench_smoke
 );
+
+/// The Hopper (wgmma) down-projection kernel against the CPU reference and the sm_80 kernel, on
+/// every case (ragged segments, empty experts, E = 64, widths from 8 to 264: K not a multiple of
+/// its 64-wide k-tiles, N not a multiple of its 128-wide n-tiles). On a GPU that is not compute
+/// capability 9.0 it prints SKIP (the path does not exist there).
+#[test]
+fn grouped_nt_sm90() {
+    common::with_cuda("grouped_nt_sm90", |dev| {
+        let cc = dev.compute_capability()?;
+        if cc != (9, 0) {
+            println!(
+                "SKIP: grouped_nt_sm90 needs compute capability 9.0, this GPU is {}.{}",
+                cc.0, cc.1
+            );
+            return Ok(());
+        }
+        let b = Backend::Cuda(dev);
+        for (ci, c) in cases().iter().enumerate() {
+            let (m, e, h, i) = (c.m(), c.e(), c.h, c.i);
+            let inp = inputs(c, 100 + ci as u64);
+            let rf = reference(c, &inp);
+            let what = format!("sm90 {} (E={e} m={m} h={h} i={i})", c.name);
+            let off = dev.upload(&c.offsets())?;
+            let (act_r, wd) = (up(dev, &rf.act_r)?, up(dev, &inp.wd)?);
+            let run = |path: GemmPath| -> flexrun::Result<Vec<f32>> {
+                let mut y = dev.alloc::<bf16>(m * h)?;
+                dev.grouped_nt_on(path, &act_r, &off, &wd, e, i, h, &mut y)?;
+                down(dev, &y)
+            };
+            let (y90, y80) = (run(GemmPath::Sm90)?, run(GemmPath::Sm80)?);
+            assert_close(&b, &what, &y90, &rf.y, BF16_TOL);
+            assert_close(&b, &format!("{what} vs sm80"), &y90, &y80, BF16_TOL);
+            assert_eq!(run(GemmPath::Sm90)?, y90, "{what}: not deterministic");
+        }
+        Ok(())
+    });
+}
 
 // ---------------------------------------------------------------------------------------------
 // Cases, inputs and the CPU reference.

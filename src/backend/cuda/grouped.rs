@@ -40,6 +40,19 @@ const THREADS: u32 = 256;
 /// [128, BK + 8] bf16 operand tiles with BK = 32.
 const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 
+/// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 4 stages of
+/// two [128, 64] bf16 operand tiles.
+const SM90_SMEM_BYTES: usize = 4 * 2 * 128 * 64 * 2;
+
+/// Which implementation of a grouped GEMM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// mma.sync with a cp.async pipeline (grouped_gemm.cu): every GPU from sm_80 on.
+    Sm80,
+    /// wgmma (grouped_gemm_sm90.cu): compute capability 9.0 only.
+    Sm90,
+}
+
 pub(crate) fn check_width(x: usize, what: &str) -> Result<()> {
     ensure!(
         x > 0 && x.is_multiple_of(8),
@@ -147,11 +160,40 @@ impl Device {
             int(h, "hidden")?, int(i, "intermediate")?)
     }
 
+    /// The path the grouped GEMMs take on this device: the Hopper kernels on a compute
+    /// capability 9.0 GPU when `FLEXRUN_SM90=1` (opt-in until they have been verified on one;
+    /// grouped_gemm_sm90.md), else the sm_80 kernels.
+    pub fn grouped_path(&self) -> GemmPath {
+        let opted = std::env::var("FLEXRUN_SM90").is_ok_and(|v| v == "1");
+        if opted && self.compute_capability().is_ok_and(|c| c == (9, 0)) {
+            GemmPath::Sm90
+        } else {
+            GemmPath::Sm80
+        }
+    }
+
     /// `y[seg] = a[seg] w_e^T` per expert segment: a `[m, k]`, w `[e, n, k]`, y `[m, n]` (bf16).
-    /// The down projection's forward (k = I, n = H).
+    /// The down projection's forward (k = I, n = H), on [`Device::grouped_path`].
     #[allow(clippy::too_many_arguments)]
     pub fn grouped_nt(
         &self,
+        a: &impl DeviceRead<bf16>,
+        offsets: &impl DeviceRead<u32>,
+        w: &impl DeviceRead<bf16>,
+        e: usize,
+        k: usize,
+        n: usize,
+        y: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
+        self.grouped_nt_on(self.grouped_path(), a, offsets, w, e, k, n, y)
+    }
+
+    /// [`Device::grouped_nt`] on the given path (tests and benchmarks compare the two); the
+    /// Hopper path is an error on any other GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_nt_on(
+        &self,
+        path: GemmPath,
         a: &impl DeviceRead<bf16>,
         offsets: &impl DeviceRead<u32>,
         w: &impl DeviceRead<bf16>,
@@ -177,8 +219,23 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS, smem = SMEM_BYTES;
-            a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
+        match path {
+            GemmPath::Sm80 => {
+                launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS, smem = SMEM_BYTES;
+                a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
+            }
+            GemmPath::Sm90 => {
+                let cc = self.compute_capability()?;
+                ensure!(
+                    cc == (9, 0),
+                    "the Hopper grouped GEMM needs a compute capability 9.0 GPU, not {}.{}",
+                    cc.0,
+                    cc.1
+                );
+                launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
+                    a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
+            }
+        }
     }
 
     /// Input gradient per expert segment: `dx[seg] = dy[seg] w_e (+ dy2[seg] w2_e)`: dy `[m, k]`,

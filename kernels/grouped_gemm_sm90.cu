@@ -1,0 +1,170 @@
+// Hopper (sm_90a) path of the grouped NT GEMM, y[seg] = a[seg] w_e^T per expert segment (the
+// down projection's forward, as grouped_gemm.cu's grouped_nt_bf16): wgmma.mma_async with both
+// operands in shared memory, f32 accumulators in registers.
+//
+// CPU reference: per expert, src/ops/linear.rs (linear) on the rows src/ops/moe.rs gather_rows
+// picks, as for grouped_gemm.cu. Wrapper: src/backend/cuda/grouped.rs (Device::grouped_nt, which
+// takes this path on an sm_90 GPU when FLEXRUN_SM90=1; Device::grouped_nt_sm90 always).
+// Test: tests/gpu_grouped.rs (grouped_nt_sm90). Notes and measurements: grouped_gemm_sm90.md.
+//
+// Compiled for sm_90a only (build.rs: files named *_sm90.cu); the module is loaded only on a
+// compute-capability 9.0 device.
+//
+// Shape: a CTA computes a 128 x 128 tile of one expert's segment with two warpgroups (rows 0-63
+// and 64-127), each issuing m64n128k16 wgmma over a BK = 64 slice per stage (4 instructions);
+// all 256 threads fill a STAGES-deep cp.async pipeline (no TMA and no producer warpgroup yet:
+// the first Hopper version; see the notes for the next steps). The tile scheduler over the
+// ragged segments is grouped_common.cuh's, shared with the sm_80 kernels.
+//
+// Shared-memory layout (no swizzle, K-major, both operands): a tile of 128 rows x 64 k is 16 x 8
+// core matrices of 8 rows x 16 bytes (128 contiguous bytes each); core matrix (row/8, k/8) sits
+// at ((row/8) * 8 + k/8) * 128 bytes. In the wgmma descriptors the leading-dimension byte offset
+// (between core matrices adjacent in K) is 128 and the stride-dimension byte offset (adjacent in
+// M or N) is 8 * 128 = 1024.
+#include "grouped_common.cuh"
+
+#include <stdint.h>
+
+namespace {
+
+constexpr int BM = 128;
+constexpr int BN = 128;
+constexpr int BK = 64;
+constexpr int STAGES = 4;
+constexpr int THREADS = 256;  // two warpgroups
+constexpr int GROUP_M = 8;
+constexpr int CORE = 128;                 // bytes of a core matrix
+constexpr int KCORES = BK / 8;            // core matrices along K
+constexpr int LBO = CORE;                 // K-adjacent core matrices
+constexpr int SBO = KCORES * CORE;        // M/N-adjacent core matrices (1024)
+constexpr int TILE_BYTES = 128 * BK * 2;  // one operand, one stage (16 KiB)
+constexpr int SMEM_BYTES = 2 * STAGES * TILE_BYTES;  // 128 KiB (src/backend/cuda/grouped.rs SM90_SMEM)
+constexpr int CHUNKS_PER_THREAD = 128 * BK / 8 / THREADS;
+
+static_assert(CHUNKS_PER_THREAD * THREADS * 8 == 128 * BK, "tile copies divide over the threads");
+
+// Byte offset of row r, 16-byte k chunk c in a tile.
+__device__ __forceinline__ int tile_off(int r, int c) { return ((r >> 3) * KCORES + c) * CORE + (r & 7) * 16; }
+
+// Fill one operand tile (128 rows x BK, from k0): row r from row_ptr(r) (nullptr: zeros); chunks
+// past K are zeros. Eight consecutive threads write the eight rows of one core matrix (128
+// contiguous bytes: no bank conflicts), a warp reads 64 contiguous bytes of 8 global rows.
+template <class RowPtr>
+__device__ __forceinline__ void load_tile(unsigned char *s, RowPtr row_ptr, int k0, int K, const bf16 *any) {
+#pragma unroll
+  for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
+    const int id = threadIdx.x + i * THREADS;
+    const int r = (id / (8 * KCORES)) * 8 + (id & 7), c = (id >> 3) % KCORES;
+    const int k = k0 + c * 8;
+    const bf16 *src = row_ptr(r);
+    const bool ok = src != nullptr && k < K;
+    cp_async16(s + tile_off(r, c), ok ? src + k : any, ok);
+  }
+}
+
+// The wgmma shared-memory matrix descriptor of the K-major, unswizzled operand at p.
+__device__ __forceinline__ uint64_t smem_desc(const unsigned char *p) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | ((uint64_t)(LBO >> 4) << 16) | ((uint64_t)(SBO >> 4) << 32);
+}
+
+// Keep the compiler from moving accumulator reads or writes across the asynchronous MMA.
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 x 128, f32, this warpgroup) = a (64 x 16) b^T (128 x 16) + (accumulate ? d : 0).
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+}  // namespace
+
+// y [M, N] = a [M, K] w_e^T over each expert's rows; w [E, N, K]. Grid: ((ceil(M/BM) + E) *
+// ceil(N/BN)), 256 threads, SMEM_BYTES of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    grouped_nt_sm90_bf16(const bf16 *__restrict__ a, const bf16 *__restrict__ w, const unsigned *__restrict__ offsets,
+                         bf16 *__restrict__ y, int m_total, int n_experts, int k, int n) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned dyn;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+  if (dyn < (unsigned)SMEM_BYTES) __trap();
+  Tile t;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  const int n0 = t.n_tile * BN;
+  const bf16 *as = a + (size_t)t.row0 * k;
+  const bf16 *we = w + (size_t)t.e * n * k;
+  const int rows = t.rows;
+  auto a_row = [=](int r) -> const bf16 * { return r < rows ? as + (size_t)r * k : nullptr; };
+  auto b_row = [=](int r) -> const bf16 * { return n0 + r < n ? we + (size_t)(n0 + r) * k : nullptr; };
+  unsigned char *sA = smem, *sB = smem + STAGES * TILE_BYTES;
+  const int ktiles = ceil_div(k, BK);
+  const int wg = threadIdx.x >> 7;
+
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ktiles) {
+      load_tile(sA + s * TILE_BYTES, a_row, s * BK, k, a);
+      load_tile(sB + s * TILE_BYTES, b_row, s * BK, k, w);
+    }
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    // The tile's bytes came through the generic proxy; the tensor cores read them through the
+    // async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    const int nk = kt + STAGES - 1;
+    if (nk < ktiles) {
+      load_tile(sA + (nk % STAGES) * TILE_BYTES, a_row, nk * BK, k, a);
+      load_tile(sB + (nk % STAGES) * TILE_BYTES, b_row, nk * BK, k, w);
+    }
+    cp_async_commit();
+    const unsigned char *A = sA + (kt % STAGES) * TILE_BYTES + wg * (64 / 8) * SBO;
+    const unsigned char *B = sB + (kt % STAGES) * TILE_BYTES;
+    fence_operands(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+      wgmma_m64n128k16(d, smem_desc(A + kk * 2 * CORE), smem_desc(B + kk * 2 * CORE), kt > 0 || kk > 0);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_operands(d);
+  }
+  cp_async_wait<0>();
+
+  // Accumulator ownership (m64nNk16, f32): warp w of the warpgroup holds rows 16w..16w+15;
+  // d[4j + 2h + c] is row 16w + lane/4 + 8h, column 8j + 2(lane%4) + c.
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+    if (r >= rows) continue;
+    bf16 *yr = y + (size_t)(t.row0 + r) * n;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col < n) store_bf16x2(yr + col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    }
+  }
+}
