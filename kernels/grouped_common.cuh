@@ -29,6 +29,9 @@ __device__ __forceinline__ void store_bf16x2(bf16 *p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(a, b);
 }
 
+// Accurate sigmoid (expf), as kernels/elementwise.cu and the CPU's 1 / (1 + exp(-x)).
+__device__ __forceinline__ float sigmoid_acc(float x) { return 1.0f / (1.0f + expf(-x)); }
+
 // One CTA's tile of the grouped problem.
 struct Tile {
   int e;       // expert

@@ -87,8 +87,6 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Accurate sigmoid (expf), as kernels/elementwise.cu and the CPU's 1 / (1 + exp(-x)).
-__device__ __forceinline__ float sigmoid_acc(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Fill a K-contiguous tile [128][LDK]: smem row r gets elements k0..k0+BK of the global row
 // row_ptr(r) (a row of K elements; nullptr: a row outside the operand, zeros). `any` is a valid

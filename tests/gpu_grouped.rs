@@ -103,7 +103,8 @@ backend_tests!(
     grouped_bench_smoke
 );
 
-/// The Hopper (wgmma) down-projection kernel against the CPU reference and the sm_80 kernel, on
+/// The Hopper (wgmma) kernels (down projection; gate/up with the SwiGLU epilogue) against the
+/// CPU reference (and the down projection against the sm_80 kernel), on
 /// every case (ragged segments, empty experts, E = 64, widths from 8 to 264: K not a multiple of
 /// its 64-wide k-tiles, N not a multiple of its 128-wide n-tiles). On a GPU that is not compute
 /// capability 9.0 it prints SKIP (the path does not exist there).
@@ -135,6 +136,63 @@ fn grouped_nt_sm90() {
             assert_close(&b, &what, &y90, &rf.y, BF16_TOL);
             assert_close(&b, &format!("{what} vs sm80"), &y90, &y80, BF16_TOL);
             assert_eq!(run(GemmPath::Sm90)?, y90, "{what}: not deterministic");
+            // Gate/up with the SwiGLU epilogue, with and without the saved pre-activations.
+            let (x, wg, wu) = (up(dev, &inp.x)?, up(dev, &inp.wg)?, up(dev, &inp.wu)?);
+            let mut act = dev.alloc::<bf16>(m * i)?;
+            let mut gate = dev.alloc::<bf16>(m * i)?;
+            let mut upb = dev.alloc::<bf16>(m * i)?;
+            let saved = Some((gate.view_mut(..), upb.view_mut(..)));
+            dev.grouped_gateup_fwd_on(
+                GemmPath::Sm90,
+                &x,
+                &off,
+                &wg,
+                &wu,
+                e,
+                h,
+                i,
+                &mut act,
+                saved,
+            )?;
+            let mut act2 = dev.alloc::<bf16>(m * i)?;
+            dev.grouped_gateup_fwd_on(
+                GemmPath::Sm90,
+                &x,
+                &off,
+                &wg,
+                &wu,
+                e,
+                h,
+                i,
+                &mut act2,
+                None,
+            )?;
+            assert_eq!(
+                down(dev, &act)?,
+                down(dev, &act2)?,
+                "{what}: act without saving gate/up"
+            );
+            assert_close(
+                &b,
+                &format!("gate {what}"),
+                &down(dev, &gate)?,
+                &rf.gate,
+                BF16_TOL,
+            );
+            assert_close(
+                &b,
+                &format!("up {what}"),
+                &down(dev, &upb)?,
+                &rf.up,
+                BF16_TOL,
+            );
+            assert_close(
+                &b,
+                &format!("act {what}"),
+                &down(dev, &act)?,
+                &rf.act,
+                BF16_TOL,
+            );
         }
         Ok(())
     });

@@ -121,6 +121,24 @@ impl Device {
         act: &mut impl DeviceWrite<bf16>,
         saved: Option<(ViewMut<'_, bf16>, ViewMut<'_, bf16>)>,
     ) -> Result<()> {
+        self.grouped_gateup_fwd_on(self.grouped_path(), x, offsets, wg, wu, e, h, i, act, saved)
+    }
+
+    /// [`Device::grouped_gateup_fwd`] on the given path (see [`Device::grouped_nt_on`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_gateup_fwd_on(
+        &self,
+        path: GemmPath,
+        x: &impl DeviceRead<bf16>,
+        offsets: &impl DeviceRead<u32>,
+        wg: &impl DeviceRead<bf16>,
+        wu: &impl DeviceRead<bf16>,
+        e: usize,
+        h: usize,
+        i: usize,
+        act: &mut impl DeviceWrite<bf16>,
+        saved: Option<(ViewMut<'_, bf16>, ViewMut<'_, bf16>)>,
+    ) -> Result<()> {
         check_experts(e, offsets)?;
         check_width(h, "hidden")?;
         check_width(i, "intermediate")?;
@@ -155,9 +173,31 @@ impl Device {
             check_align(p, 16, what)?;
         }
         let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS, smem = SMEM_BYTES;
-            x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
-            int(h, "hidden")?, int(i, "intermediate")?)
+        match path {
+            GemmPath::Sm80 => {
+                launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS, smem = SMEM_BYTES;
+                x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
+                int(h, "hidden")?, int(i, "intermediate")?)
+            }
+            GemmPath::Sm90 => {
+                self.require_sm90()?;
+                launch!(self, "grouped_gemm_sm90", "grouped_gateup_fwd_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
+                    x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
+                    int(h, "hidden")?, int(i, "intermediate")?)
+            }
+        }
+    }
+
+    /// The Hopper kernels run on compute capability 9.0 only (sm_90a code).
+    fn require_sm90(&self) -> Result<()> {
+        let cc = self.compute_capability()?;
+        ensure!(
+            cc == (9, 0),
+            "the Hopper grouped GEMM needs a compute capability 9.0 GPU, not {}.{}",
+            cc.0,
+            cc.1
+        );
+        Ok(())
     }
 
     /// The path the grouped GEMMs take on this device: the Hopper kernels on a compute
@@ -225,13 +265,7 @@ impl Device {
                 a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
             GemmPath::Sm90 => {
-                let cc = self.compute_capability()?;
-                ensure!(
-                    cc == (9, 0),
-                    "the Hopper grouped GEMM needs a compute capability 9.0 GPU, not {}.{}",
-                    cc.0,
-                    cc.1
-                );
+                self.require_sm90()?;
                 launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
                     a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
