@@ -68,6 +68,7 @@ pub struct Restored {
     pub frozen_hash: Option<String>,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     dir: &Path,
     model: &Model,
