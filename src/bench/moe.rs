@@ -23,6 +23,8 @@ pub struct GroupedOpTime {
 pub struct GroupedBench {
     pub framework: &'static str,
     pub device: String,
+    /// The grouped kernels' path: "sm80" (mma.sync) or "sm90" (wgmma forward, FLEXRUN_SM90=1).
+    pub path: &'static str,
     pub experts: usize,
     pub tokens_per_expert: usize,
     pub hidden: usize,
@@ -280,6 +282,10 @@ pub fn bench_grouped(
     Ok(GroupedBench {
         framework: "flexrun-cuda",
         device: dev.name()?,
+        path: match dev.grouped_path() {
+            crate::backend::cuda::grouped::GemmPath::Sm80 => "sm80",
+            crate::backend::cuda::grouped::GemmPath::Sm90 => "sm90",
+        },
         experts: e,
         tokens_per_expert,
         hidden: h,
