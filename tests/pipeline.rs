@@ -19,6 +19,17 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// Batches of 2 x 16 tokens of `data`, validated on 256 tokens.
+fn small_batches(data: &Dataset) -> ShardBatches<'_> {
+    ShardBatches {
+        data,
+        batch: 2,
+        seq: 16,
+        seed: 0,
+        valid_tokens: 256,
+    }
+}
+
 fn log(dir: &Path) -> Vec<LogEntry> {
     std::fs::read_to_string(dir.join("train_log.jsonl"))
         .unwrap()
@@ -42,13 +53,7 @@ fn resumed_training_reproduces_the_uninterrupted_run() {
         eval_every: 3,
         ..Default::default()
     };
-    let batches = ShardBatches {
-        data: &data,
-        batch: 2,
-        seq: 16,
-        seed: 0,
-        valid_tokens: 256,
-    };
+    let batches = small_batches(&data);
     let run = |dir: &Path, stop: Option<u64>, resume: bool| -> Model {
         let mut m = Model::new_random(&cfg, if resume { 99 } else { 0 }).unwrap();
         let mut tr = Trainer::new(&mut m, tcfg.clone(), dir).unwrap();
@@ -119,13 +124,7 @@ fn resumed_expert_training_restores_the_trained_tensors_only() {
         warmup: 2,
         ..Default::default()
     };
-    let batches = ShardBatches {
-        data: &data,
-        batch: 2,
-        seq: 16,
-        seed: 0,
-        valid_tokens: 256,
-    };
+    let batches = small_batches(&data);
     let expert = |r_i: f32| {
         flex::expert_training_model(&public, &rows(0.1), &rows(r_i), Some(-1.0)).unwrap()
     };
