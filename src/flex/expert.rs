@@ -464,6 +464,15 @@ pub fn train_expert(
             crate::limits::MAX_BATCH,
             "far beyond any step",
         )?;
+        // The host holds the public model as loaded (bf16: 2 bytes a parameter) and, at each
+        // checkpoint, the trained tensors and their AdamW moments in f32.
+        crate::limits::check_memory(
+            &format!(
+                "training an expert of {trained} parameters against {} on the GPU",
+                opts.public.display()
+            ),
+            2 * c.param_count() + 12 * trained,
+        )?;
     } else {
         c.upcycled(2)
             .check_training_memory(t.batch, t.seq, Some(trained))?;

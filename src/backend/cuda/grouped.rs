@@ -204,12 +204,14 @@ impl Device {
     /// capability 9.0 GPU when `FLEXRUN_SM90=1` (opt-in until they have been verified on one;
     /// grouped_gemm_sm90.md), else the sm_80 kernels.
     pub fn grouped_path(&self) -> GemmPath {
-        let opted = std::env::var("FLEXRUN_SM90").is_ok_and(|v| v == "1");
-        if opted && self.compute_capability().is_ok_and(|c| c == (9, 0)) {
-            GemmPath::Sm90
-        } else {
-            GemmPath::Sm80
-        }
+        *self.grouped_path.get_or_init(|| {
+            let opted = std::env::var("FLEXRUN_SM90").is_ok_and(|v| v == "1");
+            if opted && self.compute_capability().is_ok_and(|c| c == (9, 0)) {
+                GemmPath::Sm90
+            } else {
+                GemmPath::Sm80
+            }
+        })
     }
 
     /// `y[seg] = a[seg] w_e^T` per expert segment: a `[m, k]`, w `[e, n, k]`, y `[m, n]` (bf16).

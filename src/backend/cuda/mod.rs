@@ -150,6 +150,8 @@ pub struct Device {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: Mutex<Option<CudaBlas>>,
+    /// The grouped GEMMs' path, decided once ([`Device::grouped_path`]).
+    grouped_path: std::sync::OnceLock<grouped::GemmPath>,
 }
 
 impl std::fmt::Debug for Device {
@@ -187,6 +189,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            grouped_path: std::sync::OnceLock::new(),
         })
     }
 

@@ -157,6 +157,7 @@ impl GpuModel<'_> {
         let dev = self.dev;
         let (h, v) = (self.h, self.vocab);
         let n = b * t;
+        ensure!(b > 0 && t > 0, "a training batch of {b} x {t} tokens");
         ensure!(
             targets.len() == n,
             "{} targets for {n} tokens",

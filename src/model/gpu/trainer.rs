@@ -371,22 +371,18 @@ impl<'d> GpuTrainer<'d> {
             ce_sum += l.ce as f64 * rows as f64;
         }
         // (sum + noise) / expected, per trained weight in its device layout.
-        let noise_of = |id: usize| {
-            noise
-                .iter()
-                .find(|(i, _)| *i == id)
-                .map(|(_, z)| z.data().to_vec())
-        };
+        let noise_of: std::collections::HashMap<usize, &Tensor> =
+            noise.iter().map(|(i, z)| (*i, z)).collect();
         for (a, s) in acc.iter_mut().zip(&self.slots) {
             let ids = &layout[s.idx][s.from..];
             for id in ids.iter().flatten() {
                 ensure!(
-                    noise_of(*id).is_some_and(|z| z.len() == s.per),
+                    noise_of.get(id).is_some_and(|z| z.numel() == s.per),
                     "DP-SGD: no noise of the right size for parameter {id}"
                 );
             }
             let z = dev.upload(&concat_from_host(ids, s.per, |id| {
-                noise_of(id).expect("checked above")
+                noise_of[&id].data().to_vec()
             }))?;
             let mut sum = dev.alloc::<f32>(a.len())?;
             dev.add_scaled(&*a, &z, &mut sum, 1.0)?;
