@@ -263,108 +263,27 @@ pub fn train_step(
         "far beyond any benchmark",
     )?;
     ensure!(spec.grad_accum > 0, "--grad-accum must be positive");
-    match device.gpu() {
-        Some(dev) => train_step_on_gpu(cfg, spec, dev),
-        None => {
-            ensure!(
-                !spec.recompute,
-                "--recompute is for GPU training (the CPU's tape keeps every activation)"
-            );
-            train_step_on_cpu(cfg, spec)
-        }
+    ensure!(
+        device.gpu().is_some() || !spec.recompute,
+        "--recompute is for GPU training (the CPU's tape keeps every activation)"
+    );
+    let (batch, seq) = (spec.batch, spec.seq);
+    if device.gpu().is_none() {
+        // Keep freed activation buffers in the process (see `tune_allocator`), as training does.
+        crate::backend::cpu::tune_allocator();
+        cfg.check_training_memory(batch, seq, None)?;
     }
-}
-
-/// [`train_step`] on the CPU: the tape's forward and backward, clipping and AdamW.
-fn train_step_on_cpu(cfg: &Config, spec: &StepSpec) -> Result<TrainBench> {
-    let (batch, seq) = (spec.batch, spec.seq);
-    // Keep freed activation buffers in the process (see `tune_allocator`); the training loop
-    // should do the same.
-    crate::backend::cpu::tune_allocator();
-    cfg.check_training_memory(batch, seq, None)?;
-    let (mut model, coefs, anchored) = bench_setup(cfg, spec, false)?;
-    let mut opt = AdamW::new(AdamWConfig::default(), model.params.len());
-    let scale = 1.0 / spec.grad_accum as f32;
-    let times = time_steps(cfg, spec, |micro| {
-        // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
-        // inside the pool instead of each one injecting a job from outside and putting the
-        // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
-        rayon::scope(|_| -> Result<()> {
-            let mut grads: Vec<(usize, crate::tensor::Tensor)> = Vec::new();
-            for (inp, tgt) in &micro {
-                let mut tape = Tape::new();
-                let out =
-                    model.loss_anchored(&mut tape, inp, tgt, batch, seq, &coefs, &anchored)?;
-                let g = tape
-                    .backward_with(out.loss, crate::tensor::Tensor::scalar(scale))
-                    .params;
-                if grads.is_empty() {
-                    grads = g;
-                } else {
-                    for ((_, a), (_, b)) in grads.iter_mut().zip(&g) {
-                        a.data_mut()
-                            .iter_mut()
-                            .zip(b.data())
-                            .for_each(|(x, y)| *x += y);
-                    }
-                }
-            }
-            clip_grad_norm(&mut grads, 1.0);
-            opt.update(&mut model.params, &grads, 1e-4);
-            Ok(())
-        })
-    })?;
-    let step_ms = median(&times);
-    Ok(TrainBench {
-        framework: "flexrun",
-        device: "cpu".into(),
-        threads: rayon::current_num_threads(),
-        batch,
-        seq,
-        grad_accum: spec.grad_accum,
-        recompute: false,
-        params: model.params.numel(),
-        step_ms,
-        step_ms_all: times,
-        tokens_per_s: (batch * seq * spec.grad_accum) as f64 / (step_ms / 1e3),
-        model_tflops: None,
-        mfu: None,
-        peak_device_bytes: None,
-        peak_reserved_bytes: None,
-    })
-}
-
-/// [`train_step`] on the GPU: [`crate::model::gpu::GpuTrainer`] steps (forward, backward,
-/// clipping, fused AdamW, all on the device) of a randomly initialised model on random tokens;
-/// each step ends with the loss read back (a synchronisation).
-fn train_step_on_gpu(
-    cfg: &Config,
-    spec: &StepSpec,
-    dev: &crate::backend::cuda::Device,
-) -> Result<TrainBench> {
-    use crate::model::gpu::GpuTrainer;
-    let (batch, seq) = (spec.batch, spec.seq);
-    let (model, coefs, anchored) = bench_setup(cfg, spec, true)?;
+    let (model, coefs, anchored) = bench_setup(cfg, spec, device.gpu().is_some())?;
     let params = model.params.numel();
-    dev.reset_peak_memory();
     let opt = AdamW::new(AdamWConfig::default(), model.params.len());
-    let mut trainer = GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
-    trainer.model.set_recompute(spec.recompute);
-    drop(model);
+    let mut stepper = Stepper::new(model, opt, spec.recompute, device)?;
     let rows = vec![anchored; spec.grad_accum];
-    let times = time_steps(cfg, spec, |micro| {
-        trainer.step(&micro, &rows, batch, seq, 1e-4, &coefs)?;
-        dev.synchronize()
-    })?;
+    let times = time_steps(cfg, spec, |micro| stepper.step(&micro, &rows, spec, &coefs))?;
     let step_ms = median(&times);
-    let name = dev.name()?;
-    let pool = dev.pool_stats();
-    let flops = spec.grad_accum as f64 * mode_flops(cfg, spec.mode, batch, seq)?;
-    let tflops = flops / (step_ms / 1e3) / 1e12;
-    Ok(TrainBench {
+    let tokens_per_s = (batch * seq * spec.grad_accum) as f64 / (step_ms / 1e3);
+    let mut r = TrainBench {
         framework: "flexrun",
-        mfu: gpu_peak_bf16(&name).map(|p| tflops * 1e12 / p),
-        device: name,
+        device: device.describe(),
         threads: rayon::current_num_threads(),
         batch,
         seq,
@@ -373,11 +292,96 @@ fn train_step_on_gpu(
         params,
         step_ms,
         step_ms_all: times,
-        tokens_per_s: (batch * seq * spec.grad_accum) as f64 / (step_ms / 1e3),
-        model_tflops: Some(tflops),
-        peak_device_bytes: Some(pool.peak_in_use),
-        peak_reserved_bytes: Some(pool.peak_reserved),
-    })
+        tokens_per_s,
+        model_tflops: None,
+        mfu: None,
+        peak_device_bytes: None,
+        peak_reserved_bytes: None,
+    };
+    if let Some(dev) = device.gpu() {
+        let flops = spec.grad_accum as f64 * mode_flops(cfg, spec.mode, batch, seq)?;
+        let tflops = flops / (step_ms / 1e3) / 1e12;
+        let pool = dev.pool_stats();
+        r.model_tflops = Some(tflops);
+        r.mfu = gpu_peak_bf16(&r.device).map(|p| tflops * 1e12 / p);
+        r.peak_device_bytes = Some(pool.peak_in_use);
+        r.peak_reserved_bytes = Some(pool.peak_reserved);
+    }
+    Ok(r)
+}
+
+/// One benchmarked optimizer step where the model lives: the CPU's tape (forward, backward,
+/// clipping, AdamW) or a [`crate::model::gpu::GpuTrainer`] (all on the device; each step ends
+/// with the loss read back, a synchronisation).
+enum Stepper<'d> {
+    Cpu(Model, AdamW),
+    Gpu(
+        crate::model::gpu::GpuTrainer<'d>,
+        &'d crate::backend::cuda::Device,
+    ),
+}
+
+impl<'d> Stepper<'d> {
+    fn new(
+        model: Model,
+        opt: AdamW,
+        recompute: bool,
+        device: &'d crate::backend::Device,
+    ) -> Result<Self> {
+        Ok(match device.gpu() {
+            None => Stepper::Cpu(model, opt),
+            Some(dev) => {
+                dev.reset_peak_memory();
+                let mut t = crate::model::gpu::GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
+                t.model.set_recompute(recompute);
+                Stepper::Gpu(t, dev)
+            }
+        })
+    }
+
+    /// One step over the micro-batches (gradients averaged), learning rate 1e-4.
+    fn step(
+        &mut self,
+        micro: &[(Vec<u32>, Vec<u32>)],
+        anchored: &[Vec<bool>],
+        spec: &StepSpec,
+        coefs: &LossCoefs,
+    ) -> Result<()> {
+        let (batch, seq) = (spec.batch, spec.seq);
+        match self {
+            Stepper::Gpu(t, dev) => {
+                t.step(micro, anchored, batch, seq, 1e-4, coefs)?;
+                dev.synchronize()
+            }
+            // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
+            // inside the pool instead of each one injecting a job from outside and putting the
+            // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
+            Stepper::Cpu(model, opt) => rayon::scope(|_| -> Result<()> {
+                let scale = 1.0 / micro.len() as f32;
+                let mut grads: Vec<(usize, crate::tensor::Tensor)> = Vec::new();
+                for ((inp, tgt), rows) in micro.iter().zip(anchored) {
+                    let mut tape = Tape::new();
+                    let out = model.loss_anchored(&mut tape, inp, tgt, batch, seq, coefs, rows)?;
+                    let g = tape
+                        .backward_with(out.loss, crate::tensor::Tensor::scalar(scale))
+                        .params;
+                    if grads.is_empty() {
+                        grads = g;
+                    } else {
+                        for ((_, a), (_, b)) in grads.iter_mut().zip(&g) {
+                            a.data_mut()
+                                .iter_mut()
+                                .zip(b.data())
+                                .for_each(|(x, y)| *x += y);
+                        }
+                    }
+                }
+                clip_grad_norm(&mut grads, 1.0);
+                opt.update(&mut model.params, &grads, 1e-4);
+                Ok(())
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
