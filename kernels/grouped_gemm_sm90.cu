@@ -24,6 +24,7 @@
 // (between core matrices adjacent in K) is 128 and the stride-dimension byte offset (adjacent in
 // M or N) is 8 * 128 = 1024.
 #include "grouped_common.cuh"
+#include "hopper.cuh"
 
 #include <stdint.h>
 
@@ -66,34 +67,7 @@ __device__ __forceinline__ void load_tile(unsigned char *s, RowPtr row_ptr, int 
 
 // The wgmma shared-memory matrix descriptor of the K-major, unswizzled operand at p.
 __device__ __forceinline__ uint64_t smem_desc(const unsigned char *p) {
-  const uint64_t addr = smem_addr(p);
-  return ((addr & 0x3FFFF) >> 4) | ((uint64_t)(LBO >> 4) << 16) | ((uint64_t)(SBO >> 4) << 32);
-}
-
-// Keep the compiler from moving accumulator reads or writes across the asynchronous MMA.
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d (64 x 128, f32, this warpgroup) = a (64 x 16) b^T (128 x 16) + (accumulate ? d : 0).
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db, int accumulate) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(accumulate));
+  return hopper::smem_desc(smem_addr(p), LBO, SBO, hopper::SWIZZLE_NONE);
 }
 
 // This warpgroup's 64 x 128 f32 share of the CTA's 128 x 128 product over K: A rows a_row(r),
@@ -130,14 +104,14 @@ __device__ __forceinline__ void mainloop(float (&d)[64], int k, unsigned char *s
     cp_async_commit();
     const unsigned char *A = sA + (kt % STAGES) * TILE_BYTES + wg * (64 / 8) * SBO;
     const unsigned char *B = sB + (kt % STAGES) * TILE_BYTES;
-    fence_operands(d);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    hopper::fence_operands(d);
+    hopper::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk)
-      wgmma_m64n128k16(d, smem_desc(A + kk * 2 * CORE), smem_desc(B + kk * 2 * CORE), kt > 0 || kk > 0);
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fence_operands(d);
+      hopper::wgmma_ss_m64n128k16<0, 0>(d, smem_desc(A + kk * 2 * CORE), smem_desc(B + kk * 2 * CORE), kt > 0 || kk > 0);
+    hopper::wgmma_commit();
+    hopper::wgmma_wait<0>();
+    hopper::fence_operands(d);
   }
   cp_async_wait<0>();
 

@@ -12,7 +12,7 @@
 
 use flexrun::autograd::Tape;
 use flexrun::backend::cuda::flash::{self, Pass, DECODE_MIN_CHUNK, FLASH_MAX_HD, VARIANTS};
-use flexrun::backend::cuda::{Buf, Device, DeviceRead};
+use flexrun::backend::cuda::{Buf, Device, DeviceRead, KernelPath};
 use flexrun::ops::{self, AttnShape};
 use flexrun::tensor::Tensor;
 use half::bf16;
@@ -91,7 +91,14 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-cuda_tests!(forward, backward, decode, unaligned_views, deterministic);
+cuda_tests!(
+    forward,
+    backward,
+    decode,
+    unaligned_views,
+    deterministic,
+    forward_sm90
+);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -231,6 +238,52 @@ fn forward(dev: &Device) -> R {
         let what = format!("flash forward {s:?}");
         assert_close(&format!("{what} out"), &go, &o, OUT_TOL);
         assert_lse(&what, &glse, &lse);
+    }
+    Ok(())
+}
+
+/// Shapes for the Hopper forward beyond [`FWD_SHAPES`]: several 128-row query blocks with ragged
+/// ends, tiles of keys past the last query's position, new tokens against a longer KV cache,
+/// more query heads per KV head.
+const SM90_SHAPES: &[Shape] = &[
+    (1, 129, 129, 129, 2, 2, 64),
+    (2, 300, 300, 300, 4, 2, 128),
+    (1, 2, 700, 1024, 8, 2, 128),
+    (2, 200, 777, 800, 4, 1, 64),
+    (3, 513, 513, 520, 8, 8, 64),
+    (1, 2048, 2048, 2048, 8, 1, 128),
+];
+
+/// The Hopper forward (kernels/flash_attention_sm90.cu) on every forward shape: against the CPU
+/// reference where it applies (head dims 64 and 128), bit-identical over two runs. Other head
+/// dims take the sm_80 kernels on the same call. Needs a compute capability 9.0 GPU.
+fn forward_sm90(dev: &Device) -> R {
+    let cc = dev.compute_capability()?;
+    if cc != (9, 0) {
+        println!(
+            "SKIP: forward_sm90 needs compute capability 9.0, this GPU is {}.{}",
+            cc.0, cc.1
+        );
+        return Ok(());
+    }
+    for (n, &t) in FWD_SHAPES.iter().chain(SM90_SHAPES).enumerate() {
+        let s = shape(t);
+        let x = inputs(&s, 600 + n as u64);
+        let (o, lse) = ops::attention_forward(x.q.data(), x.k.data(), x.v.data(), s);
+        let (q, k, v) = (up(dev, &x.q)?, up(dev, &x.k)?, up(dev, &x.v)?);
+        let hopper = flash::sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]);
+        assert_eq!(hopper, s.hd == 64 || s.hd == 128, "{s:?}");
+        let run = || -> flexrun::Result<(Vec<f32>, Vec<f32>)> {
+            let mut out = dev.alloc::<bf16>(q.len())?;
+            let mut glse = dev.alloc::<f32>(s.b * s.nh * s.tq)?;
+            dev.flash_attention_fwd_on(KernelPath::Sm90, &q, &k, &v, s, &mut out, &mut glse)?;
+            Ok((down(dev, &out)?, dev.download(&glse)?))
+        };
+        let (go, glse) = run()?;
+        let what = format!("flash forward sm90 {s:?}");
+        assert_close(&format!("{what} out"), &go, &o, OUT_TOL);
+        assert_lse(&what, &glse, &lse);
+        assert!(run()? == (go, glse), "{what}: results differ between runs");
     }
     Ok(())
 }
@@ -489,6 +542,22 @@ fn variants_fit_the_target_gpus() {
             1
         );
     }
+}
+
+#[test]
+fn sm90_forward_fits_the_h100() {
+    for hd in [64, 128] {
+        let smem = flash::sm90_smem(hd);
+        assert!(smem <= H100_SMEM, "hd {hd}: {smem} bytes of shared memory");
+        assert!(flash::sm90_keys_per_tile(hd).is_multiple_of(16));
+    }
+    let s = AttnShape::causal(1, 100, 4, 2, 128);
+    assert!(flash::sm90_applies(&s, &[0, 16, 256]));
+    assert!(!flash::sm90_applies(&s, &[0, 2]));
+    assert!(!flash::sm90_applies(
+        &AttnShape::causal(1, 100, 4, 2, 80),
+        &[0]
+    ));
 }
 
 #[test]

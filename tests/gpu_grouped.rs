@@ -21,7 +21,7 @@
 //! not of the 32/64/128 tiles.
 
 use flexrun::autograd::Tape;
-use flexrun::backend::cuda::grouped::GemmPath;
+use flexrun::backend::cuda::KernelPath;
 use flexrun::backend::cuda::{Buf, Device, DeviceRead};
 use flexrun::ops;
 use flexrun::tensor::Tensor;
@@ -127,15 +127,15 @@ fn grouped_nt_sm90() {
             let what = format!("sm90 {} (E={e} m={m} h={h} i={i})", c.name);
             let off = dev.upload(&c.offsets())?;
             let (act_r, wd) = (up(dev, &rf.act_r)?, up(dev, &inp.wd)?);
-            let run = |path: GemmPath| -> flexrun::Result<Vec<f32>> {
+            let run = |path: KernelPath| -> flexrun::Result<Vec<f32>> {
                 let mut y = dev.alloc::<bf16>(m * h)?;
                 dev.grouped_nt_on(path, &act_r, &off, &wd, e, i, h, &mut y)?;
                 down(dev, &y)
             };
-            let (y90, y80) = (run(GemmPath::Sm90)?, run(GemmPath::Sm80)?);
+            let (y90, y80) = (run(KernelPath::Sm90)?, run(KernelPath::Sm80)?);
             assert_close(&b, &what, &y90, &rf.y, BF16_TOL);
             assert_close(&b, &format!("{what} vs sm80"), &y90, &y80, BF16_TOL);
-            assert_eq!(run(GemmPath::Sm90)?, y90, "{what}: not deterministic");
+            assert_eq!(run(KernelPath::Sm90)?, y90, "{what}: not deterministic");
             // Gate/up with the SwiGLU epilogue, with and without the saved pre-activations.
             let (x, wg, wu) = (up(dev, &inp.x)?, up(dev, &inp.wg)?, up(dev, &inp.wu)?);
             let mut act = dev.alloc::<bf16>(m * i)?;
@@ -143,7 +143,7 @@ fn grouped_nt_sm90() {
             let mut upb = dev.alloc::<bf16>(m * i)?;
             let saved = Some((gate.view_mut(..), upb.view_mut(..)));
             dev.grouped_gateup_fwd_on(
-                GemmPath::Sm90,
+                KernelPath::Sm90,
                 &x,
                 &off,
                 &wg,
@@ -156,7 +156,7 @@ fn grouped_nt_sm90() {
             )?;
             let mut act2 = dev.alloc::<bf16>(m * i)?;
             dev.grouped_gateup_fwd_on(
-                GemmPath::Sm90,
+                KernelPath::Sm90,
                 &x,
                 &off,
                 &wg,

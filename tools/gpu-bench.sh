@@ -29,6 +29,11 @@ run attention_sdpa   python3 benches/torch/bench_sdpa.py
 # GQA (32 query heads on 8 kv heads), as in the larger OLMo-2 / FlexOlmo configurations.
 run attention_gqa      "$FR" bench attention --heads 32 --kv-heads 8 --seq 2048,8192 --json
 run attention_gqa_sdpa python3 benches/torch/bench_sdpa.py --heads 32 --kv-heads 8 --seq 2048,8192
+# The Hopper forward (wgmma, TMA, warp specialisation; sm_90 only, the backward stays on the sm_80
+# kernels), hd 128 and hd 64.
+run attention_sm90       env FLEXRUN_SM90=1 "$FR" bench attention --json
+run attention_sm90_hd64  env FLEXRUN_SM90=1 "$FR" bench attention --hd 64 --heads 32 --kv-heads 32 --json
+run attention_hd64_sdpa  python3 benches/torch/bench_sdpa.py --hd 64 --heads 32 --kv-heads 32
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
 run moe_torch        python3 benches/torch/bench_moe_torch.py --json

@@ -5,10 +5,11 @@
 #   tools/gpu-check.sh [ARCHIVE] [RESULTS]   # defaults: target/gpu-test.tar.xz, $OUT or gpu-results
 #
 # 1. every GPU test binary (gpu_*) with FLEXRUN_REQUIRE_GPU=1, unless TESTS=0; on an sm_90 GPU,
-#    gpu_model again with the Hopper grouped GEMM (FLEXRUN_SM90=1), unless SM90=0;
+#    gpu_model and gpu_flash again with the Hopper kernels (FLEXRUN_SM90=1), unless SM90=0;
 # 2. the main job trained and evaluated on the GPU: `flexrun demo --quick`, then the full demo
 #    (its table in logs/demo-results.md), unless DEMO=0;
-# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests, unless MEMCHECK=0;
+# 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests and racecheck of the Hopper
+#    attention forward's test, unless MEMCHECK=0 (RACECHECK=0 skips the racecheck);
 # 4. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
 # 5. with CRITERION=1, the criterion GPU benchmarks (benches/gpu.rs).
 # Logs and benchmark JSON are packed into RESULTS/gpu-check.tgz after each phase (so a call cut
@@ -48,11 +49,14 @@ if [[ "${TESTS:-1}" != 0 ]] && phase tests "${TESTS_S:-100000}"; then
   grep -hE "panicked" -A2 "$WORK"/logs/gpu_*.log | head -40
   pack
 fi
-# The model tests again with the Hopper grouped GEMM in the model's path (FLEXRUN_SM90=1; it is
-# opt-in until verified), on a compute capability 9.0 GPU only.
+# The model and attention tests again with the Hopper kernels (grouped GEMM and attention
+# forward) in the model's path (FLEXRUN_SM90=1; opt-in until verified), on a compute capability
+# 9.0 GPU only.
 if [[ "${TESTS:-1}" != 0 && "${SM90:-1}" != 0 ]] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q "^9.0" &&
    phase "tests with FLEXRUN_SM90=1" "${TESTS_S:-100000}"; then
-  timeout "$(left "${TESTS_S:-100000}")" env FLEXRUN_SM90=1 LOG_DIR="$WORK/logs/sm90" MEMCHECK=0 ONLY=gpu_model "$G/run.sh" || fail=1
+  for only in gpu_model gpu_flash; do
+    timeout "$(left "${TESTS_S:-100000}")" env FLEXRUN_SM90=1 LOG_DIR="$WORK/logs/sm90" MEMCHECK=0 ONLY=$only "$G/run.sh" || fail=1
+  done
   grep -hE "panicked" -A2 "$WORK"/logs/sm90/gpu_*.log 2>/dev/null | head -20
   pack
 fi

@@ -1,7 +1,9 @@
 //! `flexrun bench attention`: TFLOP/s of the flash attention kernels, forward and backward, on
 //! the GPU.
 
-use crate::backend::cuda::flash::{causal_attention_flops, select, vectorizable, Pass};
+use crate::backend::cuda::flash::{
+    causal_attention_flops, select, sm90_applies, sm90_kernel, vectorizable, Pass,
+};
 use crate::backend::cuda::*;
 use crate::backend::shapes::AttnShape;
 use crate::ensure;
@@ -53,6 +55,8 @@ pub struct BenchRow {
     pub fwd_tflops: f64,
     pub bwd_tflops: f64,
     pub fwd_kernel: &'static str,
+    /// The device's kernel path: "sm80" or "sm90" (the Hopper forward, FLEXRUN_SM90=1).
+    pub path: &'static str,
 }
 
 /// Mean milliseconds of `f` over `iters` launches after `warmup` untimed ones.
@@ -146,7 +150,17 @@ pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>>
             bwd_ms,
             fwd_tflops: flops / (fwd_ms * 1e-3) / 1e12,
             bwd_tflops: 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
-            fwd_kernel: select(Pass::Fwd, s.hd, vec)?.kernel,
+            fwd_kernel: if dev.kernel_path() == KernelPath::Sm90
+                && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()])
+            {
+                sm90_kernel(s.hd)
+            } else {
+                select(Pass::Fwd, s.hd, vec)?.kernel
+            },
+            path: match dev.kernel_path() {
+                KernelPath::Sm80 => "sm80",
+                KernelPath::Sm90 => "sm90",
+            },
         });
     }
     Ok(rows)

@@ -282,9 +282,9 @@ pub fn bench_grouped(
     Ok(GroupedBench {
         framework: "flexrun-cuda",
         device: dev.name()?,
-        path: match dev.grouped_path() {
-            crate::backend::cuda::grouped::GemmPath::Sm80 => "sm80",
-            crate::backend::cuda::grouped::GemmPath::Sm90 => "sm90",
+        path: match dev.kernel_path() {
+            crate::backend::cuda::KernelPath::Sm80 => "sm80",
+            crate::backend::cuda::KernelPath::Sm90 => "sm90",
         },
         experts: e,
         tokens_per_expert,

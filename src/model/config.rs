@@ -391,18 +391,18 @@ impl Config {
         ensure!(h > 0, "num_attention_heads must be positive");
         if self.head_dim.is_none() {
             ensure!(
-                self.hidden_size % h == 0,
+                self.hidden_size.is_multiple_of(h),
                 "num_attention_heads ({h}) does not divide hidden_size ({})",
                 self.hidden_size
             );
         }
         let kv = self.kv_heads();
         ensure!(
-            kv > 0 && h % kv == 0,
+            kv > 0 && h.is_multiple_of(kv),
             "num_key_value_heads ({kv}) does not divide num_attention_heads ({h})"
         );
         ensure!(
-            self.head_dim() % 2 == 0,
+            self.head_dim().is_multiple_of(2),
             "head dim {} must be even for RoPE",
             self.head_dim()
         );

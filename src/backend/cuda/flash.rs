@@ -9,7 +9,8 @@
 //! Head dims 64 and 128 with 16-byte aligned buffers run the exact kernels; any other head dim
 //! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
 
-use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, BLOCK};
+pub use super::flash_sm90::{sm90_applies, sm90_kernel, sm90_keys_per_tile, sm90_smem};
+use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, KernelPath, BLOCK};
 use crate::backend::shapes::AttnShape;
 use crate::ensure;
 use crate::error::{Error, Result};
@@ -311,10 +312,28 @@ pub fn decode_plan(rows: usize, tk: usize, hd: usize, vec: bool, sms: usize) -> 
 impl Device {
     /// Causal GQA attention forward on tensor cores: q `[B, Tq, nh, hd]`, k/v
     /// `[B, Tk_stride, nkv, hd]`, out like q (all bf16), `lse [B, nh, Tq]` (f32, natural log)
-    /// for the backward.
+    /// for the backward. On [`Device::kernel_path`].
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_fwd(
         &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        out: &mut impl DeviceWrite<bf16>,
+        lse: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
+        self.flash_attention_fwd_on(self.kernel_path(), q, k, v, s, out, lse)
+    }
+
+    /// [`Device::flash_attention_fwd`] on the given path (tests and benchmarks compare the two).
+    /// [`KernelPath::Sm90`] runs the Hopper kernel (kernels/flash_attention_sm90.cu) where
+    /// [`sm90_applies`] (head dims 64 and 128, 16-byte aligned buffers) and the sm_80 kernels
+    /// otherwise; it is an error on a GPU other than compute capability 9.0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_fwd_on(
+        &self,
+        path: KernelPath,
         q: &impl DeviceRead<bf16>,
         k: &impl DeviceRead<bf16>,
         v: &impl DeviceRead<bf16>,
@@ -327,6 +346,10 @@ impl Device {
             out.len() == q.len() && lse.len() == s.b * s.nh * s.tq,
             "flash attention: out/lse sizes do not match {s:?}"
         );
+        let ptrs = [q.dptr(), k.dptr(), v.dptr(), out.dptr()];
+        if path == KernelPath::Sm90 && sm90_applies(&s, &ptrs) {
+            return self.flash_fwd_sm90(q.dptr(), k.dptr(), v.dptr(), out.dptr(), lse.dptr(), &s);
+        }
         let d = dims(&s)?;
         let vec = vectorizable(s.hd, &[q.dptr(), k.dptr(), v.dptr(), out.dptr()]);
         let var = select(Pass::Fwd, s.hd, vec)?;

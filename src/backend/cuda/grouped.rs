@@ -21,7 +21,7 @@
 //! clamp rows to `0..m`, so bad offsets give wrong results, never out-of-bounds accesses). Rows
 //! outside `offsets[0]..offsets[e]` of an output are not written.
 
-use super::{int, launch, Device, DeviceRead, DeviceWrite, View, ViewMut};
+use super::{int, launch, Device, DeviceRead, DeviceWrite, KernelPath, View, ViewMut};
 use crate::ensure;
 use crate::error::Result;
 use half::bf16;
@@ -43,15 +43,6 @@ const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 /// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 4 stages of
 /// two [128, 64] bf16 operand tiles.
 const SM90_SMEM_BYTES: usize = 4 * 2 * 128 * 64 * 2;
-
-/// Which implementation of a grouped GEMM runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemmPath {
-    /// mma.sync with a cp.async pipeline (grouped_gemm.cu): every GPU from sm_80 on.
-    Sm80,
-    /// wgmma (grouped_gemm_sm90.cu): compute capability 9.0 only.
-    Sm90,
-}
 
 pub(crate) fn check_width(x: usize, what: &str) -> Result<()> {
     ensure!(
@@ -121,14 +112,14 @@ impl Device {
         act: &mut impl DeviceWrite<bf16>,
         saved: Option<(ViewMut<'_, bf16>, ViewMut<'_, bf16>)>,
     ) -> Result<()> {
-        self.grouped_gateup_fwd_on(self.grouped_path(), x, offsets, wg, wu, e, h, i, act, saved)
+        self.grouped_gateup_fwd_on(self.kernel_path(), x, offsets, wg, wu, e, h, i, act, saved)
     }
 
     /// [`Device::grouped_gateup_fwd`] on the given path (see [`Device::grouped_nt_on`]).
     #[allow(clippy::too_many_arguments)]
     pub fn grouped_gateup_fwd_on(
         &self,
-        path: GemmPath,
+        path: KernelPath,
         x: &impl DeviceRead<bf16>,
         offsets: &impl DeviceRead<u32>,
         wg: &impl DeviceRead<bf16>,
@@ -174,13 +165,13 @@ impl Device {
         }
         let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
         match path {
-            GemmPath::Sm80 => {
+            KernelPath::Sm80 => {
                 launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS, smem = SMEM_BYTES;
                 x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
                 int(h, "hidden")?, int(i, "intermediate")?)
             }
-            GemmPath::Sm90 => {
-                self.require_sm90()?;
+            KernelPath::Sm90 => {
+                self.require_sm90("grouped GEMM")?;
                 launch!(self, "grouped_gemm_sm90", "grouped_gateup_fwd_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
                     x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
                     int(h, "hidden")?, int(i, "intermediate")?)
@@ -188,34 +179,8 @@ impl Device {
         }
     }
 
-    /// The Hopper kernels run on compute capability 9.0 only (sm_90a code).
-    fn require_sm90(&self) -> Result<()> {
-        let cc = self.compute_capability()?;
-        ensure!(
-            cc == (9, 0),
-            "the Hopper grouped GEMM needs a compute capability 9.0 GPU, not {}.{}",
-            cc.0,
-            cc.1
-        );
-        Ok(())
-    }
-
-    /// The path the grouped GEMMs take on this device: the Hopper kernels on a compute
-    /// capability 9.0 GPU when `FLEXRUN_SM90=1` (opt-in until they have been verified on one;
-    /// grouped_gemm_sm90.md), else the sm_80 kernels.
-    pub fn grouped_path(&self) -> GemmPath {
-        *self.grouped_path.get_or_init(|| {
-            let opted = std::env::var("FLEXRUN_SM90").is_ok_and(|v| v == "1");
-            if opted && self.compute_capability().is_ok_and(|c| c == (9, 0)) {
-                GemmPath::Sm90
-            } else {
-                GemmPath::Sm80
-            }
-        })
-    }
-
     /// `y[seg] = a[seg] w_e^T` per expert segment: a `[m, k]`, w `[e, n, k]`, y `[m, n]` (bf16).
-    /// The down projection's forward (k = I, n = H), on [`Device::grouped_path`].
+    /// The down projection's forward (k = I, n = H), on [`Device::kernel_path`].
     #[allow(clippy::too_many_arguments)]
     pub fn grouped_nt(
         &self,
@@ -227,7 +192,7 @@ impl Device {
         n: usize,
         y: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
-        self.grouped_nt_on(self.grouped_path(), a, offsets, w, e, k, n, y)
+        self.grouped_nt_on(self.kernel_path(), a, offsets, w, e, k, n, y)
     }
 
     /// [`Device::grouped_nt`] on the given path (tests and benchmarks compare the two); the
@@ -235,7 +200,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub fn grouped_nt_on(
         &self,
-        path: GemmPath,
+        path: KernelPath,
         a: &impl DeviceRead<bf16>,
         offsets: &impl DeviceRead<u32>,
         w: &impl DeviceRead<bf16>,
@@ -262,12 +227,12 @@ impl Device {
         }
         let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
         match path {
-            GemmPath::Sm80 => {
+            KernelPath::Sm80 => {
                 launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS, smem = SMEM_BYTES;
                 a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
-            GemmPath::Sm90 => {
-                self.require_sm90()?;
+            KernelPath::Sm90 => {
+                self.require_sm90("grouped GEMM")?;
                 launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
                     a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }

@@ -19,6 +19,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 pub mod flash;
+mod flash_sm90;
 mod gemm;
 pub mod grouped;
 mod loss;
@@ -150,8 +151,18 @@ pub struct Device {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
     blas: Mutex<Option<CudaBlas>>,
-    /// The grouped GEMMs' path, decided once ([`Device::grouped_path`]).
-    grouped_path: std::sync::OnceLock<grouped::GemmPath>,
+    /// The path of the kernels that have a Hopper version, decided once ([`Device::kernel_path`]).
+    kernel_path: std::sync::OnceLock<KernelPath>,
+}
+
+/// Which implementation runs for a kernel family with a Hopper version (the grouped expert GEMMs'
+/// forward, the flash attention forward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// mma.sync with cp.async pipelines: every GPU from sm_80 on.
+    Sm80,
+    /// wgmma (and TMA for attention) in the `*_sm90.cu` files: compute capability 9.0 only.
+    Sm90,
 }
 
 impl std::fmt::Debug for Device {
@@ -189,7 +200,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
-            grouped_path: std::sync::OnceLock::new(),
+            kernel_path: std::sync::OnceLock::new(),
         })
     }
 
@@ -213,6 +224,32 @@ impl Device {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// The path the kernel families with a Hopper version take on this device: the Hopper
+    /// kernels on a compute capability 9.0 GPU when `FLEXRUN_SM90=1` (opt-in until they have been
+    /// verified on one; kernels/*_sm90.md), else the sm_80 kernels.
+    pub fn kernel_path(&self) -> KernelPath {
+        *self.kernel_path.get_or_init(|| {
+            let opted = std::env::var("FLEXRUN_SM90").is_ok_and(|v| v == "1");
+            if opted && self.compute_capability().is_ok_and(|c| c == (9, 0)) {
+                KernelPath::Sm90
+            } else {
+                KernelPath::Sm80
+            }
+        })
+    }
+
+    /// The Hopper kernels run on compute capability 9.0 only (sm_90a code).
+    pub(crate) fn require_sm90(&self, what: &str) -> Result<()> {
+        let cc = self.compute_capability()?;
+        ensure!(
+            cc == (9, 0),
+            "the Hopper {what} needs a compute capability 9.0 GPU, not {}.{}",
+            cc.0,
+            cc.1
+        );
+        Ok(())
     }
 
     /// Wait for all queued work; reports asynchronous kernel errors.

@@ -590,7 +590,7 @@ impl<'d> GpuModel<'d> {
         let l = &self.layers[li];
         let (h, nh, nkv, hd) = (self.h, self.nh, self.nkv, self.hd);
         let n = b * t;
-        let xb = self.bf16_of(&x)?;
+        let xb = self.bf16_of(x)?;
         let q_pre = self.linear(&xb, &l.q, n, nh * hd)?;
         let k_pre = self.linear(&xb, &l.k, n, nkv * hd)?;
         let v = self.linear(&xb, &l.v, n, nkv * hd)?;
@@ -632,7 +632,7 @@ impl<'d> GpuModel<'d> {
         }
         let o_pre = self.linear(&a, &l.o, n, h)?;
         let (o, rstd_o) = self.norm(&o_pre, &l.post_attn_norm, n)?;
-        let x_mid = self.residual(&x, &o)?;
+        let x_mid = self.residual(x, &o)?;
         let (y, ffn) = self.ffn(&l.ffn, &x_mid, n, dense_offsets, save)?;
         let (m, rstd_m) = self.norm(&y, &l.post_ffn_norm, n)?;
         let x_out = self.residual(&x_mid, &m)?;

@@ -1,0 +1,173 @@
+//! The Hopper flash attention forward (kernels/flash_attention_sm90.cu: wgmma, TMA, a producer
+//! and two consumer warpgroups; notes in kernels/flash_attention_sm90.md): the tensor maps its
+//! TMA loads read and its launch. [`Device::flash_attention_fwd`] takes it on
+//! [`super::KernelPath::Sm90`] for the shapes [`sm90_applies`] accepts; everything else runs
+//! kernels/flash_attention.cu.
+
+use super::Device;
+use crate::backend::shapes::AttnShape;
+use crate::ensure;
+use crate::error::{Error, Result};
+use cudarc::driver::sys;
+
+const MODULE: &str = "flash_attention_sm90";
+/// Threads of a CTA: a producer and two consumer warpgroups (THREADS in the .cu).
+const THREADS: u32 = 384;
+/// Query rows per CTA (BM).
+const BM: usize = 128;
+/// Stages of the K/V ring (STAGES).
+const STAGES: usize = 3;
+/// Bytes of one 128-byte-swizzled row: 64 bf16.
+const ROW_BYTES: usize = 128;
+
+/// Keys per tile at head dim `hd` (Layout<HD>::BN).
+pub const fn sm90_keys_per_tile(hd: usize) -> usize {
+    if hd == 64 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of the kernel for head dim `hd` (Layout<HD>::SMEM): Q, STAGES K and V
+/// tiles, 1 + 3 * STAGES mbarriers, and 1024 bytes to align the base.
+pub const fn sm90_smem(hd: usize) -> usize {
+    let blocks = hd / 64;
+    let q = blocks * BM * ROW_BYTES;
+    let kv = blocks * sm90_keys_per_tile(hd) * ROW_BYTES;
+    q + 2 * STAGES * kv + (1 + 3 * STAGES) * 8 + 1024
+}
+
+/// Whether the Hopper forward handles this call: head dim 64 or 128 and every buffer 16-byte
+/// aligned (TMA's requirement on addresses and strides). `ptrs`: q, k, v, out.
+pub fn sm90_applies(s: &AttnShape, ptrs: &[u64]) -> bool {
+    (s.hd == 64 || s.hd == 128) && ptrs.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// The Hopper forward kernel for head dim `hd` (64 or 128).
+pub fn sm90_kernel(hd: usize) -> &'static str {
+    if hd == 64 {
+        "flash_fwd_sm90_hd64_bf16"
+    } else {
+        "flash_fwd_sm90_hd128_bf16"
+    }
+}
+
+/// A CUDA tensor map, passed by value as a `const __grid_constant__ CUtensorMap` parameter.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: CUtensorMap is plain data (128 opaque bytes, 64-byte aligned or more) that the kernel
+// reads as its parameter of the same C type.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+/// The tensor map of a `[batch, rows, heads, hd]` bf16 tensor at `ptr` whose row `r` of batch
+/// `b` starts `b * batch_rows + r` rows in (rows of `heads * hd` elements; `batch_rows >= rows`):
+/// TMA boxes of 64 columns x `box_rows` rows of one head, 128-byte swizzle, positions past `rows`
+/// read as zeros.
+#[allow(clippy::too_many_arguments)]
+fn tensor_map(
+    ptr: u64,
+    hd: usize,
+    rows: usize,
+    heads: usize,
+    batch: usize,
+    batch_rows: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
+    let e = 2u64; // bytes of a bf16
+    let dims: [u64; 4] = [hd as u64, rows as u64, heads as u64, batch as u64];
+    // Strides of dims 1..3 in bytes (dim 0 is contiguous).
+    let row = (heads * hd) as u64 * e;
+    let strides: [u64; 3] = [row, hd as u64 * e, batch_rows as u64 * row];
+    let boxes: [u32; 4] = [64, box_rows as u32, 1, 1];
+    let elem: [u32; 4] = [1, 1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank's length (4, strides 3), the address is a live device
+    // allocation the caller checked for size and 16-byte alignment, and the map is written
+    // before it is read.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error(format!(
+            "flash attention (Hopper): cannot describe a [{batch}, {rows}, {heads}, {hd}] tensor for TMA: {r:?}"
+        )));
+    }
+    // SAFETY: cuTensorMapEncodeTiled succeeded, so it wrote the map.
+    Ok(TensorMap(unsafe { map.assume_init() }))
+}
+
+impl Device {
+    /// The Hopper forward: the caller ([`Device::flash_attention_fwd_on`]) checked the sizes of
+    /// q, k, v, out and lse against `s` and [`sm90_applies`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_fwd_sm90(
+        &self,
+        q: u64,
+        k: u64,
+        v: u64,
+        out: u64,
+        lse: u64,
+        s: &AttnShape,
+    ) -> Result<()> {
+        self.require_sm90("flash attention")?;
+        ensure!(
+            s.tq <= i32::MAX as usize && s.tk <= i32::MAX as usize,
+            "flash attention (Hopper): {} queries or {} keys exceed a 32-bit TMA coordinate",
+            s.tq,
+            s.tk
+        );
+        if s.b * s.tq * s.nh == 0 {
+            return Ok(());
+        }
+        let bn = sm90_keys_per_tile(s.hd);
+        let tm_q = tensor_map(q, s.hd, s.tq, s.nh, s.b, s.tq, BM)?;
+        let tm_k = tensor_map(k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
+        let tm_v = tensor_map(v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
+        let name = sm90_kernel(s.hd);
+        let smem = sm90_smem(s.hd);
+        let f = self.function_smem(MODULE, name, smem)?;
+        let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
+        let grid = (s.tq.div_ceil(BM) as u32, s.nh as u32, s.b as u32);
+        use cudarc::driver::PushKernelArg;
+        let mut b = self.stream().launch_builder(&f);
+        let (tq, tk, nh, nkv) = (s.tq as i32, s.tk as i32, s.nh as i32, s.nkv as i32);
+        b.arg(&tm_q)
+            .arg(&tm_k)
+            .arg(&tm_v)
+            .arg(&out)
+            .arg(&lse)
+            .arg(&tq)
+            .arg(&tk)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&scale_log2);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: grid,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the caller checked every buffer against the sizes the kernel indexes (the
+        // tensor maps bound the loads, out and lse are written for rows < tq only), the argument
+        // types match the kernel's C signature, and the block size and shared memory are the
+        // kernel's compile-time configuration (it traps when given less shared memory).
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| Error(format!("launching {name}: {}", Error::from(e))))
+    }
+}
