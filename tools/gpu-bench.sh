@@ -34,6 +34,10 @@ run attention_gqa_sdpa python3 benches/torch/bench_sdpa.py --heads 32 --kv-heads
 run attention_sm90       env FLEXRUN_SM90=1 "$FR" bench attention --json
 run attention_sm90_hd64  env FLEXRUN_SM90=1 "$FR" bench attention --hd 64 --heads 32 --kv-heads 32 --json
 run attention_hd64_sdpa  python3 benches/torch/bench_sdpa.py --hd 64 --heads 32 --kv-heads 32
+# Decode attention (split-KV, one new token per sequence) against the copy bandwidth measured in
+# the same call (issue goal: >= 70%): 32 heads of 128 (MHA, OLMo-2 7B), and GQA 32 q / 8 kv.
+run attention_decode     "$FR" bench attention-decode --json
+run attention_decode_gqa "$FR" bench attention-decode --kv-heads 8 --json
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
 run moe_torch        python3 benches/torch/bench_moe_torch.py --json

@@ -165,3 +165,146 @@ pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>>
     }
     Ok(rows)
 }
+
+/// What `bench_decode_attention` measures: one new token per sequence (the decode step's
+/// attention) against a KV cache of each context length, for each batch size.
+#[derive(Clone, Debug)]
+pub struct DecodeConfig {
+    pub batches: Vec<usize>,
+    pub contexts: Vec<usize>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+/// One measured (batch, context). The roofline: a decode step's attention must read the cache's
+/// K and V once (`kv_bytes`); `fraction` is that over the time, against the copy bandwidth
+/// (bytes read + written per second) measured in the same call.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRow {
+    pub batch: usize,
+    pub context: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+    pub us: f64,
+    pub kv_bytes: usize,
+    pub gb_per_s: f64,
+    pub copy_gb_per_s: f64,
+    pub fraction: f64,
+    /// Key chunks per query row (the split-KV plan).
+    pub chunks: usize,
+}
+
+/// Copy bandwidth on the GPU: bytes read + written per second of a 1 GiB device-to-device copy,
+/// best of 5 (CUDA events).
+pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let a = dev.alloc::<u32>(BYTES / 4)?;
+    let mut b = dev.alloc::<u32>(BYTES / 4)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        best = best.min(time_ms(dev, 1, 1, || dev.copy(&a, &mut b))?);
+    }
+    Ok(2.0 * BYTES as f64 / (best * 1e-3))
+}
+
+/// Split-KV decode attention throughput (`Device::flash_attention_decode`) at each batch and
+/// context of `cfg`, against the copy bandwidth measured first.
+pub fn bench_decode_attention(dev: &Device, cfg: &DecodeConfig) -> Result<Vec<DecodeRow>> {
+    ensure!(
+        cfg.iters > 0,
+        "decode attention bench: iters must be positive"
+    );
+    crate::limits::check_dim("--iters", cfg.iters, 1 << 20, "far beyond any benchmark")?;
+    crate::limits::check_dim("--warmup", cfg.warmup, 1 << 20, "far beyond any benchmark")?;
+    ensure!(
+        !cfg.batches.is_empty() && cfg.batches.iter().all(|&b| b > 0),
+        "decode attention bench: batch sizes must be positive"
+    );
+    ensure!(
+        !cfg.contexts.is_empty() && cfg.contexts.iter().all(|&t| t > 0),
+        "decode attention bench: contexts must be positive"
+    );
+    ensure!(
+        cfg.kv_heads > 0 && cfg.heads.is_multiple_of(cfg.kv_heads),
+        "decode attention bench: kv heads {} must divide heads {}",
+        cfg.kv_heads,
+        cfg.heads
+    );
+    for &b in &cfg.batches {
+        crate::limits::check_dim("--batch", b, 1 << 16, "far beyond any decode batch")?;
+    }
+    for &t in &cfg.contexts {
+        crate::limits::check_dim("--context", t, 1 << 24, "far beyond any context")?;
+    }
+    // The largest cache must fit next to the copy's 2 GiB: checked before anything is allocated.
+    let most = cfg.batches.iter().max().unwrap_or(&1) * cfg.contexts.iter().max().unwrap_or(&1);
+    let need = 2 * most * cfg.kv_heads * cfg.hd * 2;
+    dev.context().bind_to_thread()?;
+    let (free, _) = cudarc::driver::result::mem_get_info()?;
+    ensure!(
+        need + (2 << 30) <= free,
+        "decode attention bench: a {} x {} cache of K and V needs {:.1} GiB, the GPU has {:.1} GiB free",
+        cfg.batches.iter().max().unwrap_or(&1),
+        cfg.contexts.iter().max().unwrap_or(&1),
+        need as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64
+    );
+    let copy = copy_bandwidth(dev)?;
+    let mut rows = Vec::new();
+    for &batch in &cfg.batches {
+        for &context in &cfg.contexts {
+            let s = AttnShape::cached(
+                batch,
+                1,
+                context - 1,
+                context,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.hd,
+            );
+            let (nq, nk) = (
+                batch * cfg.heads * cfg.hd,
+                batch * context * cfg.kv_heads * cfg.hd,
+            );
+            // The values do not change the work: zeros need no host memory.
+            let q = dev.zeros::<bf16>(nq)?;
+            let k = dev.zeros::<bf16>(nk)?;
+            let v = dev.zeros::<bf16>(nk)?;
+            let mut out = dev.alloc::<bf16>(nq)?;
+            let mut lse = dev.alloc::<f32>(batch * cfg.heads)?;
+            let ms = time_ms(dev, cfg.warmup, cfg.iters, || {
+                dev.flash_attention_decode(&q, &k, &v, s, &mut out, &mut lse)
+            })?;
+            let kv_bytes = 2 * nk * 2;
+            let rate = kv_bytes as f64 / (ms * 1e-3);
+            let sms = dev.context().attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )? as usize;
+            let plan = crate::backend::cuda::flash::decode_plan(
+                batch * cfg.heads,
+                context,
+                cfg.hd,
+                vectorizable(cfg.hd, &[k.dptr(), v.dptr()]),
+                sms,
+            );
+            rows.push(DecodeRow {
+                batch,
+                context,
+                heads: cfg.heads,
+                kv_heads: cfg.kv_heads,
+                hd: cfg.hd,
+                us: ms * 1e3,
+                kv_bytes,
+                gb_per_s: rate / 1e9,
+                copy_gb_per_s: copy / 1e9,
+                fraction: rate / copy,
+                chunks: plan.nchunks,
+            });
+        }
+    }
+    Ok(rows)
+}

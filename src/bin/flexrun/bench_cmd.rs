@@ -33,6 +33,31 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Decode attention on the GPU (one new token per sequence against a KV cache, the split-KV
+    /// kernel): GB/s of K and V read against the copy bandwidth measured in the same call.
+    AttentionDecode {
+        /// Comma-separated batch sizes (sequences decoding together).
+        #[arg(long, default_value = "1,4,16,64")]
+        batch: String,
+        /// Comma-separated context lengths (cached positions, the new one included).
+        #[arg(long, default_value = "1024,4096,16384,32768")]
+        context: String,
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        /// KV heads (GQA when fewer than --heads; default: --heads).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 128)]
+        hd: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[command(flatten)]
+        device: DeviceOpts,
+        #[arg(long)]
+        json: bool,
+    },
     /// Grouped expert GEMMs of the MoE FFN (forward + backward) on the GPU: TFLOP/s per kernel,
     /// plus cuBLAS per-expert-loop and dense baselines.
     Moe {
@@ -181,6 +206,55 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                     outln!(
                         "seq {:>6} x batch {:>3}: fwd {:8.3} ms {:6.1} TFLOP/s | bwd {:8.3} ms {:6.1} TFLOP/s ({})",
                         r.seq, r.batch, r.fwd_ms, r.fwd_tflops, r.bwd_ms, r.bwd_tflops, r.fwd_kernel
+                    );
+                }
+            }
+        }
+        BenchCmd::AttentionDecode {
+            batch,
+            context,
+            heads,
+            kv_heads,
+            hd,
+            iters,
+            warmup,
+            device,
+            json,
+        } => {
+            let to_usize = |s: &str| -> Result<Vec<usize>> {
+                Ok(parse_ids(s)?.into_iter().map(|x| x as usize).collect())
+            };
+            let device = device.open()?;
+            let dev = gpu_only(
+                &device,
+                "bench attention-decode times the CUDA decode kernel",
+            )?;
+            let cfg = flexrun::bench::attention::DecodeConfig {
+                batches: to_usize(&batch)?,
+                contexts: to_usize(&context)?,
+                heads,
+                kv_heads: kv_heads.unwrap_or(heads),
+                hd,
+                iters,
+                warmup,
+            };
+            let rows = flexrun::bench::attention::bench_decode_attention(dev, &cfg)?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
+                );
+            } else {
+                outln!(
+                    "{}: decode attention, {heads} heads ({} kv) of {hd}; copy bandwidth {:.0} GB/s",
+                    dev.name()?,
+                    cfg.kv_heads,
+                    rows.first().map_or(0.0, |r| r.copy_gb_per_s)
+                );
+                for r in &rows {
+                    outln!(
+                        "batch {:>3} x context {:>6}: {:9.1} us {:7.0} GB/s ({:4.0}% of copy, {} chunks)",
+                        r.batch, r.context, r.us, r.gb_per_s, 100.0 * r.fraction, r.chunks
                     );
                 }
             }
