@@ -4,11 +4,11 @@
 //! [`super::KernelPath::Sm90`] for the shapes [`sm90_applies`] accepts; everything else runs
 //! kernels/flash_attention.cu.
 
+use super::tma::{tensor_map, TensorMap};
 use super::Device;
 use crate::backend::shapes::AttnShape;
 use crate::ensure;
 use crate::error::{Error, Result};
-use cudarc::driver::sys;
 
 const MODULE: &str = "flash_attention_sm90";
 /// Threads of a CTA: a producer and two consumer warpgroups (THREADS in the .cu).
@@ -53,21 +53,10 @@ pub fn sm90_kernel(hd: usize) -> &'static str {
     }
 }
 
-/// A CUDA tensor map, passed by value as a `const __grid_constant__ CUtensorMap` parameter.
-#[repr(transparent)]
-#[derive(Clone, Copy)]
-struct TensorMap(sys::CUtensorMap);
-
-// SAFETY: CUtensorMap is plain data (128 opaque bytes, 64-byte aligned or more) that the kernel
-// reads as its parameter of the same C type.
-unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
-
 /// The tensor map of a `[batch, rows, heads, hd]` bf16 tensor at `ptr` whose row `r` of batch
 /// `b` starts `b * batch_rows + r` rows in (rows of `heads * hd` elements; `batch_rows >= rows`):
-/// TMA boxes of 64 columns x `box_rows` rows of one head, 128-byte swizzle, positions past `rows`
-/// read as zeros.
-#[allow(clippy::too_many_arguments)]
-fn tensor_map(
+/// TMA boxes of 64 columns x `box_rows` rows of one head, positions past `rows` read as zeros.
+fn heads_map(
     ptr: u64,
     hd: usize,
     rows: usize,
@@ -76,40 +65,14 @@ fn tensor_map(
     batch_rows: usize,
     box_rows: usize,
 ) -> Result<TensorMap> {
-    let e = 2u64; // bytes of a bf16
-    let dims: [u64; 4] = [hd as u64, rows as u64, heads as u64, batch as u64];
-    // Strides of dims 1..3 in bytes (dim 0 is contiguous).
-    let row = (heads * hd) as u64 * e;
-    let strides: [u64; 3] = [row, hd as u64 * e, batch_rows as u64 * row];
-    let boxes: [u32; 4] = [64, box_rows as u32, 1, 1];
-    let elem: [u32; 4] = [1, 1, 1, 1];
-    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: every array has the rank's length (4, strides 3), the address is a live device
-    // allocation the caller checked for size and 16-byte alignment, and the map is written
-    // before it is read.
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            map.as_mut_ptr(),
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            4,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            elem.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    if r != sys::CUresult::CUDA_SUCCESS {
-        return Err(Error(format!(
-            "flash attention (Hopper): cannot describe a [{batch}, {rows}, {heads}, {hd}] tensor for TMA: {r:?}"
-        )));
-    }
-    // SAFETY: cuTensorMapEncodeTiled succeeded, so it wrote the map.
-    Ok(TensorMap(unsafe { map.assume_init() }))
+    let row = heads * hd * 2;
+    tensor_map(
+        ptr,
+        [hd, rows, heads, batch],
+        &[row, hd * 2, batch_rows * row],
+        box_rows,
+        "flash attention (Hopper)",
+    )
 }
 
 impl Device {
@@ -136,9 +99,9 @@ impl Device {
             return Ok(());
         }
         let bn = sm90_keys_per_tile(s.hd);
-        let tm_q = tensor_map(q, s.hd, s.tq, s.nh, s.b, s.tq, BM)?;
-        let tm_k = tensor_map(k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
-        let tm_v = tensor_map(v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
+        let tm_q = heads_map(q, s.hd, s.tq, s.nh, s.b, s.tq, BM)?;
+        let tm_k = heads_map(k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
+        let tm_v = heads_map(v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, bn)?;
         let name = sm90_kernel(s.hd);
         let smem = sm90_smem(s.hd);
         let f = self.function_smem(MODULE, name, smem)?;

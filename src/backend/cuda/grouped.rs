@@ -21,6 +21,7 @@
 //! clamp rows to `0..m`, so bad offsets give wrong results, never out-of-bounds accesses). Rows
 //! outside `offsets[0]..offsets[e]` of an output are not written.
 
+use super::tma::matrix_map;
 use super::{int, launch, Device, DeviceRead, DeviceWrite, KernelPath, View, ViewMut};
 use crate::ensure;
 use crate::error::Result;
@@ -40,9 +41,14 @@ const THREADS: u32 = 256;
 /// [128, BK + 8] bf16 operand tiles with BK = 32.
 const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 
-/// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 4 stages of
-/// two [128, 64] bf16 operand tiles.
-const SM90_SMEM_BYTES: usize = 4 * 2 * 128 * 64 * 2;
+/// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 6 stages of
+/// two [128, 64] bf16 operand tiles, 12 mbarriers, and 1024 bytes to align the base.
+const SM90_SMEM_BYTES: usize = 6 * 2 * 128 * 64 * 2 + 12 * 8 + 1024;
+/// Threads of the Hopper kernels: a producer and two consumer warpgroups.
+const SM90_THREADS: u32 = 384;
+/// Rows of the Hopper kernels' TMA boxes: 128 of A (and of W for grouped_nt), 64 of each of the
+/// gate and up weights.
+const SM90_BOX_ROWS: usize = 128;
 
 pub(crate) fn check_width(x: usize, what: &str) -> Result<()> {
     ensure!(
@@ -172,8 +178,15 @@ impl Device {
             }
             KernelPath::Sm90 => {
                 self.require_sm90("grouped GEMM")?;
-                launch!(self, "grouped_gemm_sm90", "grouped_gateup_fwd_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
-                    x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
+                if m == 0 {
+                    return Ok(()); // no rows: nothing to write (and TMA maps need rows)
+                }
+                let what = "grouped gate/up (Hopper)";
+                let tm_x = matrix_map(x.dptr(), m, h, SM90_BOX_ROWS, what)?;
+                let tm_wg = matrix_map(wg.dptr(), e * i, h, SM90_BOX_ROWS / 2, what)?;
+                let tm_wu = matrix_map(wu.dptr(), e * i, h, SM90_BOX_ROWS / 2, what)?;
+                launch!(self, "grouped_gemm_sm90", "grouped_gateup_fwd_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
+                    tm_x, tm_wg, tm_wu, offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
                     int(h, "hidden")?, int(i, "intermediate")?)
             }
         }
@@ -233,8 +246,14 @@ impl Device {
             }
             KernelPath::Sm90 => {
                 self.require_sm90("grouped GEMM")?;
-                launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, THREADS, smem = SM90_SMEM_BYTES;
-                    a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
+                if m == 0 {
+                    return Ok(()); // no rows: nothing to write (and TMA maps need rows)
+                }
+                let what = "grouped NT (Hopper)";
+                let tm_a = matrix_map(a.dptr(), m, k, SM90_BOX_ROWS, what)?;
+                let tm_w = matrix_map(w.dptr(), e * n, k, SM90_BOX_ROWS, what)?;
+                launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
+                    tm_a, tm_w, offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
         }
     }

@@ -29,6 +29,7 @@ mod optim;
 mod rmsnorm;
 mod rope;
 mod router;
+mod tma;
 
 pub use loss::CrossEntropyGpu;
 pub use memory::{Buf, DeviceRead, DeviceType, DeviceWrite, PoolStats, View, ViewMut};
