@@ -14,11 +14,11 @@
 //
 // A CTA computes BM = 128 query rows of one head with three warpgroups:
 // - warpgroup 0, the producer (24 registers after setmaxnreg): one thread issues the TMA loads,
-//   Q once, then K and V tiles of BN keys (128 at hd 64, 64 at hd 128) into a three-stage ring,
+//   Q once, then K and V tiles of BN = 128 keys into a ring of 3 (hd 64) or 2 (hd 128) stages,
 //   each stage guarded by a "full" mbarrier per operand (transaction bytes) and an "empty" one
 //   the consumers release;
 // - warpgroups 1 and 2, the consumers (240 registers), 64 query rows each: per key tile, S = Q K^T
-//   by wgmma from shared memory (m64nBNk16, hd/16 instructions), the online softmax on the f32
+//   by wgmma from shared memory (m64n128k16, hd/16 instructions), the online softmax on the f32
 //   accumulators in registers, then O += P V by wgmma with P straight from registers (the
 //   accumulator layout is the A-operand layout) and V from shared memory as an MN-major operand.
 //   The two consumers run the same loop on different rows, so one's softmax overlaps the other's
@@ -40,17 +40,14 @@ namespace {
 using namespace hopper;
 
 constexpr int BM = 128;       // query rows per CTA
-constexpr int STAGES = 3;     // K/V ring depth
 constexpr int THREADS = 384;  // producer + two consumer warpgroups
 constexpr int ROW_BYTES = 128;  // one swizzled row: 64 bf16
 constexpr float LN2 = 0.6931471805599453f;
 
 template <int HD> struct Layout {
   static_assert(HD == 64 || HD == 128, "head dims 64 and 128");
-  // Keys per tile: 128 at hd 64; 64 at hd 128, where the S accumulators of 128 keys (64
-  // registers) next to O's 64 and P's 32 spill under the 168 registers a thread of a 384-thread
-  // CTA gets (ptxas allocates the whole kernel within the launch bound; see the notes).
-  static constexpr int BN = HD == 64 ? 128 : 64;
+  static constexpr int BN = 128;                     // keys per tile
+  static constexpr int STAGES = HD == 64 ? 3 : 2;    // K/V ring depth (shared memory)
   static constexpr int BLOCKS = HD / 64;                 // 64-column blocks of a row
   static constexpr int Q_BYTES = BLOCKS * BM * ROW_BYTES;
   static constexpr int KV_BYTES = BLOCKS * BN * ROW_BYTES;  // one K or V tile
@@ -73,7 +70,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
                                     bf16 *__restrict__ out, float *__restrict__ lse, int tq, int tk, int nh,
                                     int nkv, float scale_log2) {
   using L = Layout<HD>;
-  constexpr int BN = L::BN;
+  constexpr int BN = L::BN, STAGES = L::STAGES;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   {
     unsigned dyn;
@@ -113,6 +110,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     // Producer.
     regs_dec<24>();
     if (threadIdx.x == 0) {
+      Watchdog wd;
       tma_prefetch_map(tm_q);
       tma_prefetch_map(tm_k);
       tma_prefetch_map(tm_v);
@@ -121,7 +119,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
       for (int c = 0; c < L::BLOCKS; ++c) tma_load_4d(sQ + c * BM * ROW_BYTES, tm_q, q_full, c * 64, m0, h, b);
       for (int j = 0; j < ntiles; ++j) {
         const int s = j % STAGES;
-        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1);
+        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1, wd);
         mbar_arrive_expect_tx(&k_full[s], L::KV_BYTES);
 #pragma unroll
         for (int c = 0; c < L::BLOCKS; ++c)
@@ -131,6 +129,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
         for (int c = 0; c < L::BLOCKS; ++c)
           tma_load_4d(sV + s * L::KV_BYTES + c * BN * ROW_BYTES, tm_v, &v_full[s], c * 64, j * BN, kvh, b);
       }
+      wd.check();
     }
     return;
   }
@@ -154,7 +153,8 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   uint32_t p[BN / 16][4];
 
   const uint32_t q_base = smem_u32(sQ) + 64 * c * ROW_BYTES;
-  mbar_wait(q_full, 0);
+  Watchdog wd;
+  mbar_wait(q_full, 0, wd);
 
   for (int j = 0; j < ntiles; ++j) {
     const int s = j % STAGES;
@@ -163,7 +163,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     const uint32_t v_base = smem_u32(sV + s * L::KV_BYTES);
 
     // S = Q K^T (64 x BN per warpgroup).
-    mbar_wait(&k_full[s], parity);
+    mbar_wait(&k_full[s], parity, wd);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
@@ -240,7 +240,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     }
 
     // O += P V.
-    mbar_wait(&v_full[s], parity);
+    mbar_wait(&v_full[s], parity, wd);
     fence_operands(o);
     wgmma_fence();
 #pragma unroll
@@ -259,6 +259,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     if (lane == 0) mbar_arrive(&empty[s]);
   }
 
+  wd.check();
   // Normalise, write out and the logsumexp.
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -284,8 +285,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
 
 // Grid (ceil(Tq / 128), nh, B), 384 threads, Layout<HD>::SMEM bytes of dynamic shared memory.
 // tm_q / tm_k / tm_v: 4-d tensor maps (hd, T, heads, B) of q, k and v (k and v with T = Tk, so
-// that positions past Tk read as zeros), boxes (64, 128, 1, 1) for q and (64, BN, 1, 1) for k
-// and v, 128-byte swizzle.
+// that positions past Tk read as zeros), boxes (64, 128, 1, 1), 128-byte swizzle.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     flash_fwd_sm90_hd64_bf16(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                              const __grid_constant__ CUtensorMap tm_v, bf16 *__restrict__ out,

@@ -86,15 +86,17 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
   if (wg == 0) {
     regs_dec<24>();
     if (threadIdx.x == 0) {
+      Watchdog wd;
       tma_prefetch_map(tm_a);
       for (int kt = 0; kt < ktiles; ++kt) {
         const int s = kt % STAGES;
-        if (kt >= STAGES) mbar_wait(&empty[s], ((kt / STAGES) - 1) & 1);
+        if (kt >= STAGES) mbar_wait(&empty[s], ((kt / STAGES) - 1) & 1, wd);
         unsigned char *st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
         tma_load_2d(st, tm_a, &full[s], kt * BK, a_row0);
         load_b(st + TILE_BYTES, &full[s], kt * BK);
       }
+      wd.check();
     }
     return false;
   }
@@ -103,9 +105,10 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
   const uint32_t base = smem_u32(smem);
+  Watchdog wd;
   for (int kt = 0; kt < ktiles; ++kt) {
     const int s = kt % STAGES;
-    mbar_wait(&full[s], (kt / STAGES) & 1);
+    mbar_wait(&full[s], (kt / STAGES) & 1, wd);
     const uint32_t a = base + s * STAGE_BYTES + c * 64 * ROW_BYTES;
     const uint32_t b = base + s * STAGE_BYTES + TILE_BYTES;
     wgmma_fence();
@@ -122,6 +125,7 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
   }
   wgmma_wait<0>();
   fence_operands(d);
+  wd.check();
   return true;
 }
 

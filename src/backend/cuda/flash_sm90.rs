@@ -15,27 +15,30 @@ const MODULE: &str = "flash_attention_sm90";
 const THREADS: u32 = 384;
 /// Query rows per CTA (BM).
 const BM: usize = 128;
-/// Stages of the K/V ring (STAGES).
-const STAGES: usize = 3;
 /// Bytes of one 128-byte-swizzled row: 64 bf16.
 const ROW_BYTES: usize = 128;
 
-/// Keys per tile at head dim `hd` (Layout<HD>::BN).
-pub const fn sm90_keys_per_tile(hd: usize) -> usize {
+/// Keys per tile (Layout<HD>::BN).
+pub const fn sm90_keys_per_tile(_hd: usize) -> usize {
+    128
+}
+
+/// Stages of the K/V ring at head dim `hd` (Layout<HD>::STAGES): 3 at hd 64, 2 at hd 128.
+const fn stages(hd: usize) -> usize {
     if hd == 64 {
-        128
+        3
     } else {
-        64
+        2
     }
 }
 
-/// Dynamic shared memory of the kernel for head dim `hd` (Layout<HD>::SMEM): Q, STAGES K and V
-/// tiles, 1 + 3 * STAGES mbarriers, and 1024 bytes to align the base.
+/// Dynamic shared memory of the kernel for head dim `hd` (Layout<HD>::SMEM): Q, the stages' K
+/// and V tiles, 1 + 3 * stages mbarriers, and 1024 bytes to align the base.
 pub const fn sm90_smem(hd: usize) -> usize {
     let blocks = hd / 64;
     let q = blocks * BM * ROW_BYTES;
     let kv = blocks * sm90_keys_per_tile(hd) * ROW_BYTES;
-    q + 2 * STAGES * kv + (1 + 3 * STAGES) * 8 + 1024
+    q + 2 * stages(hd) * kv + (1 + 3 * stages(hd)) * 8 + 1024
 }
 
 /// Whether the Hopper forward handles this call: head dim 64 or 128 and every buffer 16-byte
