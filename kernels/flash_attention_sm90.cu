@@ -1,18 +1,19 @@
-// Hopper (sm_90a) path of the flash attention forward: flash_fwd_sm90_hd64_bf16 and
-// flash_fwd_sm90_hd128_bf16, the same outputs as flash_attention.cu's forward (causal, GQA, out
-// and the natural-log logsumexp the backward reads) with wgmma, TMA and warp specialisation.
+// Hopper (sm_90a) path of flash attention: the forward (flash_fwd_sm90_hd{64,128}_bf16) and the
+// backward (flash_bwd_dkdv_sm90_* and flash_bwd_dq_sm90_*), the same outputs as
+// flash_attention.cu's (causal, GQA, out and the natural-log logsumexp; dq, dk, dv without
+// atomics) with wgmma, TMA and warp specialisation.
 //
-// CPU reference: src/ops/attention.rs (attention_forward). Wrapper: src/backend/cuda/flash_sm90.rs
-// (Device::flash_attention_fwd takes this path on a compute capability 9.0 GPU when
-// FLEXRUN_SM90=1, for head dims 64 and 128 with 16-byte aligned rows; every other case runs
-// flash_attention.cu). Test: tests/gpu_flash.rs (forward_sm90: every forward shape on both
-// paths). Notes and measurements: flash_attention_sm90.md.
+// CPU reference: src/ops/attention.rs (attention_forward; the tape's attention backward).
+// Wrapper: src/backend/cuda/flash_sm90.rs (Device::flash_attention_fwd / _bwd take this path on a
+// compute capability 9.0 GPU when FLEXRUN_SM90=1, for head dims 64 and 128 with 16-byte aligned
+// rows; every other case runs flash_attention.cu). Tests: tests/gpu_flash.rs (forward_sm90,
+// backward_sm90: every shape on both paths). Notes and measurements: flash_attention_sm90.md.
 //
 // Layout and meaning as the CPU reference: q [B, Tq, nh, hd], k/v [B, Tk_stride, nkv, hd] (the
 // first Tk positions read), out like q, lse [B, nh, Tq]. Query i sits at position Tk - Tq + i and
 // sees keys 0..=Tk - Tq + i; head h reads kv head h / (nh / nkv).
 //
-// A CTA computes BM = 128 query rows of one head with three warpgroups:
+// Forward: a CTA computes BM = 128 query rows of one head with three warpgroups:
 // - warpgroup 0, the producer (24 registers after setmaxnreg): one thread issues the TMA loads,
 //   Q once, then K and V tiles of BN = 128 keys into a ring of 3 (hd 64) or 2 (hd 128) stages,
 //   each stage guarded by a "full" mbarrier per operand (transaction bytes) and an "empty" one
@@ -43,6 +44,7 @@ constexpr int BM = 128;       // query rows per CTA
 constexpr int THREADS = 384;  // producer + two consumer warpgroups
 constexpr int ROW_BYTES = 128;  // one swizzled row: 64 bf16
 constexpr float LN2 = 0.6931471805599453f;
+constexpr float LOG2E_F = 1.4426950408889634f;
 
 template <int HD> struct Layout {
   static_assert(HD == 64 || HD == 128, "head dims 64 and 128");
@@ -281,6 +283,353 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward: D = rowsum(dO * O) (flash_attention.cu's flash_bwd_delta_bf16), then dK/dV per key
+// tile and dQ per query tile, both without atomics (deterministic), as flash_attention.cu.
+//
+// dK/dV: a CTA owns 128 keys of one (kv head, batch), 64 per consumer warpgroup, K and V loaded
+// once; the producer streams (Q, dO) tiles of 64 queries for every query head of the group and
+// every query tile that sees the keys. Per tile a consumer computes S^T = K Q^T (SS, keys x
+// queries), P^T = exp2(S^T log2e / sqrt(hd) - lse2) masked, dV += P^T dO (RS, dO MN-major),
+// dP^T = V dO^T (SS), dS^T = P^T (dP^T - D), dK += dS^T Q (RS, Q MN-major); dK is scaled by
+// 1/sqrt(hd) at the end. Rows past Tk (to Tk_stride) get zeros.
+//
+// dQ: a CTA owns 128 queries of one head (64 per consumer), Q and dO loaded once; the producer
+// streams K and V tiles of 64 keys. Per tile: S = Q K^T, P, dP = dO V^T, dS = P (dP - D),
+// dQ += dS K (RS, K MN-major); dQ scaled at the end.
+
+template <int HD> struct BwdLayout {
+  static_assert(HD == 64 || HD == 128, "head dims 64 and 128");
+  static constexpr int BLOCKS = HD / 64;
+  static constexpr int OWN = 128;  // rows a CTA owns (keys for dK/dV, queries for dQ)
+  static constexpr int STREAM = 64;  // rows of each streamed tile
+  static constexpr int STAGES = 2;
+  static constexpr int OWN_BYTES = BLOCKS * OWN * ROW_BYTES;      // one owned operand
+  static constexpr int TILE_BYTES = BLOCKS * STREAM * ROW_BYTES;  // one streamed operand
+  static constexpr int A_OFF = 0;                                 // K (dK/dV) or Q (dQ)
+  static constexpr int B_OFF = OWN_BYTES;                         // V (dK/dV) or dO (dQ)
+  static constexpr int S_OFF = 2 * OWN_BYTES;                     // stages of two streamed tiles
+  static constexpr int BAR_OFF = S_OFF + STAGES * 2 * TILE_BYTES;
+  static constexpr int BARS = 1 + 2 * STAGES;  // own_full, full[S], empty[S]
+  static constexpr int SMEM = BAR_OFF + BARS * 8 + 1024;
+};
+
+__device__ __forceinline__ unsigned char *aligned_smem(unsigned need) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned dyn;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+  if (dyn < need) __trap();
+  const uint32_t raw = smem_u32(smem_raw);
+  return smem_raw + (((raw + 1023) & ~1023u) - raw);
+}
+
+// Shared memory descriptors of a tile written by TMA (blocks of 64 columns, rows of 128 bytes):
+// K-major (the reduction runs over the head dim) at k16 step kk, and MN-major (the reduction runs
+// over the rows) at k16 step ks, for a tile of `rows` rows.
+__device__ __forceinline__ uint64_t desc_kmajor(uint32_t tile, int rows, int kk) {
+  return smem_desc(tile + (kk / 4) * rows * ROW_BYTES + (kk % 4) * 32, 16, 1024, SWIZZLE_128B);
+}
+__device__ __forceinline__ uint64_t desc_mnmajor(uint32_t tile, int rows, int ks) {
+  return smem_desc(tile + ks * 16 * ROW_BYTES, rows * ROW_BYTES, 1024, SWIZZLE_128B);
+}
+
+// c (64 x 64 f32) = a (64 rows at a_tile + a_row0 rows, K-major over HD) b^T (64 rows of b_tile).
+template <int HD>
+__device__ __forceinline__ void gemm_nt_64x64(float (&c)[32], uint32_t a_tile, int a_rows, int a_row0,
+                                              uint32_t b_tile, int b_rows) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+    wgmma_ss_m64n64k16<0, 0>(c, desc_kmajor(a_tile + a_row0 * ROW_BYTES, a_rows, kk), desc_kmajor(b_tile, b_rows, kk),
+                             kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(c);
+}
+
+// acc (64 x HD f32) += p (64 x 64 bf16 fragments in registers) b (64 rows of b_tile x HD, MN-major).
+template <int HD>
+__device__ __forceinline__ void gemm_rs_acc(float (&acc)[HD / 2], const uint32_t (&p)[4][4], uint32_t b_tile,
+                                            int b_rows) {
+  fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    if constexpr (HD == 128)
+      wgmma_rs_m64n128k16<1>(acc, p[ks], desc_mnmajor(b_tile, b_rows, ks));
+    else
+      wgmma_rs_m64n64k16<1>(acc, p[ks], desc_mnmajor(b_tile, b_rows, ks));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc);
+}
+
+// 64 x 64 f32 accumulators as bf16 A fragments.
+__device__ __forceinline__ void to_frags(const float (&x)[32], uint32_t (&p)[4][4]) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    p[ks][0] = pack_bf16(x[8 * ks + 0], x[8 * ks + 1]);
+    p[ks][1] = pack_bf16(x[8 * ks + 2], x[8 * ks + 3]);
+    p[ks][2] = pack_bf16(x[8 * ks + 4], x[8 * ks + 5]);
+    p[ks][3] = pack_bf16(x[8 * ks + 6], x[8 * ks + 7]);
+  }
+}
+
+// Store 64 x HD f32 accumulators (this warpgroup's rows row0.., scaled) as bf16 rows of `dst`
+// with `stride` elements between rows; rows >= limit are skipped.
+template <int HD>
+__device__ __forceinline__ void store_rows(bf16 *dst, long long stride, const float (&acc)[HD / 2], int row0,
+                                           int limit, float scale) {
+  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = row0 + 16 * warp + g + 8 * hh;
+    if (r >= limit) continue;
+    bf16 *p = dst + (long long)r * stride;
+#pragma unroll
+    for (int jj = 0; jj < HD / 8; ++jj)
+      *reinterpret_cast<uint32_t *>(p + 8 * jj + 2 * t) =
+          pack_bf16(acc[4 * jj + 2 * hh] * scale, acc[4 * jj + 2 * hh + 1] * scale);
+  }
+}
+
+template <int HD>
+__device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensorMap *tm_k, const CUtensorMap *tm_v,
+                                         const CUtensorMap *tm_do, const float *__restrict__ lse,
+                                         const float *__restrict__ delta, bf16 *__restrict__ dk,
+                                         bf16 *__restrict__ dv, int tq, int tk, int tk_stride, int nh, int nkv,
+                                         float scale) {
+  using L = BwdLayout<HD>;
+  constexpr int BQ = L::STREAM, STAGES = L::STAGES;
+  unsigned char *smem = aligned_smem(L::SMEM);
+  uint64_t *bars = reinterpret_cast<uint64_t *>(smem + L::BAR_OFF);
+  uint64_t *own_full = bars, *full = bars + 1, *empty = bars + 1 + STAGES;
+  const int k0 = blockIdx.x * L::OWN, kvh = blockIdx.y, b = blockIdx.z;
+  const int group = nh / nkv, off = tk - tq;
+  // Query tiles that see some key of the CTA: queries q with off + q >= k0.
+  const int qt0 = k0 < tk ? max(0, k0 - off) / BQ : 0;
+  const int nqt = k0 < tk ? (tq + BQ - 1) / BQ - qt0 : 0;
+  const int ntiles = nqt * group;
+
+  if (threadIdx.x == 0) {
+    mbar_init(own_full, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    regs_dec<24>();
+    if (threadIdx.x == 0 && ntiles > 0) {
+      Watchdog wd;
+      mbar_arrive_expect_tx(own_full, 2 * L::OWN_BYTES);
+#pragma unroll
+      for (int c = 0; c < L::BLOCKS; ++c) {
+        tma_load_4d(smem + L::A_OFF + c * L::OWN * ROW_BYTES, tm_k, own_full, c * 64, k0, kvh, b);
+        tma_load_4d(smem + L::B_OFF + c * L::OWN * ROW_BYTES, tm_v, own_full, c * 64, k0, kvh, b);
+      }
+      for (int j = 0; j < ntiles; ++j) {
+        const int s = j % STAGES;
+        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1, wd);
+        const int h = kvh * group + j / nqt, q0 = (qt0 + j % nqt) * BQ;
+        unsigned char *st = smem + L::S_OFF + s * 2 * L::TILE_BYTES;
+        mbar_arrive_expect_tx(&full[s], 2 * L::TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < L::BLOCKS; ++c) {
+          tma_load_4d(st + c * BQ * ROW_BYTES, tm_q, &full[s], c * 64, q0, h, b);
+          tma_load_4d(st + L::TILE_BYTES + c * BQ * ROW_BYTES, tm_do, &full[s], c * 64, q0, h, b);
+        }
+      }
+      wd.check();
+    }
+    return;
+  }
+
+  regs_inc<240>();
+  const int c = wg - 1;
+  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int key_base = k0 + 64 * c;  // this warpgroup's first key
+  const float NEG_INF = -__int_as_float(0x7f800000);
+  const float scale_log2 = scale * LOG2E_F;
+  float dkacc[HD / 2], dvacc[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) dkacc[i] = dvacc[i] = 0.0f;
+  const uint32_t sk = smem_u32(smem + L::A_OFF), sv = smem_u32(smem + L::B_OFF);
+  Watchdog wd;
+  if (ntiles > 0) mbar_wait(own_full, 0, wd);
+  for (int j = 0; j < ntiles; ++j) {
+    const int s = j % STAGES;
+    const int h = kvh * group + j / nqt, q0 = (qt0 + j % nqt) * BQ;
+    const uint32_t sq = smem_u32(smem + L::S_OFF + s * 2 * L::TILE_BYTES), sdo = sq + L::TILE_BYTES;
+    mbar_wait(&full[s], (j / STAGES) & 1, wd);
+    // This thread's columns (queries q0 + 8jj + 2t + e): lse in the log2 domain and D.
+    const float *lrow = lse + ((long long)b * nh + h) * tq, *drow = delta + ((long long)b * nh + h) * tq;
+    float p[32];
+    gemm_nt_64x64<HD>(p, sk, L::OWN, 64 * c, sq, BQ);  // S^T
+    const bool masked = off + q0 < key_base + 63 || q0 + BQ > tq || key_base + 64 > tk;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = q0 + 8 * jj + 2 * t + e;
+        const float l2 = q < tq ? lrow[q] * LOG2E_F : 0.0f;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          float v = p[4 * jj + 2 * hh + e] * scale_log2 - l2;
+          if (masked) {
+            const int key = key_base + 16 * warp + g + 8 * hh;
+            if (q >= tq || key >= tk || key > off + q) v = NEG_INF;
+          }
+          p[4 * jj + 2 * hh + e] = exp2f(v);
+        }
+      }
+    }
+    uint32_t pf[4][4];
+    to_frags(p, pf);
+    gemm_rs_acc<HD>(dvacc, pf, sdo, BQ);  // dV += P^T dO
+    float ds[32];
+    gemm_nt_64x64<HD>(ds, sv, L::OWN, 64 * c, sdo, BQ);  // dP^T = V dO^T
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int q = q0 + 8 * jj + 2 * t + e;
+        const float dq = q < tq ? drow[q] : 0.0f;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = 4 * jj + 2 * hh + e;
+          ds[i] = p[i] * (ds[i] - dq);
+        }
+      }
+    }
+    to_frags(ds, pf);
+    gemm_rs_acc<HD>(dkacc, pf, sq, BQ);  // dK += dS^T Q
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  wd.check();
+  const long long stride = (long long)nkv * HD;
+  const long long base = (long long)b * tk_stride * stride + (long long)kvh * HD;
+  store_rows<HD>(dk + base, stride, dkacc, key_base, tk_stride, scale);
+  store_rows<HD>(dv + base, stride, dvacc, key_base, tk_stride, 1.0f);
+}
+
+template <int HD>
+__device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMap *tm_k, const CUtensorMap *tm_v,
+                                       const CUtensorMap *tm_do, const float *__restrict__ lse,
+                                       const float *__restrict__ delta, bf16 *__restrict__ dq, int tq, int tk,
+                                       int nh, int nkv, float scale) {
+  using L = BwdLayout<HD>;
+  constexpr int BN = L::STREAM, STAGES = L::STAGES;
+  unsigned char *smem = aligned_smem(L::SMEM);
+  uint64_t *bars = reinterpret_cast<uint64_t *>(smem + L::BAR_OFF);
+  uint64_t *own_full = bars, *full = bars + 1, *empty = bars + 1 + STAGES;
+  const int mb = gridDim.x - 1 - blockIdx.x;
+  const int m0 = mb * L::OWN, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / (nh / nkv), off = tk - tq;
+  const int last_row = min(m0 + L::OWN, tq) - 1;
+  const int ntiles = (min(off + last_row + 1, tk) + BN - 1) / BN;
+
+  if (threadIdx.x == 0) {
+    mbar_init(own_full, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    regs_dec<24>();
+    if (threadIdx.x == 0) {
+      Watchdog wd;
+      mbar_arrive_expect_tx(own_full, 2 * L::OWN_BYTES);
+#pragma unroll
+      for (int c = 0; c < L::BLOCKS; ++c) {
+        tma_load_4d(smem + L::A_OFF + c * L::OWN * ROW_BYTES, tm_q, own_full, c * 64, m0, h, b);
+        tma_load_4d(smem + L::B_OFF + c * L::OWN * ROW_BYTES, tm_do, own_full, c * 64, m0, h, b);
+      }
+      for (int j = 0; j < ntiles; ++j) {
+        const int s = j % STAGES;
+        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1, wd);
+        unsigned char *st = smem + L::S_OFF + s * 2 * L::TILE_BYTES;
+        mbar_arrive_expect_tx(&full[s], 2 * L::TILE_BYTES);
+#pragma unroll
+        for (int c = 0; c < L::BLOCKS; ++c) {
+          tma_load_4d(st + c * BN * ROW_BYTES, tm_k, &full[s], c * 64, j * BN, kvh, b);
+          tma_load_4d(st + L::TILE_BYTES + c * BN * ROW_BYTES, tm_v, &full[s], c * 64, j * BN, kvh, b);
+        }
+      }
+      wd.check();
+    }
+    return;
+  }
+
+  regs_inc<240>();
+  const int c = wg - 1;
+  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row_base = m0 + 64 * c;
+  const float NEG_INF = -__int_as_float(0x7f800000);
+  const float scale_log2 = scale * LOG2E_F;
+  // This thread's two rows: lse (log2 domain) and D.
+  float l2[2], dd[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int q = row_base + 16 * warp + g + 8 * hh;
+    const long long i = ((long long)b * nh + h) * tq + q;
+    l2[hh] = q < tq ? lse[i] * LOG2E_F : 0.0f;
+    dd[hh] = q < tq ? delta[i] : 0.0f;
+  }
+  float dqacc[HD / 2];
+#pragma unroll
+  for (int i = 0; i < HD / 2; ++i) dqacc[i] = 0.0f;
+  const uint32_t sq = smem_u32(smem + L::A_OFF), sdo = smem_u32(smem + L::B_OFF);
+  const int first_pos = off + row_base;
+  Watchdog wd;
+  mbar_wait(own_full, 0, wd);
+  for (int j = 0; j < ntiles; ++j) {
+    const int s = j % STAGES;
+    const uint32_t skt = smem_u32(smem + L::S_OFF + s * 2 * L::TILE_BYTES), svt = skt + L::TILE_BYTES;
+    mbar_wait(&full[s], (j / STAGES) & 1, wd);
+    float p[32];
+    gemm_nt_64x64<HD>(p, sq, L::OWN, 64 * c, skt, BN);  // S = Q K^T
+    const bool masked = (j + 1) * BN > min(first_pos + 1, tk);
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = p[4 * jj + 2 * hh + e] * scale_log2 - l2[hh];
+          if (masked) {
+            const int key = j * BN + 8 * jj + 2 * t + e;
+            const int q = row_base + 16 * warp + g + 8 * hh;
+            if (key > min(off + q, tk - 1)) v = NEG_INF;
+          }
+          p[4 * jj + 2 * hh + e] = exp2f(v);
+        }
+      }
+    }
+    float ds[32];
+    gemm_nt_64x64<HD>(ds, sdo, L::OWN, 64 * c, svt, BN);  // dP = dO V^T
+#pragma unroll
+    for (int i = 0; i < 32; ++i) ds[i] = p[i] * (ds[i] - dd[(i >> 1) & 1]);
+    uint32_t pf[4][4];
+    to_frags(ds, pf);
+    gemm_rs_acc<HD>(dqacc, pf, skt, BN);  // dQ += dS K
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  wd.check();
+  const long long stride = (long long)nh * HD;
+  store_rows<HD>(dq + ((long long)b * tq) * stride + (long long)h * HD, stride, dqacc, row_base, tq, scale);
+}
+
 }  // namespace
 
 // Grid (ceil(Tq / 128), nh, B), 384 threads, Layout<HD>::SMEM bytes of dynamic shared memory.
@@ -299,3 +648,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                               float *__restrict__ lse, int tq, int tk, int nh, int nkv, float scale_log2) {
   fwd<128>(&tm_q, &tm_k, &tm_v, out, lse, tq, tk, nh, nkv, scale_log2);
 }
+
+// Backward (after flash_attention.cu's flash_bwd_delta_bf16 has written D = rowsum(dO * O)).
+// dK/dV: grid (ceil(Tk_stride / 128), nkv, B); tm_k / tm_v boxes (64, 128, 1, 1), tm_q / tm_do
+// boxes (64, 64, 1, 1). dQ: grid (ceil(Tq / 128), nh, B); tm_q / tm_do boxes (64, 128, 1, 1), tm_k
+// / tm_v boxes (64, 64, 1, 1). 384 threads, BwdLayout<HD>::SMEM bytes of dynamic shared memory;
+// scale = 1 / sqrt(hd).
+#define BWD_SM90(HD)                                                                                               \
+  extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dkdv_sm90_hd##HD##_bf16(                     \
+      const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,                          \
+      const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, const float *lse,        \
+      const float *delta, bf16 *dk, bf16 *dv, int tq, int tk, int tk_stride, int nh, int nkv, float scale) {        \
+    bwd_dkdv<HD>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dk, dv, tq, tk, tk_stride, nh, nkv, scale);              \
+  }                                                                                                                \
+  extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_sm90_hd##HD##_bf16(                       \
+      const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,                          \
+      const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, const float *lse,        \
+      const float *delta, bf16 *dq, int tq, int tk, int nh, int nkv, float scale) {                                 \
+    bwd_dq<HD>(&tm_q, &tm_k, &tm_v, &tm_do, lse, delta, dq, tq, tk, nh, nkv, scale);                                \
+  }
+BWD_SM90(64)
+BWD_SM90(128)

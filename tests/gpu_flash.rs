@@ -97,7 +97,8 @@ cuda_tests!(
     decode,
     unaligned_views,
     deterministic,
-    forward_sm90
+    forward_sm90,
+    backward_sm90
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -284,6 +285,64 @@ fn forward_sm90(dev: &Device) -> R {
         assert_close(&format!("{what} out"), &go, &o, OUT_TOL);
         assert_lse(&what, &glse, &lse);
         assert!(run()? == (go, glse), "{what}: results differ between runs");
+    }
+    Ok(())
+}
+
+/// The Hopper backward (kernels/flash_attention_sm90.cu's dK/dV and dQ kernels) on every backward
+/// shape and the Hopper forward's extra shapes: dq, dk, dv against the CPU tape (their forward
+/// on the same path), exact zeros past tk, bit-identical over two runs. Other head dims take the
+/// sm_80 kernels on the same call. Needs a compute capability 9.0 GPU.
+fn backward_sm90(dev: &Device) -> R {
+    let cc = dev.compute_capability()?;
+    if cc != (9, 0) {
+        println!(
+            "SKIP: backward_sm90 needs compute capability 9.0, this GPU is {}.{}",
+            cc.0, cc.1
+        );
+        return Ok(());
+    }
+    for (n, &t) in BWD_SHAPES.iter().chain(SM90_SHAPES).enumerate() {
+        let s = shape(t);
+        let x = inputs(&s, 700 + n as u64);
+        let want = cpu_grads(&x, s);
+        let (q, k, v, dout) = (
+            up(dev, &x.q)?,
+            up(dev, &x.k)?,
+            up(dev, &x.v)?,
+            up(dev, &x.dout)?,
+        );
+        let run = || -> flexrun::Result<[Vec<f32>; 3]> {
+            let path = KernelPath::Sm90;
+            let mut out = dev.alloc::<bf16>(q.len())?;
+            let mut lse = dev.alloc::<f32>(s.b * s.nh * s.tq)?;
+            dev.flash_attention_fwd_on(path, &q, &k, &v, s, &mut out, &mut lse)?;
+            let (mut dq, mut dk, mut dv) = (
+                dev.alloc::<bf16>(q.len())?,
+                dev.alloc::<bf16>(k.len())?,
+                dev.alloc::<bf16>(v.len())?,
+            );
+            dev.flash_attention_bwd_on(
+                path, &q, &k, &v, &out, &lse, &dout, s, &mut dq, &mut dk, &mut dv,
+            )?;
+            Ok([down(dev, &dq)?, down(dev, &dk)?, down(dev, &dv)?])
+        };
+        let got = run()?;
+        let what = format!("flash backward sm90 {s:?}");
+        assert_close(&format!("{what} dq"), &got[0], &want[0], GRAD_TOL);
+        assert_close(&format!("{what} dk"), &got[1], &want[1], GRAD_TOL);
+        assert_close(&format!("{what} dv"), &got[2], &want[2], OUT_TOL);
+        let row = s.nkv * s.hd;
+        for b in 0..s.b {
+            for g in [&got[1], &got[2]] {
+                let tail = &g[(b * s.tk_stride + s.tk) * row..(b + 1) * s.tk_stride * row];
+                assert!(
+                    tail.iter().all(|&x| x == 0.0),
+                    "{what}: nonzero gradient past tk"
+                );
+            }
+        }
+        assert!(run()? == got, "{what}: results differ between runs");
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 # 2. the main job trained and evaluated on the GPU: `flexrun demo --quick`, then the full demo
 #    (its table in logs/demo-results.md), unless DEMO=0;
 # 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests and racecheck of the Hopper
-#    attention forward's test, unless MEMCHECK=0 (RACECHECK=0 skips the racecheck);
+#    attention kernels' tests, unless MEMCHECK=0 (RACECHECK=0 skips the racecheck);
 # 4. every benchmark with its PyTorch baseline (tools/gpu-bench.sh), unless BENCH=0;
 # 5. with CRITERION=1, the criterion GPU benchmarks (benches/gpu.rs).
 # Logs and benchmark JSON are packed into RESULTS/gpu-check.tgz after each phase (so a call cut

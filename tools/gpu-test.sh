@@ -157,13 +157,13 @@ if [[ "${MEMCHECK:-1}" != 0 ]]; then
     [[ $rc == 0 ]] || fail=1
   done
 fi
-# Shared-memory races in the Hopper attention forward (warp-specialised, mbarrier-synchronised):
-# racecheck of gpu_flash's forward_sm90 test (it prints SKIP on a GPU other than sm_90).
+# Shared-memory races in the Hopper attention kernels (warp-specialised, mbarrier-synchronised):
+# racecheck of gpu_flash's forward_sm90 and backward_sm90 tests (SKIP on a GPU other than sm_90).
 if [[ "${MEMCHECK:-1}" != 0 && "${RACECHECK:-1}" != 0 && -x "$HERE/bin/gpu_flash" && -n "${CS:-}" &&
       ( -z "${ONLY:-}" || "gpu_flash" == *"$ONLY"* ) ]]; then
   start=$(date +%s)
   timeout "${MEMCHECK_TIMEOUT:-600}" "$CS" --tool racecheck --error-exitcode 99 --log-file "$LOG/racecheck-gpu_flash.log" \
-    "$HERE/bin/gpu_flash" forward_sm90 --test-threads=1 >"$LOG/racecheck-gpu_flash-tests.log" 2>&1
+    "$HERE/bin/gpu_flash" _sm90 --test-threads=1 >"$LOG/racecheck-gpu_flash-tests.log" 2>&1
   rc=$?
   printf '%-28s rc=%-3s %4ss  %s\n' "racecheck gpu_flash" "$rc" "$(( $(date +%s) - start ))" \
     "$(tail -n1 "$LOG/racecheck-gpu_flash.log" 2>/dev/null)" | tee -a "$SUMMARY"

@@ -9,7 +9,9 @@
 //! Head dims 64 and 128 with 16-byte aligned buffers run the exact kernels; any other head dim
 //! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
 
-pub use super::flash_sm90::{sm90_applies, sm90_kernel, sm90_keys_per_tile, sm90_smem};
+pub use super::flash_sm90::{
+    sm90_applies, sm90_bwd_smem, sm90_kernel, sm90_keys_per_tile, sm90_smem,
+};
 use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, KernelPath, BLOCK};
 use crate::backend::shapes::AttnShape;
 use crate::ensure;
@@ -361,10 +363,32 @@ impl Device {
 
     /// Flash attention backward: `dq` like q, `dk`/`dv` like k/v (zero past `tk`), from the
     /// forward's `out` and `lse` and the output gradient `dout`. Three launches: D = rowsum(dO*O),
-    /// dK/dV per key tile, dQ per query tile. Deterministic (no atomics).
+    /// dK/dV per key tile, dQ per query tile. Deterministic (no atomics). On
+    /// [`Device::kernel_path`].
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_bwd(
         &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        out: &impl DeviceRead<bf16>,
+        lse: &impl DeviceRead<f32>,
+        dout: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        dq: &mut impl DeviceWrite<bf16>,
+        dk: &mut impl DeviceWrite<bf16>,
+        dv: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
+        self.flash_attention_bwd_on(self.kernel_path(), q, k, v, out, lse, dout, s, dq, dk, dv)
+    }
+
+    /// [`Device::flash_attention_bwd`] on the given path: [`KernelPath::Sm90`] runs the Hopper
+    /// dK/dV and dQ kernels (kernels/flash_attention_sm90.cu) where [`sm90_applies`], the sm_80
+    /// kernels otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_bwd_on(
+        &self,
+        path: KernelPath,
         q: &impl DeviceRead<bf16>,
         k: &impl DeviceRead<bf16>,
         v: &impl DeviceRead<bf16>,
@@ -399,6 +423,29 @@ impl Device {
         let delta = self.alloc::<f32>(s.b * s.nh * s.tq)?;
         launch!(self, "flash_attention", "flash_bwd_delta_bf16", (blocks_for(s.b * s.nh * s.tq, BLOCK / 32), 1, 1), BLOCK;
             out.dptr(), dout.dptr(), delta.dptr(), b, d.tq, d.nh, d.hd)?;
+        let ptrs = [
+            q.dptr(),
+            k.dptr(),
+            v.dptr(),
+            dout.dptr(),
+            dq.dptr(),
+            dk.dptr(),
+            dv.dptr(),
+        ];
+        if path == KernelPath::Sm90 && sm90_applies(&s, &ptrs) {
+            let g = super::flash_sm90::BwdPtrs {
+                q: q.dptr(),
+                k: k.dptr(),
+                v: v.dptr(),
+                dout: dout.dptr(),
+                lse: lse.dptr(),
+                delta: delta.dptr(),
+                dq: dq.dptr(),
+                dk: dk.dptr(),
+                dv: dv.dptr(),
+            };
+            return self.flash_bwd_sm90(&g, &s);
+        }
         let vec = vectorizable(
             s.hd,
             &[

@@ -137,3 +137,127 @@ impl Device {
             .map_err(|e| Error(format!("launching {name}: {}", Error::from(e))))
     }
 }
+
+/// Device addresses of the backward's operands (sizes checked by the caller).
+pub(super) struct BwdPtrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub dout: u64,
+    pub lse: u64,
+    pub delta: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+}
+
+/// Rows a backward CTA owns (keys for dK/dV, queries for dQ) and rows of each streamed tile
+/// (BwdLayout<HD>::OWN, STREAM).
+const BWD_OWN: usize = 128;
+const BWD_STREAM: usize = 64;
+/// Stages of the backward's ring (BwdLayout<HD>::STAGES).
+const BWD_STAGES: usize = 2;
+
+/// Dynamic shared memory of the backward kernels for head dim `hd` (BwdLayout<HD>::SMEM): the
+/// two owned operands, the stages' two streamed tiles, 1 + 2 * stages mbarriers, 1024 bytes of
+/// alignment slack.
+pub const fn sm90_bwd_smem(hd: usize) -> usize {
+    let blocks = hd / 64;
+    2 * blocks * BWD_OWN * ROW_BYTES
+        + BWD_STAGES * 2 * blocks * BWD_STREAM * ROW_BYTES
+        + (1 + 2 * BWD_STAGES) * 8
+        + 1024
+}
+
+impl Device {
+    /// The Hopper backward's dK/dV and dQ launches; D is in `p.delta`. The caller checked every
+    /// size against `s` and [`sm90_applies`].
+    pub(super) fn flash_bwd_sm90(&self, p: &BwdPtrs, s: &AttnShape) -> Result<()> {
+        self.require_sm90("flash attention backward")?;
+        ensure!(
+            s.tq <= i32::MAX as usize && s.tk_stride <= i32::MAX as usize,
+            "flash attention (Hopper): {} queries or {} keys exceed a 32-bit TMA coordinate",
+            s.tq,
+            s.tk_stride
+        );
+        if s.b * s.nh == 0 || s.tq == 0 {
+            return Ok(());
+        }
+        let smem = sm90_bwd_smem(s.hd);
+        let scale = 1.0 / (s.hd as f32).sqrt();
+        let (tq, tk, stride, nh, nkv) = (
+            s.tq as i32,
+            s.tk as i32,
+            s.tk_stride as i32,
+            s.nh as i32,
+            s.nkv as i32,
+        );
+        let (dkdv, dq) = if s.hd == 64 {
+            (
+                "flash_bwd_dkdv_sm90_hd64_bf16",
+                "flash_bwd_dq_sm90_hd64_bf16",
+            )
+        } else {
+            (
+                "flash_bwd_dkdv_sm90_hd128_bf16",
+                "flash_bwd_dq_sm90_hd128_bf16",
+            )
+        };
+        use cudarc::driver::PushKernelArg;
+        let cfg = |grid: (usize, usize, usize)| cudarc::driver::LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // dK/dV: own 128 keys (K, V), stream 64 queries (Q, dO).
+        {
+            let tm_q = heads_map(p.q, s.hd, s.tq, s.nh, s.b, s.tq, BWD_STREAM)?;
+            let tm_k = heads_map(p.k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_OWN)?;
+            let tm_v = heads_map(p.v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_OWN)?;
+            let tm_do = heads_map(p.dout, s.hd, s.tq, s.nh, s.b, s.tq, BWD_STREAM)?;
+            let f = self.function_smem(MODULE, dkdv, smem)?;
+            let mut b = self.stream().launch_builder(&f);
+            b.arg(&tm_q)
+                .arg(&tm_k)
+                .arg(&tm_v)
+                .arg(&tm_do)
+                .arg(&p.lse)
+                .arg(&p.delta)
+                .arg(&p.dk)
+                .arg(&p.dv)
+                .arg(&tq)
+                .arg(&tk)
+                .arg(&stride)
+                .arg(&nh)
+                .arg(&nkv)
+                .arg(&scale);
+            // SAFETY: as flash_fwd_sm90: sizes checked by the caller, loads bounded by the tensor
+            // maps, dk/dv written for rows < tk_stride, argument types as the kernel's.
+            unsafe { b.launch(cfg((s.tk_stride.div_ceil(BWD_OWN), s.nkv, s.b))) }
+                .map_err(|e| Error(format!("launching {dkdv}: {}", Error::from(e))))?;
+        }
+        // dQ: own 128 queries (Q, dO), stream 64 keys (K, V).
+        let tm_q = heads_map(p.q, s.hd, s.tq, s.nh, s.b, s.tq, BWD_OWN)?;
+        let tm_k = heads_map(p.k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_STREAM)?;
+        let tm_v = heads_map(p.v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_STREAM)?;
+        let tm_do = heads_map(p.dout, s.hd, s.tq, s.nh, s.b, s.tq, BWD_OWN)?;
+        let f = self.function_smem(MODULE, dq, smem)?;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&tm_q)
+            .arg(&tm_k)
+            .arg(&tm_v)
+            .arg(&tm_do)
+            .arg(&p.lse)
+            .arg(&p.delta)
+            .arg(&p.dq)
+            .arg(&tq)
+            .arg(&tk)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&scale);
+        // SAFETY: as above; dq is written for rows < tq.
+        unsafe { b.launch(cfg((s.tq.div_ceil(BWD_OWN), s.nh, s.b))) }
+            .map(|_| ())
+            .map_err(|e| Error(format!("launching {dq}: {}", Error::from(e))))
+    }
+}
