@@ -156,7 +156,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
 
   const uint32_t q_base = smem_u32(sQ) + 64 * c * ROW_BYTES;
   Watchdog wd;
-  mbar_wait(q_full, 0, wd);
+  mbar_wait_warp(q_full, 0, wd);
 
   for (int j = 0; j < ntiles; ++j) {
     const int s = j % STAGES;
@@ -165,7 +165,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     const uint32_t v_base = smem_u32(sV + s * L::KV_BYTES);
 
     // S = Q K^T (64 x BN per warpgroup).
-    mbar_wait(&k_full[s], parity, wd);
+    mbar_wait_warp(&k_full[s], parity, wd);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
@@ -242,7 +242,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     }
 
     // O += P V.
-    mbar_wait(&v_full[s], parity, wd);
+    mbar_wait_warp(&v_full[s], parity, wd);
     fence_operands(o);
     wgmma_fence();
 #pragma unroll
@@ -460,12 +460,12 @@ __device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensor
   for (int i = 0; i < HD / 2; ++i) dkacc[i] = dvacc[i] = 0.0f;
   const uint32_t sk = smem_u32(smem + L::A_OFF), sv = smem_u32(smem + L::B_OFF);
   Watchdog wd;
-  if (ntiles > 0) mbar_wait(own_full, 0, wd);
+  if (ntiles > 0) mbar_wait_warp(own_full, 0, wd);
   for (int j = 0; j < ntiles; ++j) {
     const int s = j % STAGES;
     const int h = kvh * group + j / nqt, q0 = (qt0 + j % nqt) * BQ;
     const uint32_t sq = smem_u32(smem + L::S_OFF + s * 2 * L::TILE_BYTES), sdo = sq + L::TILE_BYTES;
-    mbar_wait(&full[s], (j / STAGES) & 1, wd);
+    mbar_wait_warp(&full[s], (j / STAGES) & 1, wd);
     // This thread's columns (queries q0 + 8jj + 2t + e): lse in the log2 domain and D.
     const float *lrow = lse + ((long long)b * nh + h) * tq, *drow = delta + ((long long)b * nh + h) * tq;
     float p[32];
@@ -591,11 +591,11 @@ __device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMa
   const uint32_t sq = smem_u32(smem + L::A_OFF), sdo = smem_u32(smem + L::B_OFF);
   const int first_pos = off + row_base;
   Watchdog wd;
-  mbar_wait(own_full, 0, wd);
+  mbar_wait_warp(own_full, 0, wd);
   for (int j = 0; j < ntiles; ++j) {
     const int s = j % STAGES;
     const uint32_t skt = smem_u32(smem + L::S_OFF + s * 2 * L::TILE_BYTES), svt = skt + L::TILE_BYTES;
-    mbar_wait(&full[s], (j / STAGES) & 1, wd);
+    mbar_wait_warp(&full[s], (j / STAGES) & 1, wd);
     float p[32];
     gemm_nt_64x64<HD>(p, sq, L::OWN, 64 * c, skt, BN);  // S = Q K^T
     const bool masked = (j + 1) * BN > min(first_pos + 1, tk);

@@ -108,7 +108,7 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
   Watchdog wd;
   for (int kt = 0; kt < ktiles; ++kt) {
     const int s = kt % STAGES;
-    mbar_wait(&full[s], (kt / STAGES) & 1, wd);
+    mbar_wait_warp(&full[s], (kt / STAGES) & 1, wd);
     const uint32_t a = base + s * STAGE_BYTES + c * 64 * ROW_BYTES;
     const uint32_t b = base + s * STAGE_BYTES + TILE_BYTES;
     wgmma_fence();

@@ -160,28 +160,37 @@ __device__ __forceinline__ uint64_t global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
   return t;
 }
-// A deadline for a thread's mbarrier waits: a phase that never completes is a bug (a transaction
-// count that disagrees with the bytes a TMA load writes, a missed arrival), and a wait past the
-// deadline gives up instead of hanging the GPU: every later wait of the thread returns at once,
-// and check() (called once the work is done) traps, an error the launch reports. The trap sits
-// outside the waits on purpose: a trap inside a kernel's main loop makes ptxas keep the loop
-// within the launch bound's registers (168 for 384 threads) instead of the setmaxnreg.inc count.
+// A watchdog over a thread's mbarrier waits: a phase that never completes is a bug (a
+// transaction count that disagrees with the bytes a TMA load writes, a missed arrival), and a
+// wait of more than 60 s gives up instead of hanging the GPU: the thread's later waits return at
+// once, and check() (called once the work is done) traps, an error the launch reports. The trap
+// sits outside the waits on purpose: a trap inside a kernel's main loop makes ptxas keep the
+// loop within the launch bound's registers (168 for 384 threads) instead of the setmaxnreg.inc
+// count.
 struct Watchdog {
-  uint64_t deadline;
-  __device__ __forceinline__ Watchdog() : deadline(global_ns() + 60000000000ull) {}
+  bool dead = false;
   __device__ __forceinline__ void check() const {
-    if (deadline == 0) __trap();
+    if (dead) __trap();
   }
 };
 
-// Wait for the phase of parity `parity` to complete (or for the watchdog's deadline).
+// Wait for the phase of parity `parity` to complete (or for the watchdog to give up).
 __device__ __forceinline__ void mbar_wait(uint64_t *bar, unsigned parity, Watchdog &w) {
-  while (!mbar_try_wait(bar, parity)) {
-    if (global_ns() > w.deadline) {
-      w.deadline = 0;
-      return;
+  if (!w.dead && !mbar_try_wait(bar, parity)) {
+    const uint64_t t0 = global_ns();
+    while (!mbar_try_wait(bar, parity)) {
+      if (global_ns() - t0 > 60000000000ull) {
+        w.dead = true;
+        break;
+      }
     }
   }
+}
+// mbar_wait by every lane of a warp, which converges again before returning (the wgmma that
+// follow are .sync.aligned).
+__device__ __forceinline__ void mbar_wait_warp(uint64_t *bar, unsigned parity, Watchdog &w) {
+  mbar_wait(bar, parity, w);
+  __syncwarp();
 }
 
 // A 4-d TMA tile load (box as the tensor map says) into shared memory; completion is counted in

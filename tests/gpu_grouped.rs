@@ -267,6 +267,9 @@ fn cases() -> Vec<Case> {
             72,
         ),
         case("smallest widths", vec![3, 0], 8, 8),
+        // 16 and 14 slices of 64 along K, neither a multiple of 64: the Hopper kernels' 6-stage
+        // ring wraps twice (the producer waits on released stages, parity 1 and 0 again).
+        case("K past the pipeline ring", vec![70, 0, 140], 1000, 840),
     ]
 }
 

@@ -144,6 +144,24 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// Registers per thread the Hopper kernels must be compiled with: their 384-thread CTAs move
+/// registers between warpgroups with `setmaxnreg` (the producer down to 24, the two consumers
+/// up to 240: 128 x 24 + 256 x 240 = 384 x 168), and a consumer's request waits forever when the
+/// CTA holds fewer.
+const SM90_REGISTERS: i32 = 168;
+
+/// A Hopper kernel compiled with another register count would hang at its first `setmaxnreg`:
+/// refuse it with an error instead (checked once, when the kernel is loaded).
+fn check_sm90_registers(f: &CudaFunction, name: &str) -> Result<()> {
+    let regs = f.num_regs()?;
+    ensure!(
+        regs == SM90_REGISTERS,
+        "kernel {name} was compiled with {regs} registers per thread; its warpgroups' register \
+         reallocation needs {SM90_REGISTERS} (rebuild with the pinned nvcc: tools/setup-cuda.sh)"
+    );
+    Ok(())
+}
+
 /// One CUDA device: context, stream, kernel modules, allocator and (lazily) cuBLAS.
 pub struct Device {
     ctx: Arc<CudaContext>,
@@ -305,6 +323,9 @@ impl Device {
         let f = m
             .load_function(name)
             .map_err(|e| Error(format!("kernel {module}::{name}: {}", Error::from(e))))?;
+        if module.ends_with("_sm90") {
+            check_sm90_registers(&f, name)?;
+        }
         self.functions
             .lock()
             .unwrap()
