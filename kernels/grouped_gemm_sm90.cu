@@ -12,19 +12,20 @@
 // Compiled for sm_90a only (build.rs: files named *_sm90.cu); the module is loaded only on a
 // compute-capability 9.0 device.
 //
-// A CTA computes a 128 x 128 tile of one expert's segment (the tile scheduler over the ragged
+// A CTA computes a 128 x 256 tile of one expert's segment (the tile scheduler over the ragged
 // segments is grouped_common.cuh's, shared with the sm_80 kernels) with three warpgroups:
 // - warpgroup 0, the producer (setmaxnreg down to 24): one thread issues, per BK = 64 slice of
-//   K, two TMA loads (the A rows and the B rows, 16 KiB each) into a STAGES-deep ring, each
-//   stage with a "full" mbarrier (transaction bytes) and an "empty" one the consumers release;
-// - warpgroups 1 and 2, the consumers, rows 0-63 and 64-127: per stage four m64n128k16 wgmma
-//   with both operands from shared memory, keeping one stage's wgmma in flight (wait_group 1)
-//   and releasing the stage before it.
+//   K, the TMA loads of the A rows (16 KiB) and the B rows (32 KiB) into a STAGES-deep ring,
+//   each stage with a "full" mbarrier (transaction bytes) and an "empty" one the consumers
+//   release;
+// - warpgroups 1 and 2, the consumers (setmaxnreg up to 240: 128 accumulators a thread), rows
+//   0-63 and 64-127: per stage four m64n256k16 wgmma with both operands from shared memory,
+//   keeping one stage's wgmma in flight (wait_group 1) and releasing the stage before it.
 // The A map covers all m rows and the B map all e * n weight rows: a tile's rows past its
 // segment read the next expert's rows (their outputs are not stored), columns past K read zeros.
 //
-// Shared-memory layout: per stage the A tile then the B tile, each 128 rows of 128 bytes (64 bf16)
-// as TMA writes them with the 128-byte swizzle (8-row atoms of 1024 bytes), then the mbarriers;
+// Shared-memory layout: per stage the A tile (128 rows) then the B tile (256 rows), rows of 128
+// bytes (64 bf16) as TMA writes them with the 128-byte swizzle (8-row atoms of 1024 bytes), then the mbarriers;
 // the base is aligned to 1024 bytes. Descriptors: K-major, 128-byte swizzle, SBO 1024; a k16
 // step advances the start address by 32 bytes inside the row.
 #include "grouped_common.cuh"
@@ -36,14 +37,14 @@
 namespace {
 
 constexpr int BM = 128;
-constexpr int BN = 128;
+constexpr int BN = 256;
 constexpr int BK = 64;
-constexpr int STAGES = 6;
+constexpr int STAGES = 4;
 constexpr int THREADS = 384;  // producer + two consumer warpgroups
 constexpr int GROUP_M = 8;
 constexpr int ROW_BYTES = BK * 2;                    // one swizzled row: 64 bf16
-constexpr int TILE_BYTES = 128 * ROW_BYTES;          // one operand, one stage (16 KiB)
-constexpr int STAGE_BYTES = 2 * TILE_BYTES;
+constexpr int A_BYTES = BM * ROW_BYTES;              // A rows of one stage (16 KiB)
+constexpr int STAGE_BYTES = A_BYTES + BN * ROW_BYTES;  // and B rows (32 KiB)
 constexpr int BAR_OFF = STAGES * STAGE_BYTES;
 // Requested dynamic shared memory (src/backend/cuda/grouped.rs SM90_SMEM_BYTES): the ring, the
 // 2 x STAGES mbarriers and the slack to align the base to 1024 bytes.
@@ -65,11 +66,11 @@ __device__ __forceinline__ uint64_t desc_k(uint32_t addr) {
   return hopper::smem_desc(addr, 16, 1024, hopper::SWIZZLE_128B);
 }
 
-// The CTA's 128 x 128 f32 product over K, this consumer warpgroup's 64 rows in d: the producer
-// loads A rows a_row0.. and B with load_b(dst, bar, k0) (TILE_BYTES of rows). Every thread of
-// the CTA calls it; the producer warpgroup returns false, the consumers true.
+// The CTA's 128 x 256 f32 product over K, this consumer warpgroup's 64 rows in d: the producer
+// loads A rows a_row0.. and B with load_b(dst, bar, k0) (BN rows). Every thread of the CTA calls
+// it; the producer warpgroup returns false, the consumers true.
 template <class LoadB>
-__device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *smem, const CUtensorMap *tm_a,
+__device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int k, unsigned char *smem, const CUtensorMap *tm_a,
                                          int a_row0, LoadB load_b) {
   using namespace hopper;
   uint64_t *full = reinterpret_cast<uint64_t *>(smem + BAR_OFF), *empty = full + STAGES;
@@ -94,7 +95,7 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
         unsigned char *st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
         tma_load_2d(st, tm_a, &full[s], kt * BK, a_row0);
-        load_b(st + TILE_BYTES, &full[s], kt * BK);
+        load_b(st + A_BYTES, &full[s], kt * BK);
       }
       wd.check();
     }
@@ -103,18 +104,18 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
   regs_inc<240>();
   const int c = wg - 1, lane = threadIdx.x & 31;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
   const uint32_t base = smem_u32(smem);
   Watchdog wd;
   for (int kt = 0; kt < ktiles; ++kt) {
     const int s = kt % STAGES;
     mbar_wait_warp(&full[s], (kt / STAGES) & 1, wd);
     const uint32_t a = base + s * STAGE_BYTES + c * 64 * ROW_BYTES;
-    const uint32_t b = base + s * STAGE_BYTES + TILE_BYTES;
+    const uint32_t b = base + s * STAGE_BYTES + A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk)
-      wgmma_ss_m64n128k16<0, 0>(d, desc_k(a + kk * 32), desc_k(b + kk * 32), kt > 0 || kk > 0);
+      wgmma_ss_m64n256k16<0, 0>(d, desc_k(a + kk * 32), desc_k(b + kk * 32), kt > 0 || kk > 0);
     wgmma_commit();
     // The previous stage's wgmma are done: release its buffers.
     wgmma_wait<1>();
@@ -132,7 +133,7 @@ __device__ __forceinline__ bool mainloop(float (&d)[64], int k, unsigned char *s
 }  // namespace
 
 // y [M, N] = a [M, K] w_e^T over each expert's rows; w [E, N, K]. tm_a: the 2-d tensor map of a
-// ([M, K], box 64 x 128), tm_w of w as [E * N, K] (box 64 x 128), both 128-byte swizzled.
+// ([M, K], box 64 x 128), tm_w of w as [E * N, K] (box 64 x 256), both 128-byte swizzled.
 // Grid: ((ceil(M/BM) + E) * ceil(N/BN)), 384 threads, SMEM_BYTES of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     grouped_nt_sm90_bf16(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_w,
@@ -147,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   auto load_b = [=](unsigned char *dst, uint64_t *bar, int k0) {
     hopper::tma_load_2d(dst, pw, bar, k0, w_row0);
   };
-  float d[64];
+  float d[BN / 2];
   if (!mainloop(d, k, smem, &tm_a, t.row0, load_b)) return;
 
   // Accumulator ownership (m64nNk16, f32): warp w of the warpgroup holds rows 16w..16w+15;
@@ -169,9 +170,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 
 // act [M, I] = silu(X Wg_e^T) * (X Wu_e^T) over each expert's rows; gate_out / up_out (nullable)
 // get the pre-activations. tm_x: x [M, H] (box 64 x 128); tm_wg / tm_wu: wg / wu as [E * I, H]
-// (box 64 x 64). Grid: ((ceil(M/BM) + E) * ceil(I/64)). The B tile holds 64 gate rows then the 64
-// up rows of the same intermediate columns, so each thread holds gate (accumulator column c) and
-// up (column 64 + c) of the same element and the SwiGLU runs on f32 accumulators, as
+// (box 64 x 128). Grid: ((ceil(M/BM) + E) * ceil(I/128)). The B tile holds 128 gate rows then
+// the 128 up rows of the same intermediate columns, so each thread holds gate (accumulator column c) and
+// up (column 128 + c) of the same element and the SwiGLU runs on f32 accumulators, as
 // grouped_gemm.cu's grouped_gateup_fwd_bf16.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     grouped_gateup_fwd_sm90_bf16(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_wg,
@@ -189,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     hopper::tma_load_2d(dst, pg, bar, k0, w_row0);
     hopper::tma_load_2d(dst + HALF * ROW_BYTES, pu, bar, k0, w_row0);
   };
-  float d[64];
+  float d[BN / 2];
   if (!mainloop(d, h, smem, &tm_x, t.row0, load_b)) return;
 
   const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;

@@ -41,14 +41,15 @@ const THREADS: u32 = 256;
 /// [128, BK + 8] bf16 operand tiles with BK = 32.
 const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 
-/// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 6 stages of
-/// two [128, 64] bf16 operand tiles, 12 mbarriers, and 1024 bytes to align the base.
-const SM90_SMEM_BYTES: usize = 6 * 2 * 128 * 64 * 2 + 12 * 8 + 1024;
+/// The Hopper kernels' CTA tile (grouped_gemm_sm90.cu BM, BN): 128 rows x 256 columns (128
+/// gate + 128 up columns of the fused gate/up kernel).
+const SM90_TILE_M: usize = 128;
+const SM90_TILE_N: usize = 256;
+/// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 4 stages of a
+/// [128, 64] and a [256, 64] bf16 tile, 8 mbarriers, and 1024 bytes to align the base.
+const SM90_SMEM_BYTES: usize = 4 * (SM90_TILE_M + SM90_TILE_N) * 64 * 2 + 8 * 8 + 1024;
 /// Threads of the Hopper kernels: a producer and two consumer warpgroups.
 const SM90_THREADS: u32 = 384;
-/// Rows of the Hopper kernels' TMA boxes: 128 of A (and of W for grouped_nt), 64 of each of the
-/// gate and up weights.
-const SM90_BOX_ROWS: usize = 128;
 
 pub(crate) fn check_width(x: usize, what: &str) -> Result<()> {
     ensure!(
@@ -169,9 +170,9 @@ impl Device {
         ] {
             check_align(p, 16, what)?;
         }
-        let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
         match path {
             KernelPath::Sm80 => {
+                let grid = sched_grid(m, e, i.div_ceil(GATEUP_TILE_N))?;
                 launch!(self, "grouped_gemm", "grouped_gateup_fwd_bf16", grid, THREADS, smem = SMEM_BYTES;
                 x.dptr(), wg.dptr(), wu.dptr(), offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
                 int(h, "hidden")?, int(i, "intermediate")?)
@@ -182,9 +183,10 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped gate/up (Hopper)";
-                let tm_x = matrix_map(x.dptr(), m, h, SM90_BOX_ROWS, what)?;
-                let tm_wg = matrix_map(wg.dptr(), e * i, h, SM90_BOX_ROWS / 2, what)?;
-                let tm_wu = matrix_map(wu.dptr(), e * i, h, SM90_BOX_ROWS / 2, what)?;
+                let grid = sched_grid(m, e, i.div_ceil(SM90_TILE_N / 2))?;
+                let tm_x = matrix_map(x.dptr(), m, h, SM90_TILE_M, what)?;
+                let tm_wg = matrix_map(wg.dptr(), e * i, h, SM90_TILE_N / 2, what)?;
+                let tm_wu = matrix_map(wu.dptr(), e * i, h, SM90_TILE_N / 2, what)?;
                 launch!(self, "grouped_gemm_sm90", "grouped_gateup_fwd_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
                     tm_x, tm_wg, tm_wu, offsets.dptr(), act.dptr(), gp, up, int(m, "rows")?, int(e, "experts")?,
                     int(h, "hidden")?, int(i, "intermediate")?)
@@ -238,9 +240,9 @@ impl Device {
         for (p, what) in [(a.dptr(), "a"), (w.dptr(), "w"), (y.dptr(), "y")] {
             check_align(p, 16, what)?;
         }
-        let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
         match path {
             KernelPath::Sm80 => {
+                let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
                 launch!(self, "grouped_gemm", "grouped_nt_bf16", grid, THREADS, smem = SMEM_BYTES;
                 a.dptr(), w.dptr(), offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
@@ -250,8 +252,9 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped NT (Hopper)";
-                let tm_a = matrix_map(a.dptr(), m, k, SM90_BOX_ROWS, what)?;
-                let tm_w = matrix_map(w.dptr(), e * n, k, SM90_BOX_ROWS, what)?;
+                let grid = sched_grid(m, e, n.div_ceil(SM90_TILE_N))?;
+                let tm_a = matrix_map(a.dptr(), m, k, SM90_TILE_M, what)?;
+                let tm_w = matrix_map(w.dptr(), e * n, k, SM90_TILE_N, what)?;
                 launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
                     tm_a, tm_w, offsets.dptr(), y.dptr(), int(m, "rows")?, int(e, "experts")?, int(k, "k")?, int(n, "n")?)
             }
