@@ -604,7 +604,7 @@ fn variants_fit_the_target_gpus() {
 }
 
 #[test]
-fn sm90_forward_fits_the_h100() {
+fn sm90_kernels_fit_the_h100() {
     for hd in [64, 128] {
         let smem = flash::sm90_smem(hd);
         assert!(smem <= H100_SMEM, "hd {hd}: {smem} bytes of shared memory");
@@ -617,6 +617,13 @@ fn sm90_forward_fits_the_h100() {
         &AttnShape::causal(1, 100, 4, 2, 80),
         &[0]
     ));
+    // No query rows: the sm_80 path, which zeroes dK and dV of the whole cache.
+    let empty = AttnShape::cached(1, 0, 10, 16, 4, 2, 128);
+    assert!(!flash::sm90_applies(&empty, &[0]));
+    for hd in [64, 128] {
+        let smem = flash::sm90_bwd_smem(hd);
+        assert!(smem <= H100_SMEM, "backward hd {hd}: {smem} bytes");
+    }
 }
 
 #[test]

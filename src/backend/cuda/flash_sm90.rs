@@ -41,10 +41,14 @@ pub const fn sm90_smem(hd: usize) -> usize {
     q + 2 * stages(hd) * kv + (1 + 3 * stages(hd)) * 8 + 1024
 }
 
-/// Whether the Hopper forward handles this call: head dim 64 or 128 and every buffer 16-byte
-/// aligned (TMA's requirement on addresses and strides). `ptrs`: q, k, v, out.
+/// Whether the Hopper kernels handle this call: head dim 64 or 128, every buffer 16-byte aligned
+/// (TMA's requirement on addresses and strides), and some query rows (an empty call runs the
+/// sm_80 path, which zeroes dK and dV: TMA maps cannot describe an empty tensor). `ptrs`: every
+/// bf16 buffer of the call.
 pub fn sm90_applies(s: &AttnShape, ptrs: &[u64]) -> bool {
-    (s.hd == 64 || s.hd == 128) && ptrs.iter().all(|p| p.is_multiple_of(16))
+    (s.hd == 64 || s.hd == 128)
+        && s.b * s.tq * s.nh > 0
+        && ptrs.iter().all(|p| p.is_multiple_of(16))
 }
 
 /// The Hopper forward kernel for head dim `hd` (64 or 128).
