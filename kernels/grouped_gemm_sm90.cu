@@ -1,12 +1,16 @@
-// Hopper (sm_90a) path of the grouped expert GEMMs' forward: grouped_nt_sm90_bf16 (y[seg] =
-// a[seg] w_e^T, the down projection, as grouped_gemm.cu's grouped_nt_bf16) and
-// grouped_gateup_fwd_sm90_bf16 (act = silu(x wg_e^T) * (x wu_e^T), as grouped_gateup_fwd_bf16):
-// TMA loads, wgmma from shared memory, a producer and two consumer warpgroups.
+// Hopper (sm_90a) path of the grouped expert GEMMs: the forward, grouped_nt_sm90_bf16 (y[seg] =
+// a[seg] w_e^T, the down projection) and grouped_gateup_fwd_sm90_bf16 (act = silu(x wg_e^T) *
+// (x wu_e^T)), and the input gradients, grouped_nn_sm90_bf16 (dx[seg] = dy[seg] w_e (+ dy2[seg]
+// w2_e)) and grouped_nn_swiglu_bwd_sm90_bf16 (dA = dy wd_e with the SwiGLU backward in the
+// epilogue), each as grouped_gemm.cu's kernel of the same name without _sm90: TMA loads, wgmma
+// from shared memory, a producer and two consumer warpgroups. The weight gradients stay on
+// grouped_gemm.cu.
 //
-// CPU reference: per expert, src/ops/linear.rs (linear) on the rows src/ops/moe.rs gather_rows
-// picks, as for grouped_gemm.cu. Wrapper: src/backend/cuda/grouped.rs (Device::grouped_nt and
-// Device::grouped_gateup_fwd take this path on an sm_90 GPU when FLEXRUN_SM90=1; the *_on
-// variants on request). Test: tests/gpu_grouped.rs (grouped_nt_sm90). Notes and measurements:
+// CPU reference: per expert, src/ops/linear.rs (linear, LinearBack) and src/ops/elementwise.rs
+// (swiglu, SwigluBack) on the rows src/ops/moe.rs gather_rows picks, as for grouped_gemm.cu.
+// Wrapper: src/backend/cuda/grouped.rs (Device::grouped_nt, grouped_gateup_fwd, grouped_nn and
+// grouped_nn_swiglu_bwd take this path on an sm_90 GPU when FLEXRUN_SM90=1; the *_on variants on
+// request). Test: tests/gpu_grouped.rs (grouped_sm90). Notes and measurements:
 // grouped_gemm_sm90.md.
 //
 // Compiled for sm_90a only (build.rs: files named *_sm90.cu); the module is loaded only on a
@@ -23,6 +27,11 @@
 //   keeping one stage's wgmma in flight (wait_group 1) and releasing the stage before it.
 // The A map covers all m rows and the B map all e * n weight rows: a tile's rows past its
 // segment read the next expert's rows (their outputs are not stored), columns past K read zeros.
+//
+// The NN kernels' B operand is BK rows of w_e [K, N] (N contiguous): an MN-major operand, stored
+// as four 64-column blocks of [BK rows][128 bytes] (TMA boxes of 64 x 64) and read with the
+// descriptor's transpose bit (LBO 8 KiB between the blocks, SBO 1024 per 8 rows of K, a k16 step
+// 16 rows = 2048 bytes).
 //
 // Shared-memory layout: per stage the A tile (128 rows) then the B tile (256 rows), rows of 128
 // bytes (64 bf16) as TMA writes them with the 128-byte swizzle (8-row atoms of 1024 bytes), then the mbarriers;
@@ -66,15 +75,16 @@ __device__ __forceinline__ uint64_t desc_k(uint32_t addr) {
   return hopper::smem_desc(addr, 16, 1024, hopper::SWIZZLE_128B);
 }
 
-// The CTA's 128 x 256 f32 product over K, this consumer warpgroup's 64 rows in d: the producer
-// loads A rows a_row0.. and B with load_b(dst, bar, k0) (BN rows). Every thread of the CTA calls
-// it; the producer warpgroup returns false, the consumers true.
-template <class LoadB>
-__device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int k, unsigned char *smem, const CUtensorMap *tm_a,
-                                         int a_row0, LoadB load_b) {
+// The CTA's 128 x 256 f32 product over `ktiles` slices of BK, this consumer warpgroup's 64 rows
+// in d. The producer fills stage buffers with load_stage(dst, bar, kt): the A rows (BM x BK) at
+// dst, the B tile (BN_ x BK) after them, STAGE_BYTES in all. B_MN: the B tile is MN-major (the
+// NN kernels: BK rows of W, each 64-column block of them [BK][128 bytes]) instead of K-major
+// (BN rows of BK). Every thread of the CTA calls it; the producer warpgroup returns false, the
+// consumers true.
+template <bool B_MN, class LoadStage>
+__device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int ktiles, unsigned char *smem, LoadStage load_stage) {
   using namespace hopper;
   uint64_t *full = reinterpret_cast<uint64_t *>(smem + BAR_OFF), *empty = full + STAGES;
-  const int ktiles = ceil_div(k, BK);
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1);
@@ -88,14 +98,11 @@ __device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int k, unsigned cha
     regs_dec<24>();
     if (threadIdx.x == 0) {
       Watchdog wd;
-      tma_prefetch_map(tm_a);
       for (int kt = 0; kt < ktiles; ++kt) {
         const int s = kt % STAGES;
         if (kt >= STAGES) mbar_wait(&empty[s], ((kt / STAGES) - 1) & 1, wd);
-        unsigned char *st = smem + s * STAGE_BYTES;
         mbar_arrive_expect_tx(&full[s], STAGE_BYTES);
-        tma_load_2d(st, tm_a, &full[s], kt * BK, a_row0);
-        load_b(st + A_BYTES, &full[s], kt * BK);
+        load_stage(smem + s * STAGE_BYTES, &full[s], kt);
       }
       wd.check();
     }
@@ -114,8 +121,16 @@ __device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int k, unsigned cha
     const uint32_t b = base + s * STAGE_BYTES + A_BYTES;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk)
-      wgmma_ss_m64n256k16<0, 0>(d, desc_k(a + kk * 32), desc_k(b + kk * 32), kt > 0 || kk > 0);
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if constexpr (B_MN)
+        // 16 rows of K per step; the 64-column blocks of N are BK rows (8 KiB) apart.
+        wgmma_ss_m64n256k16<0, 1>(d, desc_k(a + kk * 32),
+                                  hopper::smem_desc(b + kk * 16 * ROW_BYTES, BK * ROW_BYTES, 1024,
+                                                    hopper::SWIZZLE_128B),
+                                  kt > 0 || kk > 0);
+      else
+        wgmma_ss_m64n256k16<0, 0>(d, desc_k(a + kk * 32), desc_k(b + kk * 32), kt > 0 || kk > 0);
+    }
     wgmma_commit();
     // The previous stage's wgmma are done: release its buffers.
     wgmma_wait<1>();
@@ -130,6 +145,26 @@ __device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int k, unsigned cha
   return true;
 }
 
+// Store this consumer warpgroup's 64 x BN accumulators as bf16 rows t.row0 + r (r < t.rows) of
+// an [m, n] matrix, columns n0.. (< n).
+__device__ __forceinline__ void store_tile(bf16 *__restrict__ y, const float (&d)[BN / 2], const Tile &t, int n0,
+                                           int n) {
+  // Accumulator ownership (m64nNk16, f32): warp w of the warpgroup holds rows 16w..16w+15;
+  // d[4j + 2h + c] is row 16w + lane/4 + 8h, column 8j + 2(lane%4) + c.
+  const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = c * 64 + warp * 16 + (lane >> 2) + 8 * h;
+    if (r >= t.rows) continue;
+    bf16 *yr = y + (size_t)(t.row0 + r) * n;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col < n) store_bf16x2(yr + col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    }
+  }
+}
+
 }  // namespace
 
 // y [M, N] = a [M, K] w_e^T over each expert's rows; w [E, N, K]. tm_a: the 2-d tensor map of a
@@ -142,37 +177,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   unsigned char *smem = dyn_smem();
   Tile t;
   if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
-  const int n0 = t.n_tile * BN;
-  const int w_row0 = t.e * n + n0;
-  const CUtensorMap *pw = &tm_w;
-  auto load_b = [=](unsigned char *dst, uint64_t *bar, int k0) {
-    hopper::tma_load_2d(dst, pw, bar, k0, w_row0);
+  const int n0 = t.n_tile * BN, a_row0 = t.row0, w_row0 = t.e * n + n0;
+  const CUtensorMap *pa = &tm_a, *pw = &tm_w;
+  auto load = [=](unsigned char *dst, uint64_t *bar, int kt) {
+    hopper::tma_load_2d(dst, pa, bar, kt * BK, a_row0);
+    hopper::tma_load_2d(dst + A_BYTES, pw, bar, kt * BK, w_row0);
   };
   float d[BN / 2];
-  if (!mainloop(d, k, smem, &tm_a, t.row0, load_b)) return;
-
-  // Accumulator ownership (m64nNk16, f32): warp w of the warpgroup holds rows 16w..16w+15;
-  // d[4j + 2h + c] is row 16w + lane/4 + 8h, column 8j + 2(lane%4) + c.
-  const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int rows = t.rows;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = c * 64 + warp * 16 + (lane >> 2) + 8 * h;
-    if (r >= rows) continue;
-    bf16 *yr = y + (size_t)(t.row0 + r) * n;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane & 3);
-      if (col < n) store_bf16x2(yr + col, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-    }
-  }
+  if (!mainloop<false>(d, ceil_div(k, BK), smem, load)) return;
+  store_tile(y, d, t, n0, n);
 }
 
 // act [M, I] = silu(X Wg_e^T) * (X Wu_e^T) over each expert's rows; gate_out / up_out (nullable)
 // get the pre-activations. tm_x: x [M, H] (box 64 x 128); tm_wg / tm_wu: wg / wu as [E * I, H]
 // (box 64 x 128). Grid: ((ceil(M/BM) + E) * ceil(I/128)). The B tile holds 128 gate rows then
-// the 128 up rows of the same intermediate columns, so each thread holds gate (accumulator column c) and
-// up (column 128 + c) of the same element and the SwiGLU runs on f32 accumulators, as
+// the 128 up rows of the same intermediate columns, so each thread holds gate (accumulator column
+// c) and up (column 128 + c) of the same element and the SwiGLU runs on f32 accumulators, as
 // grouped_gemm.cu's grouped_gateup_fwd_bf16.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     grouped_gateup_fwd_sm90_bf16(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_wg,
@@ -183,22 +203,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   constexpr int HALF = BN / 2;
   Tile t;
   if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(inter, HALF), t)) return;
-  const int n0 = t.n_tile * HALF;
-  const int w_row0 = t.e * inter + n0;
-  const CUtensorMap *pg = &tm_wg, *pu = &tm_wu;
-  auto load_b = [=](unsigned char *dst, uint64_t *bar, int k0) {
-    hopper::tma_load_2d(dst, pg, bar, k0, w_row0);
-    hopper::tma_load_2d(dst + HALF * ROW_BYTES, pu, bar, k0, w_row0);
+  const int n0 = t.n_tile * HALF, x_row0 = t.row0, w_row0 = t.e * inter + n0;
+  const CUtensorMap *px = &tm_x, *pg = &tm_wg, *pu = &tm_wu;
+  auto load = [=](unsigned char *dst, uint64_t *bar, int kt) {
+    hopper::tma_load_2d(dst, px, bar, kt * BK, x_row0);
+    hopper::tma_load_2d(dst + A_BYTES, pg, bar, kt * BK, w_row0);
+    hopper::tma_load_2d(dst + A_BYTES + HALF * ROW_BYTES, pu, bar, kt * BK, w_row0);
   };
   float d[BN / 2];
-  if (!mainloop(d, h, smem, &tm_x, t.row0, load_b)) return;
+  if (!mainloop<false>(d, ceil_div(h, BK), smem, load)) return;
 
   const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int rows = t.rows;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = c * 64 + warp * 16 + (lane >> 2) + 8 * hh;
-    if (r >= rows) continue;
+    if (r >= t.rows) continue;
     const size_t row = (size_t)(t.row0 + r) * inter;
 #pragma unroll
     for (int j = 0; j < HALF / 8; ++j) {
@@ -209,6 +228,85 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       store_bf16x2(act + row + col, g0 * sigmoid_acc(g0) * u0, g1 * sigmoid_acc(g1) * u1);
       if (gate_out) store_bf16x2(gate_out + row + col, g0, g1);
       if (up_out) store_bf16x2(up_out + row + col, u0, u1);
+    }
+  }
+}
+
+// The NN stage loader: the dy rows (K-major A, box 64 x 128) and BK rows of w_e as four 64-column
+// blocks (MN-major B, boxes 64 x 64 from w as [E * K, N]); slices past the first product's
+// ktiles come from the second pair (dy2, w2), for dX = dG Wg + dU Wu in one accumulator.
+struct NnLoad {
+  const CUtensorMap *dy, *w, *dy2, *w2;
+  int row0, w_row0, n0, kt_one;
+  __device__ __forceinline__ void operator()(unsigned char *dst, uint64_t *bar, int kt) const {
+    const bool second = kt >= kt_one;
+    const int k0 = (second ? kt - kt_one : kt) * BK;
+    hopper::tma_load_2d(dst, second ? dy2 : dy, bar, k0, row0);
+#pragma unroll
+    for (int c = 0; c < BN / 64; ++c)
+      hopper::tma_load_2d(dst + A_BYTES + c * BK * ROW_BYTES, second ? w2 : w, bar, n0 + 64 * c, w_row0 + k0);
+  }
+};
+
+// dx [M, N] = dy[seg] [rows, K] @ w_e [K, N] (+ dy2[seg] @ w2_e when has_second) over each
+// expert's rows; w, w2 [E, K, N]. tm_dy / tm_dy2: [M, K] (box 64 x 128); tm_w / tm_w2: [E * K, N]
+// (box 64 x 64). Grid: ((ceil(M/BM) + E) * ceil(N/BN)). Slices of K past the end read zero dy
+// columns (the w rows there belong to the next expert and multiply zeros).
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    grouped_nn_sm90_bf16(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_w,
+                         const __grid_constant__ CUtensorMap tm_dy2, const __grid_constant__ CUtensorMap tm_w2,
+                         int has_second, const unsigned *__restrict__ offsets, bf16 *__restrict__ dx, int m_total,
+                         int n_experts, int k, int n) {
+  unsigned char *smem = dyn_smem();
+  Tile t;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
+  const NnLoad load{&tm_dy, &tm_w, &tm_dy2, &tm_w2, t.row0, t.e * k, n0, kt_one};
+  float d[BN / 2];
+  if (!mainloop<true>(d, has_second ? 2 * kt_one : kt_one, smem, load)) return;
+  store_tile(dx, d, t, n0, n);
+}
+
+// The down projection's backward with the SwiGLU's in the epilogue: dA = dy[seg] [rows, H] @
+// wd_e [H, I] (f32, never stored), then dgate = dA * up * s * (1 + gate (1 - s)), dup = dA *
+// gate * s with s = sigmoid(gate), from the saved pre-activations gate / up [M, I], as
+// grouped_gemm.cu's grouped_nn_swiglu_bwd_bf16. tm_dy: [M, H]; tm_wd: wd as [E * H, I].
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    grouped_nn_swiglu_bwd_sm90_bf16(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_wd,
+                                    const bf16 *__restrict__ gate, const bf16 *__restrict__ up,
+                                    const unsigned *__restrict__ offsets, bf16 *__restrict__ dgate,
+                                    bf16 *__restrict__ dup, int m_total, int n_experts, int k, int n) {
+  unsigned char *smem = dyn_smem();
+  Tile t;
+  if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
+  const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
+  const NnLoad load{&tm_dy, &tm_wd, &tm_dy, &tm_wd, t.row0, t.e * k, n0, kt_one};
+  float d[BN / 2];
+  if (!mainloop<true>(d, kt_one, smem, load)) return;
+
+  const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = c * 64 + warp * 16 + (lane >> 2) + 8 * hh;
+    if (r >= t.rows) continue;
+    const size_t row = (size_t)(t.row0 + r) * n;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col >= n) continue;
+      const __nv_bfloat162 g2 = *reinterpret_cast<const __nv_bfloat162 *>(gate + row + col);
+      const __nv_bfloat162 u2 = *reinterpret_cast<const __nv_bfloat162 *>(up + row + col);
+      const float g[2] = {__low2float(g2), __high2float(g2)}, u[2] = {__low2float(u2), __high2float(u2)};
+      float dg[2], du[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dd = d[4 * j + 2 * hh + e];
+        const float sg = sigmoid_acc(g[e]);
+        dg[e] = dd * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
+        du[e] = dd * g[e] * sg;
+      }
+      store_bf16x2(dgate + row + col, dg[0], dg[1]);
+      store_bf16x2(dup + row + col, du[0], du[1]);
     }
   }
 }

@@ -103,18 +103,19 @@ backend_tests!(
     grouped_bench_smoke
 );
 
-/// The Hopper (wgmma) kernels (down projection; gate/up with the SwiGLU epilogue) against the
-/// CPU reference (and the down projection against the sm_80 kernel), on
-/// every case (ragged segments, empty experts, E = 64, widths from 8 to 264: K not a multiple of
-/// its 64-wide k-tiles, N not a multiple of its 128-wide n-tiles). On a GPU that is not compute
-/// capability 9.0 it prints SKIP (the path does not exist there).
+/// The Hopper (wgmma, TMA) kernels against the CPU reference and the sm_80 kernels, each run twice
+/// for bit-identical results: the down projection, gate/up with the SwiGLU epilogue, and the
+/// input gradients (dA = dY Wd_e, its fused SwiGLU backward, dX = dG Wg_e + dU Wu_e), on every case
+/// (ragged segments, empty experts, E = 64, widths from 8 to 1000: K not a multiple of its 64-wide
+/// slices and past the 4-stage ring, N not a multiple of the 256-wide tiles). On a GPU that is not
+/// compute capability 9.0 it prints SKIP (the path does not exist there).
 #[test]
-fn grouped_nt_sm90() {
-    common::with_cuda("grouped_nt_sm90", |dev| {
+fn grouped_sm90() {
+    common::with_cuda("grouped_sm90", |dev| {
         let cc = dev.compute_capability()?;
         if cc != (9, 0) {
             println!(
-                "SKIP: grouped_nt_sm90 needs compute capability 9.0, this GPU is {}.{}",
+                "SKIP: grouped_sm90 needs compute capability 9.0, this GPU is {}.{}",
                 cc.0, cc.1
             );
             return Ok(());
@@ -192,6 +193,43 @@ fn grouped_nt_sm90() {
                 &down(dev, &act)?,
                 &rf.act,
                 BF16_TOL,
+            );
+            // The input gradients: dA = dY Wd_e, the fused SwiGLU backward, dX = dG Wg_e + dU Wu_e.
+            let (wg_, wu_, dy) = (up(dev, &inp.wg)?, up(dev, &inp.wu)?, up(dev, &inp.dy)?);
+            let (gate_r, up_r) = (up(dev, &rf.gate_r)?, up(dev, &rf.up_r)?);
+            let (dgate_r, dup_r) = (up(dev, &rf.dgate_r)?, up(dev, &rf.dup_r)?);
+            let bwd = |path: KernelPath| -> flexrun::Result<[Vec<f32>; 4]> {
+                let mut da = dev.alloc::<bf16>(m * i)?;
+                dev.grouped_nn_on(path, &dy, &off, &wd, None, e, h, i, &mut da)?;
+                let (mut dgate, mut dup) = (dev.alloc::<bf16>(m * i)?, dev.alloc::<bf16>(m * i)?);
+                dev.grouped_nn_swiglu_bwd_on(
+                    path, &dy, &off, &wd, &gate_r, &up_r, e, h, i, &mut dgate, &mut dup,
+                )?;
+                let mut dx = dev.alloc::<bf16>(m * h)?;
+                let second = Some((dup_r.as_view(), wu_.as_view()));
+                dev.grouped_nn_on(path, &dgate_r, &off, &wg_, second, e, i, h, &mut dx)?;
+                Ok([
+                    down(dev, &da)?,
+                    down(dev, &dgate)?,
+                    down(dev, &dup)?,
+                    down(dev, &dx)?,
+                ])
+            };
+            let (g90, g80) = (bwd(KernelPath::Sm90)?, bwd(KernelPath::Sm80)?);
+            let want = [&rf.da, &rf.dgate, &rf.dup, &rf.dx];
+            for (j, name) in ["dA", "dgate", "dup", "dX"].iter().enumerate() {
+                assert_close(&b, &format!("{name} {what}"), &g90[j], want[j], BF16_TOL);
+                assert_close(
+                    &b,
+                    &format!("{name} {what} vs sm80"),
+                    &g90[j],
+                    &g80[j],
+                    BF16_TOL,
+                );
+            }
+            assert!(
+                bwd(KernelPath::Sm90)? == g90,
+                "{what}: backward not deterministic"
             );
         }
         Ok(())

@@ -45,6 +45,8 @@ const SMEM_BYTES: usize = 4 * 2 * 128 * (32 + 8) * 2;
 /// gate + 128 up columns of the fused gate/up kernel).
 const SM90_TILE_M: usize = 128;
 const SM90_TILE_N: usize = 256;
+/// K per pipeline stage of the Hopper kernels (BK): the NN kernels' weight boxes are BK rows.
+const SM90_BK: usize = 64;
 /// Dynamic shared memory of the Hopper kernels (grouped_gemm_sm90.cu SMEM_BYTES): 4 stages of a
 /// [128, 64] and a [256, 64] bf16 tile, 8 mbarriers, and 1024 bytes to align the base.
 const SM90_SMEM_BYTES: usize = 4 * (SM90_TILE_M + SM90_TILE_N) * 64 * 2 + 8 * 8 + 1024;
@@ -277,6 +279,23 @@ impl Device {
         n: usize,
         dx: &mut impl DeviceWrite<bf16>,
     ) -> Result<()> {
+        self.grouped_nn_on(self.kernel_path(), dy, offsets, w, second, e, k, n, dx)
+    }
+
+    /// [`Device::grouped_nn`] on the given path (tests and benchmarks compare the two).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_nn_on(
+        &self,
+        path: KernelPath,
+        dy: &impl DeviceRead<bf16>,
+        offsets: &impl DeviceRead<u32>,
+        w: &impl DeviceRead<bf16>,
+        second: Option<(View<'_, bf16>, View<'_, bf16>)>,
+        e: usize,
+        k: usize,
+        n: usize,
+        dx: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
         check_experts(e, offsets)?;
         check_width(k, "k")?;
         check_width(n, "n")?;
@@ -309,10 +328,36 @@ impl Device {
         ] {
             check_align(p, 16, what)?;
         }
-        let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nn_bf16", grid, THREADS, smem = SMEM_BYTES;
-            dy.dptr(), w.dptr(), dy2, w2, offsets.dptr(), dx.dptr(), int(m, "rows")?, int(e, "experts")?,
-            int(k, "k")?, int(n, "n")?)
+        match path {
+            KernelPath::Sm80 => {
+                let grid = sched_grid(m, e, n.div_ceil(TILE_N))?;
+                launch!(self, "grouped_gemm", "grouped_nn_bf16", grid, THREADS, smem = SMEM_BYTES;
+                    dy.dptr(), w.dptr(), dy2, w2, offsets.dptr(), dx.dptr(), int(m, "rows")?, int(e, "experts")?,
+                    int(k, "k")?, int(n, "n")?)
+            }
+            KernelPath::Sm90 => {
+                self.require_sm90("grouped GEMM")?;
+                if m == 0 {
+                    return Ok(()); // no rows: nothing to write (and TMA maps need rows)
+                }
+                let what = "grouped NN (Hopper)";
+                let grid = sched_grid(m, e, n.div_ceil(SM90_TILE_N))?;
+                let tm_dy = matrix_map(dy.dptr(), m, k, SM90_TILE_M, what)?;
+                let tm_w = matrix_map(w.dptr(), e * k, n, SM90_BK, what)?;
+                let (tm_dy2, tm_w2, has_second) = if dy2 != 0 {
+                    (
+                        matrix_map(dy2, m, k, SM90_TILE_M, what)?,
+                        matrix_map(w2, e * k, n, SM90_BK, what)?,
+                        1i32,
+                    )
+                } else {
+                    (tm_dy, tm_w, 0i32)
+                };
+                launch!(self, "grouped_gemm_sm90", "grouped_nn_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
+                    tm_dy, tm_w, tm_dy2, tm_w2, has_second, offsets.dptr(), dx.dptr(), int(m, "rows")?,
+                    int(e, "experts")?, int(k, "k")?, int(n, "n")?)
+            }
+        }
     }
 
     /// Backward through the down projection and the SwiGLU in one pass:
@@ -321,6 +366,37 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub fn grouped_nn_swiglu_bwd(
         &self,
+        dy: &impl DeviceRead<bf16>,
+        offsets: &impl DeviceRead<u32>,
+        wd: &impl DeviceRead<bf16>,
+        gate: &impl DeviceRead<bf16>,
+        up: &impl DeviceRead<bf16>,
+        e: usize,
+        h: usize,
+        i: usize,
+        dgate: &mut impl DeviceWrite<bf16>,
+        dup: &mut impl DeviceWrite<bf16>,
+    ) -> Result<()> {
+        self.grouped_nn_swiglu_bwd_on(
+            self.kernel_path(),
+            dy,
+            offsets,
+            wd,
+            gate,
+            up,
+            e,
+            h,
+            i,
+            dgate,
+            dup,
+        )
+    }
+
+    /// [`Device::grouped_nn_swiglu_bwd`] on the given path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_nn_swiglu_bwd_on(
+        &self,
+        path: KernelPath,
         dy: &impl DeviceRead<bf16>,
         offsets: &impl DeviceRead<u32>,
         wd: &impl DeviceRead<bf16>,
@@ -354,10 +430,28 @@ impl Device {
         ] {
             check_align(p, 16, what)?;
         }
-        let grid = sched_grid(m, e, i.div_ceil(TILE_N))?;
-        launch!(self, "grouped_gemm", "grouped_nn_swiglu_bwd_bf16", grid, THREADS, smem = SMEM_BYTES;
-            dy.dptr(), wd.dptr(), gate.dptr(), up.dptr(), offsets.dptr(), dgate.dptr(), dup.dptr(), int(m, "rows")?,
-            int(e, "experts")?, int(h, "k")?, int(i, "n")?)
+        match path {
+            KernelPath::Sm80 => {
+                let grid = sched_grid(m, e, i.div_ceil(TILE_N))?;
+                launch!(self, "grouped_gemm", "grouped_nn_swiglu_bwd_bf16", grid, THREADS, smem = SMEM_BYTES;
+                    dy.dptr(), wd.dptr(), gate.dptr(), up.dptr(), offsets.dptr(), dgate.dptr(), dup.dptr(),
+                    int(m, "rows")?, int(e, "experts")?, int(h, "k")?, int(i, "n")?)
+            }
+            KernelPath::Sm90 => {
+                self.require_sm90("grouped GEMM")?;
+                if m == 0 {
+                    return Ok(()); // no rows: nothing to write (and TMA maps need rows)
+                }
+                let what = "grouped SwiGLU backward (Hopper)";
+                let grid = sched_grid(m, e, i.div_ceil(SM90_TILE_N))?;
+                let tm_dy = matrix_map(dy.dptr(), m, h, SM90_TILE_M, what)?;
+                let tm_wd = matrix_map(wd.dptr(), e * h, i, SM90_BK, what)?;
+                launch!(self, "grouped_gemm_sm90", "grouped_nn_swiglu_bwd_sm90_bf16", grid, SM90_THREADS,
+                    smem = SM90_SMEM_BYTES;
+                    tm_dy, tm_wd, gate.dptr(), up.dptr(), offsets.dptr(), dgate.dptr(), dup.dptr(),
+                    int(m, "rows")?, int(e, "experts")?, int(h, "k")?, int(i, "n")?)
+            }
+        }
     }
 
     /// Weight gradients per expert: `dw[e] (+)= dy[seg]^T x[seg]` (f32 `[e, n, k]`), dy `[m, n]`,
