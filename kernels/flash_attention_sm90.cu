@@ -158,30 +158,34 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   Watchdog wd;
   mbar_wait_warp(q_full, 0, wd);
 
-  for (int j = 0; j < ntiles; ++j) {
-    const int s = j % STAGES;
-    const unsigned parity = (j / STAGES) & 1;
-    const uint32_t k_base = smem_u32(sK + s * L::KV_BYTES);
-    const uint32_t v_base = smem_u32(sV + s * L::KV_BYTES);
-
-    // S = Q K^T (64 x BN per warpgroup).
-    mbar_wait_warp(&k_full[s], parity, wd);
-    wgmma_fence();
+  // S = Q K_j^T, issued (not waited for).
+  auto issue_s = [&](int j) {
+    const uint32_t k_base = smem_u32(sK + (j % STAGES) * L::KV_BYTES);
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
       const uint32_t step = (kk % 4) * 32;  // 16 bf16 = 32 bytes into the 128-byte row
       const uint64_t da = smem_desc(q_base + (kk / 4) * BM * ROW_BYTES + step, 16, 1024, SWIZZLE_128B);
       const uint64_t db = smem_desc(k_base + (kk / 4) * BN * ROW_BYTES + step, 16, 1024, SWIZZLE_128B);
-      if constexpr (BN == 128)
-        wgmma_ss_m64n128k16<0, 0>(sc, da, db, kk > 0);
-      else
-        wgmma_ss_m64n64k16<0, 0>(sc, da, db, kk > 0);
+      wgmma_ss_m64n128k16<0, 0>(sc, da, db, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(sc);
-
-    // Online softmax in the log2 domain on the rows this thread holds.
+  };
+  // O += P V_j, issued (not waited for).
+  auto issue_pv = [&](int j) {
+    const uint32_t v_base = smem_u32(sV + (j % STAGES) * L::KV_BYTES);
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      const uint64_t dv = smem_desc(v_base + ks * 16 * ROW_BYTES, BN * ROW_BYTES, 1024, SWIZZLE_128B);
+      if constexpr (HD == 128)
+        wgmma_rs_m64n128k16<1>(o, p[ks], dv);
+      else
+        wgmma_rs_m64n64k16<1>(o, p[ks], dv);
+    }
+    wgmma_commit();
+  };
+  // The online softmax of S_j in the log2 domain on the rows this thread holds: sc becomes the
+  // unnormalised probabilities, m_run and l_run advance, and alpha is the factor O must take.
+  auto softmax = [&](int j, float (&alpha)[2]) {
     const bool masked = (j + 1) * BN > min(first_pos + 1, tk);
     float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
@@ -201,7 +205,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
         }
       }
     }
-    float alpha[2], base[2];
+    float base[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
@@ -225,14 +229,9 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
     }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) l_run[hh] = l_run[hh] * alpha[hh] + rs[hh];
-#pragma unroll
-    for (int jj = 0; jj < HD / 8; ++jj) {
-      o[4 * jj + 0] *= alpha[0];
-      o[4 * jj + 1] *= alpha[0];
-      o[4 * jj + 2] *= alpha[1];
-      o[4 * jj + 3] *= alpha[1];
-    }
-    // P as bf16 A fragments, one per 16 keys.
+  };
+  // P as bf16 A fragments, one per 16 keys.
+  auto pack = [&]() {
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
       p[ks][0] = pack_bf16(sc[8 * ks + 0], sc[8 * ks + 1]);
@@ -240,26 +239,57 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
       p[ks][2] = pack_bf16(sc[8 * ks + 4], sc[8 * ks + 5]);
       p[ks][3] = pack_bf16(sc[8 * ks + 6], sc[8 * ks + 7]);
     }
+  };
+  auto release = [&](int j) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[j % STAGES]);
+  };
+  auto parity = [&](int j) { return (unsigned)((j / STAGES) & 1); };
 
-    // O += P V.
-    mbar_wait_warp(&v_full[s], parity, wd);
+  // Tile 0: S, softmax, P (O is still zero: no rescale).
+  float alpha[2];
+  mbar_wait_warp(&k_full[0], 0, wd);
+  wgmma_fence();
+  issue_s(0);
+  wgmma_wait<0>();
+  fence_operands(sc);
+  softmax(0, alpha);
+  pack();
+  // Tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} go to the tensor cores together; the softmax
+  // of S_j runs while the P V product is still in flight, and O takes its rescale once that
+  // product is done.
+  for (int j = 1; j < ntiles; ++j) {
+    mbar_wait_warp(&k_full[j % STAGES], parity(j), wd);
+    mbar_wait_warp(&v_full[(j - 1) % STAGES], parity(j - 1), wd);
     fence_operands(o);
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BN / 16; ++ks) {
-      const uint64_t dv = smem_desc(v_base + ks * 16 * ROW_BYTES, BN * ROW_BYTES, 1024, SWIZZLE_128B);
-      if constexpr (HD == 128)
-        wgmma_rs_m64n128k16<1>(o, p[ks], dv);
-      else
-        wgmma_rs_m64n64k16<1>(o, p[ks], dv);
-    }
-    wgmma_commit();
+    issue_s(j);
+    issue_pv(j - 1);
+    wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
+    fence_operands(sc);
+    softmax(j, alpha);
     wgmma_wait<0>();
     fence_operands(o);
-    // This warp is done with stage s.
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+    fence_operands(p);
+    release(j - 1);
+#pragma unroll
+    for (int jj = 0; jj < HD / 8; ++jj) {
+      o[4 * jj + 0] *= alpha[0];
+      o[4 * jj + 1] *= alpha[0];
+      o[4 * jj + 2] *= alpha[1];
+      o[4 * jj + 3] *= alpha[1];
+    }
+    pack();
   }
+  // The last P V.
+  mbar_wait_warp(&v_full[(ntiles - 1) % STAGES], parity(ntiles - 1), wd);
+  fence_operands(o);
+  wgmma_fence();
+  issue_pv(ntiles - 1);
+  wgmma_wait<0>();
+  fence_operands(o);
+  fence_operands(p);
+  release(ntiles - 1);
 
   wd.check();
   // Normalise, write out and the logsumexp.

@@ -43,6 +43,13 @@ template <int R> __device__ __forceinline__ void fence_operands(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for register A fragments (an RS wgmma reads them until it completes).
+template <int R> __device__ __forceinline__ void fence_operands(uint32_t (&a)[R][4]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
 
 // d (64 x 64, f32, this warpgroup) = a (64 x 16) b (16 x 64) + (accumulate ? d : 0), both from shared
 // memory by descriptor; TA / TB: the operand is MN-major (1) or K-major (0).
