@@ -363,26 +363,33 @@ __device__ __forceinline__ uint64_t desc_mnmajor(uint32_t tile, int rows, int ks
   return smem_desc(tile + ks * 16 * ROW_BYTES, rows * ROW_BYTES, 1024, SWIZZLE_128B);
 }
 
-// c (64 x 64 f32) = a (64 rows at a_tile + a_row0 rows, K-major over HD) b^T (64 rows of b_tile).
+// Issue (no fence, commit or wait) c (64 x 64 f32) = a (64 rows at a_tile + a_row0 rows, K-major
+// over HD) b^T (64 rows of b_tile).
 template <int HD>
-__device__ __forceinline__ void gemm_nt_64x64(float (&c)[32], uint32_t a_tile, int a_rows, int a_row0,
-                                              uint32_t b_tile, int b_rows) {
-  wgmma_fence();
+__device__ __forceinline__ void issue_nt_64x64(float (&c)[32], uint32_t a_tile, int a_rows, int a_row0,
+                                               uint32_t b_tile, int b_rows) {
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk)
     wgmma_ss_m64n64k16<0, 0>(c, desc_kmajor(a_tile + a_row0 * ROW_BYTES, a_rows, kk), desc_kmajor(b_tile, b_rows, kk),
                              kk > 0);
+}
+
+// c = a b^T as issue_nt_64x64, waited for.
+template <int HD>
+__device__ __forceinline__ void gemm_nt_64x64(float (&c)[32], uint32_t a_tile, int a_rows, int a_row0,
+                                              uint32_t b_tile, int b_rows) {
+  wgmma_fence();
+  issue_nt_64x64<HD>(c, a_tile, a_rows, a_row0, b_tile, b_rows);
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(c);
 }
 
-// acc (64 x HD f32) += p (64 x 64 bf16 fragments in registers) b (64 rows of b_tile x HD, MN-major).
+// Issue (no fence, commit or wait) acc (64 x HD f32) += p (64 x 64 bf16 fragments in registers)
+// b (64 rows of b_tile x HD, MN-major).
 template <int HD>
-__device__ __forceinline__ void gemm_rs_acc(float (&acc)[HD / 2], const uint32_t (&p)[4][4], uint32_t b_tile,
-                                            int b_rows) {
-  fence_operands(acc);
-  wgmma_fence();
+__device__ __forceinline__ void issue_rs(float (&acc)[HD / 2], const uint32_t (&p)[4][4], uint32_t b_tile,
+                                         int b_rows) {
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) {
     if constexpr (HD == 128)
@@ -390,9 +397,19 @@ __device__ __forceinline__ void gemm_rs_acc(float (&acc)[HD / 2], const uint32_t
     else
       wgmma_rs_m64n64k16<1>(acc, p[ks], desc_mnmajor(b_tile, b_rows, ks));
   }
+}
+
+// acc += p b as issue_rs, waited for.
+template <int HD>
+__device__ __forceinline__ void gemm_rs_acc(float (&acc)[HD / 2], uint32_t (&p)[4][4], uint32_t b_tile,
+                                            int b_rows) {
+  fence_operands(acc);
+  wgmma_fence();
+  issue_rs<HD>(acc, p, b_tile, b_rows);
   wgmma_commit();
   wgmma_wait<0>();
   fence_operands(acc);
+  fence_operands(p);
 }
 
 // 64 x 64 f32 accumulators as bf16 A fragments.
@@ -520,9 +537,17 @@ __device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensor
     }
     uint32_t pf[4][4];
     to_frags(p, pf);
-    gemm_rs_acc<HD>(dvacc, pf, sdo, BQ);  // dV += P^T dO
+    // dV += P^T dO and dP^T = V dO^T are independent: both go to the tensor cores at once.
     float ds[32];
-    gemm_nt_64x64<HD>(ds, sv, L::OWN, 64 * c, sdo, BQ);  // dP^T = V dO^T
+    fence_operands(dvacc);
+    wgmma_fence();
+    issue_rs<HD>(dvacc, pf, sdo, BQ);
+    issue_nt_64x64<HD>(ds, sv, L::OWN, 64 * c, sdo, BQ);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dvacc);
+    fence_operands(ds);
+    fence_operands(pf);
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
 #pragma unroll
