@@ -29,7 +29,7 @@
 // segment read the next expert's rows (their outputs are not stored), columns past K read zeros.
 //
 // The NN kernels' B operand is BK rows of w_e [K, N] (N contiguous): an MN-major operand, stored
-// as four 64-column blocks of [BK rows][128 bytes] (TMA boxes of 64 x 64) and read with the
+// as four 64-column blocks of [BK rows][128 bytes] (TMA boxes of 64 x 64 x 1 over [E, K, N]) and read with the
 // descriptor's transpose bit (LBO 8 KiB between the blocks, SBO 1024 per 8 rows of K, a k16 step
 // 16 rows = 2048 bytes).
 //
@@ -233,25 +233,26 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // The NN stage loader: the dy rows (K-major A, box 64 x 128) and BK rows of w_e as four 64-column
-// blocks (MN-major B, boxes 64 x 64 from w as [E * K, N]); slices past the first product's
-// ktiles come from the second pair (dy2, w2), for dX = dG Wg + dU Wu in one accumulator.
+// blocks (MN-major B, boxes 64 x 64 x 1 from w as the 3-d [E, K, N], so that rows past K read
+// zeros rather than the next expert's weights); slices past the first product's ktiles come from
+// the second pair (dy2, w2), for dX = dG Wg + dU Wu in one accumulator.
 struct NnLoad {
   const CUtensorMap *dy, *w, *dy2, *w2;
-  int row0, w_row0, n0, kt_one;
+  int row0, e, n0, kt_one;
   __device__ __forceinline__ void operator()(unsigned char *dst, uint64_t *bar, int kt) const {
     const bool second = kt >= kt_one;
     const int k0 = (second ? kt - kt_one : kt) * BK;
     hopper::tma_load_2d(dst, second ? dy2 : dy, bar, k0, row0);
 #pragma unroll
     for (int c = 0; c < BN / 64; ++c)
-      hopper::tma_load_2d(dst + A_BYTES + c * BK * ROW_BYTES, second ? w2 : w, bar, n0 + 64 * c, w_row0 + k0);
+      hopper::tma_load_3d(dst + A_BYTES + c * BK * ROW_BYTES, second ? w2 : w, bar, n0 + 64 * c, k0, e);
   }
 };
 
 // dx [M, N] = dy[seg] [rows, K] @ w_e [K, N] (+ dy2[seg] @ w2_e when has_second) over each
-// expert's rows; w, w2 [E, K, N]. tm_dy / tm_dy2: [M, K] (box 64 x 128); tm_w / tm_w2: [E * K, N]
-// (box 64 x 64). Grid: ((ceil(M/BM) + E) * ceil(N/BN)). Slices of K past the end read zero dy
-// columns (the w rows there belong to the next expert and multiply zeros).
+// expert's rows; w, w2 [E, K, N]. tm_dy / tm_dy2: [M, K] (box 64 x 128); tm_w / tm_w2: the 3-d
+// [E, K, N] (box 64 x 64 x 1). Grid: ((ceil(M/BM) + E) * ceil(N/BN)). Slices of K past the end
+// read zeros from both operands.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     grouped_nn_sm90_bf16(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_w,
                          const __grid_constant__ CUtensorMap tm_dy2, const __grid_constant__ CUtensorMap tm_w2,
@@ -261,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   Tile t;
   if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
-  const NnLoad load{&tm_dy, &tm_w, &tm_dy2, &tm_w2, t.row0, t.e * k, n0, kt_one};
+  const NnLoad load{&tm_dy, &tm_w, &tm_dy2, &tm_w2, t.row0, t.e, n0, kt_one};
   float d[BN / 2];
   if (!mainloop<true>(d, has_second ? 2 * kt_one : kt_one, smem, load)) return;
   store_tile(dx, d, t, n0, n);
@@ -270,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 // The down projection's backward with the SwiGLU's in the epilogue: dA = dy[seg] [rows, H] @
 // wd_e [H, I] (f32, never stored), then dgate = dA * up * s * (1 + gate (1 - s)), dup = dA *
 // gate * s with s = sigmoid(gate), from the saved pre-activations gate / up [M, I], as
-// grouped_gemm.cu's grouped_nn_swiglu_bwd_bf16. tm_dy: [M, H]; tm_wd: wd as [E * H, I].
+// grouped_gemm.cu's grouped_nn_swiglu_bwd_bf16. tm_dy: [M, H]; tm_wd: wd as the 3-d [E, H, I].
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     grouped_nn_swiglu_bwd_sm90_bf16(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_wd,
                                     const bf16 *__restrict__ gate, const bf16 *__restrict__ up,
@@ -280,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   Tile t;
   if (!schedule<BM, GROUP_M>(offsets, m_total, n_experts, ceil_div(n, BN), t)) return;
   const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
-  const NnLoad load{&tm_dy, &tm_wd, &tm_dy, &tm_wd, t.row0, t.e * k, n0, kt_one};
+  const NnLoad load{&tm_dy, &tm_wd, &tm_dy, &tm_wd, t.row0, t.e, n0, kt_one};
   float d[BN / 2];
   if (!mainloop<true>(d, kt_one, smem, load)) return;
 

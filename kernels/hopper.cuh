@@ -230,6 +230,15 @@ __device__ __forceinline__ void mbar_wait_warp(uint64_t *bar, unsigned parity, W
   __syncwarp();
 }
 
+// A 3-d TMA tile load; coordinates innermost first, in elements.
+__device__ __forceinline__ void tma_load_3d(void *dst, const void *map, uint64_t *bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
+
 // A 4-d TMA tile load (box as the tensor map says) into shared memory; completion is counted in
 // bytes on `bar`. Coordinates are innermost first, in elements.
 __device__ __forceinline__ void tma_load_4d(void *dst, const void *map, uint64_t *bar, int c0, int c1, int c2,

@@ -21,7 +21,7 @@
 //! clamp rows to `0..m`, so bad offsets give wrong results, never out-of-bounds accesses). Rows
 //! outside `offsets[0]..offsets[e]` of an output are not written.
 
-use super::tma::matrix_map;
+use super::tma::{matrix_map, stacked_map};
 use super::{int, launch, Device, DeviceRead, DeviceWrite, KernelPath, View, ViewMut};
 use crate::ensure;
 use crate::error::Result;
@@ -95,7 +95,12 @@ fn rows_of(len: usize, width: usize, what: &str) -> Result<usize> {
 /// Grid of the offset-scheduled kernels: an upper bound on the tiles, `(ceil(m/128) + e) * n_tiles`
 /// (sum over experts of ceil(rows_e / 128) < m/128 + e), so the offsets never go to the host.
 fn sched_grid(m: usize, e: usize, n_tiles: usize) -> Result<(u32, u32, u32)> {
-    let x = (m.div_ceil(TILE_M) + e) * n_tiles;
+    sched_grid_rows(m, TILE_M, e, n_tiles)
+}
+
+/// [`sched_grid`] for kernels whose CTA tile has `bm` rows.
+fn sched_grid_rows(m: usize, bm: usize, e: usize, n_tiles: usize) -> Result<(u32, u32, u32)> {
+    let x = (m.div_ceil(bm) + e) * n_tiles;
     ensure!(
         x <= i32::MAX as usize,
         "grouped GEMM: {x} tiles exceed the grid limit"
@@ -185,7 +190,7 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped gate/up (Hopper)";
-                let grid = sched_grid(m, e, i.div_ceil(SM90_TILE_N / 2))?;
+                let grid = sched_grid_rows(m, SM90_TILE_M, e, i.div_ceil(SM90_TILE_N / 2))?;
                 let tm_x = matrix_map(x.dptr(), m, h, SM90_TILE_M, what)?;
                 let tm_wg = matrix_map(wg.dptr(), e * i, h, SM90_TILE_N / 2, what)?;
                 let tm_wu = matrix_map(wu.dptr(), e * i, h, SM90_TILE_N / 2, what)?;
@@ -254,7 +259,7 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped NT (Hopper)";
-                let grid = sched_grid(m, e, n.div_ceil(SM90_TILE_N))?;
+                let grid = sched_grid_rows(m, SM90_TILE_M, e, n.div_ceil(SM90_TILE_N))?;
                 let tm_a = matrix_map(a.dptr(), m, k, SM90_TILE_M, what)?;
                 let tm_w = matrix_map(w.dptr(), e * n, k, SM90_TILE_N, what)?;
                 launch!(self, "grouped_gemm_sm90", "grouped_nt_sm90_bf16", grid, SM90_THREADS, smem = SM90_SMEM_BYTES;
@@ -341,13 +346,13 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped NN (Hopper)";
-                let grid = sched_grid(m, e, n.div_ceil(SM90_TILE_N))?;
+                let grid = sched_grid_rows(m, SM90_TILE_M, e, n.div_ceil(SM90_TILE_N))?;
                 let tm_dy = matrix_map(dy.dptr(), m, k, SM90_TILE_M, what)?;
-                let tm_w = matrix_map(w.dptr(), e * k, n, SM90_BK, what)?;
+                let tm_w = stacked_map(w.dptr(), e, k, n, SM90_BK, what)?;
                 let (tm_dy2, tm_w2, has_second) = if dy2 != 0 {
                     (
                         matrix_map(dy2, m, k, SM90_TILE_M, what)?,
-                        matrix_map(w2, e * k, n, SM90_BK, what)?,
+                        stacked_map(w2, e, k, n, SM90_BK, what)?,
                         1i32,
                     )
                 } else {
@@ -443,9 +448,9 @@ impl Device {
                     return Ok(()); // no rows: nothing to write (and TMA maps need rows)
                 }
                 let what = "grouped SwiGLU backward (Hopper)";
-                let grid = sched_grid(m, e, i.div_ceil(SM90_TILE_N))?;
+                let grid = sched_grid_rows(m, SM90_TILE_M, e, i.div_ceil(SM90_TILE_N))?;
                 let tm_dy = matrix_map(dy.dptr(), m, h, SM90_TILE_M, what)?;
-                let tm_wd = matrix_map(wd.dptr(), e * h, i, SM90_BK, what)?;
+                let tm_wd = stacked_map(wd.dptr(), e, h, i, SM90_BK, what)?;
                 launch!(self, "grouped_gemm_sm90", "grouped_nn_swiglu_bwd_sm90_bf16", grid, SM90_THREADS,
                     smem = SM90_SMEM_BYTES;
                     tm_dy, tm_wd, gate.dptr(), up.dptr(), offsets.dptr(), dgate.dptr(), dup.dptr(),

@@ -73,3 +73,23 @@ pub(crate) fn matrix_map(
 ) -> Result<TensorMap> {
     tensor_map(ptr, [cols, rows], &[cols * 2], box_rows, what)
 }
+
+/// The map of `e` stacked row-major `[rows, cols]` bf16 matrices (`[e, rows, cols]`), boxes of 64
+/// columns x `box_rows` rows of one matrix: rows past `rows` read as zeros, not as the next
+/// matrix's first rows.
+pub(crate) fn stacked_map(
+    ptr: u64,
+    e: usize,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<TensorMap> {
+    tensor_map(
+        ptr,
+        [cols, rows, e],
+        &[cols * 2, rows * cols * 2],
+        box_rows,
+        what,
+    )
+}
