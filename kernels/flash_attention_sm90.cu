@@ -15,7 +15,7 @@
 //
 // Forward: a CTA computes BM = 128 query rows of one head with three warpgroups:
 // - warpgroup 0, the producer (24 registers after setmaxnreg): one thread issues the TMA loads,
-//   Q once, then K and V tiles of BN = 128 keys into a ring of 3 (hd 64) or 2 (hd 128) stages,
+//   Q once, then K and V tiles of BN = 128 keys into a ring of 3 stages,
 //   each stage guarded by a "full" mbarrier per operand (transaction bytes) and an "empty" one
 //   the consumers release;
 // - warpgroups 1 and 2, the consumers (240 registers), 64 query rows each: per key tile, S = Q K^T
@@ -49,7 +49,7 @@ constexpr float LOG2E_F = 1.4426950408889634f;
 template <int HD> struct Layout {
   static_assert(HD == 64 || HD == 128, "head dims 64 and 128");
   static constexpr int BN = 128;                     // keys per tile
-  static constexpr int STAGES = HD == 64 ? 3 : 2;    // K/V ring depth (shared memory)
+  static constexpr int STAGES = 3;                   // K/V ring depth (hd 128: 225 KiB in all)
   static constexpr int BLOCKS = HD / 64;                 // 64-column blocks of a row
   static constexpr int Q_BYTES = BLOCKS * BM * ROW_BYTES;
   static constexpr int KV_BYTES = BLOCKS * BN * ROW_BYTES;  // one K or V tile
@@ -57,9 +57,12 @@ template <int HD> struct Layout {
   static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
   static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
   static constexpr int BARS = 1 + 3 * STAGES;  // q_full, k_full[S], v_full[S], empty[S]
+  // One float per consumer warp: the softmax's row sums are stored there before the wait for the
+  // P V product, which keeps ptxas from hoisting that wait above the softmax (see the loop).
+  static constexpr int SCRATCH_OFF = BAR_OFF + BARS * 8;
   // Requested dynamic shared memory: the layout plus slack to align its base to 1024 bytes
   // (src/backend/cuda/flash_sm90.rs mirrors it).
-  static constexpr int SMEM = BAR_OFF + BARS * 8 + 1024;
+  static constexpr int SMEM = SCRATCH_OFF + 8 * 4 + 1024;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -249,6 +252,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   // Tile 0: S, softmax, P (O is still zero: no rescale).
   float alpha[2];
   mbar_wait_warp(&k_full[0], 0, wd);
+  fence_operands(sc);
   wgmma_fence();
   issue_s(0);
   wgmma_wait<0>();
@@ -258,16 +262,22 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   // Tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} go to the tensor cores together; the softmax
   // of S_j runs while the P V product is still in flight, and O takes its rescale once that
   // product is done.
+  float *scratch = reinterpret_cast<float *>(smem + L::SCRATCH_OFF) + 4 * c + warp;
   for (int j = 1; j < ntiles; ++j) {
     mbar_wait_warp(&k_full[j % STAGES], parity(j), wd);
     mbar_wait_warp(&v_full[(j - 1) % STAGES], parity(j - 1), wd);
+    fence_operands(sc);
     fence_operands(o);
+    fence_operands(p);
     wgmma_fence();
     issue_s(j);
     issue_pv(j - 1);
     wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
     fence_operands(sc);
     softmax(j, alpha);
+    // A store that depends on the whole softmax: without it ptxas hoists the next wait above the
+    // exponentials, and they no longer overlap the P V product.
+    if (lane == 0) *scratch = l_run[0] + l_run[1];
     wgmma_wait<0>();
     fence_operands(o);
     fence_operands(p);
@@ -284,6 +294,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   // The last P V.
   mbar_wait_warp(&v_full[(ntiles - 1) % STAGES], parity(ntiles - 1), wd);
   fence_operands(o);
+  fence_operands(p);
   wgmma_fence();
   issue_pv(ntiles - 1);
   wgmma_wait<0>();

@@ -23,22 +23,17 @@ pub const fn sm90_keys_per_tile(_hd: usize) -> usize {
     128
 }
 
-/// Stages of the K/V ring at head dim `hd` (Layout<HD>::STAGES): 3 at hd 64, 2 at hd 128.
-const fn stages(hd: usize) -> usize {
-    if hd == 64 {
-        3
-    } else {
-        2
-    }
-}
+/// Stages of the K/V ring (Layout<HD>::STAGES).
+const STAGES: usize = 3;
 
-/// Dynamic shared memory of the kernel for head dim `hd` (Layout<HD>::SMEM): Q, the stages' K
-/// and V tiles, 1 + 3 * stages mbarriers, and 1024 bytes to align the base.
+/// Dynamic shared memory of the forward for head dim `hd` (Layout<HD>::SMEM): Q, the stages' K
+/// and V tiles, 1 + 3 * STAGES mbarriers, a float per consumer warp, and 1024 bytes to align the
+/// base.
 pub const fn sm90_smem(hd: usize) -> usize {
     let blocks = hd / 64;
     let q = blocks * BM * ROW_BYTES;
     let kv = blocks * sm90_keys_per_tile(hd) * ROW_BYTES;
-    q + 2 * stages(hd) * kv + (1 + 3 * stages(hd)) * 8 + 1024
+    q + 2 * STAGES * kv + (1 + 3 * STAGES) * 8 + 8 * 4 + 1024
 }
 
 /// Whether the Hopper kernels handle this call: head dim 64 or 128, every buffer 16-byte aligned
