@@ -2,14 +2,14 @@
 // a[seg] w_e^T, the down projection) and grouped_gateup_fwd_sm90_bf16 (act = silu(x wg_e^T) *
 // (x wu_e^T)), and the input gradients, grouped_nn_sm90_bf16 (dx[seg] = dy[seg] w_e (+ dy2[seg]
 // w2_e)) and grouped_nn_swiglu_bwd_sm90_bf16 (dA = dy wd_e with the SwiGLU backward in the
-// epilogue), each as grouped_gemm.cu's kernel of the same name without _sm90: TMA loads, wgmma
-// from shared memory, a producer and two consumer warpgroups. The weight gradients stay on
-// grouped_gemm.cu.
+// epilogue), and the weight gradients, grouped_wgrad_sm90_f32 (dw_e = dy[seg]^T x[seg]), each as
+// grouped_gemm.cu's kernel of the same name without _sm90: TMA loads, wgmma from shared memory,
+// a producer and two consumer warpgroups.
 //
 // CPU reference: per expert, src/ops/linear.rs (linear, LinearBack) and src/ops/elementwise.rs
 // (swiglu, SwigluBack) on the rows src/ops/moe.rs gather_rows picks, as for grouped_gemm.cu.
-// Wrapper: src/backend/cuda/grouped.rs (Device::grouped_nt, grouped_gateup_fwd, grouped_nn and
-// grouped_nn_swiglu_bwd take this path on an sm_90 GPU when FLEXRUN_SM90=1; the *_on variants on
+// Wrapper: src/backend/cuda/grouped.rs (Device::grouped_nt, grouped_gateup_fwd, grouped_nn,
+// grouped_nn_swiglu_bwd and grouped_wgrad take this path on an sm_90 GPU when FLEXRUN_SM90=1; the *_on variants on
 // request). Test: tests/gpu_grouped.rs (grouped_sm90). Notes and measurements:
 // grouped_gemm_sm90.md.
 //
@@ -75,14 +75,22 @@ __device__ __forceinline__ uint64_t desc_k(uint32_t addr) {
   return hopper::smem_desc(addr, 16, 1024, hopper::SWIZZLE_128B);
 }
 
+// No consumer-side change to a stage (every kernel but the weight gradients).
+struct NoFixup {
+  __device__ __forceinline__ void operator()(unsigned char *, int) const {}
+};
+
 // The CTA's 128 x 256 f32 product over `ktiles` slices of BK, this consumer warpgroup's 64 rows
-// in d. The producer fills stage buffers with load_stage(dst, bar, kt): the A rows (BM x BK) at
-// dst, the B tile (BN_ x BK) after them, STAGE_BYTES in all. B_MN: the B tile is MN-major (the
-// NN kernels: BK rows of W, each 64-column block of them [BK][128 bytes]) instead of K-major
-// (BN rows of BK). Every thread of the CTA calls it; the producer warpgroup returns false, the
-// consumers true.
-template <bool B_MN, class LoadStage>
-__device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int ktiles, unsigned char *smem, LoadStage load_stage) {
+// in d. The producer fills stage buffers with load_stage(dst, bar, kt): the A tile at dst, the B
+// tile after it, STAGE_BYTES in all. Operand layouts: K-major A is BM rows of BK; MN-major A
+// (A_MN, the weight gradients) is BK rows of BM as two 64-column blocks [BK][128 bytes]; K-major
+// B is BN rows of BK; MN-major B (B_MN) is BK rows of BN as four 64-column blocks. Consumers call
+// fixup(stage, kt) once a stage has arrived (the weight gradients zero the rows past a segment
+// there). Every thread of the CTA calls it; the producer warpgroup returns false, the consumers
+// true.
+template <bool A_MN, bool B_MN, class LoadStage, class Fixup = NoFixup>
+__device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int ktiles, unsigned char *smem, LoadStage load_stage,
+                                         Fixup fixup = Fixup{}) {
   using namespace hopper;
   uint64_t *full = reinterpret_cast<uint64_t *>(smem + BAR_OFF), *empty = full + STAGES;
   if (threadIdx.x == 0) {
@@ -114,22 +122,26 @@ __device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int ktiles, unsigne
   for (int i = 0; i < BN / 2; ++i) d[i] = 0.0f;
   const uint32_t base = smem_u32(smem);
   Watchdog wd;
+  // An MN-major operand: 16 rows of K per k16 step; its 64-column blocks are BK rows (8 KiB)
+  // apart.
+  auto desc_mn = [](uint32_t tile, int kk) {
+    return hopper::smem_desc(tile + kk * 16 * ROW_BYTES, BK * ROW_BYTES, 1024, hopper::SWIZZLE_128B);
+  };
   for (int kt = 0; kt < ktiles; ++kt) {
     const int s = kt % STAGES;
     mbar_wait_warp(&full[s], (kt / STAGES) & 1, wd);
+    fixup(smem + s * STAGE_BYTES, kt);
+    // This warpgroup's 64 rows of A: rows 64c.. (K-major) or the 64-column block c (MN-major),
+    // 8 KiB in either layout.
     const uint32_t a = base + s * STAGE_BYTES + c * 64 * ROW_BYTES;
     const uint32_t b = base + s * STAGE_BYTES + A_BYTES;
+    fence_operands(d);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      if constexpr (B_MN)
-        // 16 rows of K per step; the 64-column blocks of N are BK rows (8 KiB) apart.
-        wgmma_ss_m64n256k16<0, 1>(d, desc_k(a + kk * 32),
-                                  hopper::smem_desc(b + kk * 16 * ROW_BYTES, BK * ROW_BYTES, 1024,
-                                                    hopper::SWIZZLE_128B),
-                                  kt > 0 || kk > 0);
-      else
-        wgmma_ss_m64n256k16<0, 0>(d, desc_k(a + kk * 32), desc_k(b + kk * 32), kt > 0 || kk > 0);
+      const uint64_t da = A_MN ? desc_mn(a, kk) : desc_k(a + kk * 32);
+      const uint64_t db = B_MN ? desc_mn(b, kk) : desc_k(b + kk * 32);
+      wgmma_ss_m64n256k16<A_MN ? 1 : 0, B_MN ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
     }
     wgmma_commit();
     // The previous stage's wgmma are done: release its buffers.
@@ -184,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     hopper::tma_load_2d(dst + A_BYTES, pw, bar, kt * BK, w_row0);
   };
   float d[BN / 2];
-  if (!mainloop<false>(d, ceil_div(k, BK), smem, load)) return;
+  if (!mainloop<false, false>(d, ceil_div(k, BK), smem, load)) return;
   store_tile(y, d, t, n0, n);
 }
 
@@ -211,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     hopper::tma_load_2d(dst + A_BYTES + HALF * ROW_BYTES, pu, bar, kt * BK, w_row0);
   };
   float d[BN / 2];
-  if (!mainloop<false>(d, ceil_div(h, BK), smem, load)) return;
+  if (!mainloop<false, false>(d, ceil_div(h, BK), smem, load)) return;
 
   const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
 #pragma unroll
@@ -264,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
   const NnLoad load{&tm_dy, &tm_w, &tm_dy2, &tm_w2, t.row0, t.e, n0, kt_one};
   float d[BN / 2];
-  if (!mainloop<true>(d, has_second ? 2 * kt_one : kt_one, smem, load)) return;
+  if (!mainloop<false, true>(d, has_second ? 2 * kt_one : kt_one, smem, load)) return;
   store_tile(dx, d, t, n0, n);
 }
 
@@ -283,7 +295,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   const int n0 = t.n_tile * BN, kt_one = ceil_div(k, BK);
   const NnLoad load{&tm_dy, &tm_wd, &tm_dy, &tm_wd, t.row0, t.e, n0, kt_one};
   float d[BN / 2];
-  if (!mainloop<true>(d, kt_one, smem, load)) return;
+  if (!mainloop<false, true>(d, kt_one, smem, load)) return;
 
   const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
 #pragma unroll
@@ -308,6 +320,84 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       }
       store_bf16x2(dgate + row + col, dg[0], dg[1]);
       store_bf16x2(dup + row + col, du[0], du[1]);
+    }
+  }
+}
+
+// Weight gradients: dw[e] [N, K] (+)= dy[seg]^T @ x[seg] for every expert e with mask[e] != 0
+// (mask nullable: all experts), dy [M, N], x [M, K]; blockIdx.z == 1 computes dw2 from dy2 with
+// the same x; as grouped_gemm.cu's grouped_wgrad_f32. The reduction runs over the segment's rows
+// in BK-row slices (deterministic); A = dy^T and B = x are both MN-major: per slice, two 64 x 64
+// boxes of dy (columns m0..m0+127) and four of x (columns n0..n0+255) from 2-d maps with box rows
+// 64. The last slice of a segment also holds the next expert's rows: the consumers zero them
+// before its wgmma. A trainable expert with no rows writes zeros (nothing with `accumulate`); a
+// masked expert is not touched. Grid: (ceil(N/128) * ceil(K/256), E, problems).
+struct WgradFixup {
+  int lo, hi;
+  __device__ __forceinline__ void operator()(unsigned char *stage, int kt) const {
+    const int valid = hi - (lo + kt * BK);  // rows of this slice inside the segment
+    if (valid >= BK) return;
+    // Rows valid..BK-1 of all six 64-column blocks (2 of A, 4 of B), 128 bytes each; the 128-byte
+    // swizzle permutes 16-byte chunks inside a row, so a row stays whole.
+    const int tid = threadIdx.x - 128, rows = BK - valid;
+    const int chunks = 6 * rows * (ROW_BYTES / 16);
+    for (int i = tid; i < chunks; i += 256) {
+      const int blk = i / (rows * 8), rest = i % (rows * 8);
+      const int r = valid + rest / 8, ch = rest % 8;
+      *reinterpret_cast<uint4 *>(stage + blk * BK * ROW_BYTES + r * ROW_BYTES + ch * 16) = make_uint4(0, 0, 0, 0);
+    }
+    // The zeros come through the generic proxy, the tensor cores read through the async proxy;
+    // both consumer warpgroups must see them.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+  }
+};
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    grouped_wgrad_sm90_f32(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_x,
+                           const __grid_constant__ CUtensorMap tm_dy2, float *__restrict__ dw,
+                           float *__restrict__ dw2, const unsigned *__restrict__ offsets,
+                           const unsigned *__restrict__ mask, int m_total, int n_experts, int n, int k,
+                           int accumulate) {
+  const int e = blockIdx.y;
+  if (e >= n_experts || (mask != nullptr && mask[e] == 0u)) return;
+  unsigned char *smem = dyn_smem();
+  const CUtensorMap *pa = blockIdx.z ? &tm_dy2 : &tm_dy, *px = &tm_x;
+  float *C = (blockIdx.z ? dw2 : dw) + (size_t)e * n * k;
+  const int tiles_m = ceil_div(n, BM);
+  const int m0 = (blockIdx.x % tiles_m) * BM, n0 = (blockIdx.x / tiles_m) * BN;
+  const int lo = (int)min(offsets[e], (unsigned)m_total);
+  const int hi = (int)min(max(offsets[e + 1], (unsigned)lo), (unsigned)m_total);
+  const int ktiles = ceil_div(hi - lo, BK);
+  if (ktiles == 0 && accumulate) return;
+  auto load = [=](unsigned char *dst, uint64_t *bar, int kt) {
+    const int r0 = lo + kt * BK;
+#pragma unroll
+    for (int c = 0; c < BM / 64; ++c) hopper::tma_load_2d(dst + c * BK * ROW_BYTES, pa, bar, m0 + 64 * c, r0);
+#pragma unroll
+    for (int c = 0; c < BN / 64; ++c)
+      hopper::tma_load_2d(dst + A_BYTES + c * BK * ROW_BYTES, px, bar, n0 + 64 * c, r0);
+  };
+  float d[BN / 2];
+  if (!mainloop<true, true>(d, ktiles, smem, load, WgradFixup{lo, hi})) return;
+
+  const int c = threadIdx.x / 128 - 1, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = m0 + c * 64 + warp * 16 + (lane >> 2) + 8 * h;
+    if (r >= n) continue;
+    float *cr = C + (size_t)r * k;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col >= k) continue;
+      float2 v = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+      if (accumulate) {
+        const float2 old = *reinterpret_cast<const float2 *>(cr + col);
+        v.x += old.x;
+        v.y += old.y;
+      }
+      *reinterpret_cast<float2 *>(cr + col) = v;
     }
   }
 }

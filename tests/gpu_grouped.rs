@@ -104,8 +104,9 @@ backend_tests!(
 );
 
 /// The Hopper (wgmma, TMA) kernels against the CPU reference and the sm_80 kernels, each run twice
-/// for bit-identical results: the down projection, gate/up with the SwiGLU epilogue, and the
-/// input gradients (dA = dY Wd_e, its fused SwiGLU backward, dX = dG Wg_e + dU Wu_e), on every case
+/// for bit-identical results: the down projection, gate/up with the SwiGLU epilogue, the input
+/// gradients (dA = dY Wd_e, its fused SwiGLU backward, dX = dG Wg_e + dU Wu_e) and the weight
+/// gradients (dWd; dWg and dWu in one launch; segments ending inside a 64-row slice), on every case
 /// (ragged segments, empty experts, E = 64, widths from 8 to 1000: K not a multiple of its 64-wide
 /// slices and past the 4-stage ring, N not a multiple of the 256-wide tiles). On a GPU that is not
 /// compute capability 9.0 it prints SKIP (the path does not exist there).
@@ -230,6 +231,41 @@ fn grouped_sm90() {
             assert!(
                 bwd(KernelPath::Sm90)? == g90,
                 "{what}: backward not deterministic"
+            );
+            // The weight gradients (NaN-filled first: trainable experts with no rows get zeros).
+            let (x, act_r2) = (up(dev, &inp.x)?, up(dev, &rf.act_r)?);
+            let wgrad = |path: KernelPath| -> flexrun::Result<[Vec<f32>; 3]> {
+                let mut dwd = dev.upload(&vec![f32::NAN; e * h * i])?;
+                dev.grouped_wgrad_on(
+                    path, &dy, &act_r2, &off, None, None, e, h, i, false, &mut dwd,
+                )?;
+                let mut dwg = dev.upload(&vec![f32::NAN; e * i * h])?;
+                let mut dwu = dev.upload(&vec![f32::NAN; e * i * h])?;
+                let second = Some((dup_r.as_view(), dwu.view_mut(..)));
+                dev.grouped_wgrad_on(
+                    path, &dgate_r, &x, &off, None, second, e, i, h, false, &mut dwg,
+                )?;
+                Ok([
+                    dev.download(&dwd)?,
+                    dev.download(&dwg)?,
+                    dev.download(&dwu)?,
+                ])
+            };
+            let (w90, w80) = (wgrad(KernelPath::Sm90)?, wgrad(KernelPath::Sm80)?);
+            let want = [&rf.dwd, &rf.dwg, &rf.dwu];
+            for (j, name) in ["dWd", "dWg", "dWu"].iter().enumerate() {
+                assert_close(&b, &format!("{name} {what}"), &w90[j], want[j], WGRAD_TOL);
+                assert_close(
+                    &b,
+                    &format!("{name} {what} vs sm80"),
+                    &w90[j],
+                    &w80[j],
+                    WGRAD_TOL,
+                );
+            }
+            assert!(
+                wgrad(KernelPath::Sm90)? == w90,
+                "{what}: weight gradients not deterministic"
             );
         }
         Ok(())

@@ -41,8 +41,7 @@ run attention_decode_gqa "$FR" bench attention-decode --kv-heads 8 --json
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
 run moe_torch        python3 benches/torch/bench_moe_torch.py --json
-# The same with the Hopper (wgmma) forward kernels (sm_90 only; the backward stays on the sm_80
-# kernels).
+# The same with the Hopper (wgmma, TMA) kernels, forward and backward (sm_90 only).
 run moe_sm90         env FLEXRUN_SM90=1 "$FR" bench moe --json
 # Greedy decoding with a KV cache, batch 1 and 16, against transformers (bf16, sdpa, DynamicCache):
 # moe_small (11.8 M parameters) and moe_medium (hd 128, 8 layers, 4 experts top-2, ~380 M).

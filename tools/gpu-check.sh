@@ -5,7 +5,8 @@
 #   tools/gpu-check.sh [ARCHIVE] [RESULTS]   # defaults: target/gpu-test.tar.xz, $OUT or gpu-results
 #
 # 1. every GPU test binary (gpu_*) with FLEXRUN_REQUIRE_GPU=1, unless TESTS=0; on an sm_90 GPU,
-#    gpu_model and gpu_flash again with the Hopper kernels (FLEXRUN_SM90=1), unless SM90=0;
+#    gpu_model, gpu_flash and gpu_grouped again with the Hopper kernels (FLEXRUN_SM90=1), unless
+#    SM90=0;
 # 2. the main job trained and evaluated on the GPU: `flexrun demo --quick`, then the full demo
 #    (its table in logs/demo-results.md), unless DEMO=0;
 # 3. compute-sanitizer memcheck of every gpu_* binary's CUDA tests and racecheck of the Hopper
@@ -49,12 +50,11 @@ if [[ "${TESTS:-1}" != 0 ]] && phase tests "${TESTS_S:-100000}"; then
   grep -hE "panicked" -A2 "$WORK"/logs/gpu_*.log | head -40
   pack
 fi
-# The model and attention tests again with the Hopper kernels (grouped GEMM and attention
-# forward) in the model's path (FLEXRUN_SM90=1; opt-in until verified), on a compute capability
-# 9.0 GPU only.
+# The model, attention and grouped GEMM tests again with the Hopper kernels in every path that
+# has them (FLEXRUN_SM90=1; opt-in until verified), on a compute capability 9.0 GPU only.
 if [[ "${TESTS:-1}" != 0 && "${SM90:-1}" != 0 ]] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q "^9.0" &&
    phase "tests with FLEXRUN_SM90=1" "${TESTS_S:-100000}"; then
-  for only in gpu_model gpu_flash; do
+  for only in gpu_model gpu_flash gpu_grouped; do
     timeout "$(left "${TESTS_S:-100000}")" env FLEXRUN_SM90=1 LOG_DIR="$WORK/logs/sm90" MEMCHECK=0 ONLY=$only "$G/run.sh" || fail=1
   done
   grep -hE "panicked" -A2 "$WORK"/logs/sm90/gpu_*.log 2>/dev/null | head -20

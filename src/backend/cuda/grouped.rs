@@ -478,6 +478,37 @@ impl Device {
         accumulate: bool,
         dw: &mut impl DeviceWrite<f32>,
     ) -> Result<()> {
+        self.grouped_wgrad_on(
+            self.kernel_path(),
+            dy,
+            x,
+            offsets,
+            mask,
+            second,
+            e,
+            n,
+            k,
+            accumulate,
+            dw,
+        )
+    }
+
+    /// [`Device::grouped_wgrad`] on the given path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_wgrad_on(
+        &self,
+        path: KernelPath,
+        dy: &impl DeviceRead<bf16>,
+        x: &impl DeviceRead<bf16>,
+        offsets: &impl DeviceRead<u32>,
+        mask: Option<View<'_, u32>>,
+        second: Option<(View<'_, bf16>, ViewMut<'_, f32>)>,
+        e: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+        dw: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
         check_experts(e, offsets)?;
         check_width(n, "n")?;
         check_width(k, "k")?;
@@ -518,6 +549,27 @@ impl Device {
         }
         check_align(dw.dptr(), 8, "dw")?;
         check_align(dw2, 8, "dw2")?;
+        // With no rows at all the sm_80 kernel writes the zeros (TMA maps need rows).
+        if path == KernelPath::Sm90 && m > 0 {
+            self.require_sm90("grouped GEMM")?;
+            let tiles = n.div_ceil(SM90_TILE_M) * k.div_ceil(SM90_TILE_N);
+            ensure!(
+                tiles <= i32::MAX as usize,
+                "grouped weight gradient: {tiles} tiles exceed the grid limit"
+            );
+            let what = "grouped weight gradient (Hopper)";
+            let tm_dy = matrix_map(dy.dptr(), m, n, SM90_BK, what)?;
+            let tm_x = matrix_map(x.dptr(), m, k, SM90_BK, what)?;
+            let tm_dy2 = if dy2 != 0 {
+                matrix_map(dy2, m, n, SM90_BK, what)?
+            } else {
+                tm_dy
+            };
+            return launch!(self, "grouped_gemm_sm90", "grouped_wgrad_sm90_f32", (tiles as u32, e as u32, problems),
+                SM90_THREADS, smem = SM90_SMEM_BYTES;
+                tm_dy, tm_x, tm_dy2, dw.dptr(), dw2, offsets.dptr(), mp, int(m, "rows")?, int(e, "experts")?,
+                int(n, "n")?, int(k, "k")?, i32::from(accumulate));
+        }
         let tiles = n.div_ceil(TILE_M) * k.div_ceil(TILE_N);
         ensure!(
             tiles <= i32::MAX as usize,
