@@ -99,16 +99,7 @@ __device__ __forceinline__ void fwd(const CUtensorMap *tm_q, const CUtensorMap *
   const int last_row = min(m0 + BM, tq) - 1;
   const int ntiles = (min(off + last_row + 1, tk) + BN - 1) / BN;
 
-  if (threadIdx.x == 0) {
-    mbar_init(q_full, 1);
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&k_full[s], 1);
-      mbar_init(&v_full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  ring_init(bars, 1 + 2 * STAGES, empty, STAGES, 8);  // q_full, k_full[S], v_full[S]; empty[S]
 
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
@@ -470,15 +461,7 @@ __device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensor
   const int nqt = k0 < tk ? (tq + BQ - 1) / BQ - qt0 : 0;
   const int ntiles = nqt * group;
 
-  if (threadIdx.x == 0) {
-    mbar_init(own_full, 1);
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  ring_init(bars, 1 + STAGES, empty, STAGES, 8);
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dec<24>();
@@ -600,15 +583,7 @@ __device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMa
   const int last_row = min(m0 + L::OWN, tq) - 1;
   const int ntiles = (min(off + last_row + 1, tk) + BN - 1) / BN;
 
-  if (threadIdx.x == 0) {
-    mbar_init(own_full, 1);
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  ring_init(bars, 1 + STAGES, empty, STAGES, 8);
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dec<24>();

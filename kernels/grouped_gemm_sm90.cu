@@ -93,14 +93,7 @@ __device__ __forceinline__ bool mainloop(float (&d)[BN / 2], int ktiles, unsigne
                                          Fixup fixup = Fixup{}) {
   using namespace hopper;
   uint64_t *full = reinterpret_cast<uint64_t *>(smem + BAR_OFF), *empty = full + STAGES;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  ring_init(full, STAGES, empty, STAGES, 8);
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dec<24>();

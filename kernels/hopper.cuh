@@ -171,6 +171,20 @@ __device__ __forceinline__ void mbar_init(uint64_t *bar, unsigned count) {
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
+// The barriers of a producer/consumer ring, initialised by thread 0 and visible to every thread
+// (and the async proxy) on return: `n_ones` barriers at `ones` that expect one arrival (the
+// producer's, with its transaction bytes), then `stages` at `empty` that expect one arrival per
+// consumer warp (`consumer_warps`). Every thread of the CTA calls it.
+__device__ __forceinline__ void ring_init(uint64_t *ones, int n_ones, uint64_t *empty, int stages,
+                                          unsigned consumer_warps) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < n_ones; ++i) mbar_init(&ones[i], 1);
+    for (int s = 0; s < stages; ++s) mbar_init(&empty[s], consumer_warps);
+    mbar_init_fence();
+  }
+  __syncthreads();
+}
+
 // Arrive and add `bytes` to the transaction count the current phase waits for.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t *bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)

@@ -208,45 +208,44 @@ impl Device {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        // The maps of q, k, v and dout with boxes of `q_rows` query rows and `kv_rows` keys.
+        let maps = |q_rows: usize, kv_rows: usize| -> Result<[TensorMap; 4]> {
+            Ok([
+                heads_map(p.q, s.hd, s.tq, s.nh, s.b, s.tq, q_rows)?,
+                heads_map(p.k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, kv_rows)?,
+                heads_map(p.v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, kv_rows)?,
+                heads_map(p.dout, s.hd, s.tq, s.nh, s.b, s.tq, q_rows)?,
+            ])
+        };
         // dK/dV: own 128 keys (K, V), stream 64 queries (Q, dO).
-        {
-            let tm_q = heads_map(p.q, s.hd, s.tq, s.nh, s.b, s.tq, BWD_STREAM)?;
-            let tm_k = heads_map(p.k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_OWN)?;
-            let tm_v = heads_map(p.v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_OWN)?;
-            let tm_do = heads_map(p.dout, s.hd, s.tq, s.nh, s.b, s.tq, BWD_STREAM)?;
-            let f = self.function_smem(MODULE, dkdv, smem)?;
-            let mut b = self.stream().launch_builder(&f);
-            b.arg(&tm_q)
-                .arg(&tm_k)
-                .arg(&tm_v)
-                .arg(&tm_do)
-                .arg(&p.lse)
-                .arg(&p.delta)
-                .arg(&p.dk)
-                .arg(&p.dv)
-                .arg(&tq)
-                .arg(&tk)
-                .arg(&stride)
-                .arg(&nh)
-                .arg(&nkv)
-                .arg(&scale);
-            // SAFETY: as flash_fwd_sm90: sizes checked by the caller, loads bounded by the tensor
-            // maps, dk/dv written for rows < tk_stride, argument types as the kernel's.
-            unsafe { b.launch(cfg((s.tk_stride.div_ceil(BWD_OWN), s.nkv, s.b))) }
-                .map_err(|e| Error(format!("launching {dkdv}: {}", Error::from(e))))?;
+        let tm = maps(BWD_STREAM, BWD_OWN)?;
+        let f = self.function_smem(MODULE, dkdv, smem)?;
+        let mut b = self.stream().launch_builder(&f);
+        for m in &tm {
+            b.arg(m);
         }
+        b.arg(&p.lse)
+            .arg(&p.delta)
+            .arg(&p.dk)
+            .arg(&p.dv)
+            .arg(&tq)
+            .arg(&tk)
+            .arg(&stride)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&scale);
+        // SAFETY: as flash_fwd_sm90: sizes checked by the caller, loads bounded by the tensor
+        // maps, dk/dv written for rows < tk_stride, argument types as the kernel's.
+        unsafe { b.launch(cfg((s.tk_stride.div_ceil(BWD_OWN), s.nkv, s.b))) }
+            .map_err(|e| Error(format!("launching {dkdv}: {}", Error::from(e))))?;
         // dQ: own 128 queries (Q, dO), stream 64 keys (K, V).
-        let tm_q = heads_map(p.q, s.hd, s.tq, s.nh, s.b, s.tq, BWD_OWN)?;
-        let tm_k = heads_map(p.k, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_STREAM)?;
-        let tm_v = heads_map(p.v, s.hd, s.tk, s.nkv, s.b, s.tk_stride, BWD_STREAM)?;
-        let tm_do = heads_map(p.dout, s.hd, s.tq, s.nh, s.b, s.tq, BWD_OWN)?;
+        let tm = maps(BWD_OWN, BWD_STREAM)?;
         let f = self.function_smem(MODULE, dq, smem)?;
         let mut b = self.stream().launch_builder(&f);
-        b.arg(&tm_q)
-            .arg(&tm_k)
-            .arg(&tm_v)
-            .arg(&tm_do)
-            .arg(&p.lse)
+        for m in &tm {
+            b.arg(m);
+        }
+        b.arg(&p.lse)
             .arg(&p.delta)
             .arg(&p.dq)
             .arg(&tq)
