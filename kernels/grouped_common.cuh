@@ -32,6 +32,14 @@ __device__ __forceinline__ void store_bf16x2(bf16 *p, float a, float b) {
 // Accurate sigmoid (expf), as kernels/elementwise.cu and the CPU's 1 / (1 + exp(-x)).
 __device__ __forceinline__ float sigmoid_acc(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// The SwiGLU backward of one element: from dA (the gradient of silu(g) * u) and the saved
+// pre-activations g, u: dg = dA * u * s * (1 + g (1 - s)), du = dA * g * s with s = sigmoid(g).
+__device__ __forceinline__ void swiglu_bwd(float da, float g, float u, float &dg, float &du) {
+  const float s = sigmoid_acc(g);
+  dg = da * u * s * (1.0f + g * (1.0f - s));
+  du = da * g * s;
+}
+
 // One CTA's tile of the grouped problem.
 struct Tile {
   int e;       // expert

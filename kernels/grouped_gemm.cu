@@ -390,12 +390,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
         const float g[2] = {__low2float(g2), __high2float(g2)}, u[2] = {__low2float(u2), __high2float(u2)};
         float dg[2], du[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float d = acc[mi][ni][2 * half + c];
-          const float s = sigmoid_acc(g[c]);
-          dg[c] = d * u[c] * s * (1.0f + g[c] * (1.0f - s));
-          du[c] = d * g[c] * s;
-        }
+        for (int c = 0; c < 2; ++c) swiglu_bwd(acc[mi][ni][2 * half + c], g[c], u[c], dg[c], du[c]);
         store_bf16x2(dgate + row + col, dg[0], dg[1]);
         store_bf16x2(dup + row + col, du[0], du[1]);
       }

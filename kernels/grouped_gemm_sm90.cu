@@ -305,12 +305,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       const float g[2] = {__low2float(g2), __high2float(g2)}, u[2] = {__low2float(u2), __high2float(u2)};
       float dg[2], du[2];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float dd = d[4 * j + 2 * hh + e];
-        const float sg = sigmoid_acc(g[e]);
-        dg[e] = dd * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
-        du[e] = dd * g[e] * sg;
-      }
+      for (int e = 0; e < 2; ++e) swiglu_bwd(d[4 * j + 2 * hh + e], g[e], u[e], dg[e], du[e]);
       store_bf16x2(dgate + row + col, dg[0], dg[1]);
       store_bf16x2(dup + row + col, du[0], du[1]);
     }

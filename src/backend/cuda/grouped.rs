@@ -549,9 +549,11 @@ impl Device {
         }
         check_align(dw.dptr(), 8, "dw")?;
         check_align(dw2, 8, "dw2")?;
+        if path == KernelPath::Sm90 {
+            self.require_sm90("grouped GEMM")?;
+        }
         // With no rows at all the sm_80 kernel writes the zeros (TMA maps need rows).
         if path == KernelPath::Sm90 && m > 0 {
-            self.require_sm90("grouped GEMM")?;
             let tiles = n.div_ceil(SM90_TILE_M) * k.div_ceil(SM90_TILE_N);
             ensure!(
                 tiles <= i32::MAX as usize,
