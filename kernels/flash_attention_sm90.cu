@@ -1,13 +1,14 @@
-// Hopper (sm_90a) path of flash attention: the forward (flash_fwd_sm90_hd{64,128}_bf16) and the
-// backward (flash_bwd_dkdv_sm90_* and flash_bwd_dq_sm90_*), the same outputs as
-// flash_attention.cu's (causal, GQA, out and the natural-log logsumexp; dq, dk, dv without
-// atomics) with wgmma, TMA and warp specialisation.
+// Hopper (sm_90a) path of flash attention: the forward (flash_fwd_sm90_hd{64,128}_bf16), the
+// backward (flash_bwd_dkdv_sm90_* and flash_bwd_dq_sm90_*) and the decode's first pass
+// (flash_decode_sm90_*), the same outputs as flash_attention.cu's (causal, GQA, out and the
+// natural-log logsumexp; dq, dk, dv without atomics) with wgmma, TMA and warp specialisation.
 //
 // CPU reference: src/ops/attention.rs (attention_forward; the tape's attention backward).
-// Wrapper: src/backend/cuda/flash_sm90.rs (Device::flash_attention_fwd / _bwd take this path on a
-// compute capability 9.0 GPU when FLEXRUN_SM90=1, for head dims 64 and 128 with 16-byte aligned
-// rows; every other case runs flash_attention.cu). Tests: tests/gpu_flash.rs (forward_sm90,
-// backward_sm90: every shape on both paths). Notes and measurements: flash_attention_sm90.md.
+// Wrapper: src/backend/cuda/flash_sm90.rs (Device::flash_attention_fwd / _bwd / _decode take this
+// path on a compute capability 9.0 GPU when FLEXRUN_SM90=1, for head dims 64 and 128 with 16-byte
+// aligned rows; every other case runs flash_attention.cu). Tests: tests/gpu_flash.rs
+// (forward_sm90, backward_sm90, decode_sm90: every shape on both paths). Notes and measurements:
+// flash_attention_sm90.md.
 //
 // Layout and meaning as the CPU reference: q [B, Tq, nh, hd], k/v [B, Tk_stride, nkv, hd] (the
 // first Tk positions read), out like q, lse [B, nh, Tq]. Query i sits at position Tk - Tq + i and
@@ -32,6 +33,7 @@
 // row), V is MN-major (the keys are the reduction dimension: SBO 1024 per 8 keys, LBO the
 // 64-column block stride BN * 128, a k16 step advances by 16 rows = 2048 bytes).
 #include "common.cuh"
+#include "flash_decode.cuh"
 #include "hopper.cuh"
 
 #include <cuda.h>
@@ -671,6 +673,87 @@ __device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMa
   store_rows<HD>(dq + ((long long)b * tq) * stride + (long long)h * HD, stride, dqacc, row_base, tq, scale);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Decode: pass 1 of flash_attention.cu's split-KV decode (the same grid, chunks and partials; its
+// flash_decode_combine_bf16 merges them) with the chunk's keys staged in shared memory by TMA. A
+// producer warp loads K and V sub-tiles of DEC_KT keys (row-major, unswizzled: boxes of hd x 64)
+// into a DEC_STAGES ring while the four consumer warps run flash_decode.cuh's row over the
+// sub-tile that has arrived: the next sub-tiles' bytes are in flight while one is computed,
+// where the sm_80 kernel waits for each key's load.
+
+constexpr int DEC_KT = 64;      // keys per sub-tile
+constexpr int DEC_STAGES = 2;   // 64 KiB at hd 128: three CTAs per SM
+constexpr int DEC_THREADS = fdec::NT + 32;  // four consumer warps and a producer warp
+
+template <int HD> struct DecLayout {
+  static constexpr int TILE = DEC_KT * HD * 2;  // one K or V sub-tile
+  static constexpr int BAR_OFF = 2 * DEC_STAGES * TILE;
+  // src/backend/cuda/flash_sm90.rs sm90_decode_smem mirrors it.
+  static constexpr int SMEM = BAR_OFF + 2 * DEC_STAGES * 8 + 1024;
+};
+
+template <int HD>
+__device__ __forceinline__ void decode_sm90(const bf16 *__restrict__ q, const CUtensorMap *tm_k,
+                                            const CUtensorMap *tm_v, float *__restrict__ part_o,
+                                            float *__restrict__ part_ml, int tq, int tk, int nh, int nkv,
+                                            int chunk, int nchunks, float scale_log2) {
+  using L = DecLayout<HD>;
+  using Row = fdec::Row<HD / 8, 8, 1>;
+  __shared__ float s_o[fdec::WARPS][fdec::MAX_HD];
+  __shared__ float s_m[fdec::WARPS], s_l[fdec::WARPS];
+  unsigned char *smem = aligned_smem(L::SMEM);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = blockIdx.x, h = blockIdx.y / tq, i = blockIdx.y % tq, b = blockIdx.z;
+  const int kh = h / (nh / nkv);
+  const long long row = ((long long)b * nh + h) * tq + i;
+  const int jbeg = c * chunk, jend = min(jbeg + chunk, tk - tq + i + 1);
+  float *po = part_o + (row * nchunks + c) * HD;
+  float *pml = part_ml + (row * nchunks + c) * 2;
+  if (jbeg >= jend) {  // the row sees no key of this chunk
+    if (tid < fdec::NT) fdec::empty_partial(po, pml, HD, tid);
+    return;
+  }
+  uint64_t *full = reinterpret_cast<uint64_t *>(smem + L::BAR_OFF), *empty = full + DEC_STAGES;
+  ring_init(full, DEC_STAGES, empty, DEC_STAGES, fdec::WARPS);
+  const int nsub = (jend - jbeg + DEC_KT - 1) / DEC_KT;
+  if (warp == fdec::WARPS) {
+    // Producer.
+    if (lane == 0) {
+      Watchdog wd;
+      tma_prefetch_map(tm_k);
+      tma_prefetch_map(tm_v);
+      for (int st = 0; st < nsub; ++st) {
+        const int s = st % DEC_STAGES;
+        if (st >= DEC_STAGES) mbar_wait(&empty[s], ((st / DEC_STAGES) - 1) & 1, wd);
+        mbar_arrive_expect_tx(&full[s], 2 * L::TILE);
+        tma_load_4d(smem + s * L::TILE, tm_k, &full[s], 0, jbeg + st * DEC_KT, kh, b);
+        tma_load_4d(smem + (DEC_STAGES + s) * L::TILE, tm_v, &full[s], 0, jbeg + st * DEC_KT, kh, b);
+      }
+      wd.check();
+    }
+    return;
+  }
+  Row r;
+  r.init(q + (((long long)b * tq + i) * nh + h) * HD, HD, scale_log2, lane);
+  Watchdog wd;
+  for (int st = 0; st < nsub; ++st) {
+    const int s = st % DEC_STAGES;
+    mbar_wait_warp(&full[s], (st / DEC_STAGES) & 1, wd);
+    const bf16 *kt = reinterpret_cast<const bf16 *>(smem + s * L::TILE);
+    const bf16 *vt = reinterpret_cast<const bf16 *>(smem + (DEC_STAGES + s) * L::TILE);
+    const int j0 = jbeg + st * DEC_KT;
+    // Every lane runs the same number of steps (the shuffles need the whole warp).
+    for (int jl = warp * Row::G; jl < DEC_KT; jl += fdec::WARPS * Row::G) {
+      const int j = jl + r.kg;
+      r.step(kt + j * HD, vt + j * HD, j0 + j < jend, HD);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+  }
+  wd.check();
+  r.finish(po, pml, HD, s_o, s_m, s_l, warp, lane, tid);
+}
 }  // namespace
 
 // Grid (ceil(Tq / 128), nh, B), 384 threads, Layout<HD>::SMEM bytes of dynamic shared memory.
@@ -710,3 +793,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
   }
 BWD_SM90(64)
 BWD_SM90(128)
+
+// Decode pass 1: grid (nchunks, nh * Tq, B), DEC_THREADS threads, DecLayout<HD>::SMEM bytes of
+// dynamic shared memory. tm_k / tm_v: 4-d maps (hd, Tk, nkv, B) of k and v, box (hd, 64, 1, 1),
+// no swizzle. part_o [rows, nchunks, hd], part_ml [rows, nchunks, 2] as flash_attention.cu's.
+#define DEC_SM90(HD)                                                                                             \
+  extern "C" __global__ void __launch_bounds__(DEC_THREADS) flash_decode_sm90_hd##HD##_bf16(                     \
+      const bf16 *q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,        \
+      float *part_o, float *part_ml, int tq, int tk, int nh, int nkv, int chunk, int nchunks, float scale_log2) { \
+    decode_sm90<HD>(q, &tm_k, &tm_v, part_o, part_ml, tq, tk, nh, nkv, chunk, nchunks, scale_log2);             \
+  }
+DEC_SM90(64)
+DEC_SM90(128)

@@ -98,7 +98,8 @@ cuda_tests!(
     unaligned_views,
     deterministic,
     forward_sm90,
-    backward_sm90
+    backward_sm90,
+    decode_sm90
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -418,6 +419,38 @@ fn decode(dev: &Device) -> R {
     Ok(())
 }
 
+/// The Hopper decode (keys staged in shared memory by TMA) on every decode shape: against the CPU
+/// reference where it applies (head dims 64 and 128), bit-identical over two runs. Needs a compute
+/// capability 9.0 GPU.
+fn decode_sm90(dev: &Device) -> R {
+    let cc = dev.compute_capability()?;
+    if cc != (9, 0) {
+        println!(
+            "SKIP: decode_sm90 needs compute capability 9.0, this GPU is {}.{}",
+            cc.0, cc.1
+        );
+        return Ok(());
+    }
+    for (n, &t) in DECODE_SHAPES.iter().enumerate() {
+        let s = shape(t);
+        let x = inputs(&s, 800 + n as u64);
+        let (o, lse) = ops::attention_forward(x.q.data(), x.k.data(), x.v.data(), s);
+        let (q, k, v) = (up(dev, &x.q)?, up(dev, &x.k)?, up(dev, &x.v)?);
+        let run = || -> flexrun::Result<(Vec<f32>, Vec<f32>)> {
+            let mut out = dev.alloc::<bf16>(q.len())?;
+            let mut glse = dev.alloc::<f32>(s.b * s.nh * s.tq)?;
+            dev.flash_attention_decode_on(KernelPath::Sm90, &q, &k, &v, s, &mut out, &mut glse)?;
+            Ok((down(dev, &out)?, dev.download(&glse)?))
+        };
+        let (go, glse) = run()?;
+        let what = format!("flash decode sm90 {s:?}");
+        assert_close(&format!("{what} out"), &go, &o, OUT_TOL);
+        assert_lse(&what, &glse, &lse);
+        assert!(run()? == (go, glse), "{what}: results differ between runs");
+    }
+    Ok(())
+}
+
 /// Buffers at an odd element offset (views) take the generic kernels with plain 2-byte loads,
 /// even at head dims 64 and 128.
 fn unaligned_views(dev: &Device) -> R {
@@ -623,6 +656,9 @@ fn sm90_kernels_fit_the_h100() {
     for hd in [64, 128] {
         let smem = flash::sm90_bwd_smem(hd);
         assert!(smem <= H100_SMEM, "backward hd {hd}: {smem} bytes");
+        // Three decode CTAs per SM.
+        let smem = flash::sm90_decode_smem(hd);
+        assert!(3 * smem <= H100_SMEM, "decode hd {hd}: {smem} bytes");
     }
 }
 

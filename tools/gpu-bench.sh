@@ -38,6 +38,7 @@ run attention_hd64_sdpa  python3 benches/torch/bench_sdpa.py --hd 64 --heads 32 
 # the same call (issue goal: >= 70%): 32 heads of 128 (MHA, OLMo-2 7B), and GQA 32 q / 8 kv.
 run attention_decode     "$FR" bench attention-decode --json
 run attention_decode_gqa "$FR" bench attention-decode --kv-heads 8 --json
+run attention_decode_sm90 env FLEXRUN_SM90=1 "$FR" bench attention-decode --json
 # Grouped expert GEMMs: 8 experts x 4096 tokens, H 4096, I 11008.
 run moe              "$FR" bench moe --json
 run moe_torch        python3 benches/torch/bench_moe_torch.py --json

@@ -157,10 +157,7 @@ pub fn bench_attention(dev: &Device, cfg: &BenchConfig) -> Result<Vec<BenchRow>>
             } else {
                 select(Pass::Fwd, s.hd, vec)?.kernel
             },
-            path: match dev.kernel_path() {
-                KernelPath::Sm80 => "sm80",
-                KernelPath::Sm90 => "sm90",
-            },
+            path: path_name(dev),
         });
     }
     Ok(rows)
@@ -196,6 +193,8 @@ pub struct DecodeRow {
     pub fraction: f64,
     /// Key chunks per query row (the split-KV plan).
     pub chunks: usize,
+    /// The device's kernel path: "sm80" or "sm90" (the Hopper decode, FLEXRUN_SM90=1).
+    pub path: &'static str,
 }
 
 /// Copy bandwidth on the GPU: bytes read + written per second of a 1 GiB device-to-device copy,
@@ -303,8 +302,17 @@ pub fn bench_decode_attention(dev: &Device, cfg: &DecodeConfig) -> Result<Vec<De
                 copy_gb_per_s: copy / 1e9,
                 fraction: rate / copy,
                 chunks: plan.nchunks,
+                path: path_name(dev),
             });
         }
     }
     Ok(rows)
+}
+
+/// The device's kernel path as the benchmarks report it.
+fn path_name(dev: &Device) -> &'static str {
+    match dev.kernel_path() {
+        KernelPath::Sm80 => "sm80",
+        KernelPath::Sm90 => "sm90",
+    }
 }

@@ -10,7 +10,7 @@
 //! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
 
 pub use super::flash_sm90::{
-    sm90_applies, sm90_bwd_smem, sm90_kernel, sm90_keys_per_tile, sm90_smem,
+    sm90_applies, sm90_bwd_smem, sm90_decode_smem, sm90_kernel, sm90_keys_per_tile, sm90_smem,
 };
 use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, KernelPath, BLOCK};
 use crate::backend::shapes::AttnShape;
@@ -471,10 +471,28 @@ impl Device {
     /// Decode attention: the `Tq` newest positions (usually 1) of each sequence against its KV
     /// cache (`tk` valid of `tk_stride` slots), split over the cache in chunks (one CTA per
     /// chunk, query row and head) and merged by a second kernel. Same outputs as
-    /// [`Device::flash_attention_fwd`]; meant for small `Tq` (each row reads its keys once).
+    /// [`Device::flash_attention_fwd`]; meant for small `Tq` (each row reads its keys once). On
+    /// [`Device::kernel_path`].
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_decode(
         &self,
+        q: &impl DeviceRead<bf16>,
+        k: &impl DeviceRead<bf16>,
+        v: &impl DeviceRead<bf16>,
+        s: AttnShape,
+        out: &mut impl DeviceWrite<bf16>,
+        lse: &mut impl DeviceWrite<f32>,
+    ) -> Result<()> {
+        self.flash_attention_decode_on(self.kernel_path(), q, k, v, s, out, lse)
+    }
+
+    /// [`Device::flash_attention_decode`] on the given path: [`KernelPath::Sm90`] stages each
+    /// chunk's keys in shared memory by TMA (kernels/flash_attention_sm90.cu) where
+    /// [`sm90_applies`], the sm_80 split kernel otherwise; both use the same plan and combine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_decode_on(
+        &self,
+        path: KernelPath,
         q: &impl DeviceRead<bf16>,
         k: &impl DeviceRead<bf16>,
         v: &impl DeviceRead<bf16>,
@@ -515,6 +533,20 @@ impl Device {
             int(plan.nchunks, "decode chunks")?,
         );
         let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
+        if path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]) {
+            self.flash_decode_sm90(
+                q.dptr(),
+                k.dptr(),
+                v.dptr(),
+                part_o.dptr(),
+                part_ml.dptr(),
+                &s,
+                plan.chunk,
+                plan.nchunks,
+            )?;
+            return launch!(self, "flash_attention", "flash_decode_combine_bf16", (blocks_for(rows, BLOCK / 32), 1, 1), BLOCK;
+                part_o.dptr(), part_ml.dptr(), out.dptr(), lse.dptr(), int(s.b, "batch")?, d.tq, d.nh, d.hd, nchunks);
+        }
         let split = Variant {
             pass: Pass::Fwd,
             kernel: plan.kernel,

@@ -4,7 +4,7 @@
 //! [`super::KernelPath::Sm90`] for the shapes [`sm90_applies`] accepts; everything else runs
 //! kernels/flash_attention.cu.
 
-use super::tma::{tensor_map, TensorMap};
+use super::tma::{plain_map, tensor_map, TensorMap};
 use super::Device;
 use crate::backend::shapes::AttnShape;
 use crate::ensure;
@@ -257,5 +257,84 @@ impl Device {
         unsafe { b.launch(cfg((s.tq.div_ceil(BWD_OWN), s.nh, s.b))) }
             .map(|_| ())
             .map_err(|e| Error(format!("launching {dq}: {}", Error::from(e))))
+    }
+}
+
+/// Keys per sub-tile and stages of the Hopper decode (DEC_KT, DEC_STAGES), and its threads: four
+/// consumer warps and a producer warp (DEC_THREADS).
+const DEC_KT: usize = 64;
+const DEC_STAGES: usize = 2;
+const DEC_THREADS: u32 = 160;
+
+/// Dynamic shared memory of the Hopper decode for head dim `hd` (DecLayout<HD>::SMEM): the
+/// stages' K and V sub-tiles, 2 * stages mbarriers, 1024 bytes of alignment slack.
+pub const fn sm90_decode_smem(hd: usize) -> usize {
+    2 * DEC_STAGES * DEC_KT * hd * 2 + 2 * DEC_STAGES * 8 + 1024
+}
+
+impl Device {
+    /// Pass 1 of the Hopper decode into `part_o` / `part_ml` (`chunk` keys per chunk, `nchunks`
+    /// chunks per row, as [`super::flash::decode_plan`]); the caller runs the combine pass and
+    /// checked every size against `s` and [`sm90_applies`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn flash_decode_sm90(
+        &self,
+        q: u64,
+        k: u64,
+        v: u64,
+        part_o: u64,
+        part_ml: u64,
+        s: &AttnShape,
+        chunk: usize,
+        nchunks: usize,
+    ) -> Result<()> {
+        self.require_sm90("flash decode")?;
+        let what = "flash decode (Hopper)";
+        let row = s.nkv * s.hd * 2;
+        let kv_map = |p: u64| {
+            plain_map(
+                p,
+                [s.hd, s.tk, s.nkv, s.b],
+                &[row, s.hd * 2, s.tk_stride * row],
+                s.hd,
+                DEC_KT,
+                what,
+            )
+        };
+        let (tm_k, tm_v) = (kv_map(k)?, kv_map(v)?);
+        let name = if s.hd == 64 {
+            "flash_decode_sm90_hd64_bf16"
+        } else {
+            "flash_decode_sm90_hd128_bf16"
+        };
+        let smem = sm90_decode_smem(s.hd);
+        let f = self.function_smem(MODULE, name, smem)?;
+        let (tq, tk, nh, nkv) = (s.tq as i32, s.tk as i32, s.nh as i32, s.nkv as i32);
+        let (chunk, nchunks_i) = (chunk as i32, nchunks as i32);
+        let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
+        use cudarc::driver::PushKernelArg;
+        let mut b = self.stream().launch_builder(&f);
+        b.arg(&q)
+            .arg(&tm_k)
+            .arg(&tm_v)
+            .arg(&part_o)
+            .arg(&part_ml)
+            .arg(&tq)
+            .arg(&tk)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&chunk)
+            .arg(&nchunks_i)
+            .arg(&scale_log2);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (nchunks as u32, (s.nh * s.tq) as u32, s.b as u32),
+            block_dim: (DEC_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: the caller checked q, k, v against `s` and sized part_o / part_ml for rows x
+        // nchunks; the maps bound the K/V loads; argument types as the kernel's.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| Error(format!("launching {name}: {}", Error::from(e))))
     }
 }

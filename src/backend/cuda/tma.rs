@@ -1,6 +1,7 @@
 //! Tensor maps for the Hopper kernels' TMA loads (`cp.async.bulk.tensor`): a map describes a
 //! bf16 tensor in device memory and the box one load copies into shared memory, with the
-//! 128-byte swizzle the kernels' wgmma descriptors expect (rows of 64 bf16). A map is passed to
+//! 128-byte swizzle the kernels' wgmma descriptors expect (rows of 64 bf16), or row-major without
+//! swizzle ([`plain_map`]). A map is passed to
 //! the kernel by value as a `const __grid_constant__ CUtensorMap` parameter.
 
 use crate::error::{Error, Result};
@@ -19,8 +20,9 @@ unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
 
 /// The map of the bf16 tensor at `ptr` with `dims` (innermost first, in elements; dim 0 is
 /// contiguous), `strides` (bytes, of dims 1..) and boxes of `BOX_COLS` x `box_rows` (x 1 for
-/// the dims above 1). Positions outside `dims` read as zeros. The caller checked that the
-/// allocation holds every addressed element and that `ptr` and `strides` are multiples of 16.
+/// the dims above 1), 128-byte swizzled. Positions outside `dims` read as zeros. The caller
+/// checked that the allocation holds every addressed element and that `ptr` and `strides` are
+/// multiples of 16.
 pub(crate) fn tensor_map<const R: usize>(
     ptr: u64,
     dims: [usize; R],
@@ -28,11 +30,35 @@ pub(crate) fn tensor_map<const R: usize>(
     box_rows: usize,
     what: &str,
 ) -> Result<TensorMap> {
+    encode(ptr, dims, strides, (BOX_COLS, box_rows), true, what)
+}
+
+/// [`tensor_map`] with boxes of `box_cols` x `box_rows` written row-major, without swizzle (the
+/// decode kernel reads its rows with plain loads).
+pub(crate) fn plain_map<const R: usize>(
+    ptr: u64,
+    dims: [usize; R],
+    strides: &[usize],
+    box_cols: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<TensorMap> {
+    encode(ptr, dims, strides, (box_cols, box_rows), false, what)
+}
+
+fn encode<const R: usize>(
+    ptr: u64,
+    dims: [usize; R],
+    strides: &[usize],
+    (box_cols, box_rows): (usize, usize),
+    swizzle: bool,
+    what: &str,
+) -> Result<TensorMap> {
     assert!(R >= 2 && strides.len() == R - 1);
     let dims64: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
     let strides64: Vec<u64> = strides.iter().map(|&s| s as u64).collect();
     let mut boxes = vec![1u32; R];
-    boxes[0] = BOX_COLS as u32;
+    boxes[0] = box_cols as u32;
     boxes[1] = box_rows as u32;
     let elem = vec![1u32; R];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
@@ -49,7 +75,11 @@ pub(crate) fn tensor_map<const R: usize>(
             boxes.as_ptr(),
             elem.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            if swizzle {
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+            } else {
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+            },
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
