@@ -158,7 +158,7 @@ if [[ "${MEMCHECK:-1}" != 0 ]]; then
   done
 fi
 # Shared-memory races in the Hopper attention kernels (warp-specialised, mbarrier-synchronised):
-# racecheck of gpu_flash's forward_sm90 and backward_sm90 tests (SKIP on a GPU other than sm_90).
+# racecheck of gpu_flash's *_sm90 tests (forward, backward, decode; SKIP on a GPU other than sm_90).
 if [[ "${MEMCHECK:-1}" != 0 && "${RACECHECK:-1}" != 0 && -x "$HERE/bin/gpu_flash" && -n "${CS:-}" &&
       ( -z "${ONLY:-}" || "gpu_flash" == *"$ONLY"* ) ]]; then
   start=$(date +%s)
