@@ -519,13 +519,19 @@ impl Device {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
-        let plan = decode_plan(
+        let mut plan = decode_plan(
             rows,
             s.tk,
             s.hd,
             vectorizable(s.hd, &[k.dptr(), v.dptr()]),
             sms,
         );
+        let hopper = path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]);
+        if hopper {
+            // Whole sub-tiles of the Hopper kernel's TMA loads per chunk.
+            plan.chunk = plan.chunk.next_multiple_of(super::flash_sm90::DEC_KT);
+            plan.nchunks = s.tk.max(1).div_ceil(plan.chunk);
+        }
         let part_o = self.alloc::<f32>(rows * plan.nchunks * s.hd)?;
         let part_ml = self.alloc::<f32>(rows * plan.nchunks * 2)?;
         let (chunk, nchunks) = (
@@ -533,7 +539,7 @@ impl Device {
             int(plan.nchunks, "decode chunks")?,
         );
         let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
-        if path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]) {
+        if hopper {
             self.flash_decode_sm90(
                 q.dptr(),
                 k.dptr(),

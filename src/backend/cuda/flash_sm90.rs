@@ -262,7 +262,7 @@ impl Device {
 
 /// Keys per sub-tile and stages of the Hopper decode (DEC_KT, DEC_STAGES), and its threads: four
 /// consumer warps and a producer warp (DEC_THREADS).
-const DEC_KT: usize = 64;
+pub(super) const DEC_KT: usize = 64;
 const DEC_STAGES: usize = 2;
 const DEC_THREADS: u32 = 160;
 
