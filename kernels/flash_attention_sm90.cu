@@ -678,9 +678,10 @@ __device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMa
 // Decode: pass 1 of flash_attention.cu's split-KV decode (the same grid, chunks and partials; its
 // flash_decode_combine_bf16 merges them) with the chunk's keys staged in shared memory by TMA. A
 // producer warp loads K and V sub-tiles of DEC_KT keys (row-major, unswizzled: boxes of hd x 64)
-// into a DEC_STAGES ring while the four consumer warps run flash_decode.cuh's row over the
+// into a DEC_STAGES ring while the four consumer warps run flash_decode.cuh's rows over the
 // sub-tile that has arrived: the next sub-tiles' bytes are in flight while one is computed,
-// where the sm_80 kernel waits for each key's load.
+// where the sm_80 kernel waits for each key's load. Under GQA a CTA takes up to four query heads
+// of one KV head (a warp or more each), so their K and V are read once.
 
 constexpr int DEC_KT = 64;      // keys per sub-tile
 constexpr int DEC_STAGES = 2;   // 64 KiB at hd 128: three CTAs per SM
@@ -697,28 +698,37 @@ template <int HD>
 __device__ __forceinline__ void decode_sm90(const bf16 *__restrict__ q, const CUtensorMap *tm_k,
                                             const CUtensorMap *tm_v, float *__restrict__ part_o,
                                             float *__restrict__ part_ml, int tq, int tk, int nh, int nkv,
-                                            int chunk, int nchunks, float scale_log2) {
+                                            int hpc, int chunk, int nchunks, float scale_log2) {
   using L = DecLayout<HD>;
   using Row = fdec::Row<HD / 8, 8, 1>;
   __shared__ float s_o[fdec::WARPS][fdec::MAX_HD];
   __shared__ float s_m[fdec::WARPS], s_l[fdec::WARPS];
   unsigned char *smem = aligned_smem(L::SMEM);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int c = blockIdx.x, h = blockIdx.y / tq, i = blockIdx.y % tq, b = blockIdx.z;
-  const int kh = h / (nh / nkv);
-  const long long row = ((long long)b * nh + h) * tq + i;
+  // The CTA's hpc query heads h0.. share one KV head; each has WARPS / hpc consumer warps.
+  const int c = blockIdx.x, h0 = (blockIdx.y / tq) * hpc, i = blockIdx.y % tq, b = blockIdx.z;
+  const int kh = h0 / (nh / nkv), wpr = fdec::WARPS / hpc;
   const int jbeg = c * chunk, jend = min(jbeg + chunk, tk - tq + i + 1);
-  float *po = part_o + (row * nchunks + c) * HD;
-  float *pml = part_ml + (row * nchunks + c) * 2;
-  if (jbeg >= jend) {  // the row sees no key of this chunk
-    if (tid < fdec::NT) fdec::empty_partial(po, pml, HD, tid);
+  auto partial = [&](int h, float *&po, float *&pml) {
+    const long long row = ((long long)b * nh + h) * tq + i;
+    po = part_o + (row * nchunks + c) * HD;
+    pml = part_ml + (row * nchunks + c) * 2;
+  };
+  if (jbeg >= jend) {  // the rows see no key of this chunk
+    if (tid < fdec::NT) {
+      for (int hh = 0; hh < hpc; ++hh) {
+        float *po, *pml;
+        partial(h0 + hh, po, pml);
+        fdec::empty_partial(po, pml, HD, tid);
+      }
+    }
     return;
   }
   uint64_t *full = reinterpret_cast<uint64_t *>(smem + L::BAR_OFF), *empty = full + DEC_STAGES;
   ring_init(full, DEC_STAGES, empty, DEC_STAGES, fdec::WARPS);
   const int nsub = (jend - jbeg + DEC_KT - 1) / DEC_KT;
   if (warp == fdec::WARPS) {
-    // Producer.
+    // Producer: each K and V sub-tile is loaded once for all the CTA's heads.
     if (lane == 0) {
       Watchdog wd;
       tma_prefetch_map(tm_k);
@@ -734,6 +744,7 @@ __device__ __forceinline__ void decode_sm90(const bf16 *__restrict__ q, const CU
     }
     return;
   }
+  const int h = h0 + warp / wpr, ws = warp % wpr;  // this warp's head, and its place among its warps
   Row r;
   r.init(q + (((long long)b * tq + i) * nh + h) * HD, HD, scale_log2, lane);
   Watchdog wd;
@@ -744,7 +755,7 @@ __device__ __forceinline__ void decode_sm90(const bf16 *__restrict__ q, const CU
     const bf16 *vt = reinterpret_cast<const bf16 *>(smem + (DEC_STAGES + s) * L::TILE);
     const int j0 = jbeg + st * DEC_KT;
     // Every lane runs the same number of steps (the shuffles need the whole warp).
-    for (int jl = warp * Row::G; jl < DEC_KT; jl += fdec::WARPS * Row::G) {
+    for (int jl = ws * Row::G; jl < DEC_KT; jl += wpr * Row::G) {
       const int j = jl + r.kg;
       r.step(kt + j * HD, vt + j * HD, j0 + j < jend, HD);
     }
@@ -752,7 +763,9 @@ __device__ __forceinline__ void decode_sm90(const bf16 *__restrict__ q, const CU
     if (lane == 0) mbar_arrive(&empty[s]);
   }
   wd.check();
-  r.finish(po, pml, HD, s_o, s_m, s_l, warp, lane, tid);
+  float *po, *pml;
+  partial(h, po, pml);
+  r.finish(po, pml, HD, s_o, s_m, s_l, warp, lane, warp - ws, wpr);
 }
 }  // namespace
 
@@ -794,14 +807,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 BWD_SM90(64)
 BWD_SM90(128)
 
-// Decode pass 1: grid (nchunks, nh * Tq, B), DEC_THREADS threads, DecLayout<HD>::SMEM bytes of
-// dynamic shared memory. tm_k / tm_v: 4-d maps (hd, Tk, nkv, B) of k and v, box (hd, 64, 1, 1),
+// Decode pass 1: grid (nchunks, nh / hpc * Tq, B), DEC_THREADS threads, DecLayout<HD>::SMEM bytes
+// of dynamic shared memory; hpc (1, 2 or 4, dividing nh / nkv) query heads of one KV head per
+// CTA. tm_k / tm_v: 4-d maps (hd, Tk, nkv, B) of k and v, box (hd, 64, 1, 1),
 // no swizzle. part_o [rows, nchunks, hd], part_ml [rows, nchunks, 2] as flash_attention.cu's.
 #define DEC_SM90(HD)                                                                                             \
   extern "C" __global__ void __launch_bounds__(DEC_THREADS) flash_decode_sm90_hd##HD##_bf16(                     \
       const bf16 *q, const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,        \
-      float *part_o, float *part_ml, int tq, int tk, int nh, int nkv, int chunk, int nchunks, float scale_log2) { \
-    decode_sm90<HD>(q, &tm_k, &tm_v, part_o, part_ml, tq, tk, nh, nkv, chunk, nchunks, scale_log2);             \
+      float *part_o, float *part_ml, int tq, int tk, int nh, int nkv, int hpc, int chunk, int nchunks,           \
+      float scale_log2) {                                                                                        \
+    decode_sm90<HD>(q, &tm_k, &tm_v, part_o, part_ml, tq, tk, nh, nkv, hpc, chunk, nchunks, scale_log2);        \
   }
 DEC_SM90(64)
 DEC_SM90(128)

@@ -5,7 +5,8 @@
 // generic s1 variant a register spill). CPU reference: src/ops/attention.rs (attention_forward);
 // test: tests/gpu_flash.rs (decode_sm90).
 //
-// WARPS warps (the first NT threads of the CTA) run one query row over its keys: each group of L lanes handles one key
+// WARPS warps (the first NT threads of the CTA) run one to WARPS query rows over their keys
+// (several rows: the query heads that share a KV head, each on WARPS / rows warps): each group of L lanes handles one key
 // (VEC dims per lane per load, NCH loads per row: lane dims d = (cc L + sl) VEC + e), so a warp
 // takes 32 / L keys per step; each lane group keeps an online softmax (log2 domain) over the keys
 // it saw; finish() merges the groups of a warp, then the warps, and writes the row's partial
@@ -88,11 +89,12 @@ template <int L, int VEC, int NCH> struct Row {
     for (int d = 0; d < DPL; ++d) acc[d] = acc[d] * corr + p * x[d];
   }
 
-  // Merge the warp's key groups, then the CTA's warps (through s_o / s_m / s_l), and write the
-  // row's partial: po (hd floats) and pml = (m, l). The row must have seen a visible key.
+  // Merge the warp's key groups, then the `wpr` warps of this row (warps row_w0..row_w0+wpr-1,
+  // through s_o / s_m / s_l), and write the row's partial: po (hd floats) and pml = (m, l). The
+  // row must have seen a visible key. Every consumer thread of the CTA calls it.
   __device__ __forceinline__ void finish(float *po, float *pml, int hd, float (&s_o)[WARPS][MAX_HD],
                                          float (&s_m)[WARPS], float (&s_l)[WARPS], int warp, int lane,
-                                         int tid) {
+                                         int row_w0, int wpr) {
     // Lane sl of every group holds the same dims.
 #pragma unroll
     for (int o = L; o < 32; o <<= 1) {
@@ -118,26 +120,31 @@ template <int L, int VEC, int NCH> struct Row {
         s_l[warp] = l;
       }
     }
-    // The row's NT threads (a named barrier: a CTA may hold more threads, e.g. a producer warp
-    // that has left).
+    // The NT consumer threads (a named barrier: a CTA may hold more threads, e.g. a producer
+    // warp that has left).
     asm volatile("bar.sync 1, %0;\n" ::"n"(NT) : "memory");
-    // Merge the warps; the chunk holds at least one visible key, so mm is finite.
+    // Merge the row's warps; the chunk holds at least one visible key, so mm is finite.
+    const auto mine = [&](int w) { return w >= row_w0 && w < row_w0 + wpr; };
     float mm = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, s_m[w]);
+    for (int w = 0; w < WARPS; ++w)
+      if (mine(w)) mm = fmaxf(mm, s_m[w]);
     float wt[WARPS];
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) wt[w] = s_m[w] == -INFINITY ? 0.0f : exp2f(s_m[w] - mm);
-    for (int d = tid; d < hd; d += NT) {
+    for (int w = 0; w < WARPS; ++w) wt[w] = mine(w) && s_m[w] != -INFINITY ? exp2f(s_m[w] - mm) : 0.0f;
+    const int rt = (warp - row_w0) * 32 + lane;  // this thread's index among the row's
+    for (int d = rt; d < hd; d += 32 * wpr) {
       float a = 0.0f;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) a += s_o[w][d] * wt[w];
+      for (int w = 0; w < WARPS; ++w)
+        if (mine(w)) a += s_o[w][d] * wt[w];
       po[d] = a;
     }
-    if (tid == 0) {
+    if (rt == 0) {
       float ls = 0.0f;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) ls += s_l[w] * wt[w];
+      for (int w = 0; w < WARPS; ++w)
+        if (mine(w)) ls += s_l[w] * wt[w];
       pml[0] = mm;
       pml[1] = ls;
     }

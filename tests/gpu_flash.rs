@@ -671,6 +671,10 @@ fn sm90_kernels_fit_the_h100() {
         &AttnShape::causal(1, 100, 4, 2, 80),
         &[0]
     ));
+    // The Hopper decode's query heads per CTA: the largest of 4, 2, 1 dividing the GQA group.
+    for (group, hpc) in [(1, 1), (2, 2), (3, 1), (4, 4), (6, 2), (8, 4), (32, 4)] {
+        assert_eq!(flash::decode_heads_per_cta(group), hpc, "group {group}");
+    }
     // No query rows: the sm_80 path, which zeroes dK and dV of the whole cache.
     let empty = AttnShape::cached(1, 0, 10, 16, 4, 2, 128);
     assert!(!flash::sm90_applies(&empty, &[0]));

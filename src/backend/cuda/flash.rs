@@ -10,7 +10,8 @@
 //! up to [`FLASH_MAX_HD`] (or a misaligned view) runs the generic kernel of the next bucket.
 
 pub use super::flash_sm90::{
-    sm90_applies, sm90_bwd_smem, sm90_decode_smem, sm90_kernel, sm90_keys_per_tile, sm90_smem,
+    decode_heads_per_cta, sm90_applies, sm90_bwd_smem, sm90_decode_smem, sm90_kernel,
+    sm90_keys_per_tile, sm90_smem,
 };
 use super::{blocks_for, int, launch, Device, DeviceRead, DeviceWrite, KernelPath, BLOCK};
 use crate::backend::shapes::AttnShape;
@@ -519,14 +520,20 @@ impl Device {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
             as usize;
+        let hopper = path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]);
+        // The Hopper kernel runs several query heads of a KV head per CTA: fewer CTAs per chunk.
+        let cta_rows = if hopper {
+            rows / decode_heads_per_cta(s.nh / s.nkv)
+        } else {
+            rows
+        };
         let mut plan = decode_plan(
-            rows,
+            cta_rows,
             s.tk,
             s.hd,
             vectorizable(s.hd, &[k.dptr(), v.dptr()]),
             sms,
         );
-        let hopper = path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]);
         if hopper {
             // Whole sub-tiles of the Hopper kernel's TMA loads per chunk.
             plan.chunk = plan.chunk.next_multiple_of(super::flash_sm90::DEC_KT);

@@ -266,6 +266,16 @@ pub(super) const DEC_KT: usize = 64;
 const DEC_STAGES: usize = 2;
 const DEC_THREADS: u32 = 160;
 
+/// Query heads per CTA of the Hopper decode for `group` query heads per KV head: 4, 2 or 1, the
+/// largest that divides the group (the CTA's four consumer warps split among them, and their K
+/// and V are read once).
+pub fn decode_heads_per_cta(group: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|&h| group.is_multiple_of(h))
+        .unwrap_or(1)
+}
+
 /// Dynamic shared memory of the Hopper decode for head dim `hd` (DecLayout<HD>::SMEM): the
 /// stages' K and V sub-tiles, 2 * stages mbarriers, 1024 bytes of alignment slack.
 pub const fn sm90_decode_smem(hd: usize) -> usize {
@@ -311,6 +321,8 @@ impl Device {
         let f = self.function_smem(MODULE, name, smem)?;
         let (tq, tk, nh, nkv) = (s.tq as i32, s.tk as i32, s.nh as i32, s.nkv as i32);
         let (chunk, nchunks_i) = (chunk as i32, nchunks as i32);
+        let hpc = decode_heads_per_cta(s.nh / s.nkv);
+        let hpc_i = hpc as i32;
         let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
         use cudarc::driver::PushKernelArg;
         let mut b = self.stream().launch_builder(&f);
@@ -323,11 +335,12 @@ impl Device {
             .arg(&tk)
             .arg(&nh)
             .arg(&nkv)
+            .arg(&hpc_i)
             .arg(&chunk)
             .arg(&nchunks_i)
             .arg(&scale_log2);
         let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (nchunks as u32, (s.nh * s.tq) as u32, s.b as u32),
+            grid_dim: (nchunks as u32, (s.nh / hpc * s.tq) as u32, s.b as u32),
             block_dim: (DEC_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
