@@ -1,5 +1,6 @@
-// The per-row work of the Hopper split-KV decode (flash_attention_sm90.cu: one query row against
-// a chunk of its KV cache, the keys staged in shared memory by TMA). It is flash_attention.cu's
+// The per-row work of the Hopper split-KV decode (flash_attention_sm90.cu: one to four query rows,
+// the heads that share a KV head, against a chunk of their KV cache, the keys staged in shared
+// memory by TMA). It is flash_attention.cu's
 // decode_split with the loads taken out of the key loop; that kernel keeps its own copy because
 // it has run on GPUs as it is (routing it through this header changed its SASS and cost the
 // generic s1 variant a register spill). CPU reference: src/ops/attention.rs (attention_forward);

@@ -432,12 +432,17 @@ fn decode_sm90(dev: &Device) -> R {
         return Ok(());
     }
     // Beyond DECODE_SHAPES: chunks of several 64-key sub-tiles (the ring wraps), chunks that
-    // are not a multiple of 64 keys, GQA, hd 64, and rows with no key in some chunks.
+    // are not a multiple of 64 keys, hd 64 and 128, one, two and four heads per CTA (MHA, GQA
+    // groups of 2, 4, 6 and 8), and rows with no key in some chunks.
     const MORE: &[Shape] = &[
         (1, 1, 2600, 2600, 32, 8, 128),
         (4, 1, 8192, 8192, 32, 8, 128),
         (2, 1, 8192, 8192, 16, 4, 64),
         (1, 4, 130, 130, 2, 1, 64),
+        (1, 4, 130, 130, 8, 2, 128),
+        (1, 2, 300, 300, 4, 4, 128),
+        (1, 1, 1000, 1000, 4, 2, 128),
+        (1, 1, 700, 700, 6, 1, 64),
     ];
     for (n, &t) in DECODE_SHAPES.iter().chain(MORE).enumerate() {
         let s = shape(t);

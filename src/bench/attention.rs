@@ -280,16 +280,8 @@ pub fn bench_decode_attention(dev: &Device, cfg: &DecodeConfig) -> Result<Vec<De
             })?;
             let kv_bytes = 2 * nk * 2;
             let rate = kv_bytes as f64 / (ms * 1e-3);
-            let sms = dev.context().attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )? as usize;
-            let plan = crate::backend::cuda::flash::decode_plan(
-                batch * cfg.heads,
-                context,
-                cfg.hd,
-                vectorizable(cfg.hd, &[k.dptr(), v.dptr()]),
-                sms,
-            );
+            let launch =
+                dev.decode_launch(dev.kernel_path(), &s, &[q.dptr(), k.dptr(), v.dptr()])?;
             rows.push(DecodeRow {
                 batch,
                 context,
@@ -301,7 +293,7 @@ pub fn bench_decode_attention(dev: &Device, cfg: &DecodeConfig) -> Result<Vec<De
                 gb_per_s: rate / 1e9,
                 copy_gb_per_s: copy / 1e9,
                 fraction: rate / copy,
-                chunks: plan.nchunks,
+                chunks: launch.plan.nchunks,
                 path: path_name(dev),
             });
         }

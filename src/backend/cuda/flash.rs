@@ -312,7 +312,44 @@ pub fn decode_plan(rows: usize, tk: usize, hd: usize, vec: bool, sms: usize) -> 
     }
 }
 
+/// How a decode call runs: the plan, whether the Hopper kernel takes it, and its query heads
+/// per CTA (1 on the sm_80 kernel).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLaunch {
+    pub plan: DecodePlan,
+    pub hopper: bool,
+    pub hpc: usize,
+}
+
 impl Device {
+    /// The decode's launch on `path` for `s` (`ptrs`: q, k, v): the Hopper kernel where
+    /// [`sm90_applies`], with its query heads per CTA counted in the plan's rows and chunks of
+    /// whole 64-key sub-tiles; the sm_80 kernel otherwise.
+    pub fn decode_launch(
+        &self,
+        path: KernelPath,
+        s: &AttnShape,
+        ptrs: &[u64],
+    ) -> Result<DecodeLaunch> {
+        let sms = self
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        let hopper = path == KernelPath::Sm90 && sm90_applies(s, ptrs);
+        let hpc = if hopper {
+            decode_heads_per_cta(s.nh / s.nkv)
+        } else {
+            1
+        };
+        let vec = vectorizable(s.hd, &ptrs[1..]);
+        let mut plan = decode_plan(s.b * s.nh * s.tq / hpc, s.tk, s.hd, vec, sms);
+        if hopper {
+            plan.chunk = plan.chunk.next_multiple_of(super::flash_sm90::DEC_KT);
+            plan.nchunks = s.tk.max(1).div_ceil(plan.chunk);
+        }
+        Ok(DecodeLaunch { plan, hopper, hpc })
+    }
+
     /// Causal GQA attention forward on tensor cores: q `[B, Tq, nh, hd]`, k/v
     /// `[B, Tk_stride, nkv, hd]`, out like q (all bf16), `lse [B, nh, Tq]` (f32, natural log)
     /// for the backward. On [`Device::kernel_path`].
@@ -471,7 +508,8 @@ impl Device {
 
     /// Decode attention: the `Tq` newest positions (usually 1) of each sequence against its KV
     /// cache (`tk` valid of `tk_stride` slots), split over the cache in chunks (one CTA per
-    /// chunk, query row and head) and merged by a second kernel. Same outputs as
+    /// chunk and query row, for one head, or on the Hopper kernel up to four heads of a KV head)
+    /// and merged by a second kernel. Same outputs as
     /// [`Device::flash_attention_fwd`]; meant for small `Tq` (each row reads its keys once). On
     /// [`Device::kernel_path`].
     #[allow(clippy::too_many_arguments)]
@@ -516,29 +554,8 @@ impl Device {
         }
         let d = dims(&s)?;
         let rows = s.b * s.nh * s.tq;
-        let sms = self
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-        let hopper = path == KernelPath::Sm90 && sm90_applies(&s, &[q.dptr(), k.dptr(), v.dptr()]);
-        // The Hopper kernel runs several query heads of a KV head per CTA: fewer CTAs per chunk.
-        let cta_rows = if hopper {
-            rows / decode_heads_per_cta(s.nh / s.nkv)
-        } else {
-            rows
-        };
-        let mut plan = decode_plan(
-            cta_rows,
-            s.tk,
-            s.hd,
-            vectorizable(s.hd, &[k.dptr(), v.dptr()]),
-            sms,
-        );
-        if hopper {
-            // Whole sub-tiles of the Hopper kernel's TMA loads per chunk.
-            plan.chunk = plan.chunk.next_multiple_of(super::flash_sm90::DEC_KT);
-            plan.nchunks = s.tk.max(1).div_ceil(plan.chunk);
-        }
+        let DecodeLaunch { plan, hopper, hpc } =
+            self.decode_launch(path, &s, &[q.dptr(), k.dptr(), v.dptr()])?;
         let part_o = self.alloc::<f32>(rows * plan.nchunks * s.hd)?;
         let part_ml = self.alloc::<f32>(rows * plan.nchunks * 2)?;
         let (chunk, nchunks) = (
@@ -554,6 +571,7 @@ impl Device {
                 part_o.dptr(),
                 part_ml.dptr(),
                 &s,
+                hpc,
                 plan.chunk,
                 plan.nchunks,
             )?;

@@ -283,9 +283,9 @@ pub const fn sm90_decode_smem(hd: usize) -> usize {
 }
 
 impl Device {
-    /// Pass 1 of the Hopper decode into `part_o` / `part_ml` (`chunk` keys per chunk, `nchunks`
-    /// chunks per row, as [`super::flash::decode_plan`]); the caller runs the combine pass and
-    /// checked every size against `s` and [`sm90_applies`].
+    /// Pass 1 of the Hopper decode into `part_o` / `part_ml` (`hpc` query heads per CTA, `chunk`
+    /// keys per chunk, `nchunks` chunks per row, as [`Device::decode_launch`] planned them); the
+    /// caller runs the combine pass and checked every size against `s` and [`sm90_applies`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn flash_decode_sm90(
         &self,
@@ -295,10 +295,16 @@ impl Device {
         part_o: u64,
         part_ml: u64,
         s: &AttnShape,
+        hpc: usize,
         chunk: usize,
         nchunks: usize,
     ) -> Result<()> {
         self.require_sm90("flash decode")?;
+        ensure!(
+            [1, 2, 4].contains(&hpc) && (s.nh / s.nkv).is_multiple_of(hpc),
+            "flash decode (Hopper): {hpc} heads per CTA for groups of {}",
+            s.nh / s.nkv
+        );
         let what = "flash decode (Hopper)";
         let row = s.nkv * s.hd * 2;
         let kv_map = |p: u64| {
@@ -321,7 +327,6 @@ impl Device {
         let f = self.function_smem(MODULE, name, smem)?;
         let (tq, tk, nh, nkv) = (s.tq as i32, s.tk as i32, s.nh as i32, s.nkv as i32);
         let (chunk, nchunks_i) = (chunk as i32, nchunks as i32);
-        let hpc = decode_heads_per_cta(s.nh / s.nkv);
         let hpc_i = hpc as i32;
         let scale_log2 = std::f32::consts::LOG2_E / (s.hd as f32).sqrt();
         use cudarc::driver::PushKernelArg;
