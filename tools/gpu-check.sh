@@ -19,8 +19,12 @@
 # DEADLINE=S (seconds from the start) fits the whole check into a time limit: each phase is cut at
 # the deadline and a phase that would start with under 15 s left is skipped (and reported);
 # TESTS_S, DEMO_S, MEMCHECK_S, BENCH_S and CRITERION_S cap the phases one by one.
-# BENCH_ONLY=REGEX runs only the benchmarks whose names match (tools/gpu-bench.sh's ONLY);
+# TESTS_ONLY=REGEX runs only the test binaries (and their FLEXRUN_SM90=1 reruns) whose names
+# match; BENCH_ONLY=REGEX runs only the benchmarks whose names match (tools/gpu-bench.sh's ONLY);
 # MEMCHECK_ONLY=NAME sanitizes only the gpu_* binaries whose names contain NAME.
+# A short check of the Hopper kernels, for example:
+#   DEADLINE=540 DEMO=0 MEMCHECK=0 TESTS_ONLY='gpu_(flash|grouped)' \
+#     BENCH_ONLY='attention|moe' tools/gpu-check.sh
 set -uo pipefail
 ARCHIVE="${1:-target/gpu-test.tar.xz}"
 RESULTS="${2:-${OUT:-gpu-results}}"
@@ -46,7 +50,7 @@ phase() {
 }
 nvidia-smi -L
 if [[ "${TESTS:-1}" != 0 ]] && phase tests "${TESTS_S:-100000}"; then
-  timeout "$(left "${TESTS_S:-100000}")" env LOG_DIR="$WORK/logs" MEMCHECK=0 ONLY=gpu_ "$G/run.sh" || fail=1
+  timeout "$(left "${TESTS_S:-100000}")" env LOG_DIR="$WORK/logs" MEMCHECK=0 ONLY="${TESTS_ONLY:-gpu_}" "$G/run.sh" || fail=1
   grep -hE "panicked" -A2 "$WORK"/logs/gpu_*.log | head -40
   pack
 fi
@@ -55,6 +59,7 @@ fi
 if [[ "${TESTS:-1}" != 0 && "${SM90:-1}" != 0 ]] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader | grep -q "^9.0" &&
    phase "tests with FLEXRUN_SM90=1" "${TESTS_S:-100000}"; then
   for only in gpu_model gpu_flash gpu_grouped; do
+    [[ -n "${TESTS_ONLY:-}" && ! "$only" =~ $TESTS_ONLY ]] && continue
     timeout "$(left "${TESTS_S:-100000}")" env FLEXRUN_SM90=1 LOG_DIR="$WORK/logs/sm90" MEMCHECK=0 ONLY=$only "$G/run.sh" || fail=1
   done
   grep -hE "panicked" -A2 "$WORK"/logs/sm90/gpu_*.log 2>/dev/null | head -20
@@ -74,7 +79,7 @@ if [[ "${DEMO:-1}" != 0 ]] && phase "demo on the GPU" "${DEMO_S:-100000}"; then
   pack
 fi
 if [[ "${MEMCHECK:-1}" != 0 ]] && phase compute-sanitizer "${MEMCHECK_S:-100000}"; then
-  timeout "$(left "${MEMCHECK_S:-100000}")" env LOG_DIR="$WORK/logs/memcheck" TESTS=0 ONLY="gpu_${MEMCHECK_ONLY:-}" "$G/run.sh" || fail=1
+  timeout "$(left "${MEMCHECK_S:-100000}")" env LOG_DIR="$WORK/logs/memcheck" TESTS=0 ONLY="gpu_.*${MEMCHECK_ONLY:-}" "$G/run.sh" || fail=1
   pack
 fi
 if [[ "${BENCH:-1}" != 0 ]] && phase benchmarks "${BENCH_S:-100000}"; then

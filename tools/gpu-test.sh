@@ -8,7 +8,7 @@
 # device tool's `carry: ["target/gpu-test"]`):
 #
 #   target/gpu-test/run.sh                   # every test binary, then memcheck of the kernel tests
-#   ONLY=gpu_kernels target/gpu-test/run.sh  # only binaries whose name contains "gpu_kernels"
+#   ONLY=gpu_kernels target/gpu-test/run.sh  # only binaries whose name matches the regex "gpu_kernels"
 #
 # It also writes OUT.tar.xz, the same folder compressed (~17 MiB), for copies that are size-limited;
 # tools/gpu-check.sh runs everything from it.
@@ -86,8 +86,8 @@ EOF
 
 cat >"$OUT/run.sh" <<'EOF'
 #!/usr/bin/env bash
-# Run the packed flexrun tests on a GPU machine (made by tools/gpu-test.sh). Env: ONLY (substring
-# filter on binary names), LOG_DIR, TEST_TIMEOUT (seconds per binary, default 1200),
+# Run the packed flexrun tests on a GPU machine (made by tools/gpu-test.sh). Env: ONLY (a regex
+# the binary names must match), LOG_DIR, TEST_TIMEOUT (seconds per binary, default 1200),
 # MEMCHECK=0 to skip compute-sanitizer, TESTS=0 to run only compute-sanitizer. Extra arguments go to every test binary.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -128,7 +128,7 @@ cd "$BUILD_ROOT" 2>/dev/null || cd "$HERE"
 fail=0
 for t in "$HERE"/bin/*; do
   name="$(basename "$t")"
-  [[ "${TESTS:-1}" == 0 || ( -n "${ONLY:-}" && "$name" != *"$ONLY"* ) ]] && continue
+  [[ "${TESTS:-1}" == 0 || ( -n "${ONLY:-}" && ! "$name" =~ $ONLY ) ]] && continue
   start=$(date +%s)
   timeout "${TEST_TIMEOUT:-1200}" "$t" "$@" >"$LOG/$name.log" 2>&1
   rc=$?
@@ -143,7 +143,7 @@ if [[ "${MEMCHECK:-1}" != 0 ]]; then
   CS="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n1)"
   for t in "$HERE"/bin/gpu_*; do
     name="$(basename "$t")"
-    [[ -n "${ONLY:-}" && "$name" != *"$ONLY"* ]] && continue
+    [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && continue
     if [[ -z "$CS" ]]; then
       echo "memcheck: compute-sanitizer not found, skipped" | tee -a "$SUMMARY"
       break
@@ -160,7 +160,7 @@ fi
 # Shared-memory races in the Hopper attention kernels (warp-specialised, mbarrier-synchronised):
 # racecheck of gpu_flash's *_sm90 tests (forward, backward, decode; SKIP on a GPU other than sm_90).
 if [[ "${MEMCHECK:-1}" != 0 && "${RACECHECK:-1}" != 0 && -x "$HERE/bin/gpu_flash" && -n "${CS:-}" &&
-      ( -z "${ONLY:-}" || "gpu_flash" == *"$ONLY"* ) ]]; then
+      ( -z "${ONLY:-}" || "gpu_flash" =~ $ONLY ) ]]; then
   start=$(date +%s)
   timeout "${MEMCHECK_TIMEOUT:-600}" "$CS" --tool racecheck --error-exitcode 99 --log-file "$LOG/racecheck-gpu_flash.log" \
     "$HERE/bin/gpu_flash" _sm90 --test-threads=1 >"$LOG/racecheck-gpu_flash-tests.log" 2>&1
