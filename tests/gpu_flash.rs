@@ -260,12 +260,7 @@ const SM90_SHAPES: &[Shape] = &[
 /// reference where it applies (head dims 64 and 128), bit-identical over two runs. Other head
 /// dims take the sm_80 kernels on the same call. Needs a compute capability 9.0 GPU.
 fn forward_sm90(dev: &Device) -> R {
-    let cc = dev.compute_capability()?;
-    if cc != (9, 0) {
-        println!(
-            "SKIP: forward_sm90 needs compute capability 9.0, this GPU is {}.{}",
-            cc.0, cc.1
-        );
+    if !common::hopper(dev, "forward_sm90")? {
         return Ok(());
     }
     for (n, &t) in FWD_SHAPES.iter().chain(SM90_SHAPES).enumerate() {
@@ -295,12 +290,7 @@ fn forward_sm90(dev: &Device) -> R {
 /// on the same path), exact zeros past tk, bit-identical over two runs. Other head dims take the
 /// sm_80 kernels on the same call. Needs a compute capability 9.0 GPU.
 fn backward_sm90(dev: &Device) -> R {
-    let cc = dev.compute_capability()?;
-    if cc != (9, 0) {
-        println!(
-            "SKIP: backward_sm90 needs compute capability 9.0, this GPU is {}.{}",
-            cc.0, cc.1
-        );
+    if !common::hopper(dev, "backward_sm90")? {
         return Ok(());
     }
     for (n, &t) in BWD_SHAPES.iter().chain(SM90_SHAPES).enumerate() {
@@ -423,12 +413,7 @@ fn decode(dev: &Device) -> R {
 /// reference where it applies (head dims 64 and 128), bit-identical over two runs. Needs a compute
 /// capability 9.0 GPU.
 fn decode_sm90(dev: &Device) -> R {
-    let cc = dev.compute_capability()?;
-    if cc != (9, 0) {
-        println!(
-            "SKIP: decode_sm90 needs compute capability 9.0, this GPU is {}.{}",
-            cc.0, cc.1
-        );
+    if !common::hopper(dev, "decode_sm90")? {
         return Ok(());
     }
     // Beyond DECODE_SHAPES: chunks of several 64-key sub-tiles (the ring wraps), chunks that

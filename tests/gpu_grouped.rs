@@ -113,12 +113,7 @@ backend_tests!(
 #[test]
 fn grouped_sm90() {
     common::with_cuda("grouped_sm90", |dev| {
-        let cc = dev.compute_capability()?;
-        if cc != (9, 0) {
-            println!(
-                "SKIP: grouped_sm90 needs compute capability 9.0, this GPU is {}.{}",
-                cc.0, cc.1
-            );
+        if !common::hopper(dev, "grouped_sm90")? {
             return Ok(());
         }
         let b = Backend::Cuda(dev);

@@ -47,6 +47,18 @@ pub fn with_cuda(name: &str, body: impl FnOnce(&'static Device) -> R) {
     }
 }
 
+/// Whether `dev` runs the Hopper (sm_90a) kernels; otherwise prints why test `name` skips them.
+pub fn hopper(dev: &Device, name: &str) -> flexrun::Result<bool> {
+    let cc = dev.compute_capability()?;
+    if cc != (9, 0) {
+        println!(
+            "SKIP: {name} needs compute capability 9.0, this GPU is {}.{}",
+            cc.0, cc.1
+        );
+    }
+    Ok(cc == (9, 0))
+}
+
 pub fn run_cuda(name: &str, body: fn(&Backend) -> R) {
     with_cuda(name, |dev| body(&Backend::Cuda(dev)));
 }
