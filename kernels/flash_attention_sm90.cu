@@ -445,6 +445,40 @@ __device__ __forceinline__ void store_rows(bf16 *dst, long long stride, const fl
   }
 }
 
+// The backward kernels' producer (one thread): the two owned operands (maps own_a, own_b; rows
+// own_row.. of head own_h), then for every tile j the two streamed operands (maps str_a, str_b)
+// at the (row, head) at(j) gives, into the ring. Nothing when there are no tiles (the consumers
+// then wait for nothing).
+template <int HD, class At>
+__device__ __forceinline__ void bwd_produce(unsigned char *smem, const CUtensorMap *own_a, const CUtensorMap *own_b,
+                                            int own_row, int own_h, const CUtensorMap *str_a,
+                                            const CUtensorMap *str_b, int b, int ntiles, At at) {
+  using L = BwdLayout<HD>;
+  if (ntiles == 0) return;
+  uint64_t *bars = reinterpret_cast<uint64_t *>(smem + L::BAR_OFF);
+  uint64_t *own_full = bars, *full = bars + 1, *empty = bars + 1 + L::STAGES;
+  Watchdog wd;
+  mbar_arrive_expect_tx(own_full, 2 * L::OWN_BYTES);
+#pragma unroll
+  for (int c = 0; c < L::BLOCKS; ++c) {
+    tma_load_4d(smem + L::A_OFF + c * L::OWN * ROW_BYTES, own_a, own_full, c * 64, own_row, own_h, b);
+    tma_load_4d(smem + L::B_OFF + c * L::OWN * ROW_BYTES, own_b, own_full, c * 64, own_row, own_h, b);
+  }
+  for (int j = 0; j < ntiles; ++j) {
+    const int s = j % L::STAGES;
+    if (j >= L::STAGES) mbar_wait(&empty[s], ((j / L::STAGES) - 1) & 1, wd);
+    const int2 rh = at(j);
+    unsigned char *st = smem + L::S_OFF + s * 2 * L::TILE_BYTES;
+    mbar_arrive_expect_tx(&full[s], 2 * L::TILE_BYTES);
+#pragma unroll
+    for (int c = 0; c < L::BLOCKS; ++c) {
+      tma_load_4d(st + c * L::STREAM * ROW_BYTES, str_a, &full[s], c * 64, rh.x, rh.y, b);
+      tma_load_4d(st + L::TILE_BYTES + c * L::STREAM * ROW_BYTES, str_b, &full[s], c * 64, rh.x, rh.y, b);
+    }
+  }
+  wd.check();
+}
+
 template <int HD>
 __device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensorMap *tm_k, const CUtensorMap *tm_v,
                                          const CUtensorMap *tm_do, const float *__restrict__ lse,
@@ -467,28 +501,10 @@ __device__ __forceinline__ void bwd_dkdv(const CUtensorMap *tm_q, const CUtensor
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dec<24>();
-    if (threadIdx.x == 0 && ntiles > 0) {
-      Watchdog wd;
-      mbar_arrive_expect_tx(own_full, 2 * L::OWN_BYTES);
-#pragma unroll
-      for (int c = 0; c < L::BLOCKS; ++c) {
-        tma_load_4d(smem + L::A_OFF + c * L::OWN * ROW_BYTES, tm_k, own_full, c * 64, k0, kvh, b);
-        tma_load_4d(smem + L::B_OFF + c * L::OWN * ROW_BYTES, tm_v, own_full, c * 64, k0, kvh, b);
-      }
-      for (int j = 0; j < ntiles; ++j) {
-        const int s = j % STAGES;
-        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1, wd);
-        const int h = kvh * group + j / nqt, q0 = (qt0 + j % nqt) * BQ;
-        unsigned char *st = smem + L::S_OFF + s * 2 * L::TILE_BYTES;
-        mbar_arrive_expect_tx(&full[s], 2 * L::TILE_BYTES);
-#pragma unroll
-        for (int c = 0; c < L::BLOCKS; ++c) {
-          tma_load_4d(st + c * BQ * ROW_BYTES, tm_q, &full[s], c * 64, q0, h, b);
-          tma_load_4d(st + L::TILE_BYTES + c * BQ * ROW_BYTES, tm_do, &full[s], c * 64, q0, h, b);
-        }
-      }
-      wd.check();
-    }
+    if (threadIdx.x == 0)
+      bwd_produce<HD>(smem, tm_k, tm_v, k0, kvh, tm_q, tm_do, b, ntiles, [=](int j) {
+        return make_int2((qt0 + j % nqt) * BQ, kvh * group + j / nqt);
+      });
     return;
   }
 
@@ -589,27 +605,9 @@ __device__ __forceinline__ void bwd_dq(const CUtensorMap *tm_q, const CUtensorMa
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     regs_dec<24>();
-    if (threadIdx.x == 0) {
-      Watchdog wd;
-      mbar_arrive_expect_tx(own_full, 2 * L::OWN_BYTES);
-#pragma unroll
-      for (int c = 0; c < L::BLOCKS; ++c) {
-        tma_load_4d(smem + L::A_OFF + c * L::OWN * ROW_BYTES, tm_q, own_full, c * 64, m0, h, b);
-        tma_load_4d(smem + L::B_OFF + c * L::OWN * ROW_BYTES, tm_do, own_full, c * 64, m0, h, b);
-      }
-      for (int j = 0; j < ntiles; ++j) {
-        const int s = j % STAGES;
-        if (j >= STAGES) mbar_wait(&empty[s], ((j / STAGES) - 1) & 1, wd);
-        unsigned char *st = smem + L::S_OFF + s * 2 * L::TILE_BYTES;
-        mbar_arrive_expect_tx(&full[s], 2 * L::TILE_BYTES);
-#pragma unroll
-        for (int c = 0; c < L::BLOCKS; ++c) {
-          tma_load_4d(st + c * BN * ROW_BYTES, tm_k, &full[s], c * 64, j * BN, kvh, b);
-          tma_load_4d(st + L::TILE_BYTES + c * BN * ROW_BYTES, tm_v, &full[s], c * 64, j * BN, kvh, b);
-        }
-      }
-      wd.check();
-    }
+    if (threadIdx.x == 0)
+      bwd_produce<HD>(smem, tm_q, tm_do, m0, h, tm_k, tm_v, b, ntiles,
+                      [=](int j) { return make_int2(j * BN, kvh); });
     return;
   }
 
