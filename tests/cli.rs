@@ -249,6 +249,15 @@ fn out_of_range_ids_and_bad_selections() {
         &["logits", "--model", &model, "--ids", "1,,2"],
         "'' is not a token id",
     );
+    // Benchmark size lists are checked before any device is opened.
+    assert_clean_error(
+        &["bench", "attention-decode", "--batch", "1,x"],
+        "--batch: 'x' is not a size",
+    );
+    assert_clean_error(
+        &["bench", "attention", "--seq", "1024,,2048"],
+        "--seq: '' is not a size",
+    );
     assert_clean_error(
         &["logits", "--model", &model, "--ids", "1", "--exclude", "7"],
         "no expert '7'",

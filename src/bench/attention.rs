@@ -228,10 +228,16 @@ pub fn bench_decode_attention(dev: &Device, cfg: &DecodeConfig) -> Result<Vec<De
         "decode attention bench: contexts must be positive"
     );
     ensure!(
-        cfg.kv_heads > 0 && cfg.heads.is_multiple_of(cfg.kv_heads),
-        "decode attention bench: kv heads {} must divide heads {}",
+        cfg.heads > 0 && cfg.kv_heads > 0 && cfg.heads.is_multiple_of(cfg.kv_heads),
+        "decode attention bench: kv heads {} must divide heads {} (both positive)",
         cfg.kv_heads,
         cfg.heads
+    );
+    ensure!(
+        (1..=crate::backend::cuda::flash::FLASH_MAX_HD).contains(&cfg.hd),
+        "decode attention bench: head dim {} outside 1..={}",
+        cfg.hd,
+        crate::backend::cuda::flash::FLASH_MAX_HD
     );
     for &b in &cfg.batches {
         crate::limits::check_dim("--batch", b, 1 << 16, "far beyond any decode batch")?;

@@ -1,6 +1,6 @@
 //! `flexrun bench`: throughput of the kernels, of decoding and of training steps.
 
-use crate::opts::{parse_ids, DeviceOpts, SelectOpts};
+use crate::opts::{DeviceOpts, SelectOpts};
 use clap::Subcommand;
 use flexrun::backend::{cuda, Device};
 use flexrun::error::{Context, Result};
@@ -159,6 +159,26 @@ pub enum BenchCmd {
 }
 
 /// The GPU of a kernel benchmark (they time CUDA kernels only).
+/// The comma-separated list of sizes given to `flag`.
+fn sizes(flag: &str, list: &str) -> Result<Vec<usize>> {
+    list.split(',')
+        .map(|t| {
+            t.trim().parse::<usize>().map_err(|_| {
+                flexrun::error::Error(format!("{flag}: '{t}' is not a size (in {list})"))
+            })
+        })
+        .collect()
+}
+
+/// A GPU benchmark's rows as one JSON object with the framework and device.
+fn json_rows(dev: &cuda::Device, rows: &impl serde::Serialize) -> Result<()> {
+    outln!(
+        "{}",
+        serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
+    );
+    Ok(())
+}
+
 fn gpu_only<'a>(device: &'a Device, what: &str) -> Result<&'a cuda::Device> {
     device
         .gpu()
@@ -178,7 +198,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             device,
             json,
         } => {
-            let seqs = parse_ids(&seq)?.into_iter().map(|x| x as usize).collect();
+            let seqs = sizes("--seq", &seq)?;
             let device = device.open()?;
             let dev = gpu_only(&device, "bench attention times the CUDA flash kernels")?;
             let cfg = flexrun::bench::attention::BenchConfig {
@@ -192,10 +212,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             };
             let rows = flexrun::bench::attention::bench_attention(dev, &cfg)?;
             if json {
-                outln!(
-                    "{}",
-                    serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
-                );
+                json_rows(dev, &rows)?;
             } else {
                 outln!(
                     "{}: causal bf16 attention, {heads} heads ({} kv) of {hd}",
@@ -221,29 +238,23 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             device,
             json,
         } => {
-            let to_usize = |s: &str| -> Result<Vec<usize>> {
-                Ok(parse_ids(s)?.into_iter().map(|x| x as usize).collect())
-            };
-            let device = device.open()?;
-            let dev = gpu_only(
-                &device,
-                "bench attention-decode times the CUDA decode kernel",
-            )?;
             let cfg = flexrun::bench::attention::DecodeConfig {
-                batches: to_usize(&batch)?,
-                contexts: to_usize(&context)?,
+                batches: sizes("--batch", &batch)?,
+                contexts: sizes("--context", &context)?,
                 heads,
                 kv_heads: kv_heads.unwrap_or(heads),
                 hd,
                 iters,
                 warmup,
             };
+            let device = device.open()?;
+            let dev = gpu_only(
+                &device,
+                "bench attention-decode times the CUDA decode kernel",
+            )?;
             let rows = flexrun::bench::attention::bench_decode_attention(dev, &cfg)?;
             if json {
-                outln!(
-                    "{}",
-                    serde_json::json!({ "framework": "flexrun", "device": dev.name()?, "rows": rows })
-                );
+                json_rows(dev, &rows)?;
             } else {
                 outln!(
                     "{}: decode attention, {heads} heads ({} kv) of {hd}; copy bandwidth {:.0} GB/s",
