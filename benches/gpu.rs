@@ -11,7 +11,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flexrun::backend::cuda::{flash, Buf, Device};
-use flexrun::model::gpu::GpuModel;
+use flexrun::model::net::GpuNet;
 use flexrun::model::{Config, Model};
 use flexrun::ops::AttnShape;
 use half::bf16;
@@ -259,7 +259,7 @@ fn decode_step(c: &mut Criterion) {
         Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
     };
     let cfg = Config::load(&path).expect("benches/configs/moe_medium.json");
-    let model = GpuModel::upload(&dev, &Model::new_random(&cfg, 0).unwrap()).unwrap();
+    let model = GpuNet::upload(&dev, &Model::new_random(&cfg, 0).unwrap()).unwrap();
     let mut g = c.benchmark_group("decode");
     g.sample_size(20).measurement_time(Duration::from_secs(3));
     for batch in [1usize, 16] {

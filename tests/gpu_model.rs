@@ -8,7 +8,7 @@
 use flexrun::autograd::Tape;
 use flexrun::backend::cuda::Device;
 use flexrun::generate::{generate, SamplingConfig};
-use flexrun::model::gpu::{GpuModel, GpuTrainer};
+use flexrun::model::net::{GpuNet as GpuModel, NetTrainer as GpuTrainer};
 use flexrun::model::runner::Runner;
 use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
 use flexrun::tensor::Tensor;
@@ -211,7 +211,7 @@ fn kv_cache_decode(dev: &Device) -> R {
             chunk.extend_from_slice(&x[bi * total + pos..bi * total + pos + t]);
         }
         let l = g.forward(&chunk, b, t, Some(&mut cache))?;
-        let got = Tensor::from_vec(dev.download(&l)?, &[b * t, g.vocab()]);
+        let got = Tensor::from_vec(dev.download(&l.0)?, &[b * t, g.vocab()]);
         let mut want = Vec::new();
         for bi in 0..b {
             for i in 0..t {

@@ -3,6 +3,7 @@
 //! `--device auto|cpu|cuda`) and passed down as a value.
 pub mod cpu;
 pub mod cuda;
+pub mod kernels;
 pub mod shapes;
 
 use crate::error::Result;

@@ -311,12 +311,12 @@ pub fn train_step(
 }
 
 /// One benchmarked optimizer step where the model lives: the CPU's tape (forward, backward,
-/// clipping, AdamW) or a [`crate::model::gpu::GpuTrainer`] (all on the device; each step ends
+/// clipping, AdamW) or a [`crate::model::net::NetTrainer`] (all on the device; each step ends
 /// with the loss read back, a synchronisation).
 enum Stepper<'d> {
     Cpu(Model, AdamW),
     Gpu(
-        crate::model::gpu::GpuTrainer<'d>,
+        crate::model::net::NetTrainer<'d, crate::backend::cuda::Device>,
         &'d crate::backend::cuda::Device,
     ),
 }
@@ -332,7 +332,7 @@ impl<'d> Stepper<'d> {
             None => Stepper::Cpu(model, opt),
             Some(dev) => {
                 dev.reset_peak_memory();
-                let mut t = crate::model::gpu::GpuTrainer::from_host(dev, &model, &opt, 1.0)?;
+                let mut t = crate::model::net::NetTrainer::from_host(dev, &model, &opt, 1.0)?;
                 t.model.set_recompute(recompute);
                 Stepper::Gpu(t, dev)
             }

@@ -405,7 +405,7 @@ fn check_replaces_own_artifact(out: &Path, name: &str) -> Result<()> {
 
 /// Train one expert against the frozen public model on the owner's data only; write the artifact.
 ///
-/// With `device`, the training runs on that GPU ([`crate::model::gpu::GpuTrainer`]: only the
+/// With `device`, the training runs on that GPU ([`crate::model::net::NetTrainer`]: only the
 /// new FFN, r_i and b_i hold gradients and optimizer state there too).
 pub fn train_expert(
     opts: &ExpertTrainOpts,

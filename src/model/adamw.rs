@@ -1,6 +1,6 @@
 //! AdamW with decoupled weight decay (PyTorch semantics) on f32 master weights, for the trainable
 //! parameters of a [`ParamStore`]; weight decay can pull toward a target instead of zero
-//! (`Param::decay_to`). The GPU step ([`crate::model::gpu::GpuTrainer`]) runs the same update
+//! (`Param::decay_to`). The GPU step ([`crate::model::net::NetTrainer`]) runs the same update
 //! with the fused AdamW kernel.
 
 use crate::model::ParamStore;

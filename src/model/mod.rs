@@ -6,9 +6,9 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
-pub mod gpu;
 pub mod infer;
 mod init;
+pub mod net;
 pub mod params;
 pub mod runner;
 

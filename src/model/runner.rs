@@ -2,8 +2,8 @@
 //! is made here, once, and every consumer (generation, evaluation, extraction, the demo, the
 //! benchmarks, the CLI) takes a [`Runner`] instead of choosing between a CPU and a GPU function.
 
-use super::gpu::{GpuKvCache, GpuModel};
 use super::infer::{SeqCache, SeqStep};
+use super::net::{GpuNet, NetCache};
 use super::{Config, Model};
 use crate::backend::Device;
 use crate::error::Result;
@@ -12,14 +12,14 @@ use crate::tensor::Tensor;
 /// A model on its device: the host model, and its upload when the device is a GPU.
 pub struct Placed<'a> {
     pub host: &'a Model,
-    gpu: Option<GpuModel<'a>>,
+    gpu: Option<GpuNet<'a>>,
 }
 
 impl<'a> Placed<'a> {
     /// Place `model` on `device` (uploads it to the GPU, as bf16 weights, when that is the device).
     pub fn new(model: &'a Model, device: &'a Device) -> Result<Self> {
         let gpu = match device.gpu() {
-            Some(dev) => Some(GpuModel::upload(dev, model)?),
+            Some(dev) => Some(GpuNet::upload(dev, model)?),
             None => None,
         };
         Ok(Placed { host: model, gpu })
@@ -38,7 +38,7 @@ impl<'a> Placed<'a> {
 #[derive(Clone, Copy)]
 pub enum Runner<'a> {
     Cpu(&'a Model),
-    Gpu(&'a GpuModel<'a>),
+    Gpu(&'a GpuNet<'a>),
 }
 
 impl Runner<'_> {
@@ -212,5 +212,5 @@ pub fn finite(v: &[f32]) -> Result<()> {
 /// batch-invariant path of `model::infer`).
 pub enum Cache {
     Cpu(Vec<SeqCache>),
-    Gpu(GpuKvCache),
+    Gpu(NetCache<crate::backend::cuda::Device>),
 }

@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod embedding;
+pub mod host;
 mod linear;
 mod loss;
 mod moe;
@@ -12,7 +13,9 @@ mod rmsnorm;
 mod rope;
 mod router;
 
-pub use attention::{attention, attention_forward, attention_reference, AttnShape};
+pub use attention::{
+    attention, attention_backward, attention_forward, attention_reference, AttnShape,
+};
 pub use elementwise::{add, add_scaled, cat_rows, scale, swiglu};
 pub use embedding::embedding;
 pub use linear::linear;

@@ -2,7 +2,6 @@
 //! `inv_freq_i = theta^(-2i/hd)`; angles and cos/sin in f32 like the reference implementation.
 
 use crate::autograd::{Backward, Tape, Var};
-use crate::backend::cpu::alloc_init;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -78,48 +77,60 @@ pub fn rope(tape: &mut Tape, x: Var, table: &Arc<RopeTable>, t_len: usize, offse
 }
 
 fn apply(x: &Tensor, table: &RopeTable, t_len: usize, offset: usize, inverse: bool) -> Tensor {
-    let hd = table.hd;
-    let half = hd / 2;
-    let width = x.cols();
-    assert_eq!(
-        width % hd,
-        0,
-        "rope: width {width} not a multiple of head dim {hd}"
-    );
-    assert!(hd.is_multiple_of(2), "rope: head dim {hd} must be even");
-    assert!(
-        offset + t_len <= table.max_pos,
-        "rope: position {} beyond table {}",
-        offset + t_len,
-        table.max_pos
-    );
-    let sign = if inverse { -1.0 } else { 1.0 };
-    // SAFETY: one chunk per row; each head's halves are written in full (width % hd == 0).
-    let y = unsafe {
-        alloc_init(x.numel(), |y| {
-            y.par_chunks_mut(width.max(1))
-                .zip(x.data().par_chunks(width.max(1)))
-                .with_min_len(16)
-                .enumerate()
-                .for_each(|(r, (y, x))| {
-                    let p = offset + r % t_len;
-                    let (c, s) = (
-                        &table.cos[p * half..(p + 1) * half],
-                        &table.sin[p * half..(p + 1) * half],
-                    );
-                    for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
-                        let (y1, y2) = yh.split_at_mut(half);
-                        let (x1, x2) = xh.split_at(half);
-                        for i in 0..half {
-                            let si = sign * s[i];
-                            y1[i].write(x1[i] * c[i] - x2[i] * si);
-                            y2[i].write(x2[i] * c[i] + x1[i] * si);
-                        }
-                    }
-                })
-        })
-    };
+    let mut y = vec![0f32; x.numel()];
+    table.rotate_rows(x.data(), &mut y, x.cols(), t_len, offset, inverse);
     Tensor::from_vec(y, x.shape())
+}
+
+impl RopeTable {
+    /// `y` = the rows of `x` (`[rows, width]`, heads of `hd`) rotated as positions
+    /// `offset + row % t_len`; `inverse` rotates by the negated angle (the backward).
+    pub(crate) fn rotate_rows(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        width: usize,
+        t_len: usize,
+        offset: usize,
+        inverse: bool,
+    ) {
+        let hd = self.hd;
+        let half = hd / 2;
+        assert_eq!(
+            width % hd,
+            0,
+            "rope: width {width} not a multiple of head dim {hd}"
+        );
+        assert!(hd.is_multiple_of(2), "rope: head dim {hd} must be even");
+        assert!(
+            offset + t_len <= self.max_pos,
+            "rope: position {} beyond table {}",
+            offset + t_len,
+            self.max_pos
+        );
+        assert_eq!(x.len(), y.len(), "rope: input and output sizes differ");
+        let sign = if inverse { -1.0 } else { 1.0 };
+        y.par_chunks_mut(width.max(1))
+            .zip(x.par_chunks(width.max(1)))
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let p = offset + r % t_len;
+                let (c, s) = (
+                    &self.cos[p * half..(p + 1) * half],
+                    &self.sin[p * half..(p + 1) * half],
+                );
+                for (yh, xh) in y.chunks_mut(hd).zip(x.chunks(hd)) {
+                    let (y1, y2) = yh.split_at_mut(half);
+                    let (x1, x2) = xh.split_at(half);
+                    for i in 0..half {
+                        let si = sign * s[i];
+                        y1[i] = x1[i] * c[i] - x2[i] * si;
+                        y2[i] = x2[i] * c[i] + x1[i] * si;
+                    }
+                }
+            });
+    }
 }
 
 struct RopeBack {

@@ -30,7 +30,7 @@ impl Routing {
 }
 
 /// Softmax of one row with bias, in place of `p`; returns nothing, writes probabilities.
-fn softmax_biased(z: &[f32], bias: Option<&[f32]>, p: &mut [f32]) {
+pub(crate) fn softmax_biased(z: &[f32], bias: Option<&[f32]>, p: &mut [f32]) {
     for (j, x) in z.iter().enumerate() {
         p[j] = x + bias.map_or(0.0, |b| b[j].min(0.0));
     }
@@ -51,7 +51,7 @@ pub fn softmax_in_place(p: &mut [f32]) {
 }
 
 /// Indices of the k largest entries, descending, ties to the lower index.
-fn topk(p: &[f32], k: usize, out: &mut [u32]) {
+pub(crate) fn topk(p: &[f32], k: usize, out: &mut [u32]) {
     let mut idx: Vec<u32> = (0..p.len() as u32).collect();
     idx.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
     out.copy_from_slice(&idx[..k]);
@@ -150,16 +150,57 @@ impl Backward for RouteBack {
         let n = g.rows();
         let e = self.probs.len() / n.max(1);
         let mut dz = vec![0f32; n * e];
-        dz.par_chunks_mut(e).enumerate().for_each(|(i, dzr)| {
-            let p = &self.probs[i * e..(i + 1) * e];
+        route_bwd_rows(
+            &self.probs,
+            self.weights.data(),
+            &self.indices,
+            g.data(),
+            e,
+            k,
+            self.renorm,
+            &mut dz,
+        );
+        let db = match (&self.bias, needs.get(1)) {
+            (Some(b), Some(true)) => {
+                let mut db = vec![0f32; e];
+                route_bias_grad_into(&dz, b.data(), &mut db);
+                Some(Tensor::from_vec(db, b.shape()))
+            }
+            _ => None,
+        };
+        let mut out = vec![Some(Tensor::from_vec(dz, &[n, e]))];
+        if self.bias.is_some() {
+            out.push(db);
+        }
+        out
+    }
+}
+
+/// The router logits' gradient `dz [n, e]` from the routing weights' gradient `gw [n, k]`,
+/// given the probabilities, weights and top-k indices of the forward.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_bwd_rows(
+    probs: &[f32],
+    weights: &[f32],
+    indices: &[u32],
+    gw: &[f32],
+    e: usize,
+    k: usize,
+    renorm: bool,
+    dz: &mut [f32],
+) {
+    dz.par_chunks_mut(e.max(1))
+        .enumerate()
+        .for_each(|(i, dzr)| {
+            let p = &probs[i * e..(i + 1) * e];
             let (gw, w, idx) = (
-                g.row(i),
-                self.weights.row(i),
-                &self.indices[i * k..(i + 1) * k],
+                &gw[i * k..(i + 1) * k],
+                &weights[i * k..(i + 1) * k],
+                &indices[i * k..(i + 1) * k],
             );
             // dL/dp for the selected experts.
             let mut dp = vec![0f32; e];
-            if self.renorm {
+            if renorm {
                 let sum_p: f32 = idx.iter().map(|&j| p[j as usize]).sum();
                 let gw_w: f32 = gw.iter().zip(w).map(|(a, b)| a * b).sum();
                 for s in 0..k {
@@ -175,27 +216,21 @@ impl Backward for RouteBack {
                 dzr[j] = p[j] * (dp[j] - dot);
             }
         });
-        let db = match (&self.bias, needs.get(1)) {
-            (Some(b), Some(true)) => {
-                let mut db = vec![0f32; e];
-                for row in dz.chunks(e) {
-                    for j in 0..e {
-                        db[j] += row[j];
-                    }
-                }
-                for j in 0..e {
-                    if b.data()[j] > 0.0 {
-                        db[j] = 0.0;
-                    }
-                }
-                Some(Tensor::from_vec(db, b.shape()))
-            }
-            _ => None,
-        };
-        let mut out = vec![Some(Tensor::from_vec(dz, &[n, e]))];
-        if self.bias.is_some() {
-            out.push(db);
+}
+
+/// The bias gradient `db [e]`: column sums of `dz [n, e]` in row order, zero where `bias > 0`
+/// (the bias enters as `min(b, 0)`).
+pub(crate) fn route_bias_grad_into(dz: &[f32], bias: &[f32], db: &mut [f32]) {
+    let e = db.len();
+    db.iter_mut().for_each(|x| *x = 0.0);
+    for row in dz.chunks(e.max(1)) {
+        for j in 0..e {
+            db[j] += row[j];
         }
-        out
+    }
+    for j in 0..e {
+        if bias[j] > 0.0 {
+            db[j] = 0.0;
+        }
     }
 }

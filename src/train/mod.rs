@@ -15,7 +15,7 @@ pub mod pretrain;
 use crate::autograd::Tape;
 use crate::backend::cuda::Device;
 use crate::error::Result;
-use crate::model::gpu::GpuTrainer;
+use crate::model::net::NetTrainer;
 use crate::model::{LossCoefs, Model};
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
@@ -159,7 +159,7 @@ pub struct Trainer<'a> {
     pub tag: serde_json::Value,
     /// Stop (with a checkpoint) once this step is reached, as an interruption would.
     pub stop_at: Option<u64>,
-    /// Train on this GPU ([`GpuTrainer`]: the same loss terms, except the expert loudness; the
+    /// Train on this GPU ([`NetTrainer`]: the same loss terms, except the expert loudness; the
     /// frozen parameters stay frozen); the host model and optimizer state are brought up to
     /// date at each checkpoint.
     pub device: Option<&'a Device>,
@@ -408,7 +408,7 @@ impl<'a> Trainer<'a> {
         let mut gpu = match self.device {
             Some(dev) => {
                 dev.reset_peak_memory();
-                let mut g = GpuTrainer::from_host(dev, self.model, &self.opt, c.clip)?;
+                let mut g = NetTrainer::from_host(dev, self.model, &self.opt, c.clip)?;
                 g.model.set_recompute(c.recompute);
                 Some(g)
             }

@@ -22,6 +22,7 @@ pub mod flash;
 mod flash_sm90;
 mod gemm;
 pub mod grouped;
+mod kernels;
 mod loss;
 mod memory;
 mod moe;
@@ -31,6 +32,8 @@ mod rope;
 mod router;
 mod tma;
 
+pub use elementwise::FloatType;
+pub use gemm::GemmType;
 pub use loss::CrossEntropyGpu;
 pub use memory::{Buf, DeviceRead, DeviceType, DeviceWrite, PoolStats, View, ViewMut};
 pub use moe::MoePermutation;

@@ -1,60 +1,60 @@
-//! The training loss and its gradients on the GPU: [`GpuModel::loss_and_grads`] runs the forward
-//! of infer.rs keeping each layer's activations, the fused cross-entropy (+ LM z-loss), the
-//! router z-loss and expert training's terms (the public anchor, the router's own-text and
-//! public-text cross-entropies, the expert loudness), then the backward of every block in reverse with flexrun's
-//! backward kernels, giving f32 gradients of the trainable weights (the same loss as the CPU's
-//! [`crate::model::Model::loss_anchored`]). Frozen weights get no gradient memory: the backward
-//! still passes gradients through them. tests/gpu_model.rs compares with the CPU tape.
+//! The training loss and its gradients, written once over the backend's kernel families:
+//! [`Net::loss_and_grads`] runs the forward of infer.rs keeping each layer's activations, the
+//! fused cross-entropy (+ LM z-loss), the router z-loss and expert training's terms (the public
+//! anchor, the router's own-text and public-text cross-entropies, the expert loudness), then the
+//! backward of every block in reverse, giving f32 gradients of the trainable weights (the same
+//! loss as the tape's [`crate::model::Model::loss_anchored`], which tests/net.rs and
+//! tests/gpu_model.rs check it against). Frozen weights get no gradient memory: the backward
+//! still passes gradients through them.
 //!
-//! Gradients flow in f32 along the residual stream; every other activation gradient is bf16 (as
-//! the activations). Weight gradients are f32: cuBLAS `dW = dY^T X` for the dense projections and
-//! the grouped weight-gradient kernel per expert.
+//! Gradients flow in f32 along the residual stream; every other activation gradient is in the
+//! activation type (bf16 on the GPU). Weight gradients are f32: `dW = dY^T X` for the dense
+//! projections and the grouped weight-gradient kernel per expert.
 
 use super::extra::LayerExtra;
-use super::infer::{FfnSaved, GpuFfn, Keep, LayerSaved};
-use super::GpuModel;
-use crate::backend::cuda::{Buf, Device, View};
+use super::infer::{Act, FfnSaved, Keep, LayerSaved, NetFfn, F32};
+use super::Net;
+use crate::backend::kernels::{Buf, Kernels, R, W};
 use crate::backend::shapes::{AttnShape, IGNORE};
 use crate::error::Result;
 use crate::model::{Ffn, LossCoefs, Model};
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
-use half::bf16;
 
-/// The loss of one batch (as the CPU's `LossOut`): the total and the mean cross-entropy.
+/// The loss of one batch (as the tape's `LossOut`): the total and the mean cross-entropy.
 #[derive(Clone, Copy, Debug)]
-pub struct GpuLoss {
+pub struct NetLoss {
     pub loss: f32,
     pub ce: f32,
 }
 
-/// Gradients of a [`GpuModel`]'s weights, on the device: one entry per weight in the fixed
-/// order of [`GpuModel::host_layout`] (embedding, final norm, lm_head, then per layer q, k, v,
-/// o, q/k norms, post-attention and post-FFN norms, FFN gate, up, down, router rows, bias).
-/// None for a frozen weight; a stacked weight's gradient covers its trained experts only (the
-/// last ones, see [`GpuModel::train_as`]).
-pub struct GpuGrads {
-    pub grads: Vec<Option<Buf<f32>>>,
+/// Gradients of a [`Net`]'s weights, on its backend: one entry per weight in the fixed order
+/// of [`Net::host_layout`] (embedding, final norm, lm_head, then per layer q, k, v, o, q/k
+/// norms, post-attention and post-FFN norms, FFN gate, up, down, router rows, bias). None for a
+/// frozen weight; a stacked weight's gradient covers its trained experts only (the last ones,
+/// see [`Net::train_as`]).
+pub struct NetGrads<K: Kernels> {
+    pub grads: Vec<Option<F32<K>>>,
 }
 
-impl GpuGrads {
+impl<K: Kernels> NetGrads<K> {
     /// The gradient buffers that exist, in order (for the gradient norm and the optimizer).
-    pub fn buffers(&self) -> Vec<&Buf<f32>> {
+    pub fn buffers(&self) -> Vec<&F32<K>> {
         self.grads.iter().flatten().collect()
     }
 }
 
-// Positions of a layer's weights after its first (see [`GpuGrads`]).
+// Positions of a layer's weights after its first (see [`NetGrads`]).
 const Q: usize = 0;
-const K: usize = 1;
+const K_: usize = 1;
 const V: usize = 2;
 const O: usize = 3;
 const Q_NORM: usize = 4;
 const K_NORM: usize = 5;
 const POST_ATTN: usize = 6;
 const POST_FFN: usize = 7;
-/// The FFN's weights (gate, up, down, router rows, bias) start here; [`GpuModel::ffn_bwd`]
-/// gets them from there on.
+/// The FFN's weights (gate, up, down, router rows, bias) start here; [`Net::ffn_bwd`] gets
+/// them from there on.
 const FFN: usize = 8;
 const F_GATE: usize = 0;
 const F_UP: usize = 1;
@@ -66,11 +66,11 @@ const EMBED: usize = 0;
 const FINAL_NORM: usize = 1;
 const LM_HEAD: usize = 2;
 
-/// `dW [out, in] = dy^T x` (dy `[n, out]`, x `[n, in]`, bf16), f32.
-fn weight_grad(dev: &Device, dy: &Buf<bf16>, x: &Buf<bf16>, n: usize) -> Result<Buf<f32>> {
+/// `dW [out, in] = dy^T x` (dy `[n, out]`, x `[n, in]`), f32.
+fn weight_grad<K: Kernels>(dev: &K, dy: &Act<K>, x: &Act<K>, n: usize) -> Result<F32<K>> {
     let (out, inp) = (dy.len() / n.max(1), x.len() / n.max(1));
     let mut dw = dev.alloc::<f32>(out * inp)?;
-    dev.gemm(out, inp, n, dy, true, x, false, &mut dw, false)?;
+    dev.gemm(out, inp, n, dy.r(), true, x.r(), false, dw.w(), false)?;
     Ok(dw)
 }
 
@@ -79,8 +79,29 @@ pub(super) fn when<T>(want: bool, f: impl FnOnce() -> Result<T>) -> Result<Optio
     want.then(f).transpose()
 }
 
-impl GpuModel<'_> {
-    /// Index of layer `l`'s first weight in [`GpuGrads::grads`].
+/// `y` += `x` for f32 buffers of the same size (a new buffer: the sum's rounding is the
+/// backends' `add_scaled`).
+fn add_into<K: Kernels>(dev: &K, y: &mut F32<K>, x: R<'_, K, f32>) -> Result<()> {
+    let mut sum = dev.alloc::<f32>(y.len())?;
+    dev.add_scaled(y.r(), x, sum.w(), 1.0)?;
+    *y = sum;
+    Ok(())
+}
+
+/// The window `w` of an activation buffer += `c * x`.
+fn add_act_into<K: Kernels>(
+    dev: &K,
+    mut w: W<'_, K, K::A>,
+    x: R<'_, K, K::A>,
+    c: f32,
+) -> Result<()> {
+    let mut sum = dev.alloc::<K::A>(w.len)?;
+    dev.add_scaled(w.r(), x, sum.w(), c)?;
+    dev.copy(sum.r(), w.re())
+}
+
+impl<K: Kernels> Net<'_, K> {
+    /// Index of layer `l`'s first weight in [`NetGrads::grads`].
     fn layer_base(&self, l: usize) -> usize {
         3 + self.layers[..l].iter().map(|x| x.weights()).sum::<usize>()
     }
@@ -109,8 +130,8 @@ impl GpuModel<'_> {
                     .map(|&id| model.params.params[id].name.as_str())
                     .collect();
                 bail!(
-                    "training on the GPU needs the trained experts of a stacked weight to be its \
-                     last ones: {names:?}"
+                    "training needs the trained experts of a stacked weight to be its last \
+                     ones: {names:?}"
                 );
             };
             from.push(f);
@@ -119,22 +140,23 @@ impl GpuModel<'_> {
         Ok(())
     }
 
-    /// RMSNorm backward: (dx bf16, dw f32 when `want_dw`) for `y = norm(x) * w` given `dy`.
+    /// RMSNorm backward: (dx, dw f32 when `want_dw`) for `y = norm(x) * w` given `dy`.
     fn norm_bwd(
         &self,
-        x: &impl crate::backend::cuda::DeviceRead<bf16>,
-        w: &Buf<bf16>,
-        dy: &Buf<bf16>,
-        rstd: &Buf<f32>,
+        x: R<'_, K, K::A>,
+        w: &Act<K>,
+        dy: &Act<K>,
+        rstd: &F32<K>,
         n: usize,
         want_dw: bool,
-    ) -> Result<(Buf<bf16>, Option<Buf<f32>>)> {
+    ) -> Result<(Act<K>, Option<F32<K>>)> {
         let d = w.len();
-        let mut dx = self.dev.alloc::<bf16>(n * d)?;
-        self.dev.rmsnorm_bwd_dx(x, w, dy, rstd, &mut dx, n, d)?;
+        let mut dx = self.dev.alloc::<K::A>(n * d)?;
+        self.dev
+            .rmsnorm_bwd_dx(x, w.r(), dy.r(), rstd.r(), dx.w(), n, d)?;
         let dw = when(want_dw, || {
             let mut dw = self.dev.alloc::<f32>(d)?;
-            self.dev.rmsnorm_bwd_dw(x, dy, rstd, &mut dw, n, d)?;
+            self.dev.rmsnorm_bwd_dw(x, dy.r(), rstd.r(), dw.w(), n, d)?;
             Ok(dw)
         })?;
         Ok((dx, dw))
@@ -153,7 +175,7 @@ impl GpuModel<'_> {
         t: usize,
         coefs: &LossCoefs,
         anchored: &[bool],
-    ) -> Result<(GpuLoss, GpuGrads)> {
+    ) -> Result<(NetLoss, NetGrads<K>)> {
         let dev = self.dev;
         let (h, v) = (self.h, self.vocab);
         let n = b * t;
@@ -182,39 +204,39 @@ impl GpuModel<'_> {
         let (mut ce_sum, mut loss_sum) = (0f64, 0f64);
         let want_head = self.wants(LM_HEAD);
         let mut head_grad = when(want_head, || dev.alloc::<f32>(v * h))?;
-        let mut dxn = dev.alloc::<bf16>(n * h)?;
+        let mut dxn = dev.alloc::<K::A>(n * h)?;
         for (ci, rows) in self.ce_chunks(n).enumerate() {
             let nc = rows.len();
-            let xc = xn.view(rows.start * h..rows.end * h);
-            let logits = self.linear(&xc, &self.lm_head, nc, v)?;
-            let ce = dev.cross_entropy(&logits, nc, v, &targets[rows.clone()], coefs.z_loss)?;
-            ce_sum += ce.ce as f64 * ce.n_valid as f64;
-            loss_sum += ce.loss as f64 * ce.n_valid as f64;
-            let mut dlogits = dev.alloc::<bf16>(nc * v)?;
+            let xc = xn.at(rows.start * h..rows.end * h);
+            let logits = self.linear(xc, &self.lm_head, nc, v)?;
+            let ce = dev.cross_entropy(logits.r(), nc, v, &targets[rows.clone()], coefs.z_loss)?;
+            let st = K::ce_stats(&ce);
+            ce_sum += st.ce as f64 * st.n_valid as f64;
+            loss_sum += st.loss as f64 * st.n_valid as f64;
+            let mut dlogits = dev.alloc::<K::A>(nc * v)?;
             dev.cross_entropy_bwd(
-                &logits,
+                logits.r(),
                 &ce,
-                (ce.n_valid as f64 / scored) as f32,
-                &mut dlogits,
+                (st.n_valid as f64 / scored) as f32,
+                dlogits.w(),
             )?;
             drop(logits);
             if let Some(g) = head_grad.as_mut() {
-                dev.gemm(v, h, nc, &dlogits, true, &xc, false, g, ci > 0)?;
+                dev.gemm(v, h, nc, dlogits.r(), true, xc, false, g.w(), ci > 0)?;
             }
-            let mut dxc = dxn.view_mut(rows.start * h..rows.end * h);
             dev.gemm(
                 nc,
                 h,
                 v,
-                &dlogits,
+                dlogits.r(),
                 false,
-                &self.lm_head,
+                self.lm_head.r(),
                 false,
-                &mut dxc,
+                dxn.w_at(rows.start * h..rows.end * h),
                 false,
             )?;
         }
-        let ce = GpuLoss {
+        let ce = NetLoss {
             loss: (loss_sum / scored) as f32,
             ce: (ce_sum / scored) as f32,
         };
@@ -225,20 +247,20 @@ impl GpuModel<'_> {
         // Each layer's extra loss terms: from the saved activations now, or (recomputation)
         // when the backward reaches the layer; summed in layer order at the end.
         let mut layer_loss = vec![0f32; self.layers.len()];
-        let mut extra: Vec<Option<LayerExtra>> = Vec::with_capacity(self.layers.len());
+        let mut extra: Vec<Option<LayerExtra<K>>> = Vec::with_capacity(self.layers.len());
         for (li, s) in saved.iter().enumerate() {
             let (x, l) = self.layer_extra(li, s, &plan, mask.as_ref(), n)?;
             layer_loss[li] = l;
             extra.push(Some(x));
         }
         extra.resize_with(self.layers.len(), || None);
-        let mut grads: Vec<Option<Buf<f32>>> = Vec::new();
+        let mut grads: Vec<Option<F32<K>>> = Vec::new();
         grads.resize_with(self.grad_from.len(), || None);
 
         // Final norm.
         grads[LM_HEAD] = head_grad;
         let (dxf, g) = self.norm_bwd(
-            &xf,
+            xf.r(),
             &self.final_norm,
             &dxn,
             &rstd_f,
@@ -248,7 +270,7 @@ impl GpuModel<'_> {
         grads[FINAL_NORM] = g;
         // The residual stream's gradient, f32.
         let mut dx = dev.alloc::<f32>(n * h)?;
-        dev.cast_bf16_to_f32(&dxf, &mut dx)?;
+        dev.act_to_f32(dxf.r(), dx.w())?;
 
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
         for li in (0..self.layers.len()).rev() {
@@ -283,23 +305,31 @@ impl GpuModel<'_> {
             let (dm, dy0) = match &ex.anchor {
                 Some(a) => {
                     let mut dmf = dev.alloc::<f32>(n * h)?;
-                    dev.copy(&dx, &mut dmf)?;
-                    let mut dm0 = dev.alloc::<bf16>(n * h)?;
+                    dev.copy(dx.r(), dmf.w())?;
+                    let mut dm0 = dev.alloc::<K::A>(n * h)?;
                     let mask = mask.as_ref().expect("an anchored layer has the row mask");
                     dev.rel_sq_err_bwd(
-                        &a.m, &a.m0, mask, &a.sums, n, h, a.coef, &mut dmf, &mut dm0,
+                        a.m.r(),
+                        a.m0.r(),
+                        mask.r(),
+                        a.sums.r(),
+                        n,
+                        h,
+                        a.coef,
+                        dmf.w(),
+                        dm0.w(),
                     )?;
                     let yp = s.ffn.yp.as_ref().expect("the anchor needs MoE");
-                    let y0 = yp.view(0..n * h);
+                    let y0 = yp.at(0..n * h);
                     let (dy0, dw) =
-                        self.norm_bwd(&y0, &l.post_ffn_norm, &dm0, &a.rstd0, n, want(POST_FFN))?;
+                        self.norm_bwd(y0, &l.post_ffn_norm, &dm0, &a.rstd0, n, want(POST_FFN))?;
                     grads[base + POST_FFN] = dw;
-                    (self.bf16_of(&dmf)?, Some(dy0))
+                    (self.act_of(&dmf)?, Some(dy0))
                 }
-                None => (self.bf16_of(&dx)?, None),
+                None => (self.act_of(&dx)?, None),
             };
             let (dy, dw) =
-                self.norm_bwd(&s.y, &l.post_ffn_norm, &dm, &s.rstd_m, n, want(POST_FFN))?;
+                self.norm_bwd(s.y.r(), &l.post_ffn_norm, &dm, &s.rstd_m, n, want(POST_FFN))?;
             grads[base + POST_FFN] = sum_opt(dev, grads[base + POST_FFN].take(), dw)?;
             self.ffn_bwd(
                 &l.ffn,
@@ -316,9 +346,9 @@ impl GpuModel<'_> {
                 &mut grads[base + FFN..base + l.weights()],
             )?;
             // x_mid = x_in + norm(a Wo^T).
-            let do_ = self.bf16_of(&dx)?;
+            let do_ = self.act_of(&dx)?;
             let (do_pre, g) = self.norm_bwd(
-                &s.o_pre,
+                s.o_pre.r(),
                 &l.post_attn_norm,
                 &do_,
                 &s.rstd_o,
@@ -328,51 +358,63 @@ impl GpuModel<'_> {
             grads[base + POST_ATTN] = g;
             grads[base + O] = when(want(O), || weight_grad(dev, &do_pre, &s.a, n))?;
             let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
-            let mut da = dev.alloc::<bf16>(n * nh * hd)?;
-            dev.gemm(n, nh * hd, h, &do_pre, false, &l.o, false, &mut da, false)?;
-            let mut dqr = dev.alloc::<bf16>(n * nh * hd)?;
-            let mut dkr = dev.alloc::<bf16>(n * nkv * hd)?;
-            let mut dv = dev.alloc::<bf16>(n * nkv * hd)?;
-            dev.flash_attention_bwd(
-                &s.qr,
-                &s.kr,
-                &s.v,
-                &s.a,
-                &s.lse,
-                &da,
-                AttnShape::causal(b, t, nh, nkv, hd),
-                &mut dqr,
-                &mut dkr,
-                &mut dv,
+            let mut da = dev.alloc::<K::A>(n * nh * hd)?;
+            dev.gemm(
+                n,
+                nh * hd,
+                h,
+                do_pre.r(),
+                false,
+                l.o.r(),
+                false,
+                da.w(),
+                false,
             )?;
-            let mut dqn = dev.alloc::<bf16>(dqr.len())?;
-            dev.rope(&dqr, &mut dqn, &self.rope, n, nh * hd, t, 0, true)?;
-            let mut dkn = dev.alloc::<bf16>(dkr.len())?;
-            dev.rope(&dkr, &mut dkn, &self.rope, n, nkv * hd, t, 0, true)?;
-            let (dq, g) = self.norm_bwd(&s.q_pre, &l.q_norm, &dqn, &s.rstd_q, n, want(Q_NORM))?;
+            let mut dqr = dev.alloc::<K::A>(n * nh * hd)?;
+            let mut dkr = dev.alloc::<K::A>(n * nkv * hd)?;
+            let mut dv = dev.alloc::<K::A>(n * nkv * hd)?;
+            dev.attention_bwd(
+                s.qr.r(),
+                s.kr.r(),
+                s.v.r(),
+                s.a.r(),
+                s.lse.r(),
+                da.r(),
+                AttnShape::causal(b, t, nh, nkv, hd),
+                dqr.w(),
+                dkr.w(),
+                dv.w(),
+            )?;
+            let mut dqn = dev.alloc::<K::A>(dqr.len())?;
+            dev.rope(dqr.r(), dqn.w(), &self.rope, n, nh * hd, t, 0, true)?;
+            let mut dkn = dev.alloc::<K::A>(dkr.len())?;
+            dev.rope(dkr.r(), dkn.w(), &self.rope, n, nkv * hd, t, 0, true)?;
+            let (dq, g) =
+                self.norm_bwd(s.q_pre.r(), &l.q_norm, &dqn, &s.rstd_q, n, want(Q_NORM))?;
             grads[base + Q_NORM] = g;
-            let (dk, g) = self.norm_bwd(&s.k_pre, &l.k_norm, &dkn, &s.rstd_k, n, want(K_NORM))?;
+            let (dk, g) =
+                self.norm_bwd(s.k_pre.r(), &l.k_norm, &dkn, &s.rstd_k, n, want(K_NORM))?;
             grads[base + K_NORM] = g;
             // dx_in = dx_mid + dq Wq + dk Wk + dv Wv (accumulated into the f32 residual grad).
             for (g, w) in [(&dq, &l.q), (&dk, &l.k), (&dv, &l.v)] {
                 let out = g.len() / n;
-                dev.gemm(n, h, out, g, false, w, false, &mut dx, true)?;
+                dev.gemm(n, h, out, g.r(), false, w.r(), false, dx.w(), true)?;
             }
-            for (slot, g) in [(Q, &dq), (K, &dk), (V, &dv)] {
+            for (slot, g) in [(Q, &dq), (K_, &dk), (V, &dv)] {
                 grads[base + slot] = when(want(slot), || weight_grad(dev, g, &s.xb, n))?;
             }
         }
         if self.wants(EMBED) {
-            let dxb = self.bf16_of(&dx)?;
+            let dxb = self.act_of(&dx)?;
             let mut embed = dev.alloc::<f32>(self.embed.len())?;
-            dev.embedding_bwd(&dxb, inputs, v, h, &mut embed)?;
+            dev.embedding_bwd(dxb.r(), inputs, v, h, embed.w())?;
             grads[EMBED] = Some(embed);
         }
-        let loss = GpuLoss {
+        let loss = NetLoss {
             loss: ce.loss + layer_loss.iter().sum::<f32>(),
             ce: ce.ce,
         };
-        Ok((loss, GpuGrads { grads }))
+        Ok((loss, NetGrads { grads }))
     }
 
     /// Backward of one FFN from `dy` (the gradient of its output) and, for the anchor, `dy0`
@@ -383,18 +425,18 @@ impl GpuModel<'_> {
     #[allow(clippy::too_many_arguments)]
     fn ffn_bwd(
         &self,
-        f: &GpuFfn,
-        s: &LayerSaved,
-        fs: &FfnSaved,
-        dz_extra: Option<&Buf<f32>>,
-        dy0: Option<&Buf<bf16>>,
+        f: &NetFfn<K>,
+        s: &LayerSaved<K>,
+        fs: &FfnSaved<K>,
+        dz_extra: Option<&F32<K>>,
+        dy0: Option<&Act<K>>,
         loud: Option<(f32, f32)>,
-        dense_offsets: &Buf<u32>,
-        dy: &Buf<bf16>,
-        dx: &mut Buf<f32>,
+        dense_offsets: &Buf<K, u32>,
+        dy: &Act<K>,
+        dx: &mut F32<K>,
         n: usize,
         from: &[usize],
-        grads: &mut [Option<Buf<f32>>],
+        grads: &mut [Option<F32<K>>],
     ) -> Result<()> {
         let dev = self.dev;
         let (h, i, e) = (self.h, self.inter, f.e);
@@ -404,25 +446,16 @@ impl GpuModel<'_> {
         let dyp_moe;
         let (dyp, dweights) = match (&fs.route, &fs.yp) {
             (Some(r), Some(yp)) => {
-                let mut dyp = dev.alloc::<bf16>(rows * h)?;
+                let mut dyp = dev.alloc::<K::A>(rows * h)?;
                 let mut dw = dev.alloc::<f32>(n * r.k)?;
-                dev.moe_combine_bwd(dy, yp, &r.weights, &r.perm, h, &mut dyp, &mut dw)?;
+                dev.moe_combine_bwd(dy.r(), yp.r(), r.weights.r(), &r.perm, h, dyp.w(), dw.w())?;
                 if let Some(d0) = dy0 {
-                    let mut sum = dev.alloc::<bf16>(n * h)?;
-                    dev.add_scaled(&dyp.view(0..n * h), d0, &mut sum, 1.0)?;
-                    dev.copy(&sum, &mut dyp.view_mut(0..n * h))?;
+                    add_act_into(dev, dyp.w_at(0..n * h), d0.r(), 1.0)?;
                 }
                 // The loudness term: d/d(expert 1's output) = ca * it, expert 0's: cb * it.
                 if let Some((ca, cb)) = loud {
                     for (range, c) in [(n * h..2 * n * h, ca), (0..n * h, cb)] {
-                        let mut sum = dev.alloc::<bf16>(n * h)?;
-                        dev.add_scaled(
-                            &dyp.view(range.clone()),
-                            &yp.view(range.clone()),
-                            &mut sum,
-                            c,
-                        )?;
-                        dev.copy(&sum, &mut dyp.view_mut(range))?;
+                        add_act_into(dev, dyp.w_at(range.clone()), yp.at(range), c)?;
                     }
                 }
                 dyp_moe = dyp;
@@ -430,10 +463,19 @@ impl GpuModel<'_> {
             }
             _ => (dy, None),
         };
-        let mut dgate = dev.alloc::<bf16>(rows * i)?;
-        let mut dup = dev.alloc::<bf16>(rows * i)?;
+        let mut dgate = dev.alloc::<K::A>(rows * i)?;
+        let mut dup = dev.alloc::<K::A>(rows * i)?;
         dev.grouped_nn_swiglu_bwd(
-            dyp, offsets, &f.down, &fs.gate, &fs.up, e, h, i, &mut dgate, &mut dup,
+            dyp.r(),
+            offsets,
+            f.down.r(),
+            fs.gate.r(),
+            fs.up.r(),
+            e,
+            h,
+            i,
+            dgate.w(),
+            dup.w(),
         )?;
         // Weight gradients of the trained experts only: experts from..e, whose rows the
         // offsets from `from` on delimit (row indices are absolute).
@@ -444,22 +486,30 @@ impl GpuModel<'_> {
         grads[F_DOWN] = match trained(F_DOWN) {
             Some((f0, ne)) => {
                 let mut down = dev.alloc::<f32>(ne * h * i)?;
-                let off = offsets.view(f0..);
-                dev.grouped_wgrad(dyp, &fs.act, &off, None, None, ne, h, i, false, &mut down)?;
+                dev.grouped_wgrad(
+                    dyp.r(),
+                    fs.act.r(),
+                    offsets.at(f0..),
+                    None,
+                    ne,
+                    h,
+                    i,
+                    down.w(),
+                )?;
                 Some(down)
             }
             None => None,
         };
-        let mut dxp = dev.alloc::<bf16>(rows * h)?;
+        let mut dxp = dev.alloc::<K::A>(rows * h)?;
         dev.grouped_nn(
-            &dgate,
+            dgate.r(),
             offsets,
-            &f.gate,
-            Some((dup.as_view(), f.up.as_view())),
+            f.gate.r(),
+            Some((dup.r(), f.up.r())),
             e,
             i,
             h,
-            &mut dxp,
+            dxp.w(),
         )?;
         match (trained(F_GATE), trained(F_UP)) {
             (Some((f0, ne)), Some(u)) => {
@@ -469,18 +519,15 @@ impl GpuModel<'_> {
                 );
                 let mut gate = dev.alloc::<f32>(ne * i * h)?;
                 let mut up = dev.alloc::<f32>(ne * i * h)?;
-                let off = offsets.view(f0..);
                 dev.grouped_wgrad(
-                    &dgate,
-                    &fs.xp,
-                    &off,
-                    None,
-                    Some((dup.as_view(), up.view_mut(..))),
+                    dgate.r(),
+                    fs.xp.r(),
+                    offsets.at(f0..),
+                    Some((dup.r(), up.w())),
                     ne,
                     i,
                     h,
-                    false,
-                    &mut gate,
+                    gate.w(),
                 )?;
                 grads[F_GATE] = Some(gate);
                 grads[F_UP] = Some(up);
@@ -492,55 +539,48 @@ impl GpuModel<'_> {
         else {
             // Dense: the rows are the tokens.
             let mut dxf = dev.alloc::<f32>(n * h)?;
-            dev.cast_bf16_to_f32(&dxp, &mut dxf)?;
-            let mut sum = dev.alloc::<f32>(n * h)?;
-            dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
-            *dx = sum;
-            return Ok(());
+            dev.act_to_f32(dxp.r(), dxf.w())?;
+            return add_into(dev, dx, dxf.r());
         };
         // Token copies back to tokens.
-        let mut dxb = dev.alloc::<bf16>(n * h)?;
-        dev.moe_permute_bwd(&dxp, &r.perm, h, &mut dxb)?;
+        let mut dxb = dev.alloc::<K::A>(n * h)?;
+        dev.moe_permute_bwd(dxp.r(), &r.perm, h, dxb.w())?;
         let mut dxf = dev.alloc::<f32>(n * h)?;
-        dev.cast_bf16_to_f32(&dxb, &mut dxf)?;
-        let mut sum = dev.alloc::<f32>(n * h)?;
-        dev.add_scaled(&*dx, &dxf, &mut sum, 1.0)?;
-        *dx = sum;
+        dev.act_to_f32(dxb.r(), dxf.w())?;
+        add_into(dev, dx, dxf.r())?;
         // Router: dz from the routing weights and from the extra loss terms.
         let mut dz = dev.alloc::<f32>(n * e)?;
         dev.route_bwd(
-            &r.probs,
-            &r.weights,
-            &r.indices,
-            &dweights,
+            r.probs.r(),
+            r.weights.r(),
+            r.indices.r(),
+            dweights.r(),
             n,
             e,
             r.k,
             self.renorm,
-            &mut dz,
+            dz.w(),
         )?;
         // The bias enters the routing only: the z-loss and router cross-entropies are losses
-        // of the unbiased logits (as on the CPU), so its gradient comes before their terms.
+        // of the unbiased logits (as on the tape), so its gradient comes before their terms.
         if let (Some(bv), Some((f0, ne))) = (bias, trained(F_BIAS)) {
             let mut db = dev.alloc::<f32>(e)?;
-            dev.route_bias_grad(&dz, bv, n, e, &mut db)?;
+            dev.route_bias_grad(dz.r(), bv.r(), n, e, db.w())?;
             grads[F_BIAS] = Some(suffix(dev, db, f0, ne)?);
         }
         if let Some(extra) = dz_extra {
-            let mut sum = dev.alloc::<f32>(n * e)?;
-            dev.add_scaled(&dz, extra, &mut sum, 1.0)?;
-            dz = sum;
+            add_into(dev, &mut dz, extra.r())?;
         }
         if let Some((f0, ne)) = trained(F_ROUTER) {
             let mut router = dev.alloc::<f32>(e * h)?;
-            dev.gemm(e, h, n, &dz, true, &s.x_mid, false, &mut router, false)?;
+            dev.gemm(e, h, n, dz.r(), true, s.x_mid.r(), false, router.w(), false)?;
             grads[F_ROUTER] = Some(suffix(dev, router, f0, ne)?);
         }
-        dev.gemm(n, h, e, &dz, false, router_w, false, dx, true)?;
+        dev.gemm(n, h, e, dz.r(), false, router_w.r(), false, dx.w(), true)?;
         Ok(())
     }
 
-    /// The host parameter ids behind each weight, in [`GpuGrads`] order: one id for a plain
+    /// The host parameter ids behind each weight, in [`NetGrads`] order: one id for a plain
     /// weight, E for the experts' stacked weights, router rows and biases (equal segments; None
     /// for an expert without a bias, whose segment holds 0).
     pub fn host_layout(&self) -> Vec<Vec<Option<usize>>> {
@@ -584,15 +624,11 @@ impl GpuModel<'_> {
 
     /// The gradients as host tensors keyed by the host model's parameter ids (stacked expert
     /// weights split per expert), in the shapes of the parameters, sorted by id.
-    pub fn grads_to_host(
-        &self,
-        g: &GpuGrads,
-        model: &crate::model::Model,
-    ) -> Result<Vec<(usize, Tensor)>> {
+    pub fn grads_to_host(&self, g: &NetGrads<K>, model: &Model) -> Result<Vec<(usize, Tensor)>> {
         let mut out = Vec::new();
         for ((ids, buf), &from) in self.host_layout().iter().zip(&g.grads).zip(&self.grad_from) {
             let Some(buf) = buf else { continue };
-            for (id, seg) in split_to_host(self.dev, &buf.as_view(), &ids[from..])? {
+            for (id, seg) in split_to_host(self.dev, buf.r(), &ids[from..])? {
                 out.push((id, Tensor::from_vec(seg, model.params.value(id).shape())));
             }
         }
@@ -610,12 +646,11 @@ fn trained_suffix(trained: &[bool]) -> Option<usize> {
 }
 
 /// `a + b` where both exist; either alone otherwise.
-fn sum_opt(dev: &Device, a: Option<Buf<f32>>, b: Option<Buf<f32>>) -> Result<Option<Buf<f32>>> {
+fn sum_opt<K: Kernels>(dev: &K, a: Option<F32<K>>, b: Option<F32<K>>) -> Result<Option<F32<K>>> {
     Ok(match (a, b) {
-        (Some(a), Some(b)) => {
-            let mut s = dev.alloc::<f32>(a.len())?;
-            dev.add_scaled(&a, &b, &mut s, 1.0)?;
-            Some(s)
+        (Some(mut a), Some(b)) => {
+            add_into(dev, &mut a, b.r())?;
+            Some(a)
         }
         (a, b) => a.or(b),
     })
@@ -623,19 +658,19 @@ fn sum_opt(dev: &Device, a: Option<Buf<f32>>, b: Option<Buf<f32>>) -> Result<Opt
 
 /// The segments `from..from + count` of `x` (`from + count` equal segments, one per expert):
 /// `x` itself when that is all of it.
-fn suffix(dev: &Device, x: Buf<f32>, from: usize, count: usize) -> Result<Buf<f32>> {
+fn suffix<K: Kernels>(dev: &K, x: F32<K>, from: usize, count: usize) -> Result<F32<K>> {
     if from == 0 {
         return Ok(x);
     }
     let per = x.len() / (from + count).max(1);
     let mut out = dev.alloc::<f32>(count * per)?;
-    dev.copy(&x.view(from * per..), &mut out)?;
+    dev.copy(x.at(from * per..), out.w())?;
     Ok(out)
 }
 /// `buf` brought to the host and cut into `ids.len()` equal segments, one per id (None: skipped).
-pub(super) fn split_to_host(
-    dev: &Device,
-    buf: &View<'_, f32>,
+pub(super) fn split_to_host<K: Kernels>(
+    dev: &K,
+    buf: R<'_, K, f32>,
     ids: &[Option<usize>],
 ) -> Result<Vec<(usize, Vec<f32>)>> {
     let all = dev.download(buf)?;
@@ -663,7 +698,7 @@ pub(super) fn concat_from_host(
     all
 }
 
-impl GpuModel<'_> {
+impl<K: Kernels> Net<'_, K> {
     /// Mean next-token cross-entropy of `inputs` -> `targets` (forward only).
     pub fn cross_entropy(
         &self,
@@ -683,12 +718,13 @@ impl GpuModel<'_> {
         let mut sum = 0f64;
         for rows in self.ce_chunks(n) {
             let nc = rows.len();
-            let xc = xn.view(rows.start * h..rows.end * h);
-            let logits = self.linear(&xc, &self.lm_head, nc, v)?;
+            let xc = xn.at(rows.start * h..rows.end * h);
+            let logits = self.linear(xc, &self.lm_head, nc, v)?;
             let ce = self
                 .dev
-                .cross_entropy(&logits, nc, v, &targets[rows], 0.0)?;
-            sum += ce.ce as f64 * ce.n_valid as f64;
+                .cross_entropy(logits.r(), nc, v, &targets[rows], 0.0)?;
+            let st = K::ce_stats(&ce);
+            sum += st.ce as f64 * st.n_valid as f64;
         }
         Ok((sum / scored) as f32)
     }

@@ -1,33 +1,32 @@
-//! The loss terms of training beyond the cross-entropy, per MoE layer, on the GPU (as the CPU's
+//! The loss terms of training beyond the cross-entropy, per MoE layer (as the tape's
 //! `Model::loss_anchored`): the router z-loss, the router's own-text and public-text
-//! cross-entropies, the public anchor and the expert loudness. [`GpuModel::extra_plan`] fixes
-//! their settings for a batch; [`GpuModel::layer_extra`] computes one layer's terms from its
+//! cross-entropies, the public anchor and the expert loudness. [`Net::extra_plan`] fixes
+//! their settings for a batch; [`Net::layer_extra`] computes one layer's terms from its
 //! activations (in the forward, or, with recomputation, when the backward reaches the layer)
 //! and what their backward in train.rs needs.
 
-use super::infer::LayerSaved;
-use super::GpuModel;
-use crate::backend::cuda::Buf;
+use super::infer::{Act, LayerSaved, F32};
+use super::Net;
+use crate::backend::kernels::{Buf, Kernels};
 use crate::backend::shapes::IGNORE;
 use crate::ensure;
 use crate::error::Result;
 use crate::model::{router_ce_targets, LossCoefs};
-use half::bf16;
 
 /// Per MoE layer: what the extra loss terms need in the backward.
-pub(super) struct LayerExtra {
+pub(super) struct LayerExtra<K: Kernels> {
     /// Gradient of the loss terms on the router logits (z-loss, router cross-entropies), added
     /// to the routing's in the backward.
-    pub(super) dz: Option<Buf<f32>>,
+    pub(super) dz: Option<F32<K>>,
     /// The public anchor: its weight, the layer's normed output and expert 0's alone
     /// (`m`, `m0`, `[n, H]`), the norm statistics of `m0` and the sums `[S, T]`.
-    pub(super) anchor: Option<AnchorSaved>,
+    pub(super) anchor: Option<AnchorSaved<K>>,
     /// The expert loudness term's gradient on the experts' raw outputs: `(ca, cb)`, the
     /// factors of expert 1's and expert 0's own output (None: the term is off or inactive).
     pub(super) loud: Option<(f32, f32)>,
 }
 
-/// The extra loss terms' settings for every layer (see [`GpuModel::extra_plan`]).
+/// The extra loss terms' settings for every layer (see [`Net::extra_plan`]).
 pub(super) struct ExtraPlan {
     /// 1 / the number of MoE layers: each term is a mean over them.
     pub(super) per_layer: f32,
@@ -41,17 +40,17 @@ pub(super) struct ExtraPlan {
     pub(super) moe_index: Vec<usize>,
 }
 
-pub(super) struct AnchorSaved {
+pub(super) struct AnchorSaved<K: Kernels> {
     pub(super) coef: f32,
-    pub(super) m: Buf<bf16>,
-    pub(super) m0: Buf<bf16>,
-    pub(super) rstd0: Buf<f32>,
-    pub(super) sums: Buf<f64>,
+    pub(super) m: Act<K>,
+    pub(super) m0: Act<K>,
+    pub(super) rstd0: F32<K>,
+    pub(super) sums: Buf<K, f64>,
 }
 
-impl GpuModel<'_> {
-    /// `[b*t]` flags (u32) on the device: 1 for the tokens of the `anchored` sequences.
-    pub(super) fn row_mask(&self, anchored: &[bool], t: usize) -> Result<Buf<u32>> {
+impl<K: Kernels> Net<'_, K> {
+    /// `[b*t]` flags (u32) on the backend: 1 for the tokens of the `anchored` sequences.
+    pub(super) fn row_mask(&self, anchored: &[bool], t: usize) -> Result<Buf<K, u32>> {
         let rows: Vec<u32> = anchored
             .iter()
             .flat_map(|&a| std::iter::repeat_n(u32::from(a), t))
@@ -67,7 +66,7 @@ impl GpuModel<'_> {
         &self,
         coefs: &LossCoefs,
         anchored: &[bool],
-        mask: Option<&Buf<u32>>,
+        mask: Option<&Buf<K, u32>>,
         b: usize,
         t: usize,
     ) -> Result<ExtraPlan> {
@@ -129,11 +128,11 @@ impl GpuModel<'_> {
     pub(super) fn layer_extra(
         &self,
         li: usize,
-        s: &LayerSaved,
+        s: &LayerSaved<K>,
         plan: &ExtraPlan,
-        mask: Option<&Buf<u32>>,
+        mask: Option<&Buf<K, u32>>,
         n: usize,
-    ) -> Result<(LayerExtra, f32)> {
+    ) -> Result<(LayerExtra<K>, f32)> {
         let dev = self.dev;
         let (l, h) = (&self.layers[li], self.h);
         let Some(r) = &s.ffn.route else {
@@ -149,9 +148,9 @@ impl GpuModel<'_> {
         let mut dz = None;
         if plan.router_z != 0.0 {
             let mut lse = dev.alloc::<f32>(n)?;
-            total += plan.router_z * dev.router_zloss(&r.z, n, e, &mut lse)?;
+            total += plan.router_z * dev.router_zloss(r.z.r(), n, e, lse.w())?;
             let mut d = dev.alloc::<f32>(n * e)?;
-            dev.router_zloss_bwd(&r.z, &lse, n, e, plan.router_z, &mut d)?;
+            dev.router_zloss_bwd(r.z.r(), lse.r(), n, e, plan.router_z, d.w())?;
             dz = Some(d);
         }
         for (w, target) in &plan.router_ce {
@@ -159,7 +158,7 @@ impl GpuModel<'_> {
                 Some(d) => d,
                 None => dz.insert(dev.zeros::<f32>(n * e)?),
             };
-            total += dev.router_ce(&r.z, target, n, e, *w, d)?;
+            total += dev.router_ce(r.z.r(), target, n, e, *w, d.w())?;
         }
         let anchor = match mask {
             Some(mask) => {
@@ -173,11 +172,11 @@ impl GpuModel<'_> {
                     .copied()
                     .unwrap_or(1.0);
                 let coef = plan.anchor * w * plan.per_layer;
-                let (m, _) = self.norm(&s.y, &l.post_ffn_norm, n)?;
+                let (m, _) = self.norm(s.y.r(), &l.post_ffn_norm, n)?;
                 // Every token is in expert 0's batch, in token order: its first n rows.
                 let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
-                let (m0, rstd0) = self.norm(&yp.view(0..n * h), &l.post_ffn_norm, n)?;
-                let (value, sums) = dev.rel_sq_err(&m, &m0, mask, n, h)?;
+                let (m0, rstd0) = self.norm(yp.at(0..n * h), &l.post_ffn_norm, n)?;
+                let (value, sums) = dev.rel_sq_err(m.r(), m0.r(), mask.r(), n, h)?;
                 total += coef * value;
                 Some(AnchorSaved {
                     coef,
@@ -199,9 +198,9 @@ impl GpuModel<'_> {
                 let yp = s.ffn.yp.as_ref().expect("MoE keeps the experts' outputs");
                 let sq = |range: std::ops::Range<usize>| -> Result<f64> {
                     let mut f = dev.alloc::<f32>(n * h)?;
-                    dev.cast_bf16_to_f32(&yp.view(range), &mut f)?;
-                    let norm = dev.grad_norm(&[f.as_view()], 0.0)?;
-                    Ok((dev.download(&norm.view(0..1))?[0] as f64).powi(2))
+                    dev.act_to_f32(yp.at(range), f.w())?;
+                    let norm = dev.grad_norm(&[f.r()], 0.0)?;
+                    Ok((dev.download(norm.at(0..1))?[0] as f64).powi(2))
                 };
                 let (sa, sb) = (sq(n * h..2 * n * h)?, sq(0..n * h)?);
                 let value = if sb > 0.0 {

@@ -1,46 +1,46 @@
-//! Training on the GPU: [`GpuTrainer`] keeps f32 master weights and AdamW moments of the trained
-//! weights on the device and runs optimizer steps over [`GpuModel::loss_and_grads`] (train.rs):
-//! gradient accumulation, global-norm clipping and the fused AdamW, and DP-SGD's step
-//! (per-record gradients clipped to a norm, summed, noised and averaged), as the CPU's
-//! `train::Trainer` does.
+//! The training step, written once over the backend's kernel families: [`NetTrainer`] keeps
+//! f32 master weights and AdamW moments of the trained weights on the backend and runs
+//! optimizer steps over [`Net::loss_and_grads`] (train.rs): gradient accumulation, global-norm
+//! clipping and AdamW, and DP-SGD's step (per-record gradients clipped to a norm, summed,
+//! noised and averaged).
 
-use super::train::{concat_from_host, split_to_host, when, GpuGrads};
-use super::GpuModel;
-use crate::backend::cuda::{AdamWHyper, AdamWSlot, Buf, Device};
+use super::infer::{Act, F32};
+use super::train::{concat_from_host, split_to_host, when, NetGrads};
+use super::Net;
+use crate::backend::kernels::{AdamWHyper, AdamWSlot, Kernels};
 use crate::backend::shapes::IGNORE;
 use crate::ensure;
 use crate::error::Result;
 use crate::model::adamw::{AdamW, AdamWConfig};
 use crate::model::{LossCoefs, Model};
 use crate::tensor::Tensor;
-use half::bf16;
 
-/// Training on the GPU: the [`GpuModel`]'s bf16 weights are the compute copies of f32 master
-/// weights (router rows and biases are f32 themselves), updated by the fused AdamW kernel after
+/// Training on a backend: the [`Net`]'s weights (bf16 on the GPU) are the compute copies of
+/// f32 master weights (router rows and biases are f32 themselves), updated by AdamW after
 /// global-norm clipping, with f32 moments. Only the host model's trainable parameters are
 /// trained (and hold masters, moments and gradients); weight decay pulls toward each
 /// parameter's `decay_to` where it has one. Made from, and written back to, the host model and
-/// its [`AdamW`] state, so that checkpoints and resumption work as on the CPU.
-pub struct GpuTrainer<'d> {
-    pub model: GpuModel<'d>,
-    /// The trained weights, in [`GpuGrads`] order.
-    slots: Vec<TrainSlot>,
+/// its [`AdamW`] state, so that checkpoints and resumption work on every backend.
+pub struct NetTrainer<'d, K: Kernels> {
+    pub model: Net<'d, K>,
+    /// The trained weights, in [`NetGrads`] order.
+    slots: Vec<TrainSlot<K>>,
     steps: u64,
     adamw: AdamWConfig,
     clip: f32,
 }
 
-/// One trained weight: its index in [`GpuGrads`] order, the trained experts (segments `from..`
+/// One trained weight: its index in [`NetGrads`] order, the trained experts (segments `from..`
 /// of `per` elements; 0 for an unstacked weight), the f32 master of that part (None where the
 /// model's own buffer is f32), the decay target, and the AdamW moments.
-struct TrainSlot {
+struct TrainSlot<K: Kernels> {
     idx: usize,
     from: usize,
     per: usize,
-    master: Option<Buf<f32>>,
-    decay_to: Option<Buf<f32>>,
-    m: Buf<f32>,
-    v: Buf<f32>,
+    master: Option<F32<K>>,
+    decay_to: Option<F32<K>>,
+    m: F32<K>,
+    v: F32<K>,
 }
 
 /// One optimizer step's scalars.
@@ -53,9 +53,9 @@ pub struct StepOut {
     pub grad_norm: f32,
 }
 
-impl<'d> GpuModel<'d> {
-    /// Every weight, in [`GpuGrads`] order: bf16 ones and f32 ones (router, bias).
-    fn weights_mut(&mut self) -> Vec<WeightMut<'_>> {
+impl<K: Kernels> Net<'_, K> {
+    /// Every weight, in [`NetGrads`] order: activation-type ones and f32 ones (router, bias).
+    fn weights_mut(&mut self) -> Vec<WeightMut<'_, K>> {
         let mut w = vec![
             WeightMut::Bf16(&mut self.embed, true),
             WeightMut::Bf16(&mut self.final_norm, false),
@@ -86,14 +86,15 @@ impl<'d> GpuModel<'d> {
     }
 }
 
-/// A weight to update: bf16 (with whether weight decay applies: matrices, as the CPU's AdamW,
-/// not norm weights) or f32 (router rows `[1, H]` per expert and biases: no decay).
-enum WeightMut<'a> {
-    Bf16(&'a mut Buf<bf16>, bool),
-    F32(&'a mut Buf<f32>),
+/// A weight to update: in the activation type (with whether weight decay applies: matrices,
+/// as the host's AdamW, not norm weights) or f32 (router rows `[1, H]` per expert and biases:
+/// no decay).
+enum WeightMut<'a, K: Kernels> {
+    Bf16(&'a mut Act<K>, bool),
+    F32(&'a mut F32<K>),
 }
 
-impl WeightMut<'_> {
+impl<K: Kernels> WeightMut<'_, K> {
     fn len(&self) -> usize {
         match self {
             WeightMut::Bf16(b, _) => b.len(),
@@ -102,13 +103,13 @@ impl WeightMut<'_> {
     }
 }
 
-impl<'d> GpuTrainer<'d> {
+impl<'d, K: Kernels> NetTrainer<'d, K> {
     /// Upload `model` with its optimizer state `opt` (moments and step; absent moments start at
     /// zero). Master weights are the host's f32 values exactly. Frozen parameters get no
     /// gradients and no optimizer state; a stacked weight may be trained for its last experts
-    /// only ([`GpuModel::train_as`]).
-    pub fn from_host(dev: &'d Device, model: &Model, opt: &AdamW, clip: f32) -> Result<Self> {
-        let mut g = GpuModel::upload(dev, model)?;
+    /// only ([`Net::train_as`]).
+    pub fn from_host(dev: &'d K, model: &Model, opt: &AdamW, clip: f32) -> Result<Self> {
+        let mut g = Net::upload(dev, model)?;
         g.train_as(model)?;
         let layout = g.host_layout();
         let grad_from = g.grad_from.clone();
@@ -154,7 +155,7 @@ impl<'d> GpuTrainer<'d> {
             });
         }
         ensure!(!slots.is_empty(), "the model has no trainable parameters");
-        Ok(GpuTrainer {
+        Ok(NetTrainer {
             model: g,
             slots,
             steps: opt.step,
@@ -168,25 +169,25 @@ impl<'d> GpuTrainer<'d> {
     pub fn to_host(&mut self, model: &mut Model, opt: &mut AdamW) -> Result<()> {
         let dev = self.model.dev;
         let layout = self.model.host_layout();
-        let mut weights: Vec<Option<WeightMut>> =
+        let mut weights: Vec<Option<WeightMut<K>>> =
             self.model.weights_mut().into_iter().map(Some).collect();
         for s in &self.slots {
             let ids = &layout[s.idx][s.from..];
             let own;
             let values = match (&s.master, weights[s.idx].take()) {
-                (Some(master), _) => master.as_view(),
+                (Some(master), _) => master.r(),
                 (None, Some(WeightMut::F32(b))) => {
                     own = b;
-                    own.view(s.from * s.per..)
+                    own.at(s.from * s.per..)
                 }
-                _ => unreachable!("every bf16 weight has a master copy"),
+                _ => unreachable!("every activation-type weight has a master copy"),
             };
-            for (id, seg) in split_to_host(dev, &values, ids)? {
+            for (id, seg) in split_to_host(dev, values, ids)? {
                 let shape = model.params.value(id).shape().to_vec();
                 model.params.params[id].value = Tensor::from_vec(seg, &shape);
             }
-            let ms = split_to_host(dev, &s.m.as_view(), ids)?;
-            let vs = split_to_host(dev, &s.v.as_view(), ids)?;
+            let ms = split_to_host(dev, s.m.r(), ids)?;
+            let vs = split_to_host(dev, s.v.r(), ids)?;
             for ((id, mm), (_, vv)) in ms.into_iter().zip(vs) {
                 opt.moments[id] = Some((mm, vv));
             }
@@ -198,7 +199,7 @@ impl<'d> GpuTrainer<'d> {
     /// One optimizer step over the micro-batches `(inputs, targets)` (`b` sequences of `t`
     /// tokens each; gradients averaged over them) at learning rate `lr`, with the loss terms of
     /// `coefs`; `anchored[i]` marks micro-batch i's public rows (see
-    /// [`GpuModel::loss_and_grads`]; empty: none anywhere).
+    /// [`Net::loss_and_grads`]; empty: none anywhere).
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -220,8 +221,8 @@ impl<'d> GpuTrainer<'d> {
         let scale = 1.0 / micro.len() as f32;
         let (mut loss, mut ce) = (0f32, 0f32);
         // One micro-batch: its gradients as they are. Several: their mean, accumulated.
-        let mut single: Option<GpuGrads> = None;
-        let mut acc: Vec<Buf<f32>> = Vec::new();
+        let mut single: Option<NetGrads<K>> = None;
+        let mut acc: Vec<F32<K>> = Vec::new();
         for (i, (inp, tgt)) in micro.iter().enumerate() {
             let rows = anchored.get(i).map_or(&[][..], |a| &a[..]);
             let (l, grads) = self.model.loss_and_grads(inp, tgt, b, t, coefs, rows)?;
@@ -235,18 +236,18 @@ impl<'d> GpuTrainer<'d> {
             if acc.is_empty() {
                 for g in bufs {
                     let mut a = dev.alloc::<f32>(g.len())?;
-                    dev.scale(g, &mut a, scale)?;
+                    dev.scale(g.r(), a.w(), scale)?;
                     acc.push(a);
                 }
             } else {
                 for (a, g) in acc.iter_mut().zip(bufs) {
                     let mut sum = dev.alloc::<f32>(g.len())?;
-                    dev.add_scaled(&*a, g, &mut sum, scale)?;
+                    dev.add_scaled(a.r(), g.r(), sum.w(), scale)?;
                     *a = sum;
                 }
             }
         }
-        let grads: Vec<&Buf<f32>> = match &single {
+        let grads: Vec<&F32<K>> = match &single {
             Some(g) => g.buffers(),
             None => acc.iter().collect(),
         };
@@ -258,9 +259,9 @@ impl<'d> GpuTrainer<'d> {
         })
     }
 
-    /// Clip `grads` (one per trained weight, in [`GpuGrads`] order) to the global norm and take
+    /// Clip `grads` (one per trained weight, in [`NetGrads`] order) to the global norm and take
     /// one AdamW step at `lr`; returns the norm before clipping.
-    fn apply(&mut self, grads: &[&Buf<f32>], lr: f32) -> Result<f32> {
+    fn apply(&mut self, grads: &[&F32<K>], lr: f32) -> Result<f32> {
         let dev = self.model.dev;
         ensure!(
             grads.len() == self.slots.len(),
@@ -268,32 +269,30 @@ impl<'d> GpuTrainer<'d> {
             grads.len(),
             self.slots.len()
         );
-        let views: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
+        let views: Vec<_> = grads.iter().map(|g| g.r()).collect();
         let norm_scale = dev.grad_norm(&views, self.clip)?;
         self.steps += 1;
         let wd = self.adamw.weight_decay;
-        let mut weights: Vec<Option<WeightMut>> =
+        let mut weights: Vec<Option<WeightMut<K>>> =
             self.model.weights_mut().into_iter().map(Some).collect();
         let mut slots = Vec::with_capacity(views.len());
         for (s, g) in self.slots.iter_mut().zip(&views) {
             let part = s.from * s.per..;
-            let (param, param_bf16, decay) = match (weights[s.idx].take(), s.master.as_mut()) {
-                (Some(WeightMut::Bf16(b, decays)), Some(mw)) => (
-                    mw.view_mut(..),
-                    Some(b.view_mut(part)),
-                    if decays { wd } else { 0.0 },
-                ),
-                (Some(WeightMut::F32(p)), _) => (p.view_mut(part), None, 0.0),
-                _ => unreachable!("every bf16 weight has a master copy"),
+            let (param, param_act, decay) = match (weights[s.idx].take(), s.master.as_mut()) {
+                (Some(WeightMut::Bf16(b, decays)), Some(mw)) => {
+                    (mw.w(), Some(b.w_at(part)), if decays { wd } else { 0.0 })
+                }
+                (Some(WeightMut::F32(p)), _) => (p.w_at(part), None, 0.0),
+                _ => unreachable!("every activation-type weight has a master copy"),
             };
             slots.push(AdamWSlot {
                 param,
                 grad: *g,
-                m: s.m.view_mut(..),
-                v: s.v.view_mut(..),
+                m: s.m.w(),
+                v: s.v.w(),
                 weight_decay: decay,
-                decay_to: s.decay_to.as_ref().map(|t| t.as_view()),
-                param_bf16,
+                decay_to: s.decay_to.as_ref().map(|t| t.r()),
+                param_act,
             });
         }
         dev.adamw_step(
@@ -305,9 +304,9 @@ impl<'d> GpuTrainer<'d> {
                 eps: self.adamw.eps,
                 step: self.steps,
             },
-            Some(norm_scale.view(1..2)),
+            Some(norm_scale.at(1..2)),
         )?;
-        Ok(dev.download(&norm_scale.view(0..1))?[0])
+        Ok(dev.download(norm_scale.at(0..1))?[0])
     }
 
     /// One DP-SGD step (as the CPU's): each private record's gradient (`b` = 1, `t` tokens, its
@@ -316,7 +315,7 @@ impl<'d> GpuTrainer<'d> {
     /// `noise` (the Gaussian noise of every trained parameter, by host parameter id, in the
     /// parameter's shape: the caller draws it so that the CPU and the GPU draw the same) is
     /// added, the sum divided by `expected` (the expected number of rows), and the step
-    /// finishes as [`GpuTrainer::step`] does (global clipping, AdamW at `lr`).
+    /// finishes as [`NetTrainer::step`] does (global clipping, AdamW at `lr`).
     #[allow(clippy::too_many_arguments)]
     pub fn dp_step(
         &mut self,
@@ -332,12 +331,12 @@ impl<'d> GpuTrainer<'d> {
         let dev = self.model.dev;
         ensure!(expected > 0.0, "DP-SGD: expected rows {expected}");
         let layout = self.model.host_layout();
-        let mut acc: Vec<Buf<f32>> = self
+        let mut acc: Vec<F32<K>> = self
             .slots
             .iter()
             .map(|s| dev.zeros::<f32>((layout[s.idx].len() - s.from) * s.per))
             .collect::<Result<_>>()?;
-        let add = |acc: &mut Vec<Buf<f32>>, g: &GpuGrads, f: f32| -> Result<()> {
+        let add = |acc: &mut Vec<F32<K>>, g: &NetGrads<K>, f: f32| -> Result<()> {
             let bufs = g.buffers();
             ensure!(
                 bufs.len() == acc.len(),
@@ -347,7 +346,7 @@ impl<'d> GpuTrainer<'d> {
             );
             for (a, g) in acc.iter_mut().zip(bufs) {
                 let mut sum = dev.alloc::<f32>(g.len())?;
-                dev.add_scaled(&*a, g, &mut sum, f)?;
+                dev.add_scaled(a.r(), g.r(), sum.w(), f)?;
                 *a = sum;
             }
             Ok(())
@@ -355,8 +354,8 @@ impl<'d> GpuTrainer<'d> {
         let (mut loss_sum, mut ce_sum) = (0f64, 0f64);
         for (inp, tgt) in private {
             let (l, g) = self.model.loss_and_grads(inp, tgt, 1, t, coefs, &[false])?;
-            let views: Vec<_> = g.buffers().iter().map(|b| b.as_view()).collect();
-            let norm = dev.download(&dev.grad_norm(&views, 0.0)?.view(0..1))?[0];
+            let views: Vec<_> = g.buffers().iter().map(|b| b.r()).collect();
+            let norm = dev.download(dev.grad_norm(&views, 0.0)?.at(0..1))?[0];
             add(&mut acc, &g, (record_clip / norm.max(1e-12)).min(1.0))?;
             loss_sum += l.loss as f64;
             ce_sum += l.ce as f64;
@@ -385,8 +384,8 @@ impl<'d> GpuTrainer<'d> {
                 noise_of[&id].data().to_vec()
             }))?;
             let mut sum = dev.alloc::<f32>(a.len())?;
-            dev.add_scaled(&*a, &z, &mut sum, 1.0)?;
-            dev.scale(&sum, a, (1.0 / expected) as f32)?;
+            dev.add_scaled(a.r(), z.r(), sum.w(), 1.0)?;
+            dev.scale(sum.r(), a.w(), (1.0 / expected) as f32)?;
         }
         let rows = (private.len() + n_pub).max(1) as f64;
         let loss = (loss_sum / rows) as f32;
@@ -398,7 +397,7 @@ impl<'d> GpuTrainer<'d> {
                 grad_norm: f32::NAN,
             });
         }
-        let grads: Vec<&Buf<f32>> = acc.iter().collect();
+        let grads: Vec<&F32<K>> = acc.iter().collect();
         let grad_norm = self.apply(&grads, lr)?;
         Ok(StepOut {
             loss,
