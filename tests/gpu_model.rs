@@ -1,6 +1,6 @@
-//! Whole-model inference on the GPU (src/backend/cuda/infer.rs) against the CPU forward of the
-//! same model: FlexOlmo MoE with router biases and GQA, dense OLMo-2, KV-cache decoding, expert
-//! opt-out and greedy generation. The test models' weights are bf16 values (as the GPU stores
+//! The model (`model::net`) on the CUDA backend against the tape model on the CPU: forward
+//! (FlexOlmo MoE with router biases and GQA, dense OLMo-2, KV-cache decoding, expert opt-out,
+//! greedy generation), gradients of every loss term, and training steps. The test models' weights are bf16 values (as the GPU stores
 //! them); the GPU's activations are bf16 too (the residual stream, router and logits f32), so
 //! logits agree to bf16 accuracy: the tolerances are relative to the logits' RMS. SKIP without a
 //! GPU; FLEXRUN_REQUIRE_GPU=1 turns that into a failure (tests/common).
@@ -8,7 +8,7 @@
 use flexrun::autograd::Tape;
 use flexrun::backend::cuda::Device;
 use flexrun::generate::{generate, SamplingConfig};
-use flexrun::model::net::{GpuNet as GpuModel, NetTrainer as GpuTrainer};
+use flexrun::model::net::{GpuNet, NetTrainer};
 use flexrun::model::runner::Runner;
 use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
 use flexrun::tensor::Tensor;
@@ -133,7 +133,7 @@ fn assert_rows_close(what: &str, gpu: &Tensor, cpu: &Tensor) {
 }
 
 fn gpu_logits(dev: &Device, m: &Model, ids: &[u32], b: usize, t: usize) -> flexrun::Result<Tensor> {
-    GpuModel::upload(dev, m)?.logits(ids, b, t)
+    GpuNet::upload(dev, m)?.logits(ids, b, t)
 }
 
 /// Top-k = E: every expert runs on every token, so the comparison has no discrete choice in
@@ -177,7 +177,7 @@ fn dense(dev: &Device) -> R {
     let (b, t) = (2, 53);
     let x = ids(b * t, 300, 6);
     let cpu = m.logits(&x, b, t)?;
-    let g = GpuModel::upload(dev, &m)?;
+    let g = GpuNet::upload(dev, &m)?;
     assert_rows_close("dense", &g.logits(&x, b, t)?, &cpu);
     // The final hidden states (router init's domain embeddings read them).
     let mut tape = Tape::inference();
@@ -195,7 +195,7 @@ fn dense(dev: &Device) -> R {
 /// of one uncached forward over the whole sequence on the GPU, and the CPU's.
 fn kv_cache_decode(dev: &Device) -> R {
     let m = model(moe_cfg(3, 3), 7);
-    let g = GpuModel::upload(dev, &m)?;
+    let g = GpuNet::upload(dev, &m)?;
     let b = 2;
     let steps = [11usize, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3];
     let total: usize = steps.iter().sum();
@@ -249,7 +249,7 @@ fn opt_out(dev: &Device) -> R {
 /// and a batch of 3 greedy samples decodes the same tokens in every row.
 fn greedy_generation(dev: &Device) -> R {
     let m = model(moe_cfg(3, 3), 11);
-    let g = GpuModel::upload(dev, &m)?;
+    let g = GpuNet::upload(dev, &m)?;
     let prompt = ids(7, 200, 12);
     let cfg = SamplingConfig {
         max_new_tokens: 32,
@@ -310,7 +310,7 @@ fn check_gradients_with(
     let out = m.loss_anchored(&mut tape, &inp, &tgt, b, t, coefs, anchored)?;
     let cpu_loss = tape.value(out.loss).data()[0];
     let cpu = tape.backward(out.loss).params;
-    let mut g = GpuModel::upload(dev, m)?;
+    let mut g = GpuNet::upload(dev, m)?;
     g.train_as(m)?;
     let (loss, grads) = g.loss_and_grads(&inp, &tgt, b, t, coefs, anchored)?;
     assert!(
@@ -412,7 +412,7 @@ fn training_follows_cpu(dev: &Device) -> R {
         p.value = p.value.round_bf16();
     }
     let mut opt = AdamW::new(AdamWConfig::default(), cpu.params.len());
-    let mut trainer = GpuTrainer::from_host(dev, &cpu, &opt, 1.0)?;
+    let mut trainer = NetTrainer::from_host(dev, &cpu, &opt, 1.0)?;
     let (b, t, lr) = (4, 32, 2e-3);
     let mut rng = StdRng::seed_from_u64(22);
     let (mut first, mut last) = (None, (0f32, 0f32));
@@ -659,7 +659,7 @@ fn expert_training_follows_cpu(dev: &Device) -> R {
         ..LossCoefs::default()
     };
     let mut opt = AdamW::new(AdamWConfig::default(), cpu.params.len());
-    let mut trainer = GpuTrainer::from_host(dev, &cpu, &opt, 1.0)?;
+    let mut trainer = NetTrainer::from_host(dev, &cpu, &opt, 1.0)?;
     let (b, t, lr) = (4, 32, 2e-3);
     let anchored = vec![false, false, false, true];
     let mut rng = StdRng::seed_from_u64(52);
@@ -709,9 +709,9 @@ fn btm_on_gpu(dev: &Device) -> R {
     use flexrun::eval::Evaluated;
     let cfg = Config::olmo2(300, 128, 200, 2, 4, 4);
     let members: Vec<Model> = (0..3).map(|i| model(cfg.clone(), 61 + i)).collect();
-    let on_gpu: Vec<GpuModel> = members
+    let on_gpu: Vec<GpuNet> = members
         .iter()
-        .map(|m| GpuModel::upload(dev, m))
+        .map(|m| GpuNet::upload(dev, m))
         .collect::<flexrun::Result<_>>()?;
     let (seq, n) = (48, 4);
     let x = ids(seq * n + 1, 300, 62);
@@ -743,7 +743,7 @@ fn routing_on_gpu(dev: &Device) -> R {
     let m = model(moe_cfg(4, 2), 71);
     let (b, t) = (2, 33);
     let x = ids(b * t, 200, 72);
-    let g = GpuModel::upload(dev, &m)?;
+    let g = GpuNet::upload(dev, &m)?;
     let cpu = Runner::Cpu(&m).routing(&x, b, t)?;
     let gpu = Runner::Gpu(&g).routing(&x, b, t)?;
     assert_eq!(cpu.len(), 3);
@@ -963,7 +963,7 @@ fn chunked_loss_and_recompute(dev: &Device) -> R {
     let anchored = [false, true, false, true];
     let run =
         |chunk: Option<usize>, recompute: bool| -> flexrun::Result<(f32, Vec<(usize, Tensor)>)> {
-            let mut g = GpuModel::upload(dev, &m)?;
+            let mut g = GpuNet::upload(dev, &m)?;
             g.train_as(&m)?;
             if let Some(c) = chunk {
                 g.set_ce_chunk_rows(c);
@@ -987,7 +987,7 @@ fn chunked_loss_and_recompute(dev: &Device) -> R {
     let dense = model(Config::olmo2(300, 128, 200, 2, 4, 4), 94);
     let (di, dt) = (ids(2 * 33, 300, 95), ids(2 * 33, 300, 96));
     let dense_run = |chunk: Option<usize>| -> flexrun::Result<Vec<(usize, Tensor)>> {
-        let mut g = GpuModel::upload(dev, &dense)?;
+        let mut g = GpuNet::upload(dev, &dense)?;
         if let Some(c) = chunk {
             g.set_ce_chunk_rows(c);
         }

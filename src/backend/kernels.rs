@@ -216,6 +216,11 @@ pub trait Kernels: Sized + Send + Sync {
     /// Activations as host f32 values.
     fn download_act_f32(&self, x: R<'_, Self, Self::A>) -> Result<Vec<f32>>;
 
+    /// `x` as activations without a copy, where activations are f32 (the CPU); None elsewhere.
+    fn f32_as_act(x: R<'_, Self, f32>) -> Option<R<'_, Self, Self::A>>;
+    /// Activations as f32 without a copy, where they are f32; None elsewhere.
+    fn act_as_f32(x: R<'_, Self, Self::A>) -> Option<R<'_, Self, f32>>;
+
     // Elementwise.
     /// `y = f32(x)`.
     fn act_to_f32(&self, x: R<'_, Self, Self::A>, y: W<'_, Self, f32>) -> Result<()>;

@@ -1,10 +1,12 @@
 //! Throughput measurements behind `flexrun bench`.
 
-use crate::autograd::Tape;
+use crate::backend::cuda::Device as CudaDevice;
 use crate::ensure;
 use crate::error::Result;
+use crate::model::net::NetTrainer;
 use crate::model::{Config, LossCoefs, Model};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::ops::host::Host;
+use crate::train::optim::{AdamW, AdamWConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 use std::time::Instant;
@@ -263,10 +265,6 @@ pub fn train_step(
         "far beyond any benchmark",
     )?;
     ensure!(spec.grad_accum > 0, "--grad-accum must be positive");
-    ensure!(
-        device.gpu().is_some() || !spec.recompute,
-        "--recompute is for GPU training (the CPU's tape keeps every activation)"
-    );
     let (batch, seq) = (spec.batch, spec.seq);
     if device.gpu().is_none() {
         // Keep freed activation buffers in the process (see `tune_allocator`), as training does.
@@ -310,15 +308,12 @@ pub fn train_step(
     Ok(r)
 }
 
-/// One benchmarked optimizer step where the model lives: the CPU's tape (forward, backward,
-/// clipping, AdamW) or a [`crate::model::net::NetTrainer`] (all on the device; each step ends
-/// with the loss read back, a synchronisation).
+/// One benchmarked optimizer step where the model lives: the model's training step
+/// ([`crate::model::net::NetTrainer`]) on the CPU or on the GPU (each GPU step ends with the
+/// loss read back, a synchronisation).
 enum Stepper<'d> {
-    Cpu(Model, AdamW),
-    Gpu(
-        crate::model::net::NetTrainer<'d, crate::backend::cuda::Device>,
-        &'d crate::backend::cuda::Device,
-    ),
+    Cpu(NetTrainer<'d, Host>),
+    Gpu(NetTrainer<'d, CudaDevice>, &'d CudaDevice),
 }
 
 impl<'d> Stepper<'d> {
@@ -329,10 +324,14 @@ impl<'d> Stepper<'d> {
         device: &'d crate::backend::Device,
     ) -> Result<Self> {
         Ok(match device.gpu() {
-            None => Stepper::Cpu(model, opt),
+            None => {
+                let mut t = NetTrainer::from_host(&Host, &model, &opt, 1.0)?;
+                t.model.set_recompute(recompute);
+                Stepper::Cpu(t)
+            }
             Some(dev) => {
                 dev.reset_peak_memory();
-                let mut t = crate::model::net::NetTrainer::from_host(dev, &model, &opt, 1.0)?;
+                let mut t = NetTrainer::from_host(dev, &model, &opt, 1.0)?;
                 t.model.set_recompute(recompute);
                 Stepper::Gpu(t, dev)
             }
@@ -353,31 +352,11 @@ impl<'d> Stepper<'d> {
                 t.step(micro, anchored, batch, seq, 1e-4, coefs)?;
                 dev.synchronize()
             }
-            // The step runs on a rayon worker: the op kernels' parallel loops then fork and join
+            // The step runs on a rayon worker: the kernels' parallel loops then fork and join
             // inside the pool instead of each one injecting a job from outside and putting the
             // calling thread to sleep until it completes (~6% of a moe_small step on 2 cores).
-            Stepper::Cpu(model, opt) => rayon::scope(|_| -> Result<()> {
-                let scale = 1.0 / micro.len() as f32;
-                let mut grads: Vec<(usize, crate::tensor::Tensor)> = Vec::new();
-                for ((inp, tgt), rows) in micro.iter().zip(anchored) {
-                    let mut tape = Tape::new();
-                    let out = model.loss_anchored(&mut tape, inp, tgt, batch, seq, coefs, rows)?;
-                    let g = tape
-                        .backward_with(out.loss, crate::tensor::Tensor::scalar(scale))
-                        .params;
-                    if grads.is_empty() {
-                        grads = g;
-                    } else {
-                        for ((_, a), (_, b)) in grads.iter_mut().zip(&g) {
-                            a.data_mut()
-                                .iter_mut()
-                                .zip(b.data())
-                                .for_each(|(x, y)| *x += y);
-                        }
-                    }
-                }
-                clip_grad_norm(&mut grads, 1.0);
-                opt.update(&mut model.params, &grads, 1e-4);
+            Stepper::Cpu(t) => rayon::scope(|_| {
+                t.step(micro, anchored, batch, seq, 1e-4, coefs)?;
                 Ok(())
             }),
         }

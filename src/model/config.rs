@@ -317,9 +317,11 @@ impl Config {
         2 * v * h + h + self.num_hidden_layers as u128 * layer
     }
 
-    /// A lower bound on the host memory that training this model on `batch x seq` tokens takes
-    /// (f32 weights, gradients and AdamW moments; the activations the tape keeps), refused when
-    /// over this machine's memory. `trained` is the number of trained parameters (None: all).
+    /// A lower bound on the host memory that training this model on the CPU on `batch x seq`
+    /// tokens takes (the host model and its copy on the CPU backend, f32 master weights,
+    /// gradients and AdamW moments of the trained parameters, the activations the backward
+    /// keeps), refused when over this machine's memory. `trained` is the number of trained
+    /// parameters (None: all).
     pub fn check_training_memory(
         &self,
         batch: usize,
@@ -342,7 +344,7 @@ impl Config {
         );
         let per_token =
             self.num_hidden_layers as u128 * (8 * h + 3 * i * self.top_k() as u128) + 2 * v;
-        let bytes = 4 * params + 12 * trained + 4 * tokens * per_token;
+        let bytes = 8 * params + 16 * trained + 4 * tokens * per_token;
         crate::limits::check_memory(
             &format!("training {} parameters on {batch} x {seq} tokens", params),
             bytes,

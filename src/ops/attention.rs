@@ -93,21 +93,46 @@ fn n_qtiles(s: &AttnShape) -> usize {
 /// `O += P V` are GEMMs on the tile; the softmax between them is the online (running max/sum)
 /// update, so only `[Q_TILE, KEY_TILE]` scores exist at a time.
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    // Every element of out and lse is written (tasks partition (b, h, query row)).
+    let mut out: Vec<f32> = Vec::with_capacity(s.b * s.tq * s.q_width());
+    let mut lse: Vec<f32> = Vec::with_capacity(s.b * s.nh * s.tq);
+    // SAFETY: capacity for every element, each written below before set_len.
+    unsafe {
+        forward_to(q, k, v, s, out.as_mut_ptr(), lse.as_mut_ptr());
+        out.set_len(s.b * s.tq * s.q_width());
+        lse.set_len(s.b * s.nh * s.tq);
+    }
+    (out, lse)
+}
+
+/// [`attention_forward`] into `out [B*Tq, nh*hd]` and `lse [B, nh, Tq]`.
+pub fn attention_forward_into(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    assert_eq!(
+        out.len(),
+        s.b * s.tq * s.q_width(),
+        "attention: output size"
+    );
+    assert_eq!(lse.len(), s.b * s.nh * s.tq, "attention: lse size");
+    // SAFETY: the sizes were checked.
+    unsafe { forward_to(q, k, v, s, out.as_mut_ptr(), lse.as_mut_ptr()) }
+}
+
+/// The forward, writing every element of `out` and `lse` (sized as in
+/// [`attention_forward_into`]).
+unsafe fn forward_to(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, out: *mut f32, lse: *mut f32) {
     s.check(q.len(), k.len(), v.len());
     let (hd, qw, kvw) = (s.hd, s.q_width() as isize, s.kv_width() as isize);
     let scale = 1.0 / (hd as f32).sqrt();
-    // Every element of out and lse is written below (tasks partition (b, h, query row)).
-    let mut out: Vec<f32> = Vec::with_capacity(s.b * s.tq * s.q_width());
-    let mut lse: Vec<f32> = Vec::with_capacity(s.b * s.nh * s.tq);
     let nqt = n_qtiles(&s);
-    let out_p = DstPtr {
-        ptr: out.as_mut_ptr(),
-        rs: qw,
-    };
-    let lse_p = DstPtr {
-        ptr: lse.as_mut_ptr(),
-        rs: 0,
-    };
+    let out_p = DstPtr { ptr: out, rs: qw };
+    let lse_p = DstPtr { ptr: lse, rs: 0 };
     (0..s.b * s.nh * nqt).into_par_iter().for_each_init(
         || Scratch::new(hd),
         |sc, task| {
@@ -200,12 +225,6 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<
             }
         },
     );
-    // SAFETY: the tasks cover every (b, h, query row); each wrote its hd outputs and its lse.
-    unsafe {
-        out.set_len(s.b * s.tq * s.q_width());
-        lse.set_len(s.b * s.nh * s.tq);
-    }
-    (out, lse)
 }
 
 /// Causal attention on the tape. q `[B*T, nh*hd]`, k/v `[B*T, nkv*hd]`.
@@ -249,30 +268,85 @@ pub fn attention_backward(
     go: &[f32],
     s: AttnShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dq: Vec<f32> = Vec::with_capacity(q.len());
+    let mut dk: Vec<f32> = Vec::with_capacity(k.len());
+    let mut dv: Vec<f32> = Vec::with_capacity(v.len());
+    // SAFETY: capacity for every element; the backward stores all of them (see backward_to).
+    unsafe {
+        backward_to(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            go,
+            s,
+            [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()],
+        );
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
+    (dq, dk, dv)
+}
+
+/// [`attention_backward`] into `dq`, `dk`, `dv` (laid out like q, k, v).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_into(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    go: &[f32],
+    s: AttnShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    assert!(
+        dq.len() == q.len() && dk.len() == k.len() && dv.len() == v.len(),
+        "attention backward: gradient sizes"
+    );
+    // SAFETY: the sizes were checked.
+    unsafe {
+        backward_to(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            go,
+            s,
+            [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()],
+        )
+    }
+}
+
+/// The backward, storing every element of `d[0..3]` (dq, dk, dv; sized as q, k, v): dq by the
+/// first key tile of its query tile (a non-accumulating GEMM), dk/dv copied out of each task's
+/// accumulators or zeroed (cache slots past tk).
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_to(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    go: &[f32],
+    s: AttnShape,
+    d: [*mut f32; 3],
+) {
     s.check(q.len(), k.len(), v.len());
     assert_eq!(o.len(), q.len(), "attention backward: out size");
     assert_eq!(go.len(), q.len(), "attention backward: grad size");
     assert_eq!(lse.len(), s.b * s.nh * s.tq, "attention backward: lse size");
     let (hd, qw, kvw, grp) = (s.hd, s.q_width() as isize, s.kv_width() as isize, s.group());
     let scale = 1.0 / (hd as f32).sqrt();
-    // dq: every element is stored by the first key tile of its query tile. dk/dv: rows j < tk
-    // are copied out of each task's accumulators; cache slots j >= tk are zeroed below.
-    let mut dq: Vec<f32> = Vec::with_capacity(q.len());
-    let mut dk: Vec<f32> = Vec::with_capacity(k.len());
-    let mut dv: Vec<f32> = Vec::with_capacity(v.len());
     let (dq_p, dk_p, dv_p) = (
-        DstPtr {
-            ptr: dq.as_mut_ptr(),
-            rs: qw,
-        },
-        DstPtr {
-            ptr: dk.as_mut_ptr(),
-            rs: kvw,
-        },
-        DstPtr {
-            ptr: dv.as_mut_ptr(),
-            rs: kvw,
-        },
+        DstPtr { ptr: d[0], rs: qw },
+        DstPtr { ptr: d[1], rs: kvw },
+        DstPtr { ptr: d[2], rs: kvw },
     );
     let nqt = n_qtiles(&s);
     (0..s.b * s.nkv).into_par_iter().for_each_init(
@@ -406,14 +480,6 @@ pub fn attention_backward(
             }
         },
     );
-    // SAFETY: dq: every (b, query row, head) was stored by the first key tile of its tile (a
-    // non-accumulating GEMM). dk/dv: every (b, slot < tk_stride, kv head) was copied or zeroed.
-    unsafe {
-        dq.set_len(q.len());
-        dk.set_len(k.len());
-        dv.set_len(v.len());
-    }
-    (dq, dk, dv)
 }
 
 impl Backward for AttnBack {

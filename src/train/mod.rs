@@ -12,15 +12,16 @@ pub mod dp;
 pub mod optim;
 pub mod pretrain;
 
-use crate::autograd::Tape;
 use crate::backend::cuda::Device;
+use crate::backend::kernels::Kernels;
 use crate::error::Result;
 use crate::model::net::NetTrainer;
 use crate::model::{LossCoefs, Model};
+use crate::ops::host::Host;
 use crate::tensor::Tensor;
 use crate::{bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
-use optim::{clip_grad_norm, lr_at, AdamW};
+use optim::{lr_at, AdamW};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -76,9 +77,6 @@ pub struct TrainSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_bytes: Option<usize>,
 }
-
-/// One row's (loss, cross-entropy, parameter gradients) in DP-SGD.
-type RowGrads = (f32, f32, Vec<(usize, Tensor)>);
 
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
@@ -159,9 +157,8 @@ pub struct Trainer<'a> {
     pub tag: serde_json::Value,
     /// Stop (with a checkpoint) once this step is reached, as an interruption would.
     pub stop_at: Option<u64>,
-    /// Train on this GPU ([`NetTrainer`]: the same loss terms, except the expert loudness; the
-    /// frozen parameters stay frozen); the host model and optimizer state are brought up to
-    /// date at each checkpoint.
+    /// Train on this GPU (else on the CPU); either way the host model and optimizer state are
+    /// brought up to date at each checkpoint.
     pub device: Option<&'a Device>,
     /// The frozen parameters' hash ([`checkpoint::frozen_hash`]), computed at the first
     /// checkpoint or resume: frozen parameters do not change during a run.
@@ -350,13 +347,28 @@ impl<'a> Trainer<'a> {
             .as_deref()
     }
 
-    /// Mean validation cross-entropy over the fixed validation windows.
-    pub fn validate(&self, data: &dyn Batches) -> Result<Option<f32>> {
-        evaluate_ce(self.model, &data.valid()?, self.cfg.seq)
+    /// Run until `cfg.steps`; returns a summary. Writes `train_log.jsonl` and checkpoints.
+    /// The steps run on [`Trainer::device`] when it is set, else on the CPU: the same model,
+    /// loss and step ([`NetTrainer`]) on either backend.
+    pub fn run(&mut self, data: &dyn Batches) -> Result<TrainSummary> {
+        match self.device {
+            Some(dev) => {
+                dev.reset_peak_memory();
+                self.run_on(dev, data)
+            }
+            // On a rayon worker, so the CPU kernels' parallel loops fork and join inside the
+            // pool instead of each one injecting a job from outside and putting the calling
+            // thread to sleep until it completes (~6% of a small MoE step on 2 cores).
+            None => {
+                let r = rayon::scope(|_| self.run_on(&Host, data));
+                // The step's buffers stay cached only while training.
+                crate::ops::host::release_cached();
+                r
+            }
+        }
     }
 
-    /// Run until `cfg.steps`; returns a summary. Writes `train_log.jsonl` and checkpoints.
-    pub fn run(&mut self, data: &dyn Batches) -> Result<TrainSummary> {
+    fn run_on<K: Kernels>(&mut self, dev: &K, data: &dyn Batches) -> Result<TrainSummary> {
         let c = self.cfg.clone();
         let coefs = LossCoefs {
             z_loss: c.z_loss,
@@ -405,34 +417,17 @@ impl<'a> Trainer<'a> {
             }
             None => None,
         };
-        let mut gpu = match self.device {
-            Some(dev) => {
-                dev.reset_peak_memory();
-                let mut g = NetTrainer::from_host(dev, self.model, &self.opt, c.clip)?;
-                g.model.set_recompute(c.recompute);
-                Some(g)
-            }
-            None => {
-                if c.recompute && !self.quiet {
-                    crate::note!(
-                        "note: --recompute applies to GPU training; the CPU's tape keeps every activation"
-                    );
-                }
-                None
-            }
-        };
+        let mut g = NetTrainer::from_host(dev, self.model, &self.opt, c.clip)?;
+        g.model.set_recompute(c.recompute);
         while self.step < end {
             let lr = lr_at(self.step, c.lr, c.warmup, c.steps, c.min_lr_ratio);
-            let (loss, gnorm) = match gpu.as_mut() {
-                Some(g) if c.dp.is_some() => {
-                    let (Some(dp), Some((q, expected))) = (&c.dp, dp_rate) else {
-                        unreachable!("DP training has its sampling rate")
-                    };
+            let o = match (&c.dp, dp_rate) {
+                (Some(dp), Some((q, expected))) => {
                     let batch = data.dp_batch(self.step, q)?;
                     let noise = dp_noise(self.model, c.seed, self.step, dp.noise * dp.clip);
                     let public = (batch.public_rows > 0)
                         .then(|| (&batch.public.0[..], &batch.public.1[..], batch.public_rows));
-                    let o = g.dp_step(
+                    g.dp_step(
                         &batch.private,
                         public,
                         c.seq,
@@ -441,30 +436,20 @@ impl<'a> Trainer<'a> {
                         dp.clip,
                         &noise,
                         expected + batch.public_rows as f64,
-                    )?;
-                    last_ce = o.ce;
-                    (o.loss, o.grad_norm)
+                    )?
                 }
-                Some(g) => {
+                _ => {
                     let micro = (0..c.grad_accum as u64)
                         .map(|m| data.train(self.step, m))
                         .collect::<Result<Vec<_>>>()?;
                     let anchored: Vec<Vec<bool>> = (0..c.grad_accum as u64)
                         .map(|m| data.anchored(self.step, m))
                         .collect();
-                    let o = g.step(&micro, &anchored, c.batch, c.seq, lr, &coefs)?;
-                    last_ce = o.ce;
-                    (o.loss, o.grad_norm)
+                    g.step(&micro, &anchored, c.batch, c.seq, lr, &coefs)?
                 }
-                // The step runs on a rayon worker, so the ops' parallel loops fork and join
-                // inside the pool (see `bench::train_step`).
-                None => rayon::scope(|_| match (&c.dp, dp_rate) {
-                    (Some(dp), Some((q, expected))) => {
-                        self.dp_step(data, &coefs, lr, dp, q, expected, &mut last_ce)
-                    }
-                    _ => self.cpu_step(data, &coefs, lr, &mut last_ce),
-                })?,
             };
+            let (loss, gnorm) = (o.loss, o.grad_norm);
+            last_ce = o.ce;
             if !loss.is_finite() {
                 bail!("training diverged at step {}: loss is {loss}", self.step);
             }
@@ -482,16 +467,11 @@ impl<'a> Trainer<'a> {
             let validate =
                 (c.eval_every > 0 && self.step % c.eval_every == 0) || self.step == c.steps;
             let save = (c.save_every > 0 && self.step % c.save_every == 0) || self.step == end;
-            if let Some(g) = gpu.as_mut() {
-                if save {
-                    g.to_host(self.model, &mut self.opt)?;
-                }
+            if save {
+                g.to_host(self.model, &mut self.opt)?;
             }
             if validate {
-                valid_ce = match &gpu {
-                    Some(g) => g.valid_ce(&data.valid()?, c.seq)?,
-                    None => self.validate(data)?,
-                };
+                valid_ce = g.valid_ce(&data.valid()?, c.seq)?;
                 entry.valid_ce = valid_ce;
             }
             writeln!(log, "{}", serde_json::to_string(&entry)?)?;
@@ -544,168 +524,12 @@ impl<'a> Trainer<'a> {
             peak_device_bytes: self.device.map(|d| d.pool_stats().peak_in_use),
         })
     }
-
-    /// One DP-SGD step on the CPU: each sampled private record's gradient on its own, clipped
-    /// to `dp.clip`; the public rows' summed gradient; Gaussian noise of `dp.noise * dp.clip`
-    /// on every trainable coordinate; all over the expected number of rows; then the usual
-    /// clipping and AdamW (post-processing). `q` is the sampling rate and `expected_private`
-    /// the expected number of private records a step. Returns (mean loss over the rows,
-    /// gradient norm).
-    #[allow(clippy::too_many_arguments)]
-    fn dp_step(
-        &mut self,
-        data: &dyn Batches,
-        coefs: &LossCoefs,
-        lr: f32,
-        dp: &dp::DpConfig,
-        q: f64,
-        expected_private: f64,
-        last_ce: &mut f32,
-    ) -> Result<(f32, f32)> {
-        use rayon::prelude::*;
-        let c = &self.cfg;
-        let seq = c.seq;
-        let batch = data.dp_batch(self.step, q)?;
-        let model = &*self.model;
-        // Every trainable parameter gets a gradient (noise at least), in id order.
-        let mut acc: Vec<(usize, Tensor)> = model
-            .params
-            .params
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.trainable)
-            .map(|(i, p)| (i, Tensor::zeros(p.value.shape())))
-            .collect();
-        let slot: std::collections::HashMap<usize, usize> = acc
-            .iter()
-            .enumerate()
-            .map(|(k, (id, _))| (*id, k))
-            .collect();
-        let add = |acc: &mut Vec<(usize, Tensor)>, grads: &[(usize, Tensor)], f: f32| {
-            for (id, g) in grads {
-                let a = acc[slot[id]].1.data_mut();
-                a.iter_mut().zip(g.data()).for_each(|(a, g)| *a += f * g);
-            }
-        };
-        // (loss, ce, gradients) of rows `inp` (`b` of them, all anchored or none), the
-        // gradient of `scale` times their mean loss.
-        let grads_of = |inp: &[u32], tgt: &[u32], b: usize, public: bool, scale: f32| {
-            let mut tape = Tape::new();
-            let out = model.loss_anchored(&mut tape, inp, tgt, b, seq, coefs, &vec![public; b])?;
-            let loss = tape.value(out.loss).data()[0];
-            let g = tape.backward_with(out.loss, Tensor::scalar(scale)).params;
-            Ok::<_, crate::Error>((loss, out.ce, g))
-        };
-        // Records in parallel, a few at a time (each holds a whole gradient), summed in order.
-        let (mut loss_sum, mut ce_sum) = (0f64, 0f64);
-        for chunk in batch.private.chunks(2 * rayon::current_num_threads()) {
-            let rows: Vec<RowGrads> = chunk
-                .par_iter()
-                .map(|(i, t)| grads_of(i, t, 1, false, 1.0))
-                .collect::<Result<_>>()?;
-            for (loss, ce, g) in &rows {
-                let norm = g.iter().map(|(_, t)| t.sq_norm()).sum::<f64>().sqrt() as f32;
-                add(&mut acc, g, (dp.clip / norm.max(1e-12)).min(1.0));
-                loss_sum += *loss as f64;
-                ce_sum += *ce as f64;
-            }
-        }
-        let n_pub = batch.public_rows;
-        if n_pub > 0 {
-            let (inp, tgt) = &batch.public;
-            let (loss, ce, g) = grads_of(inp, tgt, n_pub, true, n_pub as f32)?;
-            add(&mut acc, &g, 1.0);
-            loss_sum += loss as f64 * n_pub as f64;
-            ce_sum += ce as f64 * n_pub as f64;
-        }
-        let noise = dp_noise(&*self.model, c.seed, self.step, dp.noise * dp.clip);
-        // The expected number of rows: q n private ones and the public ones.
-        let expected = expected_private + n_pub as f64;
-        for ((_, a), (_, noise)) in acc.iter_mut().zip(&noise) {
-            a.data_mut()
-                .iter_mut()
-                .zip(noise.data())
-                .for_each(|(x, z)| *x = (*x + z) / expected as f32);
-        }
-        let rows = (batch.private.len() + n_pub).max(1) as f64;
-        let loss = (loss_sum / rows) as f32;
-        *last_ce = (ce_sum / rows) as f32;
-        if !loss.is_finite() {
-            return Ok((loss, f32::NAN));
-        }
-        let gnorm = clip_grad_norm(&mut acc, c.clip);
-        self.opt.update(&mut self.model.params, &acc, lr);
-        Ok((loss, gnorm))
-    }
-
-    /// One optimizer step on the CPU (gradient accumulation, clipping, AdamW at `lr`): (loss,
-    /// gradient norm before clipping); `last_ce` gets the step's mean cross-entropy.
-    fn cpu_step(
-        &mut self,
-        data: &dyn Batches,
-        coefs: &LossCoefs,
-        lr: f32,
-        last_ce: &mut f32,
-    ) -> Result<(f32, f32)> {
-        let c = &self.cfg;
-        let mut acc: Vec<(usize, Tensor)> = Vec::new();
-        let (mut loss_sum, mut ce_sum) = (0f32, 0f32);
-        for micro in 0..c.grad_accum as u64 {
-            let (inp, tgt) = data.train(self.step, micro)?;
-            let anchored = data.anchored(self.step, micro);
-            let mut tape = Tape::new();
-            let out = self
-                .model
-                .loss_anchored(&mut tape, &inp, &tgt, c.batch, c.seq, coefs, &anchored)?;
-            loss_sum += tape.value(out.loss).data()[0];
-            ce_sum += out.ce;
-            let scale = 1.0 / c.grad_accum as f32;
-            let grads = tape.backward_with(out.loss, Tensor::scalar(scale));
-            if acc.is_empty() {
-                acc = grads.params;
-            } else {
-                for ((ia, ga), (ib, gb)) in acc.iter_mut().zip(grads.params) {
-                    debug_assert_eq!(*ia, ib);
-                    ga.data_mut()
-                        .iter_mut()
-                        .zip(gb.data())
-                        .for_each(|(a, b)| *a += b);
-                }
-            }
-        }
-        let loss = loss_sum / c.grad_accum as f32;
-        *last_ce = ce_sum / c.grad_accum as f32;
-        if !loss.is_finite() {
-            return Ok((loss, f32::NAN));
-        }
-        let gnorm = clip_grad_norm(&mut acc, c.clip);
-        self.opt.update(&mut self.model.params, &acc, lr);
-        Ok((loss, gnorm))
-    }
 }
 
 pub use crate::model::mean_ce;
 
 mod log;
 pub use log::{loss_chart_svg, read_log};
-
-/// Mean cross-entropy of `model` over `batches` (no gradients); None when there are none.
-pub fn evaluate_ce(
-    model: &Model,
-    batches: &[(Vec<u32>, Vec<u32>)],
-    seq: usize,
-) -> Result<Option<f32>> {
-    let coefs = LossCoefs {
-        z_loss: 0.0,
-        router_z_loss: 0.0,
-        ..LossCoefs::default()
-    };
-    mean_ce(batches, seq, |inp, tgt, b| {
-        let mut tape = Tape::inference();
-        let out = model.loss(&mut tape, inp, tgt, b, seq, &coefs)?;
-        Ok((out.ce, out.tokens))
-    })
-}
 
 /// The settings in which `now` differs from `saved`, as `name now X, checkpoint Y` (nested
 /// settings dotted: `adamw.beta2`), for a one-line error.

@@ -79,6 +79,12 @@ impl Kernels for Device {
         self.download_bf16_as_f32(&v(x))
     }
 
+    fn f32_as_act(_: R<'_, Self, f32>) -> Option<R<'_, Self, bf16>> {
+        None
+    }
+    fn act_as_f32(_: R<'_, Self, bf16>) -> Option<R<'_, Self, f32>> {
+        None
+    }
     fn act_to_f32(&self, x: R<'_, Self, bf16>, y: W<'_, Self, f32>) -> Result<()> {
         self.cast_bf16_to_f32(&v(x), &mut vm(y))
     }

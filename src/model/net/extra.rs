@@ -48,6 +48,16 @@ pub(super) struct AnchorSaved<K: Kernels> {
     pub(super) sums: Buf<K, f64>,
 }
 
+impl ExtraPlan {
+    /// Whether any term beyond the cross-entropy is on.
+    pub(super) fn active(&self) -> bool {
+        self.router_z != 0.0
+            || !self.router_ce.is_empty()
+            || self.anchor > 0.0
+            || self.loudness > 0.0
+    }
+}
+
 impl<K: Kernels> Net<'_, K> {
     /// `[b*t]` flags (u32) on the backend: 1 for the tokens of the `anchored` sequences.
     pub(super) fn row_mask(&self, anchored: &[bool], t: usize) -> Result<Buf<K, u32>> {

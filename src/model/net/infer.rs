@@ -360,11 +360,41 @@ impl<'d, K: Kernels> Net<'d, K> {
 
     /// `x + f32(y)`.
     pub(super) fn residual(&self, x: &F32<K>, y: &Act<K>) -> Result<F32<K>> {
-        let mut yf = self.dev.alloc::<f32>(y.len())?;
-        self.dev.act_to_f32(y.r(), yf.w())?;
+        let mut tmp = None;
+        let yf = self.as_f32(y, &mut tmp)?;
         let mut out = self.dev.alloc::<f32>(x.len())?;
-        self.dev.add_scaled(x.r(), yf.r(), out.w(), 1.0)?;
+        self.dev.add_scaled(x.r(), yf, out.w(), 1.0)?;
         Ok(out)
+    }
+
+    /// `x` read as activations: `x` itself where activations are f32, else a copy in `tmp`.
+    pub(super) fn as_act<'a>(
+        &self,
+        x: &'a F32<K>,
+        tmp: &'a mut Option<Act<K>>,
+    ) -> Result<R<'a, K, K::A>> {
+        if let Some(v) = K::f32_as_act(x.r()) {
+            return Ok(v);
+        }
+        *tmp = Some(self.act_of(x)?);
+        let t: &'a Option<Act<K>> = tmp;
+        Ok(t.as_ref().expect("just set").r())
+    }
+
+    /// Activations read as f32: themselves where they are f32, else a copy in `tmp`.
+    pub(super) fn as_f32<'a>(
+        &self,
+        x: &'a Act<K>,
+        tmp: &'a mut Option<F32<K>>,
+    ) -> Result<R<'a, K, f32>> {
+        if let Some(v) = K::act_as_f32(x.r()) {
+            return Ok(v);
+        }
+        let mut y = self.dev.alloc::<f32>(x.len())?;
+        self.dev.act_to_f32(x.r(), y.w())?;
+        *tmp = Some(y);
+        let t: &'a Option<F32<K>> = tmp;
+        Ok(t.as_ref().expect("just set").r())
     }
 
     /// `x` in the activation type.
@@ -387,10 +417,9 @@ impl<'d, K: Kernels> Net<'d, K> {
     ) -> Result<(Act<K>, Option<FfnSaved<K>>)> {
         let dev = self.dev;
         let (h, i) = (self.h, self.inter);
-        let xb = self.act_of(x)?;
         // Rows in expert order with their offsets: the tokens themselves for a dense FFN.
         let (xp, route, e, rows) = match &f.router {
-            None => (xb, None, 1, n),
+            None => (self.act_of(x)?, None, 1, n),
             Some((router, bias)) => {
                 let (e, k) = (f.e, self.top_k.clamp(1, f.e));
                 let mut z = dev.alloc::<f32>(n * e)?;
@@ -411,7 +440,8 @@ impl<'d, K: Kernels> Net<'d, K> {
                 )?;
                 let perm = dev.moe_permutation(indices.r(), n, k, e)?;
                 let mut xp = dev.alloc::<K::A>(n * k * h)?;
-                dev.moe_permute(xb.r(), &perm, h, xp.w())?;
+                let mut tmp = None;
+                dev.moe_permute(self.as_act(x, &mut tmp)?, &perm, h, xp.w())?;
                 let r = RouteSaved {
                     z,
                     probs,

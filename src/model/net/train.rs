@@ -145,7 +145,7 @@ impl<K: Kernels> Net<'_, K> {
         &self,
         x: R<'_, K, K::A>,
         w: &Act<K>,
-        dy: &Act<K>,
+        dy: R<'_, K, K::A>,
         rstd: &F32<K>,
         n: usize,
         want_dw: bool,
@@ -153,10 +153,10 @@ impl<K: Kernels> Net<'_, K> {
         let d = w.len();
         let mut dx = self.dev.alloc::<K::A>(n * d)?;
         self.dev
-            .rmsnorm_bwd_dx(x, w.r(), dy.r(), rstd.r(), dx.w(), n, d)?;
+            .rmsnorm_bwd_dx(x, w.r(), dy, rstd.r(), dx.w(), n, d)?;
         let dw = when(want_dw, || {
             let mut dw = self.dev.alloc::<f32>(d)?;
-            self.dev.rmsnorm_bwd_dw(x, dy.r(), rstd.r(), dw.w(), n, d)?;
+            self.dev.rmsnorm_bwd_dw(x, dy, rstd.r(), dw.w(), n, d)?;
             Ok(dw)
         })?;
         Ok((dx, dw))
@@ -262,7 +262,7 @@ impl<K: Kernels> Net<'_, K> {
         let (dxf, g) = self.norm_bwd(
             xf.r(),
             &self.final_norm,
-            &dxn,
+            dxn.r(),
             &rstd_f,
             n,
             self.wants(FINAL_NORM),
@@ -273,6 +273,15 @@ impl<K: Kernels> Net<'_, K> {
         dev.act_to_f32(dxf.r(), dx.w())?;
 
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
+        // Whether anything below layer li (a layer under it, the embedding) is trained: the
+        // gradient of its input is needed only then (the tape's rule: expert training's first
+        // layer takes no attention backward).
+        let layout = self.host_layout();
+        let trained = |idx: usize| self.grad_from[idx] < layout[idx].len();
+        let below: Vec<bool> = (0..self.layers.len())
+            .map(|li| trained(EMBED) || (3..self.layer_base(li)).any(trained))
+            .collect();
+        let mut stop = None;
         for li in (0..self.layers.len()).rev() {
             let l = &self.layers[li];
             // This layer's activations: saved (and freed after its backward), or recomputed
@@ -300,9 +309,12 @@ impl<K: Kernels> Net<'_, K> {
             let ex = &ex;
             let base = self.layer_base(li);
             let want = |w: usize| self.wants(base + w);
+            // The gradient of the FFN's input (the residual stream after attention) is needed
+            // when the attention below it or anything under the layer is trained.
+            let need_mid = below[li] || (Q..=POST_ATTN).any(want);
             // x_out = x_mid + m, m = norm(ffn(x_mid)); the anchor adds to dm and, through
             // m0 = norm(y0), to expert 0's output.
-            let (dm, dy0) = match &ex.anchor {
+            let (dmf, dy0) = match &ex.anchor {
                 Some(a) => {
                     let mut dmf = dev.alloc::<f32>(n * h)?;
                     dev.copy(dx.r(), dmf.w())?;
@@ -322,14 +334,16 @@ impl<K: Kernels> Net<'_, K> {
                     let yp = s.ffn.yp.as_ref().expect("the anchor needs MoE");
                     let y0 = yp.at(0..n * h);
                     let (dy0, dw) =
-                        self.norm_bwd(y0, &l.post_ffn_norm, &dm0, &a.rstd0, n, want(POST_FFN))?;
+                        self.norm_bwd(y0, &l.post_ffn_norm, dm0.r(), &a.rstd0, n, want(POST_FFN))?;
                     grads[base + POST_FFN] = dw;
-                    (self.act_of(&dmf)?, Some(dy0))
+                    (Some(dmf), Some(dy0))
                 }
-                None => (self.act_of(&dx)?, None),
+                None => (None, None),
             };
+            let mut dm_tmp = None;
+            let dm = self.as_act(dmf.as_ref().unwrap_or(&dx), &mut dm_tmp)?;
             let (dy, dw) =
-                self.norm_bwd(s.y.r(), &l.post_ffn_norm, &dm, &s.rstd_m, n, want(POST_FFN))?;
+                self.norm_bwd(s.y.r(), &l.post_ffn_norm, dm, &s.rstd_m, n, want(POST_FFN))?;
             grads[base + POST_FFN] = sum_opt(dev, grads[base + POST_FFN].take(), dw)?;
             self.ffn_bwd(
                 &l.ffn,
@@ -340,17 +354,22 @@ impl<K: Kernels> Net<'_, K> {
                 ex.loud,
                 &dense_offsets,
                 &dy,
-                &mut dx,
+                need_mid.then_some(&mut dx),
                 n,
                 &self.grad_from[base + FFN..base + l.weights()],
                 &mut grads[base + FFN..base + l.weights()],
             )?;
+            if !need_mid {
+                stop = Some(li);
+                break;
+            }
             // x_mid = x_in + norm(a Wo^T).
-            let do_ = self.act_of(&dx)?;
+            let mut do_tmp = None;
+            let do_ = self.as_act(&dx, &mut do_tmp)?;
             let (do_pre, g) = self.norm_bwd(
                 s.o_pre.r(),
                 &l.post_attn_norm,
-                &do_,
+                do_,
                 &s.rstd_o,
                 n,
                 want(POST_ATTN),
@@ -390,24 +409,43 @@ impl<K: Kernels> Net<'_, K> {
             let mut dkn = dev.alloc::<K::A>(dkr.len())?;
             dev.rope(dkr.r(), dkn.w(), &self.rope, n, nkv * hd, t, 0, true)?;
             let (dq, g) =
-                self.norm_bwd(s.q_pre.r(), &l.q_norm, &dqn, &s.rstd_q, n, want(Q_NORM))?;
+                self.norm_bwd(s.q_pre.r(), &l.q_norm, dqn.r(), &s.rstd_q, n, want(Q_NORM))?;
             grads[base + Q_NORM] = g;
             let (dk, g) =
-                self.norm_bwd(s.k_pre.r(), &l.k_norm, &dkn, &s.rstd_k, n, want(K_NORM))?;
+                self.norm_bwd(s.k_pre.r(), &l.k_norm, dkn.r(), &s.rstd_k, n, want(K_NORM))?;
             grads[base + K_NORM] = g;
             // dx_in = dx_mid + dq Wq + dk Wk + dv Wv (accumulated into the f32 residual grad).
-            for (g, w) in [(&dq, &l.q), (&dk, &l.k), (&dv, &l.v)] {
-                let out = g.len() / n;
-                dev.gemm(n, h, out, g.r(), false, w.r(), false, dx.w(), true)?;
+            if below[li] {
+                for (g, w) in [(&dq, &l.q), (&dk, &l.k), (&dv, &l.v)] {
+                    let out = g.len() / n;
+                    dev.gemm(n, h, out, g.r(), false, w.r(), false, dx.w(), true)?;
+                }
             }
             for (slot, g) in [(Q, &dq), (K_, &dk), (V, &dv)] {
                 grads[base + slot] = when(want(slot), || weight_grad(dev, g, &s.xb, n))?;
             }
         }
-        if self.wants(EMBED) {
-            let dxb = self.act_of(&dx)?;
+        // Where the backward stopped early, the layers below still add their loss terms' values
+        // (computed in the forward, or with recomputation from their inputs now).
+        if let Some(top) = stop {
+            for li in (0..top).rev() {
+                if extra[li].is_some() {
+                    continue;
+                }
+                let Some(x) = layer_inputs.pop() else { break };
+                if plan.active() {
+                    let s = self
+                        .layer_fwd(li, &x, b, t, 0, None, true, &dense_offsets)?
+                        .1
+                        .expect("a saving forward returns the layer's activations");
+                    layer_loss[li] = self.layer_extra(li, &s, &plan, mask.as_ref(), n)?.1;
+                }
+            }
+        } else if self.wants(EMBED) {
+            let mut tmp = None;
+            let dxb = self.as_act(&dx, &mut tmp)?;
             let mut embed = dev.alloc::<f32>(self.embed.len())?;
-            dev.embedding_bwd(dxb.r(), inputs, v, h, embed.w())?;
+            dev.embedding_bwd(dxb, inputs, v, h, embed.w())?;
             grads[EMBED] = Some(embed);
         }
         let loss = NetLoss {
@@ -420,7 +458,8 @@ impl<K: Kernels> Net<'_, K> {
     /// Backward of one FFN from `dy` (the gradient of its output) and, for the anchor, `dy0`
     /// (a gradient on expert 0's own output, every token in its batch): the gradients of its
     /// trainable weights (`from`, `grads`: its gate, up, down, router and bias entries); the
-    /// gradient of its input (the residual stream) is added to `dx`. `dz_extra` is added to
+    /// gradient of its input (the residual stream) is added to `dx` (None: not needed).
+    /// `dz_extra` is added to
     /// the router logits' gradient. `dense_offsets` is `[0, n]` (a dense FFN's one expert).
     #[allow(clippy::too_many_arguments)]
     fn ffn_bwd(
@@ -433,7 +472,7 @@ impl<K: Kernels> Net<'_, K> {
         loud: Option<(f32, f32)>,
         dense_offsets: &Buf<K, u32>,
         dy: &Act<K>,
-        dx: &mut F32<K>,
+        dx: Option<&mut F32<K>>,
         n: usize,
         from: &[usize],
         grads: &mut [Option<F32<K>>],
@@ -500,17 +539,6 @@ impl<K: Kernels> Net<'_, K> {
             }
             None => None,
         };
-        let mut dxp = dev.alloc::<K::A>(rows * h)?;
-        dev.grouped_nn(
-            dgate.r(),
-            offsets,
-            f.gate.r(),
-            Some((dup.r(), f.up.r())),
-            e,
-            i,
-            h,
-            dxp.w(),
-        )?;
         match (trained(F_GATE), trained(F_UP)) {
             (Some((f0, ne)), Some(u)) => {
                 ensure!(
@@ -535,19 +563,41 @@ impl<K: Kernels> Net<'_, K> {
             (None, None) => {}
             _ => bail!("the gate and up projections of an FFN are trained together"),
         }
+        // The input gradient of the grouped rows, when it is needed.
+        let dxp = match dx.is_some() {
+            true => {
+                let mut dxp = dev.alloc::<K::A>(rows * h)?;
+                dev.grouped_nn(
+                    dgate.r(),
+                    offsets,
+                    f.gate.r(),
+                    Some((dup.r(), f.up.r())),
+                    e,
+                    i,
+                    h,
+                    dxp.w(),
+                )?;
+                Some(dxp)
+            }
+            false => None,
+        };
         let (Some(r), Some(dweights), Some((router_w, bias))) = (&fs.route, dweights, &f.router)
         else {
             // Dense: the rows are the tokens.
-            let mut dxf = dev.alloc::<f32>(n * h)?;
-            dev.act_to_f32(dxp.r(), dxf.w())?;
-            return add_into(dev, dx, dxf.r());
+            if let (Some(dx), Some(dxp)) = (dx, dxp) {
+                let mut tmp = None;
+                add_into(dev, dx, self.as_f32(&dxp, &mut tmp)?)?;
+            }
+            return Ok(());
         };
         // Token copies back to tokens.
-        let mut dxb = dev.alloc::<K::A>(n * h)?;
-        dev.moe_permute_bwd(dxp.r(), &r.perm, h, dxb.w())?;
-        let mut dxf = dev.alloc::<f32>(n * h)?;
-        dev.act_to_f32(dxb.r(), dxf.w())?;
-        add_into(dev, dx, dxf.r())?;
+        let mut dx = dx;
+        if let (Some(dx), Some(dxp)) = (dx.as_deref_mut(), &dxp) {
+            let mut dxb = dev.alloc::<K::A>(n * h)?;
+            dev.moe_permute_bwd(dxp.r(), &r.perm, h, dxb.w())?;
+            let mut tmp = None;
+            add_into(dev, dx, self.as_f32(&dxb, &mut tmp)?)?;
+        }
         // Router: dz from the routing weights and from the extra loss terms.
         let mut dz = dev.alloc::<f32>(n * e)?;
         dev.route_bwd(
@@ -576,7 +626,9 @@ impl<K: Kernels> Net<'_, K> {
             dev.gemm(e, h, n, dz.r(), true, s.x_mid.r(), false, router.w(), false)?;
             grads[F_ROUTER] = Some(suffix(dev, router, f0, ne)?);
         }
-        dev.gemm(n, h, e, dz.r(), false, router_w.r(), false, dx.w(), true)?;
+        if let Some(dx) = dx {
+            dev.gemm(n, h, e, dz.r(), false, router_w.r(), false, dx.w(), true)?;
+        }
         Ok(())
     }
 

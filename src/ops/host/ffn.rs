@@ -62,7 +62,7 @@ pub struct HostPerm {
     pub n: usize,
     pub k: usize,
     pub e: usize,
-    pub offsets: Vec<u32>,
+    pub offsets: super::HostVec<u32>,
     pub pos: Vec<u32>,
     /// The token of each grouped row.
     pub sorted_tokens: Vec<u32>,
@@ -100,7 +100,7 @@ impl HostPerm {
             n,
             k,
             e,
-            offsets,
+            offsets: super::HostVec::from_vec(offsets),
             pos,
             sorted_tokens,
         })
@@ -401,8 +401,19 @@ pub(super) fn grouped_nn(
             "grouped input gradient: second operand sizes"
         );
     }
-    dx.iter_mut().for_each(|v| *v = 0.0);
-    for (x_e, r0, m) in segments(offsets, e, rows)? {
+    let segs = segments(offsets, e, rows)?;
+    // Rows no expert holds (none, for a routing's offsets) are zero.
+    let covered = offsets[e] as usize - offsets[0] as usize;
+    if covered < rows {
+        let mut held = vec![false; rows];
+        for &(_, r0, m) in &segs {
+            held[r0..r0 + m].iter_mut().for_each(|h| *h = true);
+        }
+        for (r, _) in held.iter().enumerate().filter(|(_, h)| !**h) {
+            dx[r * n..(r + 1) * n].iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+    for (x_e, r0, m) in segs {
         let (ws, out) = (
             x_e * k * n..(x_e + 1) * k * n,
             &mut dx[r0 * n..(r0 + m) * n],
@@ -451,8 +462,16 @@ pub(super) fn wgrad(
         x.len() == rows * k && dy.len() == rows * n && dw.len() == e * n * k,
         "grouped weight gradient: sizes do not match"
     );
-    dw.iter_mut().for_each(|v| *v = 0.0);
-    for (x_e, r0, m) in segments(offsets, e, rows)? {
+    let segs = segments(offsets, e, rows)?;
+    // An expert without rows gets zeros.
+    for x_e in 0..e {
+        if !segs.iter().any(|&(s, _, _)| s == x_e) {
+            dw[x_e * n * k..(x_e + 1) * n * k]
+                .par_iter_mut()
+                .for_each(|v| *v = 0.0);
+        }
+    }
+    for (x_e, r0, m) in segs {
         matmul(
             n,
             k,

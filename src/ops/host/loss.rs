@@ -183,13 +183,23 @@ pub(super) fn rel_sq_err(
         a.len() == n * h && b.len() == n * h && mask.len() == n,
         "relative squared error: sizes do not match"
     );
-    let (mut s, mut t) = (0f64, 0f64);
-    for i in (0..n).filter(|&i| mask[i] != 0) {
-        for (x, y) in a[i * h..(i + 1) * h].iter().zip(&b[i * h..(i + 1) * h]) {
-            s += ((x - y) as f64).powi(2);
-            t += (*y as f64).powi(2);
-        }
-    }
+    // Per block of rows, partial sums; the blocks' sums added in order (deterministic).
+    let parts: Vec<(f64, f64)> = crate::backend::cpu::chunks(n, crate::backend::cpu::REDUCE_CHUNKS)
+        .into_par_iter()
+        .map(|rows| {
+            let (mut s, mut t) = (0f64, 0f64);
+            for i in rows.filter(|&i| mask[i] != 0) {
+                for (x, y) in a[i * h..(i + 1) * h].iter().zip(&b[i * h..(i + 1) * h]) {
+                    s += ((x - y) as f64).powi(2);
+                    t += (*y as f64).powi(2);
+                }
+            }
+            (s, t)
+        })
+        .collect();
+    let (s, t) = parts
+        .iter()
+        .fold((0f64, 0f64), |(s, t), p| (s + p.0, t + p.1));
     let value = if t > 0.0 { s / t } else { 0.0 };
     Ok((value as f32, [s, t]))
 }
@@ -216,19 +226,27 @@ pub(super) fn rel_sq_err_bwd(
             && db.len() == n * h,
         "relative squared error backward: sizes do not match"
     );
-    db.iter_mut().for_each(|x| *x = 0.0);
     let (s, t) = (sums[0], sums[1]);
-    if t <= 0.0 {
-        return Ok(());
-    }
     let g = coef as f64;
-    let (ca, cb) = (2.0 * g / t, 2.0 * g * s / (t * t));
-    for i in (0..n).filter(|&i| mask[i] != 0) {
-        for j in i * h..(i + 1) * h {
-            let (x, y) = (a[j] as f64, b[j] as f64);
-            da[j] += (ca * (x - y)) as f32;
-            db[j] = (-ca * (x - y) - cb * y) as f32;
-        }
-    }
+    let (ca, cb) = if t > 0.0 {
+        (2.0 * g / t, 2.0 * g * s / (t * t))
+    } else {
+        (0.0, 0.0)
+    };
+    da.par_chunks_mut(h.max(1))
+        .zip(db.par_chunks_mut(h.max(1)))
+        .enumerate()
+        .with_min_len(ROWS)
+        .for_each(|(i, (da, db))| {
+            if mask[i] == 0 || t <= 0.0 {
+                db.iter_mut().for_each(|x| *x = 0.0);
+                return;
+            }
+            for j in 0..h {
+                let (x, y) = (a[i * h + j] as f64, b[i * h + j] as f64);
+                da[j] += (ca * (x - y)) as f32;
+                db[j] = (-ca * (x - y) - cb * y) as f32;
+            }
+        });
     Ok(())
 }

@@ -5,8 +5,9 @@
 
 mod ffn;
 mod loss;
+mod pool;
 
-use super::attention::{attention_backward, attention_forward};
+use super::attention::{attention_backward_into, attention_forward_into};
 use super::RopeTable;
 use crate::backend::cpu::{matmul, simd, sq_norm, sum_sq};
 use crate::backend::kernels::{AdamWHyper, AdamWSlot, Buf, CeStats, Elem, Float, Kernels, R, W};
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 pub use ffn::HostPerm;
 pub use loss::HostCe;
+pub use pool::{cached_bytes, release_cached, HostVec};
 
 /// The CPU as a backend of the model: f32 everywhere, buffers in host memory.
 #[derive(Clone, Copy, Debug, Default)]
@@ -56,7 +58,7 @@ fn to_f32s<T: Float>(x: &[T]) -> Vec<f32> {
 
 impl Kernels for Host {
     type A = f32;
-    type Mem<T: Elem> = Vec<T>;
+    type Mem<T: Elem> = HostVec<T>;
     type Rope = Arc<RopeTable>;
     type Perm = HostPerm;
     type Ce = HostCe;
@@ -65,28 +67,36 @@ impl Kernels for Host {
         "cpu"
     }
 
-    fn mem_len<T: Elem>(m: &Vec<T>) -> usize {
+    fn mem_len<T: Elem>(m: &HostVec<T>) -> usize {
         m.len()
     }
     fn alloc<T: Elem>(&self, len: usize) -> Result<Buf<Self, T>> {
-        self.zeros(len)
+        Ok(Buf(HostVec::take(len)))
     }
     fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<Self, T>> {
-        Ok(Buf(vec![T::default(); len]))
+        let mut b = HostVec::take(len);
+        b.par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|x| *x = T::default()));
+        Ok(Buf(b))
     }
     fn upload<T: Elem>(&self, data: &[T]) -> Result<Buf<Self, T>> {
-        Ok(Buf(data.to_vec()))
+        let mut b = HostVec::take(data.len());
+        b.copy_from_slice(data);
+        Ok(Buf(b))
     }
     fn download<T: Elem>(&self, x: R<'_, Self, T>) -> Result<Vec<T>> {
         Ok(s(x).to_vec())
     }
     fn copy<T: Elem>(&self, x: R<'_, Self, T>, y: W<'_, Self, T>) -> Result<()> {
         ensure!(x.len == y.len, "copy: {} elements into {}", x.len, y.len);
-        sm(y).copy_from_slice(s(x));
+        sm(y)
+            .par_chunks_mut(1 << 15)
+            .zip(s(x).par_chunks(1 << 15))
+            .for_each(|(y, x)| y.copy_from_slice(x));
         Ok(())
     }
     fn upload_f32_act(&self, data: &[f32]) -> Result<Buf<Self, f32>> {
-        Ok(Buf(data.to_vec()))
+        self.upload(data)
     }
     fn upload_tensors_act(&self, parts: &[&Tensor]) -> Result<Buf<Self, f32>> {
         let mut all: Vec<f32> = Vec::with_capacity(parts.iter().map(|t| t.numel()).sum());
@@ -96,12 +106,18 @@ impl Kernels for Host {
                 None => all.extend_from_slice(t.data()),
             }
         }
-        Ok(Buf(all))
+        Ok(Buf(HostVec::from_vec(all)))
     }
     fn download_act_f32(&self, x: R<'_, Self, f32>) -> Result<Vec<f32>> {
         Ok(s(x).to_vec())
     }
 
+    fn f32_as_act(x: R<'_, Self, f32>) -> Option<R<'_, Self, f32>> {
+        Some(x)
+    }
+    fn act_as_f32(x: R<'_, Self, f32>) -> Option<R<'_, Self, f32>> {
+        Some(x)
+    }
     fn act_to_f32(&self, x: R<'_, Self, f32>, y: W<'_, Self, f32>) -> Result<()> {
         self.copy(x, y)
     }
@@ -313,9 +329,7 @@ impl Kernels for Host {
             out.len == sh.b * sh.tq * sh.q_width() && lse.len == sh.b * sh.nh * sh.tq,
             "attention: output sizes do not match {sh:?}"
         );
-        let (o, l) = attention_forward(s(q), s(k), s(v), sh);
-        sm(out).copy_from_slice(&o);
-        sm(lse).copy_from_slice(&l);
+        attention_forward_into(s(q), s(k), s(v), sh, sm(out), sm(lse));
         Ok(())
     }
     fn attention_decode(
@@ -342,14 +356,22 @@ impl Kernels for Host {
         dk: W<'_, Self, f32>,
         dv: W<'_, Self, f32>,
     ) -> Result<()> {
-        let (gq, gk, gv) = attention_backward(s(q), s(k), s(v), s(out), s(lse), s(dout), sh);
         ensure!(
-            dq.len == gq.len() && dk.len == gk.len() && dv.len == gv.len(),
+            dq.len == q.len && dk.len == k.len && dv.len == v.len,
             "attention backward: gradient sizes do not match {sh:?}"
         );
-        sm(dq).copy_from_slice(&gq);
-        sm(dk).copy_from_slice(&gk);
-        sm(dv).copy_from_slice(&gv);
+        attention_backward_into(
+            s(q),
+            s(k),
+            s(v),
+            s(out),
+            s(lse),
+            s(dout),
+            sh,
+            sm(dq),
+            sm(dk),
+            sm(dv),
+        );
         Ok(())
     }
 
@@ -696,7 +718,7 @@ impl Kernels for Host {
         h: usize,
     ) -> Result<(f32, Buf<Self, f64>)> {
         let (value, sums) = loss::rel_sq_err(s(a), s(b), s(mask), n, h)?;
-        Ok((value, Buf(sums.to_vec())))
+        Ok((value, Buf(HostVec::from_vec(sums.to_vec()))))
     }
     fn rel_sq_err_bwd(
         &self,
@@ -720,7 +742,7 @@ impl Kernels for Host {
         } else {
             1.0
         };
-        Ok(Buf(vec![norm, coef]))
+        Ok(Buf(HostVec::from_vec(vec![norm, coef])))
     }
     fn adamw_step(
         &self,
