@@ -7,6 +7,7 @@
 
 mod extra;
 pub mod infer;
+mod layout;
 pub mod train;
 pub mod trainer;
 

@@ -5,7 +5,8 @@
 //! noised and averaged).
 
 use super::infer::{Act, F32};
-use super::train::{concat_from_host, split_to_host, when, NetGrads};
+use super::layout::{concat_from_host, split_to_host};
+use super::train::{when, NetGrads};
 use super::Net;
 use crate::backend::kernels::{AdamWHyper, AdamWSlot, Kernels};
 use crate::backend::shapes::IGNORE;
