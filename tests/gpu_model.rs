@@ -10,7 +10,7 @@ use flexrun::backend::cuda::Device;
 use flexrun::generate::{generate, SamplingConfig};
 use flexrun::model::net::{GpuNet, NetTrainer};
 use flexrun::model::runner::Runner;
-use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
+use flexrun::model::{Config, LossCoefs, Model};
 use flexrun::tensor::Tensor;
 use flexrun::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use flexrun::train::{Batches, LogEntry, TrainConfig, Trainer};
@@ -50,31 +50,7 @@ fn model(cfg: Config, seed: u64) -> Model {
 
 /// [`model`] with router rows of std `router_std`.
 fn model_with_router(cfg: Config, seed: u64, router_std: f32) -> Model {
-    let mut m = Model::new_random(&cfg, seed).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed + 1);
-    for p in m.params.params.iter_mut() {
-        let shape = p.value.shape().to_vec();
-        p.value = if p.name.contains("norm") {
-            let noise = Tensor::randn(&shape, 0.2, &mut rng);
-            Tensor::from_vec(noise.data().iter().map(|x| 1.0 + x).collect(), &shape)
-        } else if p.name.contains("gate.weight[") {
-            Tensor::randn(&shape, router_std, &mut rng)
-        } else {
-            Tensor::randn(&shape, 0.15, &mut rng)
-        }
-        .round_bf16();
-    }
-    if !cfg.is_moe() {
-        return m;
-    }
-    let mut params = m.params.clone();
-    for l in 0..cfg.num_hidden_layers {
-        for e in 0..cfg.experts() {
-            let b = [0.5, -0.7, -0.1, 0.0][e % 4] + 0.1 * l as f32;
-            params.add(router_bias_name(l, e), Tensor::from_vec(vec![b], &[1]));
-        }
-    }
-    Model::from_params(cfg, params).unwrap()
+    common::test_model(cfg, seed, router_std, true)
 }
 
 /// hidden 64, 4 heads on 2 KV heads (hd 16), intermediate 96, 3 layers, vocab 200.

@@ -9,42 +9,19 @@
 use flexrun::autograd::Tape;
 use flexrun::model::net::{HostNet, NetTrainer};
 use flexrun::model::runner::Runner;
-use flexrun::model::{router_bias_name, Config, LossCoefs, Model};
+use flexrun::model::{Config, LossCoefs, Model};
 use flexrun::ops::host::Host;
 use flexrun::tensor::Tensor;
 use flexrun::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-type R = flexrun::Result<()>;
+mod common;
+use common::R;
 
-/// A random model whose every block moves the logits (norm weights around 1, projections of
-/// std 0.15, router rows of std `router_std`) and, for MoE, a router bias per expert (some
-/// positive: the router applies min(b, 0)).
+/// A random model whose every block moves the logits (f32 weights: see
+/// `common::test_model`).
 fn model(cfg: Config, seed: u64, router_std: f32) -> Model {
-    let mut m = Model::new_random(&cfg, seed).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed + 1);
-    for p in m.params.params.iter_mut() {
-        let shape = p.value.shape().to_vec();
-        p.value = if p.name.contains("norm") {
-            let noise = Tensor::randn(&shape, 0.2, &mut rng);
-            Tensor::from_vec(noise.data().iter().map(|x| 1.0 + x).collect(), &shape)
-        } else if p.name.contains("gate.weight[") {
-            Tensor::randn(&shape, router_std, &mut rng)
-        } else {
-            Tensor::randn(&shape, 0.15, &mut rng)
-        };
-    }
-    if !cfg.is_moe() {
-        return m;
-    }
-    let mut params = m.params.clone();
-    for l in 0..cfg.num_hidden_layers {
-        for e in 0..cfg.experts() {
-            let b = [0.5, -0.7, -0.1, 0.0][e % 4] + 0.1 * l as f32;
-            params.add(router_bias_name(l, e), Tensor::from_vec(vec![b], &[1]));
-        }
-    }
-    Model::from_params(cfg, params).unwrap()
+    common::test_model(cfg, seed, router_std, false)
 }
 
 /// hidden 64, 4 heads on 2 KV heads (hd 16), intermediate 96, 3 layers, vocab 200.
@@ -434,6 +411,145 @@ fn trainer_matches_tape_steps() -> R {
     assert_eq!(net_opt.step, opt.step);
     for (a, b) in net_m.params.params.iter().zip(&tape_m.params.params) {
         assert_close(&a.name, a.value.data(), b.value.data());
+    }
+    Ok(())
+}
+
+/// One DP-SGD step of the net's trainer (expert training: per-record gradients clipped to 0.5,
+/// the public rows' gradient unclipped, Gaussian noise, the sum over the expected rows, then
+/// global clipping and AdamW) ends at the weights of the same step written out on the tape.
+#[test]
+fn dp_step_matches_tape() -> R {
+    let mut m = expert_model(61);
+    let coefs = LossCoefs {
+        public_anchor: 1.0,
+        router_own: 0.3,
+        ..LossCoefs::default()
+    };
+    let (t, clip, expected, lr) = (12, 0.5f32, 5.0f64, 1e-3);
+    let private: Vec<(Vec<u32>, Vec<u32>)> = (0..3)
+        .map(|i| (ids(t, 200, 70 + 2 * i), ids(t, 200, 71 + 2 * i)))
+        .collect();
+    let (pub_in, pub_tgt) = (ids(2 * t, 200, 80), ids(2 * t, 200, 81));
+    let mut rng = StdRng::seed_from_u64(82);
+    let noise: Vec<(usize, Tensor)> = m
+        .params
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.trainable)
+        .map(|(i, p)| (i, Tensor::randn(p.value.shape(), 0.1, &mut rng)))
+        .collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), m.params.len());
+    let mut trainer = NetTrainer::from_host(&Host, &m, &opt, 1.0)?;
+    let got = trainer.dp_step(
+        &private,
+        Some((&pub_in, &pub_tgt, 2)),
+        t,
+        lr,
+        &coefs,
+        clip,
+        &noise,
+        expected,
+    )?;
+    // The same step on the tape.
+    let grads_of = |inp: &[u32], tgt: &[u32], b: usize, public: bool| -> flexrun::Result<_> {
+        let mut tape = Tape::new();
+        let out = m.loss_anchored(&mut tape, inp, tgt, b, t, &coefs, &vec![public; b])?;
+        let loss = tape.value(out.loss).data()[0];
+        Ok((loss, tape.backward(out.loss).params))
+    };
+    let mut acc: Vec<(usize, Tensor)> = noise.clone();
+    let mut loss_sum = 0f64;
+    for (inp, tgt) in &private {
+        let (loss, g) = grads_of(inp, tgt, 1, false)?;
+        let norm = g.iter().map(|(_, x)| x.sq_norm()).sum::<f64>().sqrt() as f32;
+        let f = (clip / norm.max(1e-12)).min(1.0);
+        for ((_, a), (_, x)) in acc.iter_mut().zip(&g) {
+            let v: Vec<f32> = a
+                .data()
+                .iter()
+                .zip(x.data())
+                .map(|(a, x)| a + f * x)
+                .collect();
+            *a = Tensor::from_vec(v, a.shape());
+        }
+        loss_sum += loss as f64;
+    }
+    let (loss, g) = grads_of(&pub_in, &pub_tgt, 2, true)?;
+    loss_sum += 2.0 * loss as f64;
+    for ((_, a), (_, x)) in acc.iter_mut().zip(&g) {
+        let v: Vec<f32> = a
+            .data()
+            .iter()
+            .zip(x.data())
+            .map(|(a, x)| a + 2.0 * x)
+            .collect();
+        *a = Tensor::from_vec(v, a.shape());
+    }
+    for (_, a) in acc.iter_mut() {
+        let v: Vec<f32> = a.data().iter().map(|x| x / expected as f32).collect();
+        *a = Tensor::from_vec(v, a.shape());
+    }
+    let want_loss = (loss_sum / 5.0) as f32;
+    assert!(
+        ((got.loss - want_loss) as f64).abs() <= TOL * want_loss as f64,
+        "DP loss: net {} vs tape {want_loss}",
+        got.loss
+    );
+    let norm = clip_grad_norm(&mut acc, 1.0);
+    assert!(
+        ((got.grad_norm - norm) as f64).abs() <= TOL * norm as f64,
+        "gradient norm: net {} vs tape {norm}",
+        got.grad_norm
+    );
+    let before = m.clone();
+    opt.update(&mut m.params, &acc, lr);
+    let mut net_m = before.clone();
+    let mut net_opt = AdamW::new(AdamWConfig::default(), net_m.params.len());
+    trainer.to_host(&mut net_m, &mut net_opt)?;
+    for ((a, b), c) in net_m
+        .params
+        .params
+        .iter()
+        .zip(&m.params.params)
+        .zip(&before.params.params)
+    {
+        if !a.trainable {
+            assert_eq!(
+                a.value.data(),
+                c.value.data(),
+                "{}: a frozen weight moved",
+                a.name
+            );
+            continue;
+        }
+        // Compare the updates (a step of lr is a small change of the weights).
+        let du: Vec<f32> = a
+            .value
+            .data()
+            .iter()
+            .zip(c.value.data())
+            .map(|(x, y)| x - y)
+            .collect();
+        let dw: Vec<f32> = b
+            .value
+            .data()
+            .iter()
+            .zip(c.value.data())
+            .map(|(x, y)| x - y)
+            .collect();
+        assert!(
+            dw.iter().any(|&x| x != 0.0),
+            "{}: the tape's step did not move it",
+            a.name
+        );
+        assert!(
+            rel_diff(&du, &dw) <= 1e-3,
+            "{}: update {:.3e} off",
+            a.name,
+            rel_diff(&du, &dw)
+        );
     }
     Ok(())
 }

@@ -38,23 +38,11 @@ pub fn cross_entropy(
         "cross_entropy: {} targets for {n} rows",
         targets.len()
     );
-    let per_row: Vec<(f32, f32)> = lv
-        .data()
-        .par_chunks(v)
-        .zip(targets.par_iter())
-        .with_min_len(ROWS_PER_TASK)
-        .map(|(row, &t)| {
-            if t == IGNORE {
-                return (0.0, 0.0);
-            }
-            assert!(
-                (t as usize) < v,
-                "cross_entropy: target {t} out of range (vocab {v})"
-            );
-            let lse = logsumexp(row);
-            (lse - row[t as usize], lse)
-        })
-        .collect();
+    assert!(
+        targets.iter().all(|&t| t == IGNORE || (t as usize) < v),
+        "cross_entropy: a target out of range (vocab {v})"
+    );
+    let per_row = ce_rows(lv.data(), v, targets);
     let n_valid = targets.iter().filter(|&&t| t != IGNORE).count();
     let denom = n_valid.max(1) as f64;
     let ce = per_row.iter().map(|r| r.0 as f64).sum::<f64>() / denom;
@@ -74,6 +62,23 @@ pub fn cross_entropy(
         ce: ce as f32,
         n_valid,
     }
+}
+
+/// Per row of `logits` (`[n, v]`): `(lse - x_t, lse)`, `(0, 0)` for an ignored target (every
+/// target checked in range by the caller).
+pub(crate) fn ce_rows(logits: &[f32], v: usize, targets: &[u32]) -> Vec<(f32, f32)> {
+    logits
+        .par_chunks(v.max(1))
+        .zip(targets.par_iter())
+        .with_min_len(ROWS_PER_TASK)
+        .map(|(row, &t)| {
+            if t == IGNORE {
+                return (0.0, 0.0);
+            }
+            let lse = logsumexp(row);
+            (lse - row[t as usize], lse)
+        })
+        .collect()
 }
 
 struct CeBack {

@@ -30,7 +30,7 @@ impl Routing {
 }
 
 /// Softmax of one row with bias, in place of `p`; returns nothing, writes probabilities.
-pub(crate) fn softmax_biased(z: &[f32], bias: Option<&[f32]>, p: &mut [f32]) {
+fn softmax_biased(z: &[f32], bias: Option<&[f32]>, p: &mut [f32]) {
     for (j, x) in z.iter().enumerate() {
         p[j] = x + bias.map_or(0.0, |b| b[j].min(0.0));
     }
@@ -51,7 +51,7 @@ pub fn softmax_in_place(p: &mut [f32]) {
 }
 
 /// Indices of the k largest entries, descending, ties to the lower index.
-pub(crate) fn topk(p: &[f32], k: usize, out: &mut [u32]) {
+fn topk(p: &[f32], k: usize, out: &mut [u32]) {
     let mut idx: Vec<u32> = (0..p.len() as u32).collect();
     idx.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
     out.copy_from_slice(&idx[..k]);
@@ -77,22 +77,16 @@ pub fn route_values(
     let mut probs = vec![0f32; n * e];
     let mut weights = vec![0f32; n * k];
     let mut indices = vec![0u32; n * k];
-    probs
-        .par_chunks_mut(e)
-        .zip(weights.par_chunks_mut(k))
-        .zip(indices.par_chunks_mut(k))
-        .enumerate()
-        .for_each(|(i, ((p, w), idx))| {
-            softmax_biased(z.row(i), bias, p);
-            topk(p, k, idx);
-            for s in 0..k {
-                w[s] = p[idx[s] as usize];
-            }
-            if renorm {
-                let sum: f32 = w.iter().sum();
-                w.iter_mut().for_each(|x| *x /= sum);
-            }
-        });
+    route_rows(
+        z.data(),
+        bias,
+        e,
+        k,
+        renorm,
+        &mut probs,
+        &mut weights,
+        &mut indices,
+    );
     let mut expert_tokens = vec![Vec::new(); e];
     let mut row_of = vec![0u32; n * k];
     for t in 0..n {
@@ -114,6 +108,38 @@ pub fn route_values(
             row_of,
         },
     )
+}
+
+/// Per row of `z` (`[n, e]`): the softmax of `z + min(bias, 0)` into `probs`, the top-k experts
+/// (descending probability, ties to the lower id) into `indices` and their weights,
+/// renormalised when `renorm`, into `weights`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_rows(
+    z: &[f32],
+    bias: Option<&[f32]>,
+    e: usize,
+    k: usize,
+    renorm: bool,
+    probs: &mut [f32],
+    weights: &mut [f32],
+    indices: &mut [u32],
+) {
+    probs
+        .par_chunks_mut(e.max(1))
+        .zip(weights.par_chunks_mut(k.max(1)))
+        .zip(indices.par_chunks_mut(k.max(1)))
+        .enumerate()
+        .for_each(|(i, ((p, w), idx))| {
+            softmax_biased(&z[i * e..(i + 1) * e], bias, p);
+            topk(p, k, idx);
+            for s in 0..k {
+                w[s] = p[idx[s] as usize];
+            }
+            if renorm {
+                let sum: f32 = w.iter().sum();
+                w.iter_mut().for_each(|x| *x /= sum);
+            }
+        });
 }
 
 /// Route `z [N, E]` (router logits) with an optional bias `[E]`; returns the differentiable

@@ -114,3 +114,43 @@ pub fn small_dataset(root: &std::path::Path) -> std::path::PathBuf {
     flexrun::data::shards::prepare(&[corpus.join("public")], &t, &out, 0.1, 0, 0.0).unwrap();
     out
 }
+
+/// A random model for comparing executions: weights large enough that every block moves the
+/// logits (norm weights around 1, projections of std 0.15, router rows of std `router_std`),
+/// rounded to bf16 when `bf16` (as a GPU stores them), and, for MoE, a router bias per expert
+/// (some positive: the router applies min(b, 0)).
+pub fn test_model(
+    cfg: flexrun::model::Config,
+    seed: u64,
+    router_std: f32,
+    bf16: bool,
+) -> flexrun::model::Model {
+    use flexrun::model::{router_bias_name, Model};
+    use flexrun::tensor::Tensor;
+    use rand::{rngs::StdRng, SeedableRng};
+    let mut m = Model::new_random(&cfg, seed).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed + 1);
+    for p in m.params.params.iter_mut() {
+        let shape = p.value.shape().to_vec();
+        let v = if p.name.contains("norm") {
+            let noise = Tensor::randn(&shape, 0.2, &mut rng);
+            Tensor::from_vec(noise.data().iter().map(|x| 1.0 + x).collect(), &shape)
+        } else if p.name.contains("gate.weight[") {
+            Tensor::randn(&shape, router_std, &mut rng)
+        } else {
+            Tensor::randn(&shape, 0.15, &mut rng)
+        };
+        p.value = if bf16 { v.round_bf16() } else { v };
+    }
+    if !cfg.is_moe() {
+        return m;
+    }
+    let mut params = m.params.clone();
+    for l in 0..cfg.num_hidden_layers {
+        for e in 0..cfg.experts() {
+            let b = [0.5, -0.7, -0.1, 0.0][e % 4] + 0.1 * l as f32;
+            params.add(router_bias_name(l, e), Tensor::from_vec(vec![b], &[1]));
+        }
+    }
+    Model::from_params(cfg, params).unwrap()
+}

@@ -601,7 +601,6 @@ impl<K: Kernels> Net<'_, K> {
         }
         Ok(())
     }
-
 }
 
 /// `a + b` where both exist; either alone otherwise.
@@ -657,4 +656,3 @@ impl<K: Kernels> Net<'_, K> {
         Ok((sum / scored) as f32)
     }
 }
-

@@ -36,22 +36,7 @@ pub(super) fn route(
             b.len()
         );
     }
-    probs
-        .par_chunks_mut(e)
-        .zip(weights.par_chunks_mut(k))
-        .zip(indices.par_chunks_mut(k))
-        .enumerate()
-        .for_each(|(i, ((p, w), idx))| {
-            crate::ops::router::softmax_biased(&z[i * e..(i + 1) * e], bias, p);
-            crate::ops::router::topk(p, k, idx);
-            for s in 0..k {
-                w[s] = p[idx[s] as usize];
-            }
-            if renorm {
-                let sum: f32 = w.iter().sum();
-                w.iter_mut().for_each(|x| *x /= sum);
-            }
-        });
+    crate::ops::router::route_rows(z, bias, e, k, renorm, probs, weights, indices);
     Ok(())
 }
 

@@ -38,18 +38,7 @@ impl HostCe {
         if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
             crate::bail!("cross-entropy: target {bad} out of range (vocab {v})");
         }
-        let per_row: Vec<(f32, f32)> = logits
-            .par_chunks(v.max(1))
-            .zip(targets.par_iter())
-            .with_min_len(ROWS)
-            .map(|(row, &t)| {
-                if t == IGNORE {
-                    return (0.0, 0.0);
-                }
-                let lse = logsumexp(row);
-                (lse - row[t as usize], lse)
-            })
-            .collect();
+        let per_row = crate::ops::loss::ce_rows(logits, v, targets);
         let n_valid = targets.iter().filter(|&&t| t != IGNORE).count();
         let denom = n_valid.max(1) as f64;
         let ce = per_row.iter().map(|r| r.0 as f64).sum::<f64>() / denom;
