@@ -43,9 +43,9 @@ pub struct TrainConfig {
     /// Differentially private training (DP-SGD, [`dp`]); None: ordinary training.
     #[serde(default)]
     pub dp: Option<dp::DpConfig>,
-    /// GPU training keeps only each layer's input and recomputes the layer's activations in
-    /// the backward (the same gradients, less memory, about one more forward a step). A memory
-    /// setting: a run may resume with it changed. The CPU's tape keeps every activation.
+    /// Training keeps only each layer's input and recomputes the layer's activations in the
+    /// backward (the same gradients, less memory, about one more forward a step). A memory
+    /// setting: a run may resume with it changed.
     #[serde(default)]
     pub recompute: bool,
 }

@@ -123,7 +123,7 @@ pub enum BenchCmd {
         /// Micro-batches of --batch x --seq tokens per optimizer step.
         #[arg(long, default_value_t = 1)]
         grad_accum: usize,
-        /// GPU: keep only each layer's input and recompute its activations in the backward.
+        /// Keep only each layer's input and recompute its activations in the backward.
         #[arg(long)]
         recompute: bool,
         #[command(flatten)]

@@ -104,8 +104,8 @@ pub struct TrainOpts {
     pub z_loss: f32,
     #[arg(long, default_value_t = 1e-3)]
     pub router_z_loss: f32,
-    /// GPU: keep only each layer's input and recompute its activations in the backward (the
-    /// same gradients in less memory, about a third more compute).
+    /// Keep only each layer's input and recompute its activations in the backward (the same
+    /// gradients in less memory, about a third more compute).
     #[arg(long)]
     pub recompute: bool,
     /// Continue the run in --out from its last checkpoint.

@@ -191,9 +191,9 @@ impl HostPerm {
                     .for_each(|(a, b)| *a = wt * b);
             });
         dw.par_chunks_mut(k).enumerate().for_each(|(t, dwr)| {
-            for s in 0..k {
-                let r = self.pos[t * k + s] as usize;
-                dwr[s] = dot(&dy[t * h..(t + 1) * h], &outs[r * h..(r + 1) * h]);
+            for (d, &r) in dwr.iter_mut().zip(&self.pos[t * k..(t + 1) * k]) {
+                let r = r as usize;
+                *d = dot(&dy[t * h..(t + 1) * h], &outs[r * h..(r + 1) * h]);
             }
         });
         Ok(())
