@@ -207,7 +207,56 @@ fn gradients_moe_and_dense() -> R {
     let coefs = LossCoefs::default();
     check_gradients(&model(moe_cfg(3, 3), 13, 0.2), 2, 19, 14, &coefs, &[])?;
     check_gradients(&model(moe_cfg(4, 2), 15, 1.0), 2, 11, 16, &coefs, &[])?;
-    check_gradients(&model(dense_cfg(), 17, 1.0), 2, 33, 18, &coefs, &[])
+    check_gradients(&model(dense_cfg(), 17, 1.0), 2, 33, 18, &coefs, &[])?;
+    // Widths that are not multiples of 8 (the CUDA kernels need them; the CPU does not), head
+    // dim 6, GQA 2:1.
+    check_gradients(
+        &model(Config::flex_olmo(50, 12, 20, 2, 2, 1, 2, 2), 19, 1.0),
+        2,
+        7,
+        20,
+        &coefs,
+        &[],
+    )
+}
+
+/// Sets of trained parameters the model cannot train are refused before any work, in one line:
+/// an FFN's gate without its up projection, and a stacked weight's trained experts that are not
+/// its last ones; the sets training uses pass.
+#[test]
+fn unsupported_trainable_sets_are_refused() {
+    use flexrun::model::net::grad_from;
+    let base = model(moe_cfg(3, 3), 23, 1.0);
+    let with = |keep: &dyn Fn(&str) -> bool| {
+        let mut m = base.clone();
+        for p in m.params.params.iter_mut() {
+            p.trainable = keep(&p.name);
+        }
+        grad_from(&m)
+    };
+    let e = with(&|n: &str| n.contains("gate_proj"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gate_proj and up_proj train together") && !e.contains('\n'),
+        "{e}"
+    );
+    let e = with(&|n: &str| n.contains("experts.0."))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("must be its last ones") && !e.contains('\n'),
+        "{e}"
+    );
+    for ok in [
+        &|_: &str| true as bool,
+        &|n: &str| n.contains(".mlp.gate."),
+        &|n: &str| n.contains("experts.2."),
+        &|n: &str| n.contains("self_attn"),
+    ] as [&dyn Fn(&str) -> bool; 4]
+    {
+        with(ok).unwrap();
+    }
 }
 
 /// A small public model and its 2-expert training model ([public FFN frozen, copy trained],
@@ -300,7 +349,15 @@ fn gradients_router_tuning() -> R {
     for p in m.params.params.iter_mut() {
         p.trainable = p.name.contains(".mlp.gate.");
     }
-    check_gradients(&m, 2, 19, 44, &LossCoefs::default(), &[])
+    check_gradients(&m, 2, 19, 44, &LossCoefs::default(), &[])?;
+    // Only one attention projection of the middle layer: the backward stops below it (nothing
+    // under it trains), and the loss still counts every layer's router
+    // z-loss.
+    let mut m = model(moe_cfg(3, 3), 45, 0.2);
+    for p in m.params.params.iter_mut() {
+        p.trainable = p.name.contains("layers.1.self_attn.q_proj");
+    }
+    check_gradients(&m, 2, 19, 46, &LossCoefs::default(), &[])
 }
 
 /// Recomputing each layer's activations in the backward gives bit-identical loss and

@@ -198,6 +198,12 @@ pub trait Kernels: Sized + Send + Sync {
 
     /// A short name for messages ("cpu", "cuda").
     fn kind(&self) -> &'static str;
+    /// Refuse model widths the backend's kernels do not take (one-line error).
+    fn check_widths(&self, _hidden: usize, _intermediate: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Give cached free buffers back to the system (between phases of work of other sizes).
+    fn release_cached(&self) {}
 
     // Memory.
     fn mem_len<T: Elem>(m: &Self::Mem<T>) -> usize;

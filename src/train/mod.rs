@@ -207,6 +207,7 @@ impl<'a> Trainer<'a> {
             model.params.trainable_numel() > 0,
             "nothing to train: every parameter is frozen"
         );
+        crate::model::net::grad_from(model)?;
         ensure!(
             cfg.seq <= model.cfg.max_position_embeddings,
             "seq {} exceeds max_position_embeddings {}",
@@ -471,6 +472,8 @@ impl<'a> Trainer<'a> {
                 g.to_host(self.model, &mut self.opt)?;
             }
             if validate {
+                // Validation's buffers have other sizes than the step's.
+                dev.release_cached();
                 valid_ce = g.valid_ce(&data.valid()?, c.seq)?;
                 entry.valid_ce = valid_ce;
             }

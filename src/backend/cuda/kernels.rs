@@ -38,6 +38,13 @@ impl Kernels for Device {
     fn kind(&self) -> &'static str {
         "cuda"
     }
+    fn check_widths(&self, h: usize, inter: usize) -> Result<()> {
+        ensure!(
+            h % 8 == 0 && inter % 8 == 0,
+            "the CUDA kernels need hidden ({h}) and intermediate ({inter}) sizes that are multiples of 8"
+        );
+        Ok(())
+    }
 
     fn mem_len<T: Elem>(m: &CudaBuf<T>) -> usize {
         m.len()

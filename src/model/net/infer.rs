@@ -187,11 +187,7 @@ impl<'d, K: Kernels> Net<'d, K> {
         let ps = &model.params;
         let w = |id: usize| dev.upload_tensors_act(&[ps.value(id)]);
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        ensure!(
-            h % 8 == 0 && inter % 8 == 0,
-            "the {} forward needs hidden ({h}) and intermediate ({inter}) sizes that are multiples of 8",
-            dev.kind()
-        );
+        dev.check_widths(h, inter)?;
         let mut layers = Vec::with_capacity(model.layers.len());
         for l in &model.layers {
             let ffn = match &l.ffn {

@@ -16,27 +16,7 @@ impl<K: Kernels> Net<'_, K> {
     /// its experts only, e.g. [public FFN (frozen), new FFN (trained)] in expert training, or
     /// every router row and no FFN in router tuning.
     pub fn train_as(&mut self, model: &Model) -> Result<()> {
-        let layout = self.host_layout();
-        let mut from = Vec::with_capacity(layout.len());
-        for ids in &layout {
-            let trained: Vec<bool> = ids
-                .iter()
-                .map(|id| id.is_some_and(|id| model.params.params[id].trainable))
-                .collect();
-            let Some(f) = trained_suffix(&trained) else {
-                let names: Vec<&str> = ids
-                    .iter()
-                    .flatten()
-                    .map(|&id| model.params.params[id].name.as_str())
-                    .collect();
-                bail!(
-                    "training needs the trained experts of a stacked weight to be its last \
-                     ones: {names:?}"
-                );
-            };
-            from.push(f);
-        }
-        self.grad_from = from;
+        self.grad_from = grad_from(model)?;
         Ok(())
     }
 
@@ -44,42 +24,10 @@ impl<K: Kernels> Net<'_, K> {
     /// weight, E for the experts' stacked weights, router rows and biases (equal segments; None
     /// for an expert without a bias, whose segment holds 0).
     pub fn host_layout(&self) -> Vec<Vec<Option<usize>>> {
-        let one = |id: usize| vec![Some(id)];
-        let mut out = vec![
-            one(self.embed_id),
-            one(self.final_norm_id),
-            one(self.lm_head_id),
-        ];
-        for l in &self.layer_ids {
-            for id in [
-                l.q,
-                l.k,
-                l.v,
-                l.o,
-                l.q_norm,
-                l.k_norm,
-                l.post_attn_norm,
-                l.post_ffn_norm,
-            ] {
-                out.push(one(id));
-            }
-            match &l.ffn {
-                Ffn::Dense(f) => out.extend([one(f.gate), one(f.up), one(f.down)]),
-                Ffn::Moe(experts) => {
-                    let all = |pick: &dyn Fn(&crate::model::Expert) -> Option<usize>| {
-                        experts.iter().map(pick).collect::<Vec<_>>()
-                    };
-                    out.push(all(&|x| Some(x.ffn.gate)));
-                    out.push(all(&|x| Some(x.ffn.up)));
-                    out.push(all(&|x| Some(x.ffn.down)));
-                    out.push(all(&|x| Some(x.router)));
-                    if experts.iter().any(|x| x.bias.is_some()) {
-                        out.push(all(&|x| x.bias));
-                    }
-                }
-            }
-        }
-        out
+        layout_of(
+            [self.embed_id, self.final_norm_id, self.lm_head_id],
+            &self.layer_ids,
+        )
     }
 
     /// The gradients as host tensors keyed by the host model's parameter ids (stacked expert
@@ -95,6 +43,95 @@ impl<K: Kernels> Net<'_, K> {
         out.sort_by_key(|(id, _)| *id);
         Ok(out)
     }
+}
+
+/// The host parameter ids behind each weight of a model with these embedding, final norm and
+/// LM head ids and layers, in [`NetGrads`] order (see [`Net::host_layout`]).
+fn layout_of(top: [usize; 3], layers: &[crate::model::Layer]) -> Vec<Vec<Option<usize>>> {
+    let one = |id: usize| vec![Some(id)];
+    let mut out: Vec<Vec<Option<usize>>> = top.iter().map(|&id| one(id)).collect();
+    for l in layers {
+        for id in [
+            l.q,
+            l.k,
+            l.v,
+            l.o,
+            l.q_norm,
+            l.k_norm,
+            l.post_attn_norm,
+            l.post_ffn_norm,
+        ] {
+            out.push(one(id));
+        }
+        match &l.ffn {
+            Ffn::Dense(f) => out.extend([one(f.gate), one(f.up), one(f.down)]),
+            Ffn::Moe(experts) => {
+                let all = |pick: &dyn Fn(&crate::model::Expert) -> Option<usize>| {
+                    experts.iter().map(pick).collect::<Vec<_>>()
+                };
+                out.push(all(&|x| Some(x.ffn.gate)));
+                out.push(all(&|x| Some(x.ffn.up)));
+                out.push(all(&|x| Some(x.ffn.down)));
+                out.push(all(&|x| Some(x.router)));
+                if experts.iter().any(|x| x.bias.is_some()) {
+                    out.push(all(&|x| x.bias));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per weight of `model` in [`NetGrads`] order, the first expert whose part of it trains (see
+/// `Net::grad_from`), or a one-line error for a set of trained parameters the model cannot
+/// train: the trained experts of a stacked weight must be its last ones (expert training's
+/// [public frozen, new trained]; router tuning trains them all), and an FFN's gate and up
+/// projections train together. Checked before any work.
+pub fn grad_from(model: &Model) -> Result<Vec<usize>> {
+    let layout = layout_of(
+        [model.embed, model.final_norm, model.lm_head],
+        &model.layers,
+    );
+    let names = |ids: &[Option<usize>]| -> Vec<String> {
+        ids.iter()
+            .flatten()
+            .map(|&id| model.params.params[id].name.clone())
+            .collect()
+    };
+    let mut from = Vec::with_capacity(layout.len());
+    for ids in &layout {
+        let trained: Vec<bool> = ids
+            .iter()
+            .map(|id| id.is_some_and(|id| model.params.params[id].trainable))
+            .collect();
+        let Some(f) = trained_suffix(&trained) else {
+            bail!(
+                "cannot train this set of parameters: the trained experts of a stacked weight \
+                 must be its last ones ({:?})",
+                names(ids)
+            );
+        };
+        from.push(f);
+    }
+    // Each FFN's gate (position 8 of a layer) and up projection (9) train together.
+    let mut base = 3;
+    for l in &model.layers {
+        let (g, u) = (base + 8, base + 9);
+        if from[g] != from[u] {
+            bail!(
+                "cannot train this set of parameters: an FFN's gate_proj and up_proj train \
+                 together ({:?} and {:?})",
+                names(&layout[g]),
+                names(&layout[u])
+            );
+        }
+        base += 11
+            + match &l.ffn {
+                Ffn::Dense(_) => 0,
+                Ffn::Moe(experts) => 1 + usize::from(experts.iter().any(|x| x.bias.is_some())),
+            };
+    }
+    Ok(from)
 }
 
 /// Where the trained segments of a stacked weight start, when they are its last ones

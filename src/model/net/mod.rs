@@ -12,6 +12,7 @@ pub mod train;
 pub mod trainer;
 
 pub use infer::{Net, NetCache};
+pub use layout::grad_from;
 pub use train::{NetGrads, NetLoss};
 pub use trainer::{NetTrainer, StepOut};
 

@@ -394,6 +394,11 @@ impl<K: Kernels> Net<'_, K> {
             for (slot, g) in [(Q, &dq), (K_, &dk), (V, &dv)] {
                 grads[base + slot] = when(want(slot), || weight_grad(dev, g, &s.xb, n))?;
             }
+            if !below[li] {
+                // Nothing under this layer trains: its input's gradient is not needed.
+                stop = Some(li);
+                break;
+            }
         }
         // Where the backward stopped early, the layers below still add their loss terms' values
         // (computed in the forward, or with recomputation from their inputs now).

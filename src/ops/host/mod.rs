@@ -66,6 +66,9 @@ impl Kernels for Host {
     fn kind(&self) -> &'static str {
         "cpu"
     }
+    fn release_cached(&self) {
+        pool::release_cached();
+    }
 
     fn mem_len<T: Elem>(m: &HostVec<T>) -> usize {
         m.len()
