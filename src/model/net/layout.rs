@@ -85,8 +85,7 @@ fn layout_of(top: [usize; 3], layers: &[crate::model::Layer]) -> Vec<Vec<Option<
 /// Per weight of `model` in [`NetGrads`] order, the first expert whose part of it trains (see
 /// `Net::grad_from`), or a one-line error for a set of trained parameters the model cannot
 /// train: the trained experts of a stacked weight must be its last ones (expert training's
-/// [public frozen, new trained]; router tuning trains them all), and an FFN's gate and up
-/// projections train together. Checked before any work.
+/// [public frozen, new trained]; router tuning trains them all). Checked before any work.
 pub fn grad_from(model: &Model) -> Result<Vec<usize>> {
     let layout = layout_of(
         [model.embed, model.final_norm, model.lm_head],
@@ -112,24 +111,6 @@ pub fn grad_from(model: &Model) -> Result<Vec<usize>> {
             );
         };
         from.push(f);
-    }
-    // Each FFN's gate (position 8 of a layer) and up projection (9) train together.
-    let mut base = 3;
-    for l in &model.layers {
-        let (g, u) = (base + 8, base + 9);
-        if from[g] != from[u] {
-            bail!(
-                "cannot train this set of parameters: an FFN's gate_proj and up_proj train \
-                 together ({:?} and {:?})",
-                names(&layout[g]),
-                names(&layout[u])
-            );
-        }
-        base += 11
-            + match &l.ffn {
-                Ffn::Dense(_) => 0,
-                Ffn::Moe(experts) => 1 + usize::from(experts.iter().any(|x| x.bias.is_some())),
-            };
     }
     Ok(from)
 }

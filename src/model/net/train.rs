@@ -16,9 +16,9 @@ use super::infer::{Act, FfnSaved, Keep, LayerSaved, NetFfn, F32};
 use super::Net;
 use crate::backend::kernels::{Buf, Kernels, R, W};
 use crate::backend::shapes::{AttnShape, IGNORE};
+use crate::ensure;
 use crate::error::Result;
 use crate::model::LossCoefs;
-use crate::{bail, ensure};
 
 /// The loss of one batch (as the tape's `LossOut`): the total and the mean cross-entropy.
 #[derive(Clone, Copy, Debug)]
@@ -514,29 +514,29 @@ impl<K: Kernels> Net<'_, K> {
             }
             None => None,
         };
-        match (trained(F_GATE), trained(F_UP)) {
-            (Some((f0, ne)), Some(u)) => {
-                ensure!(
-                    u == (f0, ne),
-                    "the gate and up projections of an FFN are trained together"
-                );
-                let mut gate = dev.alloc::<f32>(ne * i * h)?;
-                let mut up = dev.alloc::<f32>(ne * i * h)?;
-                dev.grouped_wgrad(
-                    dgate.r(),
-                    fs.xp.r(),
-                    offsets.at(f0..),
-                    Some((dup.r(), up.w())),
-                    ne,
-                    i,
-                    h,
-                    gate.w(),
-                )?;
-                grads[F_GATE] = Some(gate);
-                grads[F_UP] = Some(up);
+        // Gate and up come from one launch (same rows, same input): over the experts from the
+        // first one either trains, each weight keeping its own trained experts.
+        let (tg, tu) = (trained(F_GATE), trained(F_UP));
+        if let Some(f0) = [tg, tu].iter().flatten().map(|t| t.0).min() {
+            let ne = e - f0;
+            let mut gate = dev.alloc::<f32>(ne * i * h)?;
+            let mut up = dev.alloc::<f32>(ne * i * h)?;
+            dev.grouped_wgrad(
+                dgate.r(),
+                fs.xp.r(),
+                offsets.at(f0..),
+                Some((dup.r(), up.w())),
+                ne,
+                i,
+                h,
+                gate.w(),
+            )?;
+            for (slot, t, g) in [(F_GATE, tg, gate), (F_UP, tu, up)] {
+                grads[slot] = match t {
+                    Some((f, n)) => Some(suffix(dev, g, f - f0, n)?),
+                    None => None,
+                };
             }
-            (None, None) => {}
-            _ => bail!("the gate and up projections of an FFN are trained together"),
         }
         // The input gradient of the grouped rows, when it is needed.
         let dxp = match dx.is_some() {
