@@ -295,47 +295,27 @@ fn check_gradients_with(
         loss.loss
     );
     let gpu = g.grads_to_host(&grads, m)?;
-    assert_eq!(
-        gpu.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        cpu.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        "the same parameters get gradients"
-    );
-    // A bias gradient is one column sum of the router-logit gradient, which nearly cancels
-    // (softmax): such scalars are compared against the largest bias gradient instead.
-    let is_bias = |id: usize| m.params.get(id).name.contains(".bias[");
-    let bias_scale = cpu
-        .iter()
-        .filter(|(id, _)| is_bias(*id))
-        .map(|(_, g)| g.sq_norm().sqrt())
-        .fold(0f64, f64::max);
-    let (mut num, mut den) = (0f64, 0f64);
     let mut bad = Vec::new();
-    for ((id, gg), (_, cg)) in gpu.iter().zip(&cpu) {
-        let name = &m.params.get(*id).name;
-        // (The tape gives a bias [1] its gradient as [1, 1]: compare values.)
-        assert_eq!(gg.numel(), cg.numel(), "{name}: size");
-        let d: f64 = gg
-            .data()
-            .iter()
-            .zip(cg.data())
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let c = cg.sq_norm();
-        num += d;
-        den += c;
-        let scale = if is_bias(*id) {
-            bias_scale * bias_scale
-        } else {
-            c
-        };
-        let rel = (d / scale.max(1e-30)).sqrt();
+    for (name, rel, scale) in common::grad_errors(m, &gpu, &cpu) {
         if verbose() {
-            println!("{name}: relative error {rel:.4} (|cpu| {:.3e})", c.sqrt());
+            println!("{name}: relative error {rel:.4} (scale {scale:.3e})");
         }
-        if rel > GRAD_TOL as f64 && c.sqrt() >= 1e-6 {
+        if rel > GRAD_TOL as f64 && scale >= 1e-6 {
             bad.push(format!("{name} {rel:.3}"));
         }
     }
+    let (num, den) = gpu
+        .iter()
+        .zip(&cpu)
+        .fold((0f64, 0f64), |(n, d), ((_, a), (_, b))| {
+            let e: f64 = a
+                .data()
+                .iter()
+                .zip(b.data())
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
+            (n + e, d + b.sq_norm())
+        });
     assert!(
         bad.is_empty(),
         "relative gradient errors above {GRAD_TOL}: {bad:?}"

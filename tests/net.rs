@@ -167,36 +167,11 @@ fn check_gradients(
         out.ce
     );
     let got = net.grads_to_host(&grads, m)?;
-    assert_eq!(
-        got.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        want.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        "the same parameters get gradients"
-    );
-    let is_bias = |id: usize| m.params.get(id).name.contains(".bias[");
-    let bias_scale = want
-        .iter()
-        .filter(|(id, _)| is_bias(*id))
-        .map(|(_, g)| g.sq_norm().sqrt())
-        .fold(0f64, f64::max);
-    for ((id, g), (_, w)) in got.iter().zip(&want) {
-        let name = &m.params.get(*id).name;
-        assert_eq!(g.numel(), w.numel(), "{name}: size");
-        let d: f64 = g
-            .data()
-            .iter()
-            .zip(w.data())
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let scale = if is_bias(*id) {
-            bias_scale
-        } else {
-            w.sq_norm().sqrt()
-        };
+    for (name, rel, scale) in common::grad_errors(m, &got, &want) {
         assert!(
             scale > 0.0,
             "{name}: the tape's gradient is zero: the check would be empty"
         );
-        let rel = d.sqrt() / scale;
         assert!(rel <= TOL, "{name}: gradient relative error {rel:.3e}");
     }
     Ok(())

@@ -154,3 +154,42 @@ pub fn test_model(
     }
     Model::from_params(cfg, params).unwrap()
 }
+
+/// Per trained parameter, `(name, relative error, scale)` of the gradients `got` against
+/// `want` (both `(id, gradient)` sorted by id; the same ids asserted): the L2 error over the L2
+/// norm of `want` (the scale), or for a router bias (one nearly cancelling column sum of the
+/// router-logit gradient) over the largest bias gradient's norm.
+pub fn grad_errors(
+    m: &flexrun::model::Model,
+    got: &[(usize, flexrun::tensor::Tensor)],
+    want: &[(usize, flexrun::tensor::Tensor)],
+) -> Vec<(String, f64, f64)> {
+    assert_eq!(
+        got.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        want.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        "the same parameters get gradients"
+    );
+    let is_bias = |id: usize| m.params.get(id).name.contains(".bias[");
+    let bias_scale = want
+        .iter()
+        .filter(|(id, _)| is_bias(*id))
+        .map(|(_, g)| g.sq_norm().sqrt())
+        .fold(0f64, f64::max);
+    got.iter()
+        .zip(want)
+        .map(|((id, g), (_, w))| {
+            let name = m.params.get(*id).name.clone();
+            // (The tape gives a bias [1] its gradient as [1, 1]: compare values.)
+            assert_eq!(g.numel(), w.numel(), "{name}: size");
+            let d: f64 = g
+                .data()
+                .iter()
+                .zip(w.data())
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let norm = w.sq_norm().sqrt();
+            let scale = if is_bias(*id) { bias_scale } else { norm };
+            (name, d.sqrt() / scale.max(1e-30), scale)
+        })
+        .collect()
+}
