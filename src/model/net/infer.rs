@@ -169,6 +169,9 @@ pub struct Net<'d, K: Kernels> {
     /// gets a gradient (0: all of it; the weight's expert count, 1 for an unstacked weight:
     /// frozen, no gradient). All zeros after [`Net::upload`].
     pub(super) grad_from: Vec<usize>,
+    /// Per layer: whether anything under it (a lower layer, the embedding) trains, so that the
+    /// backward needs the gradient of its input (set with `grad_from`).
+    pub(super) below: Vec<bool>,
     /// Rows of logits the loss computes at once ([`Net::set_ce_chunk_rows`]): the
     /// cross-entropy over a 100k vocabulary never holds all of a batch's logits.
     pub(super) ce_chunk_rows: usize,
@@ -261,6 +264,7 @@ impl<'d, K: Kernels> Net<'d, K> {
             lm_head: w(model.lm_head)?,
             rope: dev.rope_table(hd, cfg.rope_theta(), cfg.max_position_embeddings)?,
             grad_from: vec![0; 3 + layers.iter().map(NetLayer::weights).sum::<usize>()],
+            below: vec![true; layers.len()],
             layers,
             ce_chunk_rows: (CE_CHUNK_BYTES / (act_bytes * cfg.vocab_size.max(1))).max(1),
             recompute: false,

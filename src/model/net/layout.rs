@@ -17,6 +17,11 @@ impl<K: Kernels> Net<'_, K> {
     /// every router row and no FFN in router tuning.
     pub fn train_as(&mut self, model: &Model) -> Result<()> {
         self.grad_from = grad_from(model)?;
+        let layout = self.host_layout();
+        let trained = |idx: usize| self.grad_from[idx] < layout[idx].len();
+        self.below = (0..self.layers.len())
+            .map(|li| trained(0) || (3..self.layer_base(li)).any(trained))
+            .collect();
         Ok(())
     }
 

@@ -101,7 +101,7 @@ fn add_act_into<K: Kernels>(
 
 impl<K: Kernels> Net<'_, K> {
     /// Index of layer `l`'s first weight in [`NetGrads::grads`].
-    fn layer_base(&self, l: usize) -> usize {
+    pub(super) fn layer_base(&self, l: usize) -> usize {
         3 + self.layers[..l].iter().map(|x| x.weights()).sum::<usize>()
     }
 
@@ -243,14 +243,9 @@ impl<K: Kernels> Net<'_, K> {
         dev.act_to_f32(dxf.r(), dx.w())?;
 
         let dense_offsets = dev.upload(&[0u32, n as u32])?;
-        // Whether anything below layer li (a layer under it, the embedding) is trained: the
-        // gradient of its input is needed only then (the tape's rule: expert training's first
-        // layer takes no attention backward).
-        let layout = self.host_layout();
-        let trained = |idx: usize| self.grad_from[idx] < layout[idx].len();
-        let below: Vec<bool> = (0..self.layers.len())
-            .map(|li| trained(EMBED) || (3..self.layer_base(li)).any(trained))
-            .collect();
+        // The gradient of a layer's input is needed only when something under it trains (the
+        // tape's rule: expert training's first layer takes no attention backward).
+        let below = &self.below;
         let mut stop = None;
         for li in (0..self.layers.len()).rev() {
             let l = &self.layers[li];
